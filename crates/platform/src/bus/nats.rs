@@ -1,0 +1,167 @@
+//! The NATS JetStream adapter.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt as _;
+use tandem_proto::events::STREAMS;
+
+use super::{Acker, BusError, ConsumerSpec, Delivery, RawEvent};
+use crate::config::BusConfig;
+
+/// A connection to NATS with a JetStream context.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    cfg: BusConfig,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl NatsBus {
+    /// Connects to the configured server(s).
+    pub async fn connect(cfg: &BusConfig) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("tandem")
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .connect(cfg.nats_url.as_str())
+            .await
+            .map_err(unavailable)?;
+        Ok(Self::from_client(client, cfg))
+    }
+
+    /// Wraps an existing client.
+    pub fn from_client(client: async_nats::Client, cfg: &BusConfig) -> Self {
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .max_ack_inflight(4096)
+            .build(client.clone());
+        Self { client, jetstream, cfg: cfg.clone() }
+    }
+
+    /// Returns the underlying client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Creates or updates the stream of every context.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        for spec in STREAMS {
+            let config = stream::Config {
+                name: spec.name.to_owned(),
+                subjects: vec![spec.subjects.to_owned()],
+                description: Some(format!("Tandem {} events", spec.context)),
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::Limits,
+                num_replicas: self.cfg.stream_replicas,
+                duplicate_window: self.cfg.duplicate_window,
+                max_age: self.cfg.max_age,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            };
+            self.jetstream.create_or_update_stream(config).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes in order; returns when every event is stored (duplicates count as stored).
+    pub async fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, value) in event.header_pairs() {
+                headers.insert(name, value.as_str());
+            }
+            let ack = self
+                .jetstream
+                .publish_with_headers(event.subject.clone(), headers, event.payload.clone())
+                .await
+                .map_err(unavailable)?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Gets or creates the durable pull consumer and starts its message stream.
+    pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<NatsConsumer, BusError> {
+        let stream = self.jetstream.get_stream(spec.stream.name).await.map_err(unavailable)?;
+        let config = consumer::pull::Config {
+            durable_name: Some(spec.durable.clone()),
+            description: Some(format!("tandem consumer {}", spec.durable)),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: spec.ack_wait,
+            max_deliver: spec.max_deliver,
+            filter_subjects: spec.filter_subjects.clone(),
+            max_ack_pending: spec.max_ack_pending,
+            backoff: spec.backoff.clone(),
+            ..Default::default()
+        };
+        // An existing durable keeps its delivery state; its settings are brought up to date.
+        let consumer: consumer::PullConsumer = match stream.get_consumer::<consumer::pull::Config>(&spec.durable).await {
+            Ok(_) => stream.update_consumer(config).await.map_err(unavailable)?,
+            Err(_) => stream.get_or_create_consumer(&spec.durable, config).await.map_err(unavailable)?,
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        Ok(NatsConsumer { messages })
+    }
+
+    /// Flushes pending publishes.
+    pub async fn close(&self) {
+        let _ = self.client.flush().await;
+    }
+}
+
+/// A JetStream pull consumer's message stream.
+pub struct NatsConsumer {
+    messages: consumer::pull::Stream,
+}
+
+impl NatsConsumer {
+    /// Waits for the next well-formed delivery; malformed messages are terminated and logged.
+    pub async fn next(&mut self) -> Result<Delivery, BusError> {
+        loop {
+            let message = match self.messages.next().await {
+                None => return Err(BusError::Closed),
+                Some(Err(e)) => {
+                    // Missed heartbeats and similar are transient: the stream keeps going.
+                    tracing::warn!(error = %e, "jetstream consumer hiccup");
+                    continue;
+                }
+                Some(Ok(message)) => message,
+            };
+            let attempt = message.info().map(|info| info.delivered.max(1) as u64).unwrap_or(1);
+            let (message, acker) = message.split();
+            let mut headers = BTreeMap::new();
+            if let Some(map) = &message.headers {
+                for (name, values) in map.iter() {
+                    if let Some(value) = values.first() {
+                        headers.insert(name.to_string(), value.to_string());
+                    }
+                }
+            }
+            match RawEvent::from_parts(message.subject.as_str(), headers, message.payload) {
+                Ok(event) => return Ok(Delivery { event, attempt, acker: Acker::Nats(acker) }),
+                Err(error) => {
+                    tracing::error!(%error, subject = %message.subject, "dropping malformed event");
+                    let _ = acker.ack_with(jetstream::AckKind::Term).await;
+                }
+            }
+        }
+    }
+}

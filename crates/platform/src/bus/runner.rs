@@ -1,0 +1,176 @@
+//! Runs a consumer: fetches deliveries, hands them to a handler, settles them.
+//!
+//! Deliveries are spread over `lanes` workers by their ordering key, so events of one key
+//! (one conversation) are handled one at a time and in order, while different keys proceed in
+//! parallel. A transient failure is retried inside its lane, holding back later events of the
+//! same key, before the event is handed back to the broker; a permanent failure is logged and
+//! the event terminated. Handlers make their effects idempotent with [`crate::inbox`], because
+//! every delivery may be a redelivery.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use super::{BusError, Consumer, Delivery, RawEvent};
+use crate::metrics::{EVENT_LAG_SECONDS, EVENTS_HANDLED_TOTAL};
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Might succeed later (a dependency is down): retried.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Can never succeed (the event is invalid for this consumer): terminated.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<BusError> for HandlerError {
+    fn from(error: BusError) -> Self {
+        match error {
+            BusError::Malformed(_) | BusError::InvalidSubscription(_) => HandlerError::Permanent(error.to_string()),
+            BusError::Unavailable(_) | BusError::Closed => HandlerError::Transient(error.to_string()),
+        }
+    }
+}
+
+/// Handles one event. Must be idempotent.
+pub trait Handler: Send + Sync + 'static {
+    /// Applies the event's effect.
+    fn handle(&self, event: &RawEvent) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// How a consumer runs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The consumer's name, for logs and metrics.
+    pub name: String,
+    /// Parallel workers; events with the same ordering key always go to the same worker.
+    pub lanes: usize,
+    /// Attempts inside a lane before the event is handed back to the broker.
+    pub attempts_in_lane: u32,
+    /// First retry delay inside a lane; doubles per attempt.
+    pub retry_delay: Duration,
+    /// Redelivery delay requested from the broker after the in-lane attempts.
+    pub nak_delay: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for a consumer called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            lanes: 8,
+            attempts_in_lane: 3,
+            retry_delay: Duration::from_millis(20),
+            nak_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs `consumer` with `handler` until `shutdown` is cancelled. Deliveries in progress finish;
+/// those not yet started are left unacknowledged and will be redelivered.
+pub async fn run<H: Handler>(mut consumer: Consumer, handler: H, options: RunOptions, shutdown: CancellationToken) {
+    let handler = Arc::new(handler);
+    let options = Arc::new(options);
+    let lanes = options.lanes.max(1);
+    let tracker = TaskTracker::new();
+    let mut senders = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let (tx, rx) = mpsc::channel::<Delivery>(64);
+        senders.push(tx);
+        tracker.spawn(lane(rx, Arc::clone(&handler), Arc::clone(&options), shutdown.clone()));
+    }
+    let mut round_robin = 0usize;
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = consumer.next() => next,
+        };
+        let delivery = match delivery {
+            Ok(delivery) => delivery,
+            Err(BusError::Closed) => {
+                tracing::warn!(consumer = %options.name, "consumer closed");
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %options.name, %error, "fetch failed, retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let index = match &delivery.event.ordering_key {
+            Some(key) => {
+                let mut hasher = DefaultHasher::new();
+                key.hash(&mut hasher);
+                (hasher.finish() % lanes as u64) as usize
+            }
+            None => {
+                round_robin = round_robin.wrapping_add(1);
+                round_robin % lanes
+            }
+        };
+        if senders[index].send(delivery).await.is_err() {
+            break;
+        }
+    }
+    drop(senders);
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn lane<H: Handler>(mut rx: mpsc::Receiver<Delivery>, handler: Arc<H>, options: Arc<RunOptions>, shutdown: CancellationToken) {
+    while let Some(delivery) = rx.recv().await {
+        if shutdown.is_cancelled() {
+            // Leave it unacknowledged: the broker redelivers it to a live replica.
+            continue;
+        }
+        let span = tracing::info_span!("event.handle", consumer = %options.name, event.id = %delivery.event.id, event.type_name = %delivery.event.type_name, attempt = delivery.attempt);
+        crate::propagation::set_parent_from(&span, &delivery.event.headers);
+        handle_one(delivery, &*handler, &options, &shutdown).instrument(span).await;
+    }
+}
+
+async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOptions, shutdown: &CancellationToken) {
+    let mut delay = options.retry_delay;
+    let mut attempt = 1;
+    loop {
+        let result = handler.handle(&delivery.event).await;
+        let outcome = match result {
+            Ok(()) => {
+                let lag = (chrono::Utc::now() - delivery.event.occurred_at).to_std().unwrap_or_default();
+                metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone()).record(lag.as_secs_f64());
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(%error, "ack failed; the event will be redelivered and skipped by the inbox");
+                }
+                "ok"
+            }
+            Err(HandlerError::Permanent(reason)) => {
+                tracing::error!(%reason, "event cannot be handled, terminating it");
+                let _ = delivery.term().await;
+                "rejected"
+            }
+            Err(HandlerError::Transient(reason)) if attempt < options.attempts_in_lane && !shutdown.is_cancelled() => {
+                tracing::debug!(%reason, attempt, "transient failure, retrying");
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2);
+                attempt += 1;
+                continue;
+            }
+            Err(HandlerError::Transient(reason)) => {
+                tracing::warn!(%reason, attempt, "transient failure, handing the event back");
+                let _ = delivery.nak(options.nak_delay).await;
+                "retry"
+            }
+        };
+        metrics::counter!(EVENTS_HANDLED_TOTAL, "consumer" => options.name.clone(), "outcome" => outcome).increment(1);
+        return;
+    }
+}
+

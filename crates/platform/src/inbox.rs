@@ -1,0 +1,55 @@
+//! The consumer inbox: exactly-once effects on top of at-least-once delivery.
+//!
+//! A handler opens a transaction, calls [`claim_pg`] or [`claim_sqlite`] with its consumer name
+//! and the event id, applies its effect only when the claim is new, and commits. A redelivered
+//! event finds its claim and is skipped; a crash before commit leaves no claim, so the event is
+//! handled again on redelivery.
+
+use chrono::Utc;
+use sqlx::{PgConnection, SqliteConnection};
+
+use crate::db::Db;
+use crate::metrics::EVENTS_DUPLICATE_TOTAL;
+
+/// Records that `consumer` handles `event_id`; returns false if it did already.
+pub async fn claim_pg(conn: &mut PgConnection, consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("INSERT INTO tandem_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(consumer)
+        .bind(event_id)
+        .execute(conn)
+        .await?;
+    let fresh = done.rows_affected() == 1;
+    if !fresh {
+        metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned()).increment(1);
+    }
+    Ok(fresh)
+}
+
+/// Records that `consumer` handles `event_id`; returns false if it did already.
+pub async fn claim_sqlite(conn: &mut SqliteConnection, consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("INSERT INTO tandem_inbox (consumer, event_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+        .bind(consumer)
+        .bind(event_id)
+        .execute(conn)
+        .await?;
+    let fresh = done.rows_affected() == 1;
+    if !fresh {
+        metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned()).increment(1);
+    }
+    Ok(fresh)
+}
+
+/// Deletes claims older than `keep`; events older than that can no longer be redelivered.
+pub async fn prune(db: &Db, keep: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let cutoff = Utc::now() - chrono::Duration::from_std(keep).unwrap_or_else(|_| chrono::Duration::days(30));
+    Ok(match db {
+        Db::Postgres(pool) => {
+            sqlx::query("DELETE FROM tandem_inbox WHERE processed_at < $1").bind(cutoff).execute(pool).await?.rows_affected()
+        }
+        Db::Sqlite(pool) => sqlx::query("DELETE FROM tandem_inbox WHERE processed_at < ?1")
+            .bind(cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    })
+}

@@ -1,0 +1,331 @@
+//! The transactional outbox and its relay.
+//!
+//! A service writes the events a state change causes with [`enqueue_pg`] or [`enqueue_sqlite`]
+//! inside the same transaction as the change, then calls [`OutboxWaker::wake`] after commit.
+//! The [`OutboxRelay`] publishes unpublished rows in sequence order and then deletes them (or
+//! marks them, when a retention is configured). If the relay or the broker dies mid-stream the
+//! rows stay and are sent again; the event id is the broker's de-duplication key and the
+//! consumers' inbox key, so a re-send never doubles an effect.
+//!
+//! With PostgreSQL, replicas elect one relay through an advisory lock so that events leave in
+//! commit order; the others stand by and take over when the holder's session ends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, QueryBuilder, Row as _, SqliteConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, RawEvent};
+use crate::config::OutboxConfig;
+use crate::db::Db;
+use crate::metrics::{OUTBOX_FAILURES_TOTAL, OUTBOX_PENDING, OUTBOX_PUBLISHED_TOTAL};
+
+/// The advisory lock key that elects the relay of a PostgreSQL schema.
+const RELAY_LOCK_KEY: i64 = 0x7A4E_D000_0B07;
+
+fn headers_json(event: &RawEvent) -> String {
+    serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Writes events to the outbox inside the caller's PostgreSQL transaction.
+pub async fn enqueue_pg(conn: &mut PgConnection, events: &[RawEvent]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut builder = QueryBuilder::new(
+        "INSERT INTO tandem_outbox (event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload) ",
+    );
+    builder.push_values(events, |mut row, event| {
+        row.push_bind(&event.id)
+            .push_bind(&event.subject)
+            .push_bind(&event.type_name)
+            .push_bind(event.tenant.as_str())
+            .push_bind(&event.ordering_key)
+            .push_bind(event.occurred_at)
+            .push_bind(headers_json(event))
+            .push_bind(event.payload.as_ref());
+    });
+    builder.build().execute(conn).await.map(drop)
+}
+
+/// Writes events to the outbox inside the caller's SQLite transaction.
+pub async fn enqueue_sqlite(conn: &mut SqliteConnection, events: &[RawEvent]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut builder = QueryBuilder::new(
+        "INSERT INTO tandem_outbox (event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload) ",
+    );
+    builder.push_values(events, |mut row, event| {
+        row.push_bind(&event.id)
+            .push_bind(&event.subject)
+            .push_bind(&event.type_name)
+            .push_bind(event.tenant.as_str())
+            .push_bind(&event.ordering_key)
+            .push_bind(event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+            .push_bind(headers_json(event))
+            .push_bind(event.payload.as_ref());
+    });
+    builder.build().execute(conn).await.map(drop)
+}
+
+/// Tells the relay that new rows were committed, so it publishes without waiting for its poll.
+#[derive(Clone, Default)]
+pub struct OutboxWaker(Arc<Notify>);
+
+impl OutboxWaker {
+    /// Wakes the relay.
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Outbox failures.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The database failed.
+    #[error("outbox database error")]
+    Database(#[from] sqlx::Error),
+    /// The broker failed.
+    #[error("outbox publish failed")]
+    Bus(#[from] BusError),
+    /// A stored row is not a valid event.
+    #[error("corrupt outbox row {seq}: {reason}")]
+    Corrupt {
+        /// The row.
+        seq: i64,
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Row {
+    seq: i64,
+    event: RawEvent,
+}
+
+/// Publishes outbox rows to the bus.
+pub struct OutboxRelay {
+    db: Db,
+    bus: Bus,
+    cfg: OutboxConfig,
+    waker: OutboxWaker,
+}
+
+impl OutboxRelay {
+    /// Creates a relay for a service's database.
+    pub fn new(db: Db, bus: Bus, cfg: OutboxConfig) -> Self {
+        Self { db, bus, cfg, waker: OutboxWaker::default() }
+    }
+
+    /// Returns the waker that the service calls after committing outbox rows.
+    pub fn waker(&self) -> OutboxWaker {
+        self.waker.clone()
+    }
+
+    /// Relays until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        match self.db.clone() {
+            Db::Sqlite(_) => self.relay_loop(&shutdown).await,
+            Db::Postgres(pool) => {
+                // Hold a dedicated session for the advisory lock while relaying.
+                while !shutdown.is_cancelled() {
+                    match pool.acquire().await {
+                        Ok(mut session) => {
+                            let locked: Result<bool, sqlx::Error> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                                .bind(RELAY_LOCK_KEY)
+                                .fetch_one(&mut *session)
+                                .await;
+                            match locked {
+                                Ok(true) => {
+                                    tracing::info!("outbox relay elected");
+                                    let lost = self.relay_while_session_lives(&mut session, &shutdown).await;
+                                    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RELAY_LOCK_KEY).execute(&mut *session).await;
+                                    if lost {
+                                        session.detach();
+                                    }
+                                }
+                                Ok(false) => {}
+                                Err(error) => tracing::warn!(%error, "outbox relay election failed"),
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "outbox relay cannot reach the database"),
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(self.cfg.poll_interval.max(Duration::from_millis(500))) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relays while the lock session answers; returns whether the session was lost.
+    async fn relay_while_session_lives(&self, session: &mut PgConnection, shutdown: &CancellationToken) -> bool {
+        let mut checked = tokio::time::Instant::now();
+        loop {
+            if shutdown.is_cancelled() {
+                return false;
+            }
+            if checked.elapsed() > Duration::from_secs(5) {
+                if sqlx::query("SELECT 1").execute(&mut *session).await.is_err() {
+                    tracing::warn!("outbox relay lost its lock session, re-electing");
+                    return true;
+                }
+                checked = tokio::time::Instant::now();
+            }
+            if !self.round(shutdown).await {
+                return false;
+            }
+        }
+    }
+
+    async fn relay_loop(&self, shutdown: &CancellationToken) {
+        while self.round(shutdown).await {}
+    }
+
+    /// One publish round followed by a wait when there was nothing more to do. Returns false
+    /// when shutting down.
+    async fn round(&self, shutdown: &CancellationToken) -> bool {
+        let wait = match self.publish_pending().await {
+            Ok(count) if count >= self.cfg.batch_size as usize => Duration::ZERO,
+            Ok(_) => self.cfg.poll_interval,
+            Err(error) => {
+                metrics::counter!(OUTBOX_FAILURES_TOTAL).increment(1);
+                tracing::warn!(error = %crate::error::DisplayChain(&error), "outbox publish round failed, retrying");
+                self.cfg.poll_interval.max(Duration::from_millis(250))
+            }
+        };
+        if wait.is_zero() {
+            return !shutdown.is_cancelled();
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = self.waker.0.notified() => true,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    /// Publishes one batch of unpublished rows; returns how many were published.
+    pub async fn publish_pending(&self) -> Result<usize, OutboxError> {
+        let rows = self.load_batch().await?;
+        if rows.is_empty() {
+            metrics::gauge!(OUTBOX_PENDING).set(0.0);
+            return Ok(0);
+        }
+        let events: Vec<RawEvent> = rows.iter().map(|row| row.event.clone()).collect();
+        self.bus.publish_batch(&events).await?;
+        let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();
+        self.settle(&seqs).await?;
+        metrics::counter!(OUTBOX_PUBLISHED_TOTAL).increment(rows.len() as u64);
+        Ok(rows.len())
+    }
+
+    async fn load_batch(&self) -> Result<Vec<Row>, OutboxError> {
+        const SELECT: &str = "SELECT seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
+             FROM tandem_outbox WHERE published_at IS NULL ORDER BY seq LIMIT ";
+        let limit = i64::from(self.cfg.batch_size);
+        match &self.db {
+            Db::Postgres(pool) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}$1"))).bind(limit).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|r| {
+                        let occurred_at: DateTime<Utc> = r.try_get("occurred_at")?;
+                        row_from(r.try_get("seq")?, r, occurred_at)
+                    })
+                    .collect()
+            }
+            Db::Sqlite(pool) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}?1"))).bind(limit).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|r| {
+                        let seq: i64 = r.try_get("seq")?;
+                        let text: String = r.try_get("occurred_at")?;
+                        let occurred_at = DateTime::parse_from_rfc3339(&text)
+                            .map_err(|e| OutboxError::Corrupt { seq, reason: e.to_string() })?
+                            .with_timezone(&Utc);
+                        row_from(seq, r, occurred_at)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    async fn settle(&self, seqs: &[i64]) -> Result<(), OutboxError> {
+        let delete = self.cfg.retention.is_zero();
+        match &self.db {
+            Db::Postgres(pool) => {
+                let sql = if delete {
+                    "DELETE FROM tandem_outbox WHERE seq = ANY($1)"
+                } else {
+                    "UPDATE tandem_outbox SET published_at = now() WHERE seq = ANY($1)"
+                };
+                sqlx::query(sql).bind(seqs).execute(pool).await?;
+                if !delete {
+                    let cutoff = Utc::now() - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default();
+                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1").bind(cutoff).execute(pool).await?;
+                }
+            }
+            Db::Sqlite(pool) => {
+                let mut builder = if delete {
+                    QueryBuilder::new("DELETE FROM tandem_outbox WHERE seq IN (")
+                } else {
+                    QueryBuilder::new("UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (")
+                };
+                let mut list = builder.separated(", ");
+                for seq in seqs {
+                    list.push_bind(*seq);
+                }
+                builder.push(")");
+                builder.build().execute(pool).await?;
+                if !delete {
+                    let cutoff = (Utc::now() - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default())
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1").bind(cutoff).execute(pool).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns how many rows wait to be published.
+    pub async fn pending(&self) -> Result<i64, OutboxError> {
+        const COUNT: &str = "SELECT COUNT(*) FROM tandem_outbox WHERE published_at IS NULL";
+        Ok(match &self.db {
+            Db::Postgres(pool) => sqlx::query_scalar(COUNT).fetch_one(pool).await?,
+            Db::Sqlite(pool) => sqlx::query_scalar(COUNT).fetch_one(pool).await?,
+        })
+    }
+}
+
+fn row_from<R>(seq: i64, r: &R, occurred_at: DateTime<Utc>) -> Result<Row, OutboxError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let corrupt = |reason: String| OutboxError::Corrupt { seq, reason };
+    let tenant: String = r.try_get("tenant")?;
+    let headers: String = r.try_get("headers")?;
+    let headers: BTreeMap<String, String> = serde_json::from_str(&headers).map_err(|e| corrupt(e.to_string()))?;
+    let payload: Vec<u8> = r.try_get("payload")?;
+    Ok(Row {
+        seq,
+        event: RawEvent {
+            id: r.try_get("event_id")?,
+            subject: r.try_get("subject")?,
+            type_name: r.try_get("type_name")?,
+            tenant: tandem_proto::ids::TenantId::new(tenant).map_err(|e| corrupt(e.to_string()))?,
+            occurred_at,
+            ordering_key: r.try_get("ordering_key")?,
+            headers,
+            payload: payload.into(),
+        },
+    })
+}

@@ -1,0 +1,1 @@
+//! Text processing shared by dialog, knowledge and feedback.
