@@ -19,10 +19,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // compile_fds ignores file_descriptor_set_path, so the set is written here for reflection.
     std::fs::write(out_dir.join("tandem_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
 
+    let mut config = prost_build::Config::new();
+    // `prost::Name` lets code and tests ask a message for its fully qualified name.
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }
 

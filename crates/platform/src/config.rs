@@ -273,7 +273,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             log_format: LogFormat::Pretty,
-            log_filter: "info".into(),
+            log_filter: "info,opentelemetry=warn,opentelemetry_sdk=warn".into(),
             otlp_endpoint: String::new(),
             trace_sample_ratio: 1.0,
             metrics_addr: String::new(),

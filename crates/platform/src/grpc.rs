@@ -75,6 +75,13 @@ impl GrpcServer {
         self
     }
 
+    /// Declares a service whose handlers are not mounted in this build: health and reflection
+    /// describe it, calls to it answer UNIMPLEMENTED.
+    pub fn declare(&mut self, name: &'static str) -> &mut Self {
+        self.names.push(name);
+        self
+    }
+
     /// Returns the health reporter, for services that report their dependencies' state.
     pub fn health(&self) -> HealthReporter {
         self.health.clone()

@@ -9,6 +9,7 @@
 //! - [`bus`]: the event bus port with its NATS JetStream and in-process adapters.
 //! - [`db`], [`outbox`], [`inbox`]: storage pools, the transactional outbox and relay, the
 //!   consumer inbox.
+//! - [`runtime`]: wiring a service process, alone or in the standalone mode.
 //! - [`shutdown`]: signal handling.
 
 pub mod auth;
@@ -21,5 +22,6 @@ pub mod inbox;
 pub mod metrics;
 pub mod outbox;
 pub mod propagation;
+pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,17 @@
+//! The `tandem-policy` binary: runs the policy service against PostgreSQL and NATS.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let env = std::env::vars().collect();
+    let result = match tandem_platform::runtime::Args::parse(std::env::args()) {
+        Ok(args) => tandem_platform::runtime::main::<tandem_policy::Policy>(args, env).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem-policy: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
