@@ -180,7 +180,7 @@ pub async fn run(options: Options, env: HashMap<String, String>) -> anyhow::Resu
 pub async fn serve(cfg: StandaloneConfig, data_dir: &Path, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let tracker = TaskTracker::new();
-    let memory_bus = MemoryBus::new();
+    let memory_bus = MemoryBus::open(&data_dir.join("bus.db")).await.context("cannot open the in-process bus journal")?;
     let auth = Arc::new(Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?);
     let mut server = GrpcServer::new(&cfg.grpc);
     {
@@ -201,5 +201,8 @@ pub async fn serve(cfg: StandaloneConfig, data_dir: &Path, listener: TcpListener
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
+    if let Err(error) = memory_bus.flush().await {
+        tracing::warn!(%error, "bus journal flush failed at shutdown");
+    }
     served.context("grpc server failed")
 }

@@ -180,7 +180,8 @@ pub struct GrpcConfig {
     /// The longest a unary call may run; a client's shorter `grpc-timeout` wins.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// In-flight requests per connection; beyond it requests are shed with UNAVAILABLE.
+    /// In-flight requests per connection; beyond it requests are shed with RESOURCE_EXHAUSTED
+    /// (tonic's answer: this caller uses more than its share of a connection).
     pub concurrency_limit_per_connection: usize,
     /// In-flight requests across the process; beyond it requests are shed with UNAVAILABLE.
     pub global_concurrency_limit: usize,
@@ -434,7 +435,9 @@ pub struct BusConfig {
     pub ack_wait: Duration,
     /// Delivery attempts before an event is given up (and logged).
     pub max_deliver: i64,
-    /// Delays between redeliveries of a failing event.
+    /// Optional per-delivery acknowledgement deadlines (JetStream `backoff`): entry N is how long
+    /// delivery N+1 may stay unacknowledged, the last entry repeating. Empty uses `ack_wait` for
+    /// every delivery. Failures the handler reports are redelivered after its own growing delay.
     #[serde(with = "duration_list")]
     pub redelivery_backoff: Vec<Duration>,
 }
@@ -450,7 +453,7 @@ impl Default for BusConfig {
             max_ack_pending: 1024,
             ack_wait: Duration::from_secs(30),
             max_deliver: 20,
-            redelivery_backoff: vec![Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)],
+            redelivery_backoff: Vec::new(),
         }
     }
 }
@@ -468,6 +471,9 @@ impl Validate for BusConfig {
         }
         if !(1..=100_000).contains(&self.max_ack_pending) {
             errors.push(ConfigError::new(join(path, "max_ack_pending"), "must be between 1 and 100000"));
+        }
+        if self.redelivery_backoff.iter().any(|d| *d < Duration::from_millis(100)) {
+            errors.push(ConfigError::new(join(path, "redelivery_backoff"), "every entry must be at least 100ms"));
         }
         if self.ack_wait < Duration::from_millis(100) {
             errors.push(ConfigError::new(join(path, "ack_wait"), "must be at least 100ms"));

@@ -148,6 +148,7 @@ impl GrpcServer {
             builder = builder.max_connection_age(cfg.max_connection_age);
         }
         let global_limit = tower::ServiceBuilder::new()
+            .map_result(overload_as_unavailable::<tonic::body::Body>)
             .load_shed()
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(cfg.global_concurrency_limit));
         let router = builder.layer(ServerTraceLayer).layer(global_limit).add_routes(self.routes.routes());
@@ -166,3 +167,18 @@ impl GrpcServer {
     }
 }
 
+/// Answers a call shed by the process-wide concurrency limit with UNAVAILABLE. Left alone, the
+/// `Overloaded` error reaches tonic, which answers RESOURCE_EXHAUSTED ("too many active requests
+/// for the connection"): right for its own per-connection limit, where one caller uses more than
+/// its share, but wrong for overload of the whole process, which clients should back off from
+/// and retry, possibly on another replica.
+fn overload_as_unavailable<B: Default>(
+    result: Result<http::Response<B>, tower::BoxError>,
+) -> Result<http::Response<B>, tower::BoxError> {
+    match result {
+        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => {
+            Ok(tonic::Status::unavailable("server overloaded, retry later").into_http())
+        }
+        other => other,
+    }
+}

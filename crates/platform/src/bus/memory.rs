@@ -5,10 +5,22 @@
 //! durable consumers whose state outlives the consumer handle (a consumer that is dropped with
 //! unacknowledged deliveries gets them again after the ack wait, as a crashed replica would),
 //! `max_ack_pending`, naks with a delay, redelivery backoff and a delivery limit.
+//!
+//! [`MemoryBus::open`] keeps a journal in a SQLite file: a publish returns only once its events
+//! are on disk, and acknowledgements are recorded shortly after. When the process restarts, the
+//! journal is read back and every event a durable consumer had not acknowledged is delivered
+//! again, so a crash of the standalone process loses no event that left an outbox. (A lost
+//! acknowledgement only causes a redelivery, which the consumers' inbox absorbs.)
+//! [`MemoryBus::new`] is the same bus without a journal.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::Path;
+use std::str::FromStr as _;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row as _, SqlitePool};
 
 use tandem_proto::events::STREAMS;
 use tokio::sync::Notify;
@@ -29,15 +41,26 @@ pub struct MemoryBus {
 struct Inner {
     state: Mutex<State>,
     notify: Notify,
+    journal: Option<SqlitePool>,
+    /// Serialises journaled publishes so sequence numbers reach the disk, and then the consumers,
+    /// in order.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct State {
     streams: HashMap<&'static str, StreamState>,
     consumers: HashMap<String, ConsumerState>,
+    /// Acknowledgements read from the journal, claimed by a durable when it reconnects.
+    restored_acks: HashMap<String, BTreeSet<u64>>,
+    /// Acknowledgements not yet written to the journal: (durable, stream, seq).
+    unsaved_acks: Vec<(String, &'static str, u64)>,
+    /// Sequence numbers dropped from memory and to be dropped from the journal, per stream.
+    trimmed_below: HashMap<&'static str, u64>,
 }
 
 struct StreamState {
+    name: &'static str,
     subjects: &'static str,
     messages: BTreeMap<u64, Arc<RawEvent>>,
     next_seq: u64,
@@ -55,6 +78,8 @@ struct ConsumerState {
     stream: &'static str,
     filters: Vec<String>,
     cursor: u64,
+    /// Sequences at or after the cursor acknowledged before a restart.
+    acked_ahead: BTreeSet<u64>,
     pending: BTreeMap<u64, Pending>,
     max_ack_pending: usize,
     ack_wait: Duration,
@@ -72,9 +97,63 @@ impl ConsumerState {
 }
 
 impl MemoryBus {
-    /// Creates an empty bus.
+    /// Creates an empty bus without a journal.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Opens a bus journaled in the SQLite file at `path`, restoring its events and the
+    /// acknowledgements of its durable consumers.
+    pub async fn open(path: &Path) -> Result<Self, BusError> {
+        let journal_error = |e: sqlx::Error| BusError::Unavailable(format!("bus journal {}: {e}", path.display()));
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(journal_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await.map_err(journal_error)?;
+        for statement in JOURNAL_SCHEMA {
+            sqlx::query(*statement).execute(&pool).await.map_err(journal_error)?;
+        }
+        let bus = Self {
+            inner: Arc::new(Inner { journal: Some(pool.clone()), ..Inner::default() }),
+        };
+        bus.ensure_streams();
+        let rows = sqlx::query(
+            "SELECT stream, seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
+             FROM bus_log ORDER BY stream, seq",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(journal_error)?;
+        let acks = sqlx::query("SELECT durable, seq FROM bus_acks").fetch_all(&pool).await.map_err(journal_error)?;
+        {
+            let mut state = bus.lock();
+            let now = Instant::now();
+            for row in rows {
+                let stream_name: String = row.try_get("stream").map_err(journal_error)?;
+                let Some(stream) = state.streams.values_mut().find(|s| *s.name == *stream_name) else { continue };
+                let seq = u64::try_from(row.try_get::<i64, _>("seq").map_err(journal_error)?).unwrap_or(0);
+                let event = event_from_row(&row).map_err(|e| BusError::Malformed(format!("bus journal: {e}")))?;
+                stream.seen.insert(event.id.clone(), now);
+                stream.seen_order.push_back((now, event.id.clone()));
+                stream.next_seq = stream.next_seq.max(seq + 1);
+                stream.messages.insert(seq, Arc::new(event));
+            }
+            for row in acks {
+                let durable: String = row.try_get("durable").map_err(journal_error)?;
+                let seq = u64::try_from(row.try_get::<i64, _>("seq").map_err(journal_error)?).unwrap_or(0);
+                state.restored_acks.entry(durable).or_default().insert(seq);
+            }
+        }
+        tokio::spawn(flush_acks_periodically(Arc::downgrade(&bus.inner)));
+        Ok(bus)
+    }
+
+    /// Writes pending acknowledgements and trims to the journal.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        flush(&self.inner).await
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -87,6 +166,7 @@ impl MemoryBus {
         let mut state = self.lock();
         for spec in STREAMS {
             state.streams.entry(spec.name).or_insert_with(|| StreamState {
+                name: spec.name,
                 subjects: spec.subjects,
                 messages: BTreeMap::new(),
                 next_seq: 1,
@@ -97,11 +177,17 @@ impl MemoryBus {
         }
     }
 
-    /// Stores events in order; an id seen within the window is dropped.
-    pub fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
+    /// Stores events in order; an id seen within the window is dropped. With a journal, returns
+    /// once the events are on disk.
+    pub async fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
+        let _serial = self.inner.publishing.lock().await;
         let now = Instant::now();
-        {
+        // Decide which events are new and number them, without making them visible yet.
+        let accepted: Vec<(&'static str, u64, &RawEvent)> = {
             let mut state = self.lock();
+            let mut next: HashMap<&'static str, u64> = HashMap::new();
+            let mut batch_ids = std::collections::HashSet::new();
+            let mut accepted = Vec::with_capacity(events.len());
             for event in events {
                 let stream = state
                     .streams
@@ -116,17 +202,39 @@ impl MemoryBus {
                         stream.seen.remove(&id);
                     }
                 }
-                if stream.seen.contains_key(&event.id) {
+                if stream.seen.contains_key(&event.id) || !batch_ids.insert(event.id.as_str()) {
                     continue;
                 }
+                let seq = next.entry(stream.name).or_insert(stream.next_seq);
+                accepted.push((stream.name, *seq, event));
+                *seq += 1;
+            }
+            accepted
+        };
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        if let Some(journal) = &self.inner.journal {
+            write_events(journal, &accepted).await.map_err(|e| BusError::Unavailable(format!("bus journal: {e}")))?;
+        }
+        {
+            let mut state = self.lock();
+            let mut trims = Vec::new();
+            for (name, seq, event) in &accepted {
+                let Some(stream) = state.streams.get_mut(name) else { continue };
                 stream.seen.insert(event.id.clone(), now);
                 stream.seen_order.push_back((now, event.id.clone()));
-                let seq = stream.next_seq;
-                stream.next_seq += 1;
-                stream.messages.insert(seq, Arc::new(event.clone()));
+                stream.next_seq = stream.next_seq.max(seq + 1);
+                stream.messages.insert(*seq, Arc::new((*event).clone()));
                 while stream.messages.len() > MAX_MESSAGES_PER_STREAM {
                     stream.messages.pop_first();
                 }
+                if let Some((first, _)) = stream.messages.first_key_value() {
+                    trims.push((stream.name, *first));
+                }
+            }
+            for (name, first) in trims {
+                state.trimmed_below.insert(name, first);
             }
         }
         self.inner.notify.notify_waiters();
@@ -139,10 +247,12 @@ impl MemoryBus {
         if !state.streams.contains_key(spec.stream.name) {
             return Err(BusError::InvalidSubscription(format!("stream {} does not exist", spec.stream.name)));
         }
+        let restored = state.restored_acks.remove(&spec.durable).unwrap_or_default();
         let consumer = state.consumers.entry(spec.durable.clone()).or_insert_with(|| ConsumerState {
             stream: spec.stream.name,
             filters: Vec::new(),
             cursor: 1,
+            acked_ahead: restored,
             pending: BTreeMap::new(),
             max_ack_pending: 1,
             ack_wait: spec.ack_wait,
@@ -163,10 +273,14 @@ impl MemoryBus {
     fn settle(&self, durable: &str, seq: u64, outcome: Settle) {
         {
             let mut state = self.lock();
-            let Some(consumer) = state.consumers.get_mut(durable) else { return };
+            let journaled = self.inner.journal.is_some();
+            let State { consumers, unsaved_acks, .. } = &mut *state;
+            let Some(consumer) = consumers.get_mut(durable) else { return };
             match outcome {
                 Settle::Ack | Settle::Term => {
-                    consumer.pending.remove(&seq);
+                    if consumer.pending.remove(&seq).is_some() && journaled {
+                        unsaved_acks.push((durable.to_owned(), consumer.stream, seq));
+                    }
                 }
                 Settle::Nak(delay) => {
                     if let Some(pending) = consumer.pending.get_mut(&seq) {
@@ -187,7 +301,7 @@ impl MemoryBus {
         let unseen = stream
             .messages
             .range(consumer.cursor..)
-            .filter(|(_, m)| consumer.filters.iter().any(|f| subject_matches(f, &m.subject)))
+            .filter(|(seq, m)| !consumer.acked_ahead.contains(seq) && consumer.filters.iter().any(|f| subject_matches(f, &m.subject)))
             .count();
         unseen + consumer.pending.len()
     }
@@ -233,7 +347,7 @@ impl MemoryConsumer {
     fn poll_once(&self) -> Result<Next, BusError> {
         let now = Instant::now();
         let mut state = self.bus.lock();
-        let State { streams, consumers } = &mut *state;
+        let State { streams, consumers, .. } = &mut *state;
         let consumer = consumers.get_mut(&self.durable).ok_or(BusError::Closed)?;
         let stream = streams.get(consumer.stream).ok_or(BusError::Closed)?;
 
@@ -261,19 +375,24 @@ impl MemoryConsumer {
         if consumer.pending.len() < consumer.max_ack_pending {
             let first = stream.messages.first_key_value().map_or(consumer.cursor, |(seq, _)| *seq);
             let start = consumer.cursor.max(first);
+            let acked_ahead = &consumer.acked_ahead;
             let found = stream
                 .messages
                 .range(start..)
-                .find(|(_, m)| consumer.filters.iter().any(|f| subject_matches(f, &m.subject)))
+                .find(|(seq, m)| !acked_ahead.contains(seq) && consumer.filters.iter().any(|f| subject_matches(f, &m.subject)))
                 .map(|(seq, m)| (*seq, Arc::clone(m)));
             match found {
                 Some((seq, message)) => {
                     consumer.cursor = seq + 1;
+                    consumer.acked_ahead = consumer.acked_ahead.split_off(&consumer.cursor);
                     let wait = consumer.wait_after(1);
                     consumer.pending.insert(seq, Pending { due: now + wait, deliveries: 1 });
                     return Ok(Next::Deliver(self.delivery(&message, seq, 1)));
                 }
-                None => consumer.cursor = stream.next_seq.max(start),
+                None => {
+                    consumer.cursor = stream.next_seq.max(start);
+                    consumer.acked_ahead.clear();
+                }
             }
         }
         Ok(Next::Wait(consumer.pending.values().map(|p| p.due).min()))
@@ -306,5 +425,96 @@ impl MemoryAcker {
 
     pub(super) fn term(self) {
         self.bus.settle(&self.durable, self.seq, Settle::Term);
+    }
+}
+
+const JOURNAL_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS bus_log (\
+        stream TEXT NOT NULL, seq INTEGER NOT NULL, event_id TEXT NOT NULL, subject TEXT NOT NULL, \
+        type_name TEXT NOT NULL, tenant TEXT NOT NULL, ordering_key TEXT, occurred_at TEXT NOT NULL, \
+        headers TEXT NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (stream, seq))",
+    "CREATE TABLE IF NOT EXISTS bus_acks (\
+        durable TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (durable, stream, seq))",
+];
+
+async fn write_events(journal: &SqlitePool, events: &[(&'static str, u64, &RawEvent)]) -> Result<(), sqlx::Error> {
+    let mut tx = journal.begin().await?;
+    // SQLite allows 32,766 bound parameters per statement; 10 per row.
+    for chunk in events.chunks(3000) {
+        let mut builder = QueryBuilder::new(
+            "INSERT OR IGNORE INTO bus_log (stream, seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload) ",
+        );
+        builder.push_values(chunk, |mut row, (stream, seq, event)| {
+            row.push_bind(*stream)
+                .push_bind(i64::try_from(*seq).unwrap_or(i64::MAX))
+                .push_bind(&event.id)
+                .push_bind(&event.subject)
+                .push_bind(&event.type_name)
+                .push_bind(event.tenant.as_str())
+                .push_bind(&event.ordering_key)
+                .push_bind(event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .push_bind(serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".into()))
+                .push_bind(event.payload.as_ref());
+        });
+        builder.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RawEvent, String> {
+    let get = |name: &str| row.try_get::<String, _>(name).map_err(|e| e.to_string());
+    let tenant = tandem_proto::ids::TenantId::new(get("tenant")?).map_err(|e| e.to_string())?;
+    let occurred_at = chrono::DateTime::parse_from_rfc3339(&get("occurred_at")?).map_err(|e| e.to_string())?.with_timezone(&chrono::Utc);
+    let headers: BTreeMap<String, String> = serde_json::from_str(&get("headers")?).map_err(|e| e.to_string())?;
+    let payload: Vec<u8> = row.try_get("payload").map_err(|e| e.to_string())?;
+    Ok(RawEvent {
+        id: get("event_id")?,
+        subject: get("subject")?,
+        type_name: get("type_name")?,
+        tenant,
+        occurred_at,
+        ordering_key: row.try_get("ordering_key").map_err(|e| e.to_string())?,
+        headers,
+        payload: payload.into(),
+    })
+}
+
+async fn flush(inner: &Inner) -> Result<(), BusError> {
+    let Some(journal) = &inner.journal else { return Ok(()) };
+    let (acks, trims) = {
+        let mut state = inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (std::mem::take(&mut state.unsaved_acks), std::mem::take(&mut state.trimmed_below))
+    };
+    if acks.is_empty() && trims.is_empty() {
+        return Ok(());
+    }
+    let result: Result<(), sqlx::Error> = async {
+        let mut tx = journal.begin().await?;
+        for chunk in acks.chunks(8000) {
+            let mut builder = QueryBuilder::new("INSERT OR IGNORE INTO bus_acks (durable, stream, seq) ");
+            builder.push_values(chunk, |mut row, (durable, stream, seq)| {
+                row.push_bind(durable.as_str()).push_bind(*stream).push_bind(i64::try_from(*seq).unwrap_or(i64::MAX));
+            });
+            builder.build().execute(&mut *tx).await?;
+        }
+        for (stream, below) in &trims {
+            let below = i64::try_from(*below).unwrap_or(i64::MAX);
+            sqlx::query("DELETE FROM bus_log WHERE stream = ?1 AND seq < ?2").bind(*stream).bind(below).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM bus_acks WHERE stream = ?1 AND seq < ?2").bind(*stream).bind(below).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+    .await;
+    result.map_err(|e| BusError::Unavailable(format!("bus journal: {e}")))
+}
+
+async fn flush_acks_periodically(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(error) = flush(&inner).await {
+            tracing::warn!(%error, "cannot record acknowledgements; they will be redelivered after a restart");
+        }
     }
 }

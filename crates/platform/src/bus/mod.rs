@@ -276,7 +276,7 @@ impl Bus {
     pub async fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
         match self {
             Bus::Nats(bus) => bus.publish_batch(events).await,
-            Bus::Memory(bus) => bus.publish_batch(events),
+            Bus::Memory(bus) => bus.publish_batch(events).await,
         }
     }
 
@@ -291,8 +291,13 @@ impl Bus {
 
     /// Flushes pending publishes and closes the connection.
     pub async fn close(&self) {
-        if let Bus::Nats(bus) = self {
-            bus.close().await;
+        match self {
+            Bus::Nats(bus) => bus.close().await,
+            Bus::Memory(bus) => {
+                if let Err(error) = bus.flush().await {
+                    tracing::warn!(%error, "bus journal flush failed at close");
+                }
+            }
         }
     }
 }

@@ -57,8 +57,11 @@ pub struct RunOptions {
     pub attempts_in_lane: u32,
     /// First retry delay inside a lane; doubles per attempt.
     pub retry_delay: Duration,
-    /// Redelivery delay requested from the broker after the in-lane attempts.
+    /// Redelivery delay requested from the broker after the in-lane attempts of a first
+    /// delivery; it doubles with every further delivery, up to `max_nak_delay`.
     pub nak_delay: Duration,
+    /// The longest redelivery delay requested.
+    pub max_nak_delay: Duration,
 }
 
 impl RunOptions {
@@ -70,6 +73,7 @@ impl RunOptions {
             attempts_in_lane: 3,
             retry_delay: Duration::from_millis(20),
             nak_delay: Duration::from_secs(1),
+            max_nak_delay: Duration::from_secs(60),
         }
     }
 }
@@ -164,8 +168,10 @@ async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOp
                 continue;
             }
             Err(HandlerError::Transient(reason)) => {
-                tracing::warn!(%reason, attempt, "transient failure, handing the event back");
-                let _ = delivery.nak(options.nak_delay).await;
+                let exponent = u32::try_from(delivery.attempt.saturating_sub(1).min(16)).unwrap_or(16);
+                let delay = options.nak_delay.saturating_mul(1 << exponent).min(options.max_nak_delay);
+                tracing::warn!(%reason, attempt, delivery = delivery.attempt, delay_ms = delay.as_millis() as u64, "transient failure, handing the event back");
+                let _ = delivery.nak(delay).await;
                 "retry"
             }
         };
