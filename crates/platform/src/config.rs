@@ -108,13 +108,15 @@ where
 }
 
 /// Deserialises each top-level section over the defaults on its own, so that every broken
-/// section is reported rather than only the first.
-fn section_errors<T: DeserializeOwned>(defaults: &Config, merged: &Config, first: config::ConfigError) -> Vec<ConfigError> {
+/// section is reported rather than only the first; then validates the sections that did parse,
+/// so that a broken section does not hide the semantic problems of the others either.
+fn section_errors<T: DeserializeOwned + Validate>(defaults: &Config, merged: &Config, first: config::ConfigError) -> Vec<ConfigError> {
     let known: HashMap<String, config::Value> = defaults.clone().try_deserialize().unwrap_or_default();
     let Ok(sections) = merged.clone().try_deserialize::<HashMap<String, config::Value>>() else {
         return vec![ConfigError::new("<root>", first.to_string())];
     };
     let mut errors = Vec::new();
+    let mut parsed = Vec::new();
     let mut names: Vec<&String> = sections.keys().collect();
     names.sort();
     for name in names {
@@ -127,14 +129,32 @@ fn section_errors<T: DeserializeOwned>(defaults: &Config, merged: &Config, first
             .set_override(name.as_str(), sections[name].clone())
             .and_then(|b| b.build())
             .and_then(|c| c.try_deserialize::<T>());
-        if let Err(e) = single {
-            errors.push(ConfigError::new(name.clone(), strip_config_noise(&e.to_string())));
+        match single {
+            Ok(_) => parsed.push(name),
+            Err(e) => errors.push(ConfigError::new(name.clone(), strip_config_noise(&e.to_string()))),
         }
     }
     if errors.is_empty() {
         errors.push(ConfigError::new("<root>", first.to_string()));
     }
+    let broken: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
+    let valid_parts = parsed
+        .iter()
+        .try_fold(Config::builder().add_source(defaults.clone()), |b, name| b.set_override(name.as_str(), sections[*name].clone()))
+        .and_then(|b| b.build())
+        .and_then(|c| c.try_deserialize::<T>());
+    if let Ok(value) = valid_parts {
+        let mut semantic = Vec::new();
+        value.validate("", &mut semantic);
+        // A broken section was validated as its defaults; problems of those are not the user's.
+        errors.extend(semantic.into_iter().filter(|e| !broken.iter().any(|b| section_of(&e.path) == b)));
+    }
     errors
+}
+
+/// Returns the top-level section of a dotted path: `auth` for `auth.public_key_files[0]`.
+fn section_of(path: &str) -> &str {
+    path.split(['.', '[']).next().unwrap_or(path)
 }
 
 fn strip_config_noise(message: &str) -> String {
@@ -287,7 +307,8 @@ impl Validate for TelemetryConfig {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
             errors.push(ConfigError::new(join(path, "log_filter"), format!("not a valid filter: {e}")));
         }
-        if !self.otlp_endpoint.is_empty() && !(self.otlp_endpoint.starts_with("http://") || self.otlp_endpoint.starts_with("https://")) {
+        let endpoint = &self.otlp_endpoint;
+        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             errors.push(ConfigError::new(join(path, "otlp_endpoint"), "must be an http:// or https:// URL"));
         }
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
@@ -615,6 +636,18 @@ mod tests {
         let errors = load::<Cfg>("routing", Some(&file), &dev_env()).unwrap_err().0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["bus", "grpc", "nonsense"], "{errors:?}");
+    }
+
+    #[test]
+    fn broken_sections_do_not_hide_semantic_problems_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[grpc]\nmax_message_bytes = 1\n[bus]\nmax_ack_pending = \"many\"\n[nonsense]\nx = 1\n").unwrap();
+        let mut env = dev_env();
+        env.insert("TANDEM_ROUTING__OUTBOX__BATCH_SIZE".into(), "0".into());
+        let errors = load::<Cfg>("routing", Some(&file), &env).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["bus", "nonsense", "grpc.max_message_bytes", "outbox.batch_size"], "{errors:?}");
     }
 
     #[test]

@@ -53,3 +53,47 @@ pub async fn prune(db: &Db, keep: std::time::Duration) -> Result<u64, sqlx::Erro
             .rows_affected(),
     })
 }
+
+/// Records that `consumer` handles each of `event_ids`; returns those it had not handled yet.
+pub async fn claim_batch_pg(
+    conn: &mut PgConnection,
+    consumer: &str,
+    event_ids: &[&str],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    if event_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut builder = sqlx::QueryBuilder::new("INSERT INTO tandem_inbox (consumer, event_id) ");
+    builder.push_values(event_ids, |mut row, id| {
+        row.push_bind(consumer).push_bind(*id);
+    });
+    builder.push(" ON CONFLICT DO NOTHING RETURNING event_id");
+    let fresh: std::collections::HashSet<String> = builder.build_query_scalar().fetch_all(conn).await?.into_iter().collect();
+    count_duplicates(consumer, event_ids.len() - fresh.len());
+    Ok(fresh)
+}
+
+/// Records that `consumer` handles each of `event_ids`; returns those it had not handled yet.
+pub async fn claim_batch_sqlite(
+    conn: &mut SqliteConnection,
+    consumer: &str,
+    event_ids: &[&str],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    if event_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut builder = sqlx::QueryBuilder::new("INSERT INTO tandem_inbox (consumer, event_id) ");
+    builder.push_values(event_ids, |mut row, id| {
+        row.push_bind(consumer).push_bind(*id);
+    });
+    builder.push(" ON CONFLICT DO NOTHING RETURNING event_id");
+    let fresh: std::collections::HashSet<String> = builder.build_query_scalar().fetch_all(conn).await?.into_iter().collect();
+    count_duplicates(consumer, event_ids.len() - fresh.len());
+    Ok(fresh)
+}
+
+fn count_duplicates(consumer: &str, duplicates: usize) {
+    if duplicates > 0 {
+        metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned()).increment(duplicates as u64);
+    }
+}

@@ -40,10 +40,23 @@ impl From<BusError> for HandlerError {
     }
 }
 
-/// Handles one event. Must be idempotent.
+/// Handles events. Must be idempotent.
 pub trait Handler: Send + Sync + 'static {
-    /// Applies the event's effect.
+    /// Applies one event's effect.
     fn handle(&self, event: &RawEvent) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Applies the effects of consecutive events of one lane, in order. The default handles
+    /// them one by one; a handler may override it to apply a batch in one transaction. On an
+    /// error the whole batch is retried, so effects already applied must be skipped (the inbox
+    /// does that).
+    fn handle_batch(&self, events: &[RawEvent]) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for event in events {
+                self.handle(event).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// How a consumer runs.
@@ -62,6 +75,8 @@ pub struct RunOptions {
     pub nak_delay: Duration,
     /// The longest redelivery delay requested.
     pub max_nak_delay: Duration,
+    /// The most deliveries of one lane handed to [`Handler::handle_batch`] at once.
+    pub max_batch: usize,
 }
 
 impl RunOptions {
@@ -74,6 +89,7 @@ impl RunOptions {
             retry_delay: Duration::from_millis(20),
             nak_delay: Duration::from_secs(1),
             max_nak_delay: Duration::from_secs(60),
+            max_batch: 64,
         }
     }
 }
@@ -130,14 +146,74 @@ pub async fn run<H: Handler>(mut consumer: Consumer, handler: H, options: RunOpt
 }
 
 async fn lane<H: Handler>(mut rx: mpsc::Receiver<Delivery>, handler: Arc<H>, options: Arc<RunOptions>, shutdown: CancellationToken) {
-    while let Some(delivery) = rx.recv().await {
+    let max_batch = options.max_batch.max(1);
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
         if shutdown.is_cancelled() {
-            // Leave it unacknowledged: the broker redelivers it to a live replica.
+            // Leave them unacknowledged: the broker redelivers them to a live replica.
+            batch.clear();
             continue;
         }
-        let span = tracing::info_span!("event.handle", consumer = %options.name, event.id = %delivery.event.id, event.type_name = %delivery.event.type_name, attempt = delivery.attempt);
-        crate::propagation::set_parent_from(&span, &delivery.event.headers);
-        handle_one(delivery, &*handler, &options, &shutdown).instrument(span).await;
+        let span = tracing::info_span!("event.handle_batch", consumer = %options.name, events = batch.len());
+        if let Some(first) = batch.first() {
+            crate::propagation::set_parent_from(&span, &first.event.headers);
+        }
+        handle_batch(std::mem::take(&mut batch), &*handler, &options, &shutdown).instrument(span).await;
+    }
+}
+
+async fn handle_batch<H: Handler>(batch: Vec<Delivery>, handler: &H, options: &RunOptions, shutdown: &CancellationToken) {
+    if batch.len() == 1 {
+        for delivery in batch {
+            handle_one(delivery, handler, options, shutdown).await;
+        }
+        return;
+    }
+    let events: Vec<RawEvent> = batch.iter().map(|d| d.event.clone()).collect();
+    let mut delay = options.retry_delay;
+    let mut attempt = 1;
+    loop {
+        match handler.handle_batch(&events).await {
+            Ok(()) => {
+                record_lag(&events, options);
+                let acks = batch.into_iter().map(Delivery::ack);
+                for result in futures::future::join_all(acks).await {
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "ack failed; the event will be redelivered and skipped by the inbox");
+                    }
+                }
+                metrics::counter!(EVENTS_HANDLED_TOTAL, "consumer" => options.name.clone(), "outcome" => "ok").increment(events.len() as u64);
+                return;
+            }
+            Err(HandlerError::Transient(reason)) if attempt < options.attempts_in_lane && !shutdown.is_cancelled() => {
+                tracing::debug!(%reason, attempt, "transient batch failure, retrying");
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2);
+                attempt += 1;
+            }
+            Err(_) => {
+                // Isolate the failing event: handle the rest one by one, in order.
+                for delivery in batch {
+                    handle_one(delivery, handler, options, shutdown).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn record_lag(events: &[RawEvent], options: &RunOptions) {
+    let now = chrono::Utc::now();
+    for event in events {
+        let lag = (now - event.occurred_at).to_std().unwrap_or_default();
+        metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone()).record(lag.as_secs_f64());
     }
 }
 
@@ -148,8 +224,7 @@ async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOp
         let result = handler.handle(&delivery.event).await;
         let outcome = match result {
             Ok(()) => {
-                let lag = (chrono::Utc::now() - delivery.event.occurred_at).to_std().unwrap_or_default();
-                metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone()).record(lag.as_secs_f64());
+                record_lag(std::slice::from_ref(&delivery.event), options);
                 if let Err(error) = delivery.ack().await {
                     tracing::warn!(%error, "ack failed; the event will be redelivered and skipped by the inbox");
                 }
