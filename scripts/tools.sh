@@ -20,6 +20,13 @@ PY_TOOLS=(
 
 mkdir -p "$TOOLS"
 
+# PostgreSQL server binaries (initdb, postgres) for the throwaway test clusters.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    echo "tools: installing PostgreSQL server binaries"
+    if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
     echo "tools: creating venv at $VENV"
     "$PYTHON" -m venv "$VENV"

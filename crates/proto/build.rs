@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(&files, [&root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // compile_fds ignores file_descriptor_set_path, so the set is written here for reflection.
-    std::fs::write(out_dir.join("tandem_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(
+        out_dir.join("tandem_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
 
     let mut config = prost_build::Config::new();
     // `prost::Name` lets code and tests ask a message for its fully qualified name.

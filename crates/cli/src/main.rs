@@ -16,7 +16,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Tandem: an AI customer-service bot and human agents working as one team")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: an AI customer-service bot and human agents working as one team"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

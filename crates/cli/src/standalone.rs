@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tandem_platform::auth::Authenticator;
 use tandem_platform::bus::memory::MemoryBus;
 use tandem_platform::config::{
-    AuthConfig, BusConfig, BusKind, ConfigError, DatabaseConfig, GrpcConfig, OutboxConfig, Secret, ServiceConfig, TelemetryConfig,
-    Validate, join,
+    AuthConfig, BusConfig, BusKind, ConfigError, DatabaseConfig, GrpcConfig, OutboxConfig, Secret,
+    ServiceConfig, TelemetryConfig, Validate, join,
 };
 use tandem_platform::grpc::GrpcServer;
 use tandem_platform::runtime::{Service, StartContext, prepare};
@@ -78,9 +78,15 @@ impl Validate for StandaloneConfig {
 pub const DEV_SECRET_FILE: &str = "dev-secret";
 
 /// Loads the standalone configuration with auth completed from the data directory.
-pub fn load_config(config: Option<&Path>, data_dir: &Path, env: &HashMap<String, String>) -> anyhow::Result<StandaloneConfig> {
+pub fn load_config(
+    config: Option<&Path>,
+    data_dir: &Path,
+    env: &HashMap<String, String>,
+) -> anyhow::Result<StandaloneConfig> {
     let mut cfg: StandaloneConfig = tandem_platform::config::load("standalone", config, env)?;
-    let has_keys = !cfg.auth.public_key_files.is_empty() || cfg.auth.jwks_file.is_some() || cfg.auth.allow_hs256;
+    let has_keys = !cfg.auth.public_key_files.is_empty()
+        || cfg.auth.jwks_file.is_some()
+        || cfg.auth.allow_hs256;
     if !has_keys {
         cfg.auth.allow_hs256 = true;
         cfg.auth.hs256_secret = dev_secret(data_dir)?;
@@ -95,7 +101,8 @@ pub fn load_config(config: Option<&Path>, data_dir: &Path, env: &HashMap<String,
 
 /// Reads the development secret, creating it on first use.
 fn dev_secret(data_dir: &Path) -> anyhow::Result<Secret> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let path = data_dir.join(DEV_SECRET_FILE);
     if let Ok(secret) = std::fs::read_to_string(&path) {
         let secret = secret.trim().to_owned();
@@ -118,18 +125,32 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(contents.as_bytes())
 }
 
-fn service_config<T: Clone>(cfg: &StandaloneConfig, data_dir: &Path, name: &str, settings: &T) -> ServiceConfig<T> {
+fn service_config<T: Clone>(
+    cfg: &StandaloneConfig,
+    data_dir: &Path,
+    name: &str,
+    settings: &T,
+) -> ServiceConfig<T> {
     ServiceConfig {
         grpc: cfg.grpc.clone(),
         telemetry: cfg.telemetry.clone(),
         auth: cfg.auth.clone(),
         database: DatabaseConfig {
-            url: Secret::new(format!("sqlite://{}", data_dir.join(format!("{name}.db")).display())),
+            url: Secret::new(format!(
+                "sqlite://{}",
+                data_dir.join(format!("{name}.db")).display()
+            )),
             max_connections: 8,
             ..DatabaseConfig::default()
         },
-        bus: BusConfig { kind: BusKind::Memory, ..BusConfig::default() },
-        outbox: OutboxConfig { poll_interval: std::time::Duration::from_millis(50), ..cfg.outbox.clone() },
+        bus: BusConfig {
+            kind: BusKind::Memory,
+            ..BusConfig::default()
+        },
+        outbox: OutboxConfig {
+            poll_interval: std::time::Duration::from_millis(50),
+            ..cfg.outbox.clone()
+        },
         service: settings.clone(),
     }
 }
@@ -142,8 +163,12 @@ struct Shared<'a> {
     shutdown: &'a CancellationToken,
 }
 
-async fn start<S: Service>(cfg: ServiceConfig<S::Settings>, shared: &mut Shared<'_>) -> anyhow::Result<()> {
-    let (db, bus, outbox) = prepare::<S>(&cfg, Some(shared.bus), shared.tracker, shared.shutdown).await?;
+async fn start<S: Service>(
+    cfg: ServiceConfig<S::Settings>,
+    shared: &mut Shared<'_>,
+) -> anyhow::Result<()> {
+    let (db, bus, outbox) =
+        prepare::<S>(&cfg, Some(shared.bus), shared.tracker, shared.shutdown).await?;
     S::start(
         StartContext {
             db,
@@ -169,7 +194,9 @@ pub async fn run(options: Options, env: HashMap<String, String>) -> anyhow::Resu
         cfg.grpc.listen_addr = listen;
     }
     let telemetry = tandem_platform::telemetry::init("standalone", &cfg.telemetry, &env)?;
-    let listener = TcpListener::bind(cfg.grpc.listen_addr).await.with_context(|| format!("cannot listen on {}", cfg.grpc.listen_addr))?;
+    let listener = TcpListener::bind(cfg.grpc.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.grpc.listen_addr))?;
     let shutdown = tandem_platform::shutdown::on_signal();
     let result = serve(cfg, &options.data_dir, listener, shutdown).await;
     telemetry.shutdown().await;
@@ -177,25 +204,67 @@ pub async fn run(options: Options, env: HashMap<String, String>) -> anyhow::Resu
 }
 
 /// Serves every service on `listener` until `shutdown` is cancelled.
-pub async fn serve(cfg: StandaloneConfig, data_dir: &Path, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+pub async fn serve(
+    cfg: StandaloneConfig,
+    data_dir: &Path,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let tracker = TaskTracker::new();
-    let memory_bus = MemoryBus::open(&data_dir.join("bus.db")).await.context("cannot open the in-process bus journal")?;
-    let auth = Arc::new(Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?);
+    let memory_bus = MemoryBus::open(&data_dir.join("bus.db"))
+        .await
+        .context("cannot open the in-process bus journal")?;
+    let auth = Arc::new(
+        Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?,
+    );
     let mut server = GrpcServer::new(&cfg.grpc);
     {
-        let mut shared = Shared { bus: &memory_bus, auth: &auth, server: &mut server, tracker: &tracker, shutdown: &shutdown };
-        start::<tandem_policy::Policy>(service_config(&cfg, data_dir, "policy", &cfg.policy), &mut shared).await?;
-        start::<tandem_knowledge::Knowledge>(service_config(&cfg, data_dir, "knowledge", &cfg.knowledge), &mut shared).await?;
-        start::<tandem_routing::Routing>(service_config(&cfg, data_dir, "routing", &cfg.routing), &mut shared).await?;
-        start::<tandem_dialog::Dialog>(service_config(&cfg, data_dir, "dialog", &cfg.dialog), &mut shared).await?;
-        start::<tandem_feedback::Feedback>(service_config(&cfg, data_dir, "feedback", &cfg.feedback), &mut shared).await?;
+        let mut shared = Shared {
+            bus: &memory_bus,
+            auth: &auth,
+            server: &mut server,
+            tracker: &tracker,
+            shutdown: &shutdown,
+        };
+        start::<tandem_policy::Policy>(
+            service_config(&cfg, data_dir, "policy", &cfg.policy),
+            &mut shared,
+        )
+        .await?;
+        start::<tandem_knowledge::Knowledge>(
+            service_config(&cfg, data_dir, "knowledge", &cfg.knowledge),
+            &mut shared,
+        )
+        .await?;
+        start::<tandem_routing::Routing>(
+            service_config(&cfg, data_dir, "routing", &cfg.routing),
+            &mut shared,
+        )
+        .await?;
+        start::<tandem_dialog::Dialog>(
+            service_config(&cfg, data_dir, "dialog", &cfg.dialog),
+            &mut shared,
+        )
+        .await?;
+        start::<tandem_feedback::Feedback>(
+            service_config(&cfg, data_dir, "feedback", &cfg.feedback),
+            &mut shared,
+        )
+        .await?;
     }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %data_dir.display(), services = server.service_names().len(), "tandem standalone serving");
-    println!("tandem standalone listening on {addr} (data in {})", data_dir.display());
+    println!(
+        "tandem standalone listening on {addr} (data in {})",
+        data_dir.display()
+    );
     println!("  services: {}", server.service_names().join(", "));
-    println!("  token:    tandem token --data-dir {} --tenant demo --role admin", data_dir.display());
+    println!(
+        "  token:    tandem token --data-dir {} --tenant demo --role admin",
+        data_dir.display()
+    );
     println!("  press Ctrl-C to stop");
     let served = server.serve(listener, shutdown.clone()).await;
     shutdown.cancel();

@@ -34,7 +34,11 @@ pub struct Options {
 /// Prints a token.
 pub fn run(options: Options, env: &HashMap<String, String>) -> anyhow::Result<()> {
     let tenant = TenantId::new(options.tenant)?;
-    let roles = options.roles.iter().map(|r| r.parse::<Role>()).collect::<Result<Vec<_>, _>>()?;
+    let roles = options
+        .roles
+        .iter()
+        .map(|r| r.parse::<Role>())
+        .collect::<Result<Vec<_>, _>>()?;
     let subject = options.subject.unwrap_or_else(|| roles[0].to_string());
     let cfg = crate::standalone::load_config(options.config.as_deref(), &options.data_dir, env)?;
     let issuer = TokenIssuer::from_config(&cfg.auth).context("cannot sign tokens")?;

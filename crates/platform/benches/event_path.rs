@@ -27,7 +27,10 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn micros(h: &Histogram<u64>, q: f64) -> f64 {
@@ -52,20 +55,36 @@ fn sample_event(i: u64) -> MessagePosted {
 // ------------------------------------------------------------------------------------------
 // Baseline: raw async-nats JetStream publish with ack, durable pull consumer with ack.
 
-async fn raw_setup(client: &async_nats::Client, name: &str) -> (jetstream::Context, consumer::PullConsumer) {
+async fn raw_setup(
+    client: &async_nats::Client,
+    name: &str,
+) -> (jetstream::Context, consumer::PullConsumer) {
     let js = jetstream::new(client.clone());
     let stream = js
-        .create_stream(stream::Config { name: name.into(), subjects: vec![format!("{name}.>")], ..Default::default() })
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{name}.>")],
+            ..Default::default()
+        })
         .await
         .unwrap();
     let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config { durable_name: Some(format!("{name}-c")), max_ack_pending: 10_000, ..Default::default() })
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("{name}-c")),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
         .await
         .unwrap();
     (js, consumer)
 }
 
-async fn raw_latency(client: &async_nats::Client, name: &str, rate: u64, seconds: u64) -> Histogram<u64> {
+async fn raw_latency(
+    client: &async_nats::Client,
+    name: &str,
+    rate: u64,
+    seconds: u64,
+) -> Histogram<u64> {
     let (js, consumer) = raw_setup(client, name).await;
     let total = rate * seconds;
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
@@ -79,7 +98,10 @@ async fn raw_latency(client: &async_nats::Client, name: &str, rate: u64, seconds
             let sent = u64::from_le_bytes(message.payload[..8].try_into().unwrap());
             message.double_ack().await.unwrap();
             let now = base.elapsed().as_micros() as u64;
-            h.lock().await.record(now.saturating_sub(sent).max(1)).unwrap();
+            h.lock()
+                .await
+                .record(now.saturating_sub(sent).max(1))
+                .unwrap();
             n += 1;
         }
     });
@@ -91,7 +113,11 @@ async fn raw_latency(client: &async_nats::Client, name: &str, rate: u64, seconds
         payload.extend_from_slice(&body);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("{name}-{i}").as_str());
-        js.publish_with_headers(format!("{name}.x.{}", i % 500), headers, payload.into()).await.unwrap().await.unwrap();
+        js.publish_with_headers(format!("{name}.x.{}", i % 500), headers, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     reader.await.unwrap();
     Arc::try_unwrap(hist).unwrap().into_inner()
@@ -112,7 +138,11 @@ async fn raw_throughput(client: &async_nats::Client, total: u64) -> f64 {
     for i in 0..total {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("rawt-{i}").as_str());
-        window.push(js.publish_with_headers(format!("RAWTPT.x.{}", i % 500), headers, body.clone()).await.unwrap());
+        window.push(
+            js.publish_with_headers(format!("RAWTPT.x.{}", i % 500), headers, body.clone())
+                .await
+                .unwrap(),
+        );
         if window.len() == 512 {
             for ack in window.drain(..) {
                 ack.await.unwrap();
@@ -151,19 +181,27 @@ impl Handler for Recorder {
     }
 
     async fn handle_batch(&self, events: &[RawEvent]) -> Result<(), HandlerError> {
-        let Db::Postgres(pool) = &self.db else { unreachable!("bench runs on PostgreSQL") };
+        let Db::Postgres(pool) = &self.db else {
+            unreachable!("bench runs on PostgreSQL")
+        };
         let transient = |e: sqlx::Error| HandlerError::Transient(e.to_string());
         let mut tx = pool.begin().await.map_err(transient)?;
         let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-        let fresh = inbox::claim_batch_pg(&mut tx, "bench", &ids).await.map_err(transient)?;
+        let fresh = inbox::claim_batch_pg(&mut tx, "bench", &ids)
+            .await
+            .map_err(transient)?;
         tx.commit().await.map_err(transient)?;
         let now = chrono::Utc::now();
         let mut hist = self.hist.lock().unwrap();
         for event in events.iter().filter(|e| fresh.contains(&e.id)) {
-            let lag = (now - event.occurred_at).num_microseconds().unwrap_or(0).max(1) as u64;
+            let lag = (now - event.occurred_at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(1) as u64;
             hist.record(lag).unwrap();
         }
-        self.handled.fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.handled
+            .fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -177,16 +215,29 @@ struct TandemPath {
 }
 
 async fn tandem_path(nats_url: &str, db_url: String, durable: &str) -> TandemPath {
-    let bus_cfg = BusConfig { nats_url: nats_url.to_owned(), ..BusConfig::default() };
+    let bus_cfg = BusConfig {
+        nats_url: nats_url.to_owned(),
+        ..BusConfig::default()
+    };
     let bus = Bus::connect(&bus_cfg, None).await.unwrap();
     bus.ensure_streams().await.unwrap();
-    let db = Db::connect(&DatabaseConfig { url: Secret::new(db_url), max_connections: 16, ..DatabaseConfig::default() }).await.unwrap();
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(db_url),
+        max_connections: 16,
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
     db.migrate(None).await.unwrap();
     let stop = CancellationToken::new();
     let relay = OutboxRelay::new(
         db.clone(),
         bus.clone(),
-        OutboxConfig { batch_size: 1000, poll_interval: Duration::from_millis(100), ..OutboxConfig::default() },
+        OutboxConfig {
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(100),
+            ..OutboxConfig::default()
+        },
     );
     let waker = relay.waker();
     tokio::spawn(relay.run(stop.clone()));
@@ -194,13 +245,34 @@ async fn tandem_path(nats_url: &str, db_url: String, durable: &str) -> TandemPat
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let spec = ConsumerSpec::new(durable, &DIALOG, &bus_cfg).event::<MessagePosted>();
     let consumer = bus.consumer(&spec).await.unwrap();
-    let recorder = Recorder { db: db.clone(), hist: Arc::clone(&hist), handled: Arc::clone(&handled) };
-    tokio::spawn(runner::run(consumer, recorder, RunOptions { lanes: 4, max_batch: 256, ..RunOptions::new(durable) }, stop.clone()));
-    TandemPath { db, waker, hist, handled, stop }
+    let recorder = Recorder {
+        db: db.clone(),
+        hist: Arc::clone(&hist),
+        handled: Arc::clone(&handled),
+    };
+    tokio::spawn(runner::run(
+        consumer,
+        recorder,
+        RunOptions {
+            lanes: 4,
+            max_batch: 256,
+            ..RunOptions::new(durable)
+        },
+        stop.clone(),
+    ));
+    TandemPath {
+        db,
+        waker,
+        hist,
+        handled,
+        stop,
+    }
 }
 
 async fn enqueue(db: &Db, events: &[RawEvent]) {
-    let Db::Postgres(pool) = db else { unreachable!() };
+    let Db::Postgres(pool) = db else {
+        unreachable!()
+    };
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue_pg(&mut tx, events).await.unwrap();
     tx.commit().await.unwrap();
@@ -242,7 +314,11 @@ async fn tandem_throughput(nats_url: &str, db_url: String, total: u64) -> f64 {
             let mut i = w;
             let mut batch = Vec::with_capacity(50);
             while i < total {
-                batch.push(RawEvent::new(&tenant, &sample_event(i), Some(format!("conv-{}", i % 500))));
+                batch.push(RawEvent::new(
+                    &tenant,
+                    &sample_event(i),
+                    Some(format!("conv-{}", i % 500)),
+                ));
                 if batch.len() == 50 {
                     enqueue(&path.db, &batch).await;
                     path.waker.wake();
@@ -266,7 +342,11 @@ async fn tandem_throughput(nats_url: &str, db_url: String, total: u64) -> f64 {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let seconds = env_or("BENCH_SECONDS", 5);
         let total = env_or("BENCH_EVENTS", 100_000);

@@ -40,7 +40,13 @@ pub enum Role {
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 5] = [Role::Channel, Role::Agent, Role::Supervisor, Role::Admin, Role::Service];
+    pub const ALL: [Role; 5] = [
+        Role::Channel,
+        Role::Agent,
+        Role::Supervisor,
+        Role::Admin,
+        Role::Service,
+    ];
 
     /// Returns the role's claim value.
     pub fn as_str(self) -> &'static str {
@@ -115,7 +121,9 @@ impl Caller {
         if roles.iter().any(|role| self.has(*role)) {
             Ok(())
         } else {
-            Err(AuthError::MissingRole { needed: roles.to_vec() })
+            Err(AuthError::MissingRole {
+                needed: roles.to_vec(),
+            })
         }
     }
 }
@@ -156,7 +164,9 @@ pub enum AuthError {
         reason: String,
     },
     /// No key is configured to sign development tokens.
-    #[error("no signing key: set auth.signing_key_file, or auth.allow_hs256 with auth.hs256_secret")]
+    #[error(
+        "no signing key: set auth.signing_key_file, or auth.allow_hs256 with auth.hs256_secret"
+    )]
     NoSigningKey,
 }
 
@@ -167,7 +177,9 @@ impl ServiceError for AuthError {
             | AuthError::MalformedHeader
             | AuthError::InvalidToken(_)
             | AuthError::InvalidTenant(_) => ErrorCode::Unauthenticated,
-            AuthError::TenantMismatch | AuthError::MissingRole { .. } => ErrorCode::PermissionDenied,
+            AuthError::TenantMismatch | AuthError::MissingRole { .. } => {
+                ErrorCode::PermissionDenied
+            }
             AuthError::InvalidRole(_) => ErrorCode::InvalidArgument,
             AuthError::KeyMaterial { .. } | AuthError::NoSigningKey => ErrorCode::Internal,
         }
@@ -209,12 +221,18 @@ pub struct Authenticator {
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Authenticator").field("keys", &self.keys.len()).field("issuer", &self.issuer).finish()
+        f.debug_struct("Authenticator")
+            .field("keys", &self.keys.len())
+            .field("issuer", &self.issuer)
+            .finish()
     }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AuthError> {
-    std::fs::read(path).map_err(|e| AuthError::KeyMaterial { path: path.display().to_string(), reason: e.to_string() })
+    std::fs::read(path).map_err(|e| AuthError::KeyMaterial {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn decoding_key_from_pem(path: &Path, pem: &[u8]) -> Result<(KeyFamily, DecodingKey), AuthError> {
@@ -227,7 +245,10 @@ fn decoding_key_from_pem(path: &Path, pem: &[u8]) -> Result<(KeyFamily, Decoding
     if let Ok(key) = DecodingKey::from_ed_pem(pem) {
         return Ok((KeyFamily::Ed, key));
     }
-    Err(AuthError::KeyMaterial { path: path.display().to_string(), reason: "not an RSA, EC or Ed25519 public key in PEM".into() })
+    Err(AuthError::KeyMaterial {
+        path: path.display().to_string(),
+        reason: "not an RSA, EC or Ed25519 public key in PEM".into(),
+    })
 }
 
 fn encoding_key_from_pem(path: &Path, pem: &[u8]) -> Result<(Algorithm, EncodingKey), AuthError> {
@@ -240,7 +261,10 @@ fn encoding_key_from_pem(path: &Path, pem: &[u8]) -> Result<(Algorithm, Encoding
     if let Ok(key) = EncodingKey::from_ed_pem(pem) {
         return Ok((Algorithm::EdDSA, key));
     }
-    Err(AuthError::KeyMaterial { path: path.display().to_string(), reason: "not an RSA, EC P-256 or Ed25519 private key in PEM".into() })
+    Err(AuthError::KeyMaterial {
+        path: path.display().to_string(),
+        reason: "not an RSA, EC P-256 or Ed25519 private key in PEM".into(),
+    })
 }
 
 impl Authenticator {
@@ -249,14 +273,23 @@ impl Authenticator {
         let mut keys = Vec::new();
         for path in &cfg.public_key_files {
             let (family, key) = decoding_key_from_pem(path, &read(path)?)?;
-            keys.push(VerifyingKey { kid: None, family, key });
+            keys.push(VerifyingKey {
+                kid: None,
+                family,
+                key,
+            });
         }
         if let Some(path) = &cfg.jwks_file {
-            let set: JwkSet = serde_json::from_slice(&read(path)?)
-                .map_err(|e| AuthError::KeyMaterial { path: path.display().to_string(), reason: e.to_string() })?;
+            let set: JwkSet =
+                serde_json::from_slice(&read(path)?).map_err(|e| AuthError::KeyMaterial {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
             for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| AuthError::KeyMaterial { path: path.display().to_string(), reason: e.to_string() })?;
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::KeyMaterial {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
                 let family = match &jwk.algorithm {
                     jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => KeyFamily::Ec,
                     jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => KeyFamily::Ed,
@@ -267,7 +300,11 @@ impl Authenticator {
                 if family == KeyFamily::Hmac {
                     continue; // symmetric keys in a JWKS would let anyone holding it mint tokens
                 }
-                keys.push(VerifyingKey { kid: jwk.common.key_id.clone(), family, key });
+                keys.push(VerifyingKey {
+                    kid: jwk.common.key_id.clone(),
+                    family,
+                    key,
+                });
             }
         }
         if cfg.allow_hs256 && !cfg.hs256_secret.is_empty() {
@@ -277,15 +314,24 @@ impl Authenticator {
                 key: DecodingKey::from_secret(cfg.hs256_secret.expose().as_bytes()),
             });
         }
-        Ok(Self { keys, issuer: cfg.issuer.clone(), audience: cfg.audience.clone(), leeway: cfg.leeway_secs })
+        Ok(Self {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway: cfg.leeway_secs,
+        })
     }
 
     /// Verifies a token and returns its caller.
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         let family = KeyFamily::of(header.alg);
         if family == KeyFamily::Hmac && header.alg != Algorithm::HS256 {
-            return Err(AuthError::InvalidToken(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(AuthError::InvalidToken(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
@@ -300,14 +346,12 @@ impl Authenticator {
         } else {
             validation.set_audience(&[&self.audience]);
         }
-        let candidates = self
-            .keys
-            .iter()
-            .filter(|k| k.family == family)
-            .filter(|k| match (&header.kid, &k.kid) {
+        let candidates = self.keys.iter().filter(|k| k.family == family).filter(|k| {
+            match (&header.kid, &k.kid) {
                 (Some(want), Some(have)) => want == have,
                 _ => true,
-            });
+            }
+        });
         let mut last_error = None;
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
@@ -315,7 +359,9 @@ impl Authenticator {
                 Err(e) => last_error = Some(e.to_string()),
             }
         }
-        Err(AuthError::InvalidToken(last_error.unwrap_or_else(|| format!("no key accepts algorithm {:?}", header.alg))))
+        Err(AuthError::InvalidToken(last_error.unwrap_or_else(|| {
+            format!("no key accepts algorithm {:?}", header.alg)
+        })))
     }
 }
 
@@ -328,8 +374,16 @@ fn caller_from(claims: Claims) -> Result<Caller, AuthError> {
         return Err(AuthError::InvalidToken("no roles".into()));
     }
     let mut seen = HashSet::new();
-    let roles = claims.roles.into_iter().filter(|r| seen.insert(*r)).collect();
-    Ok(Caller { tenant, subject: claims.sub, roles })
+    let roles = claims
+        .roles
+        .into_iter()
+        .filter(|r| seen.insert(*r))
+        .collect();
+    Ok(Caller {
+        tenant,
+        subject: claims.sub,
+        roles,
+    })
 }
 
 /// Signs development tokens, for `tandem token` and tests.
@@ -346,16 +400,33 @@ impl TokenIssuer {
         let (algorithm, key) = if let Some(path) = &cfg.signing_key_file {
             encoding_key_from_pem(path, &read(path)?)?
         } else if cfg.allow_hs256 && !cfg.hs256_secret.is_empty() {
-            (Algorithm::HS256, EncodingKey::from_secret(cfg.hs256_secret.expose().as_bytes()))
+            (
+                Algorithm::HS256,
+                EncodingKey::from_secret(cfg.hs256_secret.expose().as_bytes()),
+            )
         } else {
             return Err(AuthError::NoSigningKey);
         };
-        Ok(Self { algorithm, key, issuer: cfg.issuer.clone(), audience: cfg.audience.clone() })
+        Ok(Self {
+            algorithm,
+            key,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+        })
     }
 
     /// Issues a token for `subject` of `tenant` with `roles`, valid for `ttl`.
-    pub fn issue(&self, tenant: &TenantId, subject: &str, roles: &[Role], ttl: Duration) -> Result<String, AuthError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    pub fn issue(
+        &self,
+        tenant: &TenantId,
+        subject: &str,
+        roles: &[Role],
+        ttl: Duration,
+    ) -> Result<String, AuthError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let claims = Claims {
             sub: subject.to_owned(),
             tenant: tenant.to_string(),
@@ -365,7 +436,8 @@ impl TokenIssuer {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
-        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key).map_err(|e| AuthError::InvalidToken(e.to_string()))
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
+            .map_err(|e| AuthError::InvalidToken(e.to_string()))
     }
 }
 
@@ -382,7 +454,9 @@ impl AuthInterceptor {
     }
 
     fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, AuthError> {
-        let value = metadata.get("authorization").ok_or(AuthError::MissingToken)?;
+        let value = metadata
+            .get("authorization")
+            .ok_or(AuthError::MissingToken)?;
         let value = value.to_str().map_err(|_| AuthError::MalformedHeader)?;
         let token = value
             .strip_prefix("Bearer ")
@@ -401,7 +475,10 @@ impl AuthInterceptor {
 }
 
 impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         match self.authenticate(request.metadata()) {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
@@ -431,16 +508,24 @@ mod tests {
     use crate::config::Secret;
 
     fn dev_config() -> AuthConfig {
-        AuthConfig { allow_hs256: true, hs256_secret: Secret::new("s".repeat(32)), ..AuthConfig::default() }
+        AuthConfig {
+            allow_hs256: true,
+            hs256_secret: Secret::new("s".repeat(32)),
+            ..AuthConfig::default()
+        }
     }
 
     fn request_with(token: Option<&str>, tenant_header: Option<&str>) -> tonic::Request<()> {
         let mut request = tonic::Request::new(());
         if let Some(token) = token {
-            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         if let Some(tenant) = tenant_header {
-            request.metadata_mut().insert(TENANT_HEADER, tenant.parse().unwrap());
+            request
+                .metadata_mut()
+                .insert(TENANT_HEADER, tenant.parse().unwrap());
         }
         request
     }
@@ -450,10 +535,18 @@ mod tests {
         let cfg = dev_config();
         let token = TokenIssuer::from_config(&cfg)
             .unwrap()
-            .issue(&TenantId::new("acme").unwrap(), "agent-7", &[Role::Agent], Duration::from_secs(60))
+            .issue(
+                &TenantId::new("acme").unwrap(),
+                "agent-7",
+                &[Role::Agent],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        let mut interceptor = AuthInterceptor::new(Arc::new(Authenticator::from_config(&cfg).unwrap()));
-        let request = interceptor.call(request_with(Some(&token), Some("acme"))).unwrap();
+        let mut interceptor =
+            AuthInterceptor::new(Arc::new(Authenticator::from_config(&cfg).unwrap()));
+        let request = interceptor
+            .call(request_with(Some(&token), Some("acme")))
+            .unwrap();
         let caller = caller(&request).unwrap();
         assert_eq!(caller.tenant.as_str(), "acme");
         assert_eq!(caller.subject, "agent-7");
@@ -464,28 +557,57 @@ mod tests {
     #[test]
     fn refuses_missing_malformed_foreign_and_mismatched_tokens() {
         let cfg = dev_config();
-        let mut interceptor = AuthInterceptor::new(Arc::new(Authenticator::from_config(&cfg).unwrap()));
+        let mut interceptor =
+            AuthInterceptor::new(Arc::new(Authenticator::from_config(&cfg).unwrap()));
         let code = |r: Result<tonic::Request<()>, tonic::Status>| r.unwrap_err().code();
-        assert_eq!(code(interceptor.call(request_with(None, None))), tonic::Code::Unauthenticated);
-        assert_eq!(code(interceptor.call(request_with(Some("not-a-jwt"), None))), tonic::Code::Unauthenticated);
+        assert_eq!(
+            code(interceptor.call(request_with(None, None))),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(interceptor.call(request_with(Some("not-a-jwt"), None))),
+            tonic::Code::Unauthenticated
+        );
 
-        let other = AuthConfig { hs256_secret: Secret::new("o".repeat(32)), ..dev_config() };
+        let other = AuthConfig {
+            hs256_secret: Secret::new("o".repeat(32)),
+            ..dev_config()
+        };
         let foreign = TokenIssuer::from_config(&other)
             .unwrap()
-            .issue(&TenantId::new("acme").unwrap(), "x", &[Role::Admin], Duration::from_secs(60))
+            .issue(
+                &TenantId::new("acme").unwrap(),
+                "x",
+                &[Role::Admin],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        assert_eq!(code(interceptor.call(request_with(Some(&foreign), None))), tonic::Code::Unauthenticated);
+        assert_eq!(
+            code(interceptor.call(request_with(Some(&foreign), None))),
+            tonic::Code::Unauthenticated
+        );
 
         let token = TokenIssuer::from_config(&cfg)
             .unwrap()
-            .issue(&TenantId::new("acme").unwrap(), "x", &[Role::Admin], Duration::from_secs(60))
+            .issue(
+                &TenantId::new("acme").unwrap(),
+                "x",
+                &[Role::Admin],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        assert_eq!(code(interceptor.call(request_with(Some(&token), Some("globex")))), tonic::Code::PermissionDenied);
+        assert_eq!(
+            code(interceptor.call(request_with(Some(&token), Some("globex")))),
+            tonic::Code::PermissionDenied
+        );
     }
 
     #[test]
     fn refuses_expired_tokens() {
-        let cfg = AuthConfig { leeway_secs: 0, ..dev_config() };
+        let cfg = AuthConfig {
+            leeway_secs: 0,
+            ..dev_config()
+        };
         let key = EncodingKey::from_secret(cfg.hs256_secret.expose().as_bytes());
         let claims = Claims {
             sub: "x".into(),
@@ -497,7 +619,10 @@ mod tests {
             aud: "tandem".into(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
-        let err = Authenticator::from_config(&cfg).unwrap().verify(&token).unwrap_err();
+        let err = Authenticator::from_config(&cfg)
+            .unwrap()
+            .verify(&token)
+            .unwrap_err();
         assert!(err.to_string().contains("Expired"), "{err}");
     }
 
@@ -506,9 +631,22 @@ mod tests {
         let dev = dev_config();
         let token = TokenIssuer::from_config(&dev)
             .unwrap()
-            .issue(&TenantId::new("acme").unwrap(), "x", &[Role::Agent], Duration::from_secs(60))
+            .issue(
+                &TenantId::new("acme").unwrap(),
+                "x",
+                &[Role::Agent],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        let strict = AuthConfig { allow_hs256: false, ..dev };
-        assert!(Authenticator::from_config(&strict).unwrap().verify(&token).is_err());
+        let strict = AuthConfig {
+            allow_hs256: false,
+            ..dev
+        };
+        assert!(
+            Authenticator::from_config(&strict)
+                .unwrap()
+                .verify(&token)
+                .is_err()
+        );
     }
 }

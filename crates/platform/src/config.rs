@@ -29,7 +29,10 @@ pub struct ConfigError {
 impl ConfigError {
     /// Creates an error at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -59,7 +62,11 @@ pub trait Validate {
 
 /// Joins a dotted path.
 pub fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") }
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
 }
 
 /// Returns the environment variable prefix of a service, e.g. `TANDEM_ROUTING`.
@@ -68,7 +75,11 @@ pub fn env_prefix(service: &str) -> String {
 }
 
 /// Loads `T` from its defaults, an optional TOML file and the environment map.
-pub fn load<T>(service: &str, file: Option<&Path>, env: &HashMap<String, String>) -> Result<T, ConfigErrors>
+pub fn load<T>(
+    service: &str,
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+) -> Result<T, ConfigErrors>
 where
     T: Serialize + DeserializeOwned + Default + Validate,
 {
@@ -78,13 +89,19 @@ where
     let mut builder = Config::builder().add_source(defaults.clone());
     if let Some(path) = file {
         if !path.is_file() {
-            return Err(one("<file>", format!("{} does not exist or is not a file", path.display())));
+            return Err(one(
+                "<file>",
+                format!("{} does not exist or is not a file", path.display()),
+            ));
         }
         builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
     }
     let prefix = env_prefix(service);
-    let env: HashMap<String, String> =
-        env.iter().filter(|(k, _)| k.starts_with(&format!("{prefix}__"))).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let env: HashMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{prefix}__")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     builder = builder.add_source(
         Environment::with_prefix(&prefix)
             .prefix_separator("__")
@@ -95,13 +112,19 @@ where
             .with_list_parse_key("bus.redelivery_backoff")
             .source(Some(env)),
     );
-    let merged = builder.build().map_err(|e| one("<source>", e.to_string()))?;
+    let merged = builder
+        .build()
+        .map_err(|e| one("<source>", e.to_string()))?;
 
     match merged.clone().try_deserialize::<T>() {
         Ok(value) => {
             let mut errors = Vec::new();
             value.validate("", &mut errors);
-            if errors.is_empty() { Ok(value) } else { Err(ConfigErrors(errors)) }
+            if errors.is_empty() {
+                Ok(value)
+            } else {
+                Err(ConfigErrors(errors))
+            }
         }
         Err(first) => Err(ConfigErrors(section_errors::<T>(&defaults, &merged, first))),
     }
@@ -110,9 +133,17 @@ where
 /// Deserialises each top-level section over the defaults on its own, so that every broken
 /// section is reported rather than only the first; then validates the sections that did parse,
 /// so that a broken section does not hide the semantic problems of the others either.
-fn section_errors<T: DeserializeOwned + Validate>(defaults: &Config, merged: &Config, first: config::ConfigError) -> Vec<ConfigError> {
-    let known: HashMap<String, config::Value> = defaults.clone().try_deserialize().unwrap_or_default();
-    let Ok(sections) = merged.clone().try_deserialize::<HashMap<String, config::Value>>() else {
+fn section_errors<T: DeserializeOwned + Validate>(
+    defaults: &Config,
+    merged: &Config,
+    first: config::ConfigError,
+) -> Vec<ConfigError> {
+    let known: HashMap<String, config::Value> =
+        defaults.clone().try_deserialize().unwrap_or_default();
+    let Ok(sections) = merged
+        .clone()
+        .try_deserialize::<HashMap<String, config::Value>>()
+    else {
         return vec![ConfigError::new("<root>", first.to_string())];
     };
     let mut errors = Vec::new();
@@ -131,7 +162,10 @@ fn section_errors<T: DeserializeOwned + Validate>(defaults: &Config, merged: &Co
             .and_then(|c| c.try_deserialize::<T>());
         match single {
             Ok(_) => parsed.push(name),
-            Err(e) => errors.push(ConfigError::new(name.clone(), strip_config_noise(&e.to_string()))),
+            Err(e) => errors.push(ConfigError::new(
+                name.clone(),
+                strip_config_noise(&e.to_string()),
+            )),
         }
     }
     if errors.is_empty() {
@@ -140,14 +174,20 @@ fn section_errors<T: DeserializeOwned + Validate>(defaults: &Config, merged: &Co
     let broken: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
     let valid_parts = parsed
         .iter()
-        .try_fold(Config::builder().add_source(defaults.clone()), |b, name| b.set_override(name.as_str(), sections[*name].clone()))
+        .try_fold(Config::builder().add_source(defaults.clone()), |b, name| {
+            b.set_override(name.as_str(), sections[*name].clone())
+        })
         .and_then(|b| b.build())
         .and_then(|c| c.try_deserialize::<T>());
     if let Ok(value) = valid_parts {
         let mut semantic = Vec::new();
         value.validate("", &mut semantic);
         // A broken section was validated as its defaults; problems of those are not the user's.
-        errors.extend(semantic.into_iter().filter(|e| !broken.iter().any(|b| section_of(&e.path) == b)));
+        errors.extend(
+            semantic
+                .into_iter()
+                .filter(|e| !broken.iter().any(|b| section_of(&e.path) == b)),
+        );
     }
     errors
 }
@@ -185,7 +225,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "Secret(<empty>)" } else { "Secret(<redacted>)" })
+        f.write_str(if self.0.is_empty() {
+            "Secret(<empty>)"
+        } else {
+            "Secret(<redacted>)"
+        })
     }
 }
 
@@ -244,22 +288,40 @@ impl Default for GrpcConfig {
 impl Validate for GrpcConfig {
     fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
         if !(1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
-            errors.push(ConfigError::new(join(path, "max_message_bytes"), "must be between 1 KiB and 64 MiB"));
+            errors.push(ConfigError::new(
+                join(path, "max_message_bytes"),
+                "must be between 1 KiB and 64 MiB",
+            ));
         }
         if self.request_timeout.is_zero() {
-            errors.push(ConfigError::new(join(path, "request_timeout"), "must be positive"));
+            errors.push(ConfigError::new(
+                join(path, "request_timeout"),
+                "must be positive",
+            ));
         }
         if self.concurrency_limit_per_connection == 0 {
-            errors.push(ConfigError::new(join(path, "concurrency_limit_per_connection"), "must be positive"));
+            errors.push(ConfigError::new(
+                join(path, "concurrency_limit_per_connection"),
+                "must be positive",
+            ));
         }
         if self.global_concurrency_limit == 0 {
-            errors.push(ConfigError::new(join(path, "global_concurrency_limit"), "must be positive"));
+            errors.push(ConfigError::new(
+                join(path, "global_concurrency_limit"),
+                "must be positive",
+            ));
         }
         if self.max_concurrent_streams == 0 {
-            errors.push(ConfigError::new(join(path, "max_concurrent_streams"), "must be positive"));
+            errors.push(ConfigError::new(
+                join(path, "max_concurrent_streams"),
+                "must be positive",
+            ));
         }
         if self.drain_timeout.is_zero() {
-            errors.push(ConfigError::new(join(path, "drain_timeout"), "must be positive"));
+            errors.push(ConfigError::new(
+                join(path, "drain_timeout"),
+                "must be positive",
+            ));
         }
     }
 }
@@ -305,17 +367,32 @@ impl Default for TelemetryConfig {
 impl Validate for TelemetryConfig {
     fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
-            errors.push(ConfigError::new(join(path, "log_filter"), format!("not a valid filter: {e}")));
+            errors.push(ConfigError::new(
+                join(path, "log_filter"),
+                format!("not a valid filter: {e}"),
+            ));
         }
         let endpoint = &self.otlp_endpoint;
-        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            errors.push(ConfigError::new(join(path, "otlp_endpoint"), "must be an http:// or https:// URL"));
+        if !(endpoint.is_empty()
+            || endpoint.starts_with("http://")
+            || endpoint.starts_with("https://"))
+        {
+            errors.push(ConfigError::new(
+                join(path, "otlp_endpoint"),
+                "must be an http:// or https:// URL",
+            ));
         }
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
-            errors.push(ConfigError::new(join(path, "trace_sample_ratio"), "must be between 0.0 and 1.0"));
+            errors.push(ConfigError::new(
+                join(path, "trace_sample_ratio"),
+                "must be between 0.0 and 1.0",
+            ));
         }
         if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<SocketAddr>().is_err() {
-            errors.push(ConfigError::new(join(path, "metrics_addr"), "must be a socket address such as 0.0.0.0:9090"));
+            errors.push(ConfigError::new(
+                join(path, "metrics_addr"),
+                "must be a socket address such as 0.0.0.0:9090",
+            ));
         }
     }
 }
@@ -361,26 +438,41 @@ impl Validate for AuthConfig {
     fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
         let has_asymmetric = !self.public_key_files.is_empty() || self.jwks_file.is_some();
         if self.allow_hs256 && self.hs256_secret.expose().len() < 32 {
-            errors.push(ConfigError::new(join(path, "hs256_secret"), "must be at least 32 bytes when allow_hs256 is true"));
+            errors.push(ConfigError::new(
+                join(path, "hs256_secret"),
+                "must be at least 32 bytes when allow_hs256 is true",
+            ));
         }
         if !self.allow_hs256 && !self.hs256_secret.is_empty() {
-            errors.push(ConfigError::new(join(path, "hs256_secret"), "is set but allow_hs256 is false"));
+            errors.push(ConfigError::new(
+                join(path, "hs256_secret"),
+                "is set but allow_hs256 is false",
+            ));
         }
         if !self.allow_hs256 && !has_asymmetric {
             errors.push(ConfigError::new(path.to_owned(), "no verification key: set public_key_files or jwks_file (or allow_hs256 with hs256_secret for development)"));
         }
         for (i, file) in self.public_key_files.iter().enumerate() {
             if !file.is_file() {
-                errors.push(ConfigError::new(format!("{}[{i}]", join(path, "public_key_files")), format!("{} does not exist", file.display())));
+                errors.push(ConfigError::new(
+                    format!("{}[{i}]", join(path, "public_key_files")),
+                    format!("{} does not exist", file.display()),
+                ));
             }
         }
         if let Some(file) = &self.jwks_file
             && !file.is_file()
         {
-            errors.push(ConfigError::new(join(path, "jwks_file"), format!("{} does not exist", file.display())));
+            errors.push(ConfigError::new(
+                join(path, "jwks_file"),
+                format!("{} does not exist", file.display()),
+            ));
         }
         if self.leeway_secs > 300 {
-            errors.push(ConfigError::new(join(path, "leeway_secs"), "must be at most 300"));
+            errors.push(ConfigError::new(
+                join(path, "leeway_secs"),
+                "must be at most 300",
+            ));
         }
     }
 }
@@ -402,7 +494,12 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: Secret::default(), schema: String::new(), max_connections: 16, acquire_timeout: Duration::from_secs(5) }
+        Self {
+            url: Secret::default(),
+            schema: String::new(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -411,14 +508,31 @@ impl Validate for DatabaseConfig {
         let url = self.url.expose();
         if url.is_empty() {
             errors.push(ConfigError::new(join(path, "url"), "is required"));
-        } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
-            errors.push(ConfigError::new(join(path, "url"), "must start with postgres:// or sqlite:"));
+        } else if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            errors.push(ConfigError::new(
+                join(path, "url"),
+                "must start with postgres:// or sqlite:",
+            ));
         }
-        if !self.schema.is_empty() && !self.schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-            errors.push(ConfigError::new(join(path, "schema"), "may contain only lowercase letters, digits and '_'"));
+        if !self.schema.is_empty()
+            && !self
+                .schema
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            errors.push(ConfigError::new(
+                join(path, "schema"),
+                "may contain only lowercase letters, digits and '_'",
+            ));
         }
         if self.max_connections == 0 || self.max_connections > 1000 {
-            errors.push(ConfigError::new(join(path, "max_connections"), "must be between 1 and 1000"));
+            errors.push(ConfigError::new(
+                join(path, "max_connections"),
+                "must be between 1 and 1000",
+            ));
         }
     }
 }
@@ -481,26 +595,56 @@ impl Default for BusConfig {
 
 impl Validate for BusConfig {
     fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
-        if self.kind == BusKind::Nats && !self.nats_url.split(',').all(|u| u.trim().starts_with("nats://") || u.trim().starts_with("tls://")) {
-            errors.push(ConfigError::new(join(path, "nats_url"), "must be nats:// or tls:// URLs"));
+        if self.kind == BusKind::Nats
+            && !self
+                .nats_url
+                .split(',')
+                .all(|u| u.trim().starts_with("nats://") || u.trim().starts_with("tls://"))
+        {
+            errors.push(ConfigError::new(
+                join(path, "nats_url"),
+                "must be nats:// or tls:// URLs",
+            ));
         }
         if !(1..=5).contains(&self.stream_replicas) {
-            errors.push(ConfigError::new(join(path, "stream_replicas"), "must be between 1 and 5"));
+            errors.push(ConfigError::new(
+                join(path, "stream_replicas"),
+                "must be between 1 and 5",
+            ));
         }
         if self.duplicate_window.is_zero() || self.duplicate_window > self.max_age {
-            errors.push(ConfigError::new(join(path, "duplicate_window"), "must be positive and at most max_age"));
+            errors.push(ConfigError::new(
+                join(path, "duplicate_window"),
+                "must be positive and at most max_age",
+            ));
         }
         if !(1..=100_000).contains(&self.max_ack_pending) {
-            errors.push(ConfigError::new(join(path, "max_ack_pending"), "must be between 1 and 100000"));
+            errors.push(ConfigError::new(
+                join(path, "max_ack_pending"),
+                "must be between 1 and 100000",
+            ));
         }
-        if self.redelivery_backoff.iter().any(|d| *d < Duration::from_millis(100)) {
-            errors.push(ConfigError::new(join(path, "redelivery_backoff"), "every entry must be at least 100ms"));
+        if self
+            .redelivery_backoff
+            .iter()
+            .any(|d| *d < Duration::from_millis(100))
+        {
+            errors.push(ConfigError::new(
+                join(path, "redelivery_backoff"),
+                "every entry must be at least 100ms",
+            ));
         }
         if self.ack_wait < Duration::from_millis(100) {
-            errors.push(ConfigError::new(join(path, "ack_wait"), "must be at least 100ms"));
+            errors.push(ConfigError::new(
+                join(path, "ack_wait"),
+                "must be at least 100ms",
+            ));
         }
         if self.max_deliver < 1 || (self.max_deliver as usize) <= self.redelivery_backoff.len() {
-            errors.push(ConfigError::new(join(path, "max_deliver"), "must be positive and larger than the number of backoff steps"));
+            errors.push(ConfigError::new(
+                join(path, "max_deliver"),
+                "must be positive and larger than the number of backoff steps",
+            ));
         }
     }
 }
@@ -521,17 +665,27 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        Self { batch_size: 512, poll_interval: Duration::from_millis(200), retention: Duration::ZERO }
+        Self {
+            batch_size: 512,
+            poll_interval: Duration::from_millis(200),
+            retention: Duration::ZERO,
+        }
     }
 }
 
 impl Validate for OutboxConfig {
     fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
         if !(1..=10_000).contains(&self.batch_size) {
-            errors.push(ConfigError::new(join(path, "batch_size"), "must be between 1 and 10000"));
+            errors.push(ConfigError::new(
+                join(path, "batch_size"),
+                "must be between 1 and 10000",
+            ));
         }
         if self.poll_interval < Duration::from_millis(5) {
-            errors.push(ConfigError::new(join(path, "poll_interval"), "must be at least 5ms"));
+            errors.push(ConfigError::new(
+                join(path, "poll_interval"),
+                "must be at least 5ms",
+            ));
         }
     }
 }
@@ -585,10 +739,16 @@ mod duration_list {
     use serde::{Deserialize as _, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(value: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(value.iter().map(|d| humantime::format_duration(*d).to_string()))
+        serializer.collect_seq(
+            value
+                .iter()
+                .map(|d| humantime::format_duration(*d).to_string()),
+        )
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
         Vec::<String>::deserialize(deserializer)?
             .iter()
             .map(|text| humantime::parse_duration(text.trim()).map_err(serde::de::Error::custom))
@@ -604,9 +764,18 @@ mod tests {
 
     fn dev_env() -> HashMap<String, String> {
         HashMap::from([
-            ("TANDEM_ROUTING__AUTH__ALLOW_HS256".to_owned(), "true".to_owned()),
-            ("TANDEM_ROUTING__AUTH__HS256_SECRET".to_owned(), "x".repeat(32)),
-            ("TANDEM_ROUTING__DATABASE__URL".to_owned(), "sqlite::memory:".to_owned()),
+            (
+                "TANDEM_ROUTING__AUTH__ALLOW_HS256".to_owned(),
+                "true".to_owned(),
+            ),
+            (
+                "TANDEM_ROUTING__AUTH__HS256_SECRET".to_owned(),
+                "x".repeat(32),
+            ),
+            (
+                "TANDEM_ROUTING__DATABASE__URL".to_owned(),
+                "sqlite::memory:".to_owned(),
+            ),
         ])
     }
 
@@ -614,10 +783,20 @@ mod tests {
     fn env_overrides_file_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("routing.toml");
-        std::fs::write(&file, "[grpc]\nlisten_addr = \"127.0.0.1:6000\"\nrequest_timeout = \"3s\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "[grpc]\nlisten_addr = \"127.0.0.1:6000\"\nrequest_timeout = \"3s\"\n",
+        )
+        .unwrap();
         let mut env = dev_env();
-        env.insert("TANDEM_ROUTING__GRPC__REQUEST_TIMEOUT".into(), "250ms".into());
-        env.insert("TANDEM_DIALOG__GRPC__REQUEST_TIMEOUT".into(), "not for us".into());
+        env.insert(
+            "TANDEM_ROUTING__GRPC__REQUEST_TIMEOUT".into(),
+            "250ms".into(),
+        );
+        env.insert(
+            "TANDEM_DIALOG__GRPC__REQUEST_TIMEOUT".into(),
+            "not for us".into(),
+        );
         let cfg: Cfg = load("routing", Some(&file), &env).unwrap();
         assert_eq!(cfg.grpc.listen_addr, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(cfg.grpc.request_timeout, Duration::from_millis(250));
@@ -633,7 +812,9 @@ mod tests {
             "[grpc]\nlisten_addr = \"nowhere\"\n[bus]\nmax_ack_pending = \"many\"\n[nonsense]\nx = 1\n",
         )
         .unwrap();
-        let errors = load::<Cfg>("routing", Some(&file), &dev_env()).unwrap_err().0;
+        let errors = load::<Cfg>("routing", Some(&file), &dev_env())
+            .unwrap_err()
+            .0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["bus", "grpc", "nonsense"], "{errors:?}");
     }
@@ -642,19 +823,38 @@ mod tests {
     fn broken_sections_do_not_hide_semantic_problems_elsewhere() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
-        std::fs::write(&file, "[grpc]\nmax_message_bytes = 1\n[bus]\nmax_ack_pending = \"many\"\n[nonsense]\nx = 1\n").unwrap();
+        std::fs::write(
+            &file,
+            "[grpc]\nmax_message_bytes = 1\n[bus]\nmax_ack_pending = \"many\"\n[nonsense]\nx = 1\n",
+        )
+        .unwrap();
         let mut env = dev_env();
         env.insert("TANDEM_ROUTING__OUTBOX__BATCH_SIZE".into(), "0".into());
         let errors = load::<Cfg>("routing", Some(&file), &env).unwrap_err().0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["bus", "nonsense", "grpc.max_message_bytes", "outbox.batch_size"], "{errors:?}");
+        assert_eq!(
+            paths,
+            [
+                "bus",
+                "nonsense",
+                "grpc.max_message_bytes",
+                "outbox.batch_size"
+            ],
+            "{errors:?}"
+        );
     }
 
     #[test]
     fn reports_every_semantic_problem() {
         let env = HashMap::from([
-            ("TANDEM_ROUTING__GRPC__MAX_MESSAGE_BYTES".to_owned(), "0".to_owned()),
-            ("TANDEM_ROUTING__BUS__STREAM_REPLICAS".to_owned(), "9".to_owned()),
+            (
+                "TANDEM_ROUTING__GRPC__MAX_MESSAGE_BYTES".to_owned(),
+                "0".to_owned(),
+            ),
+            (
+                "TANDEM_ROUTING__BUS__STREAM_REPLICAS".to_owned(),
+                "9".to_owned(),
+            ),
         ]);
         let errors = load::<Cfg>("routing", None, &env).unwrap_err().0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
@@ -667,7 +867,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         let mut env = dev_env();
-        env.insert("TANDEM_ROUTING__GRPC__LISTEN_ADDRESS".into(), "127.0.0.1:1".into());
+        env.insert(
+            "TANDEM_ROUTING__GRPC__LISTEN_ADDRESS".into(),
+            "127.0.0.1:1".into(),
+        );
         let errors = load::<Cfg>("routing", None, &env).unwrap_err().0;
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].path, "grpc");

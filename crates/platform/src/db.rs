@@ -54,7 +54,10 @@ pub struct Migrations {
 }
 
 fn platform_migrations() -> Migrations {
-    Migrations { postgres: sqlx::migrate!("./migrations/postgres"), sqlite: sqlx::migrate!("./migrations/sqlite") }
+    Migrations {
+        postgres: sqlx::migrate!("./migrations/postgres"),
+        sqlite: sqlx::migrate!("./migrations/sqlite"),
+    }
 }
 
 impl Db {
@@ -70,7 +73,11 @@ impl Db {
                 .busy_timeout(std::time::Duration::from_secs(5))
                 .foreign_keys(true);
             // Every connection to ":memory:" would be a separate database.
-            let max = if url.contains(":memory:") { 1 } else { cfg.max_connections };
+            let max = if url.contains(":memory:") {
+                1
+            } else {
+                cfg.max_connections
+            };
             let pool = SqlitePoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(cfg.acquire_timeout)
@@ -79,12 +86,20 @@ impl Db {
                 .map_err(DbError::Unavailable)?;
             return Ok(Db::Sqlite(pool));
         }
-        let mut options = PgConnectOptions::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
+        let mut options =
+            PgConnectOptions::from_str(url).map_err(|e| DbError::Config(e.to_string()))?;
         if !cfg.schema.is_empty() {
-            let admin = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.map_err(DbError::Unavailable)?;
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await
+                .map_err(DbError::Unavailable)?;
             // The schema name is validated to [a-z0-9_]+ by the configuration.
             let statement = format!("CREATE SCHEMA IF NOT EXISTS {}", cfg.schema);
-            sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&admin).await.map_err(DbError::Unavailable)?;
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&admin)
+                .await
+                .map_err(DbError::Unavailable)?;
             admin.close().await;
             options = options.options([("search_path", cfg.schema.as_str())]);
         }

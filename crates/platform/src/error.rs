@@ -72,7 +72,10 @@ impl ErrorCode {
 
     /// Returns whether a caller may retry the same request unchanged.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Unavailable | Self::DeadlineExceeded | Self::ResourceExhausted)
+        matches!(
+            self,
+            Self::Unavailable | Self::DeadlineExceeded | Self::ResourceExhausted
+        )
     }
 }
 
@@ -192,6 +195,9 @@ mod tests {
     #[test]
     fn chain_shows_every_cause() {
         let err = SampleError::Storage(std::io::Error::other("disk full"));
-        assert_eq!(DisplayChain(&err).to_string(), "database write failed: disk full");
+        assert_eq!(
+            DisplayChain(&err).to_string(),
+            "database write failed: disk full"
+        );
     }
 }

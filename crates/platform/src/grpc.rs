@@ -55,7 +55,12 @@ impl GrpcServer {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
-        Self { cfg: cfg.clone(), routes, names: Vec::new(), health }
+        Self {
+            cfg: cfg.clone(),
+            routes,
+            names: Vec::new(),
+            health,
+        }
     }
 
     /// Adds a service; it reports SERVING as soon as the server runs.
@@ -94,7 +99,11 @@ impl GrpcServer {
 
     /// Serves until `shutdown` is cancelled, then reports NOT_SERVING, waits the configured
     /// delay and drains in-flight calls (for at most `drain_timeout`).
-    pub async fn serve(mut self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
         if self.cfg.reflection {
             let mut builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
@@ -103,7 +112,9 @@ impl GrpcServer {
             for name in &self.names {
                 builder = builder.with_service_name(*name);
             }
-            let v1 = builder.build_v1().map_err(|e| ServeError::Reflection(e.to_string()))?;
+            let v1 = builder
+                .build_v1()
+                .map_err(|e| ServeError::Reflection(e.to_string()))?;
             self.routes.add_service(v1);
             let mut builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
@@ -112,11 +123,15 @@ impl GrpcServer {
             for name in &self.names {
                 builder = builder.with_service_name(*name);
             }
-            let v1alpha = builder.build_v1alpha().map_err(|e| ServeError::Reflection(e.to_string()))?;
+            let v1alpha = builder
+                .build_v1alpha()
+                .map_err(|e| ServeError::Reflection(e.to_string()))?;
             self.routes.add_service(v1alpha);
         }
         for name in &self.names {
-            self.health.set_service_status(*name, ServingStatus::Serving).await;
+            self.health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
         }
 
         let stop = CancellationToken::new();
@@ -126,11 +141,18 @@ impl GrpcServer {
         let trigger = stop.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             for name in names {
-                health.set_service_status(name, ServingStatus::NotServing).await;
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
-            tracing::info!(delay_ms = not_serving_delay.as_millis() as u64, "not serving, draining");
+            tracing::info!(
+                delay_ms = not_serving_delay.as_millis() as u64,
+                "not serving, draining"
+            );
             tokio::time::sleep(not_serving_delay).await;
             trigger.cancel();
         });
@@ -150,10 +172,16 @@ impl GrpcServer {
         let global_limit = tower::ServiceBuilder::new()
             .map_result(overload_as_unavailable::<tonic::body::Body>)
             .load_shed()
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(cfg.global_concurrency_limit));
-        let router = builder.layer(ServerTraceLayer).layer(global_limit).add_routes(self.routes.routes());
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                cfg.global_concurrency_limit,
+            ));
+        let router = builder
+            .layer(ServerTraceLayer)
+            .layer(global_limit)
+            .add_routes(self.routes.routes());
 
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let drained = stop.clone();
         let serve = router.serve_with_incoming_shutdown(incoming, drained.cancelled_owned());
         let drain_timeout = cfg.drain_timeout;

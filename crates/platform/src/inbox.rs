@@ -12,12 +12,18 @@ use crate::db::Db;
 use crate::metrics::EVENTS_DUPLICATE_TOTAL;
 
 /// Records that `consumer` handles `event_id`; returns false if it did already.
-pub async fn claim_pg(conn: &mut PgConnection, consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("INSERT INTO tandem_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(consumer)
-        .bind(event_id)
-        .execute(conn)
-        .await?;
+pub async fn claim_pg(
+    conn: &mut PgConnection,
+    consumer: &str,
+    event_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO tandem_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(event_id)
+    .execute(conn)
+    .await?;
     let fresh = done.rows_affected() == 1;
     if !fresh {
         metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned()).increment(1);
@@ -26,12 +32,18 @@ pub async fn claim_pg(conn: &mut PgConnection, consumer: &str, event_id: &str) -
 }
 
 /// Records that `consumer` handles `event_id`; returns false if it did already.
-pub async fn claim_sqlite(conn: &mut SqliteConnection, consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("INSERT INTO tandem_inbox (consumer, event_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
-        .bind(consumer)
-        .bind(event_id)
-        .execute(conn)
-        .await?;
+pub async fn claim_sqlite(
+    conn: &mut SqliteConnection,
+    consumer: &str,
+    event_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO tandem_inbox (consumer, event_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(event_id)
+    .execute(conn)
+    .await?;
     let fresh = done.rows_affected() == 1;
     if !fresh {
         metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned()).increment(1);
@@ -41,11 +53,14 @@ pub async fn claim_sqlite(conn: &mut SqliteConnection, consumer: &str, event_id:
 
 /// Deletes claims older than `keep`; events older than that can no longer be redelivered.
 pub async fn prune(db: &Db, keep: std::time::Duration) -> Result<u64, sqlx::Error> {
-    let cutoff = Utc::now() - chrono::Duration::from_std(keep).unwrap_or_else(|_| chrono::Duration::days(30));
+    let cutoff = Utc::now()
+        - chrono::Duration::from_std(keep).unwrap_or_else(|_| chrono::Duration::days(30));
     Ok(match db {
-        Db::Postgres(pool) => {
-            sqlx::query("DELETE FROM tandem_inbox WHERE processed_at < $1").bind(cutoff).execute(pool).await?.rows_affected()
-        }
+        Db::Postgres(pool) => sqlx::query("DELETE FROM tandem_inbox WHERE processed_at < $1")
+            .bind(cutoff)
+            .execute(pool)
+            .await?
+            .rows_affected(),
         Db::Sqlite(pool) => sqlx::query("DELETE FROM tandem_inbox WHERE processed_at < ?1")
             .bind(cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .execute(pool)
@@ -68,7 +83,12 @@ pub async fn claim_batch_pg(
         row.push_bind(consumer).push_bind(*id);
     });
     builder.push(" ON CONFLICT DO NOTHING RETURNING event_id");
-    let fresh: std::collections::HashSet<String> = builder.build_query_scalar().fetch_all(conn).await?.into_iter().collect();
+    let fresh: std::collections::HashSet<String> = builder
+        .build_query_scalar()
+        .fetch_all(conn)
+        .await?
+        .into_iter()
+        .collect();
     count_duplicates(consumer, event_ids.len() - fresh.len());
     Ok(fresh)
 }
@@ -87,13 +107,19 @@ pub async fn claim_batch_sqlite(
         row.push_bind(consumer).push_bind(*id);
     });
     builder.push(" ON CONFLICT DO NOTHING RETURNING event_id");
-    let fresh: std::collections::HashSet<String> = builder.build_query_scalar().fetch_all(conn).await?.into_iter().collect();
+    let fresh: std::collections::HashSet<String> = builder
+        .build_query_scalar()
+        .fetch_all(conn)
+        .await?
+        .into_iter()
+        .collect();
     count_duplicates(consumer, event_ids.len() - fresh.len());
     Ok(fresh)
 }
 
 fn count_duplicates(consumer: &str, duplicates: usize) {
     if duplicates > 0 {
-        metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned()).increment(duplicates as u64);
+        metrics::counter!(EVENTS_DUPLICATE_TOTAL, "consumer" => consumer.to_owned())
+            .increment(duplicates as u64);
     }
 }

@@ -53,7 +53,10 @@ pub async fn enqueue_pg(conn: &mut PgConnection, events: &[RawEvent]) -> Result<
 }
 
 /// Writes events to the outbox inside the caller's SQLite transaction.
-pub async fn enqueue_sqlite(conn: &mut SqliteConnection, events: &[RawEvent]) -> Result<(), sqlx::Error> {
+pub async fn enqueue_sqlite(
+    conn: &mut SqliteConnection,
+    events: &[RawEvent],
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
@@ -66,7 +69,11 @@ pub async fn enqueue_sqlite(conn: &mut SqliteConnection, events: &[RawEvent]) ->
             .push_bind(&event.type_name)
             .push_bind(event.tenant.as_str())
             .push_bind(&event.ordering_key)
-            .push_bind(event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+            .push_bind(
+                event
+                    .occurred_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            )
             .push_bind(headers_json(event))
             .push_bind(event.payload.as_ref());
     });
@@ -119,7 +126,12 @@ pub struct OutboxRelay {
 impl OutboxRelay {
     /// Creates a relay for a service's database.
     pub fn new(db: Db, bus: Bus, cfg: OutboxConfig) -> Self {
-        Self { db, bus, cfg, waker: OutboxWaker::default() }
+        Self {
+            db,
+            bus,
+            cfg,
+            waker: OutboxWaker::default(),
+        }
     }
 
     /// Returns the waker that the service calls after committing outbox rows.
@@ -136,24 +148,34 @@ impl OutboxRelay {
                 while !shutdown.is_cancelled() {
                     match pool.acquire().await {
                         Ok(mut session) => {
-                            let locked: Result<bool, sqlx::Error> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                                .bind(RELAY_LOCK_KEY)
-                                .fetch_one(&mut *session)
-                                .await;
+                            let locked: Result<bool, sqlx::Error> =
+                                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                                    .bind(RELAY_LOCK_KEY)
+                                    .fetch_one(&mut *session)
+                                    .await;
                             match locked {
                                 Ok(true) => {
                                     tracing::info!("outbox relay elected");
-                                    let lost = self.relay_while_session_lives(&mut session, &shutdown).await;
-                                    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RELAY_LOCK_KEY).execute(&mut *session).await;
+                                    let lost = self
+                                        .relay_while_session_lives(&mut session, &shutdown)
+                                        .await;
+                                    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                                        .bind(RELAY_LOCK_KEY)
+                                        .execute(&mut *session)
+                                        .await;
                                     if lost {
                                         session.detach();
                                     }
                                 }
                                 Ok(false) => {}
-                                Err(error) => tracing::warn!(%error, "outbox relay election failed"),
+                                Err(error) => {
+                                    tracing::warn!(%error, "outbox relay election failed")
+                                }
                             }
                         }
-                        Err(error) => tracing::warn!(%error, "outbox relay cannot reach the database"),
+                        Err(error) => {
+                            tracing::warn!(%error, "outbox relay cannot reach the database")
+                        }
                     }
                     tokio::select! {
                         () = shutdown.cancelled() => return,
@@ -165,14 +187,22 @@ impl OutboxRelay {
     }
 
     /// Relays while the lock session answers; returns whether the session was lost.
-    async fn relay_while_session_lives(&self, session: &mut PgConnection, shutdown: &CancellationToken) -> bool {
+    async fn relay_while_session_lives(
+        &self,
+        session: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut checked = tokio::time::Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 return false;
             }
             if checked.elapsed() > Duration::from_secs(5) {
-                if sqlx::query("SELECT 1").execute(&mut *session).await.is_err() {
+                if sqlx::query("SELECT 1")
+                    .execute(&mut *session)
+                    .await
+                    .is_err()
+                {
                     tracing::warn!("outbox relay lost its lock session, re-electing");
                     return true;
                 }
@@ -231,7 +261,10 @@ impl OutboxRelay {
         let limit = i64::from(self.cfg.batch_size);
         match &self.db {
             Db::Postgres(pool) => {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}$1"))).bind(limit).fetch_all(pool).await?;
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}$1")))
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
                 rows.iter()
                     .map(|r| {
                         let occurred_at: DateTime<Utc> = r.try_get("occurred_at")?;
@@ -240,13 +273,19 @@ impl OutboxRelay {
                     .collect()
             }
             Db::Sqlite(pool) => {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}?1"))).bind(limit).fetch_all(pool).await?;
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}?1")))
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?;
                 rows.iter()
                     .map(|r| {
                         let seq: i64 = r.try_get("seq")?;
                         let text: String = r.try_get("occurred_at")?;
                         let occurred_at = DateTime::parse_from_rfc3339(&text)
-                            .map_err(|e| OutboxError::Corrupt { seq, reason: e.to_string() })?
+                            .map_err(|e| OutboxError::Corrupt {
+                                seq,
+                                reason: e.to_string(),
+                            })?
                             .with_timezone(&Utc);
                         row_from(seq, r, occurred_at)
                     })
@@ -266,15 +305,21 @@ impl OutboxRelay {
                 };
                 sqlx::query(sql).bind(seqs).execute(pool).await?;
                 if !delete {
-                    let cutoff = Utc::now() - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default();
-                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1").bind(cutoff).execute(pool).await?;
+                    let cutoff = Utc::now()
+                        - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default();
+                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1")
+                        .bind(cutoff)
+                        .execute(pool)
+                        .await?;
                 }
             }
             Db::Sqlite(pool) => {
                 let mut builder = if delete {
                     QueryBuilder::new("DELETE FROM tandem_outbox WHERE seq IN (")
                 } else {
-                    QueryBuilder::new("UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (")
+                    QueryBuilder::new(
+                        "UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (",
+                    )
                 };
                 let mut list = builder.separated(", ");
                 for seq in seqs {
@@ -283,9 +328,13 @@ impl OutboxRelay {
                 builder.push(")");
                 builder.build().execute(pool).await?;
                 if !delete {
-                    let cutoff = (Utc::now() - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default())
-                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1").bind(cutoff).execute(pool).await?;
+                    let cutoff = (Utc::now()
+                        - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default())
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1")
+                        .bind(cutoff)
+                        .execute(pool)
+                        .await?;
                 }
             }
         }
@@ -313,7 +362,8 @@ where
     let corrupt = |reason: String| OutboxError::Corrupt { seq, reason };
     let tenant: String = r.try_get("tenant")?;
     let headers: String = r.try_get("headers")?;
-    let headers: BTreeMap<String, String> = serde_json::from_str(&headers).map_err(|e| corrupt(e.to_string()))?;
+    let headers: BTreeMap<String, String> =
+        serde_json::from_str(&headers).map_err(|e| corrupt(e.to_string()))?;
     let payload: Vec<u8> = r.try_get("payload")?;
     Ok(Row {
         seq,

@@ -60,12 +60,15 @@ impl Injector for MetadataInjector<'_> {
 /// Writes the current span's trace context into bus headers.
 pub fn inject_current(headers: &mut BTreeMap<String, String>) {
     let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MapInjector(headers)));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut MapInjector(headers))
+    });
 }
 
 /// Makes `span` a child of the trace context carried in bus headers, if any.
 pub fn set_parent_from(span: &tracing::Span, headers: &BTreeMap<String, String>) {
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MapExtractor(headers)));
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&MapExtractor(headers)));
     let _ = span.set_parent(parent);
 }
 
@@ -74,7 +77,10 @@ pub fn set_parent_from(span: &tracing::Span, headers: &BTreeMap<String, String>)
 pub struct TraceContextInterceptor;
 
 impl tonic::service::Interceptor for TraceContextInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let context = tracing::Span::current().context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
@@ -118,12 +124,16 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = request.uri().path().to_owned();
-        let is_probe = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        let is_probe =
+            method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
         let span = if is_probe {
             tracing::Span::none()
         } else {
-            let span = tracing::info_span!("grpc.request", otel.kind = "server", rpc.method = %method);
-            let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(request.headers())));
+            let span =
+                tracing::info_span!("grpc.request", otel.kind = "server", rpc.method = %method);
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HttpExtractor(request.headers()))
+            });
             let _ = span.set_parent(parent);
             span
         };
@@ -174,9 +184,12 @@ mod tests {
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::layer::SubscriberExt as _;
 
-        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
         tracing::subscriber::with_default(subscriber, || {
             let mut headers = BTreeMap::new();
             let producer = tracing::info_span!("produce");
@@ -192,7 +205,10 @@ mod tests {
             let consumer = tracing::info_span!("consume");
             set_parent_from(&consumer, &headers);
             use opentelemetry::trace::TraceContextExt as _;
-            assert_eq!(consumer.context().span().span_context().trace_id(), trace_id);
+            assert_eq!(
+                consumer.context().span().span_context().trace_id(),
+                trace_id
+            );
         });
     }
 }

@@ -57,7 +57,10 @@ pub trait Service {
     fn migrations() -> Migrations;
 
     /// Registers gRPC services and spawns background work.
-    fn start(ctx: StartContext<'_>, settings: &Self::Settings) -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn start(
+        ctx: StartContext<'_>,
+        settings: &Self::Settings,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
 /// Opens the database, migrates, connects the bus and starts the outbox relay of one service.
@@ -67,10 +70,18 @@ pub async fn prepare<S: Service>(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Db, Bus, OutboxWaker)> {
-    let db = Db::connect(&cfg.database).await.with_context(|| format!("{}: cannot open the database", S::NAME))?;
-    db.migrate(Some(S::migrations())).await.with_context(|| format!("{}: migrations failed", S::NAME))?;
-    let bus = Bus::connect(&cfg.bus, memory_bus).await.with_context(|| format!("{}: cannot connect to the event bus", S::NAME))?;
-    bus.ensure_streams().await.with_context(|| format!("{}: cannot create the event streams", S::NAME))?;
+    let db = Db::connect(&cfg.database)
+        .await
+        .with_context(|| format!("{}: cannot open the database", S::NAME))?;
+    db.migrate(Some(S::migrations()))
+        .await
+        .with_context(|| format!("{}: migrations failed", S::NAME))?;
+    let bus = Bus::connect(&cfg.bus, memory_bus)
+        .await
+        .with_context(|| format!("{}: cannot connect to the event bus", S::NAME))?;
+    bus.ensure_streams()
+        .await
+        .with_context(|| format!("{}: cannot create the event streams", S::NAME))?;
     let relay = OutboxRelay::new(db.clone(), bus.clone(), cfg.outbox.clone());
     let waker = relay.waker();
     tracker.spawn(relay.run(shutdown.clone()));
@@ -78,10 +89,16 @@ pub async fn prepare<S: Service>(
 }
 
 /// Runs one service on `listener` until `shutdown` is cancelled.
-pub async fn serve<S: Service>(cfg: ServiceConfig<S::Settings>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve<S: Service>(
+    cfg: ServiceConfig<S::Settings>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let (db, bus, outbox) = prepare::<S>(&cfg, None, &tracker, &shutdown).await?;
-    let auth = Arc::new(Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?);
+    let auth = Arc::new(
+        Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?,
+    );
     let mut server = GrpcServer::new(&cfg.grpc);
     S::start(
         StartContext {
@@ -122,8 +139,12 @@ impl Args {
         let mut args = args.into_iter().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
-                "-c" | "--config" => out.config = Some(args.next().context("--config needs a file")?.into()),
-                "-h" | "--help" => anyhow::bail!("usage: [--config FILE]; settings also come from TANDEM_<SERVICE>__SECTION__KEY"),
+                "-c" | "--config" => {
+                    out.config = Some(args.next().context("--config needs a file")?.into())
+                }
+                "-h" | "--help" => anyhow::bail!(
+                    "usage: [--config FILE]; settings also come from TANDEM_<SERVICE>__SECTION__KEY"
+                ),
                 other => anyhow::bail!("unknown argument {other:?}"),
             }
         }
@@ -133,7 +154,8 @@ impl Args {
 
 /// The whole life of a single-service process: configuration, telemetry, bind, serve.
 pub async fn main<S: Service>(args: Args, env: HashMap<String, String>) -> anyhow::Result<()> {
-    let cfg: ServiceConfig<S::Settings> = crate::config::load(S::NAME, args.config.as_deref(), &env)?;
+    let cfg: ServiceConfig<S::Settings> =
+        crate::config::load(S::NAME, args.config.as_deref(), &env)?;
     let telemetry = crate::telemetry::init(S::NAME, &cfg.telemetry, &env)?;
     let listener = TcpListener::bind(cfg.grpc.listen_addr)
         .await

@@ -57,16 +57,28 @@ impl TelemetryGuard {
 ///
 /// `env` is consulted for `RUST_LOG` only. Must be called from within a tokio runtime when OTLP
 /// export or the metrics listener is configured.
-pub fn init(service: &str, cfg: &TelemetryConfig, env: &HashMap<String, String>) -> Result<TelemetryGuard, TelemetryError> {
-    let filter_text = env.get("RUST_LOG").cloned().unwrap_or_else(|| cfg.log_filter.clone());
-    let filter = EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+pub fn init(
+    service: &str,
+    cfg: &TelemetryConfig,
+    env: &HashMap<String, String>,
+) -> Result<TelemetryGuard, TelemetryError> {
+    let filter_text = env
+        .get("RUST_LOG")
+        .cloned()
+        .unwrap_or_else(|| cfg.log_filter.clone());
+    let filter =
+        EnvFilter::try_new(&filter_text).map_err(|e| TelemetryError::Filter(e.to_string()))?;
 
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
 
     let provider = if cfg.otlp_endpoint.is_empty() {
         // A local provider still creates valid span contexts, so trace ids propagate across
         // services even when nothing is exported.
-        SdkTracerProvider::builder().with_sampler(Sampler::AlwaysOff).build()
+        SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOff)
+            .build()
     } else {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -75,15 +87,29 @@ pub fn init(service: &str, cfg: &TelemetryConfig, env: &HashMap<String, String>)
             .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.trace_sample_ratio))))
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(format!("tandem-{service}")).build())
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                cfg.trace_sample_ratio,
+            ))))
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(format!("tandem-{service}"))
+                    .build(),
+            )
             .build()
     };
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(format!("tandem-{service}")));
+    let otel_layer =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(format!("tandem-{service}")));
 
     let fmt_layer = match cfg.log_format {
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(true).compact().boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_target(true)
+            .compact()
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed(),
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -94,7 +120,10 @@ pub fn init(service: &str, cfg: &TelemetryConfig, env: &HashMap<String, String>)
     opentelemetry::global::set_tracer_provider(provider.clone());
 
     if !cfg.metrics_addr.is_empty() {
-        let addr: SocketAddr = cfg.metrics_addr.parse().map_err(|e: std::net::AddrParseError| TelemetryError::Metrics(e.to_string()))?;
+        let addr: SocketAddr = cfg
+            .metrics_addr
+            .parse()
+            .map_err(|e: std::net::AddrParseError| TelemetryError::Metrics(e.to_string()))?;
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .set_buckets(crate::metrics::LATENCY_BUCKETS_SECONDS)
@@ -103,5 +132,7 @@ pub fn init(service: &str, cfg: &TelemetryConfig, env: &HashMap<String, String>)
             .map_err(|e| TelemetryError::Metrics(e.to_string()))?;
         crate::metrics::describe();
     }
-    Ok(TelemetryGuard { provider: Some(provider) })
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
 }

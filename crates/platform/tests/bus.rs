@@ -24,9 +24,16 @@ use tandem_testkit::{NatsServer, Postgres};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+#[allow(clippy::large_enum_variant, reason = "one per test")]
 enum Broker {
-    Nats { server: NatsServer, _pg: Postgres },
-    Memory { journal: PathBuf, _dir: tempfile::TempDir },
+    Nats {
+        server: NatsServer,
+        _pg: Postgres,
+    },
+    Memory {
+        journal: PathBuf,
+        _dir: tempfile::TempDir,
+    },
 }
 
 struct Rig {
@@ -40,12 +47,18 @@ impl Rig {
     async fn nats() -> Rig {
         let server = NatsServer::start().await.unwrap();
         let pg = Postgres::start().await.unwrap();
-        let cfg = BusConfig { nats_url: server.url(), ..BusConfig::default() };
+        let cfg = BusConfig {
+            nats_url: server.url(),
+            ..BusConfig::default()
+        };
         let bus = Bus::connect(&cfg, None).await.unwrap();
         bus.ensure_streams().await.unwrap();
-        let db = Db::connect(&DatabaseConfig { url: Secret::new(pg.fresh_database().await.unwrap()), ..DatabaseConfig::default() })
-            .await
-            .unwrap();
+        let db = Db::connect(&DatabaseConfig {
+            url: Secret::new(pg.fresh_database().await.unwrap()),
+            ..DatabaseConfig::default()
+        })
+        .await
+        .unwrap();
         db.migrate(None).await.unwrap();
         Rig::finish(bus, cfg, db, Broker::Nats { server, _pg: pg }).await
     }
@@ -53,23 +66,37 @@ impl Rig {
     async fn memory() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("bus.db");
-        let cfg = BusConfig { kind: tandem_platform::config::BusKind::Memory, ..BusConfig::default() };
+        let cfg = BusConfig {
+            kind: tandem_platform::config::BusKind::Memory,
+            ..BusConfig::default()
+        };
         let bus = Bus::Memory(MemoryBus::open(&journal).await.unwrap());
         bus.ensure_streams().await.unwrap();
         let url = format!("sqlite://{}", dir.path().join("service.db").display());
-        let db = Db::connect(&DatabaseConfig { url: Secret::new(url), ..DatabaseConfig::default() }).await.unwrap();
+        let db = Db::connect(&DatabaseConfig {
+            url: Secret::new(url),
+            ..DatabaseConfig::default()
+        })
+        .await
+        .unwrap();
         db.migrate(None).await.unwrap();
         Rig::finish(bus, cfg, db, Broker::Memory { journal, _dir: dir }).await
     }
 
     async fn finish(bus: Bus, cfg: BusConfig, db: Db, broker: Broker) -> Rig {
-        let create = "CREATE TABLE effects (event_id TEXT NOT NULL, key TEXT NOT NULL, seq BIGINT NOT NULL)";
+        let create =
+            "CREATE TABLE effects (event_id TEXT NOT NULL, key TEXT NOT NULL, seq BIGINT NOT NULL)";
         match &db {
             Db::Postgres(pool) => sqlx::query(create).execute(pool).await.map(drop),
             Db::Sqlite(pool) => sqlx::query(create).execute(pool).await.map(drop),
         }
         .unwrap();
-        Rig { bus, cfg, db, broker }
+        Rig {
+            bus,
+            cfg,
+            db,
+            broker,
+        }
     }
 
     /// Kills the broker and brings it back, as after a crash. For the in-process bus that means
@@ -119,7 +146,11 @@ impl Rig {
     }
 
     fn relay(&self, batch_size: u32) -> OutboxRelay {
-        let cfg = OutboxConfig { batch_size, poll_interval: Duration::from_millis(20), ..OutboxConfig::default() };
+        let cfg = OutboxConfig {
+            batch_size,
+            poll_interval: Duration::from_millis(20),
+            ..OutboxConfig::default()
+        };
         OutboxRelay::new(self.db.clone(), self.bus.clone(), cfg)
     }
 }
@@ -131,7 +162,12 @@ fn tenant() -> TenantId {
 fn posted(key: &str, seq: i64) -> RawEvent {
     let event = MessagePosted {
         conversation_id: key.to_owned(),
-        message: Some(Message { conversation_id: key.to_owned(), sequence: seq, text: format!("message {seq}"), ..Message::default() }),
+        message: Some(Message {
+            conversation_id: key.to_owned(),
+            sequence: seq,
+            text: format!("message {seq}"),
+            ..Message::default()
+        }),
         ..MessagePosted::default()
     };
     RawEvent::new(&tenant(), &event, Some(key.to_owned()))
@@ -154,7 +190,10 @@ impl Handler for Effects {
         match &self.db {
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await.map_err(transient)?;
-                if inbox::claim_pg(&mut tx, "effects", &event.id).await.map_err(transient)? {
+                if inbox::claim_pg(&mut tx, "effects", &event.id)
+                    .await
+                    .map_err(transient)?
+                {
                     sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES ($1, $2, $3)")
                         .bind(&event.id)
                         .bind(&key)
@@ -167,7 +206,10 @@ impl Handler for Effects {
             }
             Db::Sqlite(pool) => {
                 let mut tx = pool.begin().await.map_err(transient)?;
-                if inbox::claim_sqlite(&mut tx, "effects", &event.id).await.map_err(transient)? {
+                if inbox::claim_sqlite(&mut tx, "effects", &event.id)
+                    .await
+                    .map_err(transient)?
+                {
                     sqlx::query("INSERT INTO effects (event_id, key, seq) VALUES (?1, ?2, ?3)")
                         .bind(&event.id)
                         .bind(&key)
@@ -180,7 +222,9 @@ impl Handler for Effects {
             }
         }
         if self.fail_after_commit.lock().unwrap().remove(&event.id) {
-            return Err(HandlerError::Transient("simulated crash after commit".into()));
+            return Err(HandlerError::Transient(
+                "simulated crash after commit".into(),
+            ));
         }
         Ok(())
     }
@@ -202,8 +246,17 @@ fn assert_exactly_once(effects: &[(String, String, i64)], sent: &[RawEvent]) {
     for (id, _, _) in effects {
         assert!(seen.insert(id.clone()), "event {id} took effect twice");
     }
-    let missing: Vec<&str> = sent.iter().filter(|e| !seen.contains(&e.id)).map(|e| e.id.as_str()).collect();
-    assert!(missing.is_empty(), "{} of {} events never took effect", missing.len(), sent.len());
+    let missing: Vec<&str> = sent
+        .iter()
+        .filter(|e| !seen.contains(&e.id))
+        .map(|e| e.id.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events never took effect",
+        missing.len(),
+        sent.len()
+    );
     assert_eq!(effects.len(), sent.len());
 }
 
@@ -211,73 +264,129 @@ fn assert_exactly_once(effects: &[(String, String, i64)], sent: &[RawEvent]) {
 // The contract.
 
 async fn typed_events_round_trip(rig: Rig) {
-    let handoff = HandoffRequested { conversation_id: "c1".into(), ..HandoffRequested::default() };
+    let handoff = HandoffRequested {
+        conversation_id: "c1".into(),
+        ..HandoffRequested::default()
+    };
     let raw = RawEvent::new(&tenant(), &handoff, Some("c1".into()));
     assert_eq!(raw.subject, "tandem.dialog.v1.handoff.requested.acme");
-    rig.bus.publish_batch(std::slice::from_ref(&raw)).await.unwrap();
+    rig.bus
+        .publish_batch(std::slice::from_ref(&raw))
+        .await
+        .unwrap();
 
     let spec = ConsumerSpec::new("typed", &DIALOG, &rig.cfg).event::<HandoffRequested>();
     let mut consumer = rig.bus.consumer(&spec).await.unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(delivery.attempt, 1);
     assert_eq!(delivery.event.id, raw.id);
     assert_eq!(delivery.event.tenant, tenant());
     assert_eq!(delivery.event.ordering_key.as_deref(), Some("c1"));
     let envelope = delivery.event.decode::<HandoffRequested>().unwrap();
     assert_eq!(envelope.event, handoff);
-    assert!(delivery.event.decode::<HandoffQueued>().is_err(), "a payload is never decoded as another type");
+    assert!(
+        delivery.event.decode::<HandoffQueued>().is_err(),
+        "a payload is never decoded as another type"
+    );
     delivery.ack().await.unwrap();
 
     // A consumer filtered on one event type never sees another.
     rig.bus.publish_batch(&[posted("c1", 1)]).await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), consumer.next()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), consumer.next())
+            .await
+            .is_err()
+    );
 }
 
 async fn duplicate_publishes_are_dropped(rig: Rig) {
     let event = posted("c1", 1);
     for _ in 0..3 {
-        rig.bus.publish_batch(std::slice::from_ref(&event)).await.unwrap();
+        rig.bus
+            .publish_batch(std::slice::from_ref(&event))
+            .await
+            .unwrap();
     }
-    rig.bus.publish_batch(&[event.clone(), event.clone()]).await.unwrap();
+    rig.bus
+        .publish_batch(&[event.clone(), event.clone()])
+        .await
+        .unwrap();
     let mut consumer = rig.bus.consumer(&rig.spec("dedupe")).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.event.id, event.id);
     first.ack().await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(2), consumer.next()).await.is_err(), "a duplicate was delivered");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.next())
+            .await
+            .is_err(),
+        "a duplicate was delivered"
+    );
 }
 
 async fn delivery_survives_a_consumer_crash(rig: Rig) {
     let event = posted("c1", 1);
-    rig.bus.publish_batch(std::slice::from_ref(&event)).await.unwrap();
+    rig.bus
+        .publish_batch(std::slice::from_ref(&event))
+        .await
+        .unwrap();
     {
         let mut crashed = rig.bus.consumer(&rig.spec("crashy")).await.unwrap();
-        let delivery = tokio::time::timeout(Duration::from_secs(5), crashed.next()).await.unwrap().unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(5), crashed.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(delivery.event.id, event.id);
         drop(delivery); // the replica dies before acknowledging
     }
     let mut restarted = rig.bus.consumer(&rig.spec("crashy")).await.unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(10), restarted.next()).await.unwrap().unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), restarted.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.event.id, event.id);
     assert!(again.attempt >= 2, "redelivery is marked as such");
     again.ack().await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_secs(2), restarted.next()).await.is_err(), "acked events stay acked");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), restarted.next())
+            .await
+            .is_err(),
+        "acked events stay acked"
+    );
 }
 
 async fn nak_redelivers_after_the_delay(rig: Rig) {
     rig.bus.publish_batch(&[posted("c1", 1)]).await.unwrap();
     let mut consumer = rig.bus.consumer(&rig.spec("naks")).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
     let id = first.event.id.clone();
     let started = tokio::time::Instant::now();
     first.nak(Duration::from_millis(400)).await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(second.event.id, id);
-    assert!(started.elapsed() >= Duration::from_millis(300), "redelivered too early: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "redelivered too early: {:?}",
+        started.elapsed()
+    );
     second.ack().await.unwrap();
 }
 
 async fn replicas_share_a_durable_consumer(rig: Rig) {
-    let events: Vec<RawEvent> = (0..200).map(|i| posted(&format!("c{}", i % 10), i)).collect();
+    let events: Vec<RawEvent> = (0..200)
+        .map(|i| posted(&format!("c{}", i % 10), i))
+        .collect();
     rig.bus.publish_batch(&events).await.unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -286,7 +395,9 @@ async fn replicas_share_a_durable_consumer(rig: Rig) {
         let received = Arc::clone(&received);
         tasks.push(tokio::spawn(async move {
             let mut mine = 0;
-            while let Ok(Ok(delivery)) = tokio::time::timeout(Duration::from_millis(1500), consumer.next()).await {
+            while let Ok(Ok(delivery)) =
+                tokio::time::timeout(Duration::from_millis(1500), consumer.next()).await
+            {
                 received.lock().unwrap().push(delivery.event.id.clone());
                 delivery.ack().await.unwrap();
                 mine += 1;
@@ -305,17 +416,27 @@ async fn replicas_share_a_durable_consumer(rig: Rig) {
 
 async fn outbox_relay_restart_loses_and_doubles_nothing(rig: Rig) {
     let keys = ["a", "b", "c", "d", "e", "f"];
-    let events: Vec<RawEvent> = (0..600).map(|i| posted(keys[i as usize % keys.len()], i)).collect();
+    let events: Vec<RawEvent> = (0..600)
+        .map(|i| posted(keys[i as usize % keys.len()], i))
+        .collect();
     for chunk in events.chunks(20) {
         rig.enqueue(chunk).await;
     }
     // One in ten events "crashes" after its effect committed, before the ack.
     let fail: HashSet<String> = events.iter().step_by(10).map(|e| e.id.clone()).collect();
-    let handler = Effects { db: rig.db.clone(), fail_after_commit: Arc::new(Mutex::new(fail)) };
+    let handler = Effects {
+        db: rig.db.clone(),
+        fail_after_commit: Arc::new(Mutex::new(fail)),
+    };
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let consumer = rig.bus.consumer(&rig.spec("relay-restart")).await.unwrap();
-    tracker.spawn(runner::run(consumer, handler, RunOptions::new("relay-restart"), stop.clone()));
+    tracker.spawn(runner::run(
+        consumer,
+        handler,
+        RunOptions::new("relay-restart"),
+        stop.clone(),
+    ));
 
     // The relay publishes a few batches, then dies mid-stream.
     let relay_stop = CancellationToken::new();
@@ -324,7 +445,10 @@ async fn outbox_relay_restart_loses_and_doubles_nothing(rig: Rig) {
     relay_stop.cancel();
     relay.await.unwrap();
     let left = rig.relay(50).pending().await.unwrap();
-    assert!(left > 0 && left < 600, "the relay stopped mid-stream ({left} left)");
+    assert!(
+        left > 0 && left < 600,
+        "the relay stopped mid-stream ({left} left)"
+    );
 
     // Rows published but not yet marked are sent again by the next relay.
     let restarted = CancellationToken::new();
@@ -341,8 +465,13 @@ async fn outbox_relay_restart_loses_and_doubles_nothing(rig: Rig) {
 }
 
 async fn broker_restart_mid_stream_loses_nothing(mut rig: Rig) {
-    let events: Vec<RawEvent> = (0..1000).map(|i| posted(&format!("k{}", i % 7), i)).collect();
-    let handler = Effects { db: rig.db.clone(), fail_after_commit: Arc::new(Mutex::new(HashSet::new())) };
+    let events: Vec<RawEvent> = (0..1000)
+        .map(|i| posted(&format!("k{}", i % 7), i))
+        .collect();
+    let handler = Effects {
+        db: rig.db.clone(),
+        fail_after_commit: Arc::new(Mutex::new(HashSet::new())),
+    };
 
     let run = |rig: &Rig, stop: &CancellationToken, tracker: &TaskTracker| {
         let bus = rig.bus.clone();
@@ -353,8 +482,18 @@ async fn broker_restart_mid_stream_loses_nothing(mut rig: Rig) {
             // The consumer may come up before the broker is back: retry like a service would.
             loop {
                 match bus.consumer(&spec).await {
-                    Ok(consumer) => return runner::run(consumer, handler, RunOptions::new("broker-restart"), stop_consumer).await,
-                    Err(_) if !stop_consumer.is_cancelled() => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Ok(consumer) => {
+                        return runner::run(
+                            consumer,
+                            handler,
+                            RunOptions::new("broker-restart"),
+                            stop_consumer,
+                        )
+                        .await;
+                    }
+                    Err(_) if !stop_consumer.is_cancelled() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                     Err(_) => return,
                 }
             }
@@ -416,7 +555,12 @@ impl Handler for Ordered {
         }
         // Give other lanes a chance to overtake, which they may, unlike events of this key.
         tokio::time::sleep(Duration::from_micros(200 * (seq as u64 % 3))).await;
-        self.seen.lock().unwrap().entry(envelope.event.conversation_id).or_default().push(seq);
+        self.seen
+            .lock()
+            .unwrap()
+            .entry(envelope.event.conversation_id)
+            .or_default()
+            .push(seq);
         Ok(())
     }
 }
@@ -434,17 +578,28 @@ async fn per_key_order_is_kept(rig: Rig) {
         rig.enqueue(chunk).await;
     }
     let seen = Arc::new(Mutex::new(BTreeMap::new()));
-    let handler = Ordered { seen: Arc::clone(&seen), attempts: Mutex::new(HashMap::new()) };
+    let handler = Ordered {
+        seen: Arc::clone(&seen),
+        attempts: Mutex::new(HashMap::new()),
+    };
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Order is promised while deliveries are handled within the ack wait.
-    let spec = ConsumerSpec { ack_wait: Duration::from_secs(20), ..rig.spec("ordered") };
+    let spec = ConsumerSpec {
+        ack_wait: Duration::from_secs(20),
+        ..rig.spec("ordered")
+    };
     let consumer = rig.bus.consumer(&spec).await.unwrap();
-    let options = RunOptions { lanes: 4, ..RunOptions::new("ordered") };
+    let options = RunOptions {
+        lanes: 4,
+        ..RunOptions::new("ordered")
+    };
     tracker.spawn(runner::run(consumer, handler, options, stop.clone()));
     tracker.spawn(rig.relay(64).run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap().values().map(Vec::len).sum::<usize>() < events.len() && tokio::time::Instant::now() < deadline {
+    while seen.lock().unwrap().values().map(Vec::len).sum::<usize>() < events.len()
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();

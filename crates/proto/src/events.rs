@@ -174,7 +174,9 @@ mod tests {
 
     fn is_token(token: &str) -> bool {
         !token.is_empty()
-            && token.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             && !token.starts_with('_')
             && !token.ends_with('_')
     }
@@ -183,16 +185,26 @@ mod tests {
     fn subjects_are_unique_and_follow_the_grammar() {
         let mut seen = HashSet::new();
         for spec in CATALOGUE {
-            assert!(seen.insert(spec.subject), "duplicate subject {}", spec.subject);
+            assert!(
+                seen.insert(spec.subject),
+                "duplicate subject {}",
+                spec.subject
+            );
             let tokens: Vec<&str> = spec.subject.split('.').collect();
-            assert_eq!(tokens.len(), 5, "{}: tandem.<context>.v1.<entity>.<event>", spec.subject);
+            assert_eq!(
+                tokens.len(),
+                5,
+                "{}: tandem.<context>.v1.<entity>.<event>",
+                spec.subject
+            );
             assert_eq!(tokens[0], "tandem", "{}", spec.subject);
             assert_eq!(tokens[1], spec.stream.context, "{}", spec.subject);
             assert_eq!(tokens[2], "v1", "{}", spec.subject);
             assert!(is_token(tokens[3]), "entity token of {}", spec.subject);
             assert!(is_token(tokens[4]), "event token of {}", spec.subject);
             assert!(
-                spec.type_name.starts_with(&format!("tandem.{}.v1.", spec.stream.context)),
+                spec.type_name
+                    .starts_with(&format!("tandem.{}.v1.", spec.stream.context)),
                 "{} is published on {} but lives in another package",
                 spec.type_name,
                 spec.subject
@@ -204,18 +216,32 @@ mod tests {
     fn type_names_are_unique_and_match_the_protobuf_names() {
         let mut seen = HashSet::new();
         for spec in CATALOGUE {
-            assert!(seen.insert(spec.type_name), "duplicate type {}", spec.type_name);
+            assert!(
+                seen.insert(spec.type_name),
+                "duplicate type {}",
+                spec.type_name
+            );
         }
         assert_eq!(HandoffRequested::TYPE_NAME, HandoffRequested::full_name());
         assert_eq!(PolicyUpdated::TYPE_NAME, PolicyUpdated::full_name());
-        assert_eq!(QueueStatsReported::TYPE_NAME, QueueStatsReported::full_name());
+        assert_eq!(
+            QueueStatsReported::TYPE_NAME,
+            QueueStatsReported::full_name()
+        );
     }
 
     #[test]
     fn every_stream_is_used_and_named_after_its_context() {
         for stream in STREAMS {
-            assert_eq!(stream.name, format!("TANDEM_{}", stream.context.to_uppercase()));
-            assert!(CATALOGUE.iter().any(|spec| spec.stream == *stream), "{} unused", stream.name);
+            assert_eq!(
+                stream.name,
+                format!("TANDEM_{}", stream.context.to_uppercase())
+            );
+            assert!(
+                CATALOGUE.iter().any(|spec| spec.stream == *stream),
+                "{} unused",
+                stream.name
+            );
             assert_eq!(stream.subjects, format!("tandem.{}.v1.>", stream.context));
         }
     }
@@ -228,7 +254,10 @@ mod tests {
         let (spec, parsed) = parse_subject(&subject).unwrap();
         assert_eq!(spec.type_name, "tandem.routing.v1.HandoffAssigned");
         assert_eq!(parsed, tenant);
-        assert_eq!(all_tenants::<HandoffAssigned>(), "tandem.routing.v1.handoff.assigned.*");
+        assert_eq!(
+            all_tenants::<HandoffAssigned>(),
+            "tandem.routing.v1.handoff.assigned.*"
+        );
         assert!(parse_subject("tandem.routing.v1.handoff.unknown.acme").is_none());
         assert!(parse_subject("tandem.routing.v1.handoff.assigned.Bad Tenant").is_none());
     }
@@ -244,7 +273,10 @@ mod tests {
             }
             for message in &file.message_type {
                 let name = format!("{}.{}", file.package(), message.name());
-                assert!(catalogued.contains(name.as_str()), "{name} has no subject in the catalogue");
+                assert!(
+                    catalogued.contains(name.as_str()),
+                    "{name} has no subject in the catalogue"
+                );
             }
         }
     }

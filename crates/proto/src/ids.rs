@@ -31,7 +31,10 @@ impl TenantId {
             Some("must not be empty")
         } else if value.len() > Self::MAX_LEN {
             Some("must be at most 63 characters")
-        } else if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+        } else if !value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
             Some("may contain only lowercase letters, digits, '-' and '_'")
         } else if !value.as_bytes()[0].is_ascii_alphanumeric() {
             Some("must start with a letter or digit")
@@ -84,7 +87,18 @@ mod tests {
 
     #[test]
     fn rejects_ids_that_would_break_a_subject() {
-        for bad in ["", "Acme", "a.b", "a*", "a>", "a b", "-x", "_x", "租户", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "Acme",
+            "a.b",
+            "a*",
+            "a>",
+            "a b",
+            "-x",
+            "_x",
+            "租户",
+            &"x".repeat(64),
+        ] {
             assert!(TenantId::new(bad).is_err(), "{bad}");
         }
     }

@@ -31,7 +31,10 @@ impl Service for Dialog {
     type Settings = Settings;
 
     fn migrations() -> Migrations {
-        Migrations { postgres: sqlx::migrate!("./migrations/postgres"), sqlite: sqlx::migrate!("./migrations/sqlite") }
+        Migrations {
+            postgres: sqlx::migrate!("./migrations/postgres"),
+            sqlite: sqlx::migrate!("./migrations/sqlite"),
+        }
     }
 
     async fn start(ctx: StartContext<'_>, _settings: &Settings) -> anyhow::Result<()> {

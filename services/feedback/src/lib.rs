@@ -9,9 +9,8 @@ use tandem_platform::db::Migrations;
 use tandem_platform::runtime::{Service, StartContext};
 
 /// The gRPC services this service exposes.
-pub const GRPC_SERVICES: &[&str] = &[
-    tandem_proto::pb::feedback::v1::feedback_service_server::SERVICE_NAME,
-];
+pub const GRPC_SERVICES: &[&str] =
+    &[tandem_proto::pb::feedback::v1::feedback_service_server::SERVICE_NAME];
 
 /// Settings of the feedback service, under `[service]`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,7 +29,10 @@ impl Service for Feedback {
     type Settings = Settings;
 
     fn migrations() -> Migrations {
-        Migrations { postgres: sqlx::migrate!("./migrations/postgres"), sqlite: sqlx::migrate!("./migrations/sqlite") }
+        Migrations {
+            postgres: sqlx::migrate!("./migrations/postgres"),
+            sqlite: sqlx::migrate!("./migrations/sqlite"),
+        }
     }
 
     async fn start(ctx: StartContext<'_>, _settings: &Settings) -> anyhow::Result<()> {

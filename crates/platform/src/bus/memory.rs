@@ -105,19 +105,30 @@ impl MemoryBus {
     /// Opens a bus journaled in the SQLite file at `path`, restoring its events and the
     /// acknowledgements of its durable consumers.
     pub async fn open(path: &Path) -> Result<Self, BusError> {
-        let journal_error = |e: sqlx::Error| BusError::Unavailable(format!("bus journal {}: {e}", path.display()));
+        let journal_error =
+            |e: sqlx::Error| BusError::Unavailable(format!("bus journal {}: {e}", path.display()));
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
             .map_err(journal_error)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await.map_err(journal_error)?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(journal_error)?;
         for statement in JOURNAL_SCHEMA {
-            sqlx::query(*statement).execute(&pool).await.map_err(journal_error)?;
+            sqlx::query(*statement)
+                .execute(&pool)
+                .await
+                .map_err(journal_error)?;
         }
         let bus = Self {
-            inner: Arc::new(Inner { journal: Some(pool.clone()), ..Inner::default() }),
+            inner: Arc::new(Inner {
+                journal: Some(pool.clone()),
+                ..Inner::default()
+            }),
         };
         bus.ensure_streams();
         let rows = sqlx::query(
@@ -127,15 +138,23 @@ impl MemoryBus {
         .fetch_all(&pool)
         .await
         .map_err(journal_error)?;
-        let acks = sqlx::query("SELECT durable, seq FROM bus_acks").fetch_all(&pool).await.map_err(journal_error)?;
+        let acks = sqlx::query("SELECT durable, seq FROM bus_acks")
+            .fetch_all(&pool)
+            .await
+            .map_err(journal_error)?;
         {
             let mut state = bus.lock();
             let now = Instant::now();
             for row in rows {
                 let stream_name: String = row.try_get("stream").map_err(journal_error)?;
-                let Some(stream) = state.streams.values_mut().find(|s| *s.name == *stream_name) else { continue };
-                let seq = u64::try_from(row.try_get::<i64, _>("seq").map_err(journal_error)?).unwrap_or(0);
-                let event = event_from_row(&row).map_err(|e| BusError::Malformed(format!("bus journal: {e}")))?;
+                let Some(stream) = state.streams.values_mut().find(|s| *s.name == *stream_name)
+                else {
+                    continue;
+                };
+                let seq = u64::try_from(row.try_get::<i64, _>("seq").map_err(journal_error)?)
+                    .unwrap_or(0);
+                let event = event_from_row(&row)
+                    .map_err(|e| BusError::Malformed(format!("bus journal: {e}")))?;
                 stream.seen.insert(event.id.clone(), now);
                 stream.seen_order.push_back((now, event.id.clone()));
                 stream.next_seq = stream.next_seq.max(seq + 1);
@@ -143,7 +162,8 @@ impl MemoryBus {
             }
             for row in acks {
                 let durable: String = row.try_get("durable").map_err(journal_error)?;
-                let seq = u64::try_from(row.try_get::<i64, _>("seq").map_err(journal_error)?).unwrap_or(0);
+                let seq = u64::try_from(row.try_get::<i64, _>("seq").map_err(journal_error)?)
+                    .unwrap_or(0);
                 state.restored_acks.entry(durable).or_default().insert(seq);
             }
         }
@@ -158,22 +178,28 @@ impl MemoryBus {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Creates every stream of the catalogue (idempotent).
     pub fn ensure_streams(&self) {
         let mut state = self.lock();
         for spec in STREAMS {
-            state.streams.entry(spec.name).or_insert_with(|| StreamState {
-                name: spec.name,
-                subjects: spec.subjects,
-                messages: BTreeMap::new(),
-                next_seq: 1,
-                seen: HashMap::new(),
-                seen_order: VecDeque::new(),
-                duplicate_window: Duration::from_secs(120),
-            });
+            state
+                .streams
+                .entry(spec.name)
+                .or_insert_with(|| StreamState {
+                    name: spec.name,
+                    subjects: spec.subjects,
+                    messages: BTreeMap::new(),
+                    next_seq: 1,
+                    seen: HashMap::new(),
+                    seen_order: VecDeque::new(),
+                    duplicate_window: Duration::from_secs(120),
+                });
         }
     }
 
@@ -193,7 +219,9 @@ impl MemoryBus {
                     .streams
                     .values_mut()
                     .find(|s| subject_matches(s.subjects, &event.subject))
-                    .ok_or_else(|| BusError::Unavailable(format!("no stream captures {}", event.subject)))?;
+                    .ok_or_else(|| {
+                        BusError::Unavailable(format!("no stream captures {}", event.subject))
+                    })?;
                 while let Some((at, _)) = stream.seen_order.front() {
                     if now.duration_since(*at) <= stream.duplicate_window {
                         break;
@@ -215,13 +243,17 @@ impl MemoryBus {
             return Ok(());
         }
         if let Some(journal) = &self.inner.journal {
-            write_events(journal, &accepted).await.map_err(|e| BusError::Unavailable(format!("bus journal: {e}")))?;
+            write_events(journal, &accepted)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("bus journal: {e}")))?;
         }
         {
             let mut state = self.lock();
             let mut trims = Vec::new();
             for (name, seq, event) in &accepted {
-                let Some(stream) = state.streams.get_mut(name) else { continue };
+                let Some(stream) = state.streams.get_mut(name) else {
+                    continue;
+                };
                 stream.seen.insert(event.id.clone(), now);
                 stream.seen_order.push_back((now, event.id.clone()));
                 stream.next_seq = stream.next_seq.max(seq + 1);
@@ -245,37 +277,58 @@ impl MemoryBus {
     pub fn consumer(&self, spec: &ConsumerSpec) -> Result<MemoryConsumer, BusError> {
         let mut state = self.lock();
         if !state.streams.contains_key(spec.stream.name) {
-            return Err(BusError::InvalidSubscription(format!("stream {} does not exist", spec.stream.name)));
+            return Err(BusError::InvalidSubscription(format!(
+                "stream {} does not exist",
+                spec.stream.name
+            )));
         }
-        let restored = state.restored_acks.remove(&spec.durable).unwrap_or_default();
-        let consumer = state.consumers.entry(spec.durable.clone()).or_insert_with(|| ConsumerState {
-            stream: spec.stream.name,
-            filters: Vec::new(),
-            cursor: 1,
-            acked_ahead: restored,
-            pending: BTreeMap::new(),
-            max_ack_pending: 1,
-            ack_wait: spec.ack_wait,
-            max_deliver: 1,
-            backoff: Vec::new(),
-        });
+        let restored = state
+            .restored_acks
+            .remove(&spec.durable)
+            .unwrap_or_default();
+        let consumer = state
+            .consumers
+            .entry(spec.durable.clone())
+            .or_insert_with(|| ConsumerState {
+                stream: spec.stream.name,
+                filters: Vec::new(),
+                cursor: 1,
+                acked_ahead: restored,
+                pending: BTreeMap::new(),
+                max_ack_pending: 1,
+                ack_wait: spec.ack_wait,
+                max_deliver: 1,
+                backoff: Vec::new(),
+            });
         if consumer.stream != spec.stream.name {
-            return Err(BusError::InvalidSubscription(format!("durable {} reads another stream", spec.durable)));
+            return Err(BusError::InvalidSubscription(format!(
+                "durable {} reads another stream",
+                spec.durable
+            )));
         }
         consumer.filters.clone_from(&spec.filter_subjects);
         consumer.max_ack_pending = usize::try_from(spec.max_ack_pending).unwrap_or(1).max(1);
         consumer.ack_wait = spec.ack_wait;
         consumer.max_deliver = u64::try_from(spec.max_deliver).unwrap_or(1).max(1);
         consumer.backoff.clone_from(&spec.backoff);
-        Ok(MemoryConsumer { bus: self.clone(), durable: spec.durable.clone() })
+        Ok(MemoryConsumer {
+            bus: self.clone(),
+            durable: spec.durable.clone(),
+        })
     }
 
     fn settle(&self, durable: &str, seq: u64, outcome: Settle) {
         {
             let mut state = self.lock();
             let journaled = self.inner.journal.is_some();
-            let State { consumers, unsaved_acks, .. } = &mut *state;
-            let Some(consumer) = consumers.get_mut(durable) else { return };
+            let State {
+                consumers,
+                unsaved_acks,
+                ..
+            } = &mut *state;
+            let Some(consumer) = consumers.get_mut(durable) else {
+                return;
+            };
             match outcome {
                 Settle::Ack | Settle::Term => {
                     if consumer.pending.remove(&seq).is_some() && journaled {
@@ -296,12 +349,22 @@ impl MemoryBus {
     /// health reporting).
     pub fn backlog(&self, durable: &str) -> usize {
         let state = self.lock();
-        let Some(consumer) = state.consumers.get(durable) else { return 0 };
-        let Some(stream) = state.streams.get(consumer.stream) else { return 0 };
+        let Some(consumer) = state.consumers.get(durable) else {
+            return 0;
+        };
+        let Some(stream) = state.streams.get(consumer.stream) else {
+            return 0;
+        };
         let unseen = stream
             .messages
             .range(consumer.cursor..)
-            .filter(|(seq, m)| !consumer.acked_ahead.contains(seq) && consumer.filters.iter().any(|f| subject_matches(f, &m.subject)))
+            .filter(|(seq, m)| {
+                !consumer.acked_ahead.contains(seq)
+                    && consumer
+                        .filters
+                        .iter()
+                        .any(|f| subject_matches(f, &m.subject))
+            })
             .count();
         unseen + consumer.pending.len()
     }
@@ -313,6 +376,7 @@ enum Settle {
     Term,
 }
 
+#[allow(clippy::large_enum_variant, reason = "short-lived return value")]
 enum Next {
     Deliver(Delivery),
     Wait(Option<Instant>),
@@ -347,12 +411,19 @@ impl MemoryConsumer {
     fn poll_once(&self) -> Result<Next, BusError> {
         let now = Instant::now();
         let mut state = self.bus.lock();
-        let State { streams, consumers, .. } = &mut *state;
+        let State {
+            streams, consumers, ..
+        } = &mut *state;
         let consumer = consumers.get_mut(&self.durable).ok_or(BusError::Closed)?;
         let stream = streams.get(consumer.stream).ok_or(BusError::Closed)?;
 
         // Redeliveries first, oldest sequence first, as JetStream does.
-        let due: Vec<u64> = consumer.pending.iter().filter(|(_, p)| p.due <= now).map(|(seq, _)| *seq).collect();
+        let due: Vec<u64> = consumer
+            .pending
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
         for seq in due {
             let Some(message) = stream.messages.get(&seq) else {
                 consumer.pending.remove(&seq);
@@ -373,20 +444,35 @@ impl MemoryConsumer {
         }
 
         if consumer.pending.len() < consumer.max_ack_pending {
-            let first = stream.messages.first_key_value().map_or(consumer.cursor, |(seq, _)| *seq);
+            let first = stream
+                .messages
+                .first_key_value()
+                .map_or(consumer.cursor, |(seq, _)| *seq);
             let start = consumer.cursor.max(first);
             let acked_ahead = &consumer.acked_ahead;
             let found = stream
                 .messages
                 .range(start..)
-                .find(|(seq, m)| !acked_ahead.contains(seq) && consumer.filters.iter().any(|f| subject_matches(f, &m.subject)))
+                .find(|(seq, m)| {
+                    !acked_ahead.contains(seq)
+                        && consumer
+                            .filters
+                            .iter()
+                            .any(|f| subject_matches(f, &m.subject))
+                })
                 .map(|(seq, m)| (*seq, Arc::clone(m)));
             match found {
                 Some((seq, message)) => {
                     consumer.cursor = seq + 1;
                     consumer.acked_ahead = consumer.acked_ahead.split_off(&consumer.cursor);
                     let wait = consumer.wait_after(1);
-                    consumer.pending.insert(seq, Pending { due: now + wait, deliveries: 1 });
+                    consumer.pending.insert(
+                        seq,
+                        Pending {
+                            due: now + wait,
+                            deliveries: 1,
+                        },
+                    );
                     return Ok(Next::Deliver(self.delivery(&message, seq, 1)));
                 }
                 None => {
@@ -402,7 +488,11 @@ impl MemoryConsumer {
         Delivery {
             event: message.clone(),
             attempt,
-            acker: Acker::Memory(MemoryAcker { bus: self.bus.clone(), durable: self.durable.clone(), seq }),
+            acker: Acker::Memory(MemoryAcker {
+                bus: self.bus.clone(),
+                durable: self.durable.clone(),
+                seq,
+            }),
         }
     }
 }
@@ -437,7 +527,10 @@ const JOURNAL_SCHEMA: &[&str] = &[
         durable TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (durable, stream, seq))",
 ];
 
-async fn write_events(journal: &SqlitePool, events: &[(&'static str, u64, &RawEvent)]) -> Result<(), sqlx::Error> {
+async fn write_events(
+    journal: &SqlitePool,
+    events: &[(&'static str, u64, &RawEvent)],
+) -> Result<(), sqlx::Error> {
     let mut tx = journal.begin().await?;
     // SQLite allows 32,766 bound parameters per statement; 10 per row.
     for chunk in events.chunks(3000) {
@@ -452,7 +545,11 @@ async fn write_events(journal: &SqlitePool, events: &[(&'static str, u64, &RawEv
                 .push_bind(&event.type_name)
                 .push_bind(event.tenant.as_str())
                 .push_bind(&event.ordering_key)
-                .push_bind(event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .push_bind(
+                    event
+                        .occurred_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                )
                 .push_bind(serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".into()))
                 .push_bind(event.payload.as_ref());
         });
@@ -464,8 +561,11 @@ async fn write_events(journal: &SqlitePool, events: &[(&'static str, u64, &RawEv
 fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RawEvent, String> {
     let get = |name: &str| row.try_get::<String, _>(name).map_err(|e| e.to_string());
     let tenant = tandem_proto::ids::TenantId::new(get("tenant")?).map_err(|e| e.to_string())?;
-    let occurred_at = chrono::DateTime::parse_from_rfc3339(&get("occurred_at")?).map_err(|e| e.to_string())?.with_timezone(&chrono::Utc);
-    let headers: BTreeMap<String, String> = serde_json::from_str(&get("headers")?).map_err(|e| e.to_string())?;
+    let occurred_at = chrono::DateTime::parse_from_rfc3339(&get("occurred_at")?)
+        .map_err(|e| e.to_string())?
+        .with_timezone(&chrono::Utc);
+    let headers: BTreeMap<String, String> =
+        serde_json::from_str(&get("headers")?).map_err(|e| e.to_string())?;
     let payload: Vec<u8> = row.try_get("payload").map_err(|e| e.to_string())?;
     Ok(RawEvent {
         id: get("event_id")?,
@@ -480,10 +580,18 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RawEvent, String> {
 }
 
 async fn flush(inner: &Inner) -> Result<(), BusError> {
-    let Some(journal) = &inner.journal else { return Ok(()) };
+    let Some(journal) = &inner.journal else {
+        return Ok(());
+    };
     let (acks, trims) = {
-        let mut state = inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (std::mem::take(&mut state.unsaved_acks), std::mem::take(&mut state.trimmed_below))
+        let mut state = inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (
+            std::mem::take(&mut state.unsaved_acks),
+            std::mem::take(&mut state.trimmed_below),
+        )
     };
     if acks.is_empty() && trims.is_empty() {
         return Ok(());
@@ -491,16 +599,27 @@ async fn flush(inner: &Inner) -> Result<(), BusError> {
     let result: Result<(), sqlx::Error> = async {
         let mut tx = journal.begin().await?;
         for chunk in acks.chunks(8000) {
-            let mut builder = QueryBuilder::new("INSERT OR IGNORE INTO bus_acks (durable, stream, seq) ");
+            let mut builder =
+                QueryBuilder::new("INSERT OR IGNORE INTO bus_acks (durable, stream, seq) ");
             builder.push_values(chunk, |mut row, (durable, stream, seq)| {
-                row.push_bind(durable.as_str()).push_bind(*stream).push_bind(i64::try_from(*seq).unwrap_or(i64::MAX));
+                row.push_bind(durable.as_str())
+                    .push_bind(*stream)
+                    .push_bind(i64::try_from(*seq).unwrap_or(i64::MAX));
             });
             builder.build().execute(&mut *tx).await?;
         }
         for (stream, below) in &trims {
             let below = i64::try_from(*below).unwrap_or(i64::MAX);
-            sqlx::query("DELETE FROM bus_log WHERE stream = ?1 AND seq < ?2").bind(*stream).bind(below).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM bus_acks WHERE stream = ?1 AND seq < ?2").bind(*stream).bind(below).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM bus_log WHERE stream = ?1 AND seq < ?2")
+                .bind(*stream)
+                .bind(below)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM bus_acks WHERE stream = ?1 AND seq < ?2")
+                .bind(*stream)
+                .bind(below)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
     }

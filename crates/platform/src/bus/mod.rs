@@ -96,7 +96,12 @@ impl RawEvent {
     }
 
     /// Like [`RawEvent::new`] with an explicit occurrence time.
-    pub fn at<E: Event>(tenant: &TenantId, event: &E, ordering_key: Option<String>, occurred_at: DateTime<Utc>) -> Self {
+    pub fn at<E: Event>(
+        tenant: &TenantId,
+        event: &E,
+        ordering_key: Option<String>,
+        occurred_at: DateTime<Utc>,
+    ) -> Self {
         let mut headers = BTreeMap::new();
         crate::propagation::inject_current(&mut headers);
         Self {
@@ -119,13 +124,21 @@ impl RawEvent {
     /// Decodes the payload as `E`, refusing an event whose subject or type is not `E`'s.
     pub fn decode<E: Event>(&self) -> Result<Envelope<E>, BusError> {
         if self.type_name != E::TYPE_NAME {
-            return Err(BusError::Malformed(format!("expected {}, got {}", E::TYPE_NAME, self.type_name)));
+            return Err(BusError::Malformed(format!(
+                "expected {}, got {}",
+                E::TYPE_NAME,
+                self.type_name
+            )));
         }
         let expected = events::subject_for::<E>(&self.tenant);
         if self.subject != expected {
-            return Err(BusError::Malformed(format!("{} arrived on {}, expected {expected}", self.type_name, self.subject)));
+            return Err(BusError::Malformed(format!(
+                "{} arrived on {}, expected {expected}",
+                self.type_name, self.subject
+            )));
         }
-        let event = E::decode(self.payload.clone()).map_err(|e| BusError::Malformed(format!("{}: {e}", self.type_name)))?;
+        let event = E::decode(self.payload.clone())
+            .map_err(|e| BusError::Malformed(format!("{}: {e}", self.type_name)))?;
         Ok(Envelope {
             id: self.id.clone(),
             tenant: self.tenant.clone(),
@@ -141,7 +154,11 @@ impl RawEvent {
             (headers::MSG_ID, self.id.clone()),
             (headers::EVENT_TYPE, self.type_name.clone()),
             (headers::TENANT, self.tenant.to_string()),
-            (headers::OCCURRED_AT, self.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            (
+                headers::OCCURRED_AT,
+                self.occurred_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
         ];
         if let Some(key) = &self.ordering_key {
             pairs.push((headers::ORDERING_KEY, key.clone()));
@@ -153,19 +170,39 @@ impl RawEvent {
     }
 
     /// Rebuilds an event from a subject, headers and payload, checking the envelope.
-    pub fn from_parts(subject: &str, mut headers_in: BTreeMap<String, String>, payload: Bytes) -> Result<Self, BusError> {
+    pub fn from_parts(
+        subject: &str,
+        mut headers_in: BTreeMap<String, String>,
+        payload: Bytes,
+    ) -> Result<Self, BusError> {
         let mut take = |name: &str| headers_in.remove(name);
-        let id = take(headers::MSG_ID).ok_or_else(|| BusError::Malformed(format!("{subject}: no {}", headers::MSG_ID)))?;
-        let type_name =
-            take(headers::EVENT_TYPE).ok_or_else(|| BusError::Malformed(format!("{subject}: no {}", headers::EVENT_TYPE)))?;
-        let tenant = take(headers::TENANT).ok_or_else(|| BusError::Malformed(format!("{subject}: no {}", headers::TENANT)))?;
+        let id = take(headers::MSG_ID)
+            .ok_or_else(|| BusError::Malformed(format!("{subject}: no {}", headers::MSG_ID)))?;
+        let type_name = take(headers::EVENT_TYPE)
+            .ok_or_else(|| BusError::Malformed(format!("{subject}: no {}", headers::EVENT_TYPE)))?;
+        let tenant = take(headers::TENANT)
+            .ok_or_else(|| BusError::Malformed(format!("{subject}: no {}", headers::TENANT)))?;
         let tenant = TenantId::new(tenant).map_err(|e| BusError::Malformed(e.to_string()))?;
         let occurred_at = take(headers::OCCURRED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc))
-            .ok_or_else(|| BusError::Malformed(format!("{subject}: missing or bad {}", headers::OCCURRED_AT)))?;
+            .ok_or_else(|| {
+                BusError::Malformed(format!(
+                    "{subject}: missing or bad {}",
+                    headers::OCCURRED_AT
+                ))
+            })?;
         let ordering_key = take(headers::ORDERING_KEY);
-        Ok(Self { id, subject: subject.to_owned(), type_name, tenant, occurred_at, ordering_key, headers: headers_in, payload })
+        Ok(Self {
+            id,
+            subject: subject.to_owned(),
+            type_name,
+            tenant,
+            occurred_at,
+            ordering_key,
+            headers: headers_in,
+            payload,
+        })
     }
 }
 
@@ -210,8 +247,18 @@ impl ConsumerSpec {
 
     /// Checks that the spec is consistent with the catalogue.
     pub fn validate(&self) -> Result<(), BusError> {
-        let bad = |why: String| Err(BusError::InvalidSubscription(format!("{}: {why}", self.durable)));
-        if self.durable.is_empty() || !self.durable.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        let bad = |why: String| {
+            Err(BusError::InvalidSubscription(format!(
+                "{}: {why}",
+                self.durable
+            )))
+        };
+        if self.durable.is_empty()
+            || !self
+                .durable
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return bad("durable names use letters, digits, '-' and '_'".into());
         }
         if self.filter_subjects.is_empty() {
@@ -246,16 +293,19 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
 #[derive(Clone)]
 pub enum Bus {
     /// NATS JetStream.
-    Nats(nats::NatsBus),
+    Nats(Box<nats::NatsBus>),
     /// The in-process bus.
     Memory(memory::MemoryBus),
 }
 
 impl Bus {
     /// Connects according to the configuration; `memory` takes the process's in-process bus.
-    pub async fn connect(cfg: &BusConfig, memory: Option<&memory::MemoryBus>) -> Result<Self, BusError> {
+    pub async fn connect(
+        cfg: &BusConfig,
+        memory: Option<&memory::MemoryBus>,
+    ) -> Result<Self, BusError> {
         match cfg.kind {
-            BusKind::Nats => Ok(Bus::Nats(nats::NatsBus::connect(cfg).await?)),
+            BusKind::Nats => Ok(Bus::Nats(Box::new(nats::NatsBus::connect(cfg).await?))),
             BusKind::Memory => Ok(Bus::Memory(memory.cloned().unwrap_or_default())),
         }
     }
@@ -284,7 +334,7 @@ impl Bus {
     pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<Consumer, BusError> {
         spec.validate()?;
         match self {
-            Bus::Nats(bus) => Ok(Consumer::Nats(bus.consumer(spec).await?)),
+            Bus::Nats(bus) => Ok(Consumer::Nats(Box::new(bus.consumer(spec).await?))),
             Bus::Memory(bus) => Ok(Consumer::Memory(bus.consumer(spec)?)),
         }
     }
@@ -305,7 +355,7 @@ impl Bus {
 /// A durable consumer's stream of deliveries.
 pub enum Consumer {
     /// From JetStream.
-    Nats(nats::NatsConsumer),
+    Nats(Box<nats::NatsConsumer>),
     /// From the in-process bus.
     Memory(memory::MemoryConsumer),
 }
@@ -331,10 +381,17 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("event", &self.event.id).field("attempt", &self.attempt).finish()
+        f.debug_struct("Delivery")
+            .field("event", &self.event.id)
+            .field("attempt", &self.attempt)
+            .finish()
     }
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per delivery, moved a few times; boxing would allocate per event"
+)]
 enum Acker {
     Nats(async_nats::jetstream::message::Acker),
     Memory(memory::MemoryAcker),
@@ -344,7 +401,10 @@ impl Delivery {
     /// Confirms processing; the broker will not redeliver (a double ack on JetStream).
     pub async fn ack(self) -> Result<(), BusError> {
         match self.acker {
-            Acker::Nats(acker) => acker.double_ack().await.map_err(|e| BusError::Unavailable(e.to_string())),
+            Acker::Nats(acker) => acker
+                .double_ack()
+                .await
+                .map_err(|e| BusError::Unavailable(e.to_string())),
             Acker::Memory(acker) => {
                 acker.ack();
                 Ok(())
@@ -387,10 +447,22 @@ mod tests {
 
     #[test]
     fn filters_match_like_nats() {
-        assert!(subject_matches("tandem.routing.v1.>", "tandem.routing.v1.handoff.queued.acme"));
-        assert!(subject_matches("tandem.routing.v1.handoff.queued.*", "tandem.routing.v1.handoff.queued.acme"));
-        assert!(!subject_matches("tandem.routing.v1.handoff.queued.*", "tandem.routing.v1.handoff.queued"));
-        assert!(!subject_matches("tandem.routing.v1.handoff.queued.*", "tandem.routing.v1.handoff.offered.acme"));
+        assert!(subject_matches(
+            "tandem.routing.v1.>",
+            "tandem.routing.v1.handoff.queued.acme"
+        ));
+        assert!(subject_matches(
+            "tandem.routing.v1.handoff.queued.*",
+            "tandem.routing.v1.handoff.queued.acme"
+        ));
+        assert!(!subject_matches(
+            "tandem.routing.v1.handoff.queued.*",
+            "tandem.routing.v1.handoff.queued"
+        ));
+        assert!(!subject_matches(
+            "tandem.routing.v1.handoff.queued.*",
+            "tandem.routing.v1.handoff.offered.acme"
+        ));
         assert!(subject_matches("a.b", "a.b"));
         assert!(!subject_matches("a.b", "a.b.c"));
     }

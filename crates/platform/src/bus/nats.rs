@@ -41,7 +41,11 @@ impl NatsBus {
             .timeout(Duration::from_secs(5))
             .max_ack_inflight(4096)
             .build(client.clone());
-        Self { client, jetstream, cfg: cfg.clone() }
+        Self {
+            client,
+            jetstream,
+            cfg: cfg.clone(),
+        }
     }
 
     /// Returns the underlying client.
@@ -64,7 +68,10 @@ impl NatsBus {
                 discard: stream::DiscardPolicy::Old,
                 ..Default::default()
             };
-            self.jetstream.create_or_update_stream(config).await.map_err(unavailable)?;
+            self.jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }
@@ -92,7 +99,11 @@ impl NatsBus {
 
     /// Gets or creates the durable pull consumer and starts its message stream.
     pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<NatsConsumer, BusError> {
-        let stream = self.jetstream.get_stream(spec.stream.name).await.map_err(unavailable)?;
+        let stream = self
+            .jetstream
+            .get_stream(spec.stream.name)
+            .await
+            .map_err(unavailable)?;
         let config = consumer::pull::Config {
             durable_name: Some(spec.durable.clone()),
             description: Some(format!("tandem consumer {}", spec.durable)),
@@ -106,9 +117,15 @@ impl NatsBus {
             ..Default::default()
         };
         // An existing durable keeps its delivery state; its settings are brought up to date.
-        let consumer: consumer::PullConsumer = match stream.get_consumer::<consumer::pull::Config>(&spec.durable).await {
+        let consumer: consumer::PullConsumer = match stream
+            .get_consumer::<consumer::pull::Config>(&spec.durable)
+            .await
+        {
             Ok(_) => stream.update_consumer(config).await.map_err(unavailable)?,
-            Err(_) => stream.get_or_create_consumer(&spec.durable, config).await.map_err(unavailable)?,
+            Err(_) => stream
+                .get_or_create_consumer(&spec.durable, config)
+                .await
+                .map_err(unavailable)?,
         };
         let messages = consumer
             .stream()
@@ -145,7 +162,10 @@ impl NatsConsumer {
                 }
                 Some(Ok(message)) => message,
             };
-            let attempt = message.info().map(|info| info.delivered.max(1) as u64).unwrap_or(1);
+            let attempt = message
+                .info()
+                .map(|info| info.delivered.max(1) as u64)
+                .unwrap_or(1);
             let (message, acker) = message.split();
             let mut headers = BTreeMap::new();
             if let Some(map) = &message.headers {
@@ -156,7 +176,13 @@ impl NatsConsumer {
                 }
             }
             match RawEvent::from_parts(message.subject.as_str(), headers, message.payload) {
-                Ok(event) => return Ok(Delivery { event, attempt, acker: Acker::Nats(acker) }),
+                Ok(event) => {
+                    return Ok(Delivery {
+                        event,
+                        attempt,
+                        acker: Acker::Nats(acker),
+                    });
+                }
                 Err(error) => {
                     tracing::error!(%error, subject = %message.subject, "dropping malformed event");
                     let _ = acker.ack_with(jetstream::AckKind::Term).await;

