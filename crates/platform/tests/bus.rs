@@ -535,13 +535,19 @@ async fn broker_restart_mid_stream_loses_nothing(mut rig: Rig) {
 }
 
 /// Fails the first attempt of some events (transiently), recording the order of successes.
+/// Like every handler it is idempotent: an event already applied is skipped (the inbox's job
+/// in a service), because a failed batch is retried as a whole.
 struct Ordered {
     seen: Arc<Mutex<BTreeMap<String, Vec<i64>>>>,
+    applied: Mutex<HashSet<String>>,
     attempts: Mutex<HashMap<String, u32>>,
 }
 
 impl Handler for Ordered {
     async fn handle(&self, event: &RawEvent) -> Result<(), HandlerError> {
+        if self.applied.lock().unwrap().contains(&event.id) {
+            return Ok(());
+        }
         let envelope = event.decode::<MessagePosted>()?;
         let seq = envelope.event.message.map_or(0, |m| m.sequence);
         let first_try = {
@@ -561,6 +567,7 @@ impl Handler for Ordered {
             .entry(envelope.event.conversation_id)
             .or_default()
             .push(seq);
+        self.applied.lock().unwrap().insert(event.id.clone());
         Ok(())
     }
 }
@@ -580,6 +587,7 @@ async fn per_key_order_is_kept(rig: Rig) {
     let seen = Arc::new(Mutex::new(BTreeMap::new()));
     let handler = Ordered {
         seen: Arc::clone(&seen),
+        applied: Mutex::new(HashSet::new()),
         attempts: Mutex::new(HashMap::new()),
     };
     let stop = CancellationToken::new();
