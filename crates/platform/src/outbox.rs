@@ -10,13 +10,13 @@
 //! With PostgreSQL, replicas elect one relay through an advisory lock so that events leave in
 //! commit order; the others stand by and take over when the holder's session ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, QueryBuilder, Row as _, SqliteConnection};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, RawEvent};
@@ -100,6 +100,9 @@ pub enum OutboxError {
     /// The broker failed.
     #[error("outbox publish failed")]
     Bus(#[from] BusError),
+    /// The relay is shutting down.
+    #[error("outbox relay closed")]
+    Closed,
     /// A stored row is not a valid event.
     #[error("corrupt outbox row {seq}: {reason}")]
     Corrupt {
@@ -121,7 +124,14 @@ pub struct OutboxRelay {
     bus: Bus,
     cfg: OutboxConfig,
     waker: OutboxWaker,
+    /// Rows published whose deletion is still running; the next rounds skip them, so deletion
+    /// stays off the path of the next events.
+    settling: Arc<std::sync::Mutex<HashSet<i64>>>,
+    settle_slots: Arc<Semaphore>,
 }
+
+/// Deletions of published rows that may run at once.
+const SETTLE_CONCURRENCY: usize = 4;
 
 impl OutboxRelay {
     /// Creates a relay for a service's database.
@@ -131,6 +141,8 @@ impl OutboxRelay {
             bus,
             cfg,
             waker: OutboxWaker::default(),
+            settling: Arc::default(),
+            settle_slots: Arc::new(Semaphore::new(SETTLE_CONCURRENCY)),
         }
     }
 
@@ -242,27 +254,69 @@ impl OutboxRelay {
 
     /// Publishes one batch of unpublished rows; returns how many were published.
     pub async fn publish_pending(&self) -> Result<usize, OutboxError> {
-        let rows = self.load_batch().await?;
+        let settling: HashSet<i64> = self.lock_settling().clone();
+        let rows = self.load_batch(&settling).await?;
         if rows.is_empty() {
             metrics::gauge!(OUTBOX_PENDING).set(0.0);
             return Ok(0);
         }
         let events: Vec<RawEvent> = rows.iter().map(|row| row.event.clone()).collect();
         self.bus.publish_batch(&events).await?;
-        let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();
-        self.settle(&seqs).await?;
         metrics::counter!(OUTBOX_PUBLISHED_TOTAL).increment(rows.len() as u64);
+
+        let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();
+        self.lock_settling().extend(seqs.iter().copied());
+        let permit = Arc::clone(&self.settle_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        let (db, retention, settling) = (
+            self.db.clone(),
+            self.cfg.retention,
+            Arc::clone(&self.settling),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = settle(&db, retention, &seqs).await {
+                // The rows stay and are published again; de-duplication absorbs the repeat.
+                tracing::warn!(error = %crate::error::DisplayChain(&error), "cannot delete published outbox rows");
+            }
+            let mut settling = settling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for seq in &seqs {
+                settling.remove(seq);
+            }
+            drop(permit);
+        });
         Ok(rows.len())
     }
 
-    async fn load_batch(&self) -> Result<Vec<Row>, OutboxError> {
-        const SELECT: &str = "SELECT seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
-             FROM tandem_outbox WHERE published_at IS NULL ORDER BY seq LIMIT ";
+    fn lock_settling(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.settling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until every deletion of published rows has finished.
+    pub async fn settled(&self) {
+        let _all = self
+            .settle_slots
+            .acquire_many(SETTLE_CONCURRENCY as u32)
+            .await;
+    }
+
+    /// Reads the next unpublished rows, leaving out those whose deletion is under way.
+    async fn load_batch(&self, skip: &HashSet<i64>) -> Result<Vec<Row>, OutboxError> {
+        const COLUMNS: &str = "SELECT seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
+             FROM tandem_outbox WHERE published_at IS NULL";
         let limit = i64::from(self.cfg.batch_size);
+        let skip: Vec<i64> = skip.iter().copied().collect();
         match &self.db {
             Db::Postgres(pool) => {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}$1")))
+                let sql = format!("{COLUMNS} AND seq <> ALL($2) ORDER BY seq LIMIT $1");
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(limit)
+                    .bind(&skip)
                     .fetch_all(pool)
                     .await?;
                 rows.iter()
@@ -273,8 +327,12 @@ impl OutboxRelay {
                     .collect()
             }
             Db::Sqlite(pool) => {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT}?1")))
+                let sql = format!(
+                    "{COLUMNS} AND seq NOT IN (SELECT value FROM json_each(?2)) ORDER BY seq LIMIT ?1"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(limit)
+                    .bind(serde_json::to_string(&skip).unwrap_or_else(|_| "[]".into()))
                     .fetch_all(pool)
                     .await?;
                 rows.iter()
@@ -294,53 +352,6 @@ impl OutboxRelay {
         }
     }
 
-    async fn settle(&self, seqs: &[i64]) -> Result<(), OutboxError> {
-        let delete = self.cfg.retention.is_zero();
-        match &self.db {
-            Db::Postgres(pool) => {
-                let sql = if delete {
-                    "DELETE FROM tandem_outbox WHERE seq = ANY($1)"
-                } else {
-                    "UPDATE tandem_outbox SET published_at = now() WHERE seq = ANY($1)"
-                };
-                sqlx::query(sql).bind(seqs).execute(pool).await?;
-                if !delete {
-                    let cutoff = Utc::now()
-                        - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default();
-                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1")
-                        .bind(cutoff)
-                        .execute(pool)
-                        .await?;
-                }
-            }
-            Db::Sqlite(pool) => {
-                let mut builder = if delete {
-                    QueryBuilder::new("DELETE FROM tandem_outbox WHERE seq IN (")
-                } else {
-                    QueryBuilder::new(
-                        "UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (",
-                    )
-                };
-                let mut list = builder.separated(", ");
-                for seq in seqs {
-                    list.push_bind(*seq);
-                }
-                builder.push(")");
-                builder.build().execute(pool).await?;
-                if !delete {
-                    let cutoff = (Utc::now()
-                        - chrono::Duration::from_std(self.cfg.retention).unwrap_or_default())
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                    sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1")
-                        .bind(cutoff)
-                        .execute(pool)
-                        .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Returns how many rows wait to be published.
     pub async fn pending(&self) -> Result<i64, OutboxError> {
         const COUNT: &str = "SELECT COUNT(*) FROM tandem_outbox WHERE published_at IS NULL";
@@ -349,6 +360,52 @@ impl OutboxRelay {
             Db::Sqlite(pool) => sqlx::query_scalar(COUNT).fetch_one(pool).await?,
         })
     }
+}
+
+async fn settle(db: &Db, retention: Duration, seqs: &[i64]) -> Result<(), OutboxError> {
+    let delete = retention.is_zero();
+    match db {
+        Db::Postgres(pool) => {
+            let sql = if delete {
+                "DELETE FROM tandem_outbox WHERE seq = ANY($1)"
+            } else {
+                "UPDATE tandem_outbox SET published_at = now() WHERE seq = ANY($1)"
+            };
+            sqlx::query(sql).bind(seqs).execute(pool).await?;
+            if !delete {
+                let cutoff = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+                sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1")
+                    .bind(cutoff)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Db::Sqlite(pool) => {
+            let mut builder = if delete {
+                QueryBuilder::new("DELETE FROM tandem_outbox WHERE seq IN (")
+            } else {
+                QueryBuilder::new(
+                    "UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (",
+                )
+            };
+            let mut list = builder.separated(", ");
+            for seq in seqs {
+                list.push_bind(*seq);
+            }
+            builder.push(")");
+            builder.build().execute(pool).await?;
+            if !delete {
+                let cutoff = (Utc::now()
+                    - chrono::Duration::from_std(retention).unwrap_or_default())
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1")
+                    .bind(cutoff)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn row_from<R>(seq: i64, r: &R, occurred_at: DateTime<Utc>) -> Result<Row, OutboxError>

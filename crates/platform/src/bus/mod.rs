@@ -398,11 +398,13 @@ enum Acker {
 }
 
 impl Delivery {
-    /// Confirms processing; the broker will not redeliver (a double ack on JetStream).
+    /// Confirms processing. On JetStream this is a plain (fire-and-forget) ack: if it is lost,
+    /// the event is redelivered and the consumer's inbox skips it, so waiting for the broker to
+    /// confirm it (a double ack) would only add a round trip per event.
     pub async fn ack(self) -> Result<(), BusError> {
         match self.acker {
             Acker::Nats(acker) => acker
-                .double_ack()
+                .ack()
                 .await
                 .map_err(|e| BusError::Unavailable(e.to_string())),
             Acker::Memory(acker) => {
