@@ -330,7 +330,6 @@ async fn tandem_path(nats_url: &str, db_url: String, durable: &str) -> TandemPat
     tokio::spawn(relay.run(stop.clone()));
     let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3).unwrap()));
     let received = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3).unwrap()));
-    let received = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3).unwrap()));
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let spec = ConsumerSpec::new(durable, &DIALOG, &bus_cfg).event::<MessagePosted>();
     let consumer = bus.consumer(&spec).await.unwrap();
