@@ -144,6 +144,7 @@ where
                 let mut result = future.await;
                 if let Ok(response) = &mut result {
                     remap_size_limit_status(response.headers_mut());
+                    remap_decode_failure_status(response.headers_mut());
                 }
                 if !is_probe {
                     let code = match &result {
@@ -175,9 +176,81 @@ fn remap_size_limit_status(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The start of the text tonic-prost gives a request that is not a valid protobuf message
+/// (`prost::DecodeError`'s `Display`, which tonic-prost 0.14 wraps in INTERNAL).
+const DECODE_FAILURE_TEXT: &str = "failed to decode Protobuf message";
+
+/// tonic answers a request body that does not decode as the method's message with INTERNAL;
+/// the client sent bad input, which our closed error-code set calls INVALID_ARGUMENT. Tandem's
+/// handlers mask the text of their own internal errors ("internal error"), so an INTERNAL
+/// carrying the decode-failure text on a trailers-only response comes from the codec. The text
+/// itself is kept: it says which field failed to decode.
+fn remap_decode_failure_status(headers: &mut http::HeaderMap) {
+    const INTERNAL: &str = "13";
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) == Some(INTERNAL)
+        && headers
+            .get("grpc-message")
+            .is_some_and(|m| percent_decoded_starts_with(m.as_bytes(), DECODE_FAILURE_TEXT))
+    {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+}
+
+/// Tells whether a percent-encoded `grpc-message` value (tonic escapes spaces and a few other
+/// bytes) starts with `prefix`.
+fn percent_decoded_starts_with(encoded: &[u8], prefix: &str) -> bool {
+    let mut encoded = encoded.iter().copied();
+    prefix.bytes().all(|expected| {
+        let byte = match encoded.next() {
+            Some(b'%') => {
+                let hex = [encoded.next(), encoded.next()];
+                match hex {
+                    [Some(high), Some(low)] => std::str::from_utf8(&[high, low])
+                        .ok()
+                        .and_then(|hex| u8::from_str_radix(hex, 16).ok()),
+                    _ => None,
+                }
+            }
+            other => other,
+        };
+        byte == Some(expected)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_failure_text_matches_encoded_and_plain_messages() {
+        let text = DECODE_FAILURE_TEXT;
+        assert!(percent_decoded_starts_with(
+            b"failed%20to%20decode%20Protobuf%20message:%20invalid%20wire%20type",
+            text
+        ));
+        assert!(percent_decoded_starts_with(
+            b"failed to decode Protobuf message: buffer underflow",
+            text
+        ));
+        assert!(!percent_decoded_starts_with(b"internal%20error", text));
+        assert!(!percent_decoded_starts_with(b"failed%20to%2", text));
+        assert!(!percent_decoded_starts_with(b"failed%zzto", text));
+    }
+
+    #[test]
+    fn only_internal_decode_failures_become_invalid_argument() {
+        let headers = |status: &'static str, message: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-status", http::HeaderValue::from_static(status));
+            headers.insert("grpc-message", http::HeaderValue::from_static(message));
+            remap_decode_failure_status(&mut headers);
+            headers["grpc-status"].to_str().unwrap().to_owned()
+        };
+        let decode_failure = "failed%20to%20decode%20Protobuf%20message:%20invalid%20varint";
+        assert_eq!(headers("13", decode_failure), "3");
+        assert_eq!(headers("13", "internal%20error"), "13");
+        assert_eq!(headers("2", decode_failure), "2");
+    }
 
     #[test]
     fn bus_headers_carry_the_trace_across() {

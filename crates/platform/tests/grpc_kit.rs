@@ -1,5 +1,5 @@
 //! The gRPC server kit as a client sees it, over real loopback sockets: health, reflection,
-//! authentication, limits, graceful shutdown and trace context.
+//! authentication, limits, malformed requests, graceful shutdown and trace context.
 //!
 //! The business service is the generated `PolicyService` with a test implementation whose
 //! `GetScenario` echoes the verified caller back; every other method is unimplemented.
@@ -552,6 +552,101 @@ async fn oversized_request_is_resource_exhausted() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+/// A codec that sends and receives message bodies as raw bytes, so a test can put anything on
+/// the wire, including bytes that are no protobuf message at all.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Calls `GetScenario` with `body` as the request message, exactly as given.
+async fn get_scenario_raw(
+    channel: &Channel,
+    token: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let mut client = tonic::client::Grpc::new(channel.clone());
+    client.ready().await.unwrap();
+    let mut request = Request::new(body);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let path = http::uri::PathAndQuery::from_static("/tandem.policy.v1.PolicyService/GetScenario");
+    let response = client.unary(request, path, RawCodec).await?;
+    Ok(response.into_inner())
+}
+
+#[tokio::test]
+async fn request_that_is_not_a_protobuf_message_is_invalid_argument() {
+    use prost::Message as _;
+
+    let auth = dev_auth();
+    let server = start(GrpcConfig::default(), &auth).await;
+    let token = token(&auth, "acme");
+
+    let status = get_scenario_raw(&server.channel, &token, vec![0xff, 0xff, 0xff])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("failed to decode Protobuf message"),
+        "{status:?}"
+    );
+
+    let valid = policy::GetScenarioRequest {
+        scenario_id: "billing".into(),
+    };
+    let answer = get_scenario_raw(&server.channel, &token, valid.encode_to_vec())
+        .await
+        .unwrap();
+    let scenario = policy::GetScenarioResponse::decode(answer.as_slice())
+        .unwrap()
+        .scenario
+        .unwrap();
+    assert_eq!(scenario.id, "billing");
+    assert_eq!(scenario.names["tenant"], "acme");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,10 @@ impl RawEvent {
         ordering_key: Option<String>,
         occurred_at: DateTime<Utc>,
     ) -> Self {
+        use chrono::SubsecRound as _;
+        // Microseconds are what headers and both databases keep; round here so an event reads
+        // back exactly as it was written.
+        let occurred_at = occurred_at.trunc_subsecs(6);
         let mut headers = BTreeMap::new();
         crate::propagation::inject_current(&mut headers);
         Self {
