@@ -5,6 +5,8 @@
 //! event finds its claim and is skipped; a crash before commit leaves no claim, so the event is
 //! handled again on redelivery.
 
+use std::collections::HashSet;
+
 use chrono::Utc;
 use sqlx::{PgConnection, SqliteConnection};
 
@@ -74,23 +76,8 @@ pub async fn claim_batch_pg(
     conn: &mut PgConnection,
     consumer: &str,
     event_ids: &[&str],
-) -> Result<std::collections::HashSet<String>, sqlx::Error> {
-    if event_ids.is_empty() {
-        return Ok(Default::default());
-    }
-    let mut builder = sqlx::QueryBuilder::new("INSERT INTO tandem_inbox (consumer, event_id) ");
-    builder.push_values(event_ids, |mut row, id| {
-        row.push_bind(consumer).push_bind(*id);
-    });
-    builder.push(" ON CONFLICT DO NOTHING RETURNING event_id");
-    let fresh: std::collections::HashSet<String> = builder
-        .build_query_scalar()
-        .fetch_all(conn)
-        .await?
-        .into_iter()
-        .collect();
-    count_duplicates(consumer, event_ids.len() - fresh.len());
-    Ok(fresh)
+) -> Result<HashSet<String>, sqlx::Error> {
+    claim_batch::<sqlx::Postgres>(conn, consumer, event_ids).await
 }
 
 /// Records that `consumer` handles each of `event_ids`; returns those it had not handled yet.
@@ -98,18 +85,37 @@ pub async fn claim_batch_sqlite(
     conn: &mut SqliteConnection,
     consumer: &str,
     event_ids: &[&str],
-) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+) -> Result<HashSet<String>, sqlx::Error> {
+    claim_batch::<sqlx::Sqlite>(conn, consumer, event_ids).await
+}
+
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING` is the same statement on both engines.
+async fn claim_batch<DB>(
+    conn: &mut DB::Connection,
+    consumer: &str,
+    event_ids: &[&str],
+) -> Result<HashSet<String>, sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> (String,): sqlx::FromRow<'r, DB::Row>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
     if event_ids.is_empty() {
-        return Ok(Default::default());
+        return Ok(HashSet::new());
     }
-    let mut builder = sqlx::QueryBuilder::new("INSERT INTO tandem_inbox (consumer, event_id) ");
+    let mut builder =
+        sqlx::QueryBuilder::<DB>::new("INSERT INTO tandem_inbox (consumer, event_id) ");
     builder.push_values(event_ids, |mut row, id| {
         row.push_bind(consumer).push_bind(*id);
     });
     builder.push(" ON CONFLICT DO NOTHING RETURNING event_id");
-    let fresh: std::collections::HashSet<String> = builder
-        .build_query_scalar()
-        .fetch_all(conn)
+    let fresh: HashSet<String> = builder
+        .build_query_scalar::<String>()
+        .fetch_all(&mut *conn)
         .await?
         .into_iter()
         .collect();

@@ -27,7 +27,13 @@ enum Keep {
 async fn postgres() -> (Db, Keep) {
     let pg = tandem_testkit::Postgres::start().await.unwrap();
     let url = pg.fresh_database().await.unwrap();
-    let db = Db::connect(&DatabaseConfig { url: Secret::new(url), schema: "svc".into(), ..DatabaseConfig::default() }).await.unwrap();
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        schema: "svc".into(),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
     db.migrate(None).await.unwrap();
     (db, Keep::Postgres(pg))
 }
@@ -35,7 +41,12 @@ async fn postgres() -> (Db, Keep) {
 async fn sqlite() -> (Db, Keep) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("svc.db").display());
-    let db = Db::connect(&DatabaseConfig { url: Secret::new(url), ..DatabaseConfig::default() }).await.unwrap();
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
     db.migrate(None).await.unwrap();
     (db, Keep::Sqlite(dir))
 }
@@ -46,7 +57,10 @@ fn events(n: i64) -> Vec<RawEvent> {
         .map(|seq| {
             let event = MessagePosted {
                 conversation_id: "c1".into(),
-                message: Some(Message { sequence: seq, ..Message::default() }),
+                message: Some(Message {
+                    sequence: seq,
+                    ..Message::default()
+                }),
                 ..MessagePosted::default()
             };
             RawEvent::new(&tenant, &event, Some("c1".into()))
@@ -55,7 +69,14 @@ fn events(n: i64) -> Vec<RawEvent> {
 }
 
 fn relay(db: &Db, bus: &Bus) -> OutboxRelay {
-    OutboxRelay::new(db.clone(), bus.clone(), OutboxConfig { batch_size: 7, ..OutboxConfig::default() })
+    OutboxRelay::new(
+        db.clone(),
+        bus.clone(),
+        OutboxConfig {
+            batch_size: 7,
+            ..OutboxConfig::default()
+        },
+    )
 }
 
 async fn enqueue(db: &Db, events: &[RawEvent], commit: bool) {
@@ -63,12 +84,20 @@ async fn enqueue(db: &Db, events: &[RawEvent], commit: bool) {
         Db::Postgres(pool) => {
             let mut tx = pool.begin().await.unwrap();
             outbox::enqueue_pg(&mut tx, events).await.unwrap();
-            if commit { tx.commit().await.unwrap() } else { tx.rollback().await.unwrap() }
+            if commit {
+                tx.commit().await.unwrap()
+            } else {
+                tx.rollback().await.unwrap()
+            }
         }
         Db::Sqlite(pool) => {
             let mut tx = pool.begin().await.unwrap();
             outbox::enqueue_sqlite(&mut tx, events).await.unwrap();
-            if commit { tx.commit().await.unwrap() } else { tx.rollback().await.unwrap() }
+            if commit {
+                tx.commit().await.unwrap()
+            } else {
+                tx.rollback().await.unwrap()
+            }
         }
     }
 }
@@ -78,13 +107,21 @@ async fn claim(db: &Db, consumer: &str, id: &str, commit: bool) -> bool {
         Db::Postgres(pool) => {
             let mut tx = pool.begin().await.unwrap();
             let fresh = inbox::claim_pg(&mut tx, consumer, id).await.unwrap();
-            if commit { tx.commit().await.unwrap() } else { tx.rollback().await.unwrap() }
+            if commit {
+                tx.commit().await.unwrap()
+            } else {
+                tx.rollback().await.unwrap()
+            }
             fresh
         }
         Db::Sqlite(pool) => {
             let mut tx = pool.begin().await.unwrap();
             let fresh = inbox::claim_sqlite(&mut tx, consumer, id).await.unwrap();
-            if commit { tx.commit().await.unwrap() } else { tx.rollback().await.unwrap() }
+            if commit {
+                tx.commit().await.unwrap()
+            } else {
+                tx.rollback().await.unwrap()
+            }
             fresh
         }
     }
@@ -100,7 +137,9 @@ async fn claim_batch(db: &Db, consumer: &str, ids: &[&str]) -> Vec<String> {
         }
         Db::Sqlite(pool) => {
             let mut tx = pool.begin().await.unwrap();
-            let fresh = inbox::claim_batch_sqlite(&mut tx, consumer, ids).await.unwrap();
+            let fresh = inbox::claim_batch_sqlite(&mut tx, consumer, ids)
+                .await
+                .unwrap();
             tx.commit().await.unwrap();
             fresh
         }
@@ -118,7 +157,11 @@ async fn outbox_rows_live_and_die_with_their_transaction(db: Db) {
     bus.ensure_streams().await.unwrap();
     let relay = relay(&db, &bus);
     enqueue(&db, &events(5), false).await;
-    assert_eq!(relay.pending().await.unwrap(), 0, "a rolled-back change leaves no event behind");
+    assert_eq!(
+        relay.pending().await.unwrap(),
+        0,
+        "a rolled-back change leaves no event behind"
+    );
     enqueue(&db, &events(5), true).await;
     assert_eq!(relay.pending().await.unwrap(), 5);
     let twice = events(1);
@@ -150,7 +193,10 @@ async fn relay_publishes_in_commit_order_and_empties_the_outbox(db: Db) {
     let spec = ConsumerSpec::new("order", &DIALOG, &BusConfig::default()).event::<MessagePosted>();
     let mut consumer = bus.consumer(&spec).await.unwrap();
     for expected in &sent {
-        let delivery = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await.unwrap().unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(2), consumer.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(delivery.event.id, expected.id);
         assert_eq!(delivery.event.payload, expected.payload);
         assert_eq!(delivery.event.occurred_at, expected.occurred_at);
@@ -160,12 +206,28 @@ async fn relay_publishes_in_commit_order_and_empties_the_outbox(db: Db) {
 
 async fn inbox_claims_each_event_once_per_consumer(db: Db) {
     assert!(claim(&db, "routing-handoffs", "e1", true).await);
-    assert!(!claim(&db, "routing-handoffs", "e1", true).await, "a redelivery is recognised");
-    assert!(claim(&db, "feedback-metrics", "e1", true).await, "consumers are independent");
+    assert!(
+        !claim(&db, "routing-handoffs", "e1", true).await,
+        "a redelivery is recognised"
+    );
+    assert!(
+        claim(&db, "feedback-metrics", "e1", true).await,
+        "consumers are independent"
+    );
     assert!(claim(&db, "routing-handoffs", "e2", false).await);
-    assert!(claim(&db, "routing-handoffs", "e2", true).await, "a claim rolled back with its effect is not kept");
-    assert_eq!(claim_batch(&db, "routing-handoffs", &["e1", "e2", "e3", "e4"]).await, ["e3", "e4"]);
-    assert!(claim_batch(&db, "routing-handoffs", &["e3", "e4"]).await.is_empty());
+    assert!(
+        claim(&db, "routing-handoffs", "e2", true).await,
+        "a claim rolled back with its effect is not kept"
+    );
+    assert_eq!(
+        claim_batch(&db, "routing-handoffs", &["e1", "e2", "e3", "e4"]).await,
+        ["e3", "e4"]
+    );
+    assert!(
+        claim_batch(&db, "routing-handoffs", &["e3", "e4"])
+            .await
+            .is_empty()
+    );
 }
 
 async fn inbox_prune_keeps_recent_claims(db: Db) {
