@@ -254,8 +254,73 @@ impl OutboxRelay {
 
     /// Publishes one batch of unpublished rows; returns how many were published.
     pub async fn publish_pending(&self) -> Result<usize, OutboxError> {
+        match &self.db {
+            Db::Postgres(pool) => self.publish_pending_pg(pool).await,
+            Db::Sqlite(pool) => self.publish_pending_sqlite(pool).await,
+        }
+    }
+
+    /// PostgreSQL: claim the batch by deleting it (or marking it) in a transaction that stays
+    /// open while the events are published, and commit once the broker has them. A failed
+    /// publish rolls the claim back. The commit runs off the path of the next batch, whose
+    /// claim skips the rows still locked by it, so one read per batch does all the work.
+    async fn publish_pending_pg(&self, pool: &sqlx::PgPool) -> Result<usize, OutboxError> {
+        const CLAIMED: &str = "(SELECT seq FROM tandem_outbox WHERE published_at IS NULL \
+             ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload";
+        let claim = if self.cfg.retention.is_zero() {
+            format!("DELETE FROM tandem_outbox WHERE seq IN {CLAIMED}")
+        } else {
+            format!("UPDATE tandem_outbox SET published_at = now() WHERE seq IN {CLAIMED}")
+        };
+        let mut tx = pool.begin().await?;
+        let claimed = sqlx::query(sqlx::AssertSqlSafe(claim))
+            .bind(i64::from(self.cfg.batch_size))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut rows = claimed
+            .iter()
+            .map(|r| {
+                let occurred_at: DateTime<Utc> = r.try_get("occurred_at")?;
+                row_from(r.try_get("seq")?, r, occurred_at)
+            })
+            .collect::<Result<Vec<Row>, OutboxError>>()?;
+        if rows.is_empty() {
+            metrics::gauge!(OUTBOX_PENDING).set(0.0);
+            return Ok(0);
+        }
+        rows.sort_by_key(|row| row.seq);
+        let events: Vec<RawEvent> = rows.iter().map(|row| row.event.clone()).collect();
+        self.bus.publish_batch(&events).await?;
+        metrics::counter!(OUTBOX_PUBLISHED_TOTAL).increment(rows.len() as u64);
+
+        let permit = Arc::clone(&self.settle_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        let retention = self.cfg.retention;
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            if let Err(error) = tx.commit().await {
+                // The claim is undone and the rows are published again; de-duplication absorbs it.
+                tracing::warn!(%error, "cannot commit published outbox rows");
+            } else if !retention.is_zero() {
+                let cutoff = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+                let _ = sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1")
+                    .bind(cutoff)
+                    .execute(&pool)
+                    .await;
+            }
+            drop(permit);
+        });
+        Ok(rows.len())
+    }
+
+    /// SQLite (one writer, the standalone mode): read, publish, then delete off the path of
+    /// the next batch, whose read skips the rows being deleted.
+    async fn publish_pending_sqlite(&self, pool: &sqlx::SqlitePool) -> Result<usize, OutboxError> {
         let settling: HashSet<i64> = self.lock_settling().clone();
-        let rows = self.load_batch(&settling).await?;
+        let rows = self.load_batch_sqlite(pool, &settling).await?;
         if rows.is_empty() {
             metrics::gauge!(OUTBOX_PENDING).set(0.0);
             return Ok(0);
@@ -270,13 +335,10 @@ impl OutboxRelay {
             .acquire_owned()
             .await
             .map_err(|_| OutboxError::Closed)?;
-        let (db, retention, settling) = (
-            self.db.clone(),
-            self.cfg.retention,
-            Arc::clone(&self.settling),
-        );
+        let (pool, retention, settling) =
+            (pool.clone(), self.cfg.retention, Arc::clone(&self.settling));
         tokio::spawn(async move {
-            if let Err(error) = settle(&db, retention, &seqs).await {
+            if let Err(error) = settle_sqlite(&pool, retention, &seqs).await {
                 // The rows stay and are published again; de-duplication absorbs the repeat.
                 tracing::warn!(error = %crate::error::DisplayChain(&error), "cannot delete published outbox rows");
             }
@@ -305,51 +367,34 @@ impl OutboxRelay {
             .await;
     }
 
-    /// Reads the next unpublished rows, leaving out those whose deletion is under way.
-    async fn load_batch(&self, skip: &HashSet<i64>) -> Result<Vec<Row>, OutboxError> {
-        const COLUMNS: &str = "SELECT seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
-             FROM tandem_outbox WHERE published_at IS NULL";
-        let limit = i64::from(self.cfg.batch_size);
+    /// Reads the next unpublished SQLite rows, leaving out those whose deletion is under way.
+    async fn load_batch_sqlite(
+        &self,
+        pool: &sqlx::SqlitePool,
+        skip: &HashSet<i64>,
+    ) -> Result<Vec<Row>, OutboxError> {
+        const SELECT: &str = "SELECT seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
+             FROM tandem_outbox WHERE published_at IS NULL \
+             AND seq NOT IN (SELECT value FROM json_each(?2)) ORDER BY seq LIMIT ?1";
         let skip: Vec<i64> = skip.iter().copied().collect();
-        match &self.db {
-            Db::Postgres(pool) => {
-                let sql = format!("{COLUMNS} AND seq <> ALL($2) ORDER BY seq LIMIT $1");
-                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(limit)
-                    .bind(&skip)
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter()
-                    .map(|r| {
-                        let occurred_at: DateTime<Utc> = r.try_get("occurred_at")?;
-                        row_from(r.try_get("seq")?, r, occurred_at)
-                    })
-                    .collect()
-            }
-            Db::Sqlite(pool) => {
-                let sql = format!(
-                    "{COLUMNS} AND seq NOT IN (SELECT value FROM json_each(?2)) ORDER BY seq LIMIT ?1"
-                );
-                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(limit)
-                    .bind(serde_json::to_string(&skip).unwrap_or_else(|_| "[]".into()))
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter()
-                    .map(|r| {
-                        let seq: i64 = r.try_get("seq")?;
-                        let text: String = r.try_get("occurred_at")?;
-                        let occurred_at = DateTime::parse_from_rfc3339(&text)
-                            .map_err(|e| OutboxError::Corrupt {
-                                seq,
-                                reason: e.to_string(),
-                            })?
-                            .with_timezone(&Utc);
-                        row_from(seq, r, occurred_at)
-                    })
-                    .collect()
-            }
-        }
+        let rows = sqlx::query(SELECT)
+            .bind(i64::from(self.cfg.batch_size))
+            .bind(serde_json::to_string(&skip).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq")?;
+                let text: String = r.try_get("occurred_at")?;
+                let occurred_at = DateTime::parse_from_rfc3339(&text)
+                    .map_err(|e| OutboxError::Corrupt {
+                        seq,
+                        reason: e.to_string(),
+                    })?
+                    .with_timezone(&Utc);
+                row_from(seq, r, occurred_at)
+            })
+            .collect()
     }
 
     /// Returns how many rows wait to be published.
@@ -362,48 +407,32 @@ impl OutboxRelay {
     }
 }
 
-async fn settle(db: &Db, retention: Duration, seqs: &[i64]) -> Result<(), OutboxError> {
-    let delete = retention.is_zero();
-    match db {
-        Db::Postgres(pool) => {
-            let sql = if delete {
-                "DELETE FROM tandem_outbox WHERE seq = ANY($1)"
-            } else {
-                "UPDATE tandem_outbox SET published_at = now() WHERE seq = ANY($1)"
-            };
-            sqlx::query(sql).bind(seqs).execute(pool).await?;
-            if !delete {
-                let cutoff = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
-                sqlx::query("DELETE FROM tandem_outbox WHERE published_at < $1")
-                    .bind(cutoff)
-                    .execute(pool)
-                    .await?;
-            }
-        }
-        Db::Sqlite(pool) => {
-            let mut builder = if delete {
-                QueryBuilder::new("DELETE FROM tandem_outbox WHERE seq IN (")
-            } else {
-                QueryBuilder::new(
-                    "UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (",
-                )
-            };
-            let mut list = builder.separated(", ");
-            for seq in seqs {
-                list.push_bind(*seq);
-            }
-            builder.push(")");
-            builder.build().execute(pool).await?;
-            if !delete {
-                let cutoff = (Utc::now()
-                    - chrono::Duration::from_std(retention).unwrap_or_default())
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1")
-                    .bind(cutoff)
-                    .execute(pool)
-                    .await?;
-            }
-        }
+/// Deletes (or marks, with a retention) published SQLite rows.
+async fn settle_sqlite(
+    pool: &sqlx::SqlitePool,
+    retention: Duration,
+    seqs: &[i64],
+) -> Result<(), OutboxError> {
+    let mut builder = if retention.is_zero() {
+        QueryBuilder::new("DELETE FROM tandem_outbox WHERE seq IN (")
+    } else {
+        QueryBuilder::new(
+            "UPDATE tandem_outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE seq IN (",
+        )
+    };
+    let mut list = builder.separated(", ");
+    for seq in seqs {
+        list.push_bind(*seq);
+    }
+    builder.push(")");
+    builder.build().execute(pool).await?;
+    if !retention.is_zero() {
+        let cutoff = (Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default())
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        sqlx::query("DELETE FROM tandem_outbox WHERE published_at < ?1")
+            .bind(cutoff)
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }
