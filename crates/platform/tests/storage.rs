@@ -18,7 +18,11 @@ use tandem_proto::ids::TenantId;
 use tandem_proto::pb::dialog::v1::{Message, MessagePosted};
 
 /// Keeps the engine's server or directory alive for the test.
-#[allow(dead_code, clippy::large_enum_variant, reason = "held for its Drop, one per test")]
+#[allow(
+    dead_code,
+    clippy::large_enum_variant,
+    reason = "held for its Drop, one per test"
+)]
 enum Keep {
     Postgres(tandem_testkit::Postgres),
     Sqlite(tempfile::TempDir),
