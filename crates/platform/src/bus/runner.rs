@@ -242,10 +242,10 @@ async fn handle_batch<H: Handler>(
 
 fn record_lag(events: &[RawEvent], options: &RunOptions) {
     let now = chrono::Utc::now();
+    let histogram = metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone());
     for event in events {
         let lag = (now - event.occurred_at).to_std().unwrap_or_default();
-        metrics::histogram!(EVENT_LAG_SECONDS, "consumer" => options.name.clone())
-            .record(lag.as_secs_f64());
+        histogram.record(lag.as_secs_f64());
     }
 }
 
