@@ -26,6 +26,13 @@ run: ## Runs every service in one process on 127.0.0.1:50051 (SQLite, in-process
 build: ## Builds every crate
 	$(CARGO) build --workspace --all-targets
 
+.PHONY: reference
+reference: ## Regenerates docs/reference (AsyncAPI, events, gRPC) from the contracts
+	@mkdir -p docs/reference
+	$(CARGO) run -q -p tandem-cli --bin tandem -- reference asyncapi > docs/reference/asyncapi.yaml
+	$(CARGO) run -q -p tandem-cli --bin tandem -- reference events > docs/reference/events.md
+	$(CARGO) run -q -p tandem-cli --bin tandem -- reference grpc > docs/reference/grpc.md
+
 .PHONY: fmt
 fmt: ## Formats the code
 	$(CARGO) fmt --all

@@ -7,6 +7,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod reference;
 mod standalone;
 mod token;
 
@@ -40,6 +41,11 @@ enum Command {
     },
     /// Prints a development token signed with the configured development key.
     Token(token::Options),
+    /// Prints reference documentation generated from the contracts.
+    Reference {
+        /// asyncapi, events or grpc.
+        kind: reference::Kind,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -69,6 +75,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Token(options) => token::run(options, &env),
+        Command::Reference { kind } => reference::render(kind).map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
