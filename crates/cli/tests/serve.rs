@@ -355,6 +355,23 @@ async fn each_service_runs_as_its_own_process_on_postgres_and_nats() {
         }
     }
 
+    // Services that share one database each elect their own outbox relay (the election lock
+    // is per schema; a database-wide lock would leave all but one service's events unsent).
+    for service in &services {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&service.process.stdout)
+            .unwrap()
+            .contains("outbox relay elected")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no relay elected\n{}",
+                service.process.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     let head = metrics_response_head(metrics_addr).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(
@@ -400,5 +417,33 @@ async fn missing_database_url_and_bad_nats_url_are_refused_together() {
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
         "something listens on {addr}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_is_prompt_while_nats_is_down() {
+    let (nats, postgres) = tokio::join!(NatsServer::start(), Postgres::start());
+    let (mut nats, postgres) = (nats.unwrap(), postgres.unwrap());
+    let database_url = postgres.create_database("tandem").await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let expected = SERVICES.iter().find(|e| e.name == "routing").unwrap();
+    let settings = service_settings(expected.name, addr, &database_url, &nats.url());
+    let mut service = Service {
+        expected,
+        addr,
+        process: Process::spawn(expected.name, &settings, logs.path()),
+    };
+    wait_until_serving(&mut service, Instant::now() + STARTUP_LIMIT).await;
+
+    nats.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(service.process.pid, Signal::SIGTERM).unwrap();
+    let status = service.process.wait_exit(Duration::from_secs(6)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{status:?}\n{}",
+        service.process.output()
     );
 }

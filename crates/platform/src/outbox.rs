@@ -24,8 +24,10 @@ use crate::config::OutboxConfig;
 use crate::db::Db;
 use crate::metrics::{OUTBOX_FAILURES_TOTAL, OUTBOX_PENDING, OUTBOX_PUBLISHED_TOTAL};
 
-/// The advisory lock key that elects the relay of a PostgreSQL schema.
-const RELAY_LOCK_KEY: i64 = 0x7A4E_D000_0B07;
+/// The first half of the advisory lock that elects the relay; the second half is a hash of the
+/// schema, because advisory locks span the whole database and services that share one database
+/// (each in its own schema) must each elect their own relay.
+const RELAY_LOCK_CLASS: i32 = 0x7A4E_0B07;
 
 fn headers_json(event: &RawEvent) -> String {
     serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned())
@@ -160,21 +162,24 @@ impl OutboxRelay {
                 while !shutdown.is_cancelled() {
                     match pool.acquire().await {
                         Ok(mut session) => {
-                            let locked: Result<bool, sqlx::Error> =
-                                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                                    .bind(RELAY_LOCK_KEY)
-                                    .fetch_one(&mut *session)
-                                    .await;
+                            let locked: Result<bool, sqlx::Error> = sqlx::query_scalar(
+                                "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+                            )
+                            .bind(RELAY_LOCK_CLASS)
+                            .fetch_one(&mut *session)
+                            .await;
                             match locked {
                                 Ok(true) => {
                                     tracing::info!("outbox relay elected");
                                     let lost = self
                                         .relay_while_session_lives(&mut session, &shutdown)
                                         .await;
-                                    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                                        .bind(RELAY_LOCK_KEY)
-                                        .execute(&mut *session)
-                                        .await;
+                                    let _ = sqlx::query(
+                                        "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
+                                    )
+                                    .bind(RELAY_LOCK_CLASS)
+                                    .execute(&mut *session)
+                                    .await;
                                     if lost {
                                         session.detach();
                                     }
@@ -233,7 +238,13 @@ impl OutboxRelay {
     /// One publish round followed by a wait when there was nothing more to do. Returns false
     /// when shutting down.
     async fn round(&self, shutdown: &CancellationToken) -> bool {
-        let wait = match self.publish_pending().await {
+        // A broker or database that stopped answering must not hold up shutdown; an abandoned
+        // round leaves its rows unpublished (a PostgreSQL claim rolls back) for the next relay.
+        let published = tokio::select! {
+            published = self.publish_pending() => published,
+            () = shutdown.cancelled() => return false,
+        };
+        let wait = match published {
             Ok(count) if count >= self.cfg.batch_size as usize => Duration::ZERO,
             Ok(_) => self.cfg.poll_interval,
             Err(error) => {

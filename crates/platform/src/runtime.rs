@@ -95,7 +95,17 @@ pub async fn serve<S: Service>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
-    let (db, bus, outbox) = prepare::<S>(&cfg, None, &tracker, &shutdown).await?;
+    // A dependency that is down can make start-up wait; a shutdown request still ends it.
+    let prepared = tokio::select! {
+        prepared = prepare::<S>(&cfg, None, &tracker, &shutdown) => prepared?,
+        () = shutdown.cancelled() => {
+            tracing::info!(service = S::NAME, "shutdown requested during start-up");
+            tracker.close();
+            tracker.wait().await;
+            return Ok(());
+        }
+    };
+    let (db, bus, outbox) = prepared;
     let auth = Arc::new(
         Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?,
     );
@@ -118,11 +128,23 @@ pub async fn serve<S: Service>(
     tracing::info!(service = S::NAME, addr = %listener.local_addr()?, "serving");
     let served = server.serve(listener, shutdown.clone()).await;
     shutdown.cancel();
-    tracker.close();
-    tracker.wait().await;
+    wait_for_tasks(&tracker, cfg.grpc.drain_timeout).await;
     bus.close().await;
     db.close().await;
     served.context("grpc server failed")
+}
+
+/// Waits for background tasks to stop, at most `limit`: a task stuck on an unreachable
+/// dependency must not keep the process alive (whatever it had not finished is redone by the
+/// outbox and the broker's redelivery).
+pub async fn wait_for_tasks(tracker: &TaskTracker, limit: std::time::Duration) {
+    tracker.close();
+    if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = tracker.len(),
+            "background tasks did not stop in time"
+        );
+    }
 }
 
 /// Command-line options every service binary accepts.

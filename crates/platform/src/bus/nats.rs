@@ -138,9 +138,17 @@ impl NatsBus {
         Ok(NatsConsumer { messages })
     }
 
-    /// Flushes pending publishes.
+    /// Flushes pending publishes, waiting at most two seconds: with the server unreachable a
+    /// flush would wait for the reconnection, and shutdown must not.
     pub async fn close(&self) {
-        let _ = self.client.flush().await;
+        if tokio::time::timeout(Duration::from_secs(2), self.client.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "nats unreachable at shutdown; unflushed publishes are re-sent from the outbox"
+            );
+        }
     }
 }
 
