@@ -43,6 +43,34 @@ JetStream drops a re-sent event with the same Nats-Msg-Id within the stream's du
 effect (inbox), so effects happen exactly once. Events of one Tandem-Ordering-Key (a \
 conversation) are published in commit order.";
 
+/// The envelope headers every event carries, with what they mean.
+const ENVELOPE: [(&str, &str); 6] = [
+    (
+        headers::MSG_ID,
+        "The event's unique id (UUIDv7), the de-duplication key.",
+    ),
+    (
+        headers::EVENT_TYPE,
+        "The payload's fully qualified protobuf message name.",
+    ),
+    (
+        headers::TENANT,
+        "The tenant; also the subject's last token.",
+    ),
+    (
+        headers::OCCURRED_AT,
+        "When the fact happened, RFC 3339 with microseconds.",
+    ),
+    (
+        headers::ORDERING_KEY,
+        "The key whose order is kept (usually the conversation id).",
+    ),
+    (
+        headers::TRACEPARENT,
+        "W3C trace context of the operation that caused the event.",
+    ),
+];
+
 struct Contracts {
     files: Vec<FileDescriptorProto>,
 }
@@ -225,32 +253,7 @@ impl Contracts {
             q(headers::OCCURRED_AT)
         );
         let _ = writeln!(out, "        properties:");
-        for (header, description) in [
-            (
-                headers::MSG_ID,
-                "The event's unique id (UUIDv7), the de-duplication key.",
-            ),
-            (
-                headers::EVENT_TYPE,
-                "The payload's fully qualified protobuf message name.",
-            ),
-            (
-                headers::TENANT,
-                "The tenant; also the subject's last token.",
-            ),
-            (
-                headers::OCCURRED_AT,
-                "When the fact happened, RFC 3339 with microseconds.",
-            ),
-            (
-                headers::ORDERING_KEY,
-                "The key whose order is kept (usually the conversation id).",
-            ),
-            (
-                headers::TRACEPARENT,
-                "W3C trace context of the operation that caused the event.",
-            ),
-        ] {
+        for (header, description) in ENVELOPE {
             let _ = writeln!(out, "          {}:", q(header));
             let _ = writeln!(out, "            type: string");
             let _ = writeln!(out, "            description: {}", q(description));
@@ -297,29 +300,7 @@ impl Contracts {
             "Subjects are `tandem.<context>.v1.<entity>.<event>.<tenant>`. The body is the protobuf message; the envelope is in headers:\n"
         );
         let _ = writeln!(out, "| header | meaning |\n|---|---|");
-        for (header, meaning) in [
-            (
-                headers::MSG_ID,
-                "unique event id (UUIDv7), the de-duplication key",
-            ),
-            (
-                headers::EVENT_TYPE,
-                "fully qualified protobuf type of the payload",
-            ),
-            (
-                headers::TENANT,
-                "the tenant (also the subject's last token)",
-            ),
-            (
-                headers::OCCURRED_AT,
-                "when the fact happened, RFC 3339, microseconds",
-            ),
-            (
-                headers::ORDERING_KEY,
-                "the key whose order is kept, usually the conversation id",
-            ),
-            (headers::TRACEPARENT, "W3C trace context"),
-        ] {
+        for (header, meaning) in ENVELOPE {
             let _ = writeln!(out, "| `{header}` | {meaning} |");
         }
         for stream in STREAMS {
