@@ -164,8 +164,10 @@ impl NatsConsumer {
             let message = match self.messages.next().await {
                 None => return Err(BusError::Closed),
                 Some(Err(e)) => {
-                    // Missed heartbeats and similar are transient: the stream keeps going.
+                    // Missed heartbeats and similar are transient: the stream keeps going. The
+                    // pause keeps a persistent failure (server gone) from spinning.
                     tracing::warn!(error = %e, "jetstream consumer hiccup");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
                 Some(Ok(message)) => message,
