@@ -29,10 +29,6 @@ use crate::metrics::{OUTBOX_FAILURES_TOTAL, OUTBOX_PENDING, OUTBOX_PUBLISHED_TOT
 /// (each in its own schema) must each elect their own relay.
 const RELAY_LOCK_CLASS: i32 = 0x7A4E_0B07;
 
-fn headers_json(event: &RawEvent) -> String {
-    serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".to_owned())
-}
-
 /// Writes events to the outbox inside the caller's PostgreSQL transaction.
 pub async fn enqueue_pg(conn: &mut PgConnection, events: &[RawEvent]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
@@ -48,7 +44,7 @@ pub async fn enqueue_pg(conn: &mut PgConnection, events: &[RawEvent]) -> Result<
             .push_bind(event.tenant.as_str())
             .push_bind(&event.ordering_key)
             .push_bind(event.occurred_at)
-            .push_bind(headers_json(event))
+            .push_bind(event.headers_json())
             .push_bind(event.payload.as_ref());
     });
     builder.build().execute(conn).await.map(drop)
@@ -65,20 +61,7 @@ pub async fn enqueue_sqlite(
     let mut builder = QueryBuilder::new(
         "INSERT INTO tandem_outbox (event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload) ",
     );
-    builder.push_values(events, |mut row, event| {
-        row.push_bind(&event.id)
-            .push_bind(&event.subject)
-            .push_bind(&event.type_name)
-            .push_bind(event.tenant.as_str())
-            .push_bind(&event.ordering_key)
-            .push_bind(
-                event
-                    .occurred_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            )
-            .push_bind(headers_json(event))
-            .push_bind(event.payload.as_ref());
-    });
+    builder.push_values(events, |mut row, event| event.push_sqlite_columns(&mut row));
     builder.build().execute(conn).await.map(drop)
 }
 

@@ -174,6 +174,23 @@ impl Args {
     }
 }
 
+/// The `main` of a service binary: reads the process's arguments and environment, runs the
+/// service and turns the outcome into an exit code, printing the error chain on failure.
+pub async fn binary_main<S: Service>() -> std::process::ExitCode {
+    let env = std::env::vars().collect();
+    let result = match Args::parse(std::env::args()) {
+        Ok(args) => main::<S>(args, env).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem-{}: {error:#}", S::NAME);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The whole life of a single-service process: configuration, telemetry, bind, serve.
 pub async fn main<S: Service>(args: Args, env: HashMap<String, String>) -> anyhow::Result<()> {
     let cfg: ServiceConfig<S::Settings> =

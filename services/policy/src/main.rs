@@ -2,16 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let env = std::env::vars().collect();
-    let result = match tandem_platform::runtime::Args::parse(std::env::args()) {
-        Ok(args) => tandem_platform::runtime::main::<tandem_policy::Policy>(args, env).await,
-        Err(error) => Err(error),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tandem-policy: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tandem_platform::runtime::binary_main::<tandem_policy::Policy>().await
 }

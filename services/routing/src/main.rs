@@ -2,16 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let env = std::env::vars().collect();
-    let result = match tandem_platform::runtime::Args::parse(std::env::args()) {
-        Ok(args) => tandem_platform::runtime::main::<tandem_routing::Routing>(args, env).await,
-        Err(error) => Err(error),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tandem-routing: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tandem_platform::runtime::binary_main::<tandem_routing::Routing>().await
 }

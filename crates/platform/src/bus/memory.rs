@@ -539,19 +539,8 @@ async fn write_events(
         );
         builder.push_values(chunk, |mut row, (stream, seq, event)| {
             row.push_bind(*stream)
-                .push_bind(i64::try_from(*seq).unwrap_or(i64::MAX))
-                .push_bind(&event.id)
-                .push_bind(&event.subject)
-                .push_bind(&event.type_name)
-                .push_bind(event.tenant.as_str())
-                .push_bind(&event.ordering_key)
-                .push_bind(
-                    event
-                        .occurred_at
-                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                )
-                .push_bind(serde_json::to_string(&event.headers).unwrap_or_else(|_| "{}".into()))
-                .push_bind(event.payload.as_ref());
+                .push_bind(i64::try_from(*seq).unwrap_or(i64::MAX));
+            event.push_sqlite_columns(&mut row);
         });
         builder.build().execute(&mut *tx).await?;
     }

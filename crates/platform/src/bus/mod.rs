@@ -173,6 +173,31 @@ impl RawEvent {
         pairs
     }
 
+    /// Binds the event's columns (`event_id, subject, type_name, tenant, ordering_key,
+    /// occurred_at, headers, payload`) to a SQLite row: the outbox and the in-process bus's
+    /// journal store events the same way.
+    pub(crate) fn push_sqlite_columns(
+        &self,
+        row: &mut sqlx::query_builder::Separated<'_, sqlx::Sqlite, &'static str>,
+    ) {
+        row.push_bind(&self.id)
+            .push_bind(&self.subject)
+            .push_bind(&self.type_name)
+            .push_bind(self.tenant.as_str())
+            .push_bind(&self.ordering_key)
+            .push_bind(
+                self.occurred_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            )
+            .push_bind(self.headers_json())
+            .push_bind(self.payload.as_ref());
+    }
+
+    /// Returns the extra headers as a JSON object, for storage.
+    pub(crate) fn headers_json(&self) -> String {
+        serde_json::to_string(&self.headers).unwrap_or_else(|_| "{}".to_owned())
+    }
+
     /// Rebuilds an event from a subject, headers and payload, checking the envelope.
     pub fn from_parts(
         subject: &str,
