@@ -3,6 +3,8 @@
 //! Layout: `config` (the service's own settings); behaviour arrives module by module
 //! (`domain` pure rules, `app` use cases, `adapters` gRPC, bus and storage).
 
+pub mod domain;
+
 use serde::{Deserialize, Serialize};
 use tandem_platform::config::{ConfigError, Validate};
 use tandem_platform::db::Migrations;
