@@ -21,6 +21,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The request is valid but the entity is not in a state that allows it.
     FailedPrecondition,
+    /// A concurrent change won (an optimistic-concurrency check failed): re-read, then retry.
+    Aborted,
     /// The caller is known but may not do this.
     PermissionDenied,
     /// The caller could not be identified.
@@ -43,6 +45,7 @@ impl ErrorCode {
             Self::NotFound => Code::NotFound,
             Self::AlreadyExists => Code::AlreadyExists,
             Self::FailedPrecondition => Code::FailedPrecondition,
+            Self::Aborted => Code::Aborted,
             Self::PermissionDenied => Code::PermissionDenied,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::ResourceExhausted => Code::ResourceExhausted,
@@ -58,7 +61,8 @@ impl ErrorCode {
             Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument,
             Code::NotFound => Self::NotFound,
             Code::AlreadyExists => Self::AlreadyExists,
-            Code::FailedPrecondition | Code::Aborted => Self::FailedPrecondition,
+            Code::FailedPrecondition => Self::FailedPrecondition,
+            Code::Aborted => Self::Aborted,
             Code::PermissionDenied => Self::PermissionDenied,
             Code::Unauthenticated => Self::Unauthenticated,
             Code::ResourceExhausted => Self::ResourceExhausted,
@@ -86,6 +90,7 @@ impl fmt::Display for ErrorCode {
             Self::NotFound => "not_found",
             Self::AlreadyExists => "already_exists",
             Self::FailedPrecondition => "failed_precondition",
+            Self::Aborted => "aborted",
             Self::PermissionDenied => "permission_denied",
             Self::Unauthenticated => "unauthenticated",
             Self::ResourceExhausted => "resource_exhausted",
@@ -180,6 +185,7 @@ mod tests {
             NotFound,
             AlreadyExists,
             FailedPrecondition,
+            Aborted,
             PermissionDenied,
             Unauthenticated,
             ResourceExhausted,

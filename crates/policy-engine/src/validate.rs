@@ -179,6 +179,26 @@ fn is_well_formed_id(id: &str) -> bool {
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
+impl PolicyViolation {
+    /// Returns the path of the offending field (`thresholds.max_fallbacks`, `intents[2]`), or for
+    /// catalogue-wide problems the path of what they concern (`id`, `intents`).
+    pub fn path(&self) -> &str {
+        match self {
+            Self::OutOfRange { path, .. }
+            | Self::OutsideGuardrails { path, .. }
+            | Self::InvertedBounds { path, .. }
+            | Self::ClarifyAboveMinimum { path, .. }
+            | Self::StrategyNotAllowed { path, .. }
+            | Self::Empty { path }
+            | Self::Malformed { path, .. }
+            | Self::TooMany { path, .. }
+            | Self::DuplicateIntent { path, .. } => path,
+            Self::DuplicateScenario { .. } => "id",
+            Self::IntentConflict { .. } => "intents",
+        }
+    }
+}
+
 impl Scenario {
     /// Checks the scenario on its own and returns every violation found.
     ///

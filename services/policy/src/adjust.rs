@@ -1,0 +1,492 @@
+//! Automatic adjustment: when a rule fires, what it changes, and when it steps back.
+//!
+//! Pure functions over a rule, its per-scenario state and the signal's aggregate over the rule's
+//! window; the application layer reads and writes them in one transaction.
+//!
+//! Hysteresis, so nothing flaps:
+//! - a rule **fires** when the window holds at least `min_samples` observations and their mean
+//!   breaches the threshold, and not more often than once per `cooldown` (a breach that persists
+//!   past the cooldown fires again, stepping further, always inside the guardrails);
+//! - it **recovers** only when the mean is back past the threshold by a margin (a fraction of
+//!   the threshold, default 10 %) and stays there for a full window; values inside the band
+//!   neither fire nor count towards recovery;
+//! - on recovery, a rule with `revert_when_recovered` restores the value (or strategy) the
+//!   scenario had before the first firing of the episode.
+
+use tandem_policy_client::strategy_from_wire;
+use tandem_policy_engine as engine;
+use tandem_proto::pb::policy::v1 as pb;
+
+use crate::store::{Aggregate, RuleState};
+
+/// What to do after evaluating one rule for one scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Nothing to apply; persist the state if it changed.
+    Hold(RuleState),
+    /// Apply the rule's effect.
+    Fire(RuleState),
+    /// Restore the baseline.
+    Revert(RuleState, String),
+}
+
+/// Evaluates a rule. `now` and the state's times are µs since the epoch.
+pub fn evaluate(
+    rule: &pb::AdjustmentRule,
+    state: Option<RuleState>,
+    scenario_id: &str,
+    agg: Aggregate,
+    now: i64,
+    margin: f64,
+) -> Step {
+    let mut state = state.unwrap_or_else(|| RuleState {
+        rule_id: rule.id.clone(),
+        scenario_id: scenario_id.to_owned(),
+        firing: false,
+        last_fired_at: None,
+        recovered_since: None,
+        baseline: None,
+    });
+    let above = rule.comparison == pb::Comparison::Above as i32;
+    let enough = agg.samples >= rule.min_samples.max(1);
+    let breach = enough
+        && if above {
+            agg.mean > rule.threshold
+        } else {
+            agg.mean < rule.threshold
+        };
+    let band = rule.threshold.abs() * margin;
+    let recovered = if above {
+        agg.mean < rule.threshold - band
+    } else {
+        agg.mean > rule.threshold + band
+    };
+    if breach {
+        state.recovered_since = None;
+        let cooled = state
+            .last_fired_at
+            .is_none_or(|last| now.saturating_sub(last) >= micros(rule.cooldown.as_ref()));
+        if cooled {
+            state.firing = true;
+            state.last_fired_at = Some(now);
+            return Step::Fire(state);
+        }
+        return Step::Hold(state);
+    }
+    if !state.firing {
+        return Step::Hold(state);
+    }
+    if !recovered {
+        state.recovered_since = None;
+        return Step::Hold(state);
+    }
+    let since = *state.recovered_since.get_or_insert(now);
+    if now.saturating_sub(since) < micros(rule.window.as_ref()) {
+        return Step::Hold(state);
+    }
+    state.firing = false;
+    state.recovered_since = None;
+    match state.baseline.take() {
+        Some(baseline) if rule.revert_when_recovered => Step::Revert(state, baseline),
+        _ => Step::Hold(state),
+    }
+}
+
+/// Converts an optional protobuf duration to µs (unset is zero).
+pub fn micros(d: Option<&prost_types::Duration>) -> i64 {
+    d.map_or(0, |d| {
+        d.seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(d.nanos / 1_000))
+    })
+}
+
+/// A proposed change to a scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The scenario after the change (version not yet bumped); `None` when nothing changes.
+    pub next: Option<pb::Scenario>,
+    /// The adjustment record (status, values, explanation), without ids and versions.
+    pub record: pb::Adjustment,
+    /// The baseline to remember for a later revert.
+    pub baseline: Option<String>,
+}
+
+/// Reads a threshold's effective value.
+pub fn read_field(t: &engine::Thresholds, field: pb::ThresholdField) -> Option<f64> {
+    use pb::ThresholdField as F;
+    Some(match field {
+        F::MinIntentConfidence => t.min_intent_confidence,
+        F::ClarifyConfidence => t.clarify_confidence,
+        F::NegativeSentiment => t.negative_sentiment,
+        F::SentimentDrop => t.sentiment_drop,
+        F::SentimentWindowTurns => f64::from(t.sentiment_window_turns),
+        F::MaxFallbacks => f64::from(t.max_fallbacks),
+        F::MaxBotTurns => f64::from(t.max_bot_turns),
+        F::MaxComplexity => t.max_complexity,
+        F::MaxQueueWait => t.max_queue_wait.as_secs_f64(),
+        F::Unspecified => return None,
+    })
+}
+
+/// Returns the guardrail bounds of a threshold as floats.
+fn bounds(g: &engine::Guardrails, field: pb::ThresholdField) -> Option<(f64, f64)> {
+    use pb::ThresholdField as F;
+    Some(match field {
+        F::MinIntentConfidence => (g.min_intent_confidence.min, g.min_intent_confidence.max),
+        F::ClarifyConfidence => (g.clarify_confidence.min, g.clarify_confidence.max),
+        F::NegativeSentiment => (g.negative_sentiment.min, g.negative_sentiment.max),
+        F::SentimentDrop => (g.sentiment_drop.min, g.sentiment_drop.max),
+        F::SentimentWindowTurns => (
+            f64::from(g.sentiment_window_turns.min),
+            f64::from(g.sentiment_window_turns.max),
+        ),
+        F::MaxFallbacks => (
+            f64::from(g.max_fallbacks.min),
+            f64::from(g.max_fallbacks.max),
+        ),
+        F::MaxBotTurns => (
+            f64::from(g.max_bot_turns.min),
+            f64::from(g.max_bot_turns.max),
+        ),
+        F::MaxComplexity => (g.max_complexity.min, g.max_complexity.max),
+        F::MaxQueueWait => (
+            g.max_queue_wait.min.as_secs_f64(),
+            g.max_queue_wait.max.as_secs_f64(),
+        ),
+        F::Unspecified => return None,
+    })
+}
+
+fn is_integral(field: pb::ThresholdField) -> bool {
+    matches!(
+        field,
+        pb::ThresholdField::SentimentWindowTurns
+            | pb::ThresholdField::MaxFallbacks
+            | pb::ThresholdField::MaxBotTurns
+            | pb::ThresholdField::MaxQueueWait
+    )
+}
+
+/// Writes a threshold into a wire scenario.
+fn write_field(s: &mut pb::Scenario, field: pb::ThresholdField, value: f64) {
+    use pb::ThresholdField as F;
+    let t = s.thresholds.get_or_insert_with(pb::Thresholds::default);
+    // Integral fields were rounded and clamped into u32 guardrails before this call.
+    #[allow(clippy::cast_possible_truncation)]
+    let whole = value.round() as i32;
+    match field {
+        F::MinIntentConfidence => t.min_intent_confidence = Some(value),
+        F::ClarifyConfidence => t.clarify_confidence = Some(value),
+        F::NegativeSentiment => t.negative_sentiment = Some(value),
+        F::SentimentDrop => t.sentiment_drop = Some(value),
+        F::SentimentWindowTurns => t.sentiment_window_turns = Some(whole),
+        F::MaxFallbacks => t.max_fallbacks = Some(whole),
+        F::MaxBotTurns => t.max_bot_turns = Some(whole),
+        F::MaxComplexity => t.max_complexity = Some(value),
+        F::MaxQueueWait => {
+            t.max_queue_wait = Some(prost_types::Duration {
+                seconds: i64::from(whole.max(0)),
+                nanos: 0,
+            });
+        }
+        F::Unspecified => {}
+    }
+}
+
+fn field_name(field: pb::ThresholdField) -> &'static str {
+    use pb::ThresholdField as F;
+    match field {
+        F::MinIntentConfidence => "min_intent_confidence",
+        F::ClarifyConfidence => "clarify_confidence",
+        F::NegativeSentiment => "negative_sentiment",
+        F::SentimentDrop => "sentiment_drop",
+        F::SentimentWindowTurns => "sentiment_window_turns",
+        F::MaxFallbacks => "max_fallbacks",
+        F::MaxBotTurns => "max_bot_turns",
+        F::MaxComplexity => "max_complexity",
+        F::MaxQueueWait => "max_queue_wait",
+        F::Unspecified => "unspecified",
+    }
+}
+
+/// Moves a threshold to `target`, clamped to its guardrails.
+fn move_field(
+    wire: &pb::Scenario,
+    compiled: &engine::Scenario,
+    field: pb::ThresholdField,
+    target: f64,
+    record: &mut pb::Adjustment,
+    applied: pb::AdjustmentStatus,
+) -> Option<pb::Scenario> {
+    let (Some(current), Some((lo, hi))) = (
+        read_field(&compiled.thresholds, field),
+        bounds(&compiled.guardrails, field),
+    ) else {
+        record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+        return None;
+    };
+    let mut next = target.clamp(lo, hi);
+    if is_integral(field) {
+        next = next.round().clamp(lo, hi);
+    }
+    record.field = field as i32;
+    record.old_value = current;
+    record.new_value = next;
+    if (next - current).abs() < 1e-12 {
+        record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+        record.explanation = format!(
+            "{} stays at {current}: its guardrails {lo}..={hi} allow no further move",
+            field_name(field)
+        );
+        return None;
+    }
+    let clamped = (next - target).abs() > 1e-12;
+    record.status = if clamped && applied == pb::AdjustmentStatus::Applied {
+        pb::AdjustmentStatus::Clamped
+    } else {
+        applied
+    } as i32;
+    record.explanation = format!(
+        "{} {current} -> {next}{}",
+        field_name(field),
+        if clamped {
+            format!(" (clamped to {lo}..={hi})")
+        } else {
+            String::new()
+        }
+    );
+    let mut s = wire.clone();
+    write_field(&mut s, field, next);
+    Some(s)
+}
+
+/// Computes what firing `rule` does to a scenario.
+pub fn fire(rule: &pb::AdjustmentRule, wire: &pb::Scenario, compiled: &engine::Scenario) -> Change {
+    let mut record = pb::Adjustment {
+        scenario_id: wire.id.clone(),
+        rule_id: rule.id.clone(),
+        ..pb::Adjustment::default()
+    };
+    let (next, baseline) = match &rule.effect {
+        Some(pb::adjustment_rule::Effect::Step(step)) => {
+            let field =
+                pb::ThresholdField::try_from(step.field).unwrap_or(pb::ThresholdField::Unspecified);
+            record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+            record.explanation = "the rule names no known threshold".into();
+            let current = read_field(&compiled.thresholds, field);
+            let next = current.and_then(|c| {
+                move_field(
+                    wire,
+                    compiled,
+                    field,
+                    c + step.delta,
+                    &mut record,
+                    pb::AdjustmentStatus::Applied,
+                )
+            });
+            (next, current.map(|c| c.to_string()))
+        }
+        Some(pb::adjustment_rule::Effect::SetStrategy(target)) => {
+            record.old_strategy = wire.strategy;
+            record.new_strategy = *target;
+            let allowed = strategy_from_wire(*target)
+                .is_some_and(|s| compiled.guardrails.allowed_strategies.contains(&s));
+            if !allowed || wire.strategy == *target {
+                record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+                record.explanation = if allowed {
+                    "the scenario already has this strategy".into()
+                } else {
+                    "the guardrails do not allow this strategy".into()
+                };
+                (None, None)
+            } else {
+                record.status = pb::AdjustmentStatus::Applied as i32;
+                record.explanation = format!("strategy {} -> {}", wire.strategy, target);
+                let mut s = wire.clone();
+                s.strategy = *target;
+                (Some(s), Some(format!("strategy:{}", wire.strategy)))
+            }
+        }
+        None => {
+            record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+            record.explanation = "the rule has no effect".into();
+            (None, None)
+        }
+    };
+    let baseline = next.as_ref().and(baseline);
+    Change {
+        next,
+        record,
+        baseline,
+    }
+}
+
+/// Computes the revert of an episode to `baseline`.
+pub fn revert(
+    rule: &pb::AdjustmentRule,
+    baseline: &str,
+    wire: &pb::Scenario,
+    compiled: &engine::Scenario,
+) -> Change {
+    let mut record = pb::Adjustment {
+        scenario_id: wire.id.clone(),
+        rule_id: rule.id.clone(),
+        status: pb::AdjustmentStatus::Reverted as i32,
+        ..pb::Adjustment::default()
+    };
+    let next = if let Some(strategy) = baseline.strip_prefix("strategy:") {
+        match strategy.parse::<i32>() {
+            Ok(target) if target != wire.strategy => {
+                record.old_strategy = wire.strategy;
+                record.new_strategy = target;
+                record.explanation = format!("signal recovered: strategy back to {target}");
+                let mut s = wire.clone();
+                s.strategy = target;
+                Some(s)
+            }
+            _ => None,
+        }
+    } else {
+        match (baseline.parse::<f64>(), &rule.effect) {
+            (Ok(value), Some(pb::adjustment_rule::Effect::Step(step))) => {
+                let field = pb::ThresholdField::try_from(step.field)
+                    .unwrap_or(pb::ThresholdField::Unspecified);
+                let next = move_field(
+                    wire,
+                    compiled,
+                    field,
+                    value,
+                    &mut record,
+                    pb::AdjustmentStatus::Reverted,
+                );
+                record.status = pb::AdjustmentStatus::Reverted as i32;
+                record.explanation = format!("signal recovered: {}", record.explanation);
+                next
+            }
+            _ => None,
+        }
+    };
+    Change {
+        next,
+        record,
+        baseline: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const MIN: i64 = 60_000_000;
+
+    fn rule() -> pb::AdjustmentRule {
+        pb::AdjustmentRule {
+            id: "r1".into(),
+            signal: pb::AdjustmentSignal::QueueEta as i32,
+            comparison: pb::Comparison::Above as i32,
+            threshold: 300.0,
+            window: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+            min_samples: 2,
+            cooldown: Some(prost_types::Duration {
+                seconds: 300,
+                nanos: 0,
+            }),
+            revert_when_recovered: true,
+            enabled: true,
+            effect: Some(pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+                field: pb::ThresholdField::MaxBotTurns as i32,
+                delta: 5.0,
+            })),
+            ..pb::AdjustmentRule::default()
+        }
+    }
+
+    fn agg(mean: f64, samples: i64) -> Aggregate {
+        Aggregate { mean, samples }
+    }
+
+    #[test]
+    fn fires_once_per_cooldown_and_recovers_only_after_a_full_window_past_the_band() {
+        let r = rule();
+        // Too few samples: nothing.
+        let Step::Hold(s) = evaluate(&r, None, "s", agg(900.0, 1), 0, 0.1) else {
+            panic!("fired without enough samples")
+        };
+        let Step::Fire(mut s) = evaluate(&r, Some(s), "s", agg(900.0, 2), 0, 0.1) else {
+            panic!("did not fire")
+        };
+        s.baseline = Some("20".into());
+        // Still breaching inside the cooldown: hold.
+        let Step::Hold(s) = evaluate(&r, Some(s), "s", agg(900.0, 3), 2 * MIN, 0.1) else {
+            panic!("fired inside the cooldown")
+        };
+        // Inside the hysteresis band (above 270): neither fire nor recover.
+        let Step::Hold(s) = evaluate(&r, Some(s), "s", agg(290.0, 3), 3 * MIN, 0.1) else {
+            panic!()
+        };
+        assert!(s.firing && s.recovered_since.is_none());
+        // Recovered, but not for a full window yet.
+        let Step::Hold(s) = evaluate(&r, Some(s), "s", agg(100.0, 3), 4 * MIN, 0.1) else {
+            panic!()
+        };
+        assert_eq!(s.recovered_since, Some(4 * MIN));
+        let Step::Revert(s, baseline) = evaluate(&r, Some(s), "s", agg(100.0, 3), 14 * MIN, 0.1)
+        else {
+            panic!("did not revert after a full window")
+        };
+        assert_eq!(baseline, "20");
+        assert!(!s.firing);
+    }
+
+    #[test]
+    fn steps_are_clamped_to_the_guardrails_and_blocked_at_the_bound() {
+        let r = rule();
+        let mut compiled = engine::default_scenario();
+        compiled.thresholds.max_bot_turns = 48;
+        let wire = pb::Scenario {
+            id: "s".into(),
+            ..pb::Scenario::default()
+        };
+        let change = fire(&r, &wire, &compiled);
+        assert_eq!(change.record.status, pb::AdjustmentStatus::Clamped as i32);
+        assert_eq!(change.record.new_value, 50.0);
+        let next = change.next.unwrap();
+        assert_eq!(next.thresholds.unwrap().max_bot_turns, Some(50));
+        compiled.thresholds.max_bot_turns = 50;
+        let blocked = fire(&r, &wire, &compiled);
+        assert!(blocked.next.is_none());
+        assert_eq!(
+            blocked.record.status,
+            pb::AdjustmentStatus::BlockedByGuardrail as i32
+        );
+    }
+
+    #[test]
+    fn strategy_switches_respect_the_allowed_list() {
+        let mut r = rule();
+        r.effect = Some(pb::adjustment_rule::Effect::SetStrategy(
+            pb::Strategy::AgentAssist as i32,
+        ));
+        let compiled = engine::default_scenario();
+        let wire = pb::Scenario {
+            id: "s".into(),
+            strategy: pb::Strategy::BotFirst as i32,
+            ..pb::Scenario::default()
+        };
+        let change = fire(&r, &wire, &compiled);
+        assert_eq!(
+            change.next.unwrap().strategy,
+            pb::Strategy::AgentAssist as i32
+        );
+        r.effect = Some(pb::adjustment_rule::Effect::SetStrategy(
+            pb::Strategy::HumanFirst as i32,
+        ));
+        assert!(fire(&r, &wire, &compiled).next.is_none());
+    }
+}
