@@ -94,10 +94,21 @@ pub async fn serve<S: Service>(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with::<S>(cfg, None, listener, shutdown).await
+}
+
+/// Like [`serve`], on `memory_bus` when the configuration selects the in-process bus: several
+/// services (or a test and a service) in one process then share one bus.
+pub async fn serve_with<S: Service>(
+    cfg: ServiceConfig<S::Settings>,
+    memory_bus: Option<&MemoryBus>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     // A dependency that is down can make start-up wait; a shutdown request still ends it.
     let prepared = tokio::select! {
-        prepared = prepare::<S>(&cfg, None, &tracker, &shutdown) => prepared?,
+        prepared = prepare::<S>(&cfg, memory_bus, &tracker, &shutdown) => prepared?,
         () = shutdown.cancelled() => {
             tracing::info!(service = S::NAME, "shutdown requested during start-up");
             tracker.close();

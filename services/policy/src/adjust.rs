@@ -92,6 +92,20 @@ pub fn evaluate(
     }
 }
 
+/// The value a rule compares for a signal. Queue ETA is an instantaneous reading, so its mean over
+/// the window smooths it; the other signals arrive as analytics alerts that already aggregate
+/// over their own window, so the newest report is the current value. `samples` counts reports in
+/// the window either way.
+pub fn value_of(signal: i32, agg: Aggregate) -> Aggregate {
+    if signal == pb::AdjustmentSignal::QueueEta as i32 {
+        return agg;
+    }
+    Aggregate {
+        mean: agg.latest.map_or(agg.mean, |(v, _)| v),
+        ..agg
+    }
+}
+
 /// Converts an optional protobuf duration to µs (unset is zero).
 pub fn micros(d: Option<&prost_types::Duration>) -> i64 {
     d.map_or(0, |d| {
@@ -408,7 +422,11 @@ mod tests {
     }
 
     fn agg(mean: f64, samples: i64) -> Aggregate {
-        Aggregate { mean, samples }
+        Aggregate {
+            mean,
+            samples,
+            latest: None,
+        }
     }
 
     #[test]

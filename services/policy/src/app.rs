@@ -286,8 +286,18 @@ impl App {
             };
             match scenario_to_engine(s, own_defaults) {
                 Ok(c) => compiled.push(c),
-                Err(e) if s.id == DEFAULT_SCENARIO_ID => drop(e),
-                Err(e) => errors.extend(prefix_errors(&format!("scenarios[{}].", s.id), e)),
+                Err(e) => {
+                    if s.id != DEFAULT_SCENARIO_ID {
+                        errors.extend(prefix_errors(&format!("scenarios[{}].", s.id), e));
+                    }
+                    // Still take part in the catalogue-wide checks (ids, intent claims).
+                    compiled.push(engine::Scenario {
+                        id: s.id.clone(),
+                        intents: s.intents.clone(),
+                        intent_priority: u32::try_from(s.intent_priority).unwrap_or(0),
+                        ..engine::default_scenario()
+                    });
+                }
             }
         }
         if let Err(found) = engine::validate_catalogue(&compiled) {
@@ -706,7 +716,11 @@ impl App {
                         let n = agg.samples as f64;
                         agg.mean = (agg.mean * n + extra.value) / (n + 1.0);
                         agg.samples += 1;
+                        if agg.latest.is_none_or(|(_, at)| extra.observed_at >= at) {
+                            agg.latest = Some((extra.value, extra.observed_at));
+                        }
                     }
+                    let agg = adjust::value_of(o.signal, agg);
                     let state = self
                         .store
                         .rule_state(tenant, &rule.id, &o.scenario_id)

@@ -158,6 +158,8 @@ pub struct Aggregate {
     pub mean: f64,
     /// Number of observations.
     pub samples: i64,
+    /// The newest observation and its time (µs), if any.
+    pub latest: Option<(f64, i64)>,
 }
 
 fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
@@ -546,6 +548,21 @@ impl Store {
             .await?;
             (row.try_get(0)?, row.try_get(1)?)
         });
+        let latest: Option<(f64, i64)> = on_db!(&self.db, pool => {
+            sqlx::query(
+                "SELECT value, observed_at FROM policy_observations \
+                 WHERE tenant = $1 AND scenario_id = $2 AND signal = $3 AND observed_at >= $4 \
+                 ORDER BY observed_at DESC LIMIT 1",
+            )
+            .bind(tenant.as_str())
+            .bind(scenario_id)
+            .bind(signal)
+            .bind(since)
+            .fetch_optional(pool)
+            .await?
+            .map(|r| -> Result<(f64, i64), sqlx::Error> { Ok((r.try_get(0)?, r.try_get(1)?)) })
+            .transpose()?
+        });
         let mean = if samples > 0 {
             #[allow(clippy::cast_precision_loss)]
             let n = samples as f64;
@@ -553,7 +570,11 @@ impl Store {
         } else {
             0.0
         };
-        Ok(Aggregate { mean, samples })
+        Ok(Aggregate {
+            mean,
+            samples,
+            latest,
+        })
     }
 
     /// Deletes observations older than `before` (µs).
