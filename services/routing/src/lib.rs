@@ -1,25 +1,25 @@
-//! The routing service: handoff to human agents: agents, presence, queues, offers, exactly-once assignment, transfers.
+//! The routing service: handoff to human agents: agents, presence, queues, offers,
+//! exactly-once assignment, transfers.
 //!
-//! Layout: `config` (the service's own settings); behaviour arrives module by module
-//! (`domain` pure rules, `app` use cases, `adapters` gRPC, bus and storage).
+//! Layout:
+//! - [`config`]: the service's settings (`[service]`).
+//! - [`domain`]: pure rules (validation, business hours, priority, agent selection, ETA).
+//! - [`store`]: the repository over PostgreSQL or SQLite, where exactly-once is enforced.
+//! - [`error`]: the one error type.
 
-use serde::{Deserialize, Serialize};
-use tandem_platform::config::{ConfigError, Validate};
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod store;
+
+pub use config::Settings;
+
 use tandem_platform::db::Migrations;
 use tandem_platform::runtime::{Service, StartContext};
 
 /// The gRPC services this service exposes.
 pub const GRPC_SERVICES: &[&str] =
     &[tandem_proto::pb::routing::v1::routing_service_server::SERVICE_NAME];
-
-/// Settings of the routing service, under `[service]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Settings {}
-
-impl Validate for Settings {
-    fn validate(&self, _path: &str, _errors: &mut Vec<ConfigError>) {}
-}
 
 /// The routing service.
 pub struct Routing;

@@ -1,0 +1,313 @@
+//! Queues: definitions, the scenario → queue map and deletion.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tandem_proto::ids::TenantId;
+
+use super::sql::{Tx, args};
+use super::{Store, from_json, json, micros, time};
+use crate::domain::agent::SkillRequirement;
+use crate::domain::queue::{
+    BusinessHours, OutOfHours, OverflowStep, PriorityWeights, QueueSpec, Strategy,
+};
+use crate::error::{RoutingError, RoutingResult};
+
+/// A stored queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueRecord {
+    /// The definition.
+    pub spec: QueueSpec,
+    /// Creation.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The stored JSON of everything but id and name.
+#[derive(Serialize, Deserialize)]
+struct Definition {
+    scenario_ids: Vec<String>,
+    required_skills: Vec<SkillRequirement>,
+    weights: PriorityWeights,
+    hours: BusinessHours,
+    out_of_hours: OutOfHours,
+    overflow: Vec<OverflowStep>,
+    max_length: i32,
+    #[serde(with = "humantime_serde")]
+    offer_timeout: std::time::Duration,
+    strategy: Strategy,
+}
+
+#[derive(sqlx::FromRow)]
+struct QueueRow {
+    id: String,
+    name: String,
+    definition: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl QueueRow {
+    fn into_record(self) -> RoutingResult<QueueRecord> {
+        let d: Definition = from_json("queue definition", &self.definition)?;
+        Ok(QueueRecord {
+            spec: QueueSpec {
+                id: self.id,
+                name: self.name,
+                scenario_ids: d.scenario_ids,
+                required_skills: d.required_skills,
+                weights: d.weights,
+                hours: d.hours,
+                out_of_hours: d.out_of_hours,
+                overflow: d.overflow,
+                max_length: d.max_length,
+                offer_timeout: d.offer_timeout,
+                strategy: d.strategy,
+            },
+            created_at: time(self.created_at)?,
+            updated_at: time(self.updated_at)?,
+        })
+    }
+}
+
+fn definition(spec: &QueueSpec) -> RoutingResult<String> {
+    json(&Definition {
+        scenario_ids: spec.scenario_ids.clone(),
+        required_skills: spec.required_skills.clone(),
+        weights: spec.weights,
+        hours: spec.hours.clone(),
+        out_of_hours: spec.out_of_hours,
+        overflow: spec.overflow.clone(),
+        max_length: spec.max_length,
+        offer_timeout: spec.offer_timeout,
+        strategy: spec.strategy,
+    })
+}
+
+pub(crate) async fn load_queue(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    id: &str,
+) -> RoutingResult<Option<QueueRecord>> {
+    let row: Option<QueueRow> = tx
+        .fetch_optional(
+            "SELECT id, name, definition, created_at, updated_at FROM routing_queues \
+             WHERE tenant = $1 AND id = $2",
+            args![tenant.as_str(), id],
+        )
+        .await?;
+    row.map(QueueRow::into_record).transpose()
+}
+
+pub(crate) async fn all_queues(tx: &mut Tx) -> RoutingResult<Vec<(TenantId, QueueRecord)>> {
+    let rows: Vec<(String, String, String, String, i64, i64)> = tx
+        .fetch_all(
+            "SELECT tenant, id, name, definition, created_at, updated_at FROM routing_queues \
+             ORDER BY tenant, id",
+            args![],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (tenant, id, name, definition, created_at, updated_at) in rows {
+        let Ok(tenant) = TenantId::new(tenant) else {
+            continue;
+        };
+        let record = QueueRow {
+            id,
+            name,
+            definition,
+            created_at,
+            updated_at,
+        }
+        .into_record()?;
+        out.push((tenant, record));
+    }
+    Ok(out)
+}
+
+/// Finds the queue of a handoff: the one it names, else its scenario's, else the default queue,
+/// which is created (always open, no skills) when it does not exist yet.
+pub(crate) async fn resolve_queue(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    named: &str,
+    scenario_id: &str,
+    default_queue: &str,
+    now: DateTime<Utc>,
+) -> RoutingResult<QueueRecord> {
+    if !named.is_empty() {
+        if let Some(queue) = load_queue(tx, tenant, named).await? {
+            return Ok(queue);
+        }
+        tracing::warn!(
+            queue = named,
+            "handoff names an unknown queue, routing by scenario"
+        );
+    }
+    if !scenario_id.is_empty() {
+        let row: Option<(String,)> = tx
+            .fetch_optional(
+                "SELECT queue_id FROM routing_queue_scenarios WHERE tenant = $1 AND scenario_id = $2",
+                args![tenant.as_str(), scenario_id],
+            )
+            .await?;
+        if let Some((queue_id,)) = row
+            && let Some(queue) = load_queue(tx, tenant, &queue_id).await?
+        {
+            return Ok(queue);
+        }
+    }
+    if let Some(queue) = load_queue(tx, tenant, default_queue).await? {
+        return Ok(queue);
+    }
+    let spec = QueueSpec::open(default_queue);
+    tx.execute(
+        "INSERT INTO routing_queues (tenant, id, name, definition, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT DO NOTHING",
+        args![
+            tenant.as_str(),
+            spec.id.as_str(),
+            spec.name.as_str(),
+            definition(&spec)?,
+            micros(now)
+        ],
+    )
+    .await?;
+    load_queue(tx, tenant, default_queue)
+        .await?
+        .ok_or_else(|| RoutingError::Corrupt("default queue vanished".into()))
+}
+
+impl Store {
+    /// Creates or replaces a queue; returns it and whether it is new. A scenario may be routed
+    /// to one queue only.
+    pub async fn upsert_queue(
+        &self,
+        tenant: &TenantId,
+        spec: &QueueSpec,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<(QueueRecord, bool)> {
+        spec.validate()?;
+        let mut tx = Tx::write(self.db()).await?;
+        for scenario in &spec.scenario_ids {
+            let owner: Option<(String,)> = tx
+                .fetch_optional(
+                    "SELECT queue_id FROM routing_queue_scenarios \
+                     WHERE tenant = $1 AND scenario_id = $2 AND queue_id <> $3",
+                    args![tenant.as_str(), scenario.as_str(), spec.id.as_str()],
+                )
+                .await?;
+            if let Some((other,)) = owner {
+                return Err(RoutingError::FailedPrecondition(format!(
+                    "scenario {scenario} is already routed to queue {other}"
+                )));
+            }
+        }
+        let existed = load_queue(&mut tx, tenant, &spec.id).await?.is_some();
+        tx.execute(
+            "INSERT INTO routing_queues (tenant, id, name, definition, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant, id) DO UPDATE \
+             SET name = excluded.name, definition = excluded.definition, \
+             updated_at = excluded.updated_at",
+            args![
+                tenant.as_str(),
+                spec.id.as_str(),
+                spec.name.as_str(),
+                definition(spec)?,
+                micros(now)
+            ],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM routing_queue_scenarios WHERE tenant = $1 AND queue_id = $2",
+            args![tenant.as_str(), spec.id.as_str()],
+        )
+        .await?;
+        for scenario in &spec.scenario_ids {
+            tx.execute(
+                "INSERT INTO routing_queue_scenarios (tenant, scenario_id, queue_id) VALUES ($1, $2, $3)",
+                args![tenant.as_str(), scenario.as_str(), spec.id.as_str()],
+            )
+            .await?;
+        }
+        let record = load_queue(&mut tx, tenant, &spec.id)
+            .await?
+            .ok_or_else(|| RoutingError::Corrupt("upserted queue vanished".into()))?;
+        tx.commit().await?;
+        Ok((record, !existed))
+    }
+
+    /// Returns one queue.
+    pub async fn queue(&self, tenant: &TenantId, id: &str) -> RoutingResult<QueueRecord> {
+        let mut tx = Tx::read(self.db()).await?;
+        let queue = load_queue(&mut tx, tenant, id).await?;
+        tx.commit().await?;
+        queue.ok_or_else(|| RoutingError::NotFound(format!("queue {id} not found")))
+    }
+
+    /// Lists queues ordered by id after `after`; returns whether more follow.
+    pub async fn list_queues(
+        &self,
+        tenant: &TenantId,
+        after: &str,
+        limit: usize,
+    ) -> RoutingResult<(Vec<QueueRecord>, bool)> {
+        let mut tx = Tx::read(self.db()).await?;
+        let rows: Vec<QueueRow> = tx
+            .fetch_all(
+                "SELECT id, name, definition, created_at, updated_at FROM routing_queues \
+                 WHERE tenant = $1 AND id > $2 ORDER BY id LIMIT $3",
+                args![
+                    tenant.as_str(),
+                    after,
+                    i64::try_from(limit + 1).unwrap_or(i64::MAX)
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        let more = rows.len() > limit;
+        let queues = rows
+            .into_iter()
+            .take(limit)
+            .map(QueueRow::into_record)
+            .collect::<RoutingResult<Vec<_>>>()?;
+        Ok((queues, more))
+    }
+
+    /// Deletes a queue without waiting or assigned tickets.
+    pub async fn delete_queue(&self, tenant: &TenantId, id: &str) -> RoutingResult<()> {
+        let mut tx = Tx::write(self.db()).await?;
+        if load_queue(&mut tx, tenant, id).await?.is_none() {
+            return Err(RoutingError::NotFound(format!("queue {id} not found")));
+        }
+        let live = tx
+            .fetch_i64(
+                "SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+                 AND state IN ('queued', 'offered', 'assigned')",
+                args![tenant.as_str(), id],
+            )
+            .await?;
+        if live > 0 {
+            return Err(RoutingError::FailedPrecondition(format!(
+                "queue {id} still has {live} live tickets"
+            )));
+        }
+        tx.execute(
+            "DELETE FROM routing_queue_scenarios WHERE tenant = $1 AND queue_id = $2",
+            args![tenant.as_str(), id],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM routing_queues WHERE tenant = $1 AND id = $2",
+            args![tenant.as_str(), id],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM routing_queue_reports WHERE tenant = $1 AND queue_id = $2",
+            args![tenant.as_str(), id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

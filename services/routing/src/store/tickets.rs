@@ -1,0 +1,1929 @@
+//! Tickets, offers and assignments: enqueue, offer, accept, decline, expire, complete,
+//! transfer, abandon, overflow, position and statistics.
+
+use chrono::{DateTime, Utc};
+use tandem_platform::bus::RawEvent;
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::routing::v1 as pb;
+
+use super::agents::{PresenceReason, change_presence, load_agent, online_agents};
+use super::queues::{QueueRecord, all_queues, load_queue, resolve_queue};
+use super::sql::{Tx, args, claiming, locking};
+use super::{
+    Store, events, from_json, micros, opt_time, parse_disposition, parse_state, skills_json, time,
+};
+use crate::domain::agent::{Agent, Presence, SkillRequirement};
+use crate::domain::queue::{OutOfHours, OverflowAction};
+use crate::domain::select::{Candidate, Need, is_eligible, rank};
+use crate::domain::ticket::{Disposition, ReturnReason, TicketState, eta_seconds, static_priority};
+use crate::error::{RoutingError, RoutingResult};
+
+/// Warm or cold transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferKind {
+    /// The current agent keeps the conversation until the target accepts.
+    Warm,
+    /// The conversation is released at once and offered to the target.
+    Cold,
+}
+
+impl TransferKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TransferKind::Warm => "warm",
+            TransferKind::Cold => "cold",
+        }
+    }
+}
+
+/// Where a transfer goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransferTarget {
+    /// A named agent.
+    Agent(String),
+    /// A queue.
+    Queue(String),
+}
+
+/// A handoff to enqueue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewTicket {
+    /// Handoff id: the ticket id and idempotency key.
+    pub handoff_id: String,
+    /// Conversation.
+    pub conversation_id: String,
+    /// Scenario.
+    pub scenario_id: String,
+    /// Queue named by the policy; empty to route by scenario.
+    pub queue_id: String,
+    /// Base priority 0..100.
+    pub priority: i32,
+    /// VIP customer.
+    pub vip: bool,
+    /// Negative-emotion severity 0..1.
+    pub severity: f64,
+    /// Skills the package asks for.
+    pub skills: Vec<SkillRequirement>,
+    /// Language (protobuf number), 0 for any.
+    pub language: i32,
+    /// When the triggering message arrived.
+    pub trigger_received_at: Option<DateTime<Utc>>,
+    /// When dialog requested the handoff.
+    pub requested_at: DateTime<Utc>,
+    /// The encoded handoff package.
+    pub package: Vec<u8>,
+}
+
+/// What an enqueue did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnqueueOutcome {
+    /// The ticket (new or the one that existed).
+    pub ticket: TicketRecord,
+    /// False when the handoff id was known: nothing was written.
+    pub created: bool,
+}
+
+/// A stored ticket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TicketRecord {
+    pub id: String,
+    pub conversation_id: String,
+    pub scenario_id: String,
+    pub queue_id: String,
+    pub state: TicketState,
+    pub priority: i32,
+    pub static_priority: f64,
+    pub skills: Vec<SkillRequirement>,
+    pub language: i32,
+    pub target_agent_id: Option<String>,
+    pub excluded_agent_id: Option<String>,
+    pub transfer_from: Option<String>,
+    pub transfer_note: Option<String>,
+    pub transfer_kind: Option<TransferKind>,
+    pub offered_agent_id: Option<String>,
+    pub assigned_agent_id: Option<String>,
+    pub attempts: i32,
+    pub overflow_applied: i32,
+    pub trigger_received_at: Option<DateTime<Utc>>,
+    pub requested_at: DateTime<Utc>,
+    pub enqueued_at: DateTime<Utc>,
+    pub queue_entered_at: DateTime<Utc>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub disposition: Option<Disposition>,
+    pub package: Vec<u8>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TicketRow {
+    id: String,
+    conversation_id: String,
+    scenario_id: String,
+    queue_id: String,
+    state: String,
+    priority: i64,
+    static_priority: f64,
+    skills: String,
+    language: i64,
+    target_agent_id: Option<String>,
+    excluded_agent_id: Option<String>,
+    transfer_from: Option<String>,
+    transfer_note: Option<String>,
+    transfer_kind: Option<String>,
+    offered_agent_id: Option<String>,
+    assigned_agent_id: Option<String>,
+    attempts: i64,
+    overflow_applied: i64,
+    trigger_received_at: Option<i64>,
+    requested_at: i64,
+    enqueued_at: i64,
+    queue_entered_at: i64,
+    assigned_at: Option<i64>,
+    ended_at: Option<i64>,
+    disposition: Option<String>,
+    package: Vec<u8>,
+}
+
+macro_rules! ticket_select {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, conversation_id, scenario_id, queue_id, state, priority, static_priority, \
+             skills, language, target_agent_id, excluded_agent_id, transfer_from, transfer_note, \
+             transfer_kind, offered_agent_id, assigned_agent_id, attempts, overflow_applied, \
+             trigger_received_at, requested_at, enqueued_at, queue_entered_at, assigned_at, \
+             ended_at, disposition, package FROM routing_tickets WHERE ",
+            $where
+        )
+    };
+}
+
+impl TicketRow {
+    fn into_record(self) -> RoutingResult<TicketRecord> {
+        Ok(TicketRecord {
+            state: parse_state(&self.state)?,
+            skills: from_json("ticket skills", &self.skills)?,
+            priority: i32::try_from(self.priority).unwrap_or(0),
+            language: i32::try_from(self.language).unwrap_or(0),
+            transfer_kind: match self.transfer_kind.as_deref() {
+                Some("warm") => Some(TransferKind::Warm),
+                Some("cold") => Some(TransferKind::Cold),
+                _ => None,
+            },
+            attempts: i32::try_from(self.attempts).unwrap_or(i32::MAX),
+            overflow_applied: i32::try_from(self.overflow_applied).unwrap_or(i32::MAX),
+            trigger_received_at: opt_time(self.trigger_received_at)?,
+            requested_at: time(self.requested_at)?,
+            enqueued_at: time(self.enqueued_at)?,
+            queue_entered_at: time(self.queue_entered_at)?,
+            assigned_at: opt_time(self.assigned_at)?,
+            ended_at: opt_time(self.ended_at)?,
+            disposition: parse_disposition(self.disposition.as_deref())?,
+            id: self.id,
+            conversation_id: self.conversation_id,
+            scenario_id: self.scenario_id,
+            queue_id: self.queue_id,
+            static_priority: self.static_priority,
+            target_agent_id: self.target_agent_id,
+            excluded_agent_id: self.excluded_agent_id,
+            transfer_from: self.transfer_from,
+            transfer_note: self.transfer_note,
+            offered_agent_id: self.offered_agent_id,
+            assigned_agent_id: self.assigned_agent_id,
+            package: self.package,
+        })
+    }
+}
+
+/// Where an offer is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfferState {
+    Pending,
+    Accepted,
+    Declined,
+    Expired,
+    Revoked,
+}
+
+impl OfferState {
+    fn parse(text: &str) -> RoutingResult<Self> {
+        Ok(match text {
+            "pending" => OfferState::Pending,
+            "accepted" => OfferState::Accepted,
+            "declined" => OfferState::Declined,
+            "expired" => OfferState::Expired,
+            "revoked" => OfferState::Revoked,
+            other => return Err(RoutingError::Corrupt(format!("offer state {other}"))),
+        })
+    }
+}
+
+/// A stored offer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfferRecord {
+    pub id: String,
+    pub ticket_id: String,
+    pub conversation_id: String,
+    pub agent_id: String,
+    pub queue_id: String,
+    pub attempt: i32,
+    /// True for the offer of a warm transfer (the ticket stays with its agent meanwhile).
+    pub transfer: bool,
+    pub state: OfferState,
+    /// Why it was revoked: `taken`, `customer_left`, `cancelled`.
+    pub revoke_reason: Option<String>,
+    pub offered_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OfferRow {
+    id: String,
+    ticket_id: String,
+    conversation_id: String,
+    agent_id: String,
+    queue_id: String,
+    attempt: i64,
+    kind: String,
+    state: String,
+    revoke_reason: Option<String>,
+    offered_at: i64,
+    expires_at: i64,
+}
+
+macro_rules! offer_select {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, ticket_id, conversation_id, agent_id, queue_id, attempt, kind, state, \
+             revoke_reason, offered_at, expires_at FROM routing_offers WHERE ",
+            $where
+        )
+    };
+}
+
+impl OfferRow {
+    fn into_record(self) -> RoutingResult<OfferRecord> {
+        Ok(OfferRecord {
+            attempt: i32::try_from(self.attempt).unwrap_or(i32::MAX),
+            transfer: self.kind == "transfer",
+            state: OfferState::parse(&self.state)?,
+            offered_at: time(self.offered_at)?,
+            expires_at: time(self.expires_at)?,
+            id: self.id,
+            ticket_id: self.ticket_id,
+            conversation_id: self.conversation_id,
+            agent_id: self.agent_id,
+            queue_id: self.queue_id,
+            revoke_reason: self.revoke_reason,
+        })
+    }
+}
+
+/// What an attempt to offer a queued ticket did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OfferOutcome {
+    /// The ticket was offered.
+    Offered(Box<(TicketRecord, OfferRecord)>),
+    /// No eligible agent has spare capacity; the ticket stays queued.
+    NoAgent,
+    /// The ticket is no longer queued (or another replica holds it).
+    Gone,
+}
+
+/// An accepted offer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accepted {
+    /// The ticket, ASSIGNED.
+    pub ticket: TicketRecord,
+    /// The offer accepted.
+    pub offer: OfferRecord,
+    /// For a warm transfer: the agent who handed the conversation over.
+    pub previous_agent: Option<String>,
+}
+
+/// A finished assignment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completed {
+    /// The ticket after the change.
+    pub ticket: TicketRecord,
+    /// The agent whose capacity was freed.
+    pub agent_id: String,
+}
+
+/// What ending a waiting ticket released.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Unassigned {
+    /// The ticket after the change, if there was a live one.
+    pub ticket: Option<TicketRecord>,
+    /// Offers withdrawn.
+    pub revoked: Vec<OfferRecord>,
+    /// Agents whose capacity was freed.
+    pub freed_agents: Vec<String>,
+}
+
+/// A waiting ticket's place.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionView {
+    /// The ticket.
+    pub ticket: TicketRecord,
+    /// 1 = next; 0 when not waiting.
+    pub position: i32,
+    /// Seconds until accepted.
+    pub eta_seconds: i32,
+    /// Online agents with spare capacity and the ticket's skills.
+    pub agents_available: i32,
+    /// Whether the queue is open.
+    pub within_business_hours: bool,
+}
+
+/// Live statistics of a queue, with the scenarios routed to it.
+pub type QueueStatsView = (pb::QueueStats, Vec<String>);
+
+fn uuid() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+pub(crate) async fn load_ticket(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    id: &str,
+    lock: bool,
+) -> RoutingResult<Option<TicketRecord>> {
+    let sql = if lock {
+        locking!(ticket_select!("tenant = $1 AND id = $2"))
+    } else {
+        ticket_select!("tenant = $1 AND id = $2").into()
+    };
+    let row: Option<TicketRow> = tx.fetch_optional(sql, args![tenant.as_str(), id]).await?;
+    row.map(TicketRow::into_record).transpose()
+}
+
+async fn must_ticket(tx: &mut Tx, tenant: &TenantId, id: &str) -> RoutingResult<TicketRecord> {
+    load_ticket(tx, tenant, id, false)
+        .await?
+        .ok_or_else(|| RoutingError::Corrupt(format!("ticket {id} vanished")))
+}
+
+async fn load_offer(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    id: &str,
+    lock: bool,
+) -> RoutingResult<Option<OfferRecord>> {
+    let sql = if lock {
+        locking!(offer_select!("tenant = $1 AND id = $2"))
+    } else {
+        offer_select!("tenant = $1 AND id = $2").into()
+    };
+    let row: Option<OfferRow> = tx.fetch_optional(sql, args![tenant.as_str(), id]).await?;
+    row.map(OfferRow::into_record).transpose()
+}
+
+async fn pending_offer_of_ticket(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket_id: &str,
+) -> RoutingResult<Option<OfferRecord>> {
+    let row: Option<OfferRow> = tx
+        .fetch_optional(
+            locking!(offer_select!(
+                "tenant = $1 AND ticket_id = $2 AND state = 'pending'"
+            )),
+            args![tenant.as_str(), ticket_id],
+        )
+        .await?;
+    row.map(OfferRow::into_record).transpose()
+}
+
+fn candidates(agents: &[Agent]) -> Vec<Candidate> {
+    agents
+        .iter()
+        .map(|a| Candidate {
+            id: a.profile.id.clone(),
+            skills: a.profile.skills.clone(),
+            languages: a.profile.languages.clone(),
+            capacity: a.profile.capacity,
+            load: a.load,
+            last_assigned_at: a.last_assigned_at,
+        })
+        .collect()
+}
+
+/// Reserves one unit of the agent's capacity; false when it is full or not online.
+async fn reserve(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    agent_id: &str,
+    now: DateTime<Utc>,
+) -> RoutingResult<bool> {
+    let n = tx
+        .execute(
+            "UPDATE routing_agents SET active_load = active_load + 1, updated_at = $3 \
+             WHERE tenant = $1 AND id = $2 AND presence = 'online' AND active_load < capacity",
+            args![tenant.as_str(), agent_id, micros(now)],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+async fn release_unit(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    agent_id: &str,
+    assignment: bool,
+    now: DateTime<Utc>,
+) -> RoutingResult<()> {
+    let sql = if assignment {
+        "UPDATE routing_agents SET active_load = active_load - 1, assigned = assigned - 1, \
+         updated_at = $3 WHERE tenant = $1 AND id = $2"
+    } else {
+        "UPDATE routing_agents SET active_load = active_load - 1, updated_at = $3 \
+         WHERE tenant = $1 AND id = $2"
+    };
+    tx.execute(sql, args![tenant.as_str(), agent_id, micros(now)])
+        .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments, reason = "the offer and its context")]
+async fn insert_offer(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket: &TicketRecord,
+    agent_id: &str,
+    queue_id: &str,
+    transfer: bool,
+    timeout: std::time::Duration,
+    now: DateTime<Utc>,
+) -> RoutingResult<OfferRecord> {
+    let offer = OfferRecord {
+        id: uuid(),
+        ticket_id: ticket.id.clone(),
+        conversation_id: ticket.conversation_id.clone(),
+        agent_id: agent_id.to_owned(),
+        queue_id: queue_id.to_owned(),
+        attempt: ticket.attempts + 1,
+        transfer,
+        state: OfferState::Pending,
+        revoke_reason: None,
+        offered_at: now,
+        expires_at: now + chrono::Duration::from_std(timeout).unwrap_or_default(),
+    };
+    tx.execute(
+        "INSERT INTO routing_offers (tenant, id, ticket_id, conversation_id, agent_id, queue_id, \
+         attempt, kind, state, offered_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10)",
+        args![
+            tenant.as_str(),
+            offer.id.as_str(),
+            offer.ticket_id.as_str(),
+            offer.conversation_id.as_str(),
+            agent_id,
+            queue_id,
+            offer.attempt,
+            if transfer { "transfer" } else { "route" },
+            micros(now),
+            micros(offer.expires_at)
+        ],
+    )
+    .await?;
+    Ok(offer)
+}
+
+/// Ends a pending offer (declined, expired or revoked) and frees the agent's unit: a routing
+/// offer's ticket goes back to the queue; a warm transfer's ticket stays with its agent. Returns
+/// false when the offer was no longer pending (someone else resolved it).
+async fn release_offer(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    offer: &OfferRecord,
+    state: &str,
+    revoke_reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> RoutingResult<bool> {
+    let n = tx
+        .execute(
+            "UPDATE routing_offers SET state = $3, revoke_reason = $4, resolved_at = $5 \
+             WHERE tenant = $1 AND id = $2 AND state = 'pending'",
+            args![
+                tenant.as_str(),
+                offer.id.as_str(),
+                state,
+                revoke_reason,
+                micros(now)
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(false);
+    }
+    release_unit(tx, tenant, &offer.agent_id, false, now).await?;
+    if offer.transfer {
+        tx.execute(
+            "UPDATE routing_tickets SET offered_agent_id = NULL, updated_at = $3 \
+             WHERE tenant = $1 AND id = $2",
+            args![tenant.as_str(), offer.ticket_id.as_str(), micros(now)],
+        )
+        .await?;
+    } else {
+        tx.execute(
+            "UPDATE routing_tickets SET state = 'queued', offered_agent_id = NULL, updated_at = $4 \
+             WHERE tenant = $1 AND id = $2 AND state = 'offered' AND offered_agent_id = $3",
+            args![
+                tenant.as_str(),
+                offer.ticket_id.as_str(),
+                offer.agent_id.as_str(),
+                micros(now)
+            ],
+        )
+        .await?;
+    }
+    Ok(true)
+}
+
+/// Expires every pending offer of an agent (it went away or offline), with events.
+pub(crate) async fn expire_agent_offers(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    agent_id: &str,
+    now: DateTime<Utc>,
+    out: &mut Vec<RawEvent>,
+) -> RoutingResult<Vec<OfferRecord>> {
+    let rows: Vec<OfferRow> = tx
+        .fetch_all(
+            offer_select!("tenant = $1 AND agent_id = $2 AND state = 'pending' ORDER BY id"),
+            args![tenant.as_str(), agent_id],
+        )
+        .await?;
+    let mut released = Vec::new();
+    for row in rows {
+        let offer = row.into_record()?;
+        if release_offer(tx, tenant, &offer, "expired", None, now).await? {
+            let ticket = must_ticket(tx, tenant, &offer.ticket_id).await?;
+            out.push(events::timed_out(tenant, &ticket, &offer, now));
+            released.push(offer);
+        }
+    }
+    Ok(released)
+}
+
+/// The key queued tickets are served in: effective priority (static part plus ageing), highest
+/// first. `$k` is the queue's ageing per microsecond.
+const ORDER_KEY: &str = "(static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION))";
+
+async fn position_of(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket: &TicketRecord,
+    queue: &QueueRecord,
+) -> RoutingResult<i64> {
+    let ageing = queue.spec.weights.ageing_per_second / 1e6;
+    let own_key = ticket.static_priority - ageing * micros(ticket.enqueued_at) as f64;
+    let ahead = tx
+        .fetch_i64(
+            "SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+             AND state = 'queued' AND id <> $6 AND ( \
+             (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) > $4 \
+             OR ((static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) = $4 \
+                 AND enqueued_at < $5))",
+            args![
+                tenant.as_str(),
+                ticket.queue_id.as_str(),
+                ageing,
+                own_key,
+                micros(ticket.enqueued_at),
+                ticket.id.as_str()
+            ],
+        )
+        .await?;
+    Ok(ahead + 1)
+}
+
+async fn service_rate(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    queue_id: &str,
+    window: std::time::Duration,
+    now: DateTime<Utc>,
+) -> RoutingResult<f64> {
+    let since = micros(now) - i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+    let assigned = tx
+        .fetch_i64(
+            "SELECT COUNT(*) FROM routing_assignments WHERE tenant = $1 AND queue_id = $2 \
+             AND assigned_at >= $3",
+            args![tenant.as_str(), queue_id, since],
+        )
+        .await?;
+    let minutes = (window.as_secs_f64() / 60.0).max(1.0 / 60.0);
+    Ok(assigned as f64 / minutes)
+}
+
+/// Counts online agents meeting the queue's (or ticket's) skills: (online, with spare capacity).
+fn agents_for(agents: &[Agent], skills: &[SkillRequirement], language: i32) -> (i64, i64) {
+    let declined: Vec<String> = Vec::new();
+    let need = Need {
+        skills,
+        language,
+        declined: &declined,
+        ..Need::default()
+    };
+    let mut online = 0;
+    let mut available = 0;
+    for candidate in candidates(agents) {
+        let spare = candidate.load < candidate.capacity;
+        let unloaded = Candidate {
+            load: 0,
+            ..candidate
+        };
+        if is_eligible(&unloaded, &need) {
+            online += 1;
+            if spare {
+                available += 1;
+            }
+        }
+    }
+    (online, available)
+}
+
+fn merge_skills(queue: &[SkillRequirement], ticket: &[SkillRequirement]) -> Vec<SkillRequirement> {
+    let mut merged: Vec<SkillRequirement> = queue.to_vec();
+    for req in ticket {
+        match merged.iter_mut().find(|r| r.name == req.name) {
+            Some(existing) => existing.min_level = existing.min_level.max(req.min_level),
+            None => merged.push(req.clone()),
+        }
+    }
+    merged
+}
+
+/// ETA settings the store needs.
+#[derive(Clone, Copy, Debug)]
+pub struct EtaSettings {
+    /// Sliding window of the service rate.
+    pub window: std::time::Duration,
+    /// Seconds per position without history.
+    pub default_seconds_per_position: u64,
+}
+
+impl Store {
+    /// Enqueues a handoff, idempotently by handoff id: a known id returns its ticket and writes
+    /// nothing. With `dedup` (consumer, event id) the inbox claim is part of the transaction;
+    /// `None` is returned for an event handled before. Outside business hours or over the
+    /// queue's maximum length the ticket is created RETURNED.
+    pub async fn enqueue(
+        &self,
+        tenant: &TenantId,
+        new: &NewTicket,
+        dedup: Option<(&str, &str)>,
+        eta: EtaSettings,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Option<EnqueueOutcome>> {
+        let mut tx = Tx::write(self.db()).await?;
+        if let Some((consumer, event_id)) = dedup
+            && !tx.claim(consumer, event_id).await?
+        {
+            return Ok(None);
+        }
+        if let Some(ticket) = load_ticket(&mut tx, tenant, &new.handoff_id, false).await? {
+            tx.commit().await?;
+            return Ok(Some(EnqueueOutcome {
+                ticket,
+                created: false,
+            }));
+        }
+        let live: Option<(String,)> = tx
+            .fetch_optional(
+                "SELECT id FROM routing_tickets WHERE tenant = $1 AND conversation_id = $2 \
+                 AND state IN ('queued', 'offered', 'assigned')",
+                args![tenant.as_str(), new.conversation_id.as_str()],
+            )
+            .await?;
+        if let Some((other,)) = live {
+            return Err(RoutingError::AlreadyExists(format!(
+                "conversation {} already has live ticket {other}",
+                new.conversation_id
+            )));
+        }
+        let queue = resolve_queue(
+            &mut tx,
+            tenant,
+            &new.queue_id,
+            &new.scenario_id,
+            &self.default_queue,
+            now,
+        )
+        .await?;
+        let skills = merge_skills(&queue.spec.required_skills, &new.skills);
+        let static_part = static_priority(new.priority, new.vip, new.severity, &queue.spec.weights);
+        let returned = if !queue.spec.is_open(now) {
+            Some(ReturnReason::OutOfHours)
+        } else if queue.spec.max_length > 0 {
+            let depth = tx
+                .fetch_i64(
+                    "SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+                     AND state IN ('queued', 'offered')",
+                    args![tenant.as_str(), queue.spec.id.as_str()],
+                )
+                .await?;
+            (depth >= i64::from(queue.spec.max_length)).then_some(ReturnReason::QueueFull)
+        } else {
+            None
+        };
+        let state = if returned.is_some() {
+            TicketState::Returned
+        } else {
+            TicketState::Queued
+        };
+        tx.execute(
+            "INSERT INTO routing_tickets (tenant, id, conversation_id, scenario_id, queue_id, \
+             state, priority, static_priority, vip, severity, skills, language, \
+             trigger_received_at, requested_at, enqueued_at, queue_entered_at, ended_at, \
+             package, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+             $13, $14, $15, $15, $16, $17, $15)",
+            args![
+                tenant.as_str(),
+                new.handoff_id.as_str(),
+                new.conversation_id.as_str(),
+                new.scenario_id.as_str(),
+                queue.spec.id.as_str(),
+                state.as_str(),
+                new.priority.clamp(0, 100),
+                static_part,
+                new.vip,
+                new.severity,
+                skills_json(&skills)?,
+                new.language,
+                new.trigger_received_at.map(micros),
+                micros(new.requested_at),
+                micros(now),
+                returned.map(|_| micros(now)),
+                new.package.clone()
+            ],
+        )
+        .await?;
+        let ticket = must_ticket(&mut tx, tenant, &new.handoff_id).await?;
+        let event = match returned {
+            Some(reason) => {
+                let leave_message = queue.spec.out_of_hours == OutOfHours::LeaveMessage;
+                events::returned(tenant, &ticket, reason, leave_message, now)
+            }
+            None => {
+                let position = position_of(&mut tx, tenant, &ticket, &queue).await?;
+                let rate = service_rate(&mut tx, tenant, &queue.spec.id, eta.window, now).await?;
+                let agents = online_agents(&mut tx, tenant).await?;
+                let (_, available) = agents_for(&agents, &ticket.skills, ticket.language);
+                let eta_s =
+                    eta_seconds(position, rate, available, eta.default_seconds_per_position);
+                events::queued(
+                    tenant,
+                    &ticket,
+                    i32::try_from(position).unwrap_or(i32::MAX),
+                    eta_s,
+                )
+            }
+        };
+        tx.enqueue(&[event]).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(Some(EnqueueOutcome {
+            ticket,
+            created: true,
+        }))
+    }
+
+    /// Ids of a queue's queued tickets in service order (no locks; the offer re-checks).
+    pub async fn queued_ids(
+        &self,
+        tenant: &TenantId,
+        queue: &QueueRecord,
+        limit: usize,
+    ) -> RoutingResult<Vec<String>> {
+        let _ = ORDER_KEY;
+        let mut tx = Tx::read(self.db()).await?;
+        let rows: Vec<(String,)> = tx
+            .fetch_all(
+                "SELECT id FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+                 AND state = 'queued' \
+                 ORDER BY (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) DESC, \
+                 enqueued_at, id LIMIT $4",
+                args![
+                    tenant.as_str(),
+                    queue.spec.id.as_str(),
+                    queue.spec.weights.ageing_per_second / 1e6,
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// The (tenant, queue) pairs with queued tickets.
+    pub async fn waiting_queues(&self) -> RoutingResult<Vec<(TenantId, String)>> {
+        let mut tx = Tx::read(self.db()).await?;
+        let rows: Vec<(String, String)> = tx
+            .fetch_all(
+                "SELECT DISTINCT tenant, queue_id FROM routing_tickets WHERE state = 'queued'",
+                args![],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(t, q)| TenantId::new(t).ok().map(|t| (t, q)))
+            .collect())
+    }
+
+    /// Offers one queued ticket to the best eligible agent, reserving a unit of its capacity.
+    /// The ticket is claimed with `FOR UPDATE SKIP LOCKED`; each capacity reservation is a
+    /// conditional update whose row count decides.
+    pub async fn offer_ticket(
+        &self,
+        tenant: &TenantId,
+        ticket_id: &str,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<OfferOutcome> {
+        let mut tx = Tx::write(self.db()).await?;
+        let row: Option<TicketRow> = tx
+            .fetch_optional(
+                claiming!(ticket_select!(
+                    "tenant = $1 AND id = $2 AND state = 'queued'"
+                )),
+                args![tenant.as_str(), ticket_id],
+            )
+            .await?;
+        let Some(ticket) = row.map(TicketRow::into_record).transpose()? else {
+            return Ok(OfferOutcome::Gone);
+        };
+        let Some(queue) = load_queue(&mut tx, tenant, &ticket.queue_id).await? else {
+            return Ok(OfferOutcome::NoAgent);
+        };
+        let agents = online_agents(&mut tx, tenant).await?;
+        let declined: Vec<(String,)> = tx
+            .fetch_all(
+                "SELECT DISTINCT agent_id FROM routing_offers WHERE tenant = $1 AND ticket_id = $2 \
+                 AND state IN ('declined', 'expired')",
+                args![tenant.as_str(), ticket.id.as_str()],
+            )
+            .await?;
+        let declined: Vec<String> = declined.into_iter().map(|(id,)| id).collect();
+        let all = candidates(&agents);
+        let need = Need {
+            skills: &ticket.skills,
+            language: ticket.language,
+            declined: &declined,
+            only_agent: ticket.target_agent_id.as_deref(),
+            excluded: ticket.excluded_agent_id.as_deref(),
+        };
+        let mut chosen = None;
+        for candidate in rank(&all, &need, queue.spec.strategy) {
+            if reserve(&mut tx, tenant, &candidate.id, now).await? {
+                chosen = Some(candidate.id.clone());
+                break;
+            }
+        }
+        let Some(agent_id) = chosen else {
+            return Ok(OfferOutcome::NoAgent);
+        };
+        let offer = insert_offer(
+            &mut tx,
+            tenant,
+            &ticket,
+            &agent_id,
+            &queue.spec.id,
+            false,
+            queue.spec.offer_timeout,
+            now,
+        )
+        .await?;
+        tx.execute(
+            "UPDATE routing_tickets SET state = 'offered', offered_agent_id = $3, \
+             attempts = attempts + 1, offered_at = $4, updated_at = $4 \
+             WHERE tenant = $1 AND id = $2 AND state = 'queued'",
+            args![
+                tenant.as_str(),
+                ticket.id.as_str(),
+                agent_id.as_str(),
+                micros(now)
+            ],
+        )
+        .await?;
+        let ticket = must_ticket(&mut tx, tenant, &ticket.id).await?;
+        tx.enqueue(&[events::offered(tenant, &ticket, &offer)])
+            .await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(OfferOutcome::Offered(Box::new((ticket, offer))))
+    }
+
+    /// Accepts an offer for `agent_id`: the ticket becomes ASSIGNED to it (for a warm transfer,
+    /// the previous agent's assignment ends as TRANSFERRED).
+    pub async fn accept(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+        offer_id: &str,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Accepted> {
+        let mut tx = Tx::write(self.db()).await?;
+        let offer = load_offer(&mut tx, tenant, offer_id, true)
+            .await?
+            .ok_or_else(|| RoutingError::NotFound(format!("offer {offer_id} not found")))?;
+        if offer.agent_id != agent_id {
+            return Err(RoutingError::NotYours(format!(
+                "offer {offer_id} was made to another agent"
+            )));
+        }
+        match offer.state {
+            OfferState::Pending => {}
+            OfferState::Expired => return Err(RoutingError::OfferExpired(offer_id.to_owned())),
+            _ => return Err(RoutingError::OfferTaken(offer_id.to_owned())),
+        }
+        if offer.expires_at <= now {
+            // Expire it here so the ticket moves on at once, then report the expiry.
+            let mut out = Vec::new();
+            if release_offer(&mut tx, tenant, &offer, "expired", None, now).await? {
+                let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
+                out.push(events::timed_out(tenant, &ticket, &offer, now));
+            }
+            tx.enqueue(&out).await?;
+            tx.commit().await?;
+            self.wake_outbox();
+            return Err(RoutingError::OfferExpired(offer_id.to_owned()));
+        }
+        let accepted = tx
+            .execute(
+                "UPDATE routing_offers SET state = 'accepted', resolved_at = $3 \
+                 WHERE tenant = $1 AND id = $2 AND state = 'pending'",
+                args![tenant.as_str(), offer_id, micros(now)],
+            )
+            .await?;
+        if accepted != 1 {
+            return Err(RoutingError::OfferTaken(offer_id.to_owned()));
+        }
+        let ticket = load_ticket(&mut tx, tenant, &offer.ticket_id, true)
+            .await?
+            .ok_or_else(|| RoutingError::Corrupt(format!("ticket {} vanished", offer.ticket_id)))?;
+        let mut out = Vec::new();
+        let mut previous_agent = None;
+        if offer.transfer {
+            if let Some((from, team, assigned_at)) =
+                end_assignment(&mut tx, tenant, &ticket.id, Disposition::Transferred, now).await?
+            {
+                out.push(events::completed(
+                    tenant,
+                    &ticket,
+                    &from,
+                    &team,
+                    Disposition::Transferred,
+                    assigned_at,
+                    now,
+                ));
+                previous_agent = Some(from);
+            }
+        } else if ticket.state != TicketState::Offered {
+            return Err(RoutingError::OfferTaken(offer_id.to_owned()));
+        }
+        tx.execute(
+            "INSERT INTO routing_assignments (tenant, id, ticket_id, conversation_id, agent_id, \
+             queue_id, offer_id, assigned_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            args![
+                tenant.as_str(),
+                uuid(),
+                ticket.id.as_str(),
+                ticket.conversation_id.as_str(),
+                agent_id,
+                offer.queue_id.as_str(),
+                offer.id.as_str(),
+                micros(now)
+            ],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE routing_agents SET assigned = assigned + 1, last_assigned_at = $3, \
+             missed_offers = 0, updated_at = $3 WHERE tenant = $1 AND id = $2",
+            args![tenant.as_str(), agent_id, micros(now)],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE routing_tickets SET state = 'assigned', assigned_agent_id = $3, \
+             offered_agent_id = NULL, queue_id = $4, assigned_at = $5, target_agent_id = NULL, \
+             excluded_agent_id = NULL, updated_at = $5 WHERE tenant = $1 AND id = $2",
+            args![
+                tenant.as_str(),
+                ticket.id.as_str(),
+                agent_id,
+                offer.queue_id.as_str(),
+                micros(now)
+            ],
+        )
+        .await?;
+        let team = load_agent(&mut tx, tenant, agent_id, false)
+            .await?
+            .map(|a| a.profile.team)
+            .unwrap_or_default();
+        let ticket = must_ticket(&mut tx, tenant, &ticket.id).await?;
+        let offer = OfferRecord {
+            state: OfferState::Accepted,
+            ..offer
+        };
+        out.push(events::assigned(tenant, &ticket, &offer, &team, now));
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(Accepted {
+            ticket,
+            offer,
+            previous_agent,
+        })
+    }
+
+    /// Declines an offer: the agent's unit is freed and the ticket goes back to the queue (a
+    /// warm transfer stays with its agent). The agent is not offered the ticket again while
+    /// someone else can take it.
+    pub async fn decline(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+        offer_id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<TicketRecord> {
+        let mut tx = Tx::write(self.db()).await?;
+        let offer = load_offer(&mut tx, tenant, offer_id, true)
+            .await?
+            .ok_or_else(|| RoutingError::NotFound(format!("offer {offer_id} not found")))?;
+        if offer.agent_id != agent_id {
+            return Err(RoutingError::NotYours(format!(
+                "offer {offer_id} was made to another agent"
+            )));
+        }
+        if offer.state != OfferState::Pending
+            || !release_offer(&mut tx, tenant, &offer, "declined", None, now).await?
+        {
+            return Err(RoutingError::OfferTaken(offer_id.to_owned()));
+        }
+        let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
+        tx.enqueue(&[events::declined(tenant, &ticket, &offer, reason, now)])
+            .await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(ticket)
+    }
+
+    /// Expires pending offers whose time is up, at most `limit`; an agent that lets
+    /// `missed_before_away` offers in a row expire is set AWAY. Returns the offers expired.
+    pub async fn expire_offers(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        missed_before_away: u32,
+    ) -> RoutingResult<Vec<(TenantId, OfferRecord)>> {
+        let mut tx = Tx::read(self.db()).await?;
+        let due: Vec<(String, String)> = tx
+            .fetch_all(
+                "SELECT tenant, id FROM routing_offers WHERE state = 'pending' AND expires_at <= $1 \
+                 ORDER BY expires_at LIMIT $2",
+                args![micros(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await?;
+        tx.commit().await?;
+        let mut expired = Vec::new();
+        for (tenant, id) in due {
+            let Ok(tenant) = TenantId::new(tenant) else {
+                continue;
+            };
+            let mut tx = Tx::write(self.db()).await?;
+            let Some(offer) = load_offer(&mut tx, &tenant, &id, true).await? else {
+                continue;
+            };
+            if offer.state != OfferState::Pending
+                || !release_offer(&mut tx, &tenant, &offer, "expired", None, now).await?
+            {
+                continue;
+            }
+            let ticket = must_ticket(&mut tx, &tenant, &offer.ticket_id).await?;
+            let mut out = vec![events::timed_out(&tenant, &ticket, &offer, now)];
+            tx.execute(
+                "UPDATE routing_agents SET missed_offers = missed_offers + 1 \
+                 WHERE tenant = $1 AND id = $2",
+                args![tenant.as_str(), offer.agent_id.as_str()],
+            )
+            .await?;
+            let missed = tx
+                .fetch_i64(
+                    "SELECT missed_offers FROM routing_agents WHERE tenant = $1 AND id = $2",
+                    args![tenant.as_str(), offer.agent_id.as_str()],
+                )
+                .await?;
+            if missed_before_away > 0
+                && missed >= i64::from(missed_before_away)
+                && let Some(agent) = load_agent(&mut tx, &tenant, &offer.agent_id, true).await?
+                && agent.presence == Presence::Online
+            {
+                change_presence(
+                    &mut tx,
+                    &tenant,
+                    agent,
+                    Presence::Away,
+                    PresenceReason::MissedOffers,
+                    "offers expired without an answer",
+                    now,
+                    &mut out,
+                )
+                .await?;
+            }
+            tx.enqueue(&out).await?;
+            tx.commit().await?;
+            self.wake_outbox();
+            expired.push((tenant, offer));
+        }
+        Ok(expired)
+    }
+
+    /// Ends an assignment (resolved or returned to the bot) and frees the agent's unit. An agent
+    /// caller (`actor`) must own it. A pending warm-transfer offer of the ticket is withdrawn.
+    pub async fn complete(
+        &self,
+        tenant: &TenantId,
+        ticket_id: &str,
+        actor: Option<&str>,
+        disposition: Disposition,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<(Completed, Vec<OfferRecord>)> {
+        let mut tx = Tx::write(self.db()).await?;
+        let ticket = load_ticket(&mut tx, tenant, ticket_id, true)
+            .await?
+            .ok_or_else(|| RoutingError::NotFound(format!("ticket {ticket_id} not found")))?;
+        if ticket.state != TicketState::Assigned {
+            return Err(RoutingError::FailedPrecondition(format!(
+                "ticket {ticket_id} is {}, not assigned",
+                ticket.state.as_str()
+            )));
+        }
+        if let Some(actor) = actor
+            && ticket.assigned_agent_id.as_deref() != Some(actor)
+        {
+            return Err(RoutingError::NotYours(format!(
+                "ticket {ticket_id} is assigned to another agent"
+            )));
+        }
+        let mut out = Vec::new();
+        let mut revoked = Vec::new();
+        if let Some(offer) = pending_offer_of_ticket(&mut tx, tenant, ticket_id).await?
+            && release_offer(&mut tx, tenant, &offer, "revoked", Some("cancelled"), now).await?
+        {
+            revoked.push(offer);
+        }
+        let (agent_id, team, assigned_at) =
+            end_assignment(&mut tx, tenant, ticket_id, disposition, now)
+                .await?
+                .ok_or_else(|| {
+                    RoutingError::Corrupt(format!("ticket {ticket_id} has no assignment"))
+                })?;
+        tx.execute(
+            "UPDATE routing_tickets SET state = 'completed', ended_at = $3, disposition = $4, \
+             offered_agent_id = NULL, updated_at = $3 WHERE tenant = $1 AND id = $2",
+            args![
+                tenant.as_str(),
+                ticket_id,
+                micros(now),
+                disposition.as_str()
+            ],
+        )
+        .await?;
+        let ticket = must_ticket(&mut tx, tenant, ticket_id).await?;
+        out.push(events::completed(
+            tenant,
+            &ticket,
+            &agent_id,
+            &team,
+            disposition,
+            assigned_at,
+            now,
+        ));
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok((Completed { ticket, agent_id }, revoked))
+    }
+
+    /// Transfers an assigned conversation. Cold: the assignment ends (TRANSFERRED) and the
+    /// ticket is queued for the target (a named agent or a queue). Warm: the current agent keeps
+    /// it while the target gets an offer; on accept the assignment moves. Returns the ticket and,
+    /// for warm transfers, the offer.
+    #[allow(clippy::too_many_arguments, reason = "the request's fields")]
+    pub async fn transfer(
+        &self,
+        tenant: &TenantId,
+        ticket_id: &str,
+        actor: Option<&str>,
+        kind: TransferKind,
+        target: &TransferTarget,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<(TicketRecord, Option<OfferRecord>, String)> {
+        let mut tx = Tx::write(self.db()).await?;
+        let ticket = load_ticket(&mut tx, tenant, ticket_id, true)
+            .await?
+            .ok_or_else(|| RoutingError::NotFound(format!("ticket {ticket_id} not found")))?;
+        if ticket.state != TicketState::Assigned {
+            return Err(RoutingError::FailedPrecondition(format!(
+                "ticket {ticket_id} is {}, only assigned conversations can be transferred",
+                ticket.state.as_str()
+            )));
+        }
+        let from = ticket.assigned_agent_id.clone().unwrap_or_default();
+        if let Some(actor) = actor
+            && actor != from
+        {
+            return Err(RoutingError::NotYours(format!(
+                "ticket {ticket_id} is assigned to another agent"
+            )));
+        }
+        let (queue_id, only_agent) = match target {
+            TransferTarget::Agent(agent) => {
+                if *agent == from {
+                    return Err(RoutingError::InvalidArgument(
+                        "target.agent_id is the agent who holds the conversation".into(),
+                    ));
+                }
+                if load_agent(&mut tx, tenant, agent, false).await?.is_none() {
+                    return Err(RoutingError::NotFound(format!("agent {agent} not found")));
+                }
+                (ticket.queue_id.clone(), Some(agent.clone()))
+            }
+            TransferTarget::Queue(queue) => {
+                if load_queue(&mut tx, tenant, queue).await?.is_none() {
+                    return Err(RoutingError::NotFound(format!("queue {queue} not found")));
+                }
+                (queue.clone(), None)
+            }
+        };
+        if pending_offer_of_ticket(&mut tx, tenant, ticket_id)
+            .await?
+            .is_some()
+        {
+            return Err(RoutingError::FailedPrecondition(format!(
+                "a transfer of ticket {ticket_id} is already pending"
+            )));
+        }
+        let mut out = Vec::new();
+        let mut offer = None;
+        match kind {
+            TransferKind::Cold => {
+                let (agent, team, assigned_at) =
+                    end_assignment(&mut tx, tenant, ticket_id, Disposition::Transferred, now)
+                        .await?
+                        .ok_or_else(|| {
+                            RoutingError::Corrupt(format!("ticket {ticket_id} has no assignment"))
+                        })?;
+                out.push(events::completed(
+                    tenant,
+                    &ticket,
+                    &agent,
+                    &team,
+                    Disposition::Transferred,
+                    assigned_at,
+                    now,
+                ));
+                tx.execute(
+                    "UPDATE routing_tickets SET state = 'queued', queue_id = $3, \
+                     assigned_agent_id = NULL, assigned_at = NULL, target_agent_id = $4, \
+                     excluded_agent_id = $5, transfer_from = $5, transfer_note = $6, \
+                     transfer_kind = 'cold', queue_entered_at = $7, overflow_applied = 0, \
+                     updated_at = $7 WHERE tenant = $1 AND id = $2",
+                    args![
+                        tenant.as_str(),
+                        ticket_id,
+                        queue_id.as_str(),
+                        only_agent.clone(),
+                        from.as_str(),
+                        note,
+                        micros(now)
+                    ],
+                )
+                .await?;
+            }
+            TransferKind::Warm => {
+                let queue = load_queue(&mut tx, tenant, &queue_id)
+                    .await?
+                    .ok_or_else(|| RoutingError::NotFound(format!("queue {queue_id} not found")))?;
+                let agents = online_agents(&mut tx, tenant).await?;
+                let all = candidates(&agents);
+                let none: Vec<String> = Vec::new();
+                let skills = match only_agent {
+                    Some(_) => Vec::new(),
+                    None => queue.spec.required_skills.clone(),
+                };
+                let need = Need {
+                    skills: &skills,
+                    language: ticket.language,
+                    declined: &none,
+                    only_agent: only_agent.as_deref(),
+                    excluded: Some(from.as_str()),
+                };
+                let mut chosen = None;
+                for candidate in rank(&all, &need, queue.spec.strategy) {
+                    if reserve(&mut tx, tenant, &candidate.id, now).await? {
+                        chosen = Some(candidate.id.clone());
+                        break;
+                    }
+                }
+                let Some(agent_id) = chosen else {
+                    return Err(RoutingError::FailedPrecondition(match only_agent {
+                        Some(agent) => {
+                            format!("agent {agent} is not online with spare capacity")
+                        }
+                        None => format!("no agent of queue {queue_id} can take it now"),
+                    }));
+                };
+                let made = insert_offer(
+                    &mut tx,
+                    tenant,
+                    &ticket,
+                    &agent_id,
+                    &queue_id,
+                    true,
+                    queue.spec.offer_timeout,
+                    now,
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE routing_tickets SET offered_agent_id = $3, attempts = attempts + 1, \
+                     transfer_from = $4, transfer_note = $5, transfer_kind = 'warm', \
+                     offered_at = $6, updated_at = $6 WHERE tenant = $1 AND id = $2",
+                    args![
+                        tenant.as_str(),
+                        ticket_id,
+                        agent_id.as_str(),
+                        from.as_str(),
+                        note,
+                        micros(now)
+                    ],
+                )
+                .await?;
+                offer = Some(made);
+            }
+        }
+        let ticket = must_ticket(&mut tx, tenant, ticket_id).await?;
+        out.push(events::transferred(
+            tenant, &ticket, kind, &from, target, note, now,
+        ));
+        if let Some(offer) = &offer {
+            out.push(events::offered(tenant, &ticket, offer));
+        }
+        let _ = kind.as_str();
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok((ticket, offer, from))
+    }
+
+    /// The customer left: a waiting ticket of the conversation is ABANDONED (its offer withdrawn);
+    /// an assigned one is completed (CLOSED) so the agent's unit is freed.
+    pub async fn close_conversation(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        dedup: Option<(&str, &str)>,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Unassigned> {
+        self.end_waiting(tenant, conversation_id, None, dedup, now, true)
+            .await
+    }
+
+    /// The customer cancelled the handoff: a waiting ticket is RETURNED to the bot.
+    pub async fn cancel_handoff(
+        &self,
+        tenant: &TenantId,
+        handoff_id: &str,
+        dedup: Option<(&str, &str)>,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Unassigned> {
+        self.end_waiting(tenant, "", Some(handoff_id), dedup, now, false)
+            .await
+    }
+
+    async fn end_waiting(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        handoff_id: Option<&str>,
+        dedup: Option<(&str, &str)>,
+        now: DateTime<Utc>,
+        closed: bool,
+    ) -> RoutingResult<Unassigned> {
+        let mut tx = Tx::write(self.db()).await?;
+        if let Some((consumer, event_id)) = dedup
+            && !tx.claim(consumer, event_id).await?
+        {
+            return Ok(Unassigned::default());
+        }
+        let row: Option<TicketRow> = match handoff_id {
+            Some(id) => {
+                tx.fetch_optional(
+                    locking!(ticket_select!(
+                        "tenant = $1 AND id = $2 AND state IN ('queued', 'offered', 'assigned')"
+                    )),
+                    args![tenant.as_str(), id],
+                )
+                .await?
+            }
+            None => {
+                tx.fetch_optional(
+                    locking!(ticket_select!(
+                        "tenant = $1 AND conversation_id = $2 \
+                         AND state IN ('queued', 'offered', 'assigned')"
+                    )),
+                    args![tenant.as_str(), conversation_id],
+                )
+                .await?
+            }
+        };
+        let Some(ticket) = row.map(TicketRow::into_record).transpose()? else {
+            tx.commit().await?;
+            return Ok(Unassigned::default());
+        };
+        let mut result = Unassigned::default();
+        let mut out = Vec::new();
+        if let Some(offer) = pending_offer_of_ticket(&mut tx, tenant, &ticket.id).await? {
+            let reason = if closed { "customer_left" } else { "cancelled" };
+            if release_offer(&mut tx, tenant, &offer, "revoked", Some(reason), now).await? {
+                result.freed_agents.push(offer.agent_id.clone());
+                result.revoked.push(offer);
+            }
+        }
+        if ticket.state == TicketState::Assigned {
+            if !closed {
+                // A cancel after an agent took over changes nothing.
+                tx.enqueue(&out).await?;
+                tx.commit().await?;
+                return Ok(result);
+            }
+            let (agent, team, assigned_at) =
+                end_assignment(&mut tx, tenant, &ticket.id, Disposition::Closed, now)
+                    .await?
+                    .ok_or_else(|| {
+                        RoutingError::Corrupt(format!("ticket {} has no assignment", ticket.id))
+                    })?;
+            tx.execute(
+                "UPDATE routing_tickets SET state = 'completed', ended_at = $3, \
+                 disposition = 'closed', updated_at = $3 WHERE tenant = $1 AND id = $2",
+                args![tenant.as_str(), ticket.id.as_str(), micros(now)],
+            )
+            .await?;
+            let done = must_ticket(&mut tx, tenant, &ticket.id).await?;
+            out.push(events::completed(
+                tenant,
+                &done,
+                &agent,
+                &team,
+                Disposition::Closed,
+                assigned_at,
+                now,
+            ));
+            result.freed_agents.push(agent);
+            result.ticket = Some(done);
+        } else {
+            let state = if closed { "abandoned" } else { "returned" };
+            tx.execute(
+                "UPDATE routing_tickets SET state = $3, ended_at = $4, offered_agent_id = NULL, \
+                 updated_at = $4 WHERE tenant = $1 AND id = $2",
+                args![tenant.as_str(), ticket.id.as_str(), state, micros(now)],
+            )
+            .await?;
+            let done = must_ticket(&mut tx, tenant, &ticket.id).await?;
+            out.push(if closed {
+                events::abandoned(tenant, &done, pb::AbandonReason::CustomerLeft, now)
+            } else {
+                events::returned(tenant, &done, ReturnReason::Cancelled, false, now)
+            });
+            result.ticket = Some(done);
+        }
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(result)
+    }
+
+    /// Applies due overflow steps to queued tickets; returns the (tenant, queue) pairs whose
+    /// tickets changed (to drain them).
+    pub async fn apply_overflow(
+        &self,
+        now: DateTime<Utc>,
+        eta: EtaSettings,
+    ) -> RoutingResult<Vec<(TenantId, String)>> {
+        let mut tx = Tx::read(self.db()).await?;
+        let queues = all_queues(&mut tx).await?;
+        tx.commit().await?;
+        let mut touched = Vec::new();
+        for (tenant, queue) in queues {
+            for (index, step) in queue.spec.overflow.iter().enumerate() {
+                let due_before =
+                    micros(now) - i64::try_from(step.after.as_micros()).unwrap_or(i64::MAX);
+                let mut tx = Tx::read(self.db()).await?;
+                let due: Vec<(String,)> = tx
+                    .fetch_all(
+                        "SELECT id FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+                         AND state = 'queued' AND overflow_applied <= $3 AND queue_entered_at <= $4 \
+                         LIMIT 200",
+                        args![
+                            tenant.as_str(),
+                            queue.spec.id.as_str(),
+                            i64::try_from(index).unwrap_or(i64::MAX),
+                            due_before
+                        ],
+                    )
+                    .await?;
+                tx.commit().await?;
+                for (id,) in due {
+                    let mut tx = Tx::write(self.db()).await?;
+                    let row: Option<TicketRow> = tx
+                        .fetch_optional(
+                            claiming!(ticket_select!(
+                                "tenant = $1 AND id = $2 AND state = 'queued'"
+                            )),
+                            args![tenant.as_str(), id.as_str()],
+                        )
+                        .await?;
+                    let Some(ticket) = row.map(TicketRow::into_record).transpose()? else {
+                        continue;
+                    };
+                    if ticket.queue_id != queue.spec.id
+                        || ticket.overflow_applied > i32::try_from(index).unwrap_or(i32::MAX)
+                    {
+                        continue;
+                    }
+                    let applied = i64::try_from(index + 1).unwrap_or(i64::MAX);
+                    match &step.action {
+                        OverflowAction::WidenSkills(drop) => {
+                            let skills: Vec<SkillRequirement> = ticket
+                                .skills
+                                .iter()
+                                .filter(|s| !drop.contains(&s.name))
+                                .cloned()
+                                .collect();
+                            tx.execute(
+                                "UPDATE routing_tickets SET skills = $3, overflow_applied = $4, \
+                                 updated_at = $5 WHERE tenant = $1 AND id = $2",
+                                args![
+                                    tenant.as_str(),
+                                    id.as_str(),
+                                    skills_json(&skills)?,
+                                    applied,
+                                    micros(now)
+                                ],
+                            )
+                            .await?;
+                            tx.commit().await?;
+                            touched.push((tenant.clone(), queue.spec.id.clone()));
+                        }
+                        OverflowAction::MoveToQueue(target) => {
+                            let Some(target_queue) = load_queue(&mut tx, &tenant, target).await?
+                            else {
+                                tracing::warn!(queue = %queue.spec.id, target = %target, "overflow target queue does not exist");
+                                tx.execute(
+                                    "UPDATE routing_tickets SET overflow_applied = $3 \
+                                     WHERE tenant = $1 AND id = $2",
+                                    args![tenant.as_str(), id.as_str(), applied],
+                                )
+                                .await?;
+                                tx.commit().await?;
+                                continue;
+                            };
+                            let skills = merge_skills(
+                                &target_queue.spec.required_skills,
+                                &ticket
+                                    .skills
+                                    .iter()
+                                    .filter(|s| {
+                                        !queue.spec.required_skills.iter().any(|q| q.name == s.name)
+                                    })
+                                    .cloned()
+                                    .collect::<Vec<_>>(),
+                            );
+                            tx.execute(
+                                "UPDATE routing_tickets SET queue_id = $3, skills = $4, \
+                                 overflow_applied = 0, queue_entered_at = $5, updated_at = $5 \
+                                 WHERE tenant = $1 AND id = $2",
+                                args![
+                                    tenant.as_str(),
+                                    id.as_str(),
+                                    target.as_str(),
+                                    skills_json(&skills)?,
+                                    micros(now)
+                                ],
+                            )
+                            .await?;
+                            let moved = must_ticket(&mut tx, &tenant, &id).await?;
+                            let position =
+                                position_of(&mut tx, &tenant, &moved, &target_queue).await?;
+                            let rate =
+                                service_rate(&mut tx, &tenant, target, eta.window, now).await?;
+                            let eta_s =
+                                eta_seconds(position, rate, 0, eta.default_seconds_per_position);
+                            tx.enqueue(&[events::queued(
+                                &tenant,
+                                &moved,
+                                i32::try_from(position).unwrap_or(i32::MAX),
+                                eta_s,
+                            )])
+                            .await?;
+                            tx.commit().await?;
+                            self.wake_outbox();
+                            touched.push((tenant.clone(), target.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        touched.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        touched.dedup();
+        Ok(touched)
+    }
+
+    /// Returns one ticket.
+    pub async fn ticket(&self, tenant: &TenantId, id: &str) -> RoutingResult<TicketRecord> {
+        let mut tx = Tx::read(self.db()).await?;
+        let ticket = load_ticket(&mut tx, tenant, id, false).await?;
+        tx.commit().await?;
+        ticket.ok_or_else(|| RoutingError::NotFound(format!("ticket {id} not found")))
+    }
+
+    /// Returns the live or latest ticket of a conversation.
+    pub async fn ticket_of_conversation(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+    ) -> RoutingResult<TicketRecord> {
+        let mut tx = Tx::read(self.db()).await?;
+        let row: Option<TicketRow> = tx
+            .fetch_optional(
+                ticket_select!(
+                    "tenant = $1 AND conversation_id = $2 ORDER BY \
+                     CASE WHEN state IN ('queued', 'offered', 'assigned') THEN 0 ELSE 1 END, \
+                     requested_at DESC, enqueued_at DESC LIMIT 1"
+                ),
+                args![tenant.as_str(), conversation_id],
+            )
+            .await?;
+        tx.commit().await?;
+        row.map(TicketRow::into_record).transpose()?.ok_or_else(|| {
+            RoutingError::NotFound(format!("conversation {conversation_id} has no ticket"))
+        })
+    }
+
+    /// Returns one offer.
+    pub async fn offer(&self, tenant: &TenantId, id: &str) -> RoutingResult<OfferRecord> {
+        let mut tx = Tx::read(self.db()).await?;
+        let offer = load_offer(&mut tx, tenant, id, false).await?;
+        tx.commit().await?;
+        offer.ok_or_else(|| RoutingError::NotFound(format!("offer {id} not found")))
+    }
+
+    /// The pending offers of an agent, oldest first, with their tickets.
+    pub async fn pending_offers(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+    ) -> RoutingResult<Vec<(OfferRecord, TicketRecord)>> {
+        let mut tx = Tx::read(self.db()).await?;
+        let rows: Vec<OfferRow> = tx
+            .fetch_all(
+                offer_select!(
+                    "tenant = $1 AND agent_id = $2 AND state = 'pending' ORDER BY offered_at, id"
+                ),
+                args![tenant.as_str(), agent_id],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let offer = row.into_record()?;
+            let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
+            out.push((offer, ticket));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// A waiting ticket's position, ETA and the agents who could take it.
+    pub async fn position(
+        &self,
+        tenant: &TenantId,
+        ticket: TicketRecord,
+        eta: EtaSettings,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<PositionView> {
+        let mut tx = Tx::read(self.db()).await?;
+        let queue = load_queue(&mut tx, tenant, &ticket.queue_id).await?;
+        let agents = online_agents(&mut tx, tenant).await?;
+        let (_, available) = agents_for(&agents, &ticket.skills, ticket.language);
+        let (position, eta_s, open) = match (&queue, ticket.state) {
+            (Some(queue), TicketState::Queued) => {
+                let position = position_of(&mut tx, tenant, &ticket, queue).await?;
+                let rate = service_rate(&mut tx, tenant, &queue.spec.id, eta.window, now).await?;
+                (
+                    position,
+                    eta_seconds(position, rate, available, eta.default_seconds_per_position),
+                    queue.spec.is_open(now),
+                )
+            }
+            (Some(queue), TicketState::Offered) => (1, 0, queue.spec.is_open(now)),
+            (Some(queue), _) => (0, 0, queue.spec.is_open(now)),
+            (None, _) => (0, 0, false),
+        };
+        tx.commit().await?;
+        Ok(PositionView {
+            ticket,
+            position: i32::try_from(position).unwrap_or(i32::MAX),
+            eta_seconds: eta_s,
+            agents_available: i32::try_from(available).unwrap_or(i32::MAX),
+            within_business_hours: open,
+        })
+    }
+
+    /// Live statistics of the given queues (all of the tenant's when empty).
+    pub async fn queue_stats(
+        &self,
+        tenant: &TenantId,
+        queue_ids: &[String],
+        eta: EtaSettings,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Vec<QueueStatsView>> {
+        let mut tx = Tx::read(self.db()).await?;
+        let mut queues = Vec::new();
+        if queue_ids.is_empty() {
+            let rows: Vec<(String,)> = tx
+                .fetch_all(
+                    "SELECT id FROM routing_queues WHERE tenant = $1 ORDER BY id",
+                    args![tenant.as_str()],
+                )
+                .await?;
+            for (id,) in rows {
+                if let Some(queue) = load_queue(&mut tx, tenant, &id).await? {
+                    queues.push(queue);
+                }
+            }
+        } else {
+            for id in queue_ids {
+                let queue = load_queue(&mut tx, tenant, id)
+                    .await?
+                    .ok_or_else(|| RoutingError::NotFound(format!("queue {id} not found")))?;
+                queues.push(queue);
+            }
+        }
+        let agents = online_agents(&mut tx, tenant).await?;
+        let mut out = Vec::with_capacity(queues.len());
+        for queue in queues {
+            out.push(stats_of(&mut tx, tenant, &queue, &agents, eta, now).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Reports each queue's statistics as an event when they changed since the last report
+    /// and that report is at least `interval` old. The check-and-set on `routing_queue_reports`
+    /// lets replicas share the work without reporting twice. Returns how many were reported.
+    pub async fn report_queue_stats(
+        &self,
+        now: DateTime<Utc>,
+        interval: std::time::Duration,
+        eta: EtaSettings,
+    ) -> RoutingResult<usize> {
+        let mut tx = Tx::read(self.db()).await?;
+        let queues = all_queues(&mut tx).await?;
+        tx.commit().await?;
+        let cutoff = micros(now) - i64::try_from(interval.as_micros()).unwrap_or(i64::MAX);
+        let mut reported = 0;
+        for (tenant, queue) in queues {
+            let mut tx = Tx::write(self.db()).await?;
+            let agents = online_agents(&mut tx, &tenant).await?;
+            let (stats, scenarios) = stats_of(&mut tx, &tenant, &queue, &agents, eta, now).await?;
+            let fingerprint = format!(
+                "{}/{}/{}/{}/{}",
+                stats.depth,
+                stats.agents_online,
+                stats.agents_available,
+                stats.within_business_hours,
+                stats
+                    .oldest_wait
+                    .map(|d| d.seconds / 60)
+                    .unwrap_or_default()
+            );
+            let inserted = tx
+                .execute(
+                    "INSERT INTO routing_queue_reports (tenant, queue_id, fingerprint, reported_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    args![tenant.as_str(), queue.spec.id.as_str(), fingerprint.as_str(), micros(now)],
+                )
+                .await?;
+            let report = inserted == 1
+                || tx
+                    .execute(
+                        "UPDATE routing_queue_reports SET fingerprint = $3, reported_at = $4 \
+                         WHERE tenant = $1 AND queue_id = $2 AND fingerprint <> $3 \
+                         AND reported_at <= $5",
+                        args![
+                            tenant.as_str(),
+                            queue.spec.id.as_str(),
+                            fingerprint.as_str(),
+                            micros(now),
+                            cutoff
+                        ],
+                    )
+                    .await?
+                    == 1;
+            if report {
+                tx.enqueue(&[events::queue_stats(&tenant, &stats, scenarios)])
+                    .await?;
+                reported += 1;
+            }
+            tx.commit().await?;
+        }
+        if reported > 0 {
+            self.wake_outbox();
+        }
+        Ok(reported)
+    }
+}
+
+async fn stats_of(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    queue: &QueueRecord,
+    agents: &[Agent],
+    eta: EtaSettings,
+    now: DateTime<Utc>,
+) -> RoutingResult<QueueStatsView> {
+    let waiting: Vec<(i64, i64)> = tx
+        .fetch_all(
+            "SELECT COUNT(*), COALESCE(MIN(enqueued_at), 0) FROM routing_tickets \
+             WHERE tenant = $1 AND queue_id = $2 AND state IN ('queued', 'offered')",
+            args![tenant.as_str(), queue.spec.id.as_str()],
+        )
+        .await?;
+    let (depth, oldest) = waiting.first().copied().unwrap_or((0, 0));
+    let rate = service_rate(tx, tenant, &queue.spec.id, eta.window, now).await?;
+    let (online, available) = agents_for(agents, &queue.spec.required_skills, 0);
+    let oldest_wait = if depth > 0 {
+        events::span(time(oldest)?, now)
+    } else {
+        prost_types::Duration::default()
+    };
+    let stats = pb::QueueStats {
+        queue_id: queue.spec.id.clone(),
+        depth: i32::try_from(depth).unwrap_or(i32::MAX),
+        oldest_wait: Some(oldest_wait),
+        agents_online: i32::try_from(online).unwrap_or(i32::MAX),
+        agents_available: i32::try_from(available).unwrap_or(i32::MAX),
+        eta_seconds: eta_seconds(depth + 1, rate, available, eta.default_seconds_per_position),
+        service_rate_per_minute: rate,
+        within_business_hours: queue.spec.is_open(now),
+        measured_at: Some(events::ts(now)),
+    };
+    Ok((stats, queue.spec.scenario_ids.clone()))
+}
+
+/// Ends the ticket's active assignment and frees its agent's unit; returns (agent, team,
+/// assigned_at), or `None` when there was no active assignment.
+async fn end_assignment(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket_id: &str,
+    disposition: Disposition,
+    now: DateTime<Utc>,
+) -> RoutingResult<Option<(String, String, DateTime<Utc>)>> {
+    let row: Option<(String, String, i64)> = tx
+        .fetch_optional(
+            locking!(
+                "SELECT id, agent_id, assigned_at FROM routing_assignments \
+                 WHERE tenant = $1 AND ticket_id = $2 AND ended_at IS NULL"
+            ),
+            args![tenant.as_str(), ticket_id],
+        )
+        .await?;
+    let Some((id, agent_id, assigned_at)) = row else {
+        return Ok(None);
+    };
+    let ended = tx
+        .execute(
+            "UPDATE routing_assignments SET ended_at = $3, disposition = $4 \
+             WHERE tenant = $1 AND id = $2 AND ended_at IS NULL",
+            args![
+                tenant.as_str(),
+                id.as_str(),
+                micros(now),
+                disposition.as_str()
+            ],
+        )
+        .await?;
+    if ended != 1 {
+        return Ok(None);
+    }
+    release_unit(tx, tenant, &agent_id, true, now).await?;
+    let team = load_agent(tx, tenant, &agent_id, false)
+        .await?
+        .map(|a| a.profile.team)
+        .unwrap_or_default();
+    Ok(Some((agent_id, team, time(assigned_at)?)))
+}

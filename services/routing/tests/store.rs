@@ -1,0 +1,1131 @@
+//! The routing repository's contract, run against PostgreSQL (a throwaway server) and SQLite
+//! (a temp dir): agents, queues, idempotent enqueue, offers, accept, decline, expiry, transfers,
+//! abandonment, priority, position and ETA, the events written with each change, and the
+//! exactly-once invariants under concurrent routing, checked by SQL over the tables.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone as _, Utc};
+use tandem_platform::config::{DatabaseConfig, Secret};
+use tandem_platform::db::Db;
+use tandem_platform::outbox::OutboxWaker;
+use tandem_platform::runtime::Service as _;
+use tandem_proto::ids::TenantId;
+use tandem_routing::Routing;
+use tandem_routing::domain::agent::{AgentProfile, Presence, Skill, SkillRequirement};
+use tandem_routing::domain::queue::{
+    BusinessHours, OverflowAction, OverflowStep, PriorityWeights, QueueSpec, WeeklyWindow,
+};
+use tandem_routing::domain::ticket::{Disposition, TicketState};
+use tandem_routing::error::RoutingError;
+use tandem_routing::store::{
+    AgentFilter, EtaSettings, NewTicket, OfferOutcome, PresenceReason, Store, TransferKind,
+    TransferTarget,
+};
+
+#[allow(
+    dead_code,
+    clippy::large_enum_variant,
+    reason = "held for its Drop, one per test"
+)]
+enum Keep {
+    Postgres,
+    Sqlite(tempfile::TempDir),
+}
+
+async fn postgres() -> (Store, Keep) {
+    let pg = tandem_testkit::shared_postgres().await;
+    let url = pg.fresh_database().await.unwrap();
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        schema: "routing".into(),
+        max_connections: 16,
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    db.migrate(Some(Routing::migrations())).await.unwrap();
+    (
+        Store::new(db, OutboxWaker::default(), "default"),
+        Keep::Postgres,
+    )
+}
+
+async fn sqlite() -> (Store, Keep) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("routing.db").display());
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        max_connections: 8,
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    db.migrate(Some(Routing::migrations())).await.unwrap();
+    (
+        Store::new(db, OutboxWaker::default(), "default"),
+        Keep::Sqlite(dir),
+    )
+}
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+fn t0() -> DateTime<Utc> {
+    // A Monday, 10:00 UTC.
+    Utc.with_ymd_and_hms(2026, 9, 28, 10, 0, 0).unwrap()
+}
+
+fn secs(n: i64) -> chrono::Duration {
+    chrono::Duration::seconds(n)
+}
+
+const ETA: EtaSettings = EtaSettings {
+    window: Duration::from_secs(900),
+    default_seconds_per_position: 60,
+};
+
+fn profile(id: &str, skills: &[(&str, i32)], capacity: i32) -> AgentProfile {
+    AgentProfile {
+        id: id.into(),
+        display_name: format!("Agent {id}"),
+        team: "care".into(),
+        skills: skills
+            .iter()
+            .map(|(name, level)| Skill {
+                name: (*name).into(),
+                level: *level,
+            })
+            .collect(),
+        languages: vec![1],
+        capacity,
+    }
+}
+
+async fn online(store: &Store, id: &str, skills: &[(&str, i32)], capacity: i32) {
+    store
+        .register_agent(&tenant(), &profile(id, skills, capacity), t0())
+        .await
+        .unwrap();
+    store
+        .set_presence(
+            &tenant(),
+            id,
+            Presence::Online,
+            PresenceReason::Manual,
+            "",
+            t0(),
+        )
+        .await
+        .unwrap();
+}
+
+fn handoff(id: &str, conversation: &str) -> NewTicket {
+    NewTicket {
+        handoff_id: id.into(),
+        conversation_id: conversation.into(),
+        scenario_id: "billing-questions".into(),
+        queue_id: String::new(),
+        priority: 50,
+        vip: false,
+        severity: 0.0,
+        skills: Vec::new(),
+        language: 1,
+        trigger_received_at: Some(t0() - secs(1)),
+        requested_at: t0(),
+        package: vec![1, 2, 3],
+    }
+}
+
+async fn enqueue(store: &Store, new: &NewTicket, at: DateTime<Utc>) {
+    let outcome = store
+        .enqueue(&tenant(), new, None, ETA, at)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(outcome.created);
+}
+
+async fn offer(store: &Store, ticket: &str, at: DateTime<Utc>) -> (String, String) {
+    match store.offer_ticket(&tenant(), ticket, at).await.unwrap() {
+        OfferOutcome::Offered(made) => (made.1.id.clone(), made.1.agent_id.clone()),
+        other => panic!("expected an offer for {ticket}, got {other:?}"),
+    }
+}
+
+/// Counts outbox rows of one event type.
+async fn events(store: &Store, type_name: &str) -> i64 {
+    let sql = "SELECT COUNT(*) FROM tandem_outbox WHERE type_name = $1";
+    match store.db() {
+        Db::Postgres(pool) => {
+            sqlx::query_scalar(sql)
+                .bind(type_name)
+                .fetch_one(pool)
+                .await
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query_scalar(sql)
+                .bind(type_name)
+                .fetch_one(pool)
+                .await
+        }
+    }
+    .unwrap()
+}
+
+async fn scalar(store: &Store, sql: &'static str) -> i64 {
+    match store.db() {
+        Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+    }
+    .unwrap()
+}
+
+/// Every exactly-once invariant, checked over the tables; returns the violations found.
+async fn violations(store: &Store) -> Vec<String> {
+    let checks: [(&str, &'static str); 5] = [
+        (
+            "agents over capacity",
+            "SELECT COUNT(*) FROM routing_agents WHERE active_load > capacity OR active_load < 0",
+        ),
+        (
+            "conversations with two active assignments",
+            "SELECT COUNT(*) FROM (SELECT conversation_id FROM routing_assignments \
+             WHERE ended_at IS NULL GROUP BY tenant, conversation_id HAVING COUNT(*) > 1) x",
+        ),
+        (
+            "conversations with two pending offers",
+            "SELECT COUNT(*) FROM (SELECT conversation_id FROM routing_offers \
+             WHERE state = 'pending' GROUP BY tenant, conversation_id HAVING COUNT(*) > 1) x",
+        ),
+        (
+            "agents whose load is not offers + assignments",
+            "SELECT COUNT(*) FROM routing_agents a WHERE a.active_load <> \
+             (SELECT COUNT(*) FROM routing_offers o WHERE o.tenant = a.tenant \
+              AND o.agent_id = a.id AND o.state = 'pending') + \
+             (SELECT COUNT(*) FROM routing_assignments s WHERE s.tenant = a.tenant \
+              AND s.agent_id = a.id AND s.ended_at IS NULL) \
+             OR a.assigned <> (SELECT COUNT(*) FROM routing_assignments s \
+              WHERE s.tenant = a.tenant AND s.agent_id = a.id AND s.ended_at IS NULL)",
+        ),
+        (
+            "assigned tickets without exactly one active assignment",
+            "SELECT COUNT(*) FROM routing_tickets t WHERE t.state = 'assigned' AND 1 <> \
+             (SELECT COUNT(*) FROM routing_assignments s WHERE s.tenant = t.tenant \
+              AND s.ticket_id = t.id AND s.ended_at IS NULL)",
+        ),
+    ];
+    let mut found = Vec::new();
+    for (what, sql) in checks {
+        let n = scalar(store, sql).await;
+        if n != 0 {
+            found.push(format!("{n} {what}"));
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract.
+
+async fn agents_register_update_list_and_validate(store: Store) {
+    let t = tenant();
+    let agent = store
+        .register_agent(&t, &profile("ann", &[("billing", 3)], 2), t0())
+        .await
+        .unwrap();
+    assert_eq!(agent.presence, Presence::Offline);
+    assert_eq!(agent.load, 0);
+    assert!(matches!(
+        store
+            .register_agent(&t, &profile("ann", &[], 2), t0())
+            .await,
+        Err(RoutingError::AlreadyExists(_))
+    ));
+    for capacity in [0, 51] {
+        assert!(matches!(
+            store
+                .register_agent(&t, &profile("bob", &[], capacity), t0())
+                .await,
+            Err(RoutingError::InvalidArgument(_))
+        ));
+    }
+    assert!(matches!(
+        store
+            .register_agent(&t, &profile("bob", &[("billing", 11)], 2), t0())
+            .await,
+        Err(RoutingError::InvalidArgument(_))
+    ));
+    store
+        .register_agent(&t, &profile("bob", &[("refunds", 5)], 4), t0())
+        .await
+        .unwrap();
+    let updated = store
+        .update_agent(&t, &profile("ann", &[("billing", 7)], 5), t0() + secs(1))
+        .await
+        .unwrap();
+    assert_eq!(updated.profile.capacity, 5);
+    assert_eq!(updated.profile.level("billing"), Some(7));
+    assert!(matches!(
+        store
+            .update_agent(&t, &profile("nobody", &[], 5), t0())
+            .await,
+        Err(RoutingError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.agent(&t, "nobody").await,
+        Err(RoutingError::NotFound(_))
+    ));
+    let other = TenantId::new("globex").unwrap();
+    assert!(
+        matches!(
+            store.agent(&other, "ann").await,
+            Err(RoutingError::NotFound(_))
+        ),
+        "tenants are isolated"
+    );
+
+    let (page, more) = store
+        .list_agents(&t, &AgentFilter::default(), "", 1)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert!(more);
+    assert_eq!(page[0].profile.id, "ann");
+    let (page, more) = store
+        .list_agents(&t, &AgentFilter::default(), "ann", 1)
+        .await
+        .unwrap();
+    assert_eq!(page[0].profile.id, "bob");
+    assert!(!more);
+    let refunds = AgentFilter {
+        skill: Some("refunds".into()),
+        ..AgentFilter::default()
+    };
+    let (page, _) = store.list_agents(&t, &refunds, "", 10).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].profile.id, "bob");
+
+    let (agent, _) = store
+        .set_presence(
+            &t,
+            "bob",
+            Presence::Online,
+            PresenceReason::Manual,
+            "",
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(agent.presence, Presence::Online);
+    let online = AgentFilter {
+        presence: Some(Presence::Online),
+        ..AgentFilter::default()
+    };
+    let (page, _) = store.list_agents(&t, &online, "", 10).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AgentPresenceChanged").await,
+        1
+    );
+    // Setting the same presence again changes nothing and publishes nothing.
+    store
+        .set_presence(
+            &t,
+            "bob",
+            Presence::Online,
+            PresenceReason::Manual,
+            "",
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AgentPresenceChanged").await,
+        1
+    );
+}
+
+async fn queues_upsert_list_and_delete(store: Store) {
+    let t = tenant();
+    let mut spec = QueueSpec::open("billing");
+    spec.scenario_ids = vec!["billing-questions".into()];
+    spec.required_skills = vec![SkillRequirement {
+        name: "billing".into(),
+        min_level: 2,
+    }];
+    let (record, created) = store.upsert_queue(&t, &spec, t0()).await.unwrap();
+    assert!(created);
+    assert_eq!(record.spec, spec);
+    spec.name = "Billing".into();
+    let (record, created) = store.upsert_queue(&t, &spec, t0()).await.unwrap();
+    assert!(!created);
+    assert_eq!(record.spec.name, "Billing");
+    let mut other = QueueSpec::open("refunds");
+    other.scenario_ids = vec!["billing-questions".into()];
+    assert!(matches!(
+        store.upsert_queue(&t, &other, t0()).await,
+        Err(RoutingError::FailedPrecondition(_))
+    ));
+    other.scenario_ids.clear();
+    store.upsert_queue(&t, &other, t0()).await.unwrap();
+    let (queues, more) = store.list_queues(&t, "", 10).await.unwrap();
+    assert_eq!(
+        queues
+            .iter()
+            .map(|q| q.spec.id.as_str())
+            .collect::<Vec<_>>(),
+        ["billing", "refunds"]
+    );
+    assert!(!more);
+
+    // The scenario routes the handoff to billing.
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    assert_eq!(store.ticket(&t, "h1").await.unwrap().queue_id, "billing");
+    assert!(matches!(
+        store.delete_queue(&t, "billing").await,
+        Err(RoutingError::FailedPrecondition(_))
+    ));
+    store.delete_queue(&t, "refunds").await.unwrap();
+    assert!(matches!(
+        store.queue(&t, "refunds").await,
+        Err(RoutingError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.delete_queue(&t, "refunds").await,
+        Err(RoutingError::NotFound(_))
+    ));
+}
+
+async fn enqueue_is_idempotent_by_handoff_id(store: Store) {
+    let t = tenant();
+    let new = handoff("h1", "c1");
+    enqueue(&store, &new, t0()).await;
+    let again = store
+        .enqueue(&t, &new, None, ETA, t0() + secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again.created, "same handoff id, same ticket");
+    assert_eq!(again.ticket.id, "h1");
+    assert_eq!(
+        scalar(&store, "SELECT COUNT(*) FROM routing_tickets").await,
+        1
+    );
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 1);
+    // The default queue was created on first use.
+    assert_eq!(store.ticket(&t, "h1").await.unwrap().queue_id, "default");
+
+    // Through the inbox: an event handled once is skipped, with nothing written.
+    let second = handoff("h2", "c2");
+    let first = store
+        .enqueue(&t, &second, Some(("routing-handoffs", "e-2")), ETA, t0())
+        .await
+        .unwrap();
+    assert!(first.unwrap().created);
+    let redelivered = store
+        .enqueue(&t, &second, Some(("routing-handoffs", "e-2")), ETA, t0())
+        .await
+        .unwrap();
+    assert!(redelivered.is_none());
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 2);
+
+    // A second live ticket for one conversation is refused.
+    assert!(matches!(
+        store
+            .enqueue(&t, &handoff("h3", "c1"), None, ETA, t0())
+            .await,
+        Err(RoutingError::AlreadyExists(_))
+    ));
+}
+
+async fn offer_reserves_capacity_and_accept_assigns_exactly_once(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 1).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    enqueue(&store, &handoff("h2", "c2"), t0() + secs(1)).await;
+    let (offer_id, agent) = offer(&store, "h1", t0() + secs(2)).await;
+    assert_eq!(agent, "ann");
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 1);
+    let ticket = store.ticket(&t, "h1").await.unwrap();
+    assert_eq!(ticket.state, TicketState::Offered);
+    assert_eq!(ticket.offered_agent_id.as_deref(), Some("ann"));
+    assert_eq!(
+        store.offer_ticket(&t, "h2", t0() + secs(2)).await.unwrap(),
+        OfferOutcome::NoAgent,
+        "ann's only unit is reserved by the pending offer"
+    );
+    assert_eq!(
+        store.offer_ticket(&t, "h1", t0() + secs(2)).await.unwrap(),
+        OfferOutcome::Gone,
+        "an offered ticket cannot be offered again"
+    );
+
+    assert!(matches!(
+        store.accept(&t, "bob", &offer_id, t0() + secs(3)).await,
+        Err(RoutingError::NotYours(_))
+    ));
+    assert!(matches!(
+        store
+            .accept(&t, "ann", "no-such-offer", t0() + secs(3))
+            .await,
+        Err(RoutingError::NotFound(_))
+    ));
+    let accepted = store
+        .accept(&t, "ann", &offer_id, t0() + secs(3))
+        .await
+        .unwrap();
+    assert_eq!(accepted.ticket.state, TicketState::Assigned);
+    assert_eq!(accepted.ticket.assigned_agent_id.as_deref(), Some("ann"));
+    assert!(matches!(
+        store.accept(&t, "ann", &offer_id, t0() + secs(3)).await,
+        Err(RoutingError::OfferTaken(_))
+    ));
+    let agent = store.agent(&t, "ann").await.unwrap();
+    assert_eq!((agent.load, agent.assigned), (1, 1));
+
+    assert!(matches!(
+        store
+            .complete(&t, "h1", Some("bob"), Disposition::Resolved, t0() + secs(9))
+            .await,
+        Err(RoutingError::NotYours(_))
+    ));
+    let (done, _) = store
+        .complete(&t, "h1", Some("ann"), Disposition::Resolved, t0() + secs(9))
+        .await
+        .unwrap();
+    assert_eq!(done.ticket.state, TicketState::Completed);
+    assert_eq!(done.ticket.disposition, Some(Disposition::Resolved));
+    assert!(matches!(
+        store
+            .complete(&t, "h1", Some("ann"), Disposition::Resolved, t0() + secs(9))
+            .await,
+        Err(RoutingError::FailedPrecondition(_))
+    ));
+    let agent = store.agent(&t, "ann").await.unwrap();
+    assert_eq!((agent.load, agent.assigned), (0, 0));
+    // The freed unit takes the next ticket.
+    let (_, agent) = offer(&store, "h2", t0() + secs(10)).await;
+    assert_eq!(agent, "ann");
+    for (name, count) in [
+        ("HandoffQueued", 2),
+        ("HandoffOffered", 2),
+        ("HandoffAssigned", 1),
+        ("AssignmentCompleted", 1),
+    ] {
+        assert_eq!(
+            events(&store, &format!("tandem.routing.v1.{name}")).await,
+            count,
+            "{name}"
+        );
+    }
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+async fn skills_levels_and_language_pick_the_agent(store: Store) {
+    let t = tenant();
+    online(&store, "junior", &[("billing", 2)], 3).await;
+    online(&store, "senior", &[("billing", 8)], 3).await;
+    let mut english = profile("english", &[("billing", 9)], 3);
+    english.languages = vec![2];
+    store.register_agent(&t, &english, t0()).await.unwrap();
+    store
+        .set_presence(
+            &t,
+            "english",
+            Presence::Online,
+            PresenceReason::Manual,
+            "",
+            t0(),
+        )
+        .await
+        .unwrap();
+    let mut needs = handoff("h1", "c1");
+    needs.skills = vec![SkillRequirement {
+        name: "billing".into(),
+        min_level: 5,
+    }];
+    enqueue(&store, &needs, t0()).await;
+    let (_, agent) = offer(&store, "h1", t0()).await;
+    assert_eq!(agent, "senior", "level 5 needed, Chinese speaker");
+    let mut nobody = handoff("h2", "c2");
+    nobody.skills = vec![SkillRequirement {
+        name: "legal".into(),
+        min_level: 1,
+    }];
+    enqueue(&store, &nobody, t0()).await;
+    assert_eq!(
+        store.offer_ticket(&t, "h2", t0()).await.unwrap(),
+        OfferOutcome::NoAgent
+    );
+}
+
+async fn decline_and_timeout_requeue_and_skip_the_agent(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[("billing", 9)], 2).await;
+    online(&store, "bob", &[("billing", 1)], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (first, agent) = offer(&store, "h1", t0()).await;
+    assert_eq!(agent, "ann", "best skill match first");
+    let ticket = store
+        .decline(&t, "ann", &first, "busy", t0() + secs(1))
+        .await
+        .unwrap();
+    assert_eq!(ticket.state, TicketState::Queued);
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+    assert!(matches!(
+        store
+            .decline(&t, "ann", &first, "again", t0() + secs(1))
+            .await,
+        Err(RoutingError::OfferTaken(_))
+    ));
+    let (second, agent) = offer(&store, "h1", t0() + secs(1)).await;
+    assert_eq!(agent, "bob", "the agent who declined is passed over");
+    // Bob lets it expire (default offer timeout 30 s).
+    assert!(
+        store
+            .expire_offers(t0() + secs(20), 100, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let expired = store.expire_offers(t0() + secs(40), 100, 0).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].1.id, second);
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Queued
+    );
+    assert!(matches!(
+        store.accept(&t, "bob", &second, t0() + secs(41)).await,
+        Err(RoutingError::OfferExpired(_))
+    ));
+    // Both turned it down: it goes to them again rather than wait forever.
+    let (_, agent) = offer(&store, "h1", t0() + secs(42)).await;
+    assert_eq!(agent, "ann");
+    assert_eq!(store.ticket(&t, "h1").await.unwrap().attempts, 3);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffDeclined").await, 1);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffTimedOut").await, 1);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+async fn an_offer_accepted_late_expires_and_frees_the_agent(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 1).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (offer_id, _) = offer(&store, "h1", t0()).await;
+    assert!(matches!(
+        store.accept(&t, "ann", &offer_id, t0() + secs(31)).await,
+        Err(RoutingError::OfferExpired(_))
+    ));
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Queued
+    );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+async fn priority_orders_the_queue_and_position_follows(store: Store) {
+    let t = tenant();
+    let mut spec = QueueSpec::open("default");
+    spec.weights = PriorityWeights {
+        vip_boost: 30.0,
+        emotion_weight: 20.0,
+        ageing_per_second: 0.0,
+    };
+    store.upsert_queue(&t, &spec, t0()).await.unwrap();
+    enqueue(&store, &handoff("plain", "c1"), t0()).await;
+    let mut angry = handoff("angry", "c2");
+    angry.severity = 1.0;
+    enqueue(&store, &angry, t0() + secs(1)).await;
+    let mut vip = handoff("vip", "c3");
+    vip.vip = true;
+    enqueue(&store, &vip, t0() + secs(2)).await;
+    let queue = store.queue(&t, "default").await.unwrap();
+    assert_eq!(
+        store.queued_ids(&t, &queue, 10).await.unwrap(),
+        ["vip", "angry", "plain"]
+    );
+    let plain = store.ticket(&t, "plain").await.unwrap();
+    let view = store
+        .position(&t, plain, ETA, t0() + secs(3))
+        .await
+        .unwrap();
+    assert_eq!(view.position, 3);
+    assert_eq!(
+        view.eta_seconds, 180,
+        "no history: 60 s per position, no agent online"
+    );
+    assert!(view.within_business_hours);
+
+    // With ageing, the oldest ticket overtakes a VIP boost once it has waited long enough.
+    spec.weights.ageing_per_second = 1.0;
+    store.upsert_queue(&t, &spec, t0()).await.unwrap();
+    let queue = store.queue(&t, "default").await.unwrap();
+    assert_eq!(store.queued_ids(&t, &queue, 10).await.unwrap()[0], "vip");
+    let mut late = handoff("late", "c4");
+    late.vip = true;
+    late.requested_at = t0() + secs(100);
+    enqueue(&store, &late, t0() + secs(100)).await;
+    assert_eq!(
+        store.queued_ids(&t, &queue, 10).await.unwrap(),
+        ["vip", "angry", "plain", "late"],
+        "late's boost of 30 is less than the 98 s others waited longer"
+    );
+
+    // A served ticket feeds the service rate: 1 assignment in 15 minutes.
+    online(&store, "ann", &[], 1).await;
+    let (offer_id, _) = offer(&store, "vip", t0() + secs(101)).await;
+    store
+        .accept(&t, "ann", &offer_id, t0() + secs(102))
+        .await
+        .unwrap();
+    let plain = store.ticket(&t, "plain").await.unwrap();
+    let view = store
+        .position(&t, plain, ETA, t0() + secs(103))
+        .await
+        .unwrap();
+    assert_eq!(view.position, 2);
+    assert_eq!(view.eta_seconds, 1800, "2 positions at 1/15 per minute");
+    let stats = store
+        .queue_stats(&t, &[], ETA, t0() + secs(103))
+        .await
+        .unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].0.depth, 3);
+    assert_eq!(stats[0].0.agents_online, 1);
+    assert_eq!(stats[0].0.agents_available, 0);
+    assert!((stats[0].0.service_rate_per_minute - 1.0 / 15.0).abs() < 1e-9);
+}
+
+async fn out_of_hours_and_full_queues_return_to_the_bot(store: Store) {
+    let t = tenant();
+    let mut spec = QueueSpec::open("default");
+    spec.hours = BusinessHours {
+        timezone: "+08:00".into(),
+        windows: vec![WeeklyWindow {
+            day: 1,
+            start_minute: 9 * 60,
+            end_minute: 18 * 60,
+        }],
+        holidays: Vec::new(),
+    };
+    spec.max_length = 1;
+    store.upsert_queue(&t, &spec, t0()).await.unwrap();
+    // t0 is Monday 10:00 UTC = 18:00 local: closed.
+    enqueue(&store, &handoff("late", "c1"), t0()).await;
+    assert_eq!(
+        store.ticket(&t, "late").await.unwrap().state,
+        TicketState::Returned
+    );
+    let open = t0() - secs(6 * 3600);
+    enqueue(&store, &handoff("h1", "c2"), open).await;
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Queued
+    );
+    enqueue(&store, &handoff("h2", "c3"), open).await;
+    assert_eq!(
+        store.ticket(&t, "h2").await.unwrap().state,
+        TicketState::Returned,
+        "max_length 1"
+    );
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 2);
+}
+
+async fn overflow_widens_skills_then_moves_the_ticket(store: Store) {
+    let t = tenant();
+    let mut spec = QueueSpec::open("default");
+    spec.overflow = vec![
+        OverflowStep {
+            after: Duration::from_secs(60),
+            action: OverflowAction::WidenSkills(vec!["legal".into()]),
+        },
+        OverflowStep {
+            after: Duration::from_secs(120),
+            action: OverflowAction::MoveToQueue("backup".into()),
+        },
+    ];
+    store.upsert_queue(&t, &spec, t0()).await.unwrap();
+    store
+        .upsert_queue(&t, &QueueSpec::open("backup"), t0())
+        .await
+        .unwrap();
+    let mut hard = handoff("h1", "c1");
+    hard.skills = vec![
+        SkillRequirement {
+            name: "legal".into(),
+            min_level: 5,
+        },
+        SkillRequirement {
+            name: "vip".into(),
+            min_level: 5,
+        },
+    ];
+    enqueue(&store, &hard, t0()).await;
+    assert!(
+        store
+            .apply_overflow(t0() + secs(30), ETA)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.apply_overflow(t0() + secs(61), ETA).await.unwrap();
+    let ticket = store.ticket(&t, "h1").await.unwrap();
+    assert_eq!(
+        ticket
+            .skills
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["vip"]
+    );
+    let touched = store.apply_overflow(t0() + secs(121), ETA).await.unwrap();
+    assert_eq!(touched, [(t.clone(), "backup".to_owned())]);
+    assert_eq!(store.ticket(&t, "h1").await.unwrap().queue_id, "backup");
+}
+
+async fn transfers_move_the_assignment(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    online(&store, "bob", &[], 2).await;
+    store
+        .upsert_queue(&t, &QueueSpec::open("tier2"), t0())
+        .await
+        .unwrap();
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (offer_id, first) = offer(&store, "h1", t0()).await;
+    store.accept(&t, &first, &offer_id, t0()).await.unwrap();
+    let second = if first == "ann" { "bob" } else { "ann" };
+
+    // Warm to the other agent: the first keeps it until the second accepts.
+    assert!(matches!(
+        store
+            .transfer(
+                &t,
+                "h1",
+                Some(second),
+                TransferKind::Warm,
+                &TransferTarget::Agent(first.clone()),
+                "",
+                t0()
+            )
+            .await,
+        Err(RoutingError::NotYours(_))
+    ));
+    assert!(matches!(
+        store
+            .transfer(
+                &t,
+                "h1",
+                Some(&first),
+                TransferKind::Warm,
+                &TransferTarget::Agent("ghost".into()),
+                "",
+                t0()
+            )
+            .await,
+        Err(RoutingError::NotFound(_))
+    ));
+    let (ticket, warm, from) = store
+        .transfer(
+            &t,
+            "h1",
+            Some(&first),
+            TransferKind::Warm,
+            &TransferTarget::Agent(second.into()),
+            "refund approved, needs the form",
+            t0() + secs(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(from, first);
+    assert_eq!(ticket.state, TicketState::Assigned);
+    assert_eq!(ticket.assigned_agent_id.as_deref(), Some(first.as_str()));
+    assert_eq!(
+        ticket.transfer_note.as_deref(),
+        Some("refund approved, needs the form")
+    );
+    let warm = warm.unwrap();
+    assert_eq!(warm.agent_id, second);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+    let accepted = store
+        .accept(&t, second, &warm.id, t0() + secs(2))
+        .await
+        .unwrap();
+    assert_eq!(accepted.previous_agent.as_deref(), Some(first.as_str()));
+    assert_eq!(accepted.ticket.assigned_agent_id.as_deref(), Some(second));
+    assert_eq!(store.agent(&t, &first).await.unwrap().load, 0);
+
+    // Cold to a queue: released at once and queued there, not for the agent who let it go.
+    let (ticket, none, _) = store
+        .transfer(
+            &t,
+            "h1",
+            Some(second),
+            TransferKind::Cold,
+            &TransferTarget::Queue("tier2".into()),
+            "",
+            t0() + secs(3),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_none());
+    assert_eq!(ticket.state, TicketState::Queued);
+    assert_eq!(ticket.queue_id, "tier2");
+    assert_eq!(store.agent(&t, second).await.unwrap().load, 0);
+    let (_, agent) = offer(&store, "h1", t0() + secs(4)).await;
+    assert_eq!(agent, first);
+    assert_eq!(
+        events(&store, "tandem.routing.v1.HandoffTransferred").await,
+        2
+    );
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AssignmentCompleted").await,
+        2
+    );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+async fn customers_who_leave_or_cancel_free_everything(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    enqueue(&store, &handoff("h2", "c2"), t0()).await;
+    enqueue(&store, &handoff("h3", "c3"), t0()).await;
+    offer(&store, "h1", t0()).await;
+    let (offer_id, _) = offer(&store, "h2", t0()).await;
+    store.accept(&t, "ann", &offer_id, t0()).await.unwrap();
+
+    let gone = store
+        .close_conversation(&t, "c1", Some(("routing-closed", "e1")), t0() + secs(5))
+        .await
+        .unwrap();
+    assert_eq!(gone.ticket.unwrap().state, TicketState::Abandoned);
+    assert_eq!(gone.revoked.len(), 1);
+    let again = store
+        .close_conversation(&t, "c1", Some(("routing-closed", "e1")), t0() + secs(5))
+        .await
+        .unwrap();
+    assert!(again.ticket.is_none(), "redelivery is a no-op");
+    let closed = store
+        .close_conversation(&t, "c2", None, t0() + secs(6))
+        .await
+        .unwrap();
+    assert_eq!(closed.ticket.unwrap().state, TicketState::Completed);
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+    let cancelled = store
+        .cancel_handoff(&t, "h3", None, t0() + secs(7))
+        .await
+        .unwrap();
+    assert_eq!(cancelled.ticket.unwrap().state, TicketState::Returned);
+    assert_eq!(
+        events(&store, "tandem.routing.v1.HandoffAbandoned").await,
+        1
+    );
+    // The conversation can hand off again later.
+    enqueue(&store, &handoff("h4", "c1"), t0() + secs(8)).await;
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+async fn presence_loss_returns_offers_to_the_queue(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    offer(&store, "h1", t0()).await;
+    let (agent, _) = store
+        .open_session(&t, "ann", "s1", None, t0())
+        .await
+        .unwrap();
+    assert_eq!(agent.presence, Presence::Online);
+    assert!(
+        store
+            .heartbeat(&t, "ann", "s1", t0() + secs(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .heartbeat(&t, "ann", "other", t0() + secs(5))
+            .await
+            .unwrap()
+    );
+    // Silent for longer than the timeout: AWAY, offer expired, ticket queued again.
+    let changed = store
+        .sweep_sessions(
+            t0() + secs(40),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].1.presence, Presence::Away);
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Queued
+    );
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+    // The stream ends: OFFLINE once the grace period is over.
+    store
+        .close_session(&t, "ann", "s1", t0() + secs(41))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .sweep_sessions(
+                t0() + secs(45),
+                Duration::from_secs(30),
+                Duration::from_secs(10)
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let changed = store
+        .sweep_sessions(
+            t0() + secs(52),
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed[0].1.presence, Presence::Offline);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// Many tasks route the same tickets to the same agents at once, accept, decline and complete;
+/// afterwards the tables hold no double assignment and no agent above capacity.
+async fn concurrent_routing_never_double_assigns_or_overfills(store: Store) {
+    const AGENTS: usize = 12;
+    const TICKETS: usize = 80;
+    for i in 0..AGENTS {
+        online(&store, &format!("agent-{i:02}"), &[], 2).await;
+    }
+    for i in 0..TICKETS {
+        enqueue(
+            &store,
+            &handoff(&format!("h{i:03}"), &format!("c{i:03}")),
+            t0(),
+        )
+        .await;
+    }
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for worker in 0..8u64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let t = tenant();
+            let at = t0() + secs(1);
+            let mut assigned = 0;
+            for round in 0..3u64 {
+                let mut ids: Vec<usize> = (0..TICKETS).collect();
+                // Each worker walks the tickets in its own order, so they collide.
+                ids.rotate_left(((worker * 11 + round * 7) % TICKETS as u64) as usize);
+                for i in ids {
+                    let id = format!("h{i:03}");
+                    let outcome = loop {
+                        match store.offer_ticket(&t, &id, at).await {
+                            Err(e) if e.is_conflict() => continue,
+                            other => break other.unwrap(),
+                        }
+                    };
+                    let OfferOutcome::Offered(made) = outcome else {
+                        continue;
+                    };
+                    let offer = &made.1;
+                    // Everyone races to accept (only the offered agent may), some decline.
+                    if (i as u64 + worker).is_multiple_of(5) {
+                        let _ = store
+                            .decline(&t, &offer.agent_id, &offer.id, "no", at)
+                            .await;
+                    } else {
+                        for _ in 0..2 {
+                            if store
+                                .accept(&t, &offer.agent_id, &offer.id, at)
+                                .await
+                                .is_ok()
+                            {
+                                assigned += 1;
+                            }
+                        }
+                        if (i as u64 + worker).is_multiple_of(7) {
+                            let _ = store
+                                .complete(&t, &id, None, Disposition::Resolved, at)
+                                .await;
+                        }
+                    }
+                }
+            }
+            assigned
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.unwrap();
+    }
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+    let active = scalar(
+        &store,
+        "SELECT COUNT(*) FROM routing_assignments WHERE ended_at IS NULL",
+    )
+    .await;
+    let total = scalar(&store, "SELECT COUNT(*) FROM routing_assignments").await;
+    assert_eq!(
+        total, accepted,
+        "every accept that succeeded made exactly one assignment"
+    );
+    assert!(active <= (AGENTS * 2) as i64);
+    assert!(active > 0);
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_tickets WHERE state = 'assigned'"
+        )
+        .await,
+        active
+    );
+}
+
+macro_rules! store_contract_tests {
+    ($engine:ident: $($case:ident),* $(,)?) => {
+        mod $engine {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (store, _keep) = super::$engine().await;
+                    super::$case(store).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! both_engines {
+    ($($case:ident),* $(,)?) => {
+        store_contract_tests!(postgres: $($case),*);
+        store_contract_tests!(sqlite: $($case),*);
+    };
+}
+
+both_engines!(
+    agents_register_update_list_and_validate,
+    queues_upsert_list_and_delete,
+    enqueue_is_idempotent_by_handoff_id,
+    offer_reserves_capacity_and_accept_assigns_exactly_once,
+    skills_levels_and_language_pick_the_agent,
+    decline_and_timeout_requeue_and_skip_the_agent,
+    an_offer_accepted_late_expires_and_frees_the_agent,
+    priority_orders_the_queue_and_position_follows,
+    out_of_hours_and_full_queues_return_to_the_bot,
+    overflow_widens_skills_then_moves_the_ticket,
+    transfers_move_the_assignment,
+    customers_who_leave_or_cancel_free_everything,
+    presence_loss_returns_offers_to_the_queue,
+    concurrent_routing_never_double_assigns_or_overfills,
+);
