@@ -5,17 +5,37 @@
 //! - [`config`]: the service's settings (`[service]`).
 //! - [`domain`]: pure rules (validation, business hours, priority, agent selection, ETA).
 //! - [`store`]: the repository over PostgreSQL or SQLite, where exactly-once is enforced.
+//! - [`engine`]: when to offer, expire, overflow and report; wakes desk sessions.
+//! - [`adapters`]: the gRPC service with the agent session, conversions, bus consumers.
 //! - [`error`]: the one error type.
+//!
+//! Dependencies point one way: `domain ← store ← engine ← adapters ← Routing::start`.
 
+pub mod adapters;
 pub mod config;
 pub mod domain;
+pub mod engine;
 pub mod error;
 pub mod store;
 
+use std::sync::Arc;
+
 pub use config::Settings;
 
+use tandem_platform::auth::AuthInterceptor;
+use tandem_platform::bus::ConsumerSpec;
+use tandem_platform::bus::runner::{self, RunOptions};
 use tandem_platform::db::Migrations;
 use tandem_platform::runtime::{Service, StartContext};
+use tandem_proto::events::DIALOG;
+use tandem_proto::pb::dialog::v1::{ConversationClosed, HandoffCancelled, HandoffRequested};
+use tandem_proto::pb::routing::v1::routing_service_server::RoutingServiceServer;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::adapters::consumers::{DURABLE, DialogEvents};
+use crate::adapters::grpc::RoutingGrpc;
+use crate::engine::{Engine, SystemClock};
+use crate::store::Store;
 
 /// The gRPC services this service exposes.
 pub const GRPC_SERVICES: &[&str] =
@@ -35,10 +55,33 @@ impl Service for Routing {
         }
     }
 
-    async fn start(ctx: StartContext<'_>, _settings: &Settings) -> anyhow::Result<()> {
-        for name in GRPC_SERVICES {
-            ctx.server.declare(name);
-        }
+    async fn start(ctx: StartContext<'_>, settings: &Settings) -> anyhow::Result<()> {
+        let store = Store::new(ctx.db.clone(), ctx.outbox.clone(), &settings.default_queue);
+        let engine = Arc::new(Engine::new(store, settings.clone(), Arc::new(SystemClock)));
+        ctx.server.add_service(InterceptedService::new(
+            tandem_platform::limited!(
+                RoutingServiceServer::new(RoutingGrpc::new(
+                    Arc::clone(&engine),
+                    ctx.shutdown.clone()
+                )),
+                ctx.grpc_config
+            ),
+            AuthInterceptor::new(Arc::clone(&ctx.auth)),
+        ));
+        let spec = ConsumerSpec::new(DURABLE, &DIALOG, &ctx.bus_config)
+            .event::<HandoffRequested>()
+            .event::<ConversationClosed>()
+            .event::<HandoffCancelled>();
+        let consumer = ctx.bus.consumer(&spec).await?;
+        ctx.tracker.spawn(runner::run(
+            consumer,
+            DialogEvents {
+                engine: Arc::clone(&engine),
+            },
+            RunOptions::new(DURABLE),
+            ctx.shutdown.clone(),
+        ));
+        ctx.tracker.spawn(engine.run(ctx.shutdown.clone()));
         Ok(())
     }
 }

@@ -14,6 +14,10 @@
 
 mod agents;
 mod events;
+/// Wire helpers shared with the gRPC adapter.
+pub(crate) mod events_pb {
+    pub(crate) use super::events::{disposition_pb, presence_pb, ts};
+}
 mod queues;
 pub(crate) mod sql;
 mod tickets;

@@ -1,0 +1,187 @@
+//! Consumers of dialog's events (durable `routing-dialog`, shared by the replicas):
+//! - `HandoffRequested` enqueues a ticket, idempotently by handoff id, and drains its queue;
+//! - `ConversationClosed` abandons a waiting ticket or ends the assignment, freeing the agent;
+//! - `HandoffCancelled` hands a waiting ticket back to the bot.
+//!
+//! Each effect and its inbox claim commit in one transaction, so a redelivered event changes
+//! nothing.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use prost::Message as _;
+use tandem_platform::bus::RawEvent;
+use tandem_platform::bus::runner::{Handler, HandlerError};
+use tandem_proto::events::Event as _;
+use tandem_proto::pb::common::v1::CustomerTier;
+use tandem_proto::pb::dialog::v1::{
+    ConversationClosed, HandoffCancelled, HandoffPackage, HandoffRequested,
+};
+
+use super::convert;
+use crate::domain::check_id;
+use crate::domain::queue::check_queue_id;
+use crate::domain::ticket::negative_severity;
+use crate::engine::Engine;
+use crate::error::RoutingError;
+use crate::store::{NewTicket, Unassigned};
+
+/// The durable consumer's name.
+pub const DURABLE: &str = "routing-dialog";
+
+/// Handles dialog's events.
+pub struct DialogEvents {
+    /// The engine.
+    pub engine: Arc<Engine>,
+}
+
+fn classify(error: RoutingError) -> HandlerError {
+    match error {
+        RoutingError::Storage(_) | RoutingError::Conflict(_) => {
+            HandlerError::Transient(error.to_string())
+        }
+        other => HandlerError::Permanent(other.to_string()),
+    }
+}
+
+fn time(value: Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    value.and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
+}
+
+/// Builds the ticket of a handoff request; the package decides skills, language, priority,
+/// VIP and emotion.
+pub fn new_ticket(
+    event: &HandoffRequested,
+    occurred_at: DateTime<Utc>,
+) -> Result<NewTicket, RoutingError> {
+    check_id("handoff_id", &event.handoff_id)?;
+    check_id("conversation_id", &event.conversation_id)?;
+    let mut package = event.package.clone().unwrap_or_default();
+    if package.handoff_id.is_empty() {
+        package.handoff_id = event.handoff_id.clone();
+    }
+    if package.conversation_id.is_empty() {
+        package.conversation_id = event.conversation_id.clone();
+    }
+    if package.scenario_id.is_empty() {
+        package.scenario_id = event.scenario_id.clone();
+    }
+    let skills = convert::requirements(&package.required_skills)
+        .into_iter()
+        .filter(|s| {
+            let ok = crate::domain::agent::check_skill_name("skill", &s.name).is_ok();
+            if !ok {
+                tracing::warn!(skill = %s.name, "handoff asks for an invalid skill, ignored");
+            }
+            ok
+        })
+        .map(|mut s| {
+            s.min_level = s.min_level.clamp(1, crate::domain::agent::MAX_SKILL_LEVEL);
+            s
+        })
+        .collect();
+    let queue_id = if check_queue_id("queue_id", &package.queue_id).is_ok() {
+        package.queue_id.clone()
+    } else {
+        String::new()
+    };
+    let scores: Vec<f64> = package
+        .sentiment_trajectory
+        .iter()
+        .filter_map(|p| p.sentiment.as_ref().map(|s| s.score))
+        .collect();
+    let vip = package
+        .customer
+        .as_ref()
+        .is_some_and(|c| c.tier == i32::from(CustomerTier::Vip));
+    Ok(NewTicket {
+        handoff_id: event.handoff_id.clone(),
+        conversation_id: event.conversation_id.clone(),
+        scenario_id: if event.scenario_id.is_empty() {
+            package.scenario_id.clone()
+        } else {
+            event.scenario_id.clone()
+        },
+        queue_id,
+        priority: package.priority.clamp(0, 100),
+        vip,
+        severity: negative_severity(&scores),
+        skills,
+        language: package.language.max(0),
+        trigger_received_at: time(package.trigger_received_at),
+        requested_at: time(package.requested_at)
+            .or(time(event.occurred_at))
+            .unwrap_or(occurred_at),
+        package: HandoffPackage::encode_to_vec(&package),
+    })
+}
+
+impl DialogEvents {
+    fn after_release(&self, tenant: &tandem_proto::ids::TenantId, released: &Unassigned) {
+        for offer in &released.revoked {
+            self.engine.hub.notify(tenant, &offer.agent_id);
+        }
+        for agent in &released.freed_agents {
+            self.engine.hub.notify(tenant, agent);
+        }
+        if !released.freed_agents.is_empty() {
+            self.engine.drain_later(tenant, None);
+        }
+    }
+}
+
+impl Handler for DialogEvents {
+    async fn handle(&self, event: &RawEvent) -> Result<(), HandlerError> {
+        let engine = &self.engine;
+        let now = engine.now();
+        let dedup = Some((DURABLE, event.id.as_str()));
+        if event.type_name == HandoffRequested::TYPE_NAME {
+            let envelope = event.decode::<HandoffRequested>()?;
+            let new = new_ticket(&envelope.event, envelope.occurred_at).map_err(classify)?;
+            let outcome = engine
+                .store
+                .enqueue(&envelope.tenant, &new, dedup, engine.settings.eta(), now)
+                .await;
+            match outcome {
+                Ok(Some(done)) if done.created => {
+                    if let Err(error) = engine
+                        .drain_queue(&envelope.tenant, &done.ticket.queue_id)
+                        .await
+                    {
+                        // The ticket is stored; the sweep offers it.
+                        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "drain after enqueue failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(RoutingError::AlreadyExists(reason)) => {
+                    tracing::warn!(%reason, handoff = %new.handoff_id, "handoff ignored");
+                }
+                Err(error) => return Err(classify(error)),
+            }
+        } else if event.type_name == ConversationClosed::TYPE_NAME {
+            let envelope = event.decode::<ConversationClosed>()?;
+            check_id("conversation_id", &envelope.event.conversation_id).map_err(classify)?;
+            let released = engine
+                .store
+                .close_conversation(
+                    &envelope.tenant,
+                    &envelope.event.conversation_id,
+                    dedup,
+                    now,
+                )
+                .await
+                .map_err(classify)?;
+            self.after_release(&envelope.tenant, &released);
+        } else if event.type_name == HandoffCancelled::TYPE_NAME {
+            let envelope = event.decode::<HandoffCancelled>()?;
+            check_id("handoff_id", &envelope.event.handoff_id).map_err(classify)?;
+            let released = engine
+                .store
+                .cancel_handoff(&envelope.tenant, &envelope.event.handoff_id, dedup, now)
+                .await
+                .map_err(classify)?;
+            self.after_release(&envelope.tenant, &released);
+        }
+        Ok(())
+    }
+}

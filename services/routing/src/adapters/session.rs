@@ -1,0 +1,451 @@
+//! The agent desk's live session (`AgentSession`).
+//!
+//! The client opens with `hello`; routing records the session (replacing any other of the same
+//! agent), answers `welcome` and pushes the agent's pending offers. From then on the session
+//! pushes what the database says: a new pending offer (preceded by a transfer note when the
+//! conversation was transferred), and a revocation when an offer it showed stops being pending
+//! for any reason other than this session's own answer. It wakes when this process changes the
+//! agent's offers and also polls, so offers made by other replicas arrive too. The stream
+//! ending is a session drop: the agent goes offline after the grace period.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::routing::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use super::convert;
+use crate::domain::agent::Presence;
+use crate::domain::check_len;
+use crate::engine::Engine;
+use crate::error::{RoutingError, RoutingResult};
+use crate::store::{OfferState, PresenceReason};
+
+type Outbound = mpsc::Sender<Result<pb::AgentSessionResponse, Status>>;
+
+fn error_code(error: &RoutingError) -> pb::SessionErrorCode {
+    match error {
+        RoutingError::NotFound(_) | RoutingError::NotYours(_) => pb::SessionErrorCode::NotFound,
+        RoutingError::OfferExpired(_) => pb::SessionErrorCode::OfferExpired,
+        RoutingError::OfferTaken(_) => pb::SessionErrorCode::OfferTaken,
+        RoutingError::InvalidArgument(_) => pb::SessionErrorCode::InvalidArgument,
+        RoutingError::FailedPrecondition(_) | RoutingError::PermissionDenied(_) => {
+            pb::SessionErrorCode::InvalidArgument
+        }
+        RoutingError::AlreadyExists(_)
+        | RoutingError::Conflict(_)
+        | RoutingError::Storage(_)
+        | RoutingError::Corrupt(_) => pb::SessionErrorCode::Internal,
+    }
+}
+
+fn error_event(code: pb::SessionErrorCode, message: String) -> pb::agent_session_response::Event {
+    pb::agent_session_response::Event::Error(pb::SessionError {
+        code: code.into(),
+        message,
+    })
+}
+
+struct Session {
+    engine: Arc<Engine>,
+    tenant: TenantId,
+    agent_id: String,
+    session_id: String,
+    out: Outbound,
+    /// Offers shown to the desk and still believed pending.
+    shown: HashMap<String, ()>,
+}
+
+impl Session {
+    async fn send(&self, in_reply_to: &str, event: pb::agent_session_response::Event) -> bool {
+        self.out
+            .send(Ok(pb::AgentSessionResponse {
+                in_reply_to: in_reply_to.to_owned(),
+                event: Some(event),
+            }))
+            .await
+            .is_ok()
+    }
+
+    async fn fail(&self, in_reply_to: &str, error: &RoutingError) -> bool {
+        if matches!(error, RoutingError::Storage(_) | RoutingError::Corrupt(_)) {
+            tracing::warn!(error = %tandem_platform::error::DisplayChain(error), "session command failed");
+        }
+        let message = match error {
+            RoutingError::Storage(_) | RoutingError::Corrupt(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        };
+        self.send(in_reply_to, error_event(error_code(error), message))
+            .await
+    }
+
+    /// Pushes new pending offers and revocations of shown ones.
+    async fn sync(&mut self) -> RoutingResult<bool> {
+        let pending = self
+            .engine
+            .store
+            .pending_offers(&self.tenant, &self.agent_id)
+            .await?;
+        for (offer, ticket) in &pending {
+            if self.shown.contains_key(&offer.id) {
+                continue;
+            }
+            if let Some(from) = &ticket.transfer_from {
+                let note = pb::TransferNote {
+                    from_agent_id: from.clone(),
+                    note: ticket.transfer_note.clone().unwrap_or_default(),
+                    package: Some(convert::package(ticket)?),
+                    kind: match ticket.transfer_kind {
+                        Some(crate::store::TransferKind::Warm) => pb::TransferKind::Warm,
+                        Some(crate::store::TransferKind::Cold) => pb::TransferKind::Cold,
+                        None => pb::TransferKind::Unspecified,
+                    }
+                    .into(),
+                };
+                if !self
+                    .send("", pb::agent_session_response::Event::TransferNote(note))
+                    .await
+                {
+                    return Ok(false);
+                }
+            }
+            let event = pb::agent_session_response::Event::Offer(convert::offer_pb(offer, ticket)?);
+            if !self.send("", event).await {
+                return Ok(false);
+            }
+            self.shown.insert(offer.id.clone(), ());
+        }
+        let gone: Vec<String> = self
+            .shown
+            .keys()
+            .filter(|id| !pending.iter().any(|(o, _)| &o.id == *id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.shown.remove(&id);
+            let offer = self.engine.store.offer(&self.tenant, &id).await?;
+            let reason = match (offer.state, offer.revoke_reason.as_deref()) {
+                (OfferState::Expired, _) => pb::OfferRevokedReason::Timeout,
+                (OfferState::Revoked, Some("customer_left")) => {
+                    pb::OfferRevokedReason::CustomerLeft
+                }
+                (OfferState::Revoked, Some("cancelled")) => pb::OfferRevokedReason::Cancelled,
+                (OfferState::Revoked, _) => pb::OfferRevokedReason::Taken,
+                // Answered by this agent (perhaps on another replica's session).
+                (OfferState::Accepted | OfferState::Declined | OfferState::Pending, _) => continue,
+            };
+            let event = pb::agent_session_response::Event::OfferRevoked(pb::OfferRevoked {
+                offer_id: id,
+                reason: reason.into(),
+            });
+            if !self.send("", event).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Handles one command; returns false when the session must end.
+    async fn handle(&mut self, request: pb::AgentSessionRequest) -> bool {
+        use pb::agent_session_request::Command;
+        let reply = request.request_id.as_str();
+        let engine = Arc::clone(&self.engine);
+        let now = engine.now();
+        let result: RoutingResult<Option<pb::agent_session_response::Event>> = match request.command
+        {
+            Some(Command::Hello(_)) => {
+                return self
+                    .send(
+                        reply,
+                        error_event(
+                            pb::SessionErrorCode::Protocol,
+                            "hello was already sent".into(),
+                        ),
+                    )
+                    .await;
+            }
+            None => Err(RoutingError::InvalidArgument(
+                "the message has no command".into(),
+            )),
+            Some(Command::Accept(accept)) => {
+                match engine
+                    .store
+                    .accept(&self.tenant, &self.agent_id, &accept.offer_id, now)
+                    .await
+                {
+                    Ok(done) => {
+                        self.shown.remove(&done.offer.id);
+                        if let Some(previous) = &done.previous_agent {
+                            engine.hub.notify(&self.tenant, previous);
+                        }
+                        let package = convert::package(&done.ticket);
+                        let ageing = engine
+                            .store
+                            .queue(&self.tenant, &done.ticket.queue_id)
+                            .await
+                            .map(|q| q.spec.weights.ageing_per_second)
+                            .unwrap_or(0.0);
+                        match (package, convert::ticket_pb(&done.ticket, ageing, now, true)) {
+                            (Ok(package), Ok(ticket)) => Ok(Some(
+                                pb::agent_session_response::Event::AssignmentConfirmed(
+                                    pb::AssignmentConfirmed {
+                                        ticket: Some(ticket),
+                                        package: Some(package),
+                                    },
+                                ),
+                            )),
+                            (Err(e), _) | (_, Err(e)) => Err(e),
+                        }
+                    }
+                    Err(error) => {
+                        if matches!(error, RoutingError::OfferExpired(_)) {
+                            self.shown.remove(&accept.offer_id);
+                            engine.drain_later(&self.tenant, None);
+                        }
+                        Err(error)
+                    }
+                }
+            }
+            Some(Command::Decline(decline)) => match check_len("reason", &decline.reason, 200) {
+                Err(error) => Err(error),
+                Ok(()) => engine
+                    .store
+                    .decline(
+                        &self.tenant,
+                        &self.agent_id,
+                        &decline.offer_id,
+                        &decline.reason,
+                        now,
+                    )
+                    .await
+                    .map(|ticket| {
+                        self.shown.remove(&decline.offer_id);
+                        engine.drain_later(&self.tenant, Some(ticket.queue_id.as_str()));
+                        None
+                    }),
+            },
+            Some(Command::Heartbeat(_)) => {
+                match engine
+                    .store
+                    .heartbeat(&self.tenant, &self.agent_id, &self.session_id, now)
+                    .await
+                {
+                    Ok(true) => Ok(None),
+                    Ok(false) => {
+                        self.send(
+                            reply,
+                            error_event(
+                                pb::SessionErrorCode::Superseded,
+                                "another session of this agent replaced this one".into(),
+                            ),
+                        )
+                        .await;
+                        return false;
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            Some(Command::WrapUp(wrap)) => {
+                match convert::wrap_up_disposition(wrap.disposition)
+                    .and_then(|d| check_len("notes", &wrap.notes, 2000).map(|()| d))
+                {
+                    Err(error) => Err(error),
+                    Ok(disposition) => engine
+                        .store
+                        .complete(
+                            &self.tenant,
+                            &wrap.ticket_id,
+                            Some(&self.agent_id),
+                            disposition,
+                            now,
+                        )
+                        .await
+                        .map(|(_, revoked)| {
+                            for offer in revoked {
+                                engine.hub.notify(&self.tenant, &offer.agent_id);
+                            }
+                            engine.drain_later(&self.tenant, None);
+                            None
+                        }),
+                }
+            }
+            Some(Command::SetPresence(set)) => {
+                match convert::presence(set.presence).and_then(|p| {
+                    p.ok_or_else(|| RoutingError::InvalidArgument("presence is required".into()))
+                }) {
+                    Err(error) => Err(error),
+                    Ok(to) => match check_len("reason", &set.reason, 200) {
+                        Err(error) => Err(error),
+                        Ok(()) => engine
+                            .store
+                            .set_presence(
+                                &self.tenant,
+                                &self.agent_id,
+                                to,
+                                PresenceReason::Manual,
+                                &set.reason,
+                                now,
+                            )
+                            .await
+                            .map(|_| {
+                                engine.drain_later(&self.tenant, None);
+                                None
+                            }),
+                    },
+                }
+            }
+        };
+        match result {
+            Ok(Some(event)) => self.send(reply, event).await,
+            Ok(None) => true,
+            Err(error) => self.fail(reply, &error).await,
+        }
+    }
+}
+
+/// Runs one session until the client ends the stream, the session is replaced, or shutdown.
+pub async fn run(
+    engine: Arc<Engine>,
+    tenant: TenantId,
+    agent_id: String,
+    mut inbound: Streaming<pb::AgentSessionRequest>,
+    out: Outbound,
+    shutdown: CancellationToken,
+) {
+    let first = tokio::select! {
+        first = inbound.message() => first,
+        () = shutdown.cancelled() => return,
+    };
+    let (request_id, hello) = match first {
+        Ok(Some(pb::AgentSessionRequest {
+            request_id,
+            command: Some(pb::agent_session_request::Command::Hello(hello)),
+        })) => (request_id, hello),
+        Ok(Some(other)) => {
+            let _ = out
+                .send(Ok(pb::AgentSessionResponse {
+                    in_reply_to: other.request_id,
+                    event: Some(error_event(
+                        pb::SessionErrorCode::Protocol,
+                        "the first message must be hello".into(),
+                    )),
+                }))
+                .await;
+            return;
+        }
+        Ok(None) | Err(_) => return,
+    };
+    let presence = match convert::presence(hello.presence) {
+        Ok(p) => p,
+        Err(error) => {
+            let _ = out
+                .send(Ok(pb::AgentSessionResponse {
+                    in_reply_to: request_id,
+                    event: Some(error_event(error_code(&error), error.to_string())),
+                }))
+                .await;
+            return;
+        }
+    };
+    let session_id = uuid::Uuid::now_v7().to_string();
+    let signal = engine.hub.subscribe(&tenant, &agent_id);
+    let opened = engine
+        .store
+        .open_session(&tenant, &agent_id, &session_id, presence, engine.now())
+        .await;
+    let agent = match opened {
+        Ok((agent, previous)) => {
+            if previous.is_some() {
+                // Wake the session this one replaces, so it notices at once.
+                engine.hub.notify(&tenant, &agent_id);
+            }
+            agent
+        }
+        Err(error) => {
+            let _ = out
+                .send(Ok(pb::AgentSessionResponse {
+                    in_reply_to: request_id,
+                    event: Some(error_event(error_code(&error), error.to_string())),
+                }))
+                .await;
+            return;
+        }
+    };
+    let welcome = pb::agent_session_response::Event::Welcome(pb::SessionWelcome {
+        session_id: session_id.clone(),
+        heartbeat_interval: Some(prost_types::Duration {
+            seconds: i64::try_from(engine.settings.heartbeat_interval.as_secs()).unwrap_or(10),
+            nanos: i32::try_from(engine.settings.heartbeat_interval.subsec_nanos()).unwrap_or(0),
+        }),
+        agent: Some(convert::agent_pb(&agent)),
+    });
+    let mut session = Session {
+        engine: Arc::clone(&engine),
+        tenant: tenant.clone(),
+        agent_id: agent_id.clone(),
+        session_id: session_id.clone(),
+        out,
+        shown: HashMap::new(),
+    };
+    if !session.send(&request_id, welcome).await {
+        return;
+    }
+    if agent.presence == Presence::Online
+        && let Err(error) = engine.drain_tenant(&tenant).await
+    {
+        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "drain at session open failed");
+    }
+    let mut poll = tokio::time::interval(engine.settings.session_poll_interval);
+    let mut superseded = false;
+    loop {
+        let keep = tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = inbound.message() => match message {
+                Ok(Some(request)) => session.handle(request).await,
+                Ok(None) | Err(_) => false,
+            },
+            () = signal.notified() => true,
+            _ = poll.tick() => true,
+        };
+        if !keep {
+            break;
+        }
+        match engine.store.current_session(&tenant, &agent_id).await {
+            Ok(Some(current)) if current != session_id => {
+                superseded = true;
+                session
+                    .send(
+                        "",
+                        error_event(
+                            pb::SessionErrorCode::Superseded,
+                            "another session of this agent replaced this one".into(),
+                        ),
+                    )
+                    .await;
+                break;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session check failed");
+            }
+        }
+        match session.sync().await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(error) => {
+                tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session sync failed");
+            }
+        }
+    }
+    if !superseded
+        && let Err(error) = engine
+            .store
+            .close_session(&tenant, &agent_id, &session_id, engine.now())
+            .await
+    {
+        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "cannot record the session's end");
+    }
+}

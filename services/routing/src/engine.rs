@@ -1,0 +1,216 @@
+//! The assignment engine: turns queued tickets into offers, expires offers, applies overflow
+//! and presence rules, reports queue statistics, and tells desk sessions when their offers
+//! changed.
+//!
+//! Every decision is made by the store inside a transaction (see [`crate::store`]); the engine
+//! only decides *when* to try. It drains a queue when a ticket arrives, an offer is declined or
+//! expires, an assignment ends or an agent comes online, and it also sweeps every
+//! `sweep_interval` so work left by another replica or a lost trigger is picked up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use tandem_proto::ids::TenantId;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::error::{RoutingError, RoutingResult};
+use crate::store::{OfferOutcome, Store};
+
+/// The time source (a port, so tests can move time).
+pub trait Clock: Send + Sync + 'static {
+    /// Returns the current time.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Wakes the desk sessions of agents whose offers changed (in this process; sessions also poll
+/// for changes made by other replicas).
+#[derive(Clone, Default)]
+pub struct SessionHub {
+    agents: Arc<Mutex<Signals>>,
+}
+
+/// One wake-up signal per (tenant, agent).
+type Signals = HashMap<(String, String), Arc<Notify>>;
+
+impl SessionHub {
+    /// Returns the signal of an agent's session.
+    pub fn subscribe(&self, tenant: &TenantId, agent_id: &str) -> Arc<Notify> {
+        let mut agents = self
+            .agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            agents
+                .entry((tenant.to_string(), agent_id.to_owned()))
+                .or_default(),
+        )
+    }
+
+    /// Wakes an agent's session, if it has one here.
+    pub fn notify(&self, tenant: &TenantId, agent_id: &str) {
+        let agents = self
+            .agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(signal) = agents.get(&(tenant.to_string(), agent_id.to_owned())) {
+            signal.notify_waiters();
+            signal.notify_one();
+        }
+    }
+}
+
+/// The engine, shared by the gRPC service, the consumers and the background loop.
+pub struct Engine {
+    /// The repository.
+    pub store: Store,
+    /// Settings.
+    pub settings: Settings,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+    /// Session wake-ups.
+    pub hub: SessionHub,
+}
+
+/// Tickets looked at per queue and drain pass.
+const DRAIN_BATCH: usize = 100;
+
+impl Engine {
+    /// Creates an engine.
+    pub fn new(store: Store, settings: Settings, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            settings,
+            clock,
+            hub: SessionHub::default(),
+        }
+    }
+
+    /// Returns the current time.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Offers a queue's waiting tickets, best first, to the best eligible agents until no agent
+    /// can take more. Returns how many offers were made.
+    pub async fn drain_queue(&self, tenant: &TenantId, queue_id: &str) -> RoutingResult<usize> {
+        let queue = match self.store.queue(tenant, queue_id).await {
+            Ok(queue) => queue,
+            Err(RoutingError::NotFound(_)) => return Ok(0),
+            Err(error) => return Err(error),
+        };
+        let mut offered = 0;
+        loop {
+            let ids = self.store.queued_ids(tenant, &queue, DRAIN_BATCH).await?;
+            let mut progress = false;
+            for id in &ids {
+                let outcome = match self.store.offer_ticket(tenant, id, self.now()).await {
+                    Err(error) if error.is_conflict() => continue,
+                    other => other?,
+                };
+                if let OfferOutcome::Offered(made) = outcome {
+                    self.hub.notify(tenant, &made.1.agent_id);
+                    offered += 1;
+                    progress = true;
+                }
+            }
+            if !progress || ids.len() < DRAIN_BATCH {
+                return Ok(offered);
+            }
+        }
+    }
+
+    /// Drains every queue of a tenant that has waiting tickets.
+    pub async fn drain_tenant(&self, tenant: &TenantId) -> RoutingResult<usize> {
+        let mut offered = 0;
+        for (owner, queue) in self.store.waiting_queues().await? {
+            if owner == *tenant {
+                offered += self.drain_queue(&owner, &queue).await?;
+            }
+        }
+        Ok(offered)
+    }
+
+    /// Drains in the background, logging failures (the sweep retries).
+    pub fn drain_later(self: &Arc<Self>, tenant: &TenantId, queue_id: Option<&str>) {
+        let engine = Arc::clone(self);
+        let tenant = tenant.clone();
+        let queue = queue_id.map(str::to_owned);
+        tokio::spawn(async move {
+            let result = match queue {
+                Some(queue) => engine.drain_queue(&tenant, &queue).await,
+                None => engine.drain_tenant(&tenant).await,
+            };
+            if let Err(error) = result {
+                tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "drain failed");
+            }
+        });
+    }
+
+    /// One sweep: expire offers, apply presence and overflow rules, drain every waiting queue.
+    pub async fn sweep(&self) -> RoutingResult<()> {
+        let now = self.now();
+        for (tenant, offer) in self
+            .store
+            .expire_offers(now, 500, self.settings.missed_offers_before_away)
+            .await?
+        {
+            self.hub.notify(&tenant, &offer.agent_id);
+        }
+        for (tenant, agent) in self
+            .store
+            .sweep_sessions(
+                now,
+                self.settings.heartbeat_timeout(),
+                self.settings.session_grace,
+            )
+            .await?
+        {
+            self.hub.notify(&tenant, &agent.profile.id);
+        }
+        self.store.apply_overflow(now, self.settings.eta()).await?;
+        for (tenant, queue) in self.store.waiting_queues().await? {
+            self.drain_queue(&tenant, &queue).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the sweep and the statistics reports until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(self.settings.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stats = tokio::time::interval(self.settings.stats_interval);
+        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = sweep.tick() => {
+                    if let Err(error) = self.sweep().await {
+                        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "routing sweep failed");
+                    }
+                }
+                _ = stats.tick() => {
+                    let reported = self
+                        .store
+                        .report_queue_stats(self.now(), self.settings.stats_interval, self.settings.eta())
+                        .await;
+                    if let Err(error) = reported {
+                        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "queue statistics failed");
+                    }
+                }
+            }
+        }
+    }
+}
