@@ -1,0 +1,754 @@
+//! The routing service as clients see it, on both deployments: PostgreSQL with a real
+//! nats-server (throwaway servers from the testkit) and the standalone engine (SQLite and the
+//! in-process bus). A handoff published by "dialog" reaches an agent's desk session as an offer
+//! with its package, is accepted and wrapped up; redelivered requests change nothing; a customer
+//! who leaves frees the queue; bad input gets precise codes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tandem_platform::auth::{Role, TokenIssuer};
+use tandem_platform::bus::memory::MemoryBus;
+use tandem_platform::bus::{Bus, Consumer, ConsumerSpec, RawEvent};
+use tandem_platform::config::{
+    AuthConfig, BusConfig, BusKind, DatabaseConfig, OutboxConfig, Secret, ServiceConfig,
+};
+use tandem_proto::events::ROUTING;
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::common::v1::{Customer, CustomerTier, PageRequest, SkillRequirement};
+use tandem_proto::pb::dialog::v1::{ConversationClosed, HandoffPackage, HandoffRequested};
+use tandem_proto::pb::routing::v1 as pb;
+use tandem_proto::pb::routing::v1::routing_service_client::RoutingServiceClient;
+use tandem_routing::Routing;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+const SECRET: &str = "routing-test-secret-routing-test-secret";
+const WAIT: Duration = Duration::from_secs(10);
+
+type Client = RoutingServiceClient<
+    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
+>;
+
+#[allow(dead_code, clippy::large_enum_variant, reason = "held for their Drop")]
+enum Keep {
+    Servers(tandem_testkit::Postgres, tandem_testkit::NatsServer),
+    Dir(tempfile::TempDir),
+}
+
+struct Rig {
+    bus: Bus,
+    bus_config: BusConfig,
+    url: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _keep: Keep,
+}
+
+fn auth() -> AuthConfig {
+    AuthConfig {
+        hs256_secret: Secret::new(SECRET.to_owned()),
+        allow_hs256: true,
+        ..AuthConfig::default()
+    }
+}
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+impl Rig {
+    async fn production() -> Self {
+        let pg = tandem_testkit::Postgres::start().await.unwrap();
+        let nats = tandem_testkit::NatsServer::start().await.unwrap();
+        let url = pg.fresh_database().await.unwrap();
+        let bus_config = BusConfig {
+            kind: BusKind::Nats,
+            nats_url: nats.url(),
+            ..BusConfig::default()
+        };
+        let database = DatabaseConfig {
+            url: Secret::new(url),
+            schema: "routing".into(),
+            ..DatabaseConfig::default()
+        };
+        Self::start(database, bus_config, None, Keep::Servers(pg, nats)).await
+    }
+
+    async fn standalone() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let database = DatabaseConfig {
+            url: Secret::new(format!(
+                "sqlite://{}",
+                dir.path().join("routing.db").display()
+            )),
+            ..DatabaseConfig::default()
+        };
+        let bus_config = BusConfig {
+            kind: BusKind::Memory,
+            ..BusConfig::default()
+        };
+        Self::start(database, bus_config, Some(MemoryBus::new()), Keep::Dir(dir)).await
+    }
+
+    async fn start(
+        database: DatabaseConfig,
+        bus_config: BusConfig,
+        memory: Option<MemoryBus>,
+        keep: Keep,
+    ) -> Self {
+        let cfg = ServiceConfig {
+            auth: auth(),
+            database,
+            bus: bus_config.clone(),
+            outbox: OutboxConfig {
+                poll_interval: Duration::from_millis(50),
+                ..OutboxConfig::default()
+            },
+            service: tandem_routing::Settings {
+                sweep_interval: Duration::from_millis(100),
+                ..tandem_routing::Settings::default()
+            },
+            ..ServiceConfig::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let server = {
+            let (stop, memory) = (stop.clone(), memory.clone());
+            tokio::spawn(async move {
+                tandem_platform::runtime::serve_with::<Routing>(
+                    cfg,
+                    memory.as_ref(),
+                    listener,
+                    stop,
+                )
+                .await
+            })
+        };
+        let bus = Bus::connect(&bus_config, memory.as_ref()).await.unwrap();
+        bus.ensure_streams().await.unwrap();
+        let rig = Self {
+            bus,
+            bus_config,
+            url,
+            stop,
+            server,
+            _keep: keep,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut admin = rig.client("admin", &[Role::Admin]).await;
+            if admin
+                .list_queues(pb::ListQueuesRequest::default())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the service did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        rig
+    }
+
+    async fn client(&self, subject: &str, roles: &[Role]) -> Client {
+        let token = TokenIssuer::from_config(&auth())
+            .unwrap()
+            .issue(&tenant(), subject, roles, Duration::from_secs(600))
+            .unwrap();
+        let channel = Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let interceptor: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
+            Box::new(move |mut request: Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("authorization", header.clone());
+                Ok(request)
+            });
+        RoutingServiceClient::with_interceptor(channel, interceptor)
+    }
+
+    async fn publish(&self, event: RawEvent) {
+        self.bus.publish_batch(&[event]).await.unwrap();
+    }
+
+    async fn routing_events(&self, name: &str) -> Consumer {
+        let spec = ConsumerSpec::new(name, &ROUTING, &self.bus_config)
+            .event::<pb::HandoffQueued>()
+            .event::<pb::HandoffOffered>()
+            .event::<pb::HandoffAssigned>()
+            .event::<pb::AssignmentCompleted>()
+            .event::<pb::HandoffAbandoned>();
+        self.bus.consumer(&spec).await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn agent(id: &str, capacity: i32, level: i32) -> pb::Agent {
+    pb::Agent {
+        id: id.into(),
+        display_name: format!("Agent {id}"),
+        skills: vec![pb::Skill {
+            name: "billing".into(),
+            level,
+        }],
+        languages: vec![1],
+        team: "care".into(),
+        max_concurrent: capacity,
+        ..pb::Agent::default()
+    }
+}
+
+fn handoff_event(handoff: &str, conversation: &str) -> RawEvent {
+    let package = HandoffPackage {
+        handoff_id: handoff.into(),
+        conversation_id: conversation.into(),
+        customer: Some(Customer {
+            id: "cust-1".into(),
+            display_name: "Li Wei".into(),
+            tier: CustomerTier::Vip.into(),
+            ..Customer::default()
+        }),
+        scenario_id: "refunds".into(),
+        summary: vec!["I was charged twice for order 1234".into()],
+        required_skills: vec![SkillRequirement {
+            name: "billing".into(),
+            min_level: 2,
+        }],
+        language: 1,
+        priority: 40,
+        ..HandoffPackage::default()
+    };
+    let event = HandoffRequested {
+        handoff_id: handoff.into(),
+        conversation_id: conversation.into(),
+        scenario_id: "refunds".into(),
+        package: Some(package),
+        occurred_at: None,
+    };
+    RawEvent::new(&tenant(), &event, Some(conversation.into()))
+}
+
+/// A desk session: requests in, events out.
+struct Desk {
+    tx: mpsc::Sender<pb::AgentSessionRequest>,
+    rx: Streaming<pb::AgentSessionResponse>,
+}
+
+impl Desk {
+    async fn open(client: &mut Client) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let stream = client
+            .agent_session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx: stream }
+    }
+
+    async fn send(&self, id: &str, command: pb::agent_session_request::Command) {
+        self.tx
+            .send(pb::AgentSessionRequest {
+                request_id: id.into(),
+                command: Some(command),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> pb::AgentSessionResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("no session event in time")
+            .unwrap()
+            .expect("session ended")
+    }
+}
+
+async fn next_event(consumer: &mut Consumer) -> RawEvent {
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("no routing event in time")
+        .unwrap();
+    let event = delivery.event.clone();
+    delivery.ack().await.unwrap();
+    event
+}
+
+async fn ticket(client: &mut Client, id: &str) -> pb::Ticket {
+    client
+        .get_ticket(pb::GetTicketRequest {
+            key: Some(pb::get_ticket_request::Key::TicketId(id.into())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap()
+}
+
+async fn wait_for_state(client: &mut Client, id: &str, state: pb::TicketState) -> pb::Ticket {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = client
+            .get_ticket(pb::GetTicketRequest {
+                key: Some(pb::get_ticket_request::Key::TicketId(id.into())),
+            })
+            .await;
+        if let Ok(found) = found {
+            let found = found.into_inner().ticket.unwrap();
+            if found.state == i32::from(state) {
+                return found;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ticket {id} never reached {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    let mut events = rig.routing_events("test-routing-events").await;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("ann", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let mut ann = rig.client("ann", &[Role::Agent]).await;
+    let mut desk = Desk::open(&mut ann).await;
+    desk.send(
+        "h",
+        Command::Hello(pb::SessionHello {
+            client_version: "test/1".into(),
+            resume_session_id: String::new(),
+            presence: pb::Presence::Online.into(),
+        }),
+    )
+    .await;
+    let welcome = desk.next().await;
+    assert_eq!(welcome.in_reply_to, "h");
+    let Some(Event::Welcome(welcome)) = welcome.event else {
+        panic!("expected welcome, got {welcome:?}");
+    };
+    assert_eq!(
+        welcome.agent.unwrap().presence,
+        i32::from(pb::Presence::Online)
+    );
+
+    let requested = handoff_event("h-1", "conv-1");
+    rig.publish(requested.clone()).await;
+    let offer = desk.next().await;
+    let Some(Event::Offer(offer)) = offer.event else {
+        panic!("expected an offer, got {offer:?}");
+    };
+    assert_eq!(offer.handoff_id, "h-1");
+    assert_eq!(offer.attempt, 1);
+    let package = offer.package.clone().unwrap();
+    assert_eq!(package.summary, ["I was charged twice for order 1234"]);
+    assert_eq!(package.customer.unwrap().tier, i32::from(CustomerTier::Vip));
+
+    // The same event again, and another event for the same handoff: still one ticket.
+    rig.publish(requested).await;
+    rig.publish(handoff_event("h-1", "conv-1")).await;
+
+    desk.send(
+        "a",
+        Command::Accept(pb::SessionAccept {
+            offer_id: offer.id.clone(),
+        }),
+    )
+    .await;
+    let confirmed = desk.next().await;
+    assert_eq!(confirmed.in_reply_to, "a");
+    let Some(Event::AssignmentConfirmed(confirmed)) = confirmed.event else {
+        panic!("expected a confirmation, got {confirmed:?}");
+    };
+    let assigned = confirmed.ticket.unwrap();
+    assert_eq!(assigned.state, i32::from(pb::TicketState::Assigned));
+    assert_eq!(assigned.assigned_agent_id, "ann");
+    assert!(confirmed.package.is_some());
+    // Accepting twice is refused on the session, which stays open.
+    desk.send(
+        "again",
+        Command::Accept(pb::SessionAccept { offer_id: offer.id }),
+    )
+    .await;
+    let again = desk.next().await;
+    let Some(Event::Error(error)) = again.event else {
+        panic!("expected an error, got {again:?}");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::OfferTaken));
+
+    let kinds: Vec<String> = [
+        next_event(&mut events).await,
+        next_event(&mut events).await,
+        next_event(&mut events).await,
+    ]
+    .iter()
+    .map(|e| e.type_name.clone())
+    .collect();
+    assert_eq!(
+        kinds,
+        [
+            "tandem.routing.v1.HandoffQueued",
+            "tandem.routing.v1.HandoffOffered",
+            "tandem.routing.v1.HandoffAssigned"
+        ]
+    );
+    let agent = admin
+        .get_agent(pb::GetAgentRequest {
+            agent_id: "ann".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert_eq!(agent.active_assignments, 1);
+
+    desk.send(
+        "w",
+        Command::WrapUp(pb::SessionWrapUp {
+            ticket_id: "h-1".into(),
+            disposition: pb::Disposition::Resolved.into(),
+            notes: "refunded".into(),
+        }),
+    )
+    .await;
+    let done = wait_for_state(&mut admin, "h-1", pb::TicketState::Completed).await;
+    assert_eq!(done.disposition, i32::from(pb::Disposition::Resolved));
+    let completed = next_event(&mut events).await;
+    assert_eq!(completed.type_name, "tandem.routing.v1.AssignmentCompleted");
+
+    // A customer who leaves while waiting: ann goes away, the next handoff waits, then closes.
+    ann.set_presence(pb::SetPresenceRequest {
+        agent_id: String::new(),
+        presence: pb::Presence::Away.into(),
+        reason: "lunch".into(),
+    })
+    .await
+    .unwrap();
+    rig.publish(handoff_event("h-2", "conv-2")).await;
+    wait_for_state(&mut admin, "h-2", pb::TicketState::Queued).await;
+    let position = admin
+        .get_queue_position(pb::GetQueuePositionRequest {
+            key: Some(pb::get_queue_position_request::Key::ConversationId(
+                "conv-2".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(position.position, 1);
+    assert_eq!(position.agents_available, 0);
+    assert!(position.eta_seconds > 0);
+    let closed = ConversationClosed {
+        conversation_id: "conv-2".into(),
+        handoff_id: "h-2".into(),
+        ..ConversationClosed::default()
+    };
+    rig.publish(RawEvent::new(&tenant(), &closed, Some("conv-2".into())))
+        .await;
+    wait_for_state(&mut admin, "h-2", pb::TicketState::Abandoned).await;
+
+    let stats = admin
+        .get_queue_stats(pb::GetQueueStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    assert_eq!(stats.len(), 1, "the default queue, created on first use");
+    assert_eq!(stats[0].depth, 0);
+}
+
+async fn bad_input_gets_precise_codes(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    let code =
+        |r: Result<tonic::Response<pb::RegisterAgentResponse>, Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(
+            admin
+                .register_agent(pb::RegisterAgentRequest {
+                    agent: Some(agent("x", 0, 3))
+                })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            admin
+                .register_agent(pb::RegisterAgentRequest {
+                    agent: Some(agent("x", 51, 3))
+                })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            admin
+                .register_agent(pb::RegisterAgentRequest {
+                    agent: Some(agent("x", 2, 11))
+                })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("bob", 2, 3)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            admin
+                .register_agent(pb::RegisterAgentRequest {
+                    agent: Some(agent("bob", 2, 3))
+                })
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    let mut bob = rig.client("bob", &[Role::Agent]).await;
+    assert_eq!(
+        code(
+            bob.register_agent(pb::RegisterAgentRequest {
+                agent: Some(agent("eve", 2, 3))
+            })
+            .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        admin
+            .get_agent(pb::GetAgentRequest {
+                agent_id: "ghost".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        bob.set_presence(pb::SetPresenceRequest {
+            agent_id: "admin".into(),
+            presence: pb::Presence::Online.into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        admin
+            .get_ticket(pb::GetTicketRequest {
+                key: Some(pb::get_ticket_request::Key::TicketId("nope".into())),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        admin
+            .upsert_queue(pb::UpsertQueueRequest {
+                queue: Some(pb::Queue {
+                    id: "billing".into(),
+                    business_hours: Some(pb::BusinessHours {
+                        timezone: "Mars/Olympus".into(),
+                        ..pb::BusinessHours::default()
+                    }),
+                    ..pb::Queue::default()
+                }),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        admin
+            .list_agents(pb::ListAgentsRequest {
+                page: Some(PageRequest {
+                    page_size: 101,
+                    page_token: String::new(),
+                }),
+                ..pb::ListAgentsRequest::default()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        admin
+            .transfer_conversation(pb::TransferConversationRequest {
+                ticket_id: "nope".into(),
+                kind: pb::TransferKind::Cold.into(),
+                target: Some(pb::TransferTarget {
+                    target: Some(pb::transfer_target::Target::QueueId("default".into())),
+                }),
+                note: String::new(),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // Someone else's assignment: FAILED_PRECONDITION.
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("cat", 1, 3)),
+        })
+        .await
+        .unwrap();
+    let mut cat = rig.client("cat", &[Role::Agent]).await;
+    cat.set_presence(pb::SetPresenceRequest {
+        agent_id: String::new(),
+        presence: pb::Presence::Online.into(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut desk = Desk::open(&mut cat).await;
+    desk.send("h", Command::Hello(pb::SessionHello::default()))
+        .await;
+    assert!(matches!(desk.next().await.event, Some(Event::Welcome(_))));
+    desk.send(
+        "x",
+        Command::Accept(pb::SessionAccept {
+            offer_id: "nope".into(),
+        }),
+    )
+    .await;
+    let Some(Event::Error(error)) = desk.next().await.event else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::NotFound));
+    rig.publish(handoff_event("h-9", "conv-9")).await;
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected an offer");
+    };
+    desk.send(
+        "a",
+        Command::Accept(pb::SessionAccept { offer_id: offer.id }),
+    )
+    .await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    assert_eq!(
+        bob.complete_assignment(pb::CompleteAssignmentRequest {
+            ticket_id: "h-9".into(),
+            disposition: pb::Disposition::Resolved.into(),
+            notes: String::new(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        cat.complete_assignment(pb::CompleteAssignmentRequest {
+            ticket_id: "h-9".into(),
+            disposition: pb::Disposition::Transferred.into(),
+            notes: String::new(),
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::InvalidArgument
+    );
+    let done = cat
+        .complete_assignment(pb::CompleteAssignmentRequest {
+            ticket_id: "h-9".into(),
+            disposition: pb::Disposition::ReturnToBot.into(),
+            notes: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket
+        .unwrap();
+    assert_eq!(done.state, i32::from(pb::TicketState::Completed));
+    assert_eq!(
+        ticket(&mut admin, "h-9").await.disposition,
+        i32::from(pb::Disposition::ReturnToBot)
+    );
+
+    // A session must open with hello.
+    let mut other = Desk::open(&mut bob).await;
+    other
+        .send("first", Command::Heartbeat(pb::SessionHeartbeat {}))
+        .await;
+    let Some(Event::Error(error)) = other.next().await.event else {
+        panic!("expected a protocol error");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::Protocol));
+}
+
+macro_rules! both {
+    ($($case:ident),* $(,)?) => {
+        mod production {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let rig = super::Rig::production().await;
+                    super::$case(&rig).await;
+                    rig.stop().await;
+                }
+            )*
+        }
+        mod standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let rig = super::Rig::standalone().await;
+                    super::$case(&rig).await;
+                    rig.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    a_handoff_reaches_the_desk_once_and_is_assigned,
+    bad_input_gets_precise_codes
+);
