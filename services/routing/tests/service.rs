@@ -31,9 +31,9 @@ use tonic::{Code, Request, Status, Streaming};
 const SECRET: &str = "routing-test-secret-routing-test-secret";
 const WAIT: Duration = Duration::from_secs(10);
 
-type Client = RoutingServiceClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+/// Adds the caller's token to every request.
+type Authorize = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Client = RoutingServiceClient<InterceptedService<Channel, Authorize>>;
 
 #[allow(dead_code, clippy::large_enum_variant, reason = "held for their Drop")]
 enum Keep {
@@ -171,13 +171,12 @@ impl Rig {
             .await
             .unwrap();
         let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let interceptor: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-            Box::new(move |mut request: Request<()>| {
-                request
-                    .metadata_mut()
-                    .insert("authorization", header.clone());
-                Ok(request)
-            });
+        let interceptor: Authorize = Box::new(move |mut request: Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+            Ok(request)
+        });
         RoutingServiceClient::with_interceptor(channel, interceptor)
     }
 
