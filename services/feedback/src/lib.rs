@@ -1,26 +1,90 @@
-//! The feedback service: feedback from every channel, metrics computed from the event streams, common problems and alerts.
+//! The feedback service: feedback from every channel, metrics computed from the event streams,
+//! common problems and alerts.
 //!
-//! Layout: `config` (the service's own settings); behaviour arrives module by module
-//! (`domain` pure rules, `app` use cases, `adapters` gRPC, bus and storage).
+//! Layout:
+//! - [`domain`]: pure rules: facts merged from events in any order, rollup contributions,
+//!   feedback validation, metric queries, alert rules, problem clustering, import formats.
+//! - [`app`]: use cases over the store and the outbox.
+//! - [`adapters`]: [`adapters::sql`] (PostgreSQL and SQLite), [`adapters::bus`] (the dialog and
+//!   routing consumers), [`adapters::grpc`] (`FeedbackService`).
+//!
+//! Metric definitions are published in `docs/metrics.md`. The service reads only its own tables
+//! and learns about conversations only from events.
 
+pub mod adapters;
+pub mod app;
 pub mod domain;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
-use tandem_platform::config::{ConfigError, Validate};
+use tandem_platform::auth::AuthInterceptor;
+use tandem_platform::bus::runner::{self, RunOptions};
+use tandem_platform::config::{ConfigError, Validate, join};
 use tandem_platform::db::Migrations;
 use tandem_platform::runtime::{Service, StartContext};
+use tandem_proto::pb::feedback::v1::feedback_service_server::FeedbackServiceServer;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::adapters::bus::{
+    DIALOG_CONSUMER, Projector, ROUTING_CONSUMER, dialog_spec, routing_spec,
+};
+use crate::adapters::grpc::FeedbackGrpc;
+use crate::adapters::sql::Store;
+use crate::app::FeedbackApp;
 
 /// The gRPC services this service exposes.
 pub const GRPC_SERVICES: &[&str] =
     &[tandem_proto::pb::feedback::v1::feedback_service_server::SERVICE_NAME];
 
 /// Settings of the feedback service, under `[service]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct Settings {}
+pub struct Settings {
+    /// How often alert rules are evaluated; 0 turns evaluation off.
+    #[serde(with = "humantime_serde")]
+    pub alert_interval: Duration,
+    /// How long after an alert resolved the same rule and scenario may not raise again.
+    #[serde(with = "humantime_serde")]
+    pub alert_cooldown: Duration,
+    /// Parallel lanes of each event consumer (events of one conversation share a lane).
+    pub consumer_lanes: usize,
+    /// The most events of one lane projected in one transaction.
+    pub consumer_batch: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            alert_interval: Duration::from_secs(60),
+            alert_cooldown: Duration::from_secs(30 * 60),
+            consumer_lanes: 8,
+            consumer_batch: 256,
+        }
+    }
+}
 
 impl Validate for Settings {
-    fn validate(&self, _path: &str, _errors: &mut Vec<ConfigError>) {}
+    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        if !self.alert_interval.is_zero() && self.alert_interval < Duration::from_secs(1) {
+            errors.push(ConfigError::new(
+                join(path, "alert_interval"),
+                "must be 0 (off) or at least 1s",
+            ));
+        }
+        if !(1..=64).contains(&self.consumer_lanes) {
+            errors.push(ConfigError::new(
+                join(path, "consumer_lanes"),
+                "must be 1..64",
+            ));
+        }
+        if !(1..=4096).contains(&self.consumer_batch) {
+            errors.push(ConfigError::new(
+                join(path, "consumer_batch"),
+                "must be 1..4096",
+            ));
+        }
+    }
 }
 
 /// The feedback service.
@@ -37,10 +101,56 @@ impl Service for Feedback {
         }
     }
 
-    async fn start(ctx: StartContext<'_>, _settings: &Settings) -> anyhow::Result<()> {
-        for name in GRPC_SERVICES {
-            ctx.server.declare(name);
+    async fn start(ctx: StartContext<'_>, settings: &Settings) -> anyhow::Result<()> {
+        let store = Store::new(ctx.db.clone());
+        let app = FeedbackApp::new(store.clone(), ctx.outbox.clone(), settings.alert_cooldown);
+        let grpc = FeedbackServiceServer::new(FeedbackGrpc::new(app.clone()));
+        ctx.server.add_service(InterceptedService::new(
+            tandem_platform::limited!(grpc, &ctx.grpc_config),
+            AuthInterceptor::new(ctx.auth.clone()),
+        ));
+        for (spec, name) in [
+            (dialog_spec(&ctx.bus_config), DIALOG_CONSUMER),
+            (routing_spec(&ctx.bus_config), ROUTING_CONSUMER),
+        ] {
+            let consumer = ctx.bus.consumer(&spec).await?;
+            let mut options = RunOptions::new(name);
+            options.lanes = settings.consumer_lanes;
+            options.max_batch = settings.consumer_batch;
+            ctx.tracker.spawn(runner::run(
+                consumer,
+                Projector::new(store.clone(), name),
+                options,
+                ctx.shutdown.clone(),
+            ));
+        }
+        if !settings.alert_interval.is_zero() {
+            ctx.tracker.spawn(evaluate_alerts_until(
+                app,
+                settings.alert_interval,
+                ctx.shutdown.clone(),
+            ));
         }
         Ok(())
+    }
+}
+
+/// Evaluates the alert rules every `interval` until shutdown.
+async fn evaluate_alerts_until(
+    app: FeedbackApp,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        if let Err(error) = app.evaluate_alerts(now).await {
+            tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "alert evaluation failed");
+        }
     }
 }

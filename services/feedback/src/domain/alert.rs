@@ -419,12 +419,26 @@ mod tests {
             last_resolved_at: Some(100),
         };
         assert_eq!(
-            evaluate(&r, "rebooking", obs(0.5, 30), resolved, 100 + HOUR / 2, cooldown),
+            evaluate(
+                &r,
+                "rebooking",
+                obs(0.5, 30),
+                resolved,
+                100 + HOUR / 2,
+                cooldown
+            ),
             Decision::Keep,
             "cool-down"
         );
         assert!(matches!(
-            evaluate(&r, "rebooking", obs(0.5, 30), resolved, 100 + 2 * HOUR, cooldown),
+            evaluate(
+                &r,
+                "rebooking",
+                obs(0.5, 30),
+                resolved,
+                100 + 2 * HOUR,
+                cooldown
+            ),
             Decision::Raise { .. }
         ));
         assert_eq!(
@@ -454,12 +468,23 @@ mod tests {
             })
         };
         let raised = evaluate(&r, "s", with(0.4, 0.2), CLOSED, 0, HOUR);
-        let Decision::Raise { explanation, baseline, .. } = raised else {
+        let Decision::Raise {
+            explanation,
+            baseline,
+            ..
+        } = raised
+        else {
             panic!("{raised:?}");
         };
         assert_eq!(baseline, 0.2);
-        assert!(explanation.contains("handoff rate of scenario s"), "{explanation}");
-        assert_eq!(evaluate(&r, "s", with(0.29, 0.2), CLOSED, 0, HOUR), Decision::Keep);
+        assert!(
+            explanation.contains("handoff rate of scenario s"),
+            "{explanation}"
+        );
+        assert_eq!(
+            evaluate(&r, "s", with(0.29, 0.2), CLOSED, 0, HOUR),
+            Decision::Keep
+        );
     }
 
     #[test]
@@ -477,6 +502,9 @@ mod tests {
             .into_iter()
             .map(|e| e.field)
             .collect();
-        assert_eq!(fields, ["rule.name", "rule.metric", "rule.window", "rule.severity"]);
+        assert_eq!(
+            fields,
+            ["rule.name", "rule.metric", "rule.window", "rule.severity"]
+        );
     }
 }

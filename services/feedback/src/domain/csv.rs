@@ -84,7 +84,10 @@ impl Header {
     pub fn parse(row: &[String]) -> Result<Header, String> {
         let mut positions = [None; 9];
         for (i, name) in row.iter().enumerate() {
-            let name = name.trim().trim_start_matches('\u{feff}').to_ascii_lowercase();
+            let name = name
+                .trim()
+                .trim_start_matches('\u{feff}')
+                .to_ascii_lowercase();
             match COLUMNS.iter().position(|c| *c == name) {
                 Some(col) => positions[col] = Some(i),
                 None => return Err(format!("unknown column {name:?}")),
@@ -187,13 +190,19 @@ pub fn read_row(
         default_channel
     } else {
         parse_channel(channel_text).unwrap_or_else(|| {
-            problems.push(problem("channel", format!("unknown channel {channel_text:?}")));
+            problems.push(problem(
+                "channel",
+                format!("unknown channel {channel_text:?}"),
+            ));
             0
         })
     };
     let subject_text = header.get(row, 3);
     let subject = parse_subject(subject_text).unwrap_or_else(|| {
-        problems.push(problem("subject", format!("unknown subject {subject_text:?}")));
+        problems.push(problem(
+            "subject",
+            format!("unknown subject {subject_text:?}"),
+        ));
         0
     });
     let kind = header.get(row, 4).to_ascii_lowercase();
@@ -258,6 +267,119 @@ pub fn read_row(
     })
 }
 
+/// Reads one JSON line (the protobuf JSON mapping of `Feedback`; field names in lowerCamelCase
+/// or as in the proto file, enums by name or number, times in RFC 3339).
+pub fn read_json_row(line: &str, default_channel: i32) -> Result<FeedbackInput, Vec<RowProblem>> {
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| vec![problem("", format!("not a JSON object: {e}"))])?;
+    let Some(object) = value.as_object() else {
+        return Err(vec![problem("", "not a JSON object")]);
+    };
+    let get = |snake: &str, camel: &str| object.get(camel).or_else(|| object.get(snake));
+    let text = |snake: &str, camel: &str| -> String {
+        get(snake, camel)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut problems = Vec::new();
+    let mut enumerated = |field: &str,
+                          value: Option<&serde_json::Value>,
+                          parse: fn(&str) -> Option<i32>,
+                          default: i32|
+     -> i32 {
+        match value {
+            None | Some(serde_json::Value::Null) => default,
+            Some(serde_json::Value::Number(n)) => n
+                .as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .unwrap_or_else(|| {
+                    problems.push(problem(field, format!("{n} is not a valid value")));
+                    0
+                }),
+            Some(serde_json::Value::String(s)) => parse(s).unwrap_or_else(|| {
+                problems.push(problem(field, format!("unknown value {s:?}")));
+                0
+            }),
+            Some(other) => {
+                problems.push(problem(field, format!("{other} is not a valid value")));
+                0
+            }
+        }
+    };
+    let channel = enumerated(
+        "channel",
+        get("channel", "channel"),
+        parse_channel,
+        default_channel,
+    );
+    let subject = enumerated("subject", get("subject", "subject"), parse_subject, 0);
+    let language = enumerated("language", get("language", "language"), parse_language, 0);
+    let thumbs_value = get("thumbs", "thumbs").cloned();
+    let thumbs_parsed = thumbs_value.as_ref().map(|v| {
+        enumerated(
+            "thumbs",
+            Some(v),
+            |s| match s.to_ascii_uppercase().as_str() {
+                "THUMBS_UP" | "UP" => Some(thumbs::UP),
+                "THUMBS_DOWN" | "DOWN" => Some(thumbs::DOWN),
+                "THUMBS_UNSPECIFIED" => Some(0),
+                _ => None,
+            },
+            0,
+        )
+    });
+    let mut scores = Vec::new();
+    for (name, build) in [
+        ("csat", Score::Csat as fn(i32) -> Score),
+        ("nps", Score::Nps),
+        ("ces", Score::Ces),
+    ] {
+        if let Some(v) = object.get(name) {
+            match v.as_i64().and_then(|n| i32::try_from(n).ok()) {
+                Some(n) => scores.push(build(n)),
+                None => problems.push(problem(name, format!("{v} is not a whole number"))),
+            }
+        }
+    }
+    if let Some(t) = thumbs_parsed {
+        scores.push(Score::Thumbs(t));
+    }
+    if scores.len() > 1 {
+        problems.push(problem(
+            "score",
+            "give only one of csat, nps, ces and thumbs",
+        ));
+    }
+    let submitted_text = text("submitted_at", "submittedAt");
+    let submitted_at = if submitted_text.is_empty() {
+        None
+    } else {
+        let parsed = parse_time(&submitted_text);
+        if parsed.is_none() {
+            problems.push(problem(
+                "submitted_at",
+                format!("{submitted_text:?} is not an RFC 3339 time"),
+            ));
+        }
+        parsed
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(FeedbackInput {
+        client_feedback_id: text("client_feedback_id", "clientFeedbackId"),
+        conversation_id: text("conversation_id", "conversationId"),
+        channel,
+        subject,
+        score: scores.first().copied(),
+        comment: text("comment", "comment"),
+        language,
+        question_id: text("question_id", "questionId"),
+        submitted_at,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,7 +411,13 @@ mod tests {
         .unwrap();
         let ok = read_row(
             &header,
-            &["csat".into(), "5".into(), "f1".into(), "".into(), "2025-01-01T00:00:00Z".into()],
+            &[
+                "csat".into(),
+                "5".into(),
+                "f1".into(),
+                "".into(),
+                "2025-01-01T00:00:00Z".into(),
+            ],
             8,
         )
         .unwrap();
@@ -297,12 +425,41 @@ mod tests {
         assert_eq!(ok.score, Some(Score::Csat(5)));
         let bad = read_row(
             &header,
-            &["stars".into(), "x".into(), "f2".into(), "pigeon".into(), "yesterday".into()],
+            &[
+                "stars".into(),
+                "x".into(),
+                "f2".into(),
+                "pigeon".into(),
+                "yesterday".into(),
+            ],
             8,
         )
         .unwrap_err();
         let fields: Vec<&str> = bad.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["channel", "kind", "submitted_at"]);
         assert!(Header::parse(&["score".into()]).is_err());
+    }
+
+    #[test]
+    fn json_lines_follow_the_protobuf_json_mapping() {
+        let row = read_json_row(
+            r#"{"clientFeedbackId":"f1","channel":"CHANNEL_APP","subject":"FEEDBACK_SUBJECT_BOT","nps":9,"submittedAt":"2025-01-01T00:00:00Z"}"#,
+            8,
+        )
+        .unwrap();
+        assert_eq!(
+            (row.channel, row.subject, row.score),
+            (2, 1, Some(Score::Nps(9)))
+        );
+        let defaulted =
+            read_json_row(r#"{"client_feedback_id":"f2","thumbs":"THUMBS_DOWN"}"#, 8).unwrap();
+        assert_eq!(
+            (defaulted.channel, defaulted.score),
+            (8, Some(Score::Thumbs(2)))
+        );
+        let bad = read_json_row(r#"{"csat":5,"nps":3,"channel":"CHANNEL_X"}"#, 8).unwrap_err();
+        let fields: Vec<&str> = bad.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["channel", "score"]);
+        assert!(read_json_row("[1]", 0).is_err());
     }
 }

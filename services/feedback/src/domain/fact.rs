@@ -304,7 +304,8 @@ impl ConversationFact {
             return false;
         };
         let within = |at: Micros| at > resolved && at - resolved <= SEVEN_DAYS;
-        self.resolved_again_at.is_some_and(|at| at - resolved <= SEVEN_DAYS)
+        self.resolved_again_at
+            .is_some_and(|at| at - resolved <= SEVEN_DAYS)
             || self.last_customer_message_at.is_some_and(within)
     }
 }
@@ -343,9 +344,7 @@ pub struct HandoffFact {
 impl HandoffFact {
     /// Returns the time the handoff is bucketed by.
     pub fn bucket_at(&self) -> Option<Micros> {
-        self.requested_at
-            .or(self.queued_at)
-            .or(self.first_seen_at)
+        self.requested_at.or(self.queued_at).or(self.first_seen_at)
     }
 
     /// Triggering message received (or requested) → first offer delivered.

@@ -52,6 +52,9 @@ pub struct Cluster {
     pub language: i32,
 }
 
+/// An item with its keywords.
+type Tokenised<'a> = (&'a ProblemItem, BTreeSet<String>);
+
 static JIEBA: LazyLock<Jieba> = LazyLock::new(Jieba::new);
 
 const ENGLISH_STOP_WORDS: &[&str] = &[
@@ -67,12 +70,92 @@ const ENGLISH_STOP_WORDS: &[&str] = &[
 ];
 
 const CHINESE_STOP_WORDS: &[&str] = &[
-    "的", "了", "是", "我", "你", "他", "她", "它", "们", "在", "有", "和", "就", "不", "也", "都",
-    "很", "吗", "吧", "呢", "啊", "呀", "哦", "嗯", "这", "那", "个", "一", "还", "又", "没", "没有",
-    "什么", "怎么", "为什么", "可以", "已经", "但是", "因为", "所以", "如果", "请", "谢谢", "您",
-    "好", "我们", "你们", "他们", "就是", "一个", "这个", "那个", "还是", "而且", "然后", "现在",
-    "时候", "到", "给", "说", "要", "会", "让", "被", "把", "对", "从", "跟", "与", "及", "等",
-    "着", "过", "得", "地", "之", "其", "或", "才", "再", "上", "下", "里", "中", "自己", "真的",
+    "的",
+    "了",
+    "是",
+    "我",
+    "你",
+    "他",
+    "她",
+    "它",
+    "们",
+    "在",
+    "有",
+    "和",
+    "就",
+    "不",
+    "也",
+    "都",
+    "很",
+    "吗",
+    "吧",
+    "呢",
+    "啊",
+    "呀",
+    "哦",
+    "嗯",
+    "这",
+    "那",
+    "个",
+    "一",
+    "还",
+    "又",
+    "没",
+    "没有",
+    "什么",
+    "怎么",
+    "为什么",
+    "可以",
+    "已经",
+    "但是",
+    "因为",
+    "所以",
+    "如果",
+    "请",
+    "谢谢",
+    "您",
+    "好",
+    "我们",
+    "你们",
+    "他们",
+    "就是",
+    "一个",
+    "这个",
+    "那个",
+    "还是",
+    "而且",
+    "然后",
+    "现在",
+    "时候",
+    "到",
+    "给",
+    "说",
+    "要",
+    "会",
+    "让",
+    "被",
+    "把",
+    "对",
+    "从",
+    "跟",
+    "与",
+    "及",
+    "等",
+    "着",
+    "过",
+    "得",
+    "地",
+    "之",
+    "其",
+    "或",
+    "才",
+    "再",
+    "上",
+    "下",
+    "里",
+    "中",
+    "自己",
+    "真的",
 ];
 
 /// Returns the keywords of a text: lower-case words without stop words, punctuation or numbers.
@@ -130,8 +213,7 @@ pub const MIN_CLUSTER: usize = 2;
 
 /// Clusters `current` items; `previous` are those of the range before, for the trend.
 pub fn cluster(current: &[ProblemItem], previous: &[ProblemItem], limit: usize) -> Vec<Cluster> {
-    let mut groups: BTreeMap<(String, i32), Vec<(&ProblemItem, BTreeSet<String>)>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<(String, i32), Vec<Tokenised<'_>>> = BTreeMap::new();
     for item in current {
         let lang = effective_language(item);
         let words = keywords(&item.text, lang);
@@ -172,9 +254,8 @@ pub fn cluster(current: &[ProblemItem], previous: &[ProblemItem], limit: usize) 
             if lead_count < MIN_CLUSTER {
                 break;
             }
-            let (members, rest): (Vec<usize>, Vec<usize>) = remaining
-                .iter()
-                .partition(|&&i| items[i].1.contains(&lead));
+            let (members, rest): (Vec<usize>, Vec<usize>) =
+                remaining.iter().partition(|&&i| items[i].1.contains(&lead));
             remaining = rest;
             let mut co: BTreeMap<&str, usize> = BTreeMap::new();
             let mut intents: BTreeMap<&str, usize> = BTreeMap::new();
@@ -233,10 +314,8 @@ fn effective_language(item: &ProblemItem) -> i32 {
 }
 
 fn top(counts: &BTreeMap<&str, usize>, n: usize) -> Vec<(String, usize)> {
-    let mut ranked: Vec<(String, usize)> = counts
-        .iter()
-        .map(|(w, c)| ((*w).to_owned(), *c))
-        .collect();
+    let mut ranked: Vec<(String, usize)> =
+        counts.iter().map(|(w, c)| ((*w).to_owned(), *c)).collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     ranked.truncate(n);
     ranked
@@ -282,10 +361,7 @@ mod tests {
         ];
         let previous = [item("退款慢", "refund", 0)];
         let clusters = cluster(&items, &previous, 10);
-        let refund = clusters
-            .iter()
-            .find(|c| c.scenario_id == "refund")
-            .unwrap();
+        let refund = clusters.iter().find(|c| c.scenario_id == "refund").unwrap();
         assert_eq!(refund.keywords[0], "退款");
         assert_eq!(refund.count, 3);
         assert_eq!(refund.previous_count, 1);
@@ -308,10 +384,7 @@ mod tests {
     #[test]
     fn english_words_are_stemmed_and_stop_words_dropped() {
         let words = keywords("The refunds are still not here, please help!", language::EN);
-        assert_eq!(
-            words.into_iter().collect::<Vec<_>>(),
-            ["help", "refund"]
-        );
+        assert_eq!(words.into_iter().collect::<Vec<_>>(), ["help", "refund"]);
         let items = [
             item("my refund never arrived", "refund", 1),
             item("refunds take forever", "refund", 2),

@@ -549,7 +549,10 @@ mod tests {
             metrics: vec![1, 99],
             start: Some(NOW),
             end: Some(NOW - HOUR),
-            filters: vec![(3, vec!["CHANNEL_CARRIER_PIGEON".into()]), (42, vec!["x".into()])],
+            filters: vec![
+                (3, vec!["CHANNEL_CARRIER_PIGEON".into()]),
+                (42, vec!["x".into()]),
+            ],
             group_by: vec![1, 1, 2],
             granularity: 1,
             timezone: "Mars/Olympus".into(),
@@ -565,7 +568,10 @@ mod tests {
             "group_by[1]",
             "timezone",
         ] {
-            assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
+            assert!(
+                fields.contains(&expected),
+                "{expected} missing from {fields:?}"
+            );
         }
         let too_long = MetricRequest {
             metrics: vec![1],
@@ -588,8 +594,14 @@ mod tests {
     fn day_buckets_follow_the_time_zone() {
         let shanghai: Tz = "Asia/Shanghai".parse().unwrap();
         // 2025-01-01T17:00Z is 2025-01-02T01:00 in Shanghai, whose day starts at 2025-01-01T16:00Z.
-        let at = Utc.with_ymd_and_hms(2025, 1, 1, 17, 0, 0).unwrap().timestamp_micros();
-        let start = Utc.with_ymd_and_hms(2025, 1, 1, 16, 0, 0).unwrap().timestamp_micros();
+        let at = Utc
+            .with_ymd_and_hms(2025, 1, 1, 17, 0, 0)
+            .unwrap()
+            .timestamp_micros();
+        let start = Utc
+            .with_ymd_and_hms(2025, 1, 1, 16, 0, 0)
+            .unwrap()
+            .timestamp_micros();
         assert_eq!(local_day_start(shanghai, at), start);
         assert_eq!(local_day_start(Tz::UTC, at), at - 17 * HOUR);
     }

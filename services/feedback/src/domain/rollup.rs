@@ -46,7 +46,11 @@ pub mod metric {
     pub fn is_duration(metric: i32) -> bool {
         matches!(
             metric,
-            HANDOFF_SYSTEM_LATENCY | QUEUE_WAIT | AGENT_ACCEPT_TIME | FIRST_HUMAN_REPLY | HANDLE_TIME
+            HANDOFF_SYSTEM_LATENCY
+                | QUEUE_WAIT
+                | AGENT_ACCEPT_TIME
+                | FIRST_HUMAN_REPLY
+                | HANDLE_TIME
         )
     }
 }
@@ -355,7 +359,11 @@ pub fn contribution(state: &ConversationState, feedback: &[FeedbackObs]) -> Cont
 }
 
 /// What one piece of feedback contributes, given its conversation's facts when known.
-pub fn feedback_part(conversation: Option<&ConversationFact>, fb: &FeedbackObs, out: &mut Contribution) {
+pub fn feedback_part(
+    conversation: Option<&ConversationFact>,
+    fb: &FeedbackObs,
+    out: &mut Contribution,
+) {
     let explicit = match fb.subject {
         subject::BOT => Some(handler::BOT),
         subject::AGENT => Some(handler::AGENT),
@@ -413,7 +421,10 @@ mod tests {
         }
         for (q, exact) in [(0.5, 500_000.0), (0.95, 950_000.0), (0.99, 990_000.0)] {
             let got = quantile(&hist, q).unwrap();
-            assert!(((got - exact) / exact).abs() < 0.045, "{q}: {got} vs {exact}");
+            assert!(
+                ((got - exact) / exact).abs() < 0.045,
+                "{q}: {got} vs {exact}"
+            );
         }
         assert_eq!(quantile(&BTreeMap::new(), 0.5), None);
     }
@@ -443,19 +454,22 @@ mod tests {
         state.apply(&started);
         let after = contribution(&state, &[]);
         let delta = after.minus(&before);
-        let mut rebuilt = before.clone();
+        let mut rebuilt = before;
         rebuilt.add(&delta);
         assert_eq!(rebuilt, after, "before + delta = after");
         let hours: Vec<Micros> = after.0.keys().map(|k| k.hour).collect();
         assert!(hours.iter().all(|h| *h == 2 * HOUR), "{hours:?}");
         assert!(
-            delta.0.iter().any(|(k, t)| k.hour == 5 * HOUR && t.den == -1),
+            delta
+                .0
+                .iter()
+                .any(|(k, t)| k.hour == 5 * HOUR && t.den == -1),
             "the provisional bucket loses the conversation"
         );
     }
 
     #[test]
-    fn test_conversations_contribute_nothing_not_even_their_feedback() {
+    fn conversations_of_tests_contribute_nothing_not_even_their_feedback() {
         let mut state = ConversationState::default();
         state.apply(&FactInput {
             conversation_id: "c".into(),

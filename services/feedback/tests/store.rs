@@ -1,0 +1,505 @@
+//! The feedback store's contract, run against PostgreSQL (a throwaway server) and SQLite (a temp
+//! dir) by one macro: feedback idempotency, facts and rollups built from duplicated and
+//! out-of-order events, re-attribution of early feedback, rollup grains, the trust index,
+//! alerts and problem items.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng as _;
+use rand::seq::SliceRandom as _;
+use sqlx::Row as _;
+use tandem_feedback::adapters::bus::fact_input;
+use tandem_feedback::adapters::sql::{Projected, Store, Stored, StoredAlert};
+use tandem_feedback::domain::feedback::{FeedbackInput, FeedbackRecord, Score};
+use tandem_feedback::domain::query::{MetricRequest, build_series};
+use tandem_feedback::domain::rollup::metric;
+use tandem_feedback::domain::{DAY, HOUR, Micros};
+use tandem_platform::bus::RawEvent;
+use tandem_platform::config::{DatabaseConfig, Secret};
+use tandem_platform::db::Db;
+use tandem_platform::runtime::Service as _;
+
+mod common;
+
+use common::{T0, life_events, tenant};
+
+/// Keeps the engine's directory alive for the test.
+#[allow(dead_code, reason = "held for its Drop")]
+enum Keep {
+    Postgres,
+    Sqlite(tempfile::TempDir),
+}
+
+async fn postgres() -> (Db, Keep) {
+    let pg = tandem_testkit::shared_postgres().await;
+    let url = pg.fresh_database().await.unwrap();
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        schema: "feedback".into(),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    db.migrate(Some(tandem_feedback::Feedback::migrations()))
+        .await
+        .unwrap();
+    (db, Keep::Postgres)
+}
+
+async fn sqlite() -> (Db, Keep) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("feedback.db").display());
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    db.migrate(Some(tandem_feedback::Feedback::migrations()))
+        .await
+        .unwrap();
+    (db, Keep::Sqlite(dir))
+}
+
+fn projected(events: &[RawEvent]) -> Vec<Projected> {
+    events
+        .iter()
+        .filter_map(|raw| {
+            fact_input(raw).unwrap().map(|input| Projected {
+                event_id: raw.id.clone(),
+                tenant: raw.tenant.to_string(),
+                input,
+            })
+        })
+        .collect()
+}
+
+fn record(client_id: &str, conversation: &str, score: Score, at: Micros) -> FeedbackRecord {
+    FeedbackRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        input: FeedbackInput {
+            client_feedback_id: client_id.into(),
+            conversation_id: conversation.into(),
+            channel: 8,
+            subject: 0,
+            score: Some(score),
+            comment: "退款太慢了".into(),
+            language: 0,
+            question_id: String::new(),
+            submitted_at: Some(at),
+        },
+        score,
+        language: 1,
+        received_at: at + 1,
+    }
+}
+
+fn event_for(record: &FeedbackRecord) -> RawEvent {
+    let event = tandem_proto::pb::feedback::v1::FeedbackReceived {
+        conversation_id: record.input.conversation_id.clone(),
+        ..Default::default()
+    };
+    RawEvent::new(&tenant(), &event, None)
+}
+
+/// Every fact row and every non-zero rollup row, for comparing two databases.
+async fn snapshot(db: &Db) -> Vec<String> {
+    const QUERIES: [&str; 6] = [
+        "SELECT conversation_id AS k, state AS v FROM fb_conversation ORDER BY 1",
+        "SELECT handoff_id AS k, state AS v FROM fb_handoff ORDER BY 1",
+        "SELECT suggestion_id AS k, state AS v FROM fb_suggestion ORDER BY 1",
+        "SELECT (CAST(grain AS TEXT) || '|' || CAST(metric AS TEXT) || '|' || CAST(bucket AS TEXT) || '|' || scenario || '|' || intent || '|' || CAST(channel AS TEXT) || '|' || CAST(handler AS TEXT) || '|' || agent || '|' || team || '|' || CAST(reason AS TEXT) || '|' || CAST(language AS TEXT)) AS k, \
+         (CAST(num AS TEXT) || '/' || CAST(den AS TEXT) || '/' || CAST(cnt AS TEXT) || '/' || CAST(total AS TEXT)) AS v \
+         FROM fb_rollup WHERE num <> 0 OR den <> 0 OR cnt <> 0 OR total <> 0 ORDER BY 1",
+        "SELECT (CAST(grain AS TEXT) || '|' || CAST(metric AS TEXT) || '|' || CAST(bucket AS TEXT) || '|' || scenario || '|' || agent || '|' || CAST(reason AS TEXT) || '|' || CAST(cell AS TEXT)) AS k, \
+         CAST(SUM(cnt) AS TEXT) AS v FROM fb_rollup_hist GROUP BY 1 HAVING SUM(cnt) <> 0 ORDER BY 1",
+        "SELECT conversation_id AS k, (outcome || '|' || CAST(followed_up AS TEXT)) AS v FROM fb_conversation ORDER BY 1",
+    ];
+    let mut out = Vec::new();
+    for query in QUERIES {
+        let rows = match db {
+            Db::Postgres(pool) => sqlx::query(query)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| format!("{}={}", r.get::<String, _>("k"), r.get::<String, _>("v")))
+                .collect::<Vec<_>>(),
+            Db::Sqlite(pool) => sqlx::query(query)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| format!("{}={}", r.get::<String, _>("k"), r.get::<String, _>("v")))
+                .collect::<Vec<_>>(),
+        };
+        out.extend(rows);
+    }
+    out
+}
+
+async fn metric_values(store: &Store, metrics: &[i32], group_by: Vec<i32>) -> Vec<String> {
+    let query = MetricRequest {
+        metrics: metrics.to_vec(),
+        start: Some(T0 - DAY),
+        end: Some(T0 + 10 * DAY),
+        granularity: 3,
+        group_by,
+        ..MetricRequest::default()
+    }
+    .validate(T0 + 10 * DAY)
+    .unwrap();
+    let (rows, hist) = store.metrics(tenant().as_str(), &query).await.unwrap();
+    build_series(&query, &rows, &hist)
+        .unwrap()
+        .into_iter()
+        .flat_map(|s| {
+            s.points.into_iter().map(move |p| {
+                format!(
+                    "{}{:?}: {:.4} {}/{} n={} {:?}",
+                    s.metric, s.group, p.value, p.numerator, p.denominator, p.count, p.percentiles
+                )
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract.
+
+async fn feedback_is_idempotent_by_client_id(db: Db) {
+    let store = Store::new(db);
+    let first = record("f1", "c-unknown", Score::Csat(2), T0);
+    let stored = store
+        .insert_feedback(tenant().as_str(), &[(first.clone(), event_for(&first))])
+        .await
+        .unwrap();
+    assert_eq!(stored, [Stored::New(first.clone())]);
+    let replay = record("f1", "c-unknown", Score::Csat(5), T0);
+    let stored = store
+        .insert_feedback(tenant().as_str(), &[(replay.clone(), event_for(&replay))])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        [Stored::Existing(first.clone())],
+        "the first record stays"
+    );
+    let twice = record("f2", "", Score::Nps(10), T0);
+    let stored = store
+        .insert_feedback(
+            tenant().as_str(),
+            &[
+                (twice.clone(), event_for(&twice)),
+                (twice.clone(), event_for(&twice)),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        [Stored::New(twice.clone()), Stored::Existing(twice)]
+    );
+    let values = metric_values(&store, &[metric::CSAT, metric::NPS], vec![]).await;
+    assert_eq!(
+        values,
+        ["10[]: 0.0000 0/1 n=1 None", "11[]: 100.0000 1/1 n=1 None"]
+    );
+}
+
+async fn replays_in_any_order_with_duplicates_give_the_same_facts_and_rollups(
+    first: Db,
+    second: Db,
+) {
+    let events = life_events(24);
+    let ordered = Store::new(first.clone());
+    ordered
+        .project("feedback-test", &projected(&events))
+        .await
+        .unwrap();
+
+    let shuffled_store = Store::new(second.clone());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut shuffled = events.clone();
+    // A third of the events is delivered twice, and everything in random order and batches.
+    shuffled.extend(events.iter().step_by(3).cloned());
+    shuffled.shuffle(&mut rng);
+    for batch in shuffled.chunks(13) {
+        let applied = shuffled_store
+            .project("feedback-test", &projected(batch))
+            .await
+            .unwrap();
+        assert!(applied <= batch.len());
+    }
+    // A whole redelivery changes nothing.
+    assert_eq!(
+        shuffled_store
+            .project("feedback-test", &projected(&events))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(snapshot(&first).await, snapshot(&second).await);
+    let all = (1..=13).collect::<Vec<i32>>();
+    let a = metric_values(&ordered, &all, vec![1]).await;
+    let b = metric_values(&shuffled_store, &all, vec![1]).await;
+    assert_eq!(a, b);
+    assert!(
+        a.iter().any(|line| line.starts_with("3[(1, \"refund\")]")),
+        "system latency is reported: {a:#?}"
+    );
+    // Containment + handoff rate never exceed the eligible conversations.
+    let rates = metric_values(&ordered, &[1, 2], vec![]).await;
+    let parse = |line: &String| -> (i64, i64) {
+        let frac = line.split_whitespace().nth(2).unwrap();
+        let (n, d) = frac.split_once('/').unwrap();
+        (n.parse().unwrap(), d.parse().unwrap())
+    };
+    let (contained, eligible) = parse(&rates[0]);
+    let (handed_off, eligible_too) = parse(&rates[1]);
+    assert_eq!(eligible, eligible_too);
+    assert!(contained + handed_off <= eligible, "{rates:?}");
+    assert!(contained > 0 && handed_off > 0, "{rates:?}");
+}
+
+async fn early_feedback_moves_to_its_conversation_when_events_arrive(db: Db) {
+    let store = Store::new(db);
+    let events = life_events(1);
+    let conversation = &projected(&events)[0].input.conversation_id.clone();
+    let early = record("early", conversation, Score::Csat(5), T0 + HOUR);
+    store
+        .insert_feedback(tenant().as_str(), &[(early.clone(), event_for(&early))])
+        .await
+        .unwrap();
+    let before = metric_values(&store, &[metric::CSAT], vec![1]).await;
+    assert_eq!(before, ["10[(1, \"\")]: 1.0000 1/1 n=1 None"]);
+    store
+        .project("feedback-test", &projected(&events))
+        .await
+        .unwrap();
+    let after = metric_values(&store, &[metric::CSAT], vec![1]).await;
+    assert_eq!(after, ["10[(1, \"refund\")]: 1.0000 1/1 n=1 None"]);
+}
+
+async fn daily_and_hourly_rollups_agree(db: Db) {
+    let store = Store::new(db);
+    store
+        .project("feedback-test", &projected(&life_events(30)))
+        .await
+        .unwrap();
+    let query = |granularity: i32| MetricRequest {
+        metrics: vec![metric::HANDOFF_RATE, metric::QUEUE_WAIT],
+        start: Some(T0.div_euclid(DAY) * DAY),
+        end: Some(T0.div_euclid(DAY) * DAY + 5 * DAY),
+        granularity,
+        ..MetricRequest::default()
+    };
+    let mut totals = BTreeMap::new();
+    for granularity in [1, 2, 3] {
+        let q = query(granularity).validate(T0 + 10 * DAY).unwrap();
+        let (rows, hist) = store.metrics(tenant().as_str(), &q).await.unwrap();
+        let series = build_series(&q, &rows, &hist).unwrap();
+        let sum: Vec<(i32, i64, i64)> = series
+            .iter()
+            .map(|s| {
+                (
+                    s.metric,
+                    s.points.iter().map(|p| p.numerator).sum(),
+                    s.points.iter().map(|p| p.count).sum(),
+                )
+            })
+            .collect();
+        totals.insert(granularity, sum);
+    }
+    assert_eq!(totals[&1], totals[&2]);
+    assert_eq!(totals[&2], totals[&3]);
+    assert!(totals[&3].iter().all(|(_, _, n)| *n > 0), "{totals:?}");
+}
+
+async fn alerts_open_once_per_rule_and_scenario(db: Db) {
+    let store = Store::new(db);
+    let alert = |id: &str| StoredAlert {
+        id: id.into(),
+        rule_id: "r1".into(),
+        kind: 1,
+        scenario_id: "rebooking".into(),
+        metric: metric::CSAT,
+        observed: 0.5,
+        threshold: 0.8,
+        baseline: 0.0,
+        window: HOUR,
+        severity: 2,
+        status: 1,
+        explanation: "bot CSAT fell".into(),
+        raised_at: T0,
+        acknowledged_at: None,
+        acknowledged_by: String::new(),
+        resolved_at: None,
+    };
+    let event = |id: &str| {
+        RawEvent::new(
+            &tenant(),
+            &tandem_proto::pb::feedback::v1::AlertRaised {
+                alert_id: id.into(),
+                ..Default::default()
+            },
+            None,
+        )
+    };
+    assert!(
+        store
+            .raise(tenant().as_str(), &alert("a1"), &event("a1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .raise(tenant().as_str(), &alert("a2"), &event("a2"))
+            .await
+            .unwrap(),
+        "one open alert per rule and scenario"
+    );
+    let acked = store
+        .acknowledge(tenant().as_str(), "a1", "lead-1", "looking", T0 + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acked.status, acked.acknowledged_by.as_str()),
+        (2, "lead-1")
+    );
+    assert!(
+        store
+            .acknowledge(tenant().as_str(), "nope", "lead-1", "", T0)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (open, resolved) = store
+        .standing(tenant().as_str(), "r1", "rebooking")
+        .await
+        .unwrap();
+    assert_eq!(open.map(|a| a.id), Some("a1".to_owned()));
+    assert_eq!(resolved, None);
+    assert!(
+        store
+            .resolve(tenant().as_str(), "a1", T0 + 5, &event("a1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .resolve(tenant().as_str(), "a1", T0 + 6, &event("a1"))
+            .await
+            .unwrap()
+    );
+    let (open, resolved) = store
+        .standing(tenant().as_str(), "r1", "rebooking")
+        .await
+        .unwrap();
+    assert!(open.is_none());
+    assert_eq!(resolved, Some(T0 + 5));
+    assert!(
+        store
+            .raise(tenant().as_str(), &alert("a3"), &event("a3"))
+            .await
+            .unwrap()
+    );
+}
+
+async fn problem_items_join_complaints_with_their_scenario(db: Db) {
+    let store = Store::new(db);
+    let events = life_events(6);
+    store
+        .project("feedback-test", &projected(&events))
+        .await
+        .unwrap();
+    let conversation = projected(&events)[0].input.conversation_id.clone();
+    let complaint = record("c1", &conversation, Score::Csat(1), T0 + HOUR);
+    let praise = record("c2", &conversation, Score::Csat(5), T0 + HOUR);
+    store
+        .insert_feedback(
+            tenant().as_str(),
+            &[
+                (complaint.clone(), event_for(&complaint)),
+                (praise.clone(), event_for(&praise)),
+            ],
+        )
+        .await
+        .unwrap();
+    let items = store
+        .problem_items(
+            tenant().as_str(),
+            "refund",
+            0,
+            (T0 - DAY, T0 + 10 * DAY),
+            100,
+        )
+        .await
+        .unwrap();
+    assert!(
+        items
+            .iter()
+            .any(|i| i.text == "退款太慢了" && i.scenario_id == "refund")
+    );
+    assert_eq!(
+        items.iter().filter(|i| i.text == "退款太慢了").count(),
+        1,
+        "praise is not a problem"
+    );
+    assert!(
+        items.iter().any(|i| i.text.contains("refund")),
+        "handoff summaries are problems too: {items:?}"
+    );
+}
+
+macro_rules! store_contract_tests {
+    ($engine:ident) => {
+        mod $engine {
+            #[tokio::test]
+            async fn feedback_is_idempotent_by_client_id() {
+                let (db, _keep) = super::$engine().await;
+                super::feedback_is_idempotent_by_client_id(db).await;
+            }
+
+            #[tokio::test]
+            async fn replays_in_any_order_with_duplicates_give_the_same_facts_and_rollups() {
+                let (first, _keep1) = super::$engine().await;
+                let (second, _keep2) = super::$engine().await;
+                super::replays_in_any_order_with_duplicates_give_the_same_facts_and_rollups(
+                    first, second,
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn early_feedback_moves_to_its_conversation_when_events_arrive() {
+                let (db, _keep) = super::$engine().await;
+                super::early_feedback_moves_to_its_conversation_when_events_arrive(db).await;
+            }
+
+            #[tokio::test]
+            async fn daily_and_hourly_rollups_agree() {
+                let (db, _keep) = super::$engine().await;
+                super::daily_and_hourly_rollups_agree(db).await;
+            }
+
+            #[tokio::test]
+            async fn alerts_open_once_per_rule_and_scenario() {
+                let (db, _keep) = super::$engine().await;
+                super::alerts_open_once_per_rule_and_scenario(db).await;
+            }
+
+            #[tokio::test]
+            async fn problem_items_join_complaints_with_their_scenario() {
+                let (db, _keep) = super::$engine().await;
+                super::problem_items_join_complaints_with_their_scenario(db).await;
+            }
+        }
+    };
+}
+
+store_contract_tests!(postgres);
+store_contract_tests!(sqlite);
