@@ -1,0 +1,465 @@
+//! A trainable text classifier: TF-IDF features ([`crate::features`]) and a softmax regression
+//! ([`crate::linear`]), with a calibrated confidence and out-of-scope rejection. Intents and the
+//! trainable sentiment model both use it.
+//!
+//! Training holds out a stratified share of the examples (10 % by default): a first model trained
+//! on the rest scores them, which fits the temperature and the out-of-scope threshold without
+//! looking at the examples it learnt from. The final model is then trained on every example,
+//! starting from the first one, and keeps that temperature and threshold. Out-of-scope examples,
+//! when given, are only ever used for the threshold.
+//!
+//! Stored models start with the bytes `TNLU`, then the format version (`u16`, little endian),
+//! then the model in postcard encoding.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tandem_text::normalise;
+
+use crate::calibration::{HeldOut, ThresholdRule, fit_temperature, softmax, tune_threshold};
+use crate::dataset::{LabelledText, stratified_split};
+use crate::error::{NluError, NluResult};
+use crate::eval::{Evaluation, evaluate};
+use crate::features::{FeatureConfig, SparseMatrix, SparseVector, Vectoriser};
+use crate::linear::{FitReport, LinearModel, LinearOptions, fit_softmax};
+
+/// The first bytes of a stored model.
+const MAGIC: &[u8; 4] = b"TNLU";
+/// The version of the stored format this build writes and reads.
+pub const MODEL_FORMAT_VERSION: u16 = 1;
+
+/// How to train a [`TextClassifier`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingOptions {
+    /// What the features are made of.
+    pub features: FeatureConfig,
+    /// Regularisation and optimiser settings.
+    pub linear: LinearOptions,
+    /// Share of each label's examples held out for calibration (0 switches calibration off).
+    pub held_out_share: f64,
+    /// Seed of the held-out split.
+    pub seed: u64,
+    /// Train the final model on every example (true) or keep the model trained without the
+    /// held-out part (false, faster).
+    pub refit_on_all: bool,
+    /// How the out-of-scope threshold is chosen.
+    pub threshold: ThresholdRule,
+    /// A text with a smaller share of known words is out of scope whatever its confidence
+    /// (0 switches this off).
+    pub min_word_coverage: f32,
+}
+
+impl Default for TrainingOptions {
+    fn default() -> Self {
+        Self {
+            features: FeatureConfig::intents(),
+            linear: LinearOptions::default(),
+            held_out_share: 0.1,
+            seed: 42,
+            refit_on_all: true,
+            threshold: ThresholdRule::Auto,
+            min_word_coverage: 0.4,
+        }
+    }
+}
+
+/// What happened during training, kept with the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// In-scope examples trained on.
+    pub examples: usize,
+    /// Out-of-scope examples used for the threshold.
+    pub out_of_scope_examples: usize,
+    /// Examples held out for calibration.
+    pub held_out: usize,
+    /// Number of features.
+    pub features: usize,
+    /// Optimiser report of the calibration model, when one was trained.
+    pub calibration_fit: Option<FitReport>,
+    /// Optimiser report of the final model.
+    pub final_fit: FitReport,
+    /// Top-1 accuracy of the calibration model on the held-out in-scope examples.
+    pub held_out_accuracy: Option<f64>,
+    /// Wall-clock training time in milliseconds.
+    pub training_ms: u64,
+}
+
+/// A label with its calibrated probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredLabel {
+    /// The intent or class.
+    pub label: String,
+    /// Calibrated probability.
+    pub probability: f32,
+}
+
+/// The classifier's answer for one text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The most probable labels, best first.
+    pub ranked: Vec<ScoredLabel>,
+    /// Calibrated probability of the best label.
+    pub confidence: f32,
+    /// Share of the text's words the model knows, in `[0, 1]`.
+    pub word_coverage: f32,
+    /// True when the confidence is below the model's out-of-scope threshold, or the word
+    /// coverage below its minimum.
+    pub out_of_scope: bool,
+    /// Entropy of the calibrated distribution divided by its maximum, in `[0, 1]`: 0 when one
+    /// label takes all the mass, 1 when every label is equally likely.
+    pub spread: f32,
+}
+
+impl Prediction {
+    /// Returns the best label, or `None` when out of scope.
+    pub fn accepted_label(&self) -> Option<&str> {
+        if self.out_of_scope {
+            None
+        } else {
+            self.ranked.first().map(|s| s.label.as_str())
+        }
+    }
+}
+
+/// A trained text classifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextClassifier {
+    labels: Vec<String>,
+    vectoriser: Vectoriser,
+    model: LinearModel,
+    temperature: f32,
+    threshold: f32,
+    min_word_coverage: f32,
+    summary: TrainingSummary,
+}
+
+impl TextClassifier {
+    /// Trains on labelled `examples` (at least two labels); `out_of_scope` texts, if any, only
+    /// tune the out-of-scope threshold.
+    pub fn train(
+        examples: &[LabelledText],
+        out_of_scope: &[String],
+        options: &TrainingOptions,
+    ) -> NluResult<Self> {
+        let started = Instant::now();
+        options.threshold.validate()?;
+        if !(0.0..=1.0).contains(&options.min_word_coverage) {
+            return Err(NluError::InvalidArgument(
+                "min_word_coverage must be in [0, 1]".into(),
+            ));
+        }
+        if !(0.0..0.9).contains(&options.held_out_share) {
+            return Err(NluError::InvalidArgument(
+                "held_out_share must be in [0, 0.9)".into(),
+            ));
+        }
+        let mut labels: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        if labels.len() < 2 {
+            return Err(NluError::InvalidTrainingSet(
+                "at least two labels are needed".into(),
+            ));
+        }
+        let texts: Vec<String> = examples.iter().map(|e| normalise(&e.text)).collect();
+        if let Some(i) = texts.iter().position(String::is_empty) {
+            return Err(NluError::InvalidTrainingSet(format!(
+                "example {i} (label `{}`) has no text",
+                examples[i].label
+            )));
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vectoriser = Vectoriser::fit(options.features.clone(), &refs)?;
+        let x = vectoriser.transform_all(&refs);
+        let y: Vec<u32> = examples
+            .iter()
+            .map(|e| labels.binary_search(&e.label).map(|i| i as u32))
+            .collect::<Result<_, _>>()
+            .map_err(|_| NluError::InvalidTrainingSet("label lookup failed".to_owned()))?;
+        let (features, classes) = (vectoriser.dimension(), labels.len());
+
+        let label_refs: Vec<&str> = examples.iter().map(|e| e.label.as_str()).collect();
+        let (fit_rows, held_rows) = if options.held_out_share > 0.0 {
+            stratified_split(&label_refs, 1.0 - options.held_out_share, options.seed)
+        } else {
+            ((0..examples.len()).collect(), Vec::new())
+        };
+        let calibration_possible = !held_rows.is_empty() && {
+            let mut fit_labels: Vec<u32> = fit_rows.iter().map(|&i| y[i]).collect();
+            fit_labels.sort_unstable();
+            fit_labels.dedup();
+            fit_labels.len() >= 2
+        };
+
+        let mut temperature = 1.0;
+        let mut threshold = match options.threshold {
+            ThresholdRule::Fixed(t) => t,
+            _ => 0.0,
+        };
+        let mut calibration_fit = None;
+        let mut held_out_accuracy = None;
+        let mut start = None;
+        if calibration_possible {
+            let fit_x = x.select(&fit_rows);
+            let fit_y: Vec<u32> = fit_rows.iter().map(|&i| y[i]).collect();
+            let (first, report) =
+                fit_softmax(&fit_x, &fit_y, features, classes, &options.linear, None)?;
+            calibration_fit = Some(report);
+            let held_x = x.select(&held_rows);
+            let held_y: Vec<usize> = held_rows.iter().map(|&i| y[i] as usize).collect();
+            let held_logits = all_logits(&first, &held_x);
+            temperature = fit_temperature(&held_logits, &held_y);
+            let oos_texts: Vec<String> = out_of_scope.iter().map(|t| normalise(t)).collect();
+            let oos_refs: Vec<&str> = oos_texts.iter().map(String::as_str).collect();
+            let oos_logits = all_logits(&first, &vectoriser.transform_all(&oos_refs));
+            let mut probabilities = vec![0.0; classes];
+            let mut held_out = Vec::with_capacity(held_logits.len() + oos_logits.len());
+            let mut right = 0;
+            for (logits, &label) in held_logits.iter().zip(&held_y) {
+                softmax(logits, temperature, &mut probabilities);
+                let best = argmax(&probabilities);
+                right += usize::from(best == label);
+                held_out.push(HeldOut {
+                    confidence: probabilities[best],
+                    correct: best == label,
+                    in_scope: true,
+                });
+            }
+            held_out_accuracy = Some(right as f64 / held_y.len() as f64);
+            for logits in &oos_logits {
+                softmax(logits, temperature, &mut probabilities);
+                let best = argmax(&probabilities);
+                held_out.push(HeldOut {
+                    confidence: probabilities[best],
+                    correct: false,
+                    in_scope: false,
+                });
+            }
+            threshold = tune_threshold(options.threshold, &held_out);
+            start = Some(first);
+        }
+        let (model, final_fit) = match start {
+            Some(first) if !options.refit_on_all => {
+                let report = calibration_fit.ok_or_else(|| {
+                    NluError::InvalidTrainingSet("calibration model missing".to_owned())
+                })?;
+                (first, report)
+            }
+            start => fit_softmax(&x, &y, features, classes, &options.linear, start.as_ref())?,
+        };
+        let summary = TrainingSummary {
+            examples: examples.len(),
+            out_of_scope_examples: out_of_scope.len(),
+            held_out: if calibration_possible {
+                held_rows.len()
+            } else {
+                0
+            },
+            features,
+            calibration_fit,
+            final_fit,
+            held_out_accuracy,
+            training_ms: started.elapsed().as_millis() as u64,
+        };
+        let min_word_coverage = options.min_word_coverage;
+        Ok(Self {
+            labels,
+            vectoriser,
+            model,
+            temperature,
+            threshold,
+            min_word_coverage,
+            summary,
+        })
+    }
+
+    /// Returns the labels, in the order of [`Self::probabilities`].
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// Returns the calibration temperature.
+    pub fn temperature(&self) -> f32 {
+        self.temperature
+    }
+
+    /// Returns the out-of-scope threshold on the calibrated confidence.
+    pub fn out_of_scope_threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// Replaces the out-of-scope threshold (clamped to `[0, 1]`).
+    pub fn set_out_of_scope_threshold(&mut self, threshold: f32) {
+        self.threshold = if threshold.is_nan() {
+            0.0
+        } else {
+            threshold.clamp(0.0, 1.0)
+        };
+    }
+
+    /// Returns the smallest share of known words for a text to be in scope.
+    pub fn min_word_coverage(&self) -> f32 {
+        self.min_word_coverage
+    }
+
+    /// Replaces the smallest share of known words (clamped to `[0, 1]`; 0 switches it off).
+    pub fn set_min_word_coverage(&mut self, coverage: f32) {
+        self.min_word_coverage = if coverage.is_nan() {
+            0.0
+        } else {
+            coverage.clamp(0.0, 1.0)
+        };
+    }
+
+    /// Returns what happened during training.
+    pub fn summary(&self) -> &TrainingSummary {
+        &self.summary
+    }
+
+    /// Returns the calibrated probability of every label for a normalised text.
+    pub fn probabilities(&self, normalised: &str) -> Vec<f32> {
+        let mut row = SparseVector::default();
+        self.vectoriser.transform_into(normalised, &mut row);
+        let mut logits = vec![0.0; self.labels.len()];
+        self.model.logits(&row.indices, &row.values, &mut logits);
+        let mut probabilities = vec![0.0; self.labels.len()];
+        softmax(&logits, self.temperature, &mut probabilities);
+        probabilities
+    }
+
+    /// Classifies a normalised text, returning the `top` best labels.
+    pub fn predict_normalised(&self, normalised: &str, top: usize) -> Prediction {
+        let probabilities = self.probabilities(normalised);
+        let mut order: Vec<usize> = (0..probabilities.len()).collect();
+        let top = top.clamp(1, order.len());
+        order.select_nth_unstable_by(top - 1, |&a, &b| {
+            probabilities[b].total_cmp(&probabilities[a])
+        });
+        order.truncate(top);
+        order.sort_unstable_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]));
+        let ranked: Vec<ScoredLabel> = order
+            .iter()
+            .map(|&i| ScoredLabel {
+                label: self.labels[i].clone(),
+                probability: probabilities[i],
+            })
+            .collect();
+        let confidence = probabilities[order[0]];
+        let entropy: f32 = probabilities
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| -p * p.ln())
+            .sum();
+        let spread = (entropy / (probabilities.len() as f32).ln()).clamp(0.0, 1.0);
+        let word_coverage = self.vectoriser.word_coverage(normalised);
+        let out_of_scope = confidence < self.threshold || word_coverage < self.min_word_coverage;
+        Prediction {
+            ranked,
+            confidence,
+            word_coverage,
+            out_of_scope,
+            spread,
+        }
+    }
+
+    /// Classifies a raw text (normalised first), returning the five best labels.
+    pub fn predict(&self, text: &str) -> Prediction {
+        self.predict_normalised(&normalise(text), 5)
+    }
+
+    /// Scores the top label of every test example (the out-of-scope flag is ignored).
+    pub fn evaluate(&self, test: &[LabelledText]) -> Evaluation {
+        let predicted: Vec<String> = test
+            .iter()
+            .map(|e| {
+                let probabilities = self.probabilities(&normalise(&e.text));
+                self.labels[argmax(&probabilities)].clone()
+            })
+            .collect();
+        evaluate(
+            test.iter()
+                .zip(&predicted)
+                .map(|(e, p)| (e.label.as_str(), p.as_str())),
+        )
+    }
+
+    /// Returns the model in the stored format.
+    pub fn to_bytes(&self) -> NluResult<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(6 + self.model.features() * self.labels.len() * 5);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&MODEL_FORMAT_VERSION.to_le_bytes());
+        postcard::to_extend(self, bytes)
+            .map_err(|error| NluError::InvalidModel(format!("cannot encode: {error}")))
+    }
+
+    /// Reads a model in the stored format, checking its version and consistency.
+    pub fn from_bytes(bytes: &[u8]) -> NluResult<Self> {
+        let Some(rest) = bytes.strip_prefix(MAGIC) else {
+            return Err(NluError::InvalidModel(
+                "not a stored model (magic bytes)".to_owned(),
+            ));
+        };
+        let (version, payload) = match rest {
+            [a, b, payload @ ..] => (u16::from_le_bytes([*a, *b]), payload),
+            _ => return Err(NluError::InvalidModel("truncated header".to_owned())),
+        };
+        if version != MODEL_FORMAT_VERSION {
+            return Err(NluError::UnsupportedModelVersion {
+                found: version,
+                supported: MODEL_FORMAT_VERSION,
+            });
+        }
+        let model: Self = postcard::from_bytes(payload)
+            .map_err(|error| NluError::InvalidModel(format!("cannot decode: {error}")))?;
+        model.check()?;
+        Ok(model)
+    }
+
+    fn check(&self) -> NluResult<()> {
+        self.model.check()?;
+        self.vectoriser.check()?;
+        if self.labels.len() != self.model.classes() || self.labels.len() < 2 {
+            return Err(NluError::InvalidModel(
+                "labels do not match the weights".to_owned(),
+            ));
+        }
+        if self.vectoriser.dimension() != self.model.features() {
+            return Err(NluError::InvalidModel(
+                "features do not match the weights".to_owned(),
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(NluError::InvalidModel(
+                "temperature must be positive".to_owned(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.threshold) || !(0.0..=1.0).contains(&self.min_word_coverage)
+        {
+            return Err(NluError::InvalidModel(
+                "thresholds must lie in [0, 1]".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn all_logits(model: &LinearModel, x: &SparseMatrix) -> Vec<Vec<f32>> {
+    (0..x.rows())
+        .map(|i| {
+            let (indices, values) = x.row(i);
+            let mut logits = vec![0.0; model.classes()];
+            model.logits(indices, values, &mut logits);
+            logits
+        })
+        .collect()
+}
+
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
