@@ -305,7 +305,10 @@ mod tests {
                 "{expected} missing in {tokens:?}"
             );
         }
-        assert!(!tokens.iter().any(|t| t == "，"), "punctuation kept: {tokens:?}");
+        assert!(
+            !tokens.iter().any(|t| t == "，"),
+            "punctuation kept: {tokens:?}"
+        );
     }
 
     #[test]
@@ -321,7 +324,10 @@ mod tests {
             analyze("Refunds, REFUNDED and refunding!"),
             ["refund", "refund", "and", "refund"]
         );
-        assert_eq!(analyze("Cancelling my subscriptions"), ["cancel", "my", "subscript"]);
+        assert_eq!(
+            analyze("Cancelling my subscriptions"),
+            ["cancel", "my", "subscript"]
+        );
     }
 
     #[test]
@@ -333,19 +339,31 @@ mod tests {
 
     #[test]
     fn digits_are_kept_and_mixed_tokens_yield_their_parts() {
-        assert_eq!(analyze("order 00123 at 3.5"), ["order", "00123", "at", "3", "5"]);
+        assert_eq!(
+            analyze("order 00123 at 3.5"),
+            ["order", "00123", "at", "3", "5"]
+        );
         let tokens = analyze("iPhone15 Pro");
         assert_eq!(tokens, ["iphone15", "iphon", "15", "pro"]);
         let spaced = analyze("iphone 15");
-        assert!(spaced.iter().all(|t| tokens.contains(t)), "{spaced:?} vs {tokens:?}");
+        assert!(
+            spaced.iter().all(|t| tokens.contains(t)),
+            "{spaced:?} vs {tokens:?}"
+        );
     }
 
     #[test]
     fn full_width_forms_fold_to_ascii_with_original_offsets() {
         let tokens = tokens_with_offsets("ＶＩＰ会员１２３");
         assert_eq!(tokens[0], ("vip".to_owned(), "ＶＩＰ".to_owned()));
-        assert!(tokens.contains(&("会员".to_owned(), "会员".to_owned())), "{tokens:?}");
-        assert!(tokens.contains(&("123".to_owned(), "１２３".to_owned())), "{tokens:?}");
+        assert!(
+            tokens.contains(&("会员".to_owned(), "会员".to_owned())),
+            "{tokens:?}"
+        );
+        assert!(
+            tokens.contains(&("123".to_owned(), "１２３".to_owned())),
+            "{tokens:?}"
+        );
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub struct IndexConfig {
     /// Longest snippet fragment, in bytes of UTF-8 (default 240: about 80 Chinese characters or
     /// 240 Latin ones).
     pub snippet_max_bytes: usize,
+    /// Share of documents above which a query term counts as common (default 0.05). When a
+    /// query mixes common and rarer terms, a hit must contain a rarer one and common terms only
+    /// add to its score, which keeps words such as `the`, `how` or `的` from making every
+    /// document a candidate. If that finds fewer hits than asked for, the query runs again with
+    /// every term optional, so recall never falls below the plain disjunction. 1.0 disables it.
+    pub common_term_share: f32,
     /// How matched words are marked in [`crate::Snippet::marked`].
     pub highlight: HighlightStyle,
     /// How tenant, audience, scenario and language filters are applied.
@@ -98,6 +104,7 @@ impl Default for IndexConfig {
             max_limit: 100,
             good_result_score: 4.0,
             snippet_max_bytes: 240,
+            common_term_share: 0.05,
             highlight: HighlightStyle::default(),
             filter_strategy: FilterStrategy::Auto,
         }
@@ -173,6 +180,9 @@ impl IndexConfig {
         }
         if !self.good_result_score.is_finite() || self.good_result_score < 0.0 {
             problems.push("good_result_score must be a non-negative number".to_owned());
+        }
+        if !(self.common_term_share > 0.0 && self.common_term_share <= 1.0) {
+            problems.push("common_term_share must be in (0, 1]".to_owned());
         }
         if self.snippet_max_bytes < 16 {
             problems.push("snippet_max_bytes must be at least 16".to_owned());

@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
+use tantivy::query::BooleanQuery;
 use tantivy::schema::Value;
-use tantivy::{Index, IndexReader, ReloadPolicy, Searcher, TantivyDocument};
+use tantivy::{DocAddress, Index, IndexReader, ReloadPolicy, Score, Searcher, TantivyDocument};
 
 use crate::analyzer::{ANALYZER_NAME, mixed_analyzer, warm_up};
 use crate::config::{FilterStrategy, IndexConfig};
 use crate::error::{SearchError, SearchResult};
 use crate::query::{
-    FilteredTopScores, Filters, SearchHit, SearchRequest, SearchResponse, prepare, text_query,
+    FilteredTopScores, Filters, PreparedQuery, SearchHit, SearchRequest, SearchResponse,
+    TermClasses, prepare, rare_required_query, text_query,
 };
 use crate::schema::{ArticleDoc, Fields, check_identifier, doc_key};
 use crate::snippet::SnippetMaker;
@@ -170,7 +172,14 @@ impl SearchIndex {
         }
     }
 
+    /// Queues a command under the next sequence number.
+    ///
+    /// Success means queued, not applied: if the writer fails before the command's commit,
+    /// [`SearchIndex::wait_visible`] reports the failure for that sequence number.
     fn enqueue(&self, command: impl FnOnce(u64) -> Command) -> SearchResult<u64> {
+        if self.shared.lock().stopped {
+            return Err(self.stopped_error());
+        }
         let mut queue = lock(&self.queue);
         let Some(queue) = queue.as_mut() else {
             return Err(self.stopped_error());
@@ -188,7 +197,9 @@ impl SearchIndex {
     ///
     /// The article replaces the indexed version of the same (tenant, article id) unless that one
     /// is newer, in which case this upsert is ignored and counted in
-    /// [`IndexStats::stale_upserts`]. It becomes searchable with the next commit.
+    /// [`IndexStats::stale_upserts`]. It becomes searchable with the next commit; wait for it
+    /// with [`SearchIndex::wait_visible`], which also reports a writer failure that happens
+    /// after the upsert was queued.
     pub fn upsert(&self, article: ArticleDoc) -> SearchResult<u64> {
         article.validate()?;
         self.enqueue(|seq| Command::Upsert {
@@ -336,8 +347,10 @@ impl SearchIndex {
     ///
     /// The query text is plain: it is cleaned (control characters removed, length capped),
     /// analysed like the documents, and each term is looked up in the questions, title and
-    /// answer with the configured boosts. Returns [`SearchError::EmptyQuery`] when no searchable
-    /// word remains and [`SearchError::InvalidRequest`] for malformed requests.
+    /// answer with the configured boosts. When the query mixes common and rarer terms (see
+    /// [`IndexConfig::common_term_share`]), hits must contain a rarer one; if that yields fewer
+    /// than `limit` hits, every term becomes optional. Returns [`SearchError::EmptyQuery`] when
+    /// no searchable word remains and [`SearchError::InvalidRequest`] for malformed requests.
     pub fn search(&self, request: &SearchRequest) -> SearchResult<SearchResponse> {
         let prepared = prepare(
             request,
@@ -347,24 +360,29 @@ impl SearchIndex {
             self.config.max_limit,
         )?;
         let searcher = self.reader.searcher();
-        let text = text_query(&self.fields, &prepared.terms, &self.config.boosts);
-        let top = match self.strategy_for(&searcher, &prepared.filters)? {
-            FilterStrategy::PostFilter => searcher.search(
-                &text,
-                &FilteredTopScores {
-                    limit: prepared.limit,
-                    filters: prepared.filters,
-                },
-            )?,
-            FilterStrategy::Intersect | FilterStrategy::Auto => searcher.search(
-                &prepared.filters.intersect_with(text),
-                &TopDocs::with_limit(prepared.limit).order_by_score(),
-            )?,
+        let strategy = self.strategy_for(&searcher, &prepared.filters)?;
+        let classes = TermClasses::of(
+            &searcher,
+            &self.fields,
+            &prepared.terms,
+            self.config.common_term_share,
+        )?;
+        let boosts = &self.config.boosts;
+        let mut top = Vec::new();
+        if classes.is_mixed() {
+            let query = rare_required_query(&self.fields, &classes, boosts);
+            top = self.top_scores(&searcher, query, &prepared, strategy)?;
+        }
+        // Too few hits with a rare term required (or nothing to split): every term optional.
+        let highlight_terms = if top.len() < prepared.limit {
+            let query = text_query(&self.fields, &prepared.terms, boosts);
+            top = self.top_scores(&searcher, query, &prepared, strategy)?;
+            &prepared.terms
+        } else {
+            &classes.rare
         };
         let best_score = top.first().map(|(score, _)| *score);
-        let threshold = prepared
-            .min_score
-            .unwrap_or(self.config.good_result_score);
+        let threshold = prepared.min_score.unwrap_or(self.config.good_result_score);
         let no_good_result = best_score.is_none_or(|best| best < threshold);
         let kept: Vec<_> = top
             .into_iter()
@@ -376,7 +394,7 @@ impl SearchIndex {
                 &searcher,
                 self.fields.answer,
                 self.fields.questions,
-                &prepared.terms,
+                highlight_terms,
                 self.config.snippet_max_bytes,
                 &self.config.highlight,
             )?;
@@ -391,6 +409,30 @@ impl SearchIndex {
             best_score,
             terms: prepared.terms,
         })
+    }
+
+    /// Returns the best `limit` documents for `text` that pass the request's filters.
+    fn top_scores(
+        &self,
+        searcher: &Searcher,
+        text: BooleanQuery,
+        prepared: &PreparedQuery,
+        strategy: FilterStrategy,
+    ) -> SearchResult<Vec<(Score, DocAddress)>> {
+        let top = match strategy {
+            FilterStrategy::PostFilter => searcher.search(
+                &text,
+                &FilteredTopScores {
+                    limit: prepared.limit,
+                    filters: prepared.filters.clone(),
+                },
+            )?,
+            FilterStrategy::Intersect | FilterStrategy::Auto => searcher.search(
+                &prepared.filters.intersect_with(text),
+                &TopDocs::with_limit(prepared.limit).order_by_score(),
+            )?,
+        };
+        Ok(top)
     }
 
     /// Chooses how filters are applied: post-filtering pays off when every filter keeps a large
@@ -430,8 +472,10 @@ impl SearchIndex {
                 .filter_map(|v| v.as_str().map(str::to_owned))
                 .collect(),
             snippet: snippets.answer(&answer),
-            matched_question: snippets
-                .best_question(doc.get_all(self.fields.questions).filter_map(|v| v.as_str())),
+            matched_question: snippets.best_question(
+                doc.get_all(self.fields.questions)
+                    .filter_map(|v| v.as_str()),
+            ),
         }
     }
 

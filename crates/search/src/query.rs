@@ -13,7 +13,7 @@ use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::columnar::StrColumn;
 use tantivy::query::{BooleanQuery, BoostQuery, ConstScoreQuery, Occur, Query, TermQuery, Weight};
 use tantivy::schema::IndexRecordOption;
-use tantivy::{DocAddress, DocId, Score, SegmentOrdinal, SegmentReader, Term};
+use tantivy::{DocAddress, DocId, Score, Searcher, SegmentOrdinal, SegmentReader, Term};
 
 use crate::analyzer::analyze;
 use crate::config::FieldBoosts;
@@ -162,7 +162,11 @@ pub(crate) fn prepare(
     }
     let mut clauses = vec![
         (TENANT, fields.tenant, request.tenant.clone()),
-        (AUDIENCE, fields.audience, request.audience.term().to_owned()),
+        (
+            AUDIENCE,
+            fields.audience,
+            request.audience.term().to_owned(),
+        ),
     ];
     if let Some(scenario) = non_empty(request.scenario.as_ref()) {
         check_identifier("scenario", scenario, true).map_err(invalid)?;
@@ -199,10 +203,72 @@ pub(crate) fn text_query(fields: &Fields, terms: &[String], boosts: &FieldBoosts
                 Term::from_field_text(field, term),
                 IndexRecordOption::WithFreqs,
             );
-            clauses.push((Occur::Should, Box::new(BoostQuery::new(Box::new(query), boost))));
+            clauses.push((
+                Occur::Should,
+                Box::new(BoostQuery::new(Box::new(query), boost)),
+            ));
         }
     }
     BooleanQuery::new(clauses)
+}
+
+/// Terms of a query split by how many documents contain them.
+pub(crate) struct TermClasses {
+    /// Terms found in at most the configured share of documents.
+    pub rare: Vec<String>,
+    /// Terms found in more documents than that, in any text field.
+    pub common: Vec<String>,
+}
+
+impl TermClasses {
+    /// Classifies each term by its largest document frequency over the three text fields.
+    pub fn of(
+        searcher: &Searcher,
+        fields: &Fields,
+        terms: &[String],
+        common_share: f32,
+    ) -> tantivy::Result<TermClasses> {
+        let limit = (f64::from(common_share) * searcher.num_docs() as f64) as u64;
+        let mut classes = TermClasses {
+            rare: Vec::new(),
+            common: Vec::new(),
+        };
+        for term in terms {
+            let mut doc_freq = 0;
+            for field in [fields.questions, fields.title, fields.answer] {
+                doc_freq = doc_freq.max(searcher.doc_freq(&Term::from_field_text(field, term))?);
+            }
+            if doc_freq > limit {
+                classes.common.push(term.clone());
+            } else {
+                classes.rare.push(term.clone());
+            }
+        }
+        Ok(classes)
+    }
+
+    /// True when the query mixes both kinds, so requiring a rare term changes the candidates.
+    pub fn is_mixed(&self) -> bool {
+        !self.rare.is_empty() && !self.common.is_empty()
+    }
+}
+
+/// Builds the query that requires a rare term and lets common terms add to the score.
+pub(crate) fn rare_required_query(
+    fields: &Fields,
+    classes: &TermClasses,
+    boosts: &FieldBoosts,
+) -> BooleanQuery {
+    BooleanQuery::new(vec![
+        (
+            Occur::Must,
+            Box::new(text_query(fields, &classes.rare, boosts)) as Box<dyn Query>,
+        ),
+        (
+            Occur::Should,
+            Box::new(text_query(fields, &classes.common, boosts)),
+        ),
+    ])
 }
 
 impl Filters {
@@ -422,7 +488,10 @@ mod tests {
 
     #[test]
     fn distinct_terms_keep_order_and_cap() {
-        assert_eq!(distinct_terms("refund refunds REFUND order", 10), ["refund", "order"]);
+        assert_eq!(
+            distinct_terms("refund refunds REFUND order", 10),
+            ["refund", "order"]
+        );
         assert_eq!(distinct_terms("a b c d e", 3), ["a", "b", "c"]);
     }
 

@@ -266,7 +266,9 @@ impl ArticleDoc {
             return Err(format!("more than {MAX_QUESTIONS} questions"));
         }
         if self.questions.iter().any(|q| q.len() > MAX_QUESTION_BYTES) {
-            return Err(format!("a question is longer than {MAX_QUESTION_BYTES} bytes"));
+            return Err(format!(
+                "a question is longer than {MAX_QUESTION_BYTES} bytes"
+            ));
         }
         if self.answer.len() > MAX_ANSWER_BYTES {
             return Err(format!("answer is longer than {MAX_ANSWER_BYTES} bytes"));
@@ -312,11 +314,18 @@ mod tests {
 
     #[test]
     fn missing_identifiers_and_text_are_rejected() {
-        let cases: [(fn(&mut ArticleDoc), &str); 5] = [
+        type Mutation = fn(&mut ArticleDoc);
+        let cases: [(Mutation, &str); 5] = [
             (|a| a.tenant = " ".to_owned(), "tenant is empty"),
-            (|a| a.article_id = "x\u{0}y".to_owned(), "control characters"),
+            (
+                |a| a.article_id = "x\u{0}y".to_owned(),
+                "control characters",
+            ),
             (|a| a.tags.push(String::new()), "tag is empty"),
-            (|a| a.answer = "x".repeat(MAX_ANSWER_BYTES + 1), "answer is longer"),
+            (
+                |a| a.answer = "x".repeat(MAX_ANSWER_BYTES + 1),
+                "answer is longer",
+            ),
             (
                 |a| {
                     a.title.clear();
@@ -329,8 +338,15 @@ mod tests {
         for (mutate, expected) in cases {
             let mut doc = article();
             mutate(&mut doc);
-            let error = doc.validate().err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(error.contains(expected), "{error:?} should mention {expected:?}");
+            let error = doc
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected),
+                "{error:?} should mention {expected:?}"
+            );
         }
     }
 

@@ -28,7 +28,14 @@ impl Snippet {
             .into_iter()
             .filter(|r| r.start < r.end && fragment.get(r.clone()).is_some())
             .collect();
-        let highlights = collapse_overlapped_ranges(&valid);
+        // Adjacent ranges are joined too, so a word jieba split in two reads as one mark.
+        let mut highlights: Vec<Range<usize>> = Vec::new();
+        for range in collapse_overlapped_ranges(&valid) {
+            match highlights.last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => highlights.push(range),
+            }
+        }
         let marked = mark(&fragment, &highlights, style);
         Self {
             fragment,
@@ -72,7 +79,11 @@ fn mark(fragment: &str, highlights: &[Range<usize>], style: &HighlightStyle) -> 
         out.push_str(&style.post);
         from = range.end;
     }
-    push_text(&mut out, fragment.get(from..).unwrap_or_default(), style.escape_html);
+    push_text(
+        &mut out,
+        fragment.get(from..).unwrap_or_default(),
+        style.escape_html,
+    );
     out
 }
 
@@ -116,7 +127,12 @@ impl<'a> SnippetMaker<'a> {
                     weights.insert(term.clone(), 1.0 / (1.0 + doc_freq as Score));
                 }
             }
-            Ok(SnippetGenerator::new(weights, mixed_analyzer(), field, max_bytes))
+            Ok(SnippetGenerator::new(
+                weights,
+                mixed_analyzer(),
+                field,
+                max_bytes,
+            ))
         };
         Ok(Self {
             answer: generator(answer_field)?,
@@ -175,14 +191,14 @@ mod tests {
         let style = HighlightStyle::default();
         let snippet = Snippet::new("a <b> & refund".to_owned(), vec![8..14, 40..50], &style);
         assert_eq!(snippet.marked, "a &lt;b&gt; &amp; <em>refund</em>");
-        assert_eq!(snippet.highlights, [8..14]);
+        assert_eq!(snippet.highlights, vec![8..14]);
         let raw = HighlightStyle {
             pre: "[".to_owned(),
             post: "]".to_owned(),
             escape_html: false,
         };
         let snippet = Snippet::new("订单号码".to_owned(), vec![0..6, 3..9], &raw);
-        assert_eq!(snippet.highlights, [0..9]);
+        assert_eq!(snippet.highlights, vec![0..9]);
         assert_eq!(snippet.marked, "[订单号]码");
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tantivy::schema::IndexRecordOption;
 use tantivy::{DocSet, IndexReader, IndexWriter, TERMINATED, TantivyDocument, Term};
 
-use crate::error::SearchResult;
+use crate::error::{SearchError, SearchResult};
 use crate::schema::{ArticleDoc, Fields, VERSION};
 
 /// What the writer thread is asked to do.
@@ -207,7 +207,8 @@ impl WriterLoop {
                 if self.pending_ops > 0 {
                     self.commit()?;
                 } else {
-                    self.shared.update(|p| p.visible_seq = p.visible_seq.max(seq));
+                    self.shared
+                        .update(|p| p.visible_seq = p.visible_seq.max(seq));
                 }
             }
             Command::RebuildBegin => {
@@ -228,9 +229,17 @@ impl WriterLoop {
             Command::RebuildCommit { seq, reply } => {
                 let counts = self.rebuild.take().map(|r| r.counts).unwrap_or_default();
                 self.last_seq = seq;
-                self.commit()?;
-                // The caller may have given up waiting; the rebuild stands either way.
-                let _ = reply.send(Ok(counts));
+                // The caller may have stopped waiting, so replies are best effort. A failed commit
+                // is answered before the loop stops, so the caller learns why.
+                match self.commit() {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(counts));
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(SearchError::WriterFailed(error_chain(&error))));
+                        return Err(error);
+                    }
+                }
             }
         }
         Ok(())
