@@ -4,7 +4,8 @@
 //! spaces, the text is cut to `max_query_chars` characters and analysed with the same analyser as
 //! the documents, and the query is a boolean OR of one term query per (term, field), each boosted
 //! by its field's multiplier. Operators such as `AND`, `:`, `*` or `"` are therefore either
-//! dropped as punctuation or searched as ordinary words.
+//! dropped as punctuation or searched as ordinary words. When the query mixes common and rarer
+//! terms ([`TermClasses`]), the rarer ones are required and the common ones only score.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
