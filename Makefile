@@ -54,6 +54,13 @@ test: tools ## Runs every test (starts its own throwaway nats-server and Postgre
 bench: tools ## Runs the benchmarks and prints percentiles beside their baselines
 	$(CARGO) bench -p tandem-platform --bench event_path
 	$(CARGO) bench -p tandem-policy --bench policy
+	$(CARGO) bench -p tandem-search --bench search
+	$(CARGO) bench -p tandem-routing --bench assignment
+	$(CARGO) bench -p tandem-feedback --bench feedback
+
+.PHONY: bench-nlu
+bench-nlu: ## Language understanding accuracy and speed on the shared datasets (TANDEM_DATA_DIR)
+	$(CARGO) bench -p tandem-nlu --bench nlu
 
 .PHONY: ci
 ci: lint test ## What CI runs: lint, then every test
