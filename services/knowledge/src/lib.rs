@@ -1,24 +1,119 @@
-//! The knowledge service: the shared knowledge base: articles, versions, review workflow, near-real-time search, mining.
+//! The knowledge service: the shared knowledge base: articles, versions, review workflow,
+//! near-real-time search, mining.
 //!
-//! Layout: `config` (the service's own settings); behaviour arrives module by module
-//! (`domain` pure rules, `app` use cases, `adapters` gRPC, bus and storage).
+//! Layout:
+//! - `app`: use cases (article workflow, search with gap recording, mining, candidate review);
+//! - `store`: PostgreSQL and SQLite persistence, written once for both;
+//! - `freshness`: the replica's in-memory search index, rebuilt at start and kept current from
+//!   the database's change feed;
+//! - `formats`: JSON lines, CSV and Markdown article files;
+//! - `grpc`: the `KnowledgeService` adapter;
+//! - this module: settings, wiring, and the consumer of human resolutions that feeds mining.
+
+pub mod app;
+pub mod formats;
+pub mod freshness;
+pub mod grpc;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tandem_platform::auth::AuthInterceptor;
+use tandem_platform::bus::runner::{self, Handler, HandlerError, RunOptions};
+use tandem_platform::bus::{ConsumerSpec, RawEvent};
 use tandem_platform::config::{ConfigError, Validate};
 use tandem_platform::db::Migrations;
+use tandem_platform::error::DisplayChain;
 use tandem_platform::runtime::{Service, StartContext};
+use tandem_proto::events::DIALOG;
+use tandem_proto::pb::dialog::v1::ConversationResolved;
+use tandem_proto::pb::knowledge::v1::knowledge_service_server::KnowledgeServiceServer;
+use tandem_search::{IndexConfig, SearchIndex};
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::app::{App, AppOptions};
+use crate::freshness::Indexer;
+use crate::store::Store;
 
 /// The gRPC services this service exposes.
 pub const GRPC_SERVICES: &[&str] =
     &[tandem_proto::pb::knowledge::v1::knowledge_service_server::SERVICE_NAME];
 
+/// The durable consumer of resolutions.
+const MINING_CONSUMER: &str = "knowledge-mining";
+
 /// Settings of the knowledge service, under `[service]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct Settings {}
+pub struct Settings {
+    /// How often a replica reads the change feed for publishes and archives made elsewhere.
+    #[serde(with = "humantime_serde")]
+    pub feed_poll_interval: Duration,
+    /// Longest time an accepted index write waits for its commit.
+    #[serde(with = "humantime_serde")]
+    pub index_commit_interval: Duration,
+    /// A search whose best BM25 score is below this counts as having no good answer.
+    pub good_result_score: f32,
+    /// A mined question whose best published match scores at least this becomes an edit
+    /// proposal for that article instead of a new-article candidate.
+    pub edit_proposal_score: f32,
+    /// How long a mined candidate waits for review before it expires.
+    #[serde(with = "humantime_serde")]
+    pub candidate_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let app = AppOptions::default();
+        Self {
+            feed_poll_interval: Duration::from_millis(150),
+            index_commit_interval: Duration::from_millis(100),
+            good_result_score: app.good_result_score,
+            edit_proposal_score: app.edit_proposal_score,
+            candidate_ttl: app.candidate_ttl,
+        }
+    }
+}
 
 impl Validate for Settings {
-    fn validate(&self, _path: &str, _errors: &mut Vec<ConfigError>) {}
+    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        if self.feed_poll_interval < Duration::from_millis(10)
+            || self.feed_poll_interval > Duration::from_millis(800)
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.feed_poll_interval"),
+                "must be between 10ms and 800ms so publishes are searchable within a second",
+            ));
+        }
+        if self.index_commit_interval < Duration::from_millis(1)
+            || self.index_commit_interval > Duration::from_millis(500)
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.index_commit_interval"),
+                "must be between 1ms and 500ms",
+            ));
+        }
+        for (name, v) in [
+            ("good_result_score", self.good_result_score),
+            ("edit_proposal_score", self.edit_proposal_score),
+        ] {
+            if !v.is_finite() || v <= 0.0 {
+                errors.push(ConfigError::new(
+                    format!("{path}.{name}"),
+                    "must be a positive number",
+                ));
+            }
+        }
+        if self.candidate_ttl < Duration::from_secs(3_600) {
+            errors.push(ConfigError::new(
+                format!("{path}.candidate_ttl"),
+                "must be at least 1h",
+            ));
+        }
+    }
 }
 
 /// The knowledge service.
@@ -35,10 +130,79 @@ impl Service for Knowledge {
         }
     }
 
-    async fn start(ctx: StartContext<'_>, _settings: &Settings) -> anyhow::Result<()> {
-        for name in GRPC_SERVICES {
-            ctx.server.declare(name);
-        }
+    async fn start(ctx: StartContext<'_>, settings: &Settings) -> anyhow::Result<()> {
+        let store = Store::new(ctx.db.clone());
+        let index = SearchIndex::in_ram(IndexConfig {
+            commit_interval: settings.index_commit_interval,
+            good_result_score: settings.good_result_score,
+            ..IndexConfig::default()
+        })?;
+        let indexer = Arc::new(Indexer::start(Arc::new(index), store.clone()).await?);
+        let app = Arc::new(App::new(
+            store,
+            ctx.outbox.clone(),
+            Arc::clone(&indexer),
+            AppOptions {
+                good_result_score: settings.good_result_score,
+                edit_proposal_score: settings.edit_proposal_score,
+                candidate_ttl: settings.candidate_ttl,
+                ..AppOptions::default()
+            },
+        ));
+        ctx.server.add_service(InterceptedService::new(
+            tandem_platform::limited!(
+                KnowledgeServiceServer::new(grpc::KnowledgeGrpc::new(Arc::clone(&app))),
+                ctx.grpc_config
+            ),
+            AuthInterceptor::new(Arc::clone(&ctx.auth)),
+        ));
+        ctx.tracker
+            .spawn(Arc::clone(&indexer).poll(settings.feed_poll_interval, ctx.shutdown.clone()));
+        let spec = ConsumerSpec::new(MINING_CONSUMER, &DIALOG, &ctx.bus_config)
+            .event::<ConversationResolved>();
+        let consumer = ctx.bus.consumer(&spec).await?;
+        ctx.tracker.spawn(runner::run(
+            consumer,
+            Mining {
+                app: Arc::clone(&app),
+            },
+            RunOptions::new(MINING_CONSUMER),
+            ctx.shutdown.clone(),
+        ));
+        ctx.tracker
+            .spawn(expire_candidates(app, ctx.shutdown.clone()));
         Ok(())
+    }
+}
+
+/// Expires candidates not reviewed in time, hourly.
+async fn expire_candidates(app: Arc<App>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3_600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match app.expire_candidates().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "candidates expired"),
+            Err(e) => tracing::warn!(error = %DisplayChain(&e), "expiring candidates failed"),
+        }
+    }
+}
+
+/// Turns human resolutions into candidates.
+struct Mining {
+    app: Arc<App>,
+}
+
+impl Handler for Mining {
+    async fn handle(&self, event: &RawEvent) -> Result<(), HandlerError> {
+        let resolved = event.decode::<ConversationResolved>()?.event;
+        self.app
+            .mine(&event.tenant, MINING_CONSUMER, &event.id, &resolved)
+            .await
+            .map(|_| ())
+            .map_err(|e| HandlerError::Transient(DisplayChain(&e).to_string()))
     }
 }

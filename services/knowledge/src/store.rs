@@ -1,0 +1,919 @@
+//! Persistence of the knowledge service on PostgreSQL or SQLite.
+//!
+//! Every change to an article goes through [`Store::commit`]: one transaction that checks the
+//! article's revision (optimistic concurrency), writes the article, its tags, the versions whose
+//! status changed or that are new, the audit entries, the change-feed row that replicas index
+//! from, the candidate a review concerns and the outbox events. A conflict or an error rolls
+//! everything back, so nothing is half written.
+//!
+//! The SQL is written once and expanded for each engine by the `on_db!` and `in_tx!` macros;
+//! placeholders are `$n` in order of first appearance, which both engines accept.
+
+use prost::Message as _;
+use sqlx::Row as _;
+use tandem_platform::bus::RawEvent;
+use tandem_platform::db::Db;
+use tandem_platform::{inbox, outbox};
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::common::v1 as common;
+use tandem_proto::pb::knowledge::v1 as pb;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The article changed since it was read.
+    #[error("the article changed concurrently")]
+    Conflict,
+    /// Another article of the tenant already has this external id.
+    #[error("external id {0:?} is already used by another article")]
+    DuplicateExternalId(String),
+    /// A stored body does not decode.
+    #[error("stored {0} does not decode")]
+    Corrupt(&'static str, #[source] prost::DecodeError),
+    /// The database failed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Expands `$body` once per engine with `$pool` bound to the pool.
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Postgres($pool) => $body,
+            Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` in a transaction `$tx` with `$enqueue` / `$claim` bound to the engine's outbox
+/// and inbox functions and `$pg` telling whether the engine is PostgreSQL, and commits when
+/// `$body` completes without returning early.
+macro_rules! in_tx {
+    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident, $pg:ident => $body:block) => {
+        match $db {
+            Db::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let $enqueue = outbox::enqueue_pg;
+                let $claim = inbox::claim_pg;
+                let $pg = true;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            Db::Sqlite(pool) => {
+                let mut $tx = pool.begin().await?;
+                let $enqueue = outbox::enqueue_sqlite;
+                let $claim = inbox::claim_sqlite;
+                let $pg = false;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
+/// Inserts or replaces a candidate row inside a transaction.
+macro_rules! write_candidate {
+    ($tx:ident, $tenant:expr, $row:expr) => {{
+        let row: &CandidateRow = $row;
+        let c = &row.candidate;
+        sqlx::query(
+            "INSERT INTO knowledge_candidates (tenant, id, status, kind, scenario_id, language, \
+             dedup_key, source_count, updated_at, expires_at, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
+             kind = excluded.kind, source_count = excluded.source_count, \
+             updated_at = excluded.updated_at, body = excluded.body",
+        )
+        .bind($tenant)
+        .bind(&c.id)
+        .bind(c.status)
+        .bind(c.kind)
+        .bind(&c.scenario_id)
+        .bind(c.language)
+        .bind(&row.dedup_key)
+        .bind(c.source_count)
+        .bind(c.updated_at.as_ref().map_or(0, timestamp_micros))
+        .bind(c.expires_at.as_ref().map_or(0, timestamp_micros))
+        .bind(c.encode_to_vec())
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+/// One version with the visibility and tags it gives the article when published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRow {
+    /// The immutable content and its status.
+    pub version: pb::ArticleVersion,
+    /// Visibility of this version.
+    pub visibility: i32,
+    /// Tags of this version.
+    pub tags: Vec<String>,
+}
+
+/// An article and the revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The article.
+    pub article: pb::Article,
+    /// Revision to pass back to [`Store::commit`].
+    pub revision: i64,
+}
+
+/// A candidate's new state.
+#[derive(Debug, Clone)]
+pub struct CandidateRow {
+    /// The candidate.
+    pub candidate: pb::Candidate,
+    /// Its deduplication key.
+    pub dedup_key: String,
+}
+
+/// Everything one article change writes.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    /// The article's new state.
+    pub article: pb::Article,
+    /// Revision read; `None` inserts a new article.
+    pub expected_revision: Option<i64>,
+    /// New versions and versions whose status changed.
+    pub versions: Vec<VersionRow>,
+    /// Audit entries.
+    pub audit: Vec<pb::AuditEntry>,
+    /// Change-feed entry: the published version (with the article) or, when `None` inside,
+    /// a removal.
+    pub feed: Option<Option<pb::GetArticleResponse>>,
+    /// Candidate updated by the same change.
+    pub candidate: Option<CandidateRow>,
+    /// Outbox events.
+    pub events: Vec<RawEvent>,
+}
+
+/// One row of the change feed.
+#[derive(Debug, Clone)]
+pub struct FeedRow {
+    /// Sequence number.
+    pub seq: i64,
+    /// Tenant.
+    pub tenant: String,
+    /// Article.
+    pub article_id: String,
+    /// The published article and version, or `None` for a removal.
+    pub doc: Option<pb::GetArticleResponse>,
+}
+
+/// Filter of an article listing.
+#[derive(Debug, Clone, Default)]
+pub struct ArticleFilter {
+    /// Scenario, or empty.
+    pub scenario_id: String,
+    /// Language, or 0.
+    pub language: i32,
+    /// Status, or 0 for every status but archived.
+    pub status: i32,
+    /// Visibility, or 0.
+    pub visibility: i32,
+    /// Tag, or empty.
+    pub tag: String,
+    /// Continue strictly after `(updated_at, article_id)` in newest-first order.
+    pub cursor: (i64, String),
+    /// Page size.
+    pub limit: i64,
+}
+
+/// A gap observation to add.
+#[derive(Debug, Clone)]
+pub struct GapHit {
+    /// Scenario.
+    pub scenario_id: String,
+    /// Language.
+    pub language: i32,
+    /// Normalised query.
+    pub query: String,
+    /// Best score seen.
+    pub best_score: f64,
+    /// Best article seen.
+    pub best_article: Option<common::ArticleRef>,
+    /// Conversation.
+    pub conversation_id: String,
+    /// When (µs).
+    pub at: i64,
+}
+
+/// Filter of a gap report.
+#[derive(Debug, Clone)]
+pub struct GapFilter {
+    /// Scenario, or empty.
+    pub scenario_id: String,
+    /// Language, or 0.
+    pub language: i32,
+    /// Inclusive start (µs).
+    pub start: i64,
+    /// Exclusive end (µs).
+    pub end: i64,
+    /// Maximum gaps.
+    pub limit: i64,
+}
+
+/// The knowledge store.
+#[derive(Clone)]
+pub struct Store {
+    db: Db,
+}
+
+fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt(what, e))
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+fn join_tags(tags: &[String]) -> String {
+    tags.join("\n")
+}
+
+fn split_tags(tags: &str) -> Vec<String> {
+    tags.split('\n')
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Store {
+    /// Wraps a migrated database.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Writes one article change atomically; see the module documentation.
+    pub async fn commit(&self, tenant: &TenantId, change: &Change) -> Result<(), StoreError> {
+        self.commit_claiming(tenant, change, None).await.map(|_| ())
+    }
+
+    /// Like [`Store::commit`], also claiming `(consumer, event id)` in the inbox; returns false
+    /// (and writes nothing) when the event was already handled.
+    pub async fn commit_claiming(
+        &self,
+        tenant: &TenantId,
+        change: &Change,
+        claim: Option<(&str, &str)>,
+    ) -> Result<bool, StoreError> {
+        let t = tenant.as_str();
+        let a = &change.article;
+        let updated_at = a.updated_at.as_ref().map_or(0, timestamp_micros);
+        let result: Result<bool, StoreError> = in_tx!(&self.db, tx, enqueue, claim_fn, pg => {
+            if let Some((consumer, event_id)) = claim
+                && !claim_fn(&mut tx, consumer, event_id).await?
+            {
+                return Ok(false);
+            }
+            let written = match change.expected_revision {
+                None => sqlx::query(
+                    "INSERT INTO knowledge_articles (tenant, article_id, external_id, scenario_id, \
+                     language, visibility, status, revision, updated_at, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9)",
+                )
+                .bind(t)
+                .bind(&a.id)
+                .bind(&a.external_id)
+                .bind(&a.scenario_id)
+                .bind(a.language)
+                .bind(a.visibility)
+                .bind(a.status)
+                .bind(updated_at)
+                .bind(a.encode_to_vec())
+                .execute(&mut *tx)
+                .await
+                .map(|r| r.rows_affected()),
+                Some(rev) => sqlx::query(
+                    "UPDATE knowledge_articles SET external_id = $1, scenario_id = $2, \
+                     language = $3, visibility = $4, status = $5, revision = revision + 1, \
+                     updated_at = $6, body = $7 WHERE tenant = $8 AND article_id = $9 \
+                     AND revision = $10",
+                )
+                .bind(&a.external_id)
+                .bind(&a.scenario_id)
+                .bind(a.language)
+                .bind(a.visibility)
+                .bind(a.status)
+                .bind(updated_at)
+                .bind(a.encode_to_vec())
+                .bind(t)
+                .bind(&a.id)
+                .bind(rev)
+                .execute(&mut *tx)
+                .await
+                .map(|r| r.rows_affected()),
+            };
+            match written {
+                Ok(1) => {}
+                Ok(_) => return Err(StoreError::Conflict),
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(if change.expected_revision.is_none()
+                        && !a.external_id.is_empty()
+                    {
+                        StoreError::DuplicateExternalId(a.external_id.clone())
+                    } else {
+                        StoreError::Conflict
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+            sqlx::query("DELETE FROM knowledge_article_tags WHERE tenant = $1 AND article_id = $2")
+                .bind(t)
+                .bind(&a.id)
+                .execute(&mut *tx)
+                .await?;
+            for tag in &a.tags {
+                sqlx::query(
+                    "INSERT INTO knowledge_article_tags (tenant, article_id, tag) \
+                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(t)
+                .bind(&a.id)
+                .bind(tag)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for v in &change.versions {
+                sqlx::query(
+                    "INSERT INTO knowledge_versions \
+                     (tenant, article_id, version, status, visibility, tags, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (tenant, article_id, version) DO UPDATE SET \
+                     status = excluded.status, body = excluded.body",
+                )
+                .bind(t)
+                .bind(&a.id)
+                .bind(v.version.version)
+                .bind(v.version.status)
+                .bind(v.visibility)
+                .bind(join_tags(&v.tags))
+                .bind(v.version.encode_to_vec())
+                .execute(&mut *tx)
+                .await?;
+            }
+            for e in &change.audit {
+                sqlx::query(
+                    "INSERT INTO knowledge_audit (tenant, id, article_id, occurred_at, body) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(t)
+                .bind(&e.id)
+                .bind(&a.id)
+                .bind(e.occurred_at.as_ref().map_or(0, timestamp_micros))
+                .bind(e.encode_to_vec())
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(feed) = &change.feed {
+                if pg {
+                    // Serialises feed writers so sequence numbers become visible in order.
+                    sqlx::query("LOCK TABLE knowledge_changes IN SHARE ROW EXCLUSIVE MODE")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let (version, doc) = match feed {
+                    Some(d) => (
+                        d.version.as_ref().map_or(0, |v| v.version),
+                        d.encode_to_vec(),
+                    ),
+                    None => (0, Vec::new()),
+                };
+                sqlx::query(
+                    "INSERT INTO knowledge_changes (tenant, article_id, version, doc, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(t)
+                .bind(&a.id)
+                .bind(version)
+                .bind(doc)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(c) = &change.candidate {
+                write_candidate!(tx, t, c);
+            }
+            enqueue(&mut tx, &change.events).await?;
+            Ok(true)
+        });
+        result
+    }
+
+    /// Returns an article and its revision.
+    pub async fn article(
+        &self,
+        tenant: &TenantId,
+        article_id: &str,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT revision, body FROM knowledge_articles \
+                 WHERE tenant = $1 AND article_id = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(article_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(|(revision, body)| {
+            Ok(Loaded {
+                article: decode("article", &body)?,
+                revision,
+            })
+        })
+        .transpose()
+    }
+
+    /// Returns the article id with this external id.
+    pub async fn article_by_external_id(
+        &self,
+        tenant: &TenantId,
+        external_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT article_id FROM knowledge_articles WHERE tenant = $1 AND external_id = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(external_id)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Returns one version.
+    pub async fn version(
+        &self,
+        tenant: &TenantId,
+        article_id: &str,
+        version: i32,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        let row: Option<(i32, String, Vec<u8>)> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT visibility, tags, body FROM knowledge_versions \
+                 WHERE tenant = $1 AND article_id = $2 AND version = $3",
+            )
+            .bind(tenant.as_str())
+            .bind(article_id)
+            .bind(version)
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(|(visibility, tags, body)| {
+            Ok(VersionRow {
+                version: decode("version", &body)?,
+                visibility,
+                tags: split_tags(&tags),
+            })
+        })
+        .transpose()
+    }
+
+    /// Lists versions newest first, below `before` (exclusive).
+    pub async fn versions(
+        &self,
+        tenant: &TenantId,
+        article_id: &str,
+        before: i32,
+        limit: i64,
+    ) -> Result<Vec<pb::ArticleVersion>, StoreError> {
+        let bodies: Vec<Vec<u8>> = on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT body FROM knowledge_versions WHERE tenant = $1 AND article_id = $2 \
+                 AND version < $3 ORDER BY version DESC LIMIT $4",
+            )
+            .bind(tenant.as_str())
+            .bind(article_id)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        bodies.iter().map(|b| decode("version", b)).collect()
+    }
+
+    /// Lists articles most recently updated first.
+    pub async fn articles(
+        &self,
+        tenant: &TenantId,
+        f: &ArticleFilter,
+    ) -> Result<Vec<pb::Article>, StoreError> {
+        let archived = pb::ArticleStatus::Archived as i32;
+        let bodies: Vec<Vec<u8>> = on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT a.body FROM knowledge_articles a WHERE a.tenant = $1 \
+                 AND ($2 = '' OR a.scenario_id = $2) AND ($3 = 0 OR a.language = $3) \
+                 AND (($4 = 0 AND a.status <> $5) OR a.status = $4) \
+                 AND ($6 = 0 OR a.visibility = $6) \
+                 AND ($7 = '' OR EXISTS (SELECT 1 FROM knowledge_article_tags g \
+                      WHERE g.tenant = a.tenant AND g.article_id = a.article_id AND g.tag = $7)) \
+                 AND (a.updated_at < $8 OR (a.updated_at = $8 AND a.article_id < $9)) \
+                 ORDER BY a.updated_at DESC, a.article_id DESC LIMIT $10",
+            )
+            .bind(tenant.as_str())
+            .bind(&f.scenario_id)
+            .bind(f.language)
+            .bind(f.status)
+            .bind(archived)
+            .bind(f.visibility)
+            .bind(&f.tag)
+            .bind(f.cursor.0)
+            .bind(&f.cursor.1)
+            .bind(f.limit)
+            .fetch_all(pool)
+            .await?
+        });
+        bodies.iter().map(|b| decode("article", b)).collect()
+    }
+
+    /// Lists an article's audit trail newest first, after a keyset cursor.
+    pub async fn audit(
+        &self,
+        tenant: &TenantId,
+        article_id: &str,
+        cursor: &(i64, String),
+        limit: i64,
+    ) -> Result<Vec<pb::AuditEntry>, StoreError> {
+        let bodies: Vec<Vec<u8>> = on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT body FROM knowledge_audit WHERE tenant = $1 AND article_id = $2 \
+                 AND (occurred_at < $3 OR (occurred_at = $3 AND id < $4)) \
+                 ORDER BY occurred_at DESC, id DESC LIMIT $5",
+            )
+            .bind(tenant.as_str())
+            .bind(article_id)
+            .bind(cursor.0)
+            .bind(&cursor.1)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        bodies.iter().map(|b| decode("audit entry", b)).collect()
+    }
+
+    /// Returns the highest change-feed sequence number, 0 when empty.
+    pub async fn last_change(&self) -> Result<i64, StoreError> {
+        let max: Option<i64> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT MAX(seq) FROM knowledge_changes")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(max.unwrap_or(0))
+    }
+
+    /// Returns change-feed rows after `seq`, in order.
+    pub async fn changes_after(&self, seq: i64, limit: i64) -> Result<Vec<FeedRow>, StoreError> {
+        let rows: Vec<(i64, String, String, Vec<u8>)> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT seq, tenant, article_id, doc FROM knowledge_changes \
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(seq)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(seq, tenant, article_id, doc)| {
+                Ok(FeedRow {
+                    seq,
+                    tenant,
+                    article_id,
+                    doc: if doc.is_empty() {
+                        None
+                    } else {
+                        Some(decode("change", &doc)?)
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Returns every published article with its published version, in pages after
+    /// `(tenant, article_id)`.
+    pub async fn published(
+        &self,
+        after: &(String, String),
+        limit: i64,
+    ) -> Result<Vec<(String, pb::GetArticleResponse)>, StoreError> {
+        let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT a.tenant, a.article_id, a.body, v.body FROM knowledge_articles a \
+                 JOIN knowledge_versions v ON v.tenant = a.tenant \
+                 AND v.article_id = a.article_id AND v.status = $1 \
+                 WHERE a.status = $2 AND (a.tenant > $3 OR (a.tenant = $3 AND a.article_id > $4)) \
+                 ORDER BY a.tenant, a.article_id LIMIT $5",
+            )
+            .bind(pb::VersionStatus::Published as i32)
+            .bind(pb::ArticleStatus::Published as i32)
+            .bind(&after.0)
+            .bind(&after.1)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(tenant, _, a, v)| {
+                Ok((
+                    tenant,
+                    pb::GetArticleResponse {
+                        article: Some(decode("article", &a)?),
+                        version: Some(decode("version", &v)?),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Adds a miss to a gap, creating it when new.
+    pub async fn record_gap(&self, tenant: &TenantId, g: &GapHit) -> Result<(), StoreError> {
+        let t = tenant.as_str();
+        let best = g
+            .best_article
+            .as_ref()
+            .map(prost::Message::encode_to_vec)
+            .unwrap_or_default();
+        let _: () = in_tx!(&self.db, tx, _enqueue, _claim, _pg => {
+            let row: Option<(f64, String)> = sqlx::query_as(
+                "SELECT best_score, examples FROM knowledge_gaps WHERE tenant = $1 \
+                 AND scenario_id = $2 AND language = $3 AND query = $4",
+            )
+            .bind(t)
+            .bind(&g.scenario_id)
+            .bind(g.language)
+            .bind(&g.query)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                None => {
+                    sqlx::query(
+                        "INSERT INTO knowledge_gaps (tenant, scenario_id, language, query, \
+                         miss_count, fallback_count, best_score, best_article, examples, \
+                         first_seen, last_seen) VALUES ($1, $2, $3, $4, 1, 0, $5, $6, $7, $8, $8) \
+                         ON CONFLICT (tenant, scenario_id, language, query) DO UPDATE SET \
+                         miss_count = knowledge_gaps.miss_count + 1, last_seen = excluded.last_seen",
+                    )
+                    .bind(t)
+                    .bind(&g.scenario_id)
+                    .bind(g.language)
+                    .bind(&g.query)
+                    .bind(g.best_score)
+                    .bind(&best)
+                    .bind(&g.conversation_id)
+                    .bind(g.at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Some((best_score, examples)) => {
+                    let mut ex = split_tags(&examples);
+                    if ex.len() < 5 && !ex.contains(&g.conversation_id) {
+                        ex.push(g.conversation_id.clone());
+                    }
+                    let better = g.best_score > best_score;
+                    sqlx::query(
+                        "UPDATE knowledge_gaps SET miss_count = miss_count + 1, last_seen = $1, \
+                         examples = $2, best_score = CASE WHEN $3 > best_score THEN $3 \
+                         ELSE best_score END, best_article = CASE WHEN $4 = 1 THEN $5 \
+                         ELSE best_article END WHERE tenant = $6 AND scenario_id = $7 \
+                         AND language = $8 AND query = $9",
+                    )
+                    .bind(g.at)
+                    .bind(join_tags(&ex))
+                    .bind(g.best_score)
+                    .bind(i32::from(better))
+                    .bind(&best)
+                    .bind(t)
+                    .bind(&g.scenario_id)
+                    .bind(g.language)
+                    .bind(&g.query)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Returns gaps ranked by misses plus fallbacks.
+    pub async fn gaps(&self, tenant: &TenantId, f: &GapFilter) -> Result<Vec<pb::Gap>, StoreError> {
+        let rows = on_db!(&self.db, pool => {
+            sqlx::query(
+                "SELECT scenario_id, language, query, miss_count, fallback_count, best_score, \
+                 best_article, examples, first_seen, last_seen FROM knowledge_gaps \
+                 WHERE tenant = $1 AND ($2 = '' OR scenario_id = $2) AND ($3 = 0 OR language = $3) \
+                 AND last_seen >= $4 AND last_seen < $5 \
+                 ORDER BY miss_count + fallback_count DESC, last_seen DESC LIMIT $6",
+            )
+            .bind(tenant.as_str())
+            .bind(&f.scenario_id)
+            .bind(f.language)
+            .bind(f.start)
+            .bind(f.end)
+            .bind(f.limit)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| -> Result<pb::Gap, StoreError> {
+                let best: Vec<u8> = r.try_get(6)?;
+                let examples: String = r.try_get(7)?;
+                Ok(pb::Gap {
+                    scenario_id: r.try_get(0)?,
+                    language: r.try_get(1)?,
+                    query: r.try_get(2)?,
+                    miss_count: r.try_get(3)?,
+                    fallback_count: r.try_get(4)?,
+                    best_score: r.try_get(5)?,
+                    best_article: if best.is_empty() {
+                        None
+                    } else {
+                        Some(decode("gap article", &best)?)
+                    },
+                    example_conversation_ids: split_tags(&examples),
+                    first_seen_at: Some(micros_timestamp(r.try_get(8)?)),
+                    last_seen_at: Some(micros_timestamp(r.try_get(9)?)),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Returns a candidate.
+    pub async fn candidate(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<CandidateRow>, StoreError> {
+        let row: Option<(String, Vec<u8>)> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT dedup_key, body FROM knowledge_candidates WHERE tenant = $1 AND id = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(|(dedup_key, body)| {
+            Ok(CandidateRow {
+                candidate: decode("candidate", &body)?,
+                dedup_key,
+            })
+        })
+        .transpose()
+    }
+
+    /// Lists candidates by source count, highest first, after an offset.
+    pub async fn candidates(
+        &self,
+        tenant: &TenantId,
+        status: i32,
+        scenario_id: &str,
+        kind: i32,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<pb::Candidate>, StoreError> {
+        let bodies: Vec<Vec<u8>> = on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT body FROM knowledge_candidates WHERE tenant = $1 AND status = $2 \
+                 AND ($3 = '' OR scenario_id = $3) AND ($4 = 0 OR kind = $4) \
+                 ORDER BY source_count DESC, updated_at DESC, id LIMIT $5 OFFSET $6",
+            )
+            .bind(tenant.as_str())
+            .bind(status)
+            .bind(scenario_id)
+            .bind(kind)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(pool)
+            .await?
+        });
+        bodies.iter().map(|b| decode("candidate", b)).collect()
+    }
+
+    /// Records a mined resolution: merges it into the pending candidate with the same key or
+    /// creates one (with `created_event`), claiming the event in the inbox. Returns `None` when
+    /// the event was already handled, otherwise the candidate and whether it is new.
+    pub async fn mine(
+        &self,
+        tenant: &TenantId,
+        claim: (&str, &str),
+        fresh: &CandidateRow,
+        merge: impl Fn(&mut pb::Candidate),
+        created_event: impl Fn(&pb::Candidate) -> RawEvent,
+    ) -> Result<Option<(pb::Candidate, bool)>, StoreError> {
+        let t = tenant.as_str();
+        let c = &fresh.candidate;
+        let out: Option<(pb::Candidate, bool)> = in_tx!(&self.db, tx, enqueue, claim_fn, _pg => {
+            if !claim_fn(&mut tx, claim.0, claim.1).await? {
+                return Ok(None);
+            }
+            let existing: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT body FROM knowledge_candidates WHERE tenant = $1 AND scenario_id = $2 \
+                 AND language = $3 AND dedup_key = $4 AND status = $5 LIMIT 1",
+            )
+            .bind(t)
+            .bind(&c.scenario_id)
+            .bind(c.language)
+            .bind(&fresh.dedup_key)
+            .bind(pb::CandidateStatus::Pending as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (row, created) = match existing {
+                Some(body) => {
+                    let mut old: pb::Candidate = decode("candidate", &body)?;
+                    merge(&mut old);
+                    (
+                        CandidateRow {
+                            candidate: old,
+                            dedup_key: fresh.dedup_key.clone(),
+                        },
+                        false,
+                    )
+                }
+                None => (fresh.clone(), true),
+            };
+            write_candidate!(tx, t, &row);
+            if created {
+                enqueue(&mut tx, &[created_event(&row.candidate)]).await?;
+            }
+            Some((row.candidate, created))
+        });
+        Ok(out)
+    }
+
+    /// Writes a candidate without touching an article.
+    pub async fn put_candidate(
+        &self,
+        tenant: &TenantId,
+        c: &CandidateRow,
+    ) -> Result<(), StoreError> {
+        let t = tenant.as_str();
+        let _: () = in_tx!(&self.db, tx, _enqueue, _claim, _pg => {
+            write_candidate!(tx, t, c);
+        });
+        Ok(())
+    }
+
+    /// Marks pending candidates whose expiry passed as expired; returns how many.
+    pub async fn expire_candidates(&self, now: i64) -> Result<u64, StoreError> {
+        let expired = pb::CandidateStatus::Expired as i32;
+        let pending = pb::CandidateStatus::Pending as i32;
+        let rows: Vec<(String, Vec<u8>)> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT tenant, body FROM knowledge_candidates WHERE status = $1 \
+                 AND expires_at < $2 LIMIT 1000",
+            )
+            .bind(pending)
+            .bind(now)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut n = 0;
+        for (tenant, body) in rows {
+            let mut c: pb::Candidate = decode("candidate", &body)?;
+            c.status = expired;
+            c.updated_at = Some(micros_timestamp(now));
+            n += on_db!(&self.db, pool => {
+                sqlx::query(
+                    "UPDATE knowledge_candidates SET status = $1, updated_at = $2, body = $3 \
+                     WHERE tenant = $4 AND id = $5 AND status = $6",
+                )
+                .bind(expired)
+                .bind(now)
+                .bind(c.encode_to_vec())
+                .bind(&tenant)
+                .bind(&c.id)
+                .bind(pending)
+                .execute(pool)
+                .await?
+                .rows_affected()
+            });
+        }
+        Ok(n)
+    }
+}
+
+/// Returns the current time in microseconds since the Unix epoch.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Converts a protobuf timestamp to microseconds since the epoch.
+pub fn timestamp_micros(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(ts.nanos / 1_000))
+}
+
+/// Converts microseconds since the epoch to a protobuf timestamp.
+pub fn micros_timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}
