@@ -385,9 +385,13 @@ pub enum RowOutcome {
 pub struct AppOptions {
     /// A bot search whose best score is below this records a gap.
     pub good_result_score: f32,
-    /// A mined question whose best published match scores at least this becomes an edit
-    /// proposal for that article.
+    /// A mined question whose best published match scores at least this (BM25) and shares at
+    /// least `edit_proposal_similarity` of its terms with it becomes an edit proposal for that
+    /// article.
     pub edit_proposal_score: f32,
+    /// Least term similarity (Jaccard, 0..1) of an edit proposal with its article's matched
+    /// question.
+    pub edit_proposal_similarity: f64,
     /// How long a candidate waits for review.
     pub candidate_ttl: Duration,
     /// How long a change waits to be searchable on this replica before answering.
@@ -398,7 +402,8 @@ impl Default for AppOptions {
     fn default() -> Self {
         Self {
             good_result_score: 4.0,
-            edit_proposal_score: 8.0,
+            edit_proposal_score: 2.0,
+            edit_proposal_similarity: 0.5,
             candidate_ttl: Duration::from_secs(28 * 86_400),
             visible_wait: Duration::from_secs(1),
         }
@@ -1324,7 +1329,9 @@ impl App {
                 .as_ref()
                 .map_or(hit.title.as_str(), |s| s.fragment.as_str());
             c.similarity = similarity(&question, matched);
-            if hit.score >= self.opts.edit_proposal_score {
+            if hit.score >= self.opts.edit_proposal_score
+                && c.similarity >= self.opts.edit_proposal_similarity
+            {
                 c.kind = pb::CandidateKind::EditProposal as i32;
                 c.target_article_id = hit.article_id;
                 c.target_version = i32::try_from(hit.version).unwrap_or(0);

@@ -57,9 +57,13 @@ pub struct Settings {
     pub index_commit_interval: Duration,
     /// A search whose best BM25 score is below this counts as having no good answer.
     pub good_result_score: f32,
-    /// A mined question whose best published match scores at least this becomes an edit
-    /// proposal for that article instead of a new-article candidate.
+    /// A mined question whose best published match scores at least this (BM25) and is similar
+    /// enough (`edit_proposal_similarity`) becomes an edit proposal for that article instead of
+    /// a new-article candidate.
     pub edit_proposal_score: f32,
+    /// Least share of terms (Jaccard, 0..1) a mined question shares with the matched question of
+    /// an article for an edit proposal.
+    pub edit_proposal_similarity: f64,
     /// How long a mined candidate waits for review before it expires.
     #[serde(with = "humantime_serde")]
     pub candidate_ttl: Duration,
@@ -73,6 +77,7 @@ impl Default for Settings {
             index_commit_interval: Duration::from_millis(100),
             good_result_score: app.good_result_score,
             edit_proposal_score: app.edit_proposal_score,
+            edit_proposal_similarity: app.edit_proposal_similarity,
             candidate_ttl: app.candidate_ttl,
         }
     }
@@ -106,6 +111,12 @@ impl Validate for Settings {
                     "must be a positive number",
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.edit_proposal_similarity) {
+            errors.push(ConfigError::new(
+                format!("{path}.edit_proposal_similarity"),
+                "must be between 0 and 1",
+            ));
         }
         if self.candidate_ttl < Duration::from_secs(3_600) {
             errors.push(ConfigError::new(
@@ -145,6 +156,7 @@ impl Service for Knowledge {
             AppOptions {
                 good_result_score: settings.good_result_score,
                 edit_proposal_score: settings.edit_proposal_score,
+                edit_proposal_similarity: settings.edit_proposal_similarity,
                 candidate_ttl: settings.candidate_ttl,
                 ..AppOptions::default()
             },

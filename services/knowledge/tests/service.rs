@@ -1349,7 +1349,7 @@ async fn resolutions_are_mined_into_candidates_and_reviewed(rig: impl Future<Out
     let edit = candidates
         .iter()
         .find(|c| c.kind == pb::CandidateKind::EditProposal as i32)
-        .expect("an edit proposal for the delivery article");
+        .unwrap_or_else(|| panic!("no edit proposal: {candidates:?}"));
     assert_eq!(edit.target_article_id, existing.id);
     assert_eq!(edit.target_version, 1);
     assert!(
@@ -1412,7 +1412,10 @@ async fn resolutions_are_mined_into_candidates_and_reviewed(rig: impl Future<Out
     assert_eq!(v.questions.len(), 2);
     assert_eq!(v.answer, "Delivery takes 3 to 5 working days.");
     let err = lead
-        .review_candidate(review(&edit.id, pb::CandidateDecision::Reject))
+        .review_candidate(pb::ReviewCandidateRequest {
+            reason: "second thoughts".into(),
+            ..review(&edit.id, pb::CandidateDecision::Reject)
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
