@@ -1204,7 +1204,10 @@ impl App {
                     .into_iter()
                     .filter(|h| r.tags.iter().all(|t| h.tags.contains(t)))
                     .take(limit)
-                    .map(|h| to_hit(h, r.language))
+                    .map(|h| {
+                        let vis = self.indexer.visibility_of(tenant.as_str(), &h.article_id);
+                        to_hit(h, r.language, vis)
+                    })
                     .collect();
                 (hits, best)
             }
@@ -1641,7 +1644,7 @@ fn publish_into(
 
 /// A wire search hit from an index hit; the snippet is at most 300 characters and highlights
 /// are counted in characters.
-fn to_hit(h: tandem_search::SearchHit, language: i32) -> pb::SearchHit {
+fn to_hit(h: tandem_search::SearchHit, language: i32, visibility: i32) -> pb::SearchHit {
     const MAX_SNIPPET: usize = 300;
     let fragment = &h.snippet.fragment;
     let mut cut = fragment.len();
@@ -1677,6 +1680,6 @@ fn to_hit(h: tandem_search::SearchHit, language: i32) -> pb::SearchHit {
         matched_question: h.matched_question.map(|s| s.fragment).unwrap_or_default(),
         scenario_id: h.scenario,
         language: lang,
-        visibility: 0,
+        visibility,
     }
 }

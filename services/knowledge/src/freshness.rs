@@ -11,7 +11,8 @@
 //! A shared durable bus consumer would deliver each event to one replica only, and an ephemeral
 //! one loses events while a replica restarts; the feed avoids both.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use tandem_proto::pb::common::v1::Language;
@@ -77,12 +78,27 @@ pub fn to_doc(tenant: &str, d: &pb::GetArticleResponse) -> Option<ArticleDoc> {
     })
 }
 
+fn page_visibility(docs: &[ArticleDoc]) -> HashMap<(String, String), i32> {
+    docs.iter()
+        .map(|d| {
+            let v = match d.visibility {
+                Visibility::Bot => pb::Visibility::Bot,
+                Visibility::Agents => pb::Visibility::Agents,
+                Visibility::Both => pb::Visibility::Both,
+            };
+            ((d.tenant.clone(), d.article_id.clone()), v as i32)
+        })
+        .collect()
+}
+
 /// A replica's index and its position in the change feed.
 pub struct Indexer {
     index: Arc<SearchIndex>,
     store: Store,
     /// Last feed row applied; the lock also keeps applications in order.
     applied: Mutex<i64>,
+    /// Visibility of each indexed article by (tenant, article id), which hits do not carry.
+    visibility: RwLock<HashMap<(String, String), i32>>,
 }
 
 impl Indexer {
@@ -113,6 +129,7 @@ impl Indexer {
             }
         }
         let count = docs.len();
+        let visibility = page_visibility(&docs);
         let idx = Arc::clone(&index);
         let report = tokio::task::spawn_blocking(move || idx.rebuild(docs))
             .await
@@ -130,7 +147,18 @@ impl Indexer {
             index,
             store,
             applied: Mutex::new(position),
+            visibility: RwLock::new(visibility),
         })
+    }
+
+    /// The wire visibility of an indexed article; unspecified when unknown.
+    pub fn visibility_of(&self, tenant: &str, article_id: &str) -> i32 {
+        self.visibility
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(tenant.to_owned(), article_id.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The index.
@@ -149,6 +177,19 @@ impl Indexer {
                 break;
             };
             let next = last.seq;
+            {
+                let mut vis = self
+                    .visibility
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for row in &rows {
+                    let key = (row.tenant.clone(), row.article_id.clone());
+                    match row.doc.as_ref().and_then(|d| d.article.as_ref()) {
+                        Some(a) => vis.insert(key, a.visibility),
+                        None => vis.remove(&key),
+                    };
+                }
+            }
             let idx = Arc::clone(&self.index);
             let seq = tokio::task::spawn_blocking(move || {
                 let mut seq = None;

@@ -879,6 +879,7 @@ async fn search_filters_highlights_and_gaps(rig: impl Future<Output = Rig>) {
     assert_eq!(hit.article_id, shipping_en.id);
     assert_eq!(hit.scenario_id, "shipping");
     assert_eq!(hit.language, Language::En as i32);
+    assert_eq!(hit.visibility, pb::Visibility::Both as i32);
     assert!(hit.score > 0.0);
     assert!(!hit.highlights.is_empty(), "{hit:?}");
     let chars: Vec<char> = hit.snippet.chars().collect();
@@ -899,6 +900,7 @@ async fn search_filters_highlights_and_gaps(rig: impl Future<Output = Rig>) {
     );
     let r = search(&mut agent, "parcel lost", pb::Audience::Agent).await;
     assert_eq!(r.hits[0].article_id, internal.id);
+    assert_eq!(r.hits[0].visibility, pb::Visibility::Agents as i32);
     let r = search(&mut agent, "什么时候发货", pb::Audience::Agent).await;
     assert!(
         !r.hits.iter().any(|h| h.article_id == zh.id),
