@@ -4,9 +4,11 @@
 //!   directory and the in-process bus. No other software needed.
 //! - `tandem serve <service>`: one service against PostgreSQL and NATS JetStream.
 //! - `tandem token`: a development token for a tenant and role.
+//! - `tandem nlu`: train and measure the built-in language understanding, analyse a message.
 
 #![allow(clippy::print_stdout)]
 
+mod nlu;
 mod reference;
 mod standalone;
 mod token;
@@ -41,6 +43,8 @@ enum Command {
     },
     /// Prints a development token signed with the configured development key.
     Token(token::Options),
+    /// Trains and measures the built-in language understanding; analyses a message.
+    Nlu(nlu::Options),
     /// Prints reference documentation generated from the contracts.
     Reference {
         /// asyncapi, events or grpc.
@@ -75,6 +79,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Token(options) => token::run(options, &env),
+        Command::Nlu(options) => nlu::run(options),
         Command::Reference { kind } => reference::render(kind).map(|text| print!("{text}")),
     };
     match result {

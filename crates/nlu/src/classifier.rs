@@ -3,10 +3,16 @@
 //! trainable sentiment model both use it.
 //!
 //! Training holds out a stratified share of the examples (10 % by default): a first model trained
-//! on the rest scores them, which fits the temperature and the out-of-scope threshold without
-//! looking at the examples it learnt from. The final model is then trained on every example,
-//! starting from the first one, and keeps that temperature and threshold. Out-of-scope examples,
-//! when given, are only ever used for the threshold.
+//! on the rest scores them, which fits the temperature and the out-of-scope threshold on examples
+//! whose labels it never saw (the vocabulary and IDF, which use no labels, come from every
+//! in-scope text). The final model is then trained on every example, starting from the first
+//! one, and keeps that temperature and threshold. Out-of-scope examples, when given, only ever
+//! tune the threshold.
+//!
+//! A prediction is out of scope when its calibrated confidence is below the threshold, or when
+//! fewer than `min_word_coverage` of its words are known to the model: with a few examples per
+//! intent, one shared word (吗, "good") can make unrelated text look confident, and the coverage
+//! check catches that.
 //!
 //! Stored models start with the bytes `TNLU`, then the format version (`u16`, little endian),
 //! then the model in postcard encoding.
