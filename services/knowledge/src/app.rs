@@ -1070,16 +1070,16 @@ impl App {
         Ok(change.article)
     }
 
-    /// Imports one row: creates an article, adds a version to the article with the same
-    /// external id, or leaves it unchanged. Nothing is written on a dry run.
-    pub async fn import_row(
+    /// Plans one import row: the change that creates an article, adds a version to the article
+    /// with the same external id, or nothing when the content is unchanged (or on a dry run).
+    async fn plan_row(
         &self,
         tenant: &TenantId,
         actor: &Actor,
         new: NewArticle,
         entry: Entry,
         dry_run: bool,
-    ) -> Result<RowOutcome, KnowledgeError> {
+    ) -> Result<(RowOutcome, Option<Change>), KnowledgeError> {
         let new = new.validated()?;
         let existing = if new.external_id.is_empty() {
             None
@@ -1089,15 +1089,11 @@ impl App {
                 .await?
         };
         let Some(article_id) = existing else {
-            if !dry_run {
-                let change =
-                    self.creation(tenant, actor, new, entry, pb::AuditAction::Imported, "");
-                self.store.commit(tenant, &change).await?;
-                if !change.events.is_empty() {
-                    self.outbox.wake();
-                }
+            if dry_run {
+                return Ok((RowOutcome::Created, None));
             }
-            return Ok(RowOutcome::Created);
+            let change = self.creation(tenant, actor, new, entry, pb::AuditAction::Imported, "");
+            return Ok((RowOutcome::Created, Some(change)));
         };
         let loaded = self.load(tenant, &article_id).await?;
         let latest = self
@@ -1110,15 +1106,15 @@ impl App {
             && latest.tags == new.tags
             && published_same
         {
-            return Ok(RowOutcome::Unchanged);
+            return Ok((RowOutcome::Unchanged, None));
+        }
+        if loaded.article.status == pb::ArticleStatus::Archived as i32 {
+            return Err(KnowledgeError::FailedPrecondition(format!(
+                "article {article_id:?} is archived"
+            )));
         }
         if dry_run {
-            if loaded.article.status == pb::ArticleStatus::Archived as i32 {
-                return Err(KnowledgeError::FailedPrecondition(format!(
-                    "article {article_id:?} is archived"
-                )));
-            }
-            return Ok(RowOutcome::Updated);
+            return Ok((RowOutcome::Updated, None));
         }
         let change = self
             .revision(
@@ -1135,11 +1131,48 @@ impl App {
                 "",
             )
             .await?;
-        self.store.commit(tenant, &change).await?;
-        if !change.events.is_empty() {
+        Ok((RowOutcome::Updated, Some(change)))
+    }
+
+    /// Imports a batch of rows in one transaction; when that fails, row by row, so one bad row
+    /// never costs the others. Returns each row's outcome, in order. Nothing is written on a
+    /// dry run.
+    pub async fn import_rows(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+        rows: Vec<NewArticle>,
+        entry: Entry,
+        dry_run: bool,
+    ) -> Vec<Result<RowOutcome, KnowledgeError>> {
+        let mut results = Vec::with_capacity(rows.len());
+        let mut changes = Vec::new();
+        let mut positions = Vec::new();
+        for new in rows {
+            match self.plan_row(tenant, actor, new, entry, dry_run).await {
+                Ok((outcome, Some(change))) => {
+                    positions.push(results.len());
+                    changes.push(change);
+                    results.push(Ok(outcome));
+                }
+                Ok((outcome, None)) => results.push(Ok(outcome)),
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if changes.is_empty() {
+            return results;
+        }
+        if self.store.commit_all(tenant, &changes).await.is_err() {
+            for (&at, change) in positions.iter().zip(&changes) {
+                if let Err(e) = self.store.commit(tenant, change).await {
+                    results[at] = Err(e.into());
+                }
+            }
+        }
+        if changes.iter().any(|c| !c.events.is_empty()) {
             self.outbox.wake();
         }
-        Ok(RowOutcome::Updated)
+        results
     }
 
     /// Searches published articles; records a gap when asked and nothing scores well.

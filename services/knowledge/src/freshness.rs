@@ -95,8 +95,9 @@ fn page_visibility(docs: &[ArticleDoc]) -> HashMap<(String, String), i32> {
 pub struct Indexer {
     index: Arc<SearchIndex>,
     store: Store,
-    /// Last feed row applied; the lock also keeps applications in order.
-    applied: Mutex<i64>,
+    /// Last feed row applied and the index sequence number of its write; the lock also keeps
+    /// applications in order.
+    applied: Mutex<(i64, u64)>,
     /// Visibility of each indexed article by (tenant, article id), which hits do not carry.
     visibility: RwLock<HashMap<(String, String), i32>>,
 }
@@ -146,7 +147,7 @@ impl Indexer {
         Ok(Self {
             index,
             store,
-            applied: Mutex::new(position),
+            applied: Mutex::new((position, report.seq)),
             visibility: RwLock::new(visibility),
         })
     }
@@ -170,9 +171,8 @@ impl Indexer {
     /// `wait`). Returns the feed position reached.
     pub async fn catch_up(&self, wait: Duration) -> Result<i64, FreshnessError> {
         let mut applied = self.applied.lock().await;
-        let mut last_seq = None;
         loop {
-            let rows = self.store.changes_after(*applied, FEED_BATCH).await?;
+            let rows = self.store.changes_after(applied.0, FEED_BATCH).await?;
             let Some(last) = rows.last() else {
                 break;
             };
@@ -210,12 +210,16 @@ impl Indexer {
             })
             .await
             .map_err(|e| FreshnessError::Task(e.to_string()))??;
-            *applied = next;
-            last_seq = seq.or(last_seq);
+            applied.0 = next;
+            if let Some(seq) = seq {
+                applied.1 = seq;
+            }
         }
-        let position = *applied;
+        // Waits for the last write even when another caller applied it, so a change is
+        // searchable when this returns.
+        let (position, seq) = *applied;
         drop(applied);
-        if let Some(seq) = last_seq {
+        if self.index.visible_seq() < seq {
             let idx = Arc::clone(&self.index);
             tokio::task::spawn_blocking(move || idx.wait_visible(seq, wait))
                 .await

@@ -39,6 +39,8 @@ const REVIEWERS: &[Role] = &[Role::Admin, Role::Supervisor];
 const MAX_CHUNK: usize = 1 << 20;
 /// Largest import file.
 const MAX_IMPORT: usize = 64 << 20;
+/// Import rows written per transaction.
+const IMPORT_BATCH: usize = 250;
 /// Export chunks are sent once they reach this size.
 const EXPORT_CHUNK: usize = 256 << 10;
 
@@ -769,37 +771,47 @@ async fn run_import(
         dry_run: header.dry_run,
         ..Default::default()
     };
-    let mut last_progress = Instant::now();
-    for (number, parsed) in formats::parse(format, text) {
-        if number > 0 {
-            summary.rows_read += 1;
-        }
-        let outcome = match parsed {
-            Err(e) => Err(e),
-            Ok(row) => {
-                let external_id = row.external_id.clone();
-                match row_article(header, row, number) {
-                    Err(e) => Err(e),
-                    Ok(new) => app
-                        .import_row(tenant, actor, new, entry, header.dry_run)
-                        .await
-                        .map_err(|e| row_failure(number, &external_id, &e)),
-                }
+    let mut last_progress = (Instant::now(), 0_i64);
+    let mut parsed = formats::parse(format, text).into_iter().peekable();
+    while parsed.peek().is_some() {
+        let mut errors: Vec<RowError> = Vec::new();
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut numbers = Vec::with_capacity(IMPORT_BATCH);
+        for (number, row) in parsed.by_ref().take(IMPORT_BATCH) {
+            if number > 0 {
+                summary.rows_read += 1;
             }
-        };
-        match outcome {
-            Ok(RowOutcome::Created) => summary.created += 1,
-            Ok(RowOutcome::Updated) => summary.updated += 1,
-            Ok(RowOutcome::Unchanged) => summary.unchanged += 1,
-            Err(e) => {
-                summary.failed += 1;
-                if !send_event(tx, Event::RowError(e)).await {
-                    return;
+            let new = row.and_then(|row| row_article(header, row, number));
+            match new {
+                Ok(new) => {
+                    numbers.push((number, new.external_id.clone()));
+                    batch.push(new);
                 }
+                Err(e) => errors.push(e),
             }
         }
-        if summary.rows_read % 500 == 0 || last_progress.elapsed() >= Duration::from_secs(1) {
-            last_progress = Instant::now();
+        let outcomes = app
+            .import_rows(tenant, actor, batch, entry, header.dry_run)
+            .await;
+        for ((number, external_id), outcome) in numbers.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(RowOutcome::Created) => summary.created += 1,
+                Ok(RowOutcome::Updated) => summary.updated += 1,
+                Ok(RowOutcome::Unchanged) => summary.unchanged += 1,
+                Err(e) => errors.push(row_failure(number, &external_id, &e)),
+            }
+        }
+        errors.sort_by_key(|e| e.row_number);
+        for e in errors {
+            summary.failed += 1;
+            if !send_event(tx, Event::RowError(e)).await {
+                return;
+            }
+        }
+        if summary.rows_read - last_progress.1 >= 500
+            || last_progress.0.elapsed() >= Duration::from_secs(1)
+        {
+            last_progress = (Instant::now(), summary.rows_read);
             let progress = pb::ImportProgress {
                 rows_read: summary.rows_read,
                 imported: summary.created + summary.updated + summary.unchanged,

@@ -250,155 +250,170 @@ impl Store {
 
     /// Writes one article change atomically; see the module documentation.
     pub async fn commit(&self, tenant: &TenantId, change: &Change) -> Result<(), StoreError> {
-        self.commit_claiming(tenant, change, None).await.map(|_| ())
+        self.commit_claiming(tenant, std::slice::from_ref(change), None)
+            .await
+            .map(|_| ())
     }
 
-    /// Like [`Store::commit`], also claiming `(consumer, event id)` in the inbox; returns false
-    /// (and writes nothing) when the event was already handled.
+    /// Writes several article changes in one transaction: all or none.
+    pub async fn commit_all(
+        &self,
+        tenant: &TenantId,
+        changes: &[Change],
+    ) -> Result<(), StoreError> {
+        self.commit_claiming(tenant, changes, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Like [`Store::commit_all`], also claiming `(consumer, event id)` in the inbox; returns
+    /// false (and writes nothing) when the event was already handled.
     pub async fn commit_claiming(
         &self,
         tenant: &TenantId,
-        change: &Change,
+        changes: &[Change],
         claim: Option<(&str, &str)>,
     ) -> Result<bool, StoreError> {
         let t = tenant.as_str();
-        let a = &change.article;
-        let updated_at = a.updated_at.as_ref().map_or(0, timestamp_micros);
         let result: Result<bool, StoreError> = in_tx!(&self.db, tx, enqueue, claim_fn, pg => {
             if let Some((consumer, event_id)) = claim
                 && !claim_fn(&mut tx, consumer, event_id).await?
             {
                 return Ok(false);
             }
-            let written = match change.expected_revision {
-                None => sqlx::query(
-                    "INSERT INTO knowledge_articles (tenant, article_id, external_id, scenario_id, \
-                     language, visibility, status, revision, updated_at, body) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9)",
-                )
-                .bind(t)
-                .bind(&a.id)
-                .bind(&a.external_id)
-                .bind(&a.scenario_id)
-                .bind(a.language)
-                .bind(a.visibility)
-                .bind(a.status)
-                .bind(updated_at)
-                .bind(a.encode_to_vec())
-                .execute(&mut *tx)
-                .await
-                .map(|r| r.rows_affected()),
-                Some(rev) => sqlx::query(
-                    "UPDATE knowledge_articles SET external_id = $1, scenario_id = $2, \
-                     language = $3, visibility = $4, status = $5, revision = revision + 1, \
-                     updated_at = $6, body = $7 WHERE tenant = $8 AND article_id = $9 \
-                     AND revision = $10",
-                )
-                .bind(&a.external_id)
-                .bind(&a.scenario_id)
-                .bind(a.language)
-                .bind(a.visibility)
-                .bind(a.status)
-                .bind(updated_at)
-                .bind(a.encode_to_vec())
-                .bind(t)
-                .bind(&a.id)
-                .bind(rev)
-                .execute(&mut *tx)
-                .await
-                .map(|r| r.rows_affected()),
-            };
-            match written {
-                Ok(1) => {}
-                Ok(_) => return Err(StoreError::Conflict),
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(if change.expected_revision.is_none()
-                        && !a.external_id.is_empty()
-                    {
-                        StoreError::DuplicateExternalId(a.external_id.clone())
-                    } else {
-                        StoreError::Conflict
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            }
-            sqlx::query("DELETE FROM knowledge_article_tags WHERE tenant = $1 AND article_id = $2")
-                .bind(t)
-                .bind(&a.id)
-                .execute(&mut *tx)
-                .await?;
-            for tag in &a.tags {
-                sqlx::query(
-                    "INSERT INTO knowledge_article_tags (tenant, article_id, tag) \
-                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                )
-                .bind(t)
-                .bind(&a.id)
-                .bind(tag)
-                .execute(&mut *tx)
-                .await?;
-            }
-            for v in &change.versions {
-                sqlx::query(
-                    "INSERT INTO knowledge_versions \
-                     (tenant, article_id, version, status, visibility, tags, body) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                     ON CONFLICT (tenant, article_id, version) DO UPDATE SET \
-                     status = excluded.status, body = excluded.body",
-                )
-                .bind(t)
-                .bind(&a.id)
-                .bind(v.version.version)
-                .bind(v.version.status)
-                .bind(v.visibility)
-                .bind(join_tags(&v.tags))
-                .bind(v.version.encode_to_vec())
-                .execute(&mut *tx)
-                .await?;
-            }
-            for e in &change.audit {
-                sqlx::query(
-                    "INSERT INTO knowledge_audit (tenant, id, article_id, occurred_at, body) \
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(t)
-                .bind(&e.id)
-                .bind(&a.id)
-                .bind(e.occurred_at.as_ref().map_or(0, timestamp_micros))
-                .bind(e.encode_to_vec())
-                .execute(&mut *tx)
-                .await?;
-            }
-            if let Some(feed) = &change.feed {
-                if pg {
-                    // Serialises feed writers so sequence numbers become visible in order.
-                    sqlx::query("LOCK TABLE knowledge_changes IN SHARE ROW EXCLUSIVE MODE")
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let (version, doc) = match feed {
-                    Some(d) => (
-                        d.version.as_ref().map_or(0, |v| v.version),
-                        d.encode_to_vec(),
-                    ),
-                    None => (0, Vec::new()),
+            for change in changes {
+                let a = &change.article;
+                let updated_at = a.updated_at.as_ref().map_or(0, timestamp_micros);
+                let written = match change.expected_revision {
+                    None => sqlx::query(
+                        "INSERT INTO knowledge_articles (tenant, article_id, external_id, scenario_id, \
+                         language, visibility, status, revision, updated_at, body) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9)",
+                    )
+                    .bind(t)
+                    .bind(&a.id)
+                    .bind(&a.external_id)
+                    .bind(&a.scenario_id)
+                    .bind(a.language)
+                    .bind(a.visibility)
+                    .bind(a.status)
+                    .bind(updated_at)
+                    .bind(a.encode_to_vec())
+                    .execute(&mut *tx)
+                    .await
+                    .map(|r| r.rows_affected()),
+                    Some(rev) => sqlx::query(
+                        "UPDATE knowledge_articles SET external_id = $1, scenario_id = $2, \
+                         language = $3, visibility = $4, status = $5, revision = revision + 1, \
+                         updated_at = $6, body = $7 WHERE tenant = $8 AND article_id = $9 \
+                         AND revision = $10",
+                    )
+                    .bind(&a.external_id)
+                    .bind(&a.scenario_id)
+                    .bind(a.language)
+                    .bind(a.visibility)
+                    .bind(a.status)
+                    .bind(updated_at)
+                    .bind(a.encode_to_vec())
+                    .bind(t)
+                    .bind(&a.id)
+                    .bind(rev)
+                    .execute(&mut *tx)
+                    .await
+                    .map(|r| r.rows_affected()),
                 };
-                sqlx::query(
-                    "INSERT INTO knowledge_changes (tenant, article_id, version, doc, created_at) \
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(t)
-                .bind(&a.id)
-                .bind(version)
-                .bind(doc)
-                .bind(now_micros())
-                .execute(&mut *tx)
-                .await?;
+                match written {
+                    Ok(1) => {}
+                    Ok(_) => return Err(StoreError::Conflict),
+                    Err(e) if is_unique_violation(&e) => {
+                        return Err(if change.expected_revision.is_none()
+                            && !a.external_id.is_empty()
+                        {
+                            StoreError::DuplicateExternalId(a.external_id.clone())
+                        } else {
+                            StoreError::Conflict
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                sqlx::query("DELETE FROM knowledge_article_tags WHERE tenant = $1 AND article_id = $2")
+                    .bind(t)
+                    .bind(&a.id)
+                    .execute(&mut *tx)
+                    .await?;
+                for tag in &a.tags {
+                    sqlx::query(
+                        "INSERT INTO knowledge_article_tags (tenant, article_id, tag) \
+                         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(t)
+                    .bind(&a.id)
+                    .bind(tag)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for v in &change.versions {
+                    sqlx::query(
+                        "INSERT INTO knowledge_versions \
+                         (tenant, article_id, version, status, visibility, tags, body) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (tenant, article_id, version) DO UPDATE SET \
+                         status = excluded.status, body = excluded.body",
+                    )
+                    .bind(t)
+                    .bind(&a.id)
+                    .bind(v.version.version)
+                    .bind(v.version.status)
+                    .bind(v.visibility)
+                    .bind(join_tags(&v.tags))
+                    .bind(v.version.encode_to_vec())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for e in &change.audit {
+                    sqlx::query(
+                        "INSERT INTO knowledge_audit (tenant, id, article_id, occurred_at, body) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(t)
+                    .bind(&e.id)
+                    .bind(&a.id)
+                    .bind(e.occurred_at.as_ref().map_or(0, timestamp_micros))
+                    .bind(e.encode_to_vec())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if let Some(feed) = &change.feed {
+                    if pg {
+                        // Serialises feed writers so sequence numbers become visible in order.
+                        sqlx::query("LOCK TABLE knowledge_changes IN SHARE ROW EXCLUSIVE MODE")
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    let (version, doc) = match feed {
+                        Some(d) => (
+                            d.version.as_ref().map_or(0, |v| v.version),
+                            d.encode_to_vec(),
+                        ),
+                        None => (0, Vec::new()),
+                    };
+                    sqlx::query(
+                        "INSERT INTO knowledge_changes (tenant, article_id, version, doc, created_at) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(t)
+                    .bind(&a.id)
+                    .bind(version)
+                    .bind(doc)
+                    .bind(now_micros())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if let Some(c) = &change.candidate {
+                    write_candidate!(tx, t, c);
+                }
+                enqueue(&mut tx, &change.events).await?;
             }
-            if let Some(c) = &change.candidate {
-                write_candidate!(tx, t, c);
-            }
-            enqueue(&mut tx, &change.events).await?;
             Ok(true)
         });
         result
