@@ -1,7 +1,7 @@
 //! `tandem nlu`: train and measure the built-in language understanding on labelled CSV files,
 //! and show what it makes of a message.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -98,7 +98,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
 }
 
-fn read(path: &PathBuf, columns: ColumnOrder) -> anyhow::Result<Vec<LabelledText>> {
+fn read(path: &Path, columns: ColumnOrder) -> anyhow::Result<Vec<LabelledText>> {
     let examples = read_labelled_csv(path, columns)?;
     anyhow::ensure!(!examples.is_empty(), "{} has no examples", path.display());
     Ok(examples)
