@@ -1716,3 +1716,82 @@ fn to_hit(h: tandem_search::SearchHit, language: i32, visibility: i32) -> pb::Se
         visibility,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn gap_queries_are_normalised() {
+        assert_eq!(
+            normalise_query("  Can I\tPAY  with\u{0}crypto? "),
+            "can i pay with crypto?"
+        );
+        assert_eq!(normalise_query(&"x ".repeat(300)).chars().count(), 200);
+    }
+
+    #[test]
+    fn duplicates_share_a_key_and_similarity_is_bounded() {
+        assert_eq!(
+            dedup_key("Can I change my delivery address?"),
+            dedup_key("can i change MY delivery address")
+        );
+        assert_ne!(dedup_key("change my address"), dedup_key("cancel my order"));
+        let same = similarity(
+            "how long does delivery take",
+            "How long does delivery take?",
+        );
+        assert!((same - 1.0).abs() < 1e-9, "{same}");
+        let near = similarity(
+            "how long does delivery take to Berlin",
+            "how long does delivery take",
+        );
+        assert!(near > 0.5 && near < 1.0, "{near}");
+        assert!(similarity("change my address", "how long does delivery take") < 0.2);
+        assert!(similarity("", "x").abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn language_is_detected_from_han_characters() {
+        assert_eq!(detect_language("退款多久到账"), Language::Zh);
+        assert_eq!(detect_language("refund 退款"), Language::Zh);
+        assert_eq!(detect_language("refund time"), Language::En);
+    }
+
+    #[test]
+    fn content_is_checked_with_every_problem_listed() {
+        let new = NewArticle {
+            scenario_id: String::new(),
+            content: Content {
+                title: "t".repeat(201),
+                questions: vec!["  ".into()],
+                answer: "a\u{7}".into(),
+                change_note: String::new(),
+            },
+            ..NewArticle::default()
+        };
+        let Err(KnowledgeError::Invalid(problems)) = new.validated() else {
+            panic!("accepted");
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["scenario_id", "title", "questions", "answer"]);
+        let ok = NewArticle {
+            scenario_id: "s".into(),
+            content: Content {
+                title: " Title ".into(),
+                questions: vec!["q".into(), "q".into(), " ".into()],
+                answer: "line one\nline two".into(),
+                change_note: String::new(),
+            },
+            ..NewArticle::default()
+        }
+        .validated()
+        .unwrap();
+        assert_eq!(ok.content.title, "Title");
+        assert_eq!(ok.content.questions, ["q"]);
+        assert_eq!(ok.language, Language::En as i32);
+        assert_eq!(ok.visibility, pb::Visibility::Both as i32);
+    }
+}
