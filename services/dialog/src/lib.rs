@@ -1,12 +1,45 @@
-//! The dialog service: the conversation and the bot: lifecycle, transcript, the bot's turn, handoff packages, decision traces and per-tenant intent models.
+//! The dialog service: the conversation and the bot: lifecycle, transcript, the bot's turn,
+//! handoff packages, decision traces and per-tenant intent models.
 //!
-//! Layout: `config` (the service's own settings); behaviour arrives module by module
-//! (`domain` pure rules, `app` use cases, `adapters` gRPC, bus and storage).
+//! Layout:
+//! - `app`: use cases (lifecycle, the bot's turn, handoff, suggestions, routing's feedback);
+//! - `models`: examples, training, evaluation and versions of the tenant's intent model;
+//! - `nlu`: wire conversions of the language understanding results and the bot's texts;
+//! - `store`: PostgreSQL and SQLite persistence;
+//! - `grpc`: the `DialogService` and `ModelService` adapters;
+//! - this module: settings, wiring, and the consumers of policy updates (event-carried state:
+//!   the bot keeps deciding when the policy service is down) and of routing's handoff events.
+//!
+//! `WatchConversation` streams the updates made by the replica the watcher is connected to
+//! (an in-process broadcast per conversation); a watcher that needs every replica's updates
+//! resumes with its last cursor, which replays the stored messages after it.
+
+pub mod app;
+pub mod grpc;
+pub mod models;
+pub mod nlu;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tandem_platform::auth::AuthInterceptor;
+use tandem_platform::bus::runner::{self, Handler, HandlerError, RunOptions};
+use tandem_platform::bus::{ConsumerSpec, RawEvent};
 use tandem_platform::config::{ConfigError, Validate};
 use tandem_platform::db::Migrations;
 use tandem_platform::runtime::{Service, StartContext};
+use tandem_proto::events::{Event, POLICY, ROUTING};
+use tandem_proto::pb::dialog::v1 as pb;
+use tandem_proto::pb::dialog::v1::dialog_service_server::DialogServiceServer;
+use tandem_proto::pb::dialog::v1::model_service_server::ModelServiceServer;
+use tandem_proto::pb::policy::v1::PolicyUpdated;
+use tandem_proto::pb::routing::v1 as routing;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::app::{App, AppOptions, DialogError, RoutingEffect};
+use crate::store::Store;
 
 /// The gRPC services this service exposes.
 pub const GRPC_SERVICES: &[&str] = &[
@@ -15,12 +48,32 @@ pub const GRPC_SERVICES: &[&str] = &[
 ];
 
 /// Settings of the dialog service, under `[service]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
-pub struct Settings {}
+pub struct Settings {
+    /// How long a replica reuses a tenant's policy catalogue and active model before reading
+    /// them again; changes received by this replica apply at once.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            cache_ttl: Duration::from_secs(2),
+        }
+    }
+}
 
 impl Validate for Settings {
-    fn validate(&self, _path: &str, _errors: &mut Vec<ConfigError>) {}
+    fn validate(&self, path: &str, errors: &mut Vec<ConfigError>) {
+        if self.cache_ttl > Duration::from_secs(60) {
+            errors.push(ConfigError::new(
+                format!("{path}.cache_ttl"),
+                "must be at most 60s",
+            ));
+        }
+    }
 }
 
 /// The dialog service.
@@ -37,10 +90,136 @@ impl Service for Dialog {
         }
     }
 
-    async fn start(ctx: StartContext<'_>, _settings: &Settings) -> anyhow::Result<()> {
-        for name in GRPC_SERVICES {
-            ctx.server.declare(name);
-        }
+    async fn start(ctx: StartContext<'_>, settings: &Settings) -> anyhow::Result<()> {
+        let app = Arc::new(App::new(
+            Store::new(ctx.db.clone()),
+            ctx.outbox.clone(),
+            AppOptions {
+                cache_ttl: settings.cache_ttl,
+            },
+        ));
+        let grpc = grpc::DialogGrpc::new(Arc::clone(&app));
+        ctx.server.add_service(InterceptedService::new(
+            tandem_platform::limited!(DialogServiceServer::new(grpc.clone()), ctx.grpc_config),
+            AuthInterceptor::new(Arc::clone(&ctx.auth)),
+        ));
+        ctx.server.add_service(InterceptedService::new(
+            tandem_platform::limited!(ModelServiceServer::new(grpc), ctx.grpc_config),
+            AuthInterceptor::new(Arc::clone(&ctx.auth)),
+        ));
+        let policy =
+            ConsumerSpec::new("dialog-policy", &POLICY, &ctx.bus_config).event::<PolicyUpdated>();
+        let consumer = ctx.bus.consumer(&policy).await?;
+        ctx.tracker.spawn(runner::run(
+            consumer,
+            Consumers {
+                app: Arc::clone(&app),
+                name: "dialog-policy",
+            },
+            RunOptions::new("dialog-policy"),
+            ctx.shutdown.clone(),
+        ));
+        let handoffs = ConsumerSpec::new("dialog-handoffs", &ROUTING, &ctx.bus_config)
+            .event::<routing::HandoffQueued>()
+            .event::<routing::HandoffPositionUpdated>()
+            .event::<routing::HandoffAssigned>()
+            .event::<routing::HandoffAbandoned>()
+            .event::<routing::HandoffReturned>()
+            .event::<routing::AssignmentCompleted>();
+        let consumer = ctx.bus.consumer(&handoffs).await?;
+        ctx.tracker.spawn(runner::run(
+            consumer,
+            Consumers {
+                app,
+                name: "dialog-handoffs",
+            },
+            RunOptions::new("dialog-handoffs"),
+            ctx.shutdown.clone(),
+        ));
         Ok(())
+    }
+}
+
+/// Applies policy updates and routing's handoff events.
+struct Consumers {
+    app: Arc<App>,
+    name: &'static str,
+}
+
+fn queue(queue_id: &str, position: i32, eta_seconds: i32) -> pb::QueueInfo {
+    pb::QueueInfo {
+        queue_id: queue_id.to_owned(),
+        position,
+        eta_seconds,
+        updated_at: Some(app::now()),
+    }
+}
+
+fn transient(e: &DialogError) -> HandlerError {
+    match e {
+        DialogError::Invalid(_) => HandlerError::Permanent(e.to_string()),
+        _ => HandlerError::Transient(tandem_platform::error::DisplayChain(e).to_string()),
+    }
+}
+
+impl Handler for Consumers {
+    async fn handle(&self, event: &RawEvent) -> Result<(), HandlerError> {
+        let claim = (self.name.to_owned(), event.id.clone());
+        let tenant = &event.tenant;
+        let (conversation, handoff, effect) = match event.type_name.as_str() {
+            PolicyUpdated::TYPE_NAME => {
+                let e = event.decode::<PolicyUpdated>()?.event;
+                return self
+                    .app
+                    .on_policy(tenant, claim, e)
+                    .await
+                    .map_err(|e| transient(&e));
+            }
+            routing::HandoffQueued::TYPE_NAME => {
+                let e = event.decode::<routing::HandoffQueued>()?.event;
+                let q = queue(&e.queue_id, e.position, e.eta_seconds);
+                (e.conversation_id, e.handoff_id, RoutingEffect::Queued(q))
+            }
+            routing::HandoffPositionUpdated::TYPE_NAME => {
+                let e = event.decode::<routing::HandoffPositionUpdated>()?.event;
+                let q = queue(&e.queue_id, e.position, e.eta_seconds);
+                (e.conversation_id, e.handoff_id, RoutingEffect::Queued(q))
+            }
+            routing::HandoffAssigned::TYPE_NAME => {
+                let e = event.decode::<routing::HandoffAssigned>()?.event;
+                (
+                    e.conversation_id,
+                    e.handoff_id,
+                    RoutingEffect::Assigned(e.agent_id),
+                )
+            }
+            routing::HandoffAbandoned::TYPE_NAME => {
+                let e = event.decode::<routing::HandoffAbandoned>()?.event;
+                (e.conversation_id, e.handoff_id, RoutingEffect::BackToBot)
+            }
+            routing::HandoffReturned::TYPE_NAME => {
+                let e = event.decode::<routing::HandoffReturned>()?.event;
+                (e.conversation_id, e.handoff_id, RoutingEffect::BackToBot)
+            }
+            routing::AssignmentCompleted::TYPE_NAME => {
+                let e = event.decode::<routing::AssignmentCompleted>()?.event;
+                let effect = if e.disposition == routing::Disposition::Resolved as i32 {
+                    RoutingEffect::Resolved
+                } else if e.disposition == routing::Disposition::ReturnToBot as i32 {
+                    RoutingEffect::BackToBot
+                } else {
+                    return Ok(());
+                };
+                (e.conversation_id, e.handoff_id, effect)
+            }
+            _ => return Ok(()),
+        };
+        if conversation.is_empty() {
+            return Ok(());
+        }
+        self.app
+            .on_routing(tenant, claim, &conversation, &handoff, effect)
+            .await
+            .map_err(|e| transient(&e))
     }
 }

@@ -1,0 +1,1877 @@
+//! Use cases of the dialog service: the conversation's lifecycle, the bot's turn, handoff,
+//! suggestions, routing's feedback and the per-tenant intent models.
+//!
+//! Each use case reads what it needs, computes the change, and writes it with one
+//! [`Store::commit`]; when the conversation changed in between (another replica or request), the
+//! whole use case runs again on the fresh state, up to a few times, then answers `ABORTED`.
+//! After a commit the updates are published to this replica's watchers ([`Hub`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use tandem_nlu::{Analyzer, ConversationSignals, TurnAnalysis};
+use tandem_platform::bus::RawEvent;
+use tandem_platform::error::{ErrorCode, ServiceError};
+use tandem_platform::outbox::OutboxWaker;
+use tandem_policy_client::Catalogue;
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::common::v1 as common;
+use tandem_proto::pb::dialog::v1 as pb;
+use tandem_proto::pb::policy::v1 as policy;
+use tokio::sync::broadcast;
+
+use crate::nlu::{self, Texts};
+use crate::store::{Change, Committed, Store, StoreError};
+
+/// Longest accepted message text, in characters.
+pub const MAX_TEXT_CHARS: usize = 4_000;
+/// Longest idempotency key, in characters.
+pub const MAX_CLIENT_ID_CHARS: usize = 128;
+const ATTEMPTS: usize = 4;
+
+/// Why a use case failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialogError {
+    /// Bad input.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// Unknown entity for this tenant.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Wrong state.
+    #[error("{0}")]
+    Precondition(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Denied(String),
+    /// Lost a race too often.
+    #[error("the conversation changed concurrently; retry")]
+    Aborted,
+    /// Training failed.
+    #[error("training failed: {0}")]
+    Training(String),
+    /// Storage failed.
+    #[error("storage failed")]
+    Store(#[source] StoreError),
+}
+
+impl From<StoreError> for DialogError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Aborted,
+            other => Self::Store(other),
+        }
+    }
+}
+
+impl ServiceError for DialogError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(_) => ErrorCode::InvalidArgument,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Precondition(_) | Self::Training(_) => ErrorCode::FailedPrecondition,
+            Self::Denied(_) => ErrorCode::PermissionDenied,
+            Self::Aborted => ErrorCode::Aborted,
+            Self::Store(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Result of the use cases.
+pub type DialogResult<T> = Result<T, DialogError>;
+
+/// Who calls.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Token subject.
+    pub id: String,
+    /// Has the agent role (and no channel or service role).
+    pub agent: bool,
+    /// Has the supervisor or admin role.
+    pub supervisor: bool,
+}
+
+/// Checks a message text: 1..=4,000 characters after trimming, no control characters other
+/// than line breaks and tabs.
+pub fn check_text(field: &str, text: &str) -> DialogResult<()> {
+    if text.trim().is_empty() {
+        return Err(DialogError::Invalid(format!("{field} is empty")));
+    }
+    let n = text.chars().count();
+    if n > MAX_TEXT_CHARS {
+        return Err(DialogError::Invalid(format!(
+            "{field} has {n} characters, more than {MAX_TEXT_CHARS}"
+        )));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(DialogError::Invalid(format!(
+            "{field} contains the control character U+{:04X}",
+            u32::from(c)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an idempotency key.
+pub fn check_client_id(field: &str, id: &str) -> DialogResult<()> {
+    let n = id.chars().count();
+    if n == 0 || n > MAX_CLIENT_ID_CHARS || id.chars().any(char::is_control) {
+        return Err(DialogError::Invalid(format!(
+            "{field} must have 1..={MAX_CLIENT_ID_CHARS} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, text: &str, max: usize) -> DialogResult<()> {
+    let n = text.chars().count();
+    if n > max {
+        return Err(DialogError::Invalid(format!(
+            "{field} has {n} characters, more than {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_attachments(attachments: &[pb::Attachment]) -> DialogResult<()> {
+    if attachments.len() > 10 {
+        return Err(DialogError::Invalid(format!(
+            "attachments: {} given, at most 10",
+            attachments.len()
+        )));
+    }
+    for (i, a) in attachments.iter().enumerate() {
+        check_len(&format!("attachments[{i}].file_name"), &a.file_name, 255)?;
+        check_len(&format!("attachments[{i}].url"), &a.url, 2_048)?;
+        if a.size_bytes < 0 {
+            return Err(DialogError::Invalid(format!(
+                "attachments[{i}].size_bytes is negative"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Current time as a protobuf timestamp.
+pub fn now() -> prost_types::Timestamp {
+    let t = chrono::Utc::now();
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn state_of(c: &pb::Conversation) -> pb::ConversationState {
+    pb::ConversationState::try_from(c.state).unwrap_or(pb::ConversationState::Unspecified)
+}
+
+fn is_zh(c: &pb::Conversation) -> bool {
+    c.language != common::Language::En as i32
+}
+
+/// One update and whether only the agent view sees it.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    /// The update.
+    pub update: pb::ConversationUpdate,
+    /// Only for the agent view (suggestions).
+    pub agent_only: bool,
+}
+
+/// In-process fan-out of conversation updates to the watchers connected to this replica.
+#[derive(Debug, Default)]
+pub struct Hub {
+    channels: Mutex<HashMap<(TenantId, String), broadcast::Sender<Broadcast>>>,
+}
+
+impl Hub {
+    /// Subscribes to a conversation's updates.
+    pub fn subscribe(&self, tenant: &TenantId, id: &str) -> broadcast::Receiver<Broadcast> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((tenant.clone(), id.to_owned()))
+            .or_insert_with(|| broadcast::channel(256).0)
+            .subscribe()
+    }
+
+    /// Publishes updates; drops the channel when nobody listens.
+    pub fn publish(&self, tenant: &TenantId, id: &str, updates: Vec<Broadcast>) {
+        if updates.is_empty() {
+            return;
+        }
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.clone(), id.to_owned());
+        if let Some(tx) = map.get(&key) {
+            if tx.receiver_count() == 0 {
+                map.remove(&key);
+                return;
+            }
+            for u in updates {
+                let _ = tx.send(u);
+            }
+        }
+    }
+}
+
+/// Cursor of an update: the conversation's last message sequence when it happened.
+fn update(sequence: i64, update: pb::conversation_update::Update, agent_only: bool) -> Broadcast {
+    Broadcast {
+        update: pb::ConversationUpdate {
+            cursor: sequence.to_string(),
+            occurred_at: Some(now()),
+            update: Some(update),
+        },
+        agent_only,
+    }
+}
+
+/// A tenant's language understanding: the analyser with the active model.
+struct TenantNlu {
+    analyzer: Arc<Analyzer>,
+    model_version_id: String,
+}
+
+/// Options of the application.
+#[derive(Debug, Clone)]
+pub struct AppOptions {
+    /// How long a tenant's catalogue and model are reused before being read again.
+    pub cache_ttl: Duration,
+}
+
+/// The dialog application.
+pub struct App {
+    store: Store,
+    outbox: OutboxWaker,
+    /// Watchers of this replica.
+    pub hub: Hub,
+    options: AppOptions,
+    nlu: Mutex<HashMap<TenantId, (Instant, Arc<TenantNlu>)>>,
+    catalogues: Mutex<HashMap<TenantId, (Instant, Arc<Catalogue>)>>,
+}
+
+/// Data of one customer turn gathered before deciding.
+struct TurnInput<'a> {
+    tenant: &'a TenantId,
+    conversation: &'a pb::Conversation,
+    received: Instant,
+    received_at: prost_types::Timestamp,
+}
+
+/// What the bot's turn produced.
+struct TurnOutput {
+    bot_turn: pb::BotTurn,
+    messages: Vec<pb::Message>,
+    trace: pb::DecisionTrace,
+    suggestion: Option<pb::Suggestion>,
+    handoff: Option<pb::HandoffPackage>,
+    conversation: pb::Conversation,
+}
+
+impl App {
+    /// Builds the application.
+    pub fn new(store: Store, outbox: OutboxWaker, options: AppOptions) -> Self {
+        Self {
+            store,
+            outbox,
+            hub: Hub::default(),
+            options,
+            nlu: Mutex::new(HashMap::new()),
+            catalogues: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn commit(&self, tenant: &TenantId, change: Change) -> Result<Committed, StoreError> {
+        let has_events = !change.events.is_empty();
+        let out = self.store.commit(tenant, change).await?;
+        if has_events && out == Committed::Applied {
+            self.outbox.wake();
+        }
+        Ok(out)
+    }
+
+    async fn load(&self, tenant: &TenantId, id: &str) -> DialogResult<(pb::Conversation, i64)> {
+        if id.is_empty() {
+            return Err(DialogError::Invalid("conversation_id is empty".into()));
+        }
+        self.store
+            .conversation(tenant, id)
+            .await?
+            .ok_or_else(|| DialogError::NotFound(format!("conversation {id}")))
+    }
+
+    /// The tenant's catalogue: from the scenarios received in `PolicyUpdated` events, or the
+    /// built-in default policy when there are none.
+    async fn catalogue(&self, tenant: &TenantId) -> DialogResult<Arc<Catalogue>> {
+        {
+            let map = self.catalogues.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, c)) = map.get(tenant)
+                && at.elapsed() < self.options.cache_ttl
+            {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let scenarios = self.store.policies(tenant).await?;
+        let (cat, rejected) = Catalogue::build(scenarios);
+        for (id, errors) in rejected {
+            tracing::warn!(tenant = %tenant, scenario = %id, problems = errors.len(),
+                "scenario left out of the catalogue");
+        }
+        let cat = Arc::new(cat);
+        self.catalogues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), (Instant::now(), Arc::clone(&cat)));
+        Ok(cat)
+    }
+
+    /// Forgets a tenant's cached catalogue.
+    pub fn forget_catalogue(&self, tenant: &TenantId) {
+        self.catalogues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+    }
+
+    async fn tenant_nlu(&self, tenant: &TenantId) -> DialogResult<Arc<TenantNlu>> {
+        {
+            let map = self.nlu.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, n)) = map.get(tenant)
+                && at.elapsed() < self.options.cache_ttl
+            {
+                return Ok(Arc::clone(n));
+            }
+        }
+        let nlu = match self.store.active_model(tenant).await? {
+            Some(m) => match tandem_nlu::TextClassifier::from_bytes(&m.bytes) {
+                Ok(model) => TenantNlu {
+                    analyzer: Arc::new(Analyzer::new().with_intent_model(model)),
+                    model_version_id: m.version.id,
+                },
+                Err(e) => {
+                    tracing::error!(tenant = %tenant, error = %e, "active model does not load");
+                    TenantNlu {
+                        analyzer: Arc::new(Analyzer::new()),
+                        model_version_id: String::new(),
+                    }
+                }
+            },
+            None => TenantNlu {
+                analyzer: Arc::new(Analyzer::new()),
+                model_version_id: String::new(),
+            },
+        };
+        let nlu = Arc::new(nlu);
+        self.nlu
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), (Instant::now(), Arc::clone(&nlu)));
+        Ok(nlu)
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    /// Starts a conversation, or returns the one started with the same idempotency key.
+    pub async fn start(
+        &self,
+        tenant: &TenantId,
+        req: pb::StartConversationRequest,
+    ) -> DialogResult<pb::StartConversationResponse> {
+        check_client_id("client_conversation_id", &req.client_conversation_id)?;
+        let mut customer = req
+            .customer
+            .ok_or_else(|| DialogError::Invalid("customer is required".into()))?;
+        check_client_id("customer.id", &customer.id)?;
+        check_len("customer.display_name", &customer.display_name, 200)?;
+        check_len("scenario_hint", &req.scenario_hint, 64)?;
+        if customer.attributes.len() > 50 {
+            return Err(DialogError::Invalid(
+                "customer.attributes has more than 50 entries".into(),
+            ));
+        }
+        if req.channel != 0 {
+            customer.channel = req.channel;
+        }
+        if let Some(c) = self
+            .store
+            .conversation_by_client_id(tenant, &req.client_conversation_id)
+            .await?
+        {
+            return Ok(pb::StartConversationResponse {
+                conversation: Some(c),
+                created: false,
+            });
+        }
+        let at = now();
+        let conversation = pb::Conversation {
+            id: new_id(),
+            scenario_id: req.scenario_hint.clone(),
+            state: pb::ConversationState::Bot as i32,
+            created_at: Some(at),
+            updated_at: Some(at),
+            test: req.test,
+            proactive: req.proactive,
+            channel: customer.channel,
+            language: customer.language,
+            client_conversation_id: req.client_conversation_id.clone(),
+            customer: Some(customer.clone()),
+            ..Default::default()
+        };
+        let event = pb::ConversationStarted {
+            conversation_id: conversation.id.clone(),
+            scenario_id: conversation.scenario_id.clone(),
+            customer: Some(customer),
+            channel: conversation.channel,
+            language: conversation.language,
+            test: conversation.test,
+            proactive: conversation.proactive,
+            occurred_at: Some(at),
+        };
+        let change = Change {
+            create: Some(conversation.clone()),
+            events: vec![RawEvent::new(tenant, &event, Some(conversation.id.clone()))],
+            ..Default::default()
+        };
+        match self.commit(tenant, change).await {
+            Ok(_) => Ok(pb::StartConversationResponse {
+                conversation: Some(conversation),
+                created: true,
+            }),
+            Err(StoreError::Conflict) => {
+                let existing = self
+                    .store
+                    .conversation_by_client_id(tenant, &req.client_conversation_id)
+                    .await?
+                    .ok_or(DialogError::Aborted)?;
+                Ok(pb::StartConversationResponse {
+                    conversation: Some(existing),
+                    created: false,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Returns a conversation.
+    pub async fn get(&self, tenant: &TenantId, id: &str) -> DialogResult<pb::Conversation> {
+        Ok(self.load(tenant, id).await?.0)
+    }
+
+    /// Lists messages after a sequence.
+    pub async fn messages(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> DialogResult<Vec<pb::Message>> {
+        self.load(tenant, id).await?;
+        Ok(self.store.messages(tenant, id, after, limit).await?)
+    }
+
+    fn message_event(
+        tenant: &TenantId,
+        c: &pb::Conversation,
+        m: &pb::Message,
+        at: prost_types::Timestamp,
+    ) -> RawEvent {
+        RawEvent::new(
+            tenant,
+            &pb::MessagePosted {
+                conversation_id: c.id.clone(),
+                scenario_id: c.scenario_id.clone(),
+                message: Some(m.clone()),
+                state: c.state,
+                assigned_agent_id: c.assigned_agent_id.clone(),
+                handoff_id: c.handoff_id.clone(),
+                test: c.test,
+                occurred_at: Some(at),
+            },
+            Some(c.id.clone()),
+        )
+    }
+
+    /// Appends a message to `c` (sequence, count, time).
+    fn append(
+        c: &mut pb::Conversation,
+        kind: pb::SenderKind,
+        sender: &str,
+        text: &str,
+        at: prost_types::Timestamp,
+    ) -> pb::Message {
+        c.message_count += 1;
+        c.updated_at = Some(at);
+        pb::Message {
+            id: new_id(),
+            conversation_id: c.id.clone(),
+            sequence: c.message_count,
+            sender_kind: kind as i32,
+            sender_id: sender.to_owned(),
+            text: text.to_owned(),
+            language: c.language,
+            created_at: Some(at),
+            ..Default::default()
+        }
+    }
+
+    /// Posts a customer message and runs the bot's turn.
+    pub async fn post_customer(
+        &self,
+        tenant: &TenantId,
+        req: pb::PostCustomerMessageRequest,
+    ) -> DialogResult<pb::PostCustomerMessageResponse> {
+        let received = Instant::now();
+        let received_at = now();
+        check_client_id("client_message_id", &req.client_message_id)?;
+        check_text("text", &req.text)?;
+        check_attachments(&req.attachments)?;
+        for _ in 0..ATTEMPTS {
+            if let Some(bytes) = self
+                .store
+                .request(
+                    tenant,
+                    &req.conversation_id,
+                    "customer",
+                    &req.client_message_id,
+                )
+                .await?
+            {
+                let mut r = pb::PostCustomerMessageResponse::decode(bytes.as_slice())
+                    .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
+                r.duplicate = true;
+                return Ok(r);
+            }
+            let (mut c, revision) = self.load(tenant, &req.conversation_id).await?;
+            let state = state_of(&c);
+            if state == pb::ConversationState::Closed {
+                return Err(DialogError::Precondition(format!(
+                    "conversation {} is closed",
+                    c.id
+                )));
+            }
+            let mut updates = Vec::new();
+            let mut events = Vec::new();
+            if state == pb::ConversationState::Resolved {
+                c.state = pb::ConversationState::Bot as i32;
+                updates.push((
+                    pb::ConversationState::Resolved,
+                    pb::ConversationState::Bot,
+                    "reopened by a new customer message",
+                ));
+            }
+            let customer_id = c
+                .customer
+                .as_ref()
+                .map(|x| x.id.clone())
+                .unwrap_or_default();
+            let mut message = Self::append(
+                &mut c,
+                pb::SenderKind::Customer,
+                &customer_id,
+                &req.text,
+                received_at,
+            );
+            message.client_message_id = req.client_message_id.clone();
+            message.attachments = req.attachments.clone();
+            let state_now = state_of(&c);
+            let mut messages = Vec::new();
+            let mut change = Change::default();
+            let mut response = pb::PostCustomerMessageResponse::default();
+            if state_now == pb::ConversationState::Queued {
+                // Waiting for a human: the bot does not answer.
+                messages.push(message.clone());
+            } else {
+                let out = self
+                    .bot_turn(
+                        TurnInput {
+                            tenant,
+                            conversation: &c,
+                            received,
+                            received_at,
+                        },
+                        &mut message,
+                    )
+                    .await?;
+                let from = state_of(&c);
+                c = out.conversation;
+                let to = state_of(&c);
+                if from != to {
+                    updates.push((from, to, "handed off to a human"));
+                }
+                messages.push(message.clone());
+                messages.extend(out.messages);
+                change.traces.push(out.trace.clone());
+                if let Some(s) = out.suggestion {
+                    events.push(RawEvent::new(
+                        tenant,
+                        &pb::SuggestionCreated {
+                            conversation_id: c.id.clone(),
+                            scenario_id: c.scenario_id.clone(),
+                            agent_id: c.assigned_agent_id.clone(),
+                            suggestion: Some(s.clone()),
+                            occurred_at: Some(received_at),
+                        },
+                        Some(c.id.clone()),
+                    ));
+                    change.suggestions.push(s);
+                }
+                if let Some(h) = out.handoff {
+                    events.push(RawEvent::new(
+                        tenant,
+                        &pb::HandoffRequested {
+                            handoff_id: h.handoff_id.clone(),
+                            conversation_id: c.id.clone(),
+                            scenario_id: c.scenario_id.clone(),
+                            package: Some(h.clone()),
+                            occurred_at: h.requested_at,
+                        },
+                        Some(c.id.clone()),
+                    ));
+                    change.handoffs.push(h);
+                }
+                let trace = &out.trace;
+                events.push(RawEvent::new(
+                    tenant,
+                    &pb::BotReplied {
+                        conversation_id: c.id.clone(),
+                        scenario_id: c.scenario_id.clone(),
+                        message_id: message.id.clone(),
+                        reply_message_id: out.bot_turn.reply_message_id.clone(),
+                        action: out.bot_turn.action,
+                        intent: trace
+                            .intent_scores
+                            .first()
+                            .map(|s| s.intent.clone())
+                            .unwrap_or_default(),
+                        confidence: trace.intent_scores.first().map_or(0.0, |s| s.confidence),
+                        articles: trace.articles.clone(),
+                        decision_trace_id: trace.id.clone(),
+                        latency_micros: trace.total_micros,
+                        policy_version: trace
+                            .policy_decision
+                            .as_ref()
+                            .map_or(0, |d| d.policy_version),
+                        model_version_id: trace.model_version_id.clone(),
+                        language: message.language,
+                        channel: c.channel,
+                        test: c.test,
+                        occurred_at: Some(now()),
+                    },
+                    Some(c.id.clone()),
+                ));
+                response.bot_turn = Some(out.bot_turn);
+            }
+            for m in &messages {
+                events.push(Self::message_event(tenant, &c, m, received_at));
+            }
+            response.message = Some(message);
+            response.state = c.state;
+            let seq = c.message_count;
+            change.update = Some((c.clone(), revision));
+            change.request = Some((
+                c.id.clone(),
+                "customer",
+                req.client_message_id.clone(),
+                response.encode_to_vec(),
+            ));
+            change.messages = messages.clone();
+            change.events = events;
+            let suggestion = change.suggestions.first().cloned();
+            match self.commit(tenant, change).await {
+                Ok(_) => {}
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let mut b: Vec<Broadcast> = updates
+                .into_iter()
+                .map(|(from, to, reason)| {
+                    update(
+                        seq,
+                        pb::conversation_update::Update::StateChanged(pb::StateChange {
+                            from_state: from as i32,
+                            to_state: to as i32,
+                            assigned_agent_id: c.assigned_agent_id.clone(),
+                            reason: reason.into(),
+                        }),
+                        false,
+                    )
+                })
+                .collect();
+            b.extend(messages.into_iter().map(|m| {
+                update(
+                    m.sequence,
+                    pb::conversation_update::Update::MessagePosted(m),
+                    false,
+                )
+            }));
+            if let Some(s) = suggestion {
+                b.push(update(
+                    seq,
+                    pb::conversation_update::Update::Suggestion(s),
+                    true,
+                ));
+            }
+            self.hub.publish(tenant, &c.id, b);
+            return Ok(response);
+        }
+        Err(DialogError::Aborted)
+    }
+
+    /// The bot's turn on one customer message; `message` gets its detected language.
+    async fn bot_turn(
+        &self,
+        input: TurnInput<'_>,
+        message: &mut pb::Message,
+    ) -> DialogResult<TurnOutput> {
+        let tenant = input.tenant;
+        let mut c = input.conversation.clone();
+        let history = self.store.traces(tenant, &c.id, 0, 1_000).await?;
+        let tn = self.tenant_nlu(tenant).await?;
+        let signals = ConversationSignals {
+            previous_sentiment: history
+                .iter()
+                .rev()
+                .take(50)
+                .rev()
+                .map(|t| t.sentiment.as_ref().map_or(0.0, |s| s.score as f32))
+                .collect(),
+            consecutive_fallbacks: u32::try_from(
+                history
+                    .iter()
+                    .rev()
+                    .take_while(|t| t.action == pb::BotAction::Fallback as i32)
+                    .count(),
+            )
+            .unwrap_or(u32::MAX),
+            repeat_contacts: 0,
+        };
+        let t0 = Instant::now();
+        let a: TurnAnalysis = tn.analyzer.analyse(&message.text, &signals);
+        let analyse_micros = micros(t0.elapsed());
+        let lang = nlu::language(a.language.language);
+        if lang != common::Language::Unspecified {
+            message.language = lang as i32;
+            c.language = lang as i32;
+        }
+        let zh = is_zh(&c);
+        let (top, confidence, out_of_scope) = match &a.intent {
+            Some(p) => (
+                p.ranked
+                    .first()
+                    .map(|l| l.label.clone())
+                    .unwrap_or_default(),
+                f64::from(p.confidence),
+                p.out_of_scope,
+            ),
+            None => (String::new(), 0.0, true),
+        };
+        let oos_score = if out_of_scope {
+            1.0
+        } else {
+            (1.0 - confidence).clamp(0.0, 1.0)
+        };
+        let agent_owns = state_of(&c) == pb::ConversationState::Agent;
+        let catalogue = self.catalogue(tenant).await?;
+        let scenario = if !c.scenario_id.is_empty() && catalogue.get(&c.scenario_id).is_some() {
+            c.scenario_id.clone()
+        } else {
+            String::new()
+        };
+        let t1 = Instant::now();
+        let ctx = policy::DecisionContext {
+            scenario_id: scenario,
+            intent: if out_of_scope {
+                String::new()
+            } else {
+                top.clone()
+            },
+            intent_confidence: if out_of_scope { 0.0 } else { confidence },
+            out_of_scope: oos_score,
+            sentiment: f64::from(a.sentiment.score),
+            sentiment_drop: f64::from(a.trend.drop_from_peak).clamp(0.0, 2.0),
+            complexity: f64::from(a.complexity.score).clamp(0.0, 1.0),
+            fallbacks: i32::try_from(signals.consecutive_fallbacks).unwrap_or(i32::MAX),
+            bot_turns: i32::try_from(history.len()).unwrap_or(i32::MAX),
+            customer_tier: c.customer.as_ref().map_or(0, |x| x.tier),
+            queue_eta_seconds: None,
+            within_business_hours: None,
+            human_requested: a.escalation.human_requested,
+            sensitive_topic: false,
+            agent_owns_conversation: agent_owns,
+            language: lang as i32,
+            channel: c.channel,
+            conversation_id: c.id.clone(),
+            message_id: message.id.clone(),
+        };
+        let decision = catalogue
+            .decide(&ctx)
+            .map_err(|e| DialogError::Precondition(format!("policy: {e}")))?
+            .decision;
+        let policy_micros = micros(t1.elapsed());
+        if c.scenario_id.is_empty() && !decision.scenario_id.is_empty() {
+            c.scenario_id.clone_from(&decision.scenario_id);
+        }
+        let action = policy::DecisionAction::try_from(decision.action)
+            .unwrap_or(policy::DecisionAction::Fallback);
+        let trace_id = new_id();
+        let t2 = Instant::now();
+        let mut bot_turn = pb::BotTurn {
+            decision_trace_id: trace_id.clone(),
+            ..Default::default()
+        };
+        let mut messages = Vec::new();
+        let mut suggestion = None;
+        let mut handoff = None;
+        let turn_index = i32::try_from(history.len()).unwrap_or(i32::MAX);
+        let entities = nlu::entities(&message.text, &message.id, &a);
+        let sentiment = nlu::sentiment(&a);
+        let scores: Vec<pb::IntentScore> = a
+            .intent
+            .as_ref()
+            .map(|p| {
+                p.ranked
+                    .iter()
+                    .take(5)
+                    .map(|l| pb::IntentScore {
+                        intent: l.label.clone(),
+                        confidence: f64::from(l.probability),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let at = now();
+        let bot_action = if agent_owns {
+            // A human owns the conversation: only a suggestion to the agent, whatever the policy
+            // says.
+            let text = self.answer_text(tenant, &top, &c, zh).await?;
+            let s = pb::Suggestion {
+                id: new_id(),
+                conversation_id: c.id.clone(),
+                for_message_id: message.id.clone(),
+                text,
+                articles: Vec::new(),
+                confidence,
+                decision_trace_id: trace_id.clone(),
+                created_at: Some(at),
+                review: None,
+            };
+            bot_turn.suggestion = Some(s.clone());
+            suggestion = Some(s);
+            pb::BotAction::Suggest
+        } else {
+            let (kind, text) = match action {
+                policy::DecisionAction::BotAnswer => (
+                    pb::BotAction::Answer,
+                    self.answer_text(tenant, &top, &c, zh).await?,
+                ),
+                policy::DecisionAction::Clarify => {
+                    bot_turn.choices = scores
+                        .iter()
+                        .take(3)
+                        .map(|s| pb::ClarificationChoice {
+                            intent: s.intent.clone(),
+                            label: s.intent.replace('_', " "),
+                        })
+                        .collect();
+                    (pb::BotAction::Clarify, Texts::clarify(zh).to_owned())
+                }
+                policy::DecisionAction::Handoff => {
+                    (pb::BotAction::Handoff, Texts::handoff(zh).to_owned())
+                }
+                policy::DecisionAction::LeaveMessage => {
+                    (pb::BotAction::Fallback, Texts::leave_message(zh).to_owned())
+                }
+                _ => (pb::BotAction::Fallback, Texts::fallback(zh).to_owned()),
+            };
+            let mut reply = Self::append(&mut c, pb::SenderKind::Bot, "bot", &text, at);
+            reply.bot_action = kind as i32;
+            reply.choices = bot_turn.choices.clone();
+            reply.decision_trace_id = trace_id.clone();
+            bot_turn.reply_text = text;
+            bot_turn.reply_message_id = reply.id.clone();
+            if kind == pb::BotAction::Handoff {
+                let mut recent = self.store.last_messages(tenant, &c.id, 18).await?;
+                recent.push(message.clone());
+                recent.push(reply.clone());
+                let package = build_package(PackageInput {
+                    c: &c,
+                    decision: &decision,
+                    ctx: &ctx,
+                    history: &history,
+                    this_turn: (turn_index, &top, confidence, message, &sentiment, &entities),
+                    recent,
+                    trace_id: &trace_id,
+                    received_at: input.received_at,
+                });
+                c.state = pb::ConversationState::Queued as i32;
+                c.handoff_id.clone_from(&package.handoff_id);
+                c.queue = None;
+                bot_turn.handoff = Some(package.clone());
+                handoff = Some(package);
+            }
+            messages.push(reply);
+            kind
+        };
+        bot_turn.action = bot_action as i32;
+        let reply_micros = micros(t2.elapsed());
+        let total = micros(input.received.elapsed());
+        let trace = pb::DecisionTrace {
+            id: trace_id,
+            message_id: message.id.clone(),
+            conversation_id: c.id.clone(),
+            scenario_id: c.scenario_id.clone(),
+            turn_index,
+            normalized_text: a.normalised.clone(),
+            language: Some(pb::LanguageDetection {
+                language: lang as i32,
+                confidence: f64::from(if a.language.mixed { 0.6 } else { 0.95 }),
+            }),
+            token_count: i32::try_from(a.tokens.len()).unwrap_or(i32::MAX),
+            intent_scores: scores,
+            out_of_scope_score: oos_score,
+            sentiment: Some(sentiment),
+            sentiment_trend: f64::from(a.trend.slope),
+            complexity: Some(pb::Complexity {
+                score: f64::from(a.complexity.score),
+                factors: a
+                    .complexity
+                    .factors
+                    .iter()
+                    .map(|f| pb::ComplexityFactor {
+                        name: format!("{:?}", f.kind).to_lowercase(),
+                        value: f64::from(f.value),
+                        contribution: f64::from(f.contribution),
+                    })
+                    .collect(),
+            }),
+            entities,
+            human_request: Some(pb::HumanRequest {
+                detected: a.escalation.human_requested,
+                matched_phrase: a
+                    .escalation
+                    .matches
+                    .iter()
+                    .find(|m| !m.negated && format!("{:?}", m.kind).contains("Human"))
+                    .map(|m| m.phrase.clone())
+                    .unwrap_or_default(),
+            }),
+            sensitive_topic: false,
+            articles: Vec::new(),
+            policy_decision: Some(decision),
+            action: bot_action as i32,
+            stage_latencies: vec![
+                pb::StageLatency {
+                    stage: "intent".into(),
+                    micros: analyse_micros,
+                },
+                pb::StageLatency {
+                    stage: "policy".into(),
+                    micros: policy_micros,
+                },
+                pb::StageLatency {
+                    stage: "reply".into(),
+                    micros: reply_micros,
+                },
+            ],
+            total_micros: total,
+            model_version_id: tn.model_version_id.clone(),
+            created_at: Some(at),
+        };
+        Ok(TurnOutput {
+            bot_turn,
+            messages,
+            trace,
+            suggestion,
+            handoff,
+            conversation: c,
+        })
+    }
+
+    /// The answer of an intent: its stored answer, or a notice that none is written yet. (The
+    /// knowledge service's search is used here once its client is wired.)
+    async fn answer_text(
+        &self,
+        tenant: &TenantId,
+        intent: &str,
+        c: &pb::Conversation,
+        zh: bool,
+    ) -> DialogResult<String> {
+        if intent.is_empty() {
+            return Ok(Texts::fallback(zh).to_owned());
+        }
+        Ok(match self.store.answer(tenant, intent, c.language).await? {
+            Some(a) => a,
+            None => Texts::answer_missing(zh, intent),
+        })
+    }
+
+    /// Posts a message from the assigned agent.
+    pub async fn post_agent(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+        req: pb::PostAgentMessageRequest,
+    ) -> DialogResult<pb::PostAgentMessageResponse> {
+        check_client_id("client_message_id", &req.client_message_id)?;
+        check_text("text", &req.text)?;
+        check_attachments(&req.attachments)?;
+        for _ in 0..ATTEMPTS {
+            if let Some(bytes) = self
+                .store
+                .request(
+                    tenant,
+                    &req.conversation_id,
+                    "agent",
+                    &req.client_message_id,
+                )
+                .await?
+            {
+                let mut r = pb::PostAgentMessageResponse::decode(bytes.as_slice())
+                    .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
+                r.duplicate = true;
+                return Ok(r);
+            }
+            let (mut c, revision) = self.load(tenant, &req.conversation_id).await?;
+            if state_of(&c) != pb::ConversationState::Agent {
+                return Err(DialogError::Precondition(format!(
+                    "conversation {} is not owned by an agent",
+                    c.id
+                )));
+            }
+            if c.assigned_agent_id != actor.id {
+                return Err(DialogError::Denied(format!(
+                    "agent {} is not assigned to conversation {}",
+                    actor.id, c.id
+                )));
+            }
+            let at = now();
+            let mut m = Self::append(&mut c, pb::SenderKind::Agent, &actor.id, &req.text, at);
+            m.client_message_id = req.client_message_id.clone();
+            m.attachments = req.attachments.clone();
+            let mut change = Change::default();
+            if !req.suggestion_id.is_empty() {
+                let mut s = self
+                    .store
+                    .suggestion(tenant, &req.suggestion_id)
+                    .await?
+                    .filter(|s| s.conversation_id == c.id)
+                    .ok_or_else(|| {
+                        DialogError::NotFound(format!("suggestion {}", req.suggestion_id))
+                    })?;
+                if s.review.is_none() {
+                    let outcome = if s.text.trim() == req.text.trim() {
+                        pb::SuggestionOutcome::Used
+                    } else {
+                        pb::SuggestionOutcome::Edited
+                    };
+                    s.review = Some(pb::SuggestionReview {
+                        suggestion_id: s.id.clone(),
+                        outcome: outcome as i32,
+                        edited_text: if outcome == pb::SuggestionOutcome::Edited {
+                            req.text.clone()
+                        } else {
+                            String::new()
+                        },
+                        reason: String::new(),
+                        agent_id: actor.id.clone(),
+                        reviewed_at: Some(at),
+                    });
+                    change.events.push(RawEvent::new(
+                        tenant,
+                        &pb::SuggestionReviewed {
+                            conversation_id: c.id.clone(),
+                            scenario_id: c.scenario_id.clone(),
+                            suggestion: Some(s.clone()),
+                            occurred_at: Some(at),
+                        },
+                        Some(c.id.clone()),
+                    ));
+                    change.suggestions.push(s);
+                }
+            }
+            let response = pb::PostAgentMessageResponse {
+                message: Some(m.clone()),
+                state: c.state,
+                duplicate: false,
+            };
+            change.events.push(Self::message_event(tenant, &c, &m, at));
+            change.update = Some((c.clone(), revision));
+            change.request = Some((
+                c.id.clone(),
+                "agent",
+                req.client_message_id.clone(),
+                response.encode_to_vec(),
+            ));
+            change.messages = vec![m.clone()];
+            match self.commit(tenant, change).await {
+                Ok(_) => {}
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            self.hub.publish(
+                tenant,
+                &c.id,
+                vec![update(
+                    m.sequence,
+                    pb::conversation_update::Update::MessagePosted(m),
+                    false,
+                )],
+            );
+            return Ok(response);
+        }
+        Err(DialogError::Aborted)
+    }
+
+    /// Applies a state transition with an optional system message and events; `f` checks the
+    /// current conversation and returns the change to make, or `None` to leave it as it is.
+    async fn transition<F>(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        claim: Option<(String, String)>,
+        f: F,
+    ) -> DialogResult<pb::Conversation>
+    where
+        F: Fn(&pb::Conversation) -> DialogResult<Option<Transition>>,
+    {
+        for _ in 0..ATTEMPTS {
+            let (mut c, revision) = self.load(tenant, id).await?;
+            let Some(t) = f(&c)? else {
+                if let Some(claim) = claim.clone() {
+                    // Record the event as handled even when it changes nothing.
+                    self.commit(
+                        tenant,
+                        Change {
+                            claim: Some(claim),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+                return Ok(c);
+            };
+            let at = now();
+            let from = state_of(&c);
+            c.state = t.to as i32;
+            c.updated_at = Some(at);
+            if let Some(agent) = &t.agent {
+                c.assigned_agent_id.clone_from(agent);
+            }
+            if let Some(q) = &t.queue {
+                c.queue = Some(q.clone());
+            }
+            if t.to != pb::ConversationState::Queued {
+                c.queue = None;
+            }
+            if t.to == pb::ConversationState::Closed {
+                c.closed_at = Some(at);
+                c.close_reason = t.close_reason as i32;
+            }
+            let mut messages = Vec::new();
+            if let Some(text) = &t.system_text {
+                messages.push(Self::append(
+                    &mut c,
+                    pb::SenderKind::System,
+                    "system",
+                    text,
+                    at,
+                ));
+            }
+            let mut events: Vec<RawEvent> = (t.events)(&c, from, at)
+                .into_iter()
+                .map(|e| e(tenant, &c))
+                .collect();
+            for m in &messages {
+                events.push(Self::message_event(tenant, &c, m, at));
+            }
+            let change = Change {
+                update: Some((c.clone(), revision)),
+                messages: messages.clone(),
+                events,
+                claim: claim.clone(),
+                ..Default::default()
+            };
+            match self.commit(tenant, change).await {
+                Ok(Committed::Applied) => {}
+                Ok(Committed::Duplicate) => return Ok(c),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let seq = c.message_count;
+            let mut b = Vec::new();
+            if from != t.to {
+                b.push(update(
+                    seq,
+                    pb::conversation_update::Update::StateChanged(pb::StateChange {
+                        from_state: from as i32,
+                        to_state: t.to as i32,
+                        assigned_agent_id: c.assigned_agent_id.clone(),
+                        reason: t.reason.clone(),
+                    }),
+                    false,
+                ));
+            }
+            if let Some(q) = &t.queue {
+                b.push(update(
+                    seq,
+                    pb::conversation_update::Update::QueueUpdated(q.clone()),
+                    false,
+                ));
+            }
+            b.extend(messages.into_iter().map(|m| {
+                update(
+                    m.sequence,
+                    pb::conversation_update::Update::MessagePosted(m),
+                    false,
+                )
+            }));
+            self.hub.publish(tenant, &c.id, b);
+            return Ok(c);
+        }
+        Err(DialogError::Aborted)
+    }
+
+    /// Closes a conversation (a closed one is returned as it is).
+    pub async fn close(
+        &self,
+        tenant: &TenantId,
+        req: pb::CloseConversationRequest,
+    ) -> DialogResult<pb::Conversation> {
+        check_len("note", &req.note, 1_000)?;
+        let reason = pb::CloseReason::try_from(req.reason)
+            .ok()
+            .filter(|r| *r != pb::CloseReason::Unspecified)
+            .ok_or_else(|| DialogError::Invalid("reason is required".into()))?;
+        self.transition(tenant, &req.conversation_id, None, |c| {
+            if state_of(c) == pb::ConversationState::Closed {
+                return Ok(None);
+            }
+            Ok(Some(Transition {
+                to: pb::ConversationState::Closed,
+                reason: req.note.clone(),
+                close_reason: reason,
+                events: Box::new(move |c, from, at| {
+                    let e = pb::ConversationClosed {
+                        conversation_id: c.id.clone(),
+                        scenario_id: c.scenario_id.clone(),
+                        reason: reason as i32,
+                        final_state: from as i32,
+                        handoff_id: c.handoff_id.clone(),
+                        agent_id: c.assigned_agent_id.clone(),
+                        test: c.test,
+                        occurred_at: Some(at),
+                    };
+                    vec![ev(e)]
+                }),
+                ..Transition::new(pb::ConversationState::Closed)
+            }))
+        })
+        .await
+    }
+
+    /// Cancels a pending handoff (QUEUED → BOT).
+    pub async fn cancel_handoff(
+        &self,
+        tenant: &TenantId,
+        req: pb::CancelHandoffRequest,
+    ) -> DialogResult<pb::Conversation> {
+        check_len("reason", &req.reason, 500)?;
+        self.transition(tenant, &req.conversation_id, None, |c| {
+            if state_of(c) != pb::ConversationState::Queued {
+                return Err(DialogError::Precondition(format!(
+                    "conversation {} has no pending handoff",
+                    c.id
+                )));
+            }
+            if !req.handoff_id.is_empty() && req.handoff_id != c.handoff_id {
+                return Err(DialogError::Precondition(format!(
+                    "handoff {} is not the current one",
+                    req.handoff_id
+                )));
+            }
+            let reason = req.reason.clone();
+            Ok(Some(Transition {
+                reason: "handoff cancelled by customer".into(),
+                events: Box::new(move |c, _, at| {
+                    vec![ev(pb::HandoffCancelled {
+                        handoff_id: c.handoff_id.clone(),
+                        conversation_id: c.id.clone(),
+                        scenario_id: c.scenario_id.clone(),
+                        reason: reason.clone(),
+                        occurred_at: Some(at),
+                    })]
+                }),
+                ..Transition::new(pb::ConversationState::Bot)
+            }))
+        })
+        .await
+    }
+
+    /// Resolves a conversation: the assigned agent while AGENT, the channel while BOT.
+    pub async fn resolve(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+        req: pb::ResolveConversationRequest,
+    ) -> DialogResult<pb::Conversation> {
+        check_len("note", &req.note, 1_000)?;
+        let (c, _) = self.load(tenant, &req.conversation_id).await?;
+        let answers: Vec<String> = self
+            .store
+            .last_messages(tenant, &c.id, 200)
+            .await?
+            .into_iter()
+            .filter(|m| m.sender_kind == pb::SenderKind::Agent as i32)
+            .map(|m| m.text)
+            .collect();
+        let first_question = self
+            .store
+            .messages(tenant, &c.id, 0, 50)
+            .await?
+            .into_iter()
+            .find(|m| m.sender_kind == pb::SenderKind::Customer as i32)
+            .map(|m| m.text)
+            .unwrap_or_default();
+        let traces = self.store.traces(tenant, &c.id, 0, 1_000).await?;
+        let intent = traces
+            .iter()
+            .rev()
+            .find_map(|t| t.intent_scores.first().map(|s| s.intent.clone()))
+            .unwrap_or_default();
+        let actor = actor.clone();
+        self.transition(tenant, &req.conversation_id, None, move |c| {
+            let by = match state_of(c) {
+                pb::ConversationState::Agent => {
+                    if actor.agent && c.assigned_agent_id != actor.id && !actor.supervisor {
+                        return Err(DialogError::Denied(format!(
+                            "agent {} is not assigned to conversation {}",
+                            actor.id, c.id
+                        )));
+                    }
+                    common::HandlerKind::Agent
+                }
+                pb::ConversationState::Bot => {
+                    if actor.agent && !actor.supervisor {
+                        return Err(DialogError::Denied(
+                            "an agent can only resolve a conversation assigned to them".into(),
+                        ));
+                    }
+                    common::HandlerKind::Bot
+                }
+                s => {
+                    return Err(DialogError::Precondition(format!(
+                        "conversation {} is {}; it can be resolved from BOT or AGENT",
+                        c.id,
+                        s.as_str_name()
+                    )));
+                }
+            };
+            let answers = answers.clone();
+            let question = first_question.clone();
+            let intent = intent.clone();
+            let agent_id = if by == common::HandlerKind::Agent {
+                c.assigned_agent_id.clone()
+            } else {
+                String::new()
+            };
+            Ok(Some(Transition {
+                reason: "resolved".into(),
+                events: Box::new(move |c, _, at| {
+                    let n = answers.len();
+                    vec![ev(pb::ConversationResolved {
+                        conversation_id: c.id.clone(),
+                        scenario_id: c.scenario_id.clone(),
+                        resolved_by: by as i32,
+                        agent_id: agent_id.clone(),
+                        team: String::new(),
+                        handoff_id: c.handoff_id.clone(),
+                        intent: intent.clone(),
+                        customer_question: question.chars().take(MAX_TEXT_CHARS).collect(),
+                        agent_answers: answers[n.saturating_sub(5)..].to_vec(),
+                        articles_used: Vec::new(),
+                        language: c.language,
+                        channel: c.channel,
+                        reopen_count: 0,
+                        test: c.test,
+                        occurred_at: Some(at),
+                    })]
+                }),
+                ..Transition::new(pb::ConversationState::Resolved)
+            }))
+        })
+        .await
+    }
+
+    /// Records an agent's review of a suggestion.
+    pub async fn review(
+        &self,
+        tenant: &TenantId,
+        actor: &Actor,
+        req: pb::ReviewSuggestionRequest,
+    ) -> DialogResult<pb::Suggestion> {
+        check_len("edited_text", &req.edited_text, MAX_TEXT_CHARS)?;
+        check_len("reason", &req.reason, 1_000)?;
+        let outcome = pb::SuggestionOutcome::try_from(req.outcome)
+            .ok()
+            .filter(|o| *o != pb::SuggestionOutcome::Unspecified)
+            .ok_or_else(|| DialogError::Invalid("outcome is required".into()))?;
+        if outcome == pb::SuggestionOutcome::Edited {
+            check_text("edited_text", &req.edited_text)?;
+        }
+        let mut s = self
+            .store
+            .suggestion(tenant, &req.suggestion_id)
+            .await?
+            .ok_or_else(|| DialogError::NotFound(format!("suggestion {}", req.suggestion_id)))?;
+        if s.review.is_some() {
+            return Err(DialogError::Precondition(format!(
+                "suggestion {} was reviewed already",
+                s.id
+            )));
+        }
+        let (c, _) = self.load(tenant, &s.conversation_id).await?;
+        if actor.agent && !actor.supervisor && c.assigned_agent_id != actor.id {
+            return Err(DialogError::Denied(format!(
+                "agent {} is not assigned to conversation {}",
+                actor.id, c.id
+            )));
+        }
+        let at = now();
+        s.review = Some(pb::SuggestionReview {
+            suggestion_id: s.id.clone(),
+            outcome: outcome as i32,
+            edited_text: req.edited_text.clone(),
+            reason: req.reason.clone(),
+            agent_id: actor.id.clone(),
+            reviewed_at: Some(at),
+        });
+        let change = Change {
+            suggestions: vec![s.clone()],
+            events: vec![RawEvent::new(
+                tenant,
+                &pb::SuggestionReviewed {
+                    conversation_id: c.id.clone(),
+                    scenario_id: c.scenario_id.clone(),
+                    suggestion: Some(s.clone()),
+                    occurred_at: Some(at),
+                },
+                Some(c.id.clone()),
+            )],
+            ..Default::default()
+        };
+        self.commit(tenant, change).await?;
+        Ok(s)
+    }
+
+    // ---------------------------------------------------------------- routing's feedback
+
+    /// Applies one of routing's events to the conversation it concerns.
+    pub async fn on_routing(
+        &self,
+        tenant: &TenantId,
+        claim: (String, String),
+        conversation_id: &str,
+        handoff_id: &str,
+        effect: RoutingEffect,
+    ) -> DialogResult<()> {
+        let result = self
+            .transition(tenant, conversation_id, Some(claim), |c| {
+                if c.handoff_id != handoff_id {
+                    return Ok(None);
+                }
+                let state = state_of(c);
+                let zh = is_zh(c);
+                Ok(match &effect {
+                    RoutingEffect::Queued(q) if state == pb::ConversationState::Queued => {
+                        Some(Transition {
+                            queue: Some(q.clone()),
+                            system_text: Some(Texts::queued(zh, q.position, q.eta_seconds)),
+                            reason: "queued".into(),
+                            ..Transition::new(pb::ConversationState::Queued)
+                        })
+                    }
+                    RoutingEffect::Assigned(agent) if state == pb::ConversationState::Queued => {
+                        Some(Transition {
+                            agent: Some(agent.clone()),
+                            system_text: Some(Texts::agent_joined(zh).into()),
+                            reason: "agent assigned".into(),
+                            ..Transition::new(pb::ConversationState::Agent)
+                        })
+                    }
+                    RoutingEffect::BackToBot
+                        if matches!(
+                            state,
+                            pb::ConversationState::Queued | pb::ConversationState::Agent
+                        ) =>
+                    {
+                        Some(Transition {
+                            agent: Some(String::new()),
+                            system_text: Some(Texts::back_to_bot(zh).into()),
+                            reason: "returned to the bot".into(),
+                            ..Transition::new(pb::ConversationState::Bot)
+                        })
+                    }
+                    RoutingEffect::Resolved if state == pb::ConversationState::Agent => {
+                        Some(Transition {
+                            reason: "resolved by the agent".into(),
+                            ..Transition::new(pb::ConversationState::Resolved)
+                        })
+                    }
+                    _ => None,
+                })
+            })
+            .await;
+        match result {
+            Ok(_) | Err(DialogError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores a scenario received in a `PolicyUpdated` event.
+    pub async fn on_policy(
+        &self,
+        tenant: &TenantId,
+        claim: (String, String),
+        update: policy::PolicyUpdated,
+    ) -> DialogResult<()> {
+        let Some(mut scenario) = update.scenario else {
+            return Ok(());
+        };
+        if scenario.id.is_empty() {
+            scenario.id.clone_from(&update.scenario_id);
+        }
+        self.commit(
+            tenant,
+            Change {
+                policies: vec![(scenario, update.version, update.deleted)],
+                claim: Some(claim),
+                ..Default::default()
+            },
+        )
+        .await?;
+        self.forget_catalogue(tenant);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- traces
+
+    /// Returns one trace.
+    pub async fn trace(
+        &self,
+        tenant: &TenantId,
+        id: Option<&str>,
+        message_id: Option<&str>,
+    ) -> DialogResult<pb::DecisionTrace> {
+        if id.is_none_or(str::is_empty) && message_id.is_none_or(str::is_empty) {
+            return Err(DialogError::Invalid(
+                "trace_id or message_id is required".into(),
+            ));
+        }
+        self.store
+            .trace(tenant, id, message_id)
+            .await?
+            .ok_or_else(|| DialogError::NotFound("decision trace".into()))
+    }
+
+    /// Lists a conversation's traces.
+    pub async fn traces(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> DialogResult<Vec<pb::DecisionTrace>> {
+        self.load(tenant, id).await?;
+        Ok(self.store.traces(tenant, id, offset, limit).await?)
+    }
+
+    /// Drops the cached model of a tenant (after an activation).
+    pub fn forget_model(&self, tenant: &TenantId) {
+        self.nlu
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+    }
+}
+
+/// Builds a boxed event constructor.
+fn ev<E: tandem_proto::events::Event>(e: E) -> EventFn {
+    Box::new(move |tenant, c| RawEvent::new(tenant, &e, Some(c.id.clone())))
+}
+
+type EventFn = Box<dyn FnOnce(&TenantId, &pb::Conversation) -> RawEvent + Send>;
+type EventsFn = Box<
+    dyn Fn(&pb::Conversation, pb::ConversationState, prost_types::Timestamp) -> Vec<EventFn> + Send,
+>;
+
+/// A state transition.
+pub struct Transition {
+    to: pb::ConversationState,
+    agent: Option<String>,
+    queue: Option<pb::QueueInfo>,
+    system_text: Option<String>,
+    reason: String,
+    close_reason: pb::CloseReason,
+    events: EventsFn,
+}
+
+impl Transition {
+    fn new(to: pb::ConversationState) -> Self {
+        Self {
+            to,
+            agent: None,
+            queue: None,
+            system_text: None,
+            reason: String::new(),
+            close_reason: pb::CloseReason::Unspecified,
+            events: Box::new(|_, _, _| Vec::new()),
+        }
+    }
+}
+
+/// What a routing event does to its conversation.
+#[derive(Debug, Clone)]
+pub enum RoutingEffect {
+    /// Queued, or the position changed.
+    Queued(pb::QueueInfo),
+    /// An agent accepted.
+    Assigned(String),
+    /// Back to the bot (returned, abandoned by routing, assignment returned).
+    BackToBot,
+    /// The agent resolved it.
+    Resolved,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+struct PackageInput<'a> {
+    c: &'a pb::Conversation,
+    decision: &'a policy::Decision,
+    ctx: &'a policy::DecisionContext,
+    history: &'a [pb::DecisionTrace],
+    this_turn: (
+        i32,
+        &'a str,
+        f64,
+        &'a pb::Message,
+        &'a common::Sentiment,
+        &'a [common::Entity],
+    ),
+    recent: Vec<pb::Message>,
+    trace_id: &'a str,
+    received_at: prost_types::Timestamp,
+}
+
+/// The observed value and threshold of the rule that fired.
+fn trigger_numbers(
+    rule: &str,
+    ctx: &policy::DecisionContext,
+    th: Option<&policy::Thresholds>,
+) -> (HashMap<String, f64>, HashMap<String, f64>) {
+    let mut values = HashMap::new();
+    let mut thresholds = HashMap::new();
+    let th = th.cloned().unwrap_or_default();
+    let mut put = |k: &str, v: f64, t: Option<f64>| {
+        values.insert(k.to_owned(), v);
+        if let Some(t) = t {
+            thresholds.insert(k.to_owned(), t);
+        }
+    };
+    match rule {
+        r if r.contains("drop") || r.contains("swing") => {
+            put("sentiment_drop", ctx.sentiment_drop, th.sentiment_drop);
+        }
+        r if r.contains("sentiment") => put("sentiment", ctx.sentiment, th.negative_sentiment),
+        r if r.contains("confidence") => put(
+            "intent_confidence",
+            ctx.intent_confidence,
+            th.min_intent_confidence,
+        ),
+        r if r.contains("fallback") => put(
+            "fallbacks",
+            f64::from(ctx.fallbacks),
+            th.max_fallbacks.map(f64::from),
+        ),
+        r if r.contains("complexity") => put("complexity", ctx.complexity, th.max_complexity),
+        r if r.contains("turn") => put(
+            "bot_turns",
+            f64::from(ctx.bot_turns),
+            th.max_bot_turns.map(f64::from),
+        ),
+        r if r.contains("human") || r.contains("explicit") => put(
+            "human_requested",
+            if ctx.human_requested { 1.0 } else { 0.0 },
+            Some(1.0),
+        ),
+        _ => {}
+    }
+    (values, thresholds)
+}
+
+/// Splits customer text into sentences.
+fn sentences(text: &str) -> Vec<String> {
+    text.split(['。', '！', '？', '!', '?', '\n', '；', ';'])
+        .flat_map(|s| s.split(". "))
+        .map(str::trim)
+        .filter(|s| s.chars().count() >= 2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Builds the handoff package of a turn.
+fn build_package(p: PackageInput<'_>) -> pb::HandoffPackage {
+    let (turn_index, top, confidence, message, sentiment, entities) = p.this_turn;
+    let d = p.decision;
+    let (values, thresholds) = trigger_numbers(&d.rule_id, p.ctx, d.thresholds.as_ref());
+    let mut intents_tried: Vec<pb::IntentAttempt> = p
+        .history
+        .iter()
+        .filter_map(|t| {
+            t.intent_scores.first().map(|s| pb::IntentAttempt {
+                intent: s.intent.clone(),
+                confidence: s.confidence,
+                turn_index: t.turn_index,
+                action: t.action,
+            })
+        })
+        .collect();
+    if !top.is_empty() {
+        intents_tried.push(pb::IntentAttempt {
+            intent: top.to_owned(),
+            confidence,
+            turn_index,
+            action: pb::BotAction::Handoff as i32,
+        });
+    }
+    let skip = intents_tried.len().saturating_sub(20);
+    intents_tried.drain(..skip);
+    let mut trajectory: Vec<pb::SentimentPoint> = p
+        .history
+        .iter()
+        .map(|t| pb::SentimentPoint {
+            turn_index: t.turn_index,
+            message_id: t.message_id.clone(),
+            sentiment: t.sentiment.clone(),
+        })
+        .collect();
+    trajectory.push(pb::SentimentPoint {
+        turn_index,
+        message_id: message.id.clone(),
+        sentiment: Some(sentiment.clone()),
+    });
+    let skip = trajectory.len().saturating_sub(50);
+    trajectory.drain(..skip);
+    // Extractive summary: the customer sentences carrying the most information (entities and
+    // digits weigh more, then length), in their order of appearance.
+    let customer: Vec<&pb::Message> = p
+        .recent
+        .iter()
+        .filter(|m| m.sender_kind == pb::SenderKind::Customer as i32)
+        .collect();
+    let mut all: Vec<(usize, String, usize)> = Vec::new();
+    for m in customer {
+        for s in sentences(&m.text) {
+            let digits = s.chars().filter(char::is_ascii_digit).count();
+            let score = s.chars().count().min(80) + if digits > 3 { 40 } else { 0 };
+            if !all.iter().any(|(_, t, _)| *t == s) {
+                all.push((all.len(), s, score));
+            }
+        }
+    }
+    let mut ranked = all.clone();
+    ranked.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    let mut keep: Vec<usize> = ranked.iter().take(5).map(|x| x.0).collect();
+    keep.sort_unstable();
+    let summary = keep.iter().map(|&i| all[i].1.clone()).collect();
+    let mut all_entities: Vec<common::Entity> = p
+        .history
+        .iter()
+        .flat_map(|t| t.entities.iter().cloned())
+        .chain(entities.iter().cloned())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    all_entities.retain(|e| seen.insert((e.kind, e.normalized.clone())));
+    all_entities.truncate(50);
+    let mut articles: Vec<common::ArticleRef> = Vec::new();
+    for a in p.history.iter().flat_map(|t| t.articles.iter()) {
+        if !articles
+            .iter()
+            .any(|x| x.article_id == a.article_id && x.version == a.version)
+        {
+            articles.push(a.clone());
+        }
+    }
+    let routing = d.routing.clone().unwrap_or_default();
+    let mut skills = routing.skills.clone();
+    let lang_skill = match common::Language::try_from(p.c.language) {
+        Ok(common::Language::En) => Some("lang:en"),
+        Ok(common::Language::Zh) => Some("lang:zh"),
+        _ => None,
+    };
+    if let Some(l) = lang_skill
+        && !skills.iter().any(|s| s.name == l)
+    {
+        skills.push(common::SkillRequirement {
+            name: l.to_owned(),
+            min_level: 1,
+        });
+    }
+    let last_sequence = p.recent.last().map_or(0, |m| m.sequence);
+    let mut recent = p.recent;
+    let skip = recent.len().saturating_sub(20);
+    recent.drain(..skip);
+    pb::HandoffPackage {
+        handoff_id: new_id(),
+        conversation_id: p.c.id.clone(),
+        customer: p.c.customer.clone(),
+        trigger: Some(pb::HandoffTrigger {
+            reason: d.handoff_reason,
+            rule_id: d.rule_id.clone(),
+            explanation: d.explanation.chars().take(500).collect(),
+            values,
+            thresholds,
+        }),
+        other_triggers: Vec::new(),
+        scenario_id: p.c.scenario_id.clone(),
+        tier: d.tier,
+        policy_version: d.policy_version,
+        intents_tried,
+        sentiment_trajectory: trajectory,
+        summary,
+        entities: all_entities,
+        recent_messages: recent,
+        transcript: Some(pb::TranscriptRef {
+            conversation_id: p.c.id.clone(),
+            last_sequence,
+            message_count: p.c.message_count,
+        }),
+        articles_used: articles,
+        required_skills: skills,
+        language: p.c.language,
+        priority: if routing.priority > 0 {
+            routing.priority
+        } else {
+            50
+        },
+        queue_id: routing.queue_id,
+        decision_trace_id: p.trace_id.to_owned(),
+        triggered_by_message_id: message.id.clone(),
+        trigger_received_at: Some(p.received_at),
+        requested_at: Some(now()),
+        test: p.c.test,
+    }
+}

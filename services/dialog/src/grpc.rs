@@ -1,0 +1,537 @@
+//! The gRPC adapters: `tandem.dialog.v1.DialogService` and `ModelService` over [`App`].
+//!
+//! Roles: channel integrations (and services) start conversations and post customer messages;
+//! agents post agent messages and review suggestions; every role reads conversations, messages
+//! and traces of its tenant; administrators and supervisors manage models. The tenant always
+//! comes from the token, so another tenant's conversation is simply not found.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tandem_platform::auth::{Caller, Role, caller};
+use tandem_platform::error::status_from;
+use tandem_proto::pb::common::v1 as common;
+use tandem_proto::pb::dialog::v1 as pb;
+use tandem_proto::pb::dialog::v1::dialog_service_server::DialogService;
+use tandem_proto::pb::dialog::v1::model_service_server::ModelService;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::app::{Actor, App, DialogError, check_text};
+
+const CUSTOMER_SIDE: &[Role] = &[Role::Channel, Role::Service, Role::Admin];
+const EVERYONE: &[Role] = &[
+    Role::Channel,
+    Role::Agent,
+    Role::Supervisor,
+    Role::Admin,
+    Role::Service,
+];
+const AGENTS: &[Role] = &[Role::Agent, Role::Supervisor, Role::Admin];
+const MODEL_ADMINS: &[Role] = &[Role::Admin, Role::Supervisor];
+
+/// The gRPC services.
+#[derive(Clone)]
+pub struct DialogGrpc {
+    app: Arc<App>,
+}
+
+impl DialogGrpc {
+    /// Wraps the application.
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+fn who<'a, T>(req: &'a Request<T>, roles: &[Role]) -> Result<&'a Caller, Status> {
+    let c = caller(req)?;
+    c.require_any(roles).map_err(|e| status_from(&e))?;
+    Ok(c)
+}
+
+fn actor(c: &Caller) -> Actor {
+    Actor {
+        id: c.subject.clone(),
+        agent: c.has(Role::Agent)
+            && !c.has(Role::Channel)
+            && !c.has(Role::Service)
+            && !c.has(Role::Admin),
+        supervisor: c.has(Role::Supervisor) || c.has(Role::Admin),
+    }
+}
+
+fn st(e: &DialogError) -> Status {
+    status_from(e)
+}
+
+/// Page size 1..=max, 0 meaning 20; offset from the token.
+fn page(p: Option<&common::PageRequest>, max: i32) -> Result<(i64, i64), Status> {
+    let size = match p.map_or(0, |p| p.page_size) {
+        0 => 20,
+        n if (1..=max).contains(&n) => n,
+        n => {
+            return Err(Status::invalid_argument(format!(
+                "page.page_size is {n}, outside 0..={max}"
+            )));
+        }
+    };
+    let token = p.map_or("", |p| p.page_token.as_str());
+    let offset = if token.is_empty() {
+        0
+    } else {
+        token
+            .parse::<i64>()
+            .ok()
+            .filter(|o| *o >= 0)
+            .ok_or_else(|| {
+                Status::invalid_argument("page.page_token is not a token of this service")
+            })?
+    };
+    Ok((i64::from(size), offset))
+}
+
+fn next(has_more: bool, next_offset: i64) -> Option<common::PageResponse> {
+    Some(common::PageResponse {
+        next_page_token: if has_more {
+            next_offset.to_string()
+        } else {
+            String::new()
+        },
+    })
+}
+
+type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DialogService for DialogGrpc {
+    async fn start_conversation(
+        &self,
+        req: Request<pb::StartConversationRequest>,
+    ) -> Result<Response<pb::StartConversationResponse>, Status> {
+        let tenant = who(&req, CUSTOMER_SIDE)?.tenant.clone();
+        let r = self
+            .app
+            .start(&tenant, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(r))
+    }
+
+    async fn post_customer_message(
+        &self,
+        req: Request<pb::PostCustomerMessageRequest>,
+    ) -> Result<Response<pb::PostCustomerMessageResponse>, Status> {
+        let tenant = who(&req, CUSTOMER_SIDE)?.tenant.clone();
+        let r = self
+            .app
+            .post_customer(&tenant, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(r))
+    }
+
+    async fn post_agent_message(
+        &self,
+        req: Request<pb::PostAgentMessageRequest>,
+    ) -> Result<Response<pb::PostAgentMessageResponse>, Status> {
+        let c = who(&req, &[Role::Agent])?;
+        let (tenant, actor) = (c.tenant.clone(), actor(c));
+        let r = self
+            .app
+            .post_agent(&tenant, &actor, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(r))
+    }
+
+    async fn get_conversation(
+        &self,
+        req: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::GetConversationResponse>, Status> {
+        let tenant = who(&req, EVERYONE)?.tenant.clone();
+        let c = self
+            .app
+            .get(&tenant, &req.get_ref().conversation_id)
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation: Some(c),
+        }))
+    }
+
+    async fn list_messages(
+        &self,
+        req: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
+        let tenant = who(&req, EVERYONE)?.tenant.clone();
+        let r = req.get_ref();
+        let (size, offset) = page(r.page.as_ref(), 200)?;
+        if r.after_sequence < 0 {
+            return Err(Status::invalid_argument("after_sequence is negative"));
+        }
+        // The token is the last sequence returned.
+        let after = r.after_sequence.max(offset);
+        let mut messages = self
+            .app
+            .messages(&tenant, &r.conversation_id, after, size + 1)
+            .await
+            .map_err(|e| st(&e))?;
+        let more = messages.len() > usize::try_from(size).unwrap_or(usize::MAX);
+        messages.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let last = messages.last().map_or(after, |m| m.sequence);
+        Ok(Response::new(pb::ListMessagesResponse {
+            messages,
+            page: next(more, last),
+        }))
+    }
+
+    type WatchConversationStream = BoxStream<pb::WatchConversationResponse>;
+
+    async fn watch_conversation(
+        &self,
+        req: Request<pb::WatchConversationRequest>,
+    ) -> Result<Response<Self::WatchConversationStream>, Status> {
+        let c = who(&req, EVERYONE)?;
+        let (tenant, actor) = (c.tenant.clone(), actor(c));
+        let r = req.into_inner();
+        let view = pb::ConversationView::try_from(r.view)
+            .ok()
+            .filter(|v| *v != pb::ConversationView::Unspecified)
+            .ok_or_else(|| Status::invalid_argument("view is required"))?;
+        let conversation = self
+            .app
+            .get(&tenant, &r.conversation_id)
+            .await
+            .map_err(|e| st(&e))?;
+        let agent_view = view == pb::ConversationView::Agent;
+        if agent_view
+            && !actor.supervisor
+            && !(actor.agent && conversation.assigned_agent_id == actor.id)
+        {
+            return Err(Status::permission_denied(
+                "the agent view is for the assigned agent or a supervisor",
+            ));
+        }
+        let resume = if r.resume_after.is_empty() {
+            None
+        } else {
+            Some(
+                r.resume_after
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|c| *c >= 0)
+                    .ok_or_else(|| Status::invalid_argument("resume_after is not a cursor"))?,
+            )
+        };
+        // Subscribe first, then replay, so nothing falls between the two.
+        let mut live = self.app.hub.subscribe(&tenant, &conversation.id);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let app = Arc::clone(&self.app);
+        tokio::spawn(async move {
+            let mut high = resume.unwrap_or(conversation.message_count);
+            if let Some(after) = resume {
+                let replay = match app.messages(&tenant, &conversation.id, after, 10_000).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = tx.send(Err(st(&e))).await;
+                        return;
+                    }
+                };
+                for m in replay {
+                    high = high.max(m.sequence);
+                    let u = pb::ConversationUpdate {
+                        cursor: m.sequence.to_string(),
+                        occurred_at: m.created_at,
+                        update: Some(pb::conversation_update::Update::MessagePosted(m)),
+                    };
+                    if tx
+                        .send(Ok(pb::WatchConversationResponse { update: Some(u) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            loop {
+                let b = match live.recv().await {
+                    Ok(b) => b,
+                    Err(RecvError::Lagged(_)) => {
+                        let _ = tx
+                            .send(Err(Status::aborted(
+                                "the watcher fell behind; resume from the last cursor",
+                            )))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if b.agent_only && !agent_view {
+                    continue;
+                }
+                if let Some(pb::conversation_update::Update::MessagePosted(m)) = &b.update.update {
+                    if m.sequence <= high {
+                        continue;
+                    }
+                    high = m.sequence;
+                }
+                if tx
+                    .send(Ok(pb::WatchConversationResponse {
+                        update: Some(b.update),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn set_typing(
+        &self,
+        req: Request<pb::SetTypingRequest>,
+    ) -> Result<Response<pb::SetTypingResponse>, Status> {
+        let c = who(&req, EVERYONE)?;
+        let (tenant, subject) = (c.tenant.clone(), c.subject.clone());
+        let kind = if c.has(Role::Agent) {
+            pb::SenderKind::Agent
+        } else {
+            pb::SenderKind::Customer
+        };
+        let r = req.get_ref();
+        let conversation = self
+            .app
+            .get(&tenant, &r.conversation_id)
+            .await
+            .map_err(|e| st(&e))?;
+        self.app.hub.publish(
+            &tenant,
+            &conversation.id,
+            vec![crate::app::Broadcast {
+                update: pb::ConversationUpdate {
+                    cursor: conversation.message_count.to_string(),
+                    occurred_at: Some(crate::app::now()),
+                    update: Some(pb::conversation_update::Update::Typing(pb::Typing {
+                        sender_kind: kind as i32,
+                        sender_id: subject,
+                        typing: r.typing,
+                    })),
+                },
+                agent_only: false,
+            }],
+        );
+        Ok(Response::new(pb::SetTypingResponse {}))
+    }
+
+    async fn close_conversation(
+        &self,
+        req: Request<pb::CloseConversationRequest>,
+    ) -> Result<Response<pb::CloseConversationResponse>, Status> {
+        let tenant = who(&req, EVERYONE)?.tenant.clone();
+        let c = self
+            .app
+            .close(&tenant, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::CloseConversationResponse {
+            conversation: Some(c),
+        }))
+    }
+
+    async fn cancel_handoff(
+        &self,
+        req: Request<pb::CancelHandoffRequest>,
+    ) -> Result<Response<pb::CancelHandoffResponse>, Status> {
+        let tenant = who(&req, CUSTOMER_SIDE)?.tenant.clone();
+        let c = self
+            .app
+            .cancel_handoff(&tenant, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::CancelHandoffResponse {
+            conversation: Some(c),
+        }))
+    }
+
+    async fn resolve_conversation(
+        &self,
+        req: Request<pb::ResolveConversationRequest>,
+    ) -> Result<Response<pb::ResolveConversationResponse>, Status> {
+        let c = who(&req, EVERYONE)?;
+        let (tenant, actor) = (c.tenant.clone(), actor(c));
+        let c = self
+            .app
+            .resolve(&tenant, &actor, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::ResolveConversationResponse {
+            conversation: Some(c),
+        }))
+    }
+
+    async fn get_decision_trace(
+        &self,
+        req: Request<pb::GetDecisionTraceRequest>,
+    ) -> Result<Response<pb::GetDecisionTraceResponse>, Status> {
+        let tenant = who(&req, EVERYONE)?.tenant.clone();
+        let (id, message) = match &req.get_ref().key {
+            Some(pb::get_decision_trace_request::Key::TraceId(t)) => (Some(t.as_str()), None),
+            Some(pb::get_decision_trace_request::Key::MessageId(m)) => (None, Some(m.as_str())),
+            None => (None, None),
+        };
+        let t = self
+            .app
+            .trace(&tenant, id, message)
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::GetDecisionTraceResponse {
+            trace: Some(t),
+        }))
+    }
+
+    async fn list_decision_traces(
+        &self,
+        req: Request<pb::ListDecisionTracesRequest>,
+    ) -> Result<Response<pb::ListDecisionTracesResponse>, Status> {
+        let tenant = who(&req, EVERYONE)?.tenant.clone();
+        let r = req.get_ref();
+        let (size, offset) = page(r.page.as_ref(), 100)?;
+        let mut traces = self
+            .app
+            .traces(&tenant, &r.conversation_id, offset, size + 1)
+            .await
+            .map_err(|e| st(&e))?;
+        let more = traces.len() > usize::try_from(size).unwrap_or(usize::MAX);
+        traces.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        Ok(Response::new(pb::ListDecisionTracesResponse {
+            traces,
+            page: next(more, offset + size),
+        }))
+    }
+
+    async fn review_suggestion(
+        &self,
+        req: Request<pb::ReviewSuggestionRequest>,
+    ) -> Result<Response<pb::ReviewSuggestionResponse>, Status> {
+        let c = who(&req, AGENTS)?;
+        let (tenant, actor) = (c.tenant.clone(), actor(c));
+        let s = self
+            .app
+            .review(&tenant, &actor, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::ReviewSuggestionResponse {
+            suggestion: Some(s),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl ModelService for DialogGrpc {
+    async fn upload_examples(
+        &self,
+        req: Request<pb::UploadExamplesRequest>,
+    ) -> Result<Response<pb::UploadExamplesResponse>, Status> {
+        let tenant = who(&req, MODEL_ADMINS)?.tenant.clone();
+        let r = self
+            .app
+            .upload_examples(&tenant, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(r))
+    }
+
+    async fn train_model(
+        &self,
+        req: Request<pb::TrainModelRequest>,
+    ) -> Result<Response<pb::TrainModelResponse>, Status> {
+        let c = who(&req, MODEL_ADMINS)?;
+        let (tenant, subject) = (c.tenant.clone(), c.subject.clone());
+        let v = self
+            .app
+            .train_model(&tenant, &subject, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::TrainModelResponse {
+            model_version: Some(v),
+        }))
+    }
+
+    async fn evaluate_model(
+        &self,
+        req: Request<pb::EvaluateModelRequest>,
+    ) -> Result<Response<pb::EvaluateModelResponse>, Status> {
+        let tenant = who(&req, MODEL_ADMINS)?.tenant.clone();
+        let (id, metrics) = self
+            .app
+            .evaluate_model(&tenant, req.into_inner())
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::EvaluateModelResponse {
+            model_version_id: id,
+            metrics: Some(metrics),
+        }))
+    }
+
+    async fn list_model_versions(
+        &self,
+        req: Request<pb::ListModelVersionsRequest>,
+    ) -> Result<Response<pb::ListModelVersionsResponse>, Status> {
+        let tenant = who(&req, MODEL_ADMINS)?.tenant.clone();
+        let (size, offset) = page(req.get_ref().page.as_ref(), 100)?;
+        let mut versions = self
+            .app
+            .store()
+            .models(&tenant, offset, size + 1)
+            .await
+            .map_err(|e| st(&DialogError::from(e)))?;
+        let more = versions.len() > usize::try_from(size).unwrap_or(usize::MAX);
+        versions.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        Ok(Response::new(pb::ListModelVersionsResponse {
+            model_versions: versions,
+            page: next(more, offset + size),
+        }))
+    }
+
+    async fn activate_model_version(
+        &self,
+        req: Request<pb::ActivateModelVersionRequest>,
+    ) -> Result<Response<pb::ActivateModelVersionResponse>, Status> {
+        let c = who(&req, MODEL_ADMINS)?;
+        let (tenant, subject) = (c.tenant.clone(), c.subject.clone());
+        let r = req.get_ref();
+        if r.model_version_id.is_empty() {
+            return Err(Status::invalid_argument("model_version_id is empty"));
+        }
+        if !r.reason.is_empty() {
+            check_text("reason", &r.reason).map_err(|e| st(&e))?;
+        }
+        let (v, previous) = self
+            .app
+            .activate_model(&tenant, &subject, &r.model_version_id)
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::ActivateModelVersionResponse {
+            model_version: Some(v),
+            previous_model_version_id: previous,
+        }))
+    }
+
+    async fn get_model_version(
+        &self,
+        req: Request<pb::GetModelVersionRequest>,
+    ) -> Result<Response<pb::GetModelVersionResponse>, Status> {
+        let tenant = who(&req, MODEL_ADMINS)?.tenant.clone();
+        let v = self
+            .app
+            .model_version(&tenant, &req.get_ref().model_version_id)
+            .await
+            .map_err(|e| st(&e))?;
+        Ok(Response::new(pb::GetModelVersionResponse {
+            model_version: Some(v),
+        }))
+    }
+}

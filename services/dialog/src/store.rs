@@ -1,0 +1,540 @@
+//! Persistence of the dialog service on PostgreSQL or SQLite.
+//!
+//! Every state change goes through [`Store::commit`]: one transaction that checks and bumps the
+//! conversation's revision (optimistic concurrency), records the idempotency key of the request,
+//! writes messages, traces, suggestions, handoffs and the outbox events, and claims the inbox
+//! entry of the event that caused it. Nothing is half written: a conflict rolls everything back.
+//!
+//! Bodies are encoded protobuf messages. The SQL is written once and expanded per engine by
+//! `on_db!` / `in_tx!`; placeholders are `$n`, which both engines accept.
+
+use prost::Message as _;
+use tandem_platform::bus::RawEvent;
+use tandem_platform::db::Db;
+use tandem_platform::{inbox, outbox};
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::dialog::v1 as pb;
+use tandem_proto::pb::policy::v1 as policy;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The conversation changed since it was read, or the request was recorded concurrently.
+    #[error("the conversation changed concurrently")]
+    Conflict,
+    /// A stored body does not decode.
+    #[error("stored {0} does not decode")]
+    Corrupt(&'static str, #[source] prost::DecodeError),
+    /// The database failed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}
+
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Postgres($pool) => $body,
+            Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
+macro_rules! in_tx {
+    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident => $body:block) => {
+        match $db {
+            Db::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let $enqueue = outbox::enqueue_pg;
+                let $claim = inbox::claim_pg;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            Db::Sqlite(pool) => {
+                let mut $tx = pool.begin().await?;
+                let $enqueue = outbox::enqueue_sqlite;
+                let $claim = inbox::claim_sqlite;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
+/// Everything one state change writes.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// A conversation to create; the change fails with `Conflict` when its idempotency key is
+    /// taken.
+    pub create: Option<pb::Conversation>,
+    /// A conversation to update, with the revision it was read at.
+    pub update: Option<(pb::Conversation, i64)>,
+    /// `(conversation, kind, client id, response)` recorded for idempotent replays.
+    pub request: Option<(String, &'static str, String, Vec<u8>)>,
+    /// Messages to append.
+    pub messages: Vec<pb::Message>,
+    /// Decision traces.
+    pub traces: Vec<pb::DecisionTrace>,
+    /// Suggestions to insert or replace.
+    pub suggestions: Vec<pb::Suggestion>,
+    /// Handoff packages.
+    pub handoffs: Vec<pb::HandoffPackage>,
+    /// Scenarios from `PolicyUpdated` events: `(scenario, version, deleted)`.
+    pub policies: Vec<(policy::Scenario, i64, bool)>,
+    /// Events for the outbox.
+    pub events: Vec<RawEvent>,
+    /// `(consumer, event id)` to claim; the change is skipped when already claimed.
+    pub claim: Option<(String, String)>,
+}
+
+/// The result of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Written.
+    Applied,
+    /// The claimed event was handled before; nothing written.
+    Duplicate,
+}
+
+/// A stored model version.
+#[derive(Debug, Clone)]
+pub struct StoredModel {
+    /// The version record.
+    pub version: pb::ModelVersion,
+    /// The serialised classifier.
+    pub bytes: Vec<u8>,
+}
+
+/// Dialog persistence.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt(what, e))
+}
+
+impl Store {
+    /// Wraps a migrated database.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Returns a conversation and its revision.
+    pub async fn conversation(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<(pb::Conversation, i64)>, StoreError> {
+        let row: Option<(Vec<u8>, i64)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT body, revision FROM dialog_conversations WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str()).bind(id).fetch_optional(pool).await?);
+        row.map(|(body, revision)| Ok((decode("conversation", &body)?, revision)))
+            .transpose()
+    }
+
+    /// Returns the conversation started with an idempotency key.
+    pub async fn conversation_by_client_id(
+        &self,
+        tenant: &TenantId,
+        client_id: &str,
+    ) -> Result<Option<pb::Conversation>, StoreError> {
+        let row: Option<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_conversations WHERE tenant = $1 AND client_conversation_id = $2")
+            .bind(tenant.as_str()).bind(client_id).fetch_optional(pool).await?);
+        row.map(|b| decode("conversation", &b)).transpose()
+    }
+
+    /// Returns the recorded response of an earlier request.
+    pub async fn request(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        kind: &str,
+        client_id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT response FROM dialog_requests WHERE tenant = $1 AND conversation_id = $2 \
+             AND kind = $3 AND client_message_id = $4")
+            .bind(tenant.as_str()).bind(conversation_id).bind(kind).bind(client_id)
+            .fetch_optional(pool).await?);
+        Ok(row)
+    }
+
+    /// Returns up to `limit` messages after `after_sequence`, in order.
+    pub async fn messages(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        after_sequence: i64,
+        limit: i64,
+    ) -> Result<Vec<pb::Message>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_messages WHERE tenant = $1 AND conversation_id = $2 \
+             AND sequence > $3 ORDER BY sequence LIMIT $4")
+            .bind(tenant.as_str()).bind(conversation_id).bind(after_sequence).bind(limit)
+            .fetch_all(pool).await?);
+        rows.iter().map(|b| decode("message", b)).collect()
+    }
+
+    /// Returns the last `count` messages, oldest first.
+    pub async fn last_messages(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        count: i64,
+    ) -> Result<Vec<pb::Message>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_messages WHERE tenant = $1 AND conversation_id = $2 \
+             ORDER BY sequence DESC LIMIT $3")
+            .bind(tenant.as_str()).bind(conversation_id).bind(count)
+            .fetch_all(pool).await?);
+        let mut out: Vec<pb::Message> = rows
+            .iter()
+            .map(|b| decode("message", b))
+            .collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Returns a conversation's decision traces from `offset`, in turn order.
+    pub async fn traces(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<pb::DecisionTrace>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_traces WHERE tenant = $1 AND conversation_id = $2 \
+             ORDER BY turn_index LIMIT $3 OFFSET $4")
+            .bind(tenant.as_str()).bind(conversation_id).bind(limit).bind(offset)
+            .fetch_all(pool).await?);
+        rows.iter().map(|b| decode("trace", b)).collect()
+    }
+
+    /// Returns one trace by its id or by the customer message it answered.
+    pub async fn trace(
+        &self,
+        tenant: &TenantId,
+        id: Option<&str>,
+        message_id: Option<&str>,
+    ) -> Result<Option<pb::DecisionTrace>, StoreError> {
+        let row: Option<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_traces WHERE tenant = $1 AND (id = $2 OR message_id = $3) \
+             ORDER BY turn_index LIMIT 1")
+            .bind(tenant.as_str()).bind(id.unwrap_or("\u{0}")).bind(message_id.unwrap_or("\u{0}"))
+            .fetch_optional(pool).await?);
+        row.map(|b| decode("trace", &b)).transpose()
+    }
+
+    /// Returns a suggestion.
+    pub async fn suggestion(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<pb::Suggestion>, StoreError> {
+        let row: Option<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_suggestions WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str()).bind(id).fetch_optional(pool).await?);
+        row.map(|b| decode("suggestion", &b)).transpose()
+    }
+
+    /// Returns a handoff package.
+    pub async fn handoff(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<pb::HandoffPackage>, StoreError> {
+        let row: Option<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_handoffs WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str()).bind(id).fetch_optional(pool).await?);
+        row.map(|b| decode("handoff", &b)).transpose()
+    }
+
+    /// Returns the tenant's live scenarios as last received from the policy service.
+    pub async fn policies(&self, tenant: &TenantId) -> Result<Vec<policy::Scenario>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_policies WHERE tenant = $1 AND NOT deleted ORDER BY scenario_id")
+            .bind(tenant.as_str()).fetch_all(pool).await?);
+        rows.iter().map(|b| decode("scenario", b)).collect()
+    }
+
+    /// Adds examples (and intent answers); returns `(accepted, duplicates, total for scenario)`.
+    pub async fn add_examples(
+        &self,
+        tenant: &TenantId,
+        scenario_id: &str,
+        replace: bool,
+        examples: &[(String, String, String)],
+        answers: &[(String, i32, String)],
+    ) -> Result<(i32, i32, i64), StoreError> {
+        let t = tenant.as_str();
+        let mut accepted = 0_i32;
+        let mut duplicates = 0_i32;
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            if replace {
+                sqlx::query("DELETE FROM dialog_examples WHERE tenant = $1 AND scenario_id = $2")
+                    .bind(t).bind(scenario_id).execute(&mut *tx).await?;
+            }
+            for (scenario, text, intent) in examples {
+                let done = sqlx::query(
+                    "INSERT INTO dialog_examples (tenant, scenario_id, text, intent) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                    .bind(t).bind(scenario).bind(text).bind(intent).execute(&mut *tx).await?;
+                if done.rows_affected() == 1 { accepted += 1 } else { duplicates += 1 }
+            }
+            for (intent, language, answer) in answers {
+                sqlx::query(
+                    "INSERT INTO dialog_answers (tenant, intent, language, answer) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, intent, language) \
+                     DO UPDATE SET answer = excluded.answer")
+                    .bind(t).bind(intent).bind(language).bind(answer).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        let total: i64 = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM dialog_examples WHERE tenant = $1 AND scenario_id = $2")
+            .bind(t).bind(scenario_id).fetch_one(pool).await?);
+        Ok((accepted, duplicates, total))
+    }
+
+    /// Returns `(text, intent)` examples of the given scenarios (all when empty), in a stable order.
+    pub async fn examples(
+        &self,
+        tenant: &TenantId,
+        scenarios: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(String, String, String)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT scenario_id, text, intent FROM dialog_examples WHERE tenant = $1 \
+             ORDER BY scenario_id, intent, text")
+            .bind(tenant.as_str()).fetch_all(pool).await?);
+        let mut out = Vec::with_capacity(rows.len());
+        for (scenario, text, intent) in rows {
+            if scenarios.is_empty() || scenarios.contains(&scenario) {
+                out.push((text, intent));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns the stored answer of an intent in a language, or in any language.
+    pub async fn answer(
+        &self,
+        tenant: &TenantId,
+        intent: &str,
+        language: i32,
+    ) -> Result<Option<String>, StoreError> {
+        let row: Option<String> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT answer FROM dialog_answers WHERE tenant = $1 AND intent = $2 \
+             ORDER BY CASE WHEN language = $3 THEN 0 ELSE 1 END, language LIMIT 1")
+            .bind(tenant.as_str()).bind(intent).bind(language).fetch_optional(pool).await?);
+        Ok(row)
+    }
+
+    /// Stores a new model version; its number is the next one of the tenant.
+    pub async fn insert_model(
+        &self,
+        tenant: &TenantId,
+        mut version: pb::ModelVersion,
+        bytes: &[u8],
+    ) -> Result<pb::ModelVersion, StoreError> {
+        let t = tenant.as_str();
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            let next: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM dialog_models WHERE tenant = $1")
+                .bind(t).fetch_one(&mut *tx).await?;
+            version.version = i32::try_from(next).unwrap_or(i32::MAX);
+            version.status = pb::ModelStatus::Inactive as i32;
+            sqlx::query(
+                "INSERT INTO dialog_models (tenant, id, version, active, body, model) \
+                 VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(t).bind(&version.id).bind(version.version).bind(false)
+                .bind(version.encode_to_vec()).bind(bytes).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(version)
+    }
+
+    /// Makes a version the active one; returns it and the previously active id. The event is
+    /// written in the same transaction.
+    pub async fn activate_model(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        activated_at: prost_types::Timestamp,
+        event: impl FnOnce(&pb::ModelVersion, &str) -> RawEvent,
+    ) -> Result<Option<(pb::ModelVersion, String)>, StoreError> {
+        let t = tenant.as_str();
+        Ok(in_tx!(&self.db, tx, enqueue, _claim => {
+            let row: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT body FROM dialog_models WHERE tenant = $1 AND id = $2")
+                .bind(t).bind(id).fetch_optional(&mut *tx).await?;
+            match row {
+                None => None,
+                Some(row) => {
+                    let mut version: pb::ModelVersion = decode("model", &row)?;
+                    let previous: Option<String> = sqlx::query_scalar(
+                        "SELECT id FROM dialog_models WHERE tenant = $1 AND active")
+                        .bind(t).fetch_optional(&mut *tx).await?;
+                    if let Some(prev) = previous.as_deref().filter(|p| *p != id) {
+                        let body: Vec<u8> = sqlx::query_scalar(
+                            "SELECT body FROM dialog_models WHERE tenant = $1 AND id = $2")
+                            .bind(t).bind(prev).fetch_one(&mut *tx).await?;
+                        let mut old: pb::ModelVersion = decode("model", &body)?;
+                        old.status = pb::ModelStatus::Inactive as i32;
+                        sqlx::query("UPDATE dialog_models SET active = $1, body = $2 \
+                                     WHERE tenant = $3 AND id = $4")
+                            .bind(false).bind(old.encode_to_vec()).bind(t).bind(prev)
+                            .execute(&mut *tx).await?;
+                    }
+                    version.status = pb::ModelStatus::Active as i32;
+                    version.activated_at = Some(activated_at);
+                    sqlx::query("UPDATE dialog_models SET active = $1, body = $2 \
+                                 WHERE tenant = $3 AND id = $4")
+                        .bind(true).bind(version.encode_to_vec()).bind(t).bind(id)
+                        .execute(&mut *tx).await?;
+                    let previous = previous.unwrap_or_default();
+                    enqueue(&mut tx, &[event(&version, &previous)]).await?;
+                    Some((version, previous))
+                }
+            }
+        }))
+    }
+
+    /// Returns a model version with its bytes.
+    pub async fn model(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<Option<StoredModel>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT body, model FROM dialog_models WHERE tenant = $1 AND id = $2")
+            .bind(tenant.as_str()).bind(id).fetch_optional(pool).await?);
+        row.map(|(body, bytes)| {
+            Ok(StoredModel {
+                version: decode("model", &body)?,
+                bytes,
+            })
+        })
+        .transpose()
+    }
+
+    /// Returns the active model of a tenant with its bytes.
+    pub async fn active_model(&self, tenant: &TenantId) -> Result<Option<StoredModel>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT body, model FROM dialog_models WHERE tenant = $1 AND active")
+            .bind(tenant.as_str()).fetch_optional(pool).await?);
+        row.map(|(body, bytes)| {
+            Ok(StoredModel {
+                version: decode("model", &body)?,
+                bytes,
+            })
+        })
+        .transpose()
+    }
+
+    /// Lists model versions, newest first.
+    pub async fn models(
+        &self,
+        tenant: &TenantId,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<pb::ModelVersion>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_models WHERE tenant = $1 ORDER BY version DESC \
+             LIMIT $2 OFFSET $3")
+            .bind(tenant.as_str()).bind(limit).bind(offset).fetch_all(pool).await?);
+        rows.iter().map(|b| decode("model", b)).collect()
+    }
+
+    /// Writes a change in one transaction.
+    pub async fn commit(&self, tenant: &TenantId, change: Change) -> Result<Committed, StoreError> {
+        let t = tenant.as_str();
+        Ok(in_tx!(&self.db, tx, enqueue, claim => {
+            if let Some((consumer, event_id)) = &change.claim
+                && !claim(&mut tx, consumer, event_id).await?
+            {
+                return Ok(Committed::Duplicate);
+            }
+            if let Some(c) = &change.create {
+                let done = sqlx::query(
+                    "INSERT INTO dialog_conversations \
+                     (tenant, id, client_conversation_id, state, revision, body) \
+                     VALUES ($1, $2, $3, $4, 1, $5) ON CONFLICT DO NOTHING")
+                    .bind(t).bind(&c.id).bind(&c.client_conversation_id).bind(c.state)
+                    .bind(c.encode_to_vec()).execute(&mut *tx).await?;
+                if done.rows_affected() != 1 {
+                    return Err(StoreError::Conflict);
+                }
+            }
+            if let Some((c, revision)) = &change.update {
+                let done = sqlx::query(
+                    "UPDATE dialog_conversations SET state = $1, revision = revision + 1, body = $2 \
+                     WHERE tenant = $3 AND id = $4 AND revision = $5")
+                    .bind(c.state).bind(c.encode_to_vec()).bind(t).bind(&c.id).bind(*revision)
+                    .execute(&mut *tx).await?;
+                if done.rows_affected() != 1 {
+                    return Err(StoreError::Conflict);
+                }
+            }
+            if let Some((conversation, kind, client_id, response)) = &change.request {
+                let done = sqlx::query(
+                    "INSERT INTO dialog_requests \
+                     (tenant, conversation_id, kind, client_message_id, response) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+                    .bind(t).bind(conversation).bind(*kind).bind(client_id).bind(response)
+                    .execute(&mut *tx).await?;
+                if done.rows_affected() != 1 {
+                    return Err(StoreError::Conflict);
+                }
+            }
+            for m in &change.messages {
+                sqlx::query(
+                    "INSERT INTO dialog_messages (tenant, conversation_id, sequence, id, body) \
+                     VALUES ($1, $2, $3, $4, $5)")
+                    .bind(t).bind(&m.conversation_id).bind(m.sequence).bind(&m.id)
+                    .bind(m.encode_to_vec()).execute(&mut *tx).await?;
+            }
+            for tr in &change.traces {
+                sqlx::query(
+                    "INSERT INTO dialog_traces \
+                     (tenant, id, conversation_id, message_id, turn_index, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(t).bind(&tr.id).bind(&tr.conversation_id).bind(&tr.message_id)
+                    .bind(tr.turn_index).bind(tr.encode_to_vec()).execute(&mut *tx).await?;
+            }
+            for s in &change.suggestions {
+                sqlx::query(
+                    "INSERT INTO dialog_suggestions (tenant, id, conversation_id, body) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, id) DO UPDATE SET body = excluded.body")
+                    .bind(t).bind(&s.id).bind(&s.conversation_id).bind(s.encode_to_vec())
+                    .execute(&mut *tx).await?;
+            }
+            for h in &change.handoffs {
+                sqlx::query(
+                    "INSERT INTO dialog_handoffs (tenant, id, conversation_id, body) \
+                     VALUES ($1, $2, $3, $4)")
+                    .bind(t).bind(&h.handoff_id).bind(&h.conversation_id).bind(h.encode_to_vec())
+                    .execute(&mut *tx).await?;
+            }
+            for (s, version, deleted) in &change.policies {
+                sqlx::query(
+                    "INSERT INTO dialog_policies (tenant, scenario_id, version, deleted, body) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, scenario_id) DO UPDATE \
+                     SET version = excluded.version, deleted = excluded.deleted, body = excluded.body \
+                     WHERE dialog_policies.version < excluded.version")
+                    .bind(t).bind(&s.id).bind(*version).bind(*deleted).bind(s.encode_to_vec())
+                    .execute(&mut *tx).await?;
+            }
+            if !change.events.is_empty() {
+                enqueue(&mut tx, &change.events).await?;
+            }
+            Committed::Applied
+        }))
+    }
+}
