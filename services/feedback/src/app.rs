@@ -21,6 +21,7 @@ use crate::domain::problems::{self, Cluster};
 use crate::domain::query::{MetricRequest, Series, build_series, check_range};
 use crate::domain::rollup::metric;
 use crate::domain::{DAY, FieldError, Micros, describe};
+use crate::metrics::{ALERTS_RAISED_TOTAL, ALERTS_RESOLVED_TOTAL, FEEDBACK_STORED_TOTAL};
 
 /// Failures of the feedback use cases.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,9 @@ pub enum FeedbackError {
     /// Storage failed.
     #[error("storage failed")]
     Store(#[from] StoreError),
+    /// A background computation failed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ServiceError for FeedbackError {
@@ -50,7 +54,7 @@ impl ServiceError for FeedbackError {
             FeedbackError::AlreadyExists(_) => ErrorCode::AlreadyExists,
             FeedbackError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             FeedbackError::Store(e) if e.is_transient() => ErrorCode::Unavailable,
-            FeedbackError::Store(_) => ErrorCode::Internal,
+            FeedbackError::Store(_) | FeedbackError::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -200,6 +204,8 @@ impl FeedbackApp {
         match stored.into_iter().next() {
             Some(Stored::New(record)) => {
                 self.outbox.wake();
+                metrics::counter!(FEEDBACK_STORED_TOTAL, "kind" => record.score.kind(), "source" => "submit")
+                    .increment(1);
                 Ok((to_proto(&record, context.as_ref()), false))
             }
             Some(Stored::Existing(existing)) => match compare(&existing, &record.input) {
@@ -299,14 +305,16 @@ impl FeedbackApp {
         for (row, parsed) in rows {
             match parsed {
                 Err(problems) => {
-                    for p in problems.iter().take(1) {
-                        let message = problems
-                            .iter()
-                            .map(|p| format!("{}: {}", p.field, p.message))
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        fail(&mut report, row, "", &p.field, message);
-                    }
+                    let field = problems
+                        .first()
+                        .map(|p| p.field.clone())
+                        .unwrap_or_default();
+                    let message = problems
+                        .iter()
+                        .map(|p| format!("{}: {}", p.field, p.message))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    fail(&mut report, row, "", &field, message);
                 }
                 Ok(input) => match input.validate(now) {
                     Err(errors) => {
@@ -345,7 +353,11 @@ impl FeedbackApp {
                 .await?;
             for ((row, input), outcome) in chunk.iter().zip(stored) {
                 match outcome {
-                    Stored::New(_) => report.imported += 1,
+                    Stored::New(record) => {
+                        report.imported += 1;
+                        metrics::counter!(FEEDBACK_STORED_TOTAL, "kind" => record.score.kind(), "source" => "import")
+                            .increment(1);
+                    }
                     Stored::Existing(existing) => match compare(&existing, input) {
                         Replay::Same => report.duplicates += 1,
                         Replay::Conflict => fail(
@@ -532,7 +544,7 @@ impl FeedbackApp {
         let limit = usize::try_from(limit).unwrap_or(10);
         tokio::task::spawn_blocking(move || problems::cluster(&current, &previous, limit))
             .await
-            .map_err(|e| FeedbackError::Store(StoreError::Corrupt(e.to_string())))
+            .map_err(|e| FeedbackError::Internal(e.to_string()))
     }
 
     /// Creates or replaces an alert rule.
@@ -707,6 +719,8 @@ impl FeedbackApp {
                     let event = RawEvent::at(tenant, &event, Some(scenario.clone()), utc(now));
                     if self.store.raise(tenant.as_str(), &stored, &event).await? {
                         tracing::info!(rule = %rule.id, scenario = %scenario, observed, "alert raised");
+                        metrics::counter!(ALERTS_RAISED_TOTAL, "kind" => rule.kind.to_string())
+                            .increment(1);
                         raised += 1;
                     }
                 }
@@ -731,6 +745,7 @@ impl FeedbackApp {
                         .await?
                     {
                         tracing::info!(rule = %rule.id, scenario = %scenario, observed, "alert resolved");
+                        metrics::counter!(ALERTS_RESOLVED_TOTAL).increment(1);
                         resolved += 1;
                     }
                 }

@@ -7,6 +7,7 @@
 //! - [`app`]: use cases over the store and the outbox.
 //! - [`adapters`]: [`adapters::sql`] (PostgreSQL and SQLite), [`adapters::bus`] (the dialog and
 //!   routing consumers), [`adapters::grpc`] (`FeedbackService`).
+//! - [`metrics`]: Prometheus metric names.
 //!
 //! Metric definitions are published in `docs/metrics.md`. The service reads only its own tables
 //! and learns about conversations only from events.
@@ -14,6 +15,7 @@
 pub mod adapters;
 pub mod app;
 pub mod domain;
+pub mod metrics;
 
 use std::time::Duration;
 

@@ -366,12 +366,15 @@ impl Projector {
         if projected.is_empty() {
             return Ok(0);
         }
-        self.store
+        let applied = self
+            .store
             .project(self.consumer, &projected)
             .await
             .map_err(|e| {
                 HandlerError::Transient(tandem_platform::error::DisplayChain(&e).to_string())
-            })
+            })?;
+        metrics::counter!(crate::metrics::EVENTS_PROJECTED_TOTAL).increment(applied as u64);
+        Ok(applied)
     }
 }
 

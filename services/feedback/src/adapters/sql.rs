@@ -223,6 +223,16 @@ fn refresh_followed_up(group: &mut BTreeMap<String, ConversationFact>) -> Vec<St
     changed
 }
 
+/// What first-contact resolution depends on: customer, scenario, start and first resolution.
+fn fcr_inputs(fact: &ConversationFact) -> (&str, &str, Option<Micros>, Option<Micros>) {
+    (
+        &fact.customer_id.value,
+        &fact.scenario_id.value,
+        fact.bucket_at(),
+        fact.first_resolution.at,
+    )
+}
+
 fn outcome(fact: &ConversationFact) -> &'static str {
     if fact.handed_off() {
         "handed_off"
@@ -256,7 +266,7 @@ fn record_from_parts(
 }
 
 macro_rules! engine {
-    ($module:ident, $db:ty, $pool:ty, $lock:literal, $claim:path, $enqueue:path) => {
+    ($module:ident, $db:ty, $pool:ty, $lock:literal, $share:literal, $claim:path, $enqueue:path) => {
         /// The store on one engine.
         pub mod $module {
             use super::*;
@@ -267,6 +277,9 @@ macro_rules! engine {
             /// Row lock taken on facts changed in a transaction (empty where the engine has
             /// one writer).
             const LOCK: &str = $lock;
+            /// Row lock taken on facts read to attribute new feedback: it waits for a projection
+            /// of the same conversation but lets feedback writers run side by side.
+            const SHARE: &str = $share;
 
             fn push_list<T>(builder: &mut QueryBuilder<Database>, values: &[T])
             where
@@ -287,6 +300,7 @@ macro_rules! engine {
                 conn: &mut Conn,
                 tenant: &str,
                 ids: &[String],
+                lock: &str,
             ) -> StoreResult<BTreeMap<String, ConversationFact>> {
                 let mut out = BTreeMap::new();
                 for chunk in ids.chunks(CHUNK) {
@@ -304,7 +318,7 @@ macro_rules! engine {
                     select.push_bind(tenant).push(" AND conversation_id IN ");
                     push_list(&mut select, chunk);
                     select.push(" ORDER BY conversation_id");
-                    select.push(LOCK);
+                    select.push(lock);
                     for row in select.build().fetch_all(&mut *conn).await? {
                         let id: String = row.try_get("conversation_id")?;
                         let state: String = row.try_get("state")?;
@@ -320,16 +334,15 @@ macro_rules! engine {
                 customers: &[String],
             ) -> StoreResult<BTreeMap<String, ConversationFact>> {
                 let mut out = BTreeMap::new();
-                for customer in customers {
+                for chunk in customers.chunks(CHUNK) {
                     let mut select = QueryBuilder::<Database>::new(
                         "SELECT conversation_id, state FROM fb_conversation WHERE tenant = ",
                     );
+                    select.push_bind(tenant).push(" AND customer_id IN ");
+                    push_list(&mut select, chunk);
                     select
-                        .push_bind(tenant)
-                        .push(" AND customer_id = ")
-                        .push_bind(customer)
-                        .push(" ORDER BY bucket_at DESC, conversation_id LIMIT ")
-                        .push_bind(CUSTOMER_CONVERSATIONS);
+                        .push(" ORDER BY conversation_id LIMIT ")
+                        .push_bind(CUSTOMER_CONVERSATIONS * chunk.len() as i64);
                     select.push(LOCK);
                     for row in select.build().fetch_all(&mut *conn).await? {
                         let id: String = row.try_get("conversation_id")?;
@@ -460,11 +473,17 @@ macro_rules! engine {
             async fn save_children(
                 conn: &mut Conn,
                 tenant: &str,
-                conversation_id: &str,
-                state: &ConversationState,
+                states: &[(&String, &ConversationState)],
             ) -> StoreResult<()> {
-                let c = &state.conversation;
-                let handoffs: Vec<(&String, &HandoffFact)> = state.handoffs.iter().collect();
+                let handoffs: Vec<(&String, &ConversationFact, &String, &HandoffFact)> = states
+                    .iter()
+                    .flat_map(|(cid, state)| {
+                        state
+                            .handoffs
+                            .iter()
+                            .map(move |(id, h)| (*cid, &state.conversation, id, h))
+                    })
+                    .collect();
                 for chunk in handoffs.chunks(CHUNK) {
                     let mut upsert = QueryBuilder::<Database>::new(
                         "INSERT INTO fb_handoff (tenant, handoff_id, conversation_id, scenario_id, language, reason, \
@@ -472,10 +491,10 @@ macro_rules! engine {
                          accepted_offer_at, assigned_at, first_agent_reply_at, system_latency_us, queue_wait_us, \
                          agent_accept_us, first_human_reply_us, handle_time_us, summary, intents, test, state) ",
                     );
-                    upsert.push_values(chunk, |mut row, (id, h)| {
+                    upsert.push_values(chunk, |mut row, (conversation_id, c, id, h)| {
                         row.push_bind(tenant)
                             .push_bind((*id).clone())
-                            .push_bind(conversation_id)
+                            .push_bind((*conversation_id).clone())
                             .push_bind(c.scenario_id.value.clone())
                             .push_bind(i64::from(c.language.value))
                             .push_bind(i64::from(h.reason.value))
@@ -513,13 +532,21 @@ macro_rules! engine {
                     );
                     upsert.build().execute(&mut *conn).await?;
                 }
-                let suggestions: Vec<(&String, &SuggestionFact)> = state.suggestions.iter().collect();
+                let suggestions: Vec<(&String, &ConversationFact, &String, &SuggestionFact)> = states
+                    .iter()
+                    .flat_map(|(cid, state)| {
+                        state
+                            .suggestions
+                            .iter()
+                            .map(move |(id, s)| (*cid, &state.conversation, id, s))
+                    })
+                    .collect();
                 for chunk in suggestions.chunks(CHUNK) {
                     let mut upsert = QueryBuilder::<Database>::new(
                         "INSERT INTO fb_suggestion (tenant, suggestion_id, conversation_id, scenario_id, agent_id, \
                          created_at, outcome, reviewed_at, test, state) ",
                     );
-                    upsert.push_values(chunk, |mut row, (id, s)| {
+                    upsert.push_values(chunk, |mut row, (conversation_id, c, id, s)| {
                         let scenario = if c.scenario_id.value.is_empty() {
                             s.scenario_id.value.clone()
                         } else {
@@ -527,7 +554,7 @@ macro_rules! engine {
                         };
                         row.push_bind(tenant)
                             .push_bind((*id).clone())
-                            .push_bind(conversation_id)
+                            .push_bind((*conversation_id).clone())
                             .push_bind(scenario)
                             .push_bind(s.agent_id.value.clone())
                             .push_bind(s.created_at)
@@ -557,21 +584,23 @@ macro_rules! engine {
                 // The hours of one day meet in one daily row: sum them first, since one
                 // statement may not touch a row twice. Keys are sorted, so concurrent
                 // transactions lock rows in the same order.
-                let mut sums: BTreeMap<(i64, i32, Micros, &rollup::Dims), [i64; 4]> = BTreeMap::new();
-                let mut cell_sums: BTreeMap<(i64, i32, Micros, &rollup::Dims, i32), i64> =
+                let mut sums: BTreeMap<(i64, i32, Micros, rollup::Dims), [i64; 4]> = BTreeMap::new();
+                let mut cell_sums: BTreeMap<(i64, i32, Micros, rollup::Dims, i32), i64> =
                     BTreeMap::new();
                 for (key, tally) in &delta.0 {
-                    for (grain, bucket) in key.grains() {
-                        let sum = sums.entry((grain, key.metric, bucket, &key.dims)).or_default();
+                    for (grain, bucket, dims) in key.grains() {
+                        if !tally.hist.is_empty() {
+                            for (cell, n) in &tally.hist {
+                                *cell_sums
+                                    .entry((grain, key.metric, bucket, dims.clone(), *cell))
+                                    .or_default() += n;
+                            }
+                        }
+                        let sum = sums.entry((grain, key.metric, bucket, dims)).or_default();
                         sum[0] += tally.num;
                         sum[1] += tally.den;
                         sum[2] += tally.cnt;
                         sum[3] += tally.total;
-                        for (cell, n) in &tally.hist {
-                            *cell_sums
-                                .entry((grain, key.metric, bucket, &key.dims, *cell))
-                                .or_default() += n;
-                        }
                     }
                 }
                 let rows: Vec<_> = sums.into_iter().filter(|(_, v)| v.iter().any(|x| *x != 0)).collect();
@@ -674,7 +703,7 @@ macro_rules! engine {
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let facts = lock_conversations(&mut *conn, tenant, &ids).await?;
+                let facts = lock_conversations(&mut *conn, tenant, &ids, LOCK).await?;
                 let mut states: BTreeMap<String, Loaded> = facts
                     .into_iter()
                     .map(|(id, conversation)| {
@@ -694,9 +723,11 @@ macro_rules! engine {
                         loaded.after.apply(input);
                     }
                 }
-                // First-contact resolution: every conversation of the customers involved.
+                // First-contact resolution: every conversation of the customers involved, when
+                // something it depends on changed.
                 let customers: Vec<String> = states
                     .values()
+                    .filter(|l| fcr_inputs(&l.before.conversation) != fcr_inputs(&l.after.conversation))
                     .flat_map(|l| {
                         [
                             l.before.conversation.customer_id.value.clone(),
@@ -715,7 +746,12 @@ macro_rules! engine {
                     }
                 }
                 for (id, loaded) in &states {
-                    group.insert(id.clone(), loaded.after.conversation.clone());
+                    // Only conversations whose whole customer group is loaded are recomputed.
+                    if customers.contains(&loaded.after.conversation.customer_id.value) {
+                        group.insert(id.clone(), loaded.after.conversation.clone());
+                    } else {
+                        group.remove(id);
+                    }
                 }
                 let changed = refresh_followed_up(&mut group);
                 let mut delta = Contribution::default();
@@ -747,16 +783,18 @@ macro_rules! engine {
                 }
                 saves.sort_by(|a, b| a.0.cmp(b.0));
                 save_conversations(&mut *conn, tenant, &saves).await?;
-                for (id, loaded) in &states {
-                    if loaded.after.handoffs != loaded.before.handoffs
-                        || loaded.after.suggestions != loaded.before.suggestions
-                        || loaded.after.conversation.scenario_id != loaded.before.conversation.scenario_id
-                        || loaded.after.conversation.language != loaded.before.conversation.language
-                        || loaded.after.conversation.test != loaded.before.conversation.test
-                    {
-                        save_children(&mut *conn, tenant, id, &loaded.after).await?;
-                    }
-                }
+                let children_changed: Vec<(&String, &ConversationState)> = states
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.after.handoffs != l.before.handoffs
+                            || l.after.suggestions != l.before.suggestions
+                            || l.after.conversation.scenario_id != l.before.conversation.scenario_id
+                            || l.after.conversation.language != l.before.conversation.language
+                            || l.after.conversation.test != l.before.conversation.test
+                    })
+                    .map(|(id, l)| (id, &l.after))
+                    .collect();
+                save_children(&mut *conn, tenant, &children_changed).await?;
                 apply_delta(&mut *conn, tenant, &delta).await
             }
 
@@ -887,7 +925,7 @@ macro_rules! engine {
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let facts = lock_conversations(&mut tx, tenant, &conversation_ids).await?;
+                let facts = lock_conversations(&mut tx, tenant, &conversation_ids, SHARE).await?;
                 let mut delta = Contribution::default();
                 for chunk in fresh.chunks(CHUNK) {
                     let mut insert = QueryBuilder::<Database>::new(
@@ -919,11 +957,12 @@ macro_rules! engine {
                     let conversation = facts.get(&record.input.conversation_id);
                     rollup::feedback_part(conversation, &record.obs(), &mut delta);
                 }
-                apply_delta(&mut tx, tenant, &delta).await?;
                 let events: Vec<RawEvent> = fresh.iter().map(|p| p.1.clone()).collect();
                 for chunk in events.chunks(CHUNK) {
                     $enqueue(&mut tx, chunk).await?;
                 }
+                // Last, so the shared rollup rows stay locked for as short a time as possible.
+                apply_delta(&mut tx, tenant, &delta).await?;
                 tx.commit().await?;
                 Ok(out)
             }
@@ -996,7 +1035,6 @@ macro_rules! engine {
                 tenant: &str,
                 query: &MetricQuery,
             ) -> StoreResult<(Vec<RollupRow>, Vec<HistRow>)> {
-                let mut conn = pool.acquire().await?;
                 let columns = query.group_columns();
                 let group_select: String = columns
                     .iter()
@@ -1006,8 +1044,18 @@ macro_rules! engine {
                 let group_by: String = columns.iter().map(|(c, _)| format!(", {c}")).collect();
                 let (from, to) = query.bucket_range();
                 let metrics: Vec<i64> = query.metrics.iter().map(|m| i64::from(*m)).collect();
+                // Group buckets in SQL when the output buckets allow it, so that only one row
+                // per output bucket comes back.
+                let bucket = match query.sql_bucketing() {
+                    None => "bucket".to_owned(),
+                    Some(None) => format!("CAST({from} AS BIGINT)"),
+                    Some(Some(offset)) => format!(
+                        "(((bucket + ({offset})) / {day}) * {day} - ({offset}))",
+                        day = crate::domain::DAY
+                    ),
+                };
                 let mut select = QueryBuilder::<Database>::new(format!(
-                    "SELECT metric, bucket{group_select}, CAST(SUM(num) AS BIGINT) AS num, \
+                    "SELECT metric, {bucket} AS b{group_select}, CAST(SUM(num) AS BIGINT) AS num, \
                      CAST(SUM(den) AS BIGINT) AS den, CAST(SUM(cnt) AS BIGINT) AS cnt, \
                      CAST(SUM(total) AS BIGINT) AS total FROM fb_rollup WHERE tenant = "
                 ));
@@ -1019,28 +1067,35 @@ macro_rules! engine {
                 push_list(&mut select, &metrics);
                 select.push(" AND bucket >= ").push_bind(from).push(" AND bucket < ").push_bind(to);
                 push_filters(&mut select, query);
-                select.push(format!(" GROUP BY metric, bucket{group_by}"));
-                let mut rows = Vec::new();
-                for row in select.build().fetch_all(&mut *conn).await? {
-                    rows.push(RollupRow {
-                        metric: i32::try_from(row.try_get::<i64, _>("metric")?).unwrap_or_default(),
-                        bucket: row.try_get("bucket")?,
-                        group: read_group(&row, &columns)?,
-                        num: row.try_get("num")?,
-                        den: row.try_get("den")?,
-                        cnt: row.try_get("cnt")?,
-                        total: row.try_get("total")?,
-                    });
-                }
+                select.push(format!(" GROUP BY metric, b{group_by}"));
+                // The sums and the histograms are read side by side, on two connections.
+                let read_rows = async {
+                    let mut rows = Vec::new();
+                    for row in select.build().fetch_all(pool).await? {
+                        rows.push(RollupRow {
+                            metric: i32::try_from(row.try_get::<i64, _>("metric")?).unwrap_or_default(),
+                            bucket: row.try_get("b")?,
+                            group: read_group(&row, &columns)?,
+                            num: row.try_get("num")?,
+                            den: row.try_get("den")?,
+                            cnt: row.try_get("cnt")?,
+                            total: row.try_get("total")?,
+                        });
+                    }
+                    StoreResult::Ok(rows)
+                };
                 let durations: Vec<i64> = metrics
                     .iter()
                     .copied()
                     .filter(|m| rollup::metric::is_duration(i32::try_from(*m).unwrap_or_default()))
                     .collect();
-                let mut hist = Vec::new();
-                if !durations.is_empty() {
+                let read_hist = async {
+                    let mut hist = Vec::new();
+                    if durations.is_empty() {
+                        return StoreResult::Ok(hist);
+                    }
                     let mut select = QueryBuilder::<Database>::new(format!(
-                        "SELECT metric, bucket{group_select}, cell, CAST(SUM(cnt) AS BIGINT) AS cnt \
+                        "SELECT metric, {bucket} AS b{group_select}, cell, CAST(SUM(cnt) AS BIGINT) AS cnt \
                          FROM fb_rollup_hist WHERE tenant = "
                     ));
                     select
@@ -1051,18 +1106,19 @@ macro_rules! engine {
                     push_list(&mut select, &durations);
                     select.push(" AND bucket >= ").push_bind(from).push(" AND bucket < ").push_bind(to);
                     push_filters(&mut select, query);
-                    select.push(format!(" GROUP BY metric, bucket{group_by}, cell"));
-                    for row in select.build().fetch_all(&mut *conn).await? {
+                    select.push(format!(" GROUP BY metric, b{group_by}, cell"));
+                    for row in select.build().fetch_all(pool).await? {
                         hist.push(HistRow {
                             metric: i32::try_from(row.try_get::<i64, _>("metric")?).unwrap_or_default(),
-                            bucket: row.try_get("bucket")?,
+                            bucket: row.try_get("b")?,
                             group: read_group(&row, &columns)?,
                             cell: i32::try_from(row.try_get::<i64, _>("cell")?).unwrap_or_default(),
                             cnt: row.try_get("cnt")?,
                         });
                     }
-                }
-                Ok((rows, hist))
+                    Ok(hist)
+                };
+                tokio::try_join!(read_rows, read_hist)
             }
 
             /// Returns complaints (negative feedback with a comment) and failed bot turns
@@ -1555,6 +1611,7 @@ engine!(
     sqlx::Postgres,
     sqlx::PgPool,
     " FOR UPDATE",
+    " FOR SHARE",
     tandem_platform::inbox::claim_batch_pg,
     tandem_platform::outbox::enqueue_pg
 );
@@ -1562,6 +1619,7 @@ engine!(
     sqlite,
     sqlx::Sqlite,
     sqlx::SqlitePool,
+    "",
     "",
     tandem_platform::inbox::claim_batch_sqlite,
     tandem_platform::outbox::enqueue_sqlite

@@ -295,14 +295,47 @@ impl MetricRequest {
 }
 
 impl MetricQuery {
-    /// Returns the rollup grain that answers the query: daily only for UTC days over a range of
-    /// whole UTC days.
+    /// Returns the rollup grain that answers the query: the scenario-only rows when nothing but
+    /// the scenario is filtered or grouped on; daily rows only for UTC days over a range of whole
+    /// UTC days.
     pub fn grain(&self) -> i64 {
         let whole_days = self.start % DAY == 0 && self.end % DAY == 0;
-        if self.granularity != granularity::HOUR && self.timezone == Tz::UTC && whole_days {
-            grain::DAY
-        } else {
-            grain::HOUR
+        let daily = self.granularity != granularity::HOUR && self.timezone == Tz::UTC && whole_days;
+        let scenario_only = self.filters.iter().all(|f| f.column == "scenario")
+            && self.group_by.iter().all(|d| *d == dimension::SCENARIO);
+        match (scenario_only, daily) {
+            (true, true) => grain::SCENARIO_DAY,
+            (true, false) => grain::SCENARIO_HOUR,
+            (false, true) => grain::DAY,
+            (false, false) => grain::HOUR,
+        }
+    }
+
+    /// Returns how the store may group rollup buckets itself: `None` to return them as they
+    /// are, `Some(None)` for one bucket, `Some(Some(offset))` for days of a zone whose UTC offset
+    /// (in microseconds) does not change over the range.
+    pub fn sql_bucketing(&self) -> Option<Option<Micros>> {
+        match self.granularity {
+            granularity::TOTAL => Some(None),
+            granularity::HOUR => None,
+            _ => {
+                let offset = |at: Micros| -> Option<Micros> {
+                    use chrono::Offset as _;
+                    let t = self.timezone.timestamp_micros(at).single()?;
+                    Some(i64::from(t.offset().fix().local_minus_utc()) * 1_000_000)
+                };
+                let first = offset(self.start)?;
+                // Any change of offset (daylight saving) inside the range is seen at some day
+                // boundary; check them all (at most 400).
+                let mut at = self.start;
+                while at < self.end {
+                    if offset(at)? != first {
+                        return None;
+                    }
+                    at += DAY;
+                }
+                (offset(self.end)? == first).then_some(Some(first))
+            }
         }
     }
 

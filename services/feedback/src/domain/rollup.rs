@@ -55,12 +55,18 @@ pub mod metric {
     }
 }
 
-/// Rollup grains.
+/// Rollup grains: a time bucket and a set of dimensions. The "by scenario" grains keep only the
+/// scenario (every other dimension is left unknown), so the common queries — everything, or by
+/// scenario — read a small fraction of the rows.
 pub mod grain {
-    /// One row per UTC hour.
+    /// One row per UTC hour and combination of all dimensions.
     pub const HOUR: i64 = 1;
-    /// One row per UTC day.
+    /// One row per UTC day and combination of all dimensions.
     pub const DAY: i64 = 2;
+    /// One row per UTC hour and scenario.
+    pub const SCENARIO_HOUR: i64 = 3;
+    /// One row per UTC day and scenario.
+    pub const SCENARIO_DAY: i64 = 4;
 }
 
 /// The dimensions of one rollup row. Empty strings and zero enums mean "unknown".
@@ -96,11 +102,19 @@ pub struct RollupKey {
 }
 
 impl RollupKey {
-    /// Returns the (grain, bucket start) rows this key is written to: its hour and its day.
-    pub fn grains(&self) -> [(i64, Micros); 2] {
+    /// Returns the (grain, bucket start, dimensions) rows this key is written to: its hour and
+    /// its day, with all dimensions and with the scenario only.
+    pub fn grains(&self) -> [(i64, Micros, Dims); 4] {
+        let day = self.hour.div_euclid(DAY) * DAY;
+        let scenario = Dims {
+            scenario: self.dims.scenario.clone(),
+            ..Dims::default()
+        };
         [
-            (grain::HOUR, self.hour),
-            (grain::DAY, self.hour.div_euclid(DAY) * DAY),
+            (grain::HOUR, self.hour, self.dims.clone()),
+            (grain::DAY, day, self.dims.clone()),
+            (grain::SCENARIO_HOUR, self.hour, scenario.clone()),
+            (grain::SCENARIO_DAY, day, scenario),
         ]
     }
 }
