@@ -802,7 +802,9 @@ impl App {
             sentiment: f64::from(a.sentiment.score),
             sentiment_drop: f64::from(a.trend.drop_from_peak).clamp(0.0, 2.0),
             complexity: f64::from(a.complexity.score).clamp(0.0, 1.0),
-            fallbacks: i32::try_from(signals.consecutive_fallbacks).unwrap_or(i32::MAX),
+            fallbacks: i32::try_from(signals.consecutive_fallbacks)
+                .unwrap_or(i32::MAX)
+                .saturating_add(i32::from(out_of_scope)),
             bot_turns: i32::try_from(history.len()).unwrap_or(i32::MAX),
             customer_tier: c.customer.as_ref().map_or(0, |x| x.tier),
             queue_eta_seconds: None,
@@ -823,8 +825,23 @@ impl App {
         if c.scenario_id.is_empty() && !decision.scenario_id.is_empty() {
             c.scenario_id.clone_from(&decision.scenario_id);
         }
-        let action = policy::DecisionAction::try_from(decision.action)
+        let mut action = policy::DecisionAction::try_from(decision.action)
             .unwrap_or(policy::DecisionAction::Fallback);
+        // An out-of-scope turn whose only trigger is the low confidence gets a fallback (asking to
+        // rephrase) until the scenario's fallback allowance is used up; the policy's own
+        // `max_fallbacks` rule hands off after that.
+        let allowance = decision
+            .thresholds
+            .as_ref()
+            .and_then(|t| t.max_fallbacks)
+            .unwrap_or(2);
+        if out_of_scope
+            && action == policy::DecisionAction::Handoff
+            && decision.handoff_reason == common::HandoffReason::LowConfidence as i32
+            && ctx.fallbacks <= allowance
+        {
+            action = policy::DecisionAction::Fallback;
+        }
         let trace_id = new_id();
         let t2 = Instant::now();
         let mut bot_turn = pb::BotTurn {
@@ -936,7 +953,12 @@ impl App {
             normalized_text: a.normalised.clone(),
             language: Some(pb::LanguageDetection {
                 language: lang as i32,
-                confidence: f64::from(if a.language.mixed { 0.6 } else { 0.95 }),
+                // The share of the script that decided the language.
+                confidence: f64::from(if lang == common::Language::Zh {
+                    a.language.han_share
+                } else {
+                    1.0 - a.language.han_share
+                }),
             }),
             token_count: i32::try_from(a.tokens.len()).unwrap_or(i32::MAX),
             intent_scores: scores,

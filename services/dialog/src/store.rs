@@ -225,7 +225,7 @@ impl Store {
         let row: Option<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
             "SELECT body FROM dialog_traces WHERE tenant = $1 AND (id = $2 OR message_id = $3) \
              ORDER BY turn_index LIMIT 1")
-            .bind(tenant.as_str()).bind(id.unwrap_or("\u{0}")).bind(message_id.unwrap_or("\u{0}"))
+            .bind(tenant.as_str()).bind(id.unwrap_or("")).bind(message_id.unwrap_or(""))
             .fetch_optional(pool).await?);
         row.map(|b| decode("trace", &b)).transpose()
     }
@@ -346,7 +346,7 @@ impl Store {
         on_db!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             let next: i64 = sqlx::query_scalar(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM dialog_models WHERE tenant = $1")
+                "SELECT CAST(COALESCE(MAX(version), 0) + 1 AS BIGINT) FROM dialog_models WHERE tenant = $1")
                 .bind(t).fetch_one(&mut *tx).await?;
             version.version = i32::try_from(next).unwrap_or(i32::MAX);
             version.status = pb::ModelStatus::Inactive as i32;

@@ -1,0 +1,1029 @@
+//! The dialog service end to end over gRPC and the bus, on both deployments: PostgreSQL with a
+//! real nats-server (throwaway servers from the testkit), and the standalone engine (SQLite and
+//! the in-process bus). Every case runs on both through the `both!` macro.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tandem_dialog::Dialog;
+use tandem_platform::auth::{Role, TokenIssuer};
+use tandem_platform::bus::memory::MemoryBus;
+use tandem_platform::bus::{Bus, Consumer, ConsumerSpec, RawEvent};
+use tandem_platform::config::{
+    AuthConfig, BusConfig, BusKind, DatabaseConfig, OutboxConfig, Secret, ServiceConfig,
+};
+use tandem_proto::events::DIALOG;
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::common::v1 as common;
+use tandem_proto::pb::dialog::v1 as pb;
+use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
+use tandem_proto::pb::dialog::v1::model_service_client::ModelServiceClient;
+use tandem_proto::pb::policy::v1 as policy;
+use tandem_proto::pb::routing::v1 as routing;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const SECRET: &str = "dialog-test-secret-dialog-test-secret";
+
+type Intercept = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Client = DialogServiceClient<InterceptedService<Channel, Intercept>>;
+type Models = ModelServiceClient<InterceptedService<Channel, Intercept>>;
+
+struct Rig {
+    bus: Bus,
+    bus_config: BusConfig,
+    url: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _keep: Keep,
+}
+
+#[allow(dead_code, clippy::large_enum_variant, reason = "held for their Drop")]
+enum Keep {
+    Servers(tandem_testkit::Postgres, tandem_testkit::NatsServer),
+    Dir(tempfile::TempDir),
+}
+
+fn auth() -> AuthConfig {
+    AuthConfig {
+        hs256_secret: Secret::new(SECRET.to_owned()),
+        allow_hs256: true,
+        ..AuthConfig::default()
+    }
+}
+
+impl Rig {
+    async fn production() -> Self {
+        let pg = tandem_testkit::Postgres::start().await.unwrap();
+        let nats = tandem_testkit::NatsServer::start().await.unwrap();
+        let url = pg.fresh_database().await.unwrap();
+        let bus_config = BusConfig {
+            kind: BusKind::Nats,
+            nats_url: nats.url(),
+            ..BusConfig::default()
+        };
+        let database = DatabaseConfig {
+            url: Secret::new(url),
+            schema: "dialog".into(),
+            ..DatabaseConfig::default()
+        };
+        Self::start(database, bus_config, None, Keep::Servers(pg, nats)).await
+    }
+
+    async fn standalone() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let database = DatabaseConfig {
+            url: Secret::new(format!(
+                "sqlite://{}",
+                dir.path().join("dialog.db").display()
+            )),
+            ..DatabaseConfig::default()
+        };
+        let bus_config = BusConfig {
+            kind: BusKind::Memory,
+            ..BusConfig::default()
+        };
+        Self::start(database, bus_config, Some(MemoryBus::new()), Keep::Dir(dir)).await
+    }
+
+    async fn start(
+        database: DatabaseConfig,
+        bus_config: BusConfig,
+        memory: Option<MemoryBus>,
+        keep: Keep,
+    ) -> Self {
+        let cfg = ServiceConfig {
+            auth: auth(),
+            database,
+            bus: bus_config.clone(),
+            outbox: OutboxConfig {
+                poll_interval: Duration::from_millis(50),
+                ..OutboxConfig::default()
+            },
+            ..ServiceConfig::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let server = {
+            let (stop, memory) = (stop.clone(), memory.clone());
+            tokio::spawn(async move {
+                tandem_platform::runtime::serve_with::<Dialog>(cfg, memory.as_ref(), listener, stop)
+                    .await
+            })
+        };
+        let bus = Bus::connect(&bus_config, memory.as_ref()).await.unwrap();
+        bus.ensure_streams().await.unwrap();
+        let rig = Self {
+            bus,
+            bus_config,
+            url,
+            stop,
+            server,
+            _keep: keep,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+            let probe = c
+                .get_conversation(pb::GetConversationRequest {
+                    conversation_id: "probe".into(),
+                })
+                .await;
+            if matches!(&probe, Err(s) if s.code() == Code::NotFound) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the service did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        rig
+    }
+
+    async fn channel(&self, tenant: &str, subject: &str, roles: &[Role]) -> (Channel, Intercept) {
+        let issuer = TokenIssuer::from_config(&auth()).unwrap();
+        let token = issuer
+            .issue(
+                &TenantId::new(tenant).unwrap(),
+                subject,
+                roles,
+                Duration::from_secs(600),
+            )
+            .unwrap();
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let channel = loop {
+            match Channel::from_shared(self.url.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let intercept: Intercept = Box::new(move |mut req: Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+        (channel, intercept)
+    }
+
+    async fn client(&self, tenant: &str, subject: &str, roles: &[Role]) -> Client {
+        let (channel, intercept) = self.channel(tenant, subject, roles).await;
+        DialogServiceClient::with_interceptor(channel, intercept)
+    }
+
+    async fn models(&self, tenant: &str) -> Models {
+        let (channel, intercept) = self.channel(tenant, "admin-1", &[Role::Admin]).await;
+        ModelServiceClient::with_interceptor(channel, intercept)
+    }
+
+    async fn dialog_events(&self, name: &str) -> Consumer {
+        let spec = ConsumerSpec::new(name, &DIALOG, &self.bus_config)
+            .event::<pb::HandoffRequested>()
+            .event::<pb::SuggestionReviewed>();
+        self.bus.consumer(&spec).await.unwrap()
+    }
+
+    async fn publish<E: tandem_proto::events::Event>(&self, tenant: &str, event: &E) {
+        let raw = RawEvent::new(&TenantId::new(tenant).unwrap(), event, None);
+        self.bus.publish_batch(&[raw]).await.unwrap();
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+/// Waits for the next event of type `E` on `consumer`, skipping others.
+async fn next_event<E: tandem_proto::events::Event>(consumer: &mut Consumer) -> E {
+    loop {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("no event within 10 s")
+            .unwrap();
+        let matches = delivery.event.type_name == E::TYPE_NAME;
+        let decoded = matches.then(|| delivery.event.decode::<E>().unwrap().event);
+        delivery.ack().await.unwrap();
+        if let Some(e) = decoded {
+            return e;
+        }
+    }
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod production {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Rig::production()).await }) *
+        }
+        mod standalone {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Rig::standalone()).await }) *
+        }
+    };
+}
+
+both!(
+    a_trained_model_changes_what_the_bot_understands,
+    explicit_request_hands_off_once_with_the_package,
+    emotion_swing_hands_off_and_routing_moves_the_conversation,
+    policy_updates_from_events_drive_the_bot,
+    bad_input_is_refused_and_nothing_written,
+);
+
+/// Training examples: core phrases with polite prefixes, answers on the first row of each
+/// intent and language.
+fn examples_csv() -> String {
+    type Set<'a> = (&'a str, &'a str, &'a [&'a str], &'a [&'a str], &'a str);
+    let sets: [Set; 4] = [
+        (
+            "refund",
+            "zh",
+            &["", "请问", "你好，", "麻烦问下"],
+            &[
+                "我要退款",
+                "怎么申请退款",
+                "退款什么时候到账",
+                "这个订单能退钱吗",
+                "我想把钱退回来",
+            ],
+            "退款会在3个工作日内原路退回。",
+        ),
+        (
+            "delivery",
+            "zh",
+            &["", "请问", "你好，", "麻烦问下"],
+            &[
+                "快递到哪里了",
+                "我的包裹什么时候到",
+                "物流信息怎么查",
+                "快递怎么还没到",
+                "查一下我的快递",
+            ],
+            "您的包裹正在派送中，请留意快递员电话。",
+        ),
+        (
+            "refund",
+            "en",
+            &["", "hi ", "please ", "hello, "],
+            &[
+                "how do I get a refund",
+                "I want my money back",
+                "can I return this and get a refund",
+                "refund my order",
+                "when will my refund arrive",
+            ],
+            "Refunds go back to your card within 3 working days.",
+        ),
+        (
+            "delivery",
+            "en",
+            &["", "hi ", "please ", "hello, "],
+            &[
+                "where is my parcel",
+                "track my delivery",
+                "when will my package arrive",
+                "my order has not arrived yet",
+                "delivery status of my order",
+            ],
+            "Your parcel is on its way; the courier will call you.",
+        ),
+    ];
+    let mut csv = String::from("text,intent,language,answer\n");
+    for (intent, lang, prefixes, cores, answer) in sets {
+        let mut first = true;
+        for p in prefixes {
+            for c in cores {
+                let a = if first { answer } else { "" };
+                first = false;
+                csv.push_str(&format!("\"{p}{c}\",{intent},{lang},{a}\n"));
+            }
+        }
+    }
+    csv
+}
+
+async fn train(rig: &Rig, tenant: &str) -> pb::ModelVersion {
+    let mut m = rig.models(tenant).await;
+    let up = m
+        .upload_examples(pb::UploadExamplesRequest {
+            scenario_id: "orders".into(),
+            format: pb::ExampleFormat::Csv as i32,
+            raw: examples_csv(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(up.accepted, 80, "{:?}", up.errors);
+    assert_eq!(up.total_examples, 80);
+    m.train_model(pb::TrainModelRequest {
+        activate: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .model_version
+    .unwrap()
+}
+
+async fn start(c: &mut Client, key: &str, language: common::Language) -> pb::Conversation {
+    c.start_conversation(pb::StartConversationRequest {
+        customer: Some(common::Customer {
+            id: format!("cust-{key}"),
+            display_name: "王小明".into(),
+            language: language as i32,
+            tier: common::CustomerTier::Vip as i32,
+            ..Default::default()
+        }),
+        channel: common::Channel::WebChat as i32,
+        client_conversation_id: key.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .conversation
+    .unwrap()
+}
+
+async fn say(c: &mut Client, conv: &str, id: &str, text: &str) -> pb::PostCustomerMessageResponse {
+    c.post_customer_message(pb::PostCustomerMessageRequest {
+        conversation_id: conv.into(),
+        client_message_id: id.into(),
+        text: text.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn action(r: &pb::PostCustomerMessageResponse) -> pb::BotAction {
+    pb::BotAction::try_from(r.bot_turn.as_ref().unwrap().action).unwrap()
+}
+
+async fn a_trained_model_changes_what_the_bot_understands(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let conv = start(&mut c, "k1", common::Language::Unspecified).await;
+    // Same key, same conversation.
+    let again = c
+        .start_conversation(pb::StartConversationRequest {
+            customer: conv.customer.clone(),
+            client_conversation_id: "k1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(again.conversation.unwrap().id, conv.id);
+
+    // No model yet: the bot cannot tell what the customer wants.
+    let before = say(&mut c, &conv.id, "m1", "我要退款").await;
+    assert_eq!(action(&before), pb::BotAction::Fallback);
+
+    let version = train(&rig, "acme").await;
+    assert_eq!(version.version, 1);
+    assert_eq!(version.intent_count, 2);
+    assert_eq!(version.status, pb::ModelStatus::Active as i32);
+
+    // Chinese answer from the stored answer of the intent.
+    let zh = say(&mut c, &conv.id, "m2", "我要退款").await;
+    assert_eq!(action(&zh), pb::BotAction::Answer, "{zh:?}");
+    assert_eq!(
+        zh.bot_turn.as_ref().unwrap().reply_text,
+        "退款会在3个工作日内原路退回。"
+    );
+    // English answer.
+    let en = say(&mut c, &conv.id, "m3", "where is my parcel").await;
+    assert_eq!(action(&en), pb::BotAction::Answer, "{en:?}");
+    assert!(en.bot_turn.as_ref().unwrap().reply_text.contains("parcel"));
+
+    // Idempotent retry: same result, marked duplicate, nothing appended.
+    let dup = say(&mut c, &conv.id, "m3", "where is my parcel").await;
+    assert!(dup.duplicate);
+    assert_eq!(
+        dup.message.as_ref().unwrap().id,
+        en.message.as_ref().unwrap().id
+    );
+    let msgs = c
+        .list_messages(pb::ListMessagesRequest {
+            conversation_id: conv.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(msgs.len(), 6);
+    assert_eq!(
+        msgs.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+
+    // Decision traces: by id and by message, in turn order.
+    let trace = c
+        .get_decision_trace(pb::GetDecisionTraceRequest {
+            key: Some(pb::get_decision_trace_request::Key::TraceId(
+                zh.bot_turn.as_ref().unwrap().decision_trace_id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trace
+        .unwrap();
+    assert_eq!(trace.intent_scores[0].intent, "refund");
+    assert_eq!(trace.model_version_id, version.id);
+    assert_eq!(
+        trace.language.unwrap().language,
+        common::Language::Zh as i32
+    );
+    assert!(trace.policy_decision.as_ref().unwrap().rule_id.len() > 1);
+    assert!(trace.total_micros > 0);
+    let by_message = c
+        .get_decision_trace(pb::GetDecisionTraceRequest {
+            key: Some(pb::get_decision_trace_request::Key::MessageId(
+                en.message.as_ref().unwrap().id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trace
+        .unwrap();
+    assert_eq!(by_message.intent_scores[0].intent, "delivery");
+    let traces = c
+        .list_decision_traces(pb::ListDecisionTracesRequest {
+            conversation_id: conv.id.clone(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .traces;
+    assert_eq!(
+        traces.iter().map(|t| t.turn_index).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+
+    // Versions, evaluation and rollback.
+    let mut m = rig.models("acme").await;
+    let eval = m
+        .evaluate_model(pb::EvaluateModelRequest {
+            held_out: vec![
+                pb::IntentExample {
+                    text: "退款多久到账".into(),
+                    intent: "refund".into(),
+                    ..Default::default()
+                },
+                pb::IntentExample {
+                    text: "where is my delivery".into(),
+                    intent: "delivery".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let metrics = eval.metrics.unwrap();
+    assert_eq!(metrics.evaluated_count, 2);
+    assert!(metrics.accuracy >= 0.5, "{metrics:?}");
+    let v2 = m
+        .train_model(pb::TrainModelRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .model_version
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.status, pb::ModelStatus::Inactive as i32);
+    let act = m
+        .activate_model_version(pb::ActivateModelVersionRequest {
+            model_version_id: v2.id.clone(),
+            reason: "newer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(act.previous_model_version_id, version.id);
+    let list = m
+        .list_model_versions(pb::ListModelVersionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .model_versions;
+    assert_eq!(list.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
+    assert_eq!(list[1].status, pb::ModelStatus::Inactive as i32);
+    rig.stop().await;
+}
+
+async fn explicit_request_hands_off_once_with_the_package(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut events = rig.dialog_events("test-handoffs").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let conv = start(&mut c, "k2", common::Language::Zh).await;
+    train(&rig, "acme").await;
+    let first = say(
+        &mut c,
+        &conv.id,
+        "m1",
+        "我的订单号是 A12345678，一直没有收到货",
+    )
+    .await;
+    assert_ne!(action(&first), pb::BotAction::Handoff, "{first:?}");
+    let r = say(&mut c, &conv.id, "m2", "转人工").await;
+    assert_eq!(action(&r), pb::BotAction::Handoff, "{r:?}");
+    assert_eq!(r.state, pb::ConversationState::Queued as i32);
+    let package = r.bot_turn.as_ref().unwrap().handoff.clone().unwrap();
+    let trigger = package.trigger.clone().unwrap();
+    assert_eq!(
+        trigger.reason,
+        common::HandoffReason::ExplicitRequest as i32
+    );
+    assert_eq!(
+        package.customer.as_ref().unwrap().tier,
+        common::CustomerTier::Vip as i32
+    );
+    assert_eq!(package.sentiment_trajectory.len(), 2);
+    assert_eq!(package.recent_messages.len(), 4);
+    assert!(!package.summary.is_empty());
+    assert!(
+        package
+            .entities
+            .iter()
+            .any(|e| e.kind == common::EntityKind::OrderNumber as i32),
+        "{:?}",
+        package.entities
+    );
+    assert!(package.required_skills.iter().any(|s| s.name == "lang:zh"));
+    assert_eq!(package.language, common::Language::Zh as i32);
+    assert_eq!(
+        package.triggered_by_message_id,
+        r.message.as_ref().unwrap().id
+    );
+
+    // The event carries the same package.
+    let requested: pb::HandoffRequested = next_event(&mut events).await;
+    assert_eq!(requested.handoff_id, package.handoff_id);
+    assert_eq!(requested.package.unwrap(), package);
+
+    // Retrying the same message never hands off twice.
+    let dup = say(&mut c, &conv.id, "m2", "转人工").await;
+    assert!(dup.duplicate);
+    assert_eq!(
+        dup.bot_turn.unwrap().handoff.unwrap().handoff_id,
+        package.handoff_id
+    );
+    // While queued the bot does not answer.
+    let waiting = say(&mut c, &conv.id, "m3", "还要等多久").await;
+    assert!(waiting.bot_turn.is_none());
+    assert_eq!(waiting.state, pb::ConversationState::Queued as i32);
+    // Cancelling brings it back to the bot.
+    let back = c
+        .cancel_handoff(pb::CancelHandoffRequest {
+            conversation_id: conv.id.clone(),
+            handoff_id: package.handoff_id.clone(),
+            reason: "不用了".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(back.state, pb::ConversationState::Bot as i32);
+    let err = c
+        .cancel_handoff(pb::CancelHandoffRequest {
+            conversation_id: conv.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    rig.stop().await;
+}
+
+async fn wait_state(c: &mut Client, id: &str, state: pb::ConversationState) -> pb::Conversation {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let conv = c
+            .get_conversation(pb::GetConversationRequest {
+                conversation_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation
+            .unwrap();
+        if conv.state == state as i32 {
+            return conv;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "conversation stayed {:?}",
+            conv.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
+    rig: impl Future<Output = Rig>,
+) {
+    let rig = rig.await;
+    train(&rig, "acme").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let conv = start(&mut c, "k3", common::Language::En).await;
+    let mut watch = c
+        .watch_conversation(pb::WatchConversationRequest {
+            conversation_id: conv.id.clone(),
+            view: pb::ConversationView::Customer as i32,
+            resume_after: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    say(
+        &mut c,
+        &conv.id,
+        "m1",
+        "Thanks, that is great, you are very helpful!",
+    )
+    .await;
+    let r = say(
+        &mut c,
+        &conv.id,
+        "m2",
+        "This is terrible!!! I am furious, worst service ever, absolutely useless!",
+    )
+    .await;
+    assert_eq!(action(&r), pb::BotAction::Handoff, "{r:?}");
+    let package = r.bot_turn.unwrap().handoff.unwrap();
+    let reason = package.trigger.as_ref().unwrap().reason;
+    assert!(
+        reason == common::HandoffReason::EmotionSwing as i32
+            || reason == common::HandoffReason::NegativeEmotion as i32,
+        "{package:?}"
+    );
+    assert!(!package.trigger.as_ref().unwrap().values.is_empty());
+    let trajectory: Vec<f64> = package
+        .sentiment_trajectory
+        .iter()
+        .map(|p| p.sentiment.as_ref().unwrap().score)
+        .collect();
+    assert!(trajectory[0] > trajectory[1], "{trajectory:?}");
+
+    // The watcher saw the messages and the state change.
+    let mut seen_state = false;
+    let mut seen_messages = 0;
+    while !(seen_state && seen_messages >= 4) {
+        let u = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .update
+            .unwrap();
+        match u.update.unwrap() {
+            pb::conversation_update::Update::StateChanged(s) => {
+                seen_state |= s.to_state == pb::ConversationState::Queued as i32;
+            }
+            pb::conversation_update::Update::MessagePosted(_) => seen_messages += 1,
+            _ => {}
+        }
+    }
+
+    // Routing queues, then assigns agent a-1.
+    rig.publish(
+        "acme",
+        &routing::HandoffQueued {
+            handoff_id: package.handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            position: 2,
+            eta_seconds: 90,
+            queue_id: "general".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = c
+            .get_conversation(pb::GetConversationRequest {
+                conversation_id: conv.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation
+            .unwrap();
+        if let Some(q) = got.queue {
+            assert_eq!(q.position, 2);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "queue never shown");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rig.publish(
+        "acme",
+        &routing::HandoffAssigned {
+            handoff_id: package.handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: "a-1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let owned = wait_state(&mut c, &conv.id, pb::ConversationState::Agent).await;
+    assert_eq!(owned.assigned_agent_id, "a-1");
+
+    // Only the assigned agent may write.
+    let mut other = rig.client("acme", "a-2", &[Role::Agent]).await;
+    let err = other
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: "x".into(),
+            text: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut agent = rig.client("acme", "a-1", &[Role::Agent]).await;
+    // The customer writes; the bot only suggests to the agent.
+    let turn = say(&mut c, &conv.id, "m3", "how do I get a refund").await;
+    assert_eq!(action(&turn), pb::BotAction::Suggest);
+    let bt = turn.bot_turn.unwrap();
+    assert!(bt.reply_message_id.is_empty());
+    assert!(bt.reply_text.is_empty());
+    let suggestion = bt.suggestion.unwrap();
+    let posted = agent
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: "a1".into(),
+            text: format!("{} Sorry for the trouble.", suggestion.text),
+            suggestion_id: suggestion.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(posted.state, pb::ConversationState::Agent as i32);
+    let err = agent
+        .review_suggestion(pb::ReviewSuggestionRequest {
+            suggestion_id: suggestion.id.clone(),
+            outcome: pb::SuggestionOutcome::Used as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "reviewed when posted");
+
+    // The agent resolves through routing.
+    rig.publish(
+        "acme",
+        &routing::AssignmentCompleted {
+            handoff_id: package.handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: "a-1".into(),
+            disposition: routing::Disposition::Resolved as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_state(&mut c, &conv.id, pb::ConversationState::Resolved).await;
+    drop(watch);
+    // A new message reopens it with the bot; closing ends it.
+    let reopened = say(&mut c, &conv.id, "m4", "where is my parcel").await;
+    assert!(
+        reopened.bot_turn.is_some(),
+        "the bot takes the reopened conversation"
+    );
+    assert_ne!(reopened.state, pb::ConversationState::Resolved as i32);
+    let closed = c
+        .close_conversation(pb::CloseConversationRequest {
+            conversation_id: conv.id.clone(),
+            reason: pb::CloseReason::CustomerLeft as i32,
+            note: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(closed.state, pb::ConversationState::Closed as i32);
+    let err = c
+        .post_customer_message(pb::PostCustomerMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: "m5".into(),
+            text: "hello?".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    rig.stop().await;
+}
+
+async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    train(&rig, "acme").await;
+    // The policy service makes refunds human-first, routed to a refunds queue.
+    let scenario = policy::Scenario {
+        id: "refunds".into(),
+        intents: vec!["refund".into()],
+        tier: policy::Tier::Complex as i32,
+        strategy: policy::Strategy::HumanFirst as i32,
+        version: 3,
+        routing: Some(policy::RoutingTarget {
+            queue_id: "refunds-queue".into(),
+            skills: vec![common::SkillRequirement {
+                name: "refunds".into(),
+                min_level: 3,
+            }],
+            priority: 70,
+        }),
+        ..Default::default()
+    };
+    rig.publish(
+        "acme",
+        &policy::PolicyUpdated {
+            scenario_id: "refunds".into(),
+            version: 3,
+            scenario: Some(scenario),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        // A fresh conversation per attempt, as a turn under the old policy answers.
+        n += 1;
+        let conv = start(&mut c, &format!("k4-{n}"), common::Language::Zh).await;
+        let r = say(&mut c, &conv.id, "m1", "我要退款").await;
+        let bt = r.bot_turn.unwrap();
+        let trace = c
+            .get_decision_trace(pb::GetDecisionTraceRequest {
+                key: Some(pb::get_decision_trace_request::Key::TraceId(
+                    bt.decision_trace_id.clone(),
+                )),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .trace
+            .unwrap();
+        let decision = trace.policy_decision.unwrap();
+        if decision.policy_version == 3 {
+            assert_eq!(decision.scenario_id, "refunds");
+            assert_eq!(trace.scenario_id, "refunds");
+            assert_eq!(bt.action, pb::BotAction::Handoff as i32);
+            let package = bt.handoff.unwrap();
+            assert_eq!(
+                package.trigger.unwrap().reason,
+                common::HandoffReason::PolicyHumanFirst as i32
+            );
+            assert_eq!(package.queue_id, "refunds-queue");
+            assert_eq!(package.priority, 70);
+            assert_eq!(package.policy_version, 3);
+            assert!(package.required_skills.iter().any(|s| s.name == "refunds"));
+            break;
+        }
+        assert_eq!(bt.action, pb::BotAction::Answer as i32);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policy never applied: {decision:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    rig.stop().await;
+}
+
+async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let conv = start(&mut c, "k5", common::Language::En).await;
+    for (text, id) in [
+        (String::new(), "e1"),
+        ("   ".to_owned(), "e2"),
+        ("a".repeat(4_001), "e3"),
+        ("bell\u{7}".to_owned(), "e4"),
+    ] {
+        let err = c
+            .post_customer_message(pb::PostCustomerMessageRequest {
+                conversation_id: conv.id.clone(),
+                client_message_id: id.into(),
+                text,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    let err = c
+        .post_customer_message(pb::PostCustomerMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: String::new(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .post_customer_message(pb::PostCustomerMessageRequest {
+            conversation_id: "nope".into(),
+            client_message_id: "x".into(),
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Another tenant does not see the conversation.
+    let mut other = rig.client("globex", "ch-9", &[Role::Channel]).await;
+    let err = other
+        .get_conversation(pb::GetConversationRequest {
+            conversation_id: conv.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // An agent message while the bot owns the conversation.
+    let mut agent = rig.client("acme", "a-1", &[Role::Agent]).await;
+    let err = agent
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: "a".into(),
+            text: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // A channel token cannot post as an agent; an agent cannot train models.
+    let err = c
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: "a".into(),
+            text: "hello".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Training without examples of two intents.
+    let mut m = rig.models("acme").await;
+    let err = m
+        .train_model(pb::TrainModelRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let up = m
+        .upload_examples(pb::UploadExamplesRequest {
+            format: pb::ExampleFormat::Json as i32,
+            raw: r#"[{"text":"hi","intent":"greet"},{"text":"","intent":"x"}]"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((up.accepted, up.errors.len()), (1, 1));
+    assert_eq!(up.errors[0].row_number, 2);
+    // Nothing was written by the refused requests.
+    let msgs = c
+        .list_messages(pb::ListMessagesRequest {
+            conversation_id: conv.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert!(msgs.is_empty());
+    let got = c
+        .get_conversation(pb::GetConversationRequest {
+            conversation_id: conv.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(got.message_count, 0);
+    rig.stop().await;
+}
