@@ -773,7 +773,7 @@ impl App {
                     .map(|l| l.label.clone())
                     .unwrap_or_default(),
                 f64::from(p.confidence),
-                p.out_of_scope,
+                p.out_of_scope && !ambiguous(p, tn.analyzer.intent_model()),
             ),
             None => (String::new(), 0.0, true),
         };
@@ -1674,6 +1674,21 @@ pub enum RoutingEffect {
     BackToBot,
     /// The agent resolved it.
     Resolved,
+}
+
+/// Whether a prediction the classifier rejects is really torn between two known intents (the
+/// words are known and two intents share most of the probability): the bot then clarifies
+/// instead of falling back.
+fn ambiguous(p: &tandem_nlu::Prediction, model: Option<&tandem_nlu::TextClassifier>) -> bool {
+    let coverage_ok = model.is_none_or(|m| p.word_coverage >= m.min_word_coverage());
+    match p.ranked.as_slice() {
+        [first, second, ..] => {
+            coverage_ok
+                && first.probability + second.probability >= 0.8
+                && second.probability >= 0.2
+        }
+        _ => false,
+    }
 }
 
 fn micros(d: Duration) -> i64 {

@@ -307,6 +307,12 @@ fn examples_csv() -> String {
             }
         }
     }
+    // One phrase that belongs to both intents: the model cannot choose between them.
+    for p in ["", "请问", "你好，", "麻烦问下"] {
+        for intent in ["refund", "delivery"] {
+            csv.push_str(&format!("\"{p}我的订单有问题\",{intent},zh,\n"));
+        }
+    }
     csv
 }
 
@@ -322,8 +328,8 @@ async fn train(rig: &Rig, tenant: &str) -> pb::ModelVersion {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(up.accepted, 80, "{:?}", up.errors);
-    assert_eq!(up.total_examples, 80);
+    assert_eq!(up.accepted, 88, "{:?}", up.errors);
+    assert_eq!(up.total_examples, 88);
     m.train_model(pb::TrainModelRequest {
         activate: true,
         ..Default::default()
@@ -408,6 +414,21 @@ async fn a_trained_model_changes_what_the_bot_understands(rig: impl Future<Outpu
     let en = say(&mut c, &conv.id, "m3", "where is my parcel").await;
     assert_eq!(action(&en), pb::BotAction::Answer, "{en:?}");
     assert!(en.bot_turn.as_ref().unwrap().reply_text.contains("parcel"));
+
+    // An ambiguous question: the bot asks which intent was meant.
+    let mut c2 = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let amb = start(&mut c2, "k1-ambiguous", common::Language::Zh).await;
+    let clarify = say(&mut c2, &amb.id, "q1", "我的订单有问题").await;
+    assert_eq!(action(&clarify), pb::BotAction::Clarify, "{clarify:?}");
+    let choices: Vec<String> = clarify
+        .bot_turn
+        .as_ref()
+        .unwrap()
+        .choices
+        .iter()
+        .map(|c| c.intent.clone())
+        .collect();
+    assert!(choices.contains(&"refund".to_owned()) && choices.contains(&"delivery".to_owned()));
 
     // Idempotent retry: same result, marked duplicate, nothing appended.
     let dup = say(&mut c, &conv.id, "m3", "where is my parcel").await;
@@ -643,6 +664,7 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
     rig: impl Future<Output = Rig>,
 ) {
     let rig = rig.await;
+    let mut events = rig.dialog_events("test-reviews").await;
     train(&rig, "acme").await;
     let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
     let conv = start(&mut c, "k3", common::Language::En).await;
@@ -790,6 +812,36 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "reviewed when posted");
+    // A second suggestion, rejected by the agent; another agent may not review it.
+    let turn2 = say(&mut c, &conv.id, "m3b", "when will my refund arrive").await;
+    assert_eq!(action(&turn2), pb::BotAction::Suggest);
+    let s2 = turn2.bot_turn.unwrap().suggestion.unwrap();
+    let reject = pb::ReviewSuggestionRequest {
+        suggestion_id: s2.id.clone(),
+        outcome: pb::SuggestionOutcome::Rejected as i32,
+        reason: "does not apply to this order".into(),
+        ..Default::default()
+    };
+    let err = other.review_suggestion(reject.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let reviewed = agent
+        .review_suggestion(reject)
+        .await
+        .unwrap()
+        .into_inner()
+        .suggestion
+        .unwrap()
+        .review
+        .unwrap();
+    assert_eq!(reviewed.outcome, pb::SuggestionOutcome::Rejected as i32);
+    assert_eq!(reviewed.agent_id, "a-1");
+    let first: pb::SuggestionReviewed = next_event(&mut events).await;
+    assert_eq!(
+        first.suggestion.unwrap().review.unwrap().outcome,
+        pb::SuggestionOutcome::Edited as i32
+    );
+    let second: pb::SuggestionReviewed = next_event(&mut events).await;
+    assert_eq!(second.suggestion.unwrap().id, s2.id);
 
     // The agent resolves through routing.
     rig.publish(
