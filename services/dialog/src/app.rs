@@ -790,6 +790,21 @@ impl App {
             String::new()
         };
         let t1 = Instant::now();
+        // The scenario's own phrases: "get me a human" and topics the bot must not handle.
+        let phrase = |phrases: &[String]| {
+            phrases.iter().find_map(|p| {
+                let p = tandem_text::normalise(p);
+                (!p.is_empty() && a.normalised.contains(p.as_str())).then_some(p)
+            })
+        };
+        let entry = catalogue
+            .resolve(&scenario, if out_of_scope { "" } else { &top })
+            .ok();
+        let scenario_human = entry.and_then(|e| phrase(&e.wire.handoff_phrases));
+        let sensitive = entry
+            .and_then(|e| phrase(&e.wire.sensitive_phrases))
+            .is_some();
+        let human_requested = a.escalation.human_requested || scenario_human.is_some();
         let ctx = policy::DecisionContext {
             scenario_id: scenario,
             intent: if out_of_scope {
@@ -809,8 +824,8 @@ impl App {
             customer_tier: c.customer.as_ref().map_or(0, |x| x.tier),
             queue_eta_seconds: None,
             within_business_hours: None,
-            human_requested: a.escalation.human_requested,
-            sensitive_topic: false,
+            human_requested,
+            sensitive_topic: sensitive,
             agent_owns_conversation: agent_owns,
             language: lang as i32,
             channel: c.channel,
@@ -980,16 +995,17 @@ impl App {
             }),
             entities,
             human_request: Some(pb::HumanRequest {
-                detected: a.escalation.human_requested,
+                detected: human_requested,
                 matched_phrase: a
                     .escalation
                     .matches
                     .iter()
                     .find(|m| !m.negated && format!("{:?}", m.kind).contains("Human"))
                     .map(|m| m.phrase.clone())
+                    .or(scenario_human)
                     .unwrap_or_default(),
             }),
-            sensitive_topic: false,
+            sensitive_topic: sensitive,
             articles: Vec::new(),
             policy_decision: Some(decision),
             action: bot_action as i32,

@@ -919,6 +919,25 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
         },
     )
     .await;
+    // Deliveries stay with the bot, except for a topic it must not handle.
+    rig.publish(
+        "acme",
+        &policy::PolicyUpdated {
+            scenario_id: "deliveries".into(),
+            version: 1,
+            scenario: Some(policy::Scenario {
+                id: "deliveries".into(),
+                intents: vec!["delivery".into()],
+                tier: policy::Tier::Standard as i32,
+                strategy: policy::Strategy::BotFirst as i32,
+                version: 1,
+                sensitive_phrases: vec!["律师函".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
     let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut n = 0;
@@ -953,6 +972,18 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
             assert_eq!(package.priority, 70);
             assert_eq!(package.policy_version, 3);
             assert!(package.required_skills.iter().any(|s| s.name == "refunds"));
+            let conv = start(&mut c, &format!("k4-d{n}"), common::Language::Zh).await;
+            let r = say(&mut c, &conv.id, "m1", "快递到哪里了，我已经准备好律师函").await;
+            let package = r
+                .bot_turn
+                .unwrap()
+                .handoff
+                .expect("sensitive topic hands off");
+            assert_eq!(
+                package.trigger.unwrap().reason,
+                common::HandoffReason::SensitiveTopic as i32
+            );
+            assert_eq!(package.scenario_id, "deliveries");
             break;
         }
         assert_eq!(bt.action, pb::BotAction::Answer as i32);
