@@ -467,6 +467,18 @@ async fn main() {
                 ..MetricRequest::default()
             },
         ),
+        (
+            "30 days, daily in Asia/Shanghai, CSAT + handoff rate by scenario",
+            MetricRequest {
+                metrics: vec![10, 2],
+                start: Some(T0 + 8 * HOUR),
+                end: Some(T0 + 30 * DAY),
+                group_by: vec![1],
+                granularity: 2,
+                timezone: "Asia/Shanghai".into(),
+                ..MetricRequest::default()
+            },
+        ),
     ];
     let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
     for (label, request) in &queries {

@@ -250,6 +250,27 @@ async fn replays_in_any_order_with_duplicates_give_the_same_facts_and_rollups(
         a.iter().any(|line| line.starts_with("3[(1, \"refund\")]")),
         "system latency is reported: {a:#?}"
     );
+    // The rows with every dimension agree with the scenario and tenant rows.
+    let by_handler = metric_values(&ordered, &[2], vec![4]).await;
+    assert_eq!(
+        by_handler,
+        metric_values(&shuffled_store, &[2], vec![4]).await
+    );
+    let denominators = |lines: &[String]| -> i64 {
+        lines
+            .iter()
+            .map(|line| {
+                let frac = line
+                    .split_whitespace()
+                    .find(|t| t.split('/').all(|x| x.parse::<i64>().is_ok()) && t.contains('/'))
+                    .unwrap();
+                frac.split_once('/').unwrap().1.parse::<i64>().unwrap()
+            })
+            .sum()
+    };
+    let overall = metric_values(&ordered, &[2], vec![]).await;
+    assert!(by_handler.len() >= 2, "{by_handler:?}");
+    assert_eq!(denominators(&by_handler), denominators(&overall));
     // Containment + handoff rate never exceed the eligible conversations.
     let rates = metric_values(&ordered, &[1, 2], vec![]).await;
     let parse = |line: &String| -> (i64, i64) {

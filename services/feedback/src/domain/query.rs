@@ -295,19 +295,22 @@ impl MetricRequest {
 }
 
 impl MetricQuery {
-    /// Returns the rollup grain that answers the query: the scenario-only rows when nothing but
-    /// the scenario is filtered or grouped on; daily rows only for UTC days over a range of whole
+    /// Returns the rollup grain that answers the query: the tenant rows when nothing is filtered
+    /// or grouped on, the scenario rows when nothing but the scenario is; daily rows only for UTC days over a range of whole
     /// UTC days.
     pub fn grain(&self) -> i64 {
         let whole_days = self.start % DAY == 0 && self.end % DAY == 0;
         let daily = self.granularity != granularity::HOUR && self.timezone == Tz::UTC && whole_days;
+        let whole_tenant = self.filters.is_empty() && self.group_by.is_empty();
         let scenario_only = self.filters.iter().all(|f| f.column == "scenario")
             && self.group_by.iter().all(|d| *d == dimension::SCENARIO);
-        match (scenario_only, daily) {
-            (true, true) => grain::SCENARIO_DAY,
-            (true, false) => grain::SCENARIO_HOUR,
-            (false, true) => grain::DAY,
-            (false, false) => grain::HOUR,
+        match (whole_tenant, scenario_only, daily) {
+            (true, _, true) => grain::TENANT_DAY,
+            (true, _, false) => grain::TENANT_HOUR,
+            (false, true, true) => grain::SCENARIO_DAY,
+            (false, true, false) => grain::SCENARIO_HOUR,
+            (false, false, true) => grain::DAY,
+            (false, false, false) => grain::HOUR,
         }
     }
 

@@ -56,8 +56,8 @@ pub mod metric {
 }
 
 /// Rollup grains: a time bucket and a set of dimensions. The "by scenario" grains keep only the
-/// scenario (every other dimension is left unknown), so the common queries — everything, or by
-/// scenario — read a small fraction of the rows.
+/// scenario and the "tenant" grains no dimension at all (the others are left unknown), so the
+/// common queries — everything, or by scenario — read a small fraction of the rows.
 pub mod grain {
     /// One row per UTC hour and combination of all dimensions.
     pub const HOUR: i64 = 1;
@@ -67,6 +67,10 @@ pub mod grain {
     pub const SCENARIO_HOUR: i64 = 3;
     /// One row per UTC day and scenario.
     pub const SCENARIO_DAY: i64 = 4;
+    /// One row per UTC hour.
+    pub const TENANT_HOUR: i64 = 5;
+    /// One row per UTC day.
+    pub const TENANT_DAY: i64 = 6;
 }
 
 /// The dimensions of one rollup row. Empty strings and zero enums mean "unknown".
@@ -103,8 +107,8 @@ pub struct RollupKey {
 
 impl RollupKey {
     /// Returns the (grain, bucket start, dimensions) rows this key is written to: its hour and
-    /// its day, with all dimensions and with the scenario only.
-    pub fn grains(&self) -> [(i64, Micros, Dims); 4] {
+    /// its day, with all dimensions, with the scenario only, and with none.
+    pub fn grains(&self) -> [(i64, Micros, Dims); 6] {
         let day = self.hour.div_euclid(DAY) * DAY;
         let scenario = Dims {
             scenario: self.dims.scenario.clone(),
@@ -115,6 +119,8 @@ impl RollupKey {
             (grain::DAY, day, self.dims.clone()),
             (grain::SCENARIO_HOUR, self.hour, scenario.clone()),
             (grain::SCENARIO_DAY, day, scenario),
+            (grain::TENANT_HOUR, self.hour, Dims::default()),
+            (grain::TENANT_DAY, day, Dims::default()),
         ]
     }
 }
