@@ -1,18 +1,14 @@
 //! Common problems: complaints and failed bot turns of a scenario, clustered by keywords.
 //!
-//! Items are tokenised (jieba for Chinese, words for English), stop words are dropped, and
-//! clusters are formed greedily per scenario and language: the keyword shared by the most
-//! items not yet clustered leads a cluster of the items that contain it; the keywords most
-//! frequent among those items describe it. A cluster's id derives from its scenario, language
-//! and leading keyword, so it stays the same while the problem persists.
-
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::LazyLock;
-
-use jieba_rs::Jieba;
+//! Items are tokenised (jieba words from `tandem-text` for Chinese, words for English), stop
+//! words are dropped, and clusters are formed greedily per scenario and language: the keyword
+//! shared by the most items not yet clustered leads a cluster of the items that contain it; the
+//! keywords most frequent among those items describe it. A cluster's id derives from its
+//! scenario, language and leading keyword, so it stays the same while the problem persists.
 
 use super::feedback::{detect_language, is_han, language};
 use super::{Micros, truncate_chars};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One complaint or failed bot turn.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +50,6 @@ pub struct Cluster {
 
 /// An item with its keywords.
 type Tokenised<'a> = (&'a ProblemItem, BTreeSet<String>);
-
-static JIEBA: LazyLock<Jieba> = LazyLock::new(Jieba::new);
 
 const ENGLISH_STOP_WORDS: &[&str] = &[
     "a", "about", "after", "again", "all", "also", "am", "an", "and", "any", "are", "as", "at",
@@ -167,8 +161,8 @@ pub fn keywords(text: &str, lang: i32) -> BTreeSet<String> {
     };
     let mut out = BTreeSet::new();
     if lang == language::ZH {
-        for token in JIEBA.cut(text, true) {
-            let word = token.word.trim().to_lowercase();
+        for token in tandem_text::jieba_words(text) {
+            let word = token.text.trim().to_lowercase();
             let has_han = word.chars().any(is_han);
             let useful = if has_han {
                 word.chars().all(|c| is_han(c) || c.is_alphanumeric())
