@@ -476,6 +476,132 @@ async fn problem_items_join_complaints_with_their_scenario(db: Db) {
     );
 }
 
+async fn alert_rules_raise_once_resolve_with_a_margin_and_cool_down(db: Db) {
+    use tandem_feedback::app::FeedbackApp;
+    use tandem_feedback::domain::alert::AlertRule;
+    use tandem_platform::outbox::OutboxWaker;
+
+    let store = Store::new(db.clone());
+    let app = FeedbackApp::new(
+        store.clone(),
+        OutboxWaker::default(),
+        std::time::Duration::from_secs(3600),
+    );
+    let now = T0 + 20 * DAY;
+    let rule = app
+        .upsert_rule(
+            &tenant(),
+            AlertRule {
+                id: String::new(),
+                name: "rebooking bot CSAT".into(),
+                kind: 1,
+                scenario_id: "rebooking".into(),
+                metric: metric::CSAT,
+                condition: 2,
+                threshold: 0.8,
+                window: HOUR,
+                baseline_window: 0,
+                min_samples: 3,
+                severity: 3,
+                enabled: true,
+                created_at: 0,
+                updated_at: 0,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let started = tandem_proto::pb::dialog::v1::ConversationStarted {
+        conversation_id: "live".into(),
+        scenario_id: "rebooking".into(),
+        ..Default::default()
+    };
+    let raw = RawEvent::at(
+        &tenant(),
+        &started,
+        Some("live".into()),
+        chrono::DateTime::from_timestamp_micros(now - 10 * 60 * 1_000_000).unwrap(),
+    );
+    store
+        .project("feedback-test", &projected(&[raw]))
+        .await
+        .unwrap();
+    let answers = |prefix: &str, score: i32, at: Micros| -> Vec<(FeedbackRecord, RawEvent)> {
+        (0..3)
+            .map(|i| {
+                let mut r = record(&format!("{prefix}-{i}"), "live", Score::Csat(score), at + i);
+                r.input.subject = 1;
+                let e = event_for(&r);
+                (r, e)
+            })
+            .collect()
+    };
+    store
+        .insert_feedback(
+            tenant().as_str(),
+            &answers("bad", 1, now - 5 * 60 * 1_000_000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(app.evaluate_alerts(now).await.unwrap(), (1, 0));
+    assert_eq!(
+        app.evaluate_alerts(now + 1).await.unwrap(),
+        (0, 0),
+        "one problem, one alert"
+    );
+    store
+        .insert_feedback(tenant().as_str(), &answers("good", 5, now + 10))
+        .await
+        .unwrap();
+    assert_eq!(app.evaluate_alerts(now + 20).await.unwrap(), (0, 1));
+    store
+        .insert_feedback(tenant().as_str(), &answers("worse", 1, now + 30))
+        .await
+        .unwrap();
+    assert_eq!(
+        app.evaluate_alerts(now + 40).await.unwrap(),
+        (0, 0),
+        "cool-down after resolving"
+    );
+    let later = now + 2 * HOUR;
+    store
+        .insert_feedback(
+            tenant().as_str(),
+            &answers("again", 2, later - 60 * 1_000_000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(app.evaluate_alerts(later).await.unwrap(), (1, 0));
+    let alerts = store
+        .list_alerts(
+            tenant().as_str(),
+            &tandem_feedback::adapters::sql::AlertFilter {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let statuses: Vec<(i32, &str)> = alerts
+        .iter()
+        .map(|a| (a.status, a.rule_id.as_str()))
+        .collect();
+    assert_eq!(statuses, [(1, rule.id.as_str()), (3, rule.id.as_str())]);
+    let outbox = "SELECT type_name FROM tandem_outbox WHERE type_name LIKE '%Alert%' ORDER BY seq";
+    let published: Vec<String> = match &db {
+        Db::Postgres(pool) => sqlx::query_scalar(outbox).fetch_all(pool).await.unwrap(),
+        Db::Sqlite(pool) => sqlx::query_scalar(outbox).fetch_all(pool).await.unwrap(),
+    };
+    assert_eq!(
+        published,
+        [
+            "tandem.feedback.v1.AlertRaised",
+            "tandem.feedback.v1.AlertResolved",
+            "tandem.feedback.v1.AlertRaised"
+        ]
+    );
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident) => {
         mod $engine {
@@ -511,6 +637,12 @@ macro_rules! store_contract_tests {
             async fn alerts_open_once_per_rule_and_scenario() {
                 let (db, _keep) = super::$engine().await;
                 super::alerts_open_once_per_rule_and_scenario(db).await;
+            }
+
+            #[tokio::test]
+            async fn alert_rules_raise_once_resolve_with_a_margin_and_cool_down() {
+                let (db, _keep) = super::$engine().await;
+                super::alert_rules_raise_once_resolve_with_a_margin_and_cool_down(db).await;
             }
 
             #[tokio::test]
