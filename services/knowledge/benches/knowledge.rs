@@ -254,7 +254,7 @@ async fn import(c: &mut Client, text: String) -> pb::ImportSummary {
             ..Default::default()
         })),
     }];
-    for chunk in text.as_bytes().chunks(1 << 20) {
+    for chunk in text.as_bytes().chunks(512 << 10) {
         msgs.push(pb::ImportArticlesRequest {
             part: Some(Part::Chunk(chunk.to_vec())),
         });
