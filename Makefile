@@ -55,6 +55,7 @@ bench: tools ## Runs the benchmarks and prints percentiles beside their baseline
 	$(CARGO) bench -p tandem-platform --bench event_path
 	$(CARGO) bench -p tandem-policy --bench policy
 	$(CARGO) bench -p tandem-search --bench search
+	$(CARGO) bench -p tandem-knowledge --bench knowledge
 	$(CARGO) bench -p tandem-routing --bench assignment
 	$(CARGO) bench -p tandem-feedback --bench feedback
 
