@@ -53,6 +53,7 @@ test: tools ## Runs every test (starts its own throwaway nats-server and Postgre
 .PHONY: bench
 bench: tools ## Runs the benchmarks and prints percentiles beside their baselines
 	$(CARGO) bench -p tandem-platform --bench event_path
+	$(CARGO) bench -p tandem-dialog --bench dialog
 	$(CARGO) bench -p tandem-policy --bench policy
 	$(CARGO) bench -p tandem-search --bench search
 	$(CARGO) bench -p tandem-knowledge --bench knowledge
