@@ -26,9 +26,10 @@ use tonic::{Code, Request, Status};
 
 const SECRET: &str = "policy-test-secret-policy-test-secret";
 
-type Client = PolicyServiceClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+/// Adds the bearer token to every call.
+type Intercept = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+
+type Client = PolicyServiceClient<InterceptedService<Channel, Intercept>>;
 
 /// A running policy service and what a test needs around it.
 struct Rig {
@@ -164,11 +165,10 @@ impl Rig {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let intercept: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-            Box::new(move |mut req: Request<()>| {
-                req.metadata_mut().insert("authorization", bearer.clone());
-                Ok(req)
-            });
+        let intercept: Intercept = Box::new(move |mut req: Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
         PolicyServiceClient::with_interceptor(channel, intercept)
     }
 
