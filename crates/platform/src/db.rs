@@ -149,3 +149,55 @@ impl Db {
         }
     }
 }
+
+/// Expands `$body` once per engine with `$pool` bound to that engine's pool, so a repository
+/// writes its SQL once (placeholders `$n` in order of first appearance work on both engines).
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Postgres($pool) => $body,
+            $crate::db::Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` in a transaction `$tx` once per engine, with `$enqueue` and `$claim` bound to
+/// the engine's outbox and inbox functions (and, in the second form, `$pg` telling whether the
+/// engine is PostgreSQL); commits when `$body` completes without returning early, so `?` or
+/// `return` inside it rolls everything back. The enclosing function's error type must convert
+/// from `sqlx::Error`.
+#[macro_export]
+macro_rules! in_tx {
+    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident => $body:block) => {
+        $crate::in_tx!($db, $tx, $enqueue, $claim, _is_postgres => $body)
+    };
+    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident, $pg:ident => $body:block) => {
+        match $db {
+            $crate::db::Db::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                #[allow(unused_variables)]
+                let $enqueue = $crate::outbox::enqueue_pg;
+                #[allow(unused_variables)]
+                let $claim = $crate::inbox::claim_pg;
+                #[allow(unused_variables)]
+                let $pg = true;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            $crate::db::Db::Sqlite(pool) => {
+                let mut $tx = pool.begin().await?;
+                #[allow(unused_variables)]
+                let $enqueue = $crate::outbox::enqueue_sqlite;
+                #[allow(unused_variables)]
+                let $claim = $crate::inbox::claim_sqlite;
+                #[allow(unused_variables)]
+                let $pg = false;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}

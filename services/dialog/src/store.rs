@@ -11,7 +11,7 @@
 use prost::Message as _;
 use tandem_platform::bus::RawEvent;
 use tandem_platform::db::Db;
-use tandem_platform::{inbox, outbox};
+use tandem_platform::{in_tx, on_db};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::dialog::v1 as pb;
 use tandem_proto::pb::policy::v1 as policy;
@@ -28,38 +28,6 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
-}
-
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            Db::Postgres($pool) => $body,
-            Db::Sqlite($pool) => $body,
-        }
-    };
-}
-
-macro_rules! in_tx {
-    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident => $body:block) => {
-        match $db {
-            Db::Postgres(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $enqueue = outbox::enqueue_pg;
-                let $claim = inbox::claim_pg;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-            Db::Sqlite(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $enqueue = outbox::enqueue_sqlite;
-                let $claim = inbox::claim_sqlite;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-        }
-    };
 }
 
 /// Everything one state change writes.

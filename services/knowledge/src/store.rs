@@ -13,7 +13,7 @@ use prost::Message as _;
 use sqlx::Row as _;
 use tandem_platform::bus::RawEvent;
 use tandem_platform::db::Db;
-use tandem_platform::{inbox, outbox};
+use tandem_platform::{in_tx, on_db};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::knowledge::v1 as pb;
@@ -33,44 +33,6 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
-}
-
-/// Expands `$body` once per engine with `$pool` bound to the pool.
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            Db::Postgres($pool) => $body,
-            Db::Sqlite($pool) => $body,
-        }
-    };
-}
-
-/// Runs `$body` in a transaction `$tx` with `$enqueue` / `$claim` bound to the engine's outbox
-/// and inbox functions and `$pg` telling whether the engine is PostgreSQL, and commits when
-/// `$body` completes without returning early.
-macro_rules! in_tx {
-    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident, $pg:ident => $body:block) => {
-        match $db {
-            Db::Postgres(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $enqueue = outbox::enqueue_pg;
-                let $claim = inbox::claim_pg;
-                let $pg = true;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-            Db::Sqlite(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $enqueue = outbox::enqueue_sqlite;
-                let $claim = inbox::claim_sqlite;
-                let $pg = false;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-        }
-    };
 }
 
 /// Inserts or replaces a candidate row inside a transaction.

@@ -13,7 +13,7 @@ use prost::Message as _;
 use sqlx::Row as _;
 use tandem_platform::bus::RawEvent;
 use tandem_platform::db::Db;
-use tandem_platform::{inbox, outbox};
+use tandem_platform::{in_tx, on_db};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::policy::v1 as pb;
 
@@ -29,41 +29,6 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
-}
-
-/// Expands `$body` once per engine with `$pool` bound to the pool.
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            Db::Postgres($pool) => $body,
-            Db::Sqlite($pool) => $body,
-        }
-    };
-}
-
-/// Runs `$body` in a transaction `$tx` with `$enqueue` / `$claim` bound to the engine's outbox
-/// and inbox functions, and commits when `$body` completes without returning early.
-macro_rules! in_tx {
-    ($db:expr, $tx:ident, $enqueue:ident, $claim:ident => $body:block) => {
-        match $db {
-            Db::Postgres(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $enqueue = outbox::enqueue_pg;
-                let $claim = inbox::claim_pg;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-            Db::Sqlite(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $enqueue = outbox::enqueue_sqlite;
-                let $claim = inbox::claim_sqlite;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-        }
-    };
 }
 
 /// The current scenarios of a tenant and the catalogue version they were read at.
