@@ -6,13 +6,10 @@
 
 use std::time::Duration;
 
-use tandem_dialog::Dialog;
-use tandem_platform::auth::{Role, TokenIssuer};
-use tandem_platform::bus::memory::MemoryBus;
-use tandem_platform::bus::{Bus, Consumer, ConsumerSpec, RawEvent};
-use tandem_platform::config::{
-    AuthConfig, BusConfig, BusKind, DatabaseConfig, OutboxConfig, Secret, ServiceConfig,
-};
+use tandem_dialog::{Dialog, Settings};
+use tandem_platform::auth::Role;
+use tandem_platform::bus::{Consumer, ConsumerSpec, RawEvent};
+use tandem_platform::testing::{Intercept, ServiceRig};
 use tandem_proto::events::DIALOG;
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1 as common;
@@ -21,156 +18,27 @@ use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
 use tandem_proto::pb::dialog::v1::model_service_client::ModelServiceClient;
 use tandem_proto::pb::policy::v1 as policy;
 use tandem_proto::pb::routing::v1 as routing;
-use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::Code;
 
-const SECRET: &str = "dialog-test-secret-dialog-test-secret";
-
-type Intercept = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Client = DialogServiceClient<InterceptedService<Channel, Intercept>>;
 type Models = ModelServiceClient<InterceptedService<Channel, Intercept>>;
 
-struct Rig {
-    bus: Bus,
-    bus_config: BusConfig,
-    url: String,
-    stop: CancellationToken,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _keep: Keep,
-}
-
-#[allow(dead_code, clippy::large_enum_variant, reason = "held for their Drop")]
-enum Keep {
-    Servers(tandem_testkit::Postgres, tandem_testkit::NatsServer),
-    Dir(tempfile::TempDir),
-}
-
-fn auth() -> AuthConfig {
-    AuthConfig {
-        hs256_secret: Secret::new(SECRET.to_owned()),
-        allow_hs256: true,
-        ..AuthConfig::default()
-    }
-}
+/// The dialog service running in-process, and what a test needs around it.
+struct Rig(ServiceRig);
 
 impl Rig {
     async fn production() -> Self {
-        let pg = tandem_testkit::Postgres::start().await.unwrap();
-        let nats = tandem_testkit::NatsServer::start().await.unwrap();
-        let url = pg.fresh_database().await.unwrap();
-        let bus_config = BusConfig {
-            kind: BusKind::Nats,
-            nats_url: nats.url(),
-            ..BusConfig::default()
-        };
-        let database = DatabaseConfig {
-            url: Secret::new(url),
-            schema: "dialog".into(),
-            ..DatabaseConfig::default()
-        };
-        Self::start(database, bus_config, None, Keep::Servers(pg, nats)).await
+        Self(ServiceRig::production::<Dialog>(Settings::default()).await)
     }
 
     async fn standalone() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let database = DatabaseConfig {
-            url: Secret::new(format!(
-                "sqlite://{}",
-                dir.path().join("dialog.db").display()
-            )),
-            ..DatabaseConfig::default()
-        };
-        let bus_config = BusConfig {
-            kind: BusKind::Memory,
-            ..BusConfig::default()
-        };
-        Self::start(database, bus_config, Some(MemoryBus::new()), Keep::Dir(dir)).await
-    }
-
-    async fn start(
-        database: DatabaseConfig,
-        bus_config: BusConfig,
-        memory: Option<MemoryBus>,
-        keep: Keep,
-    ) -> Self {
-        let cfg = ServiceConfig {
-            auth: auth(),
-            database,
-            bus: bus_config.clone(),
-            outbox: OutboxConfig {
-                poll_interval: Duration::from_millis(50),
-                ..OutboxConfig::default()
-            },
-            ..ServiceConfig::default()
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let server = {
-            let (stop, memory) = (stop.clone(), memory.clone());
-            tokio::spawn(async move {
-                tandem_platform::runtime::serve_with::<Dialog>(cfg, memory.as_ref(), listener, stop)
-                    .await
-            })
-        };
-        let bus = Bus::connect(&bus_config, memory.as_ref()).await.unwrap();
-        bus.ensure_streams().await.unwrap();
-        let rig = Self {
-            bus,
-            bus_config,
-            url,
-            stop,
-            server,
-            _keep: keep,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
-            let probe = c
-                .get_conversation(pb::GetConversationRequest {
-                    conversation_id: "probe".into(),
-                })
-                .await;
-            if matches!(&probe, Err(s) if s.code() == Code::NotFound) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the service did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        rig
+        Self(ServiceRig::standalone::<Dialog>(Settings::default()).await)
     }
 
     async fn channel(&self, tenant: &str, subject: &str, roles: &[Role]) -> (Channel, Intercept) {
-        let issuer = TokenIssuer::from_config(&auth()).unwrap();
-        let token = issuer
-            .issue(
-                &TenantId::new(tenant).unwrap(),
-                subject,
-                roles,
-                Duration::from_secs(600),
-            )
-            .unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let channel = loop {
-            match Channel::from_shared(self.url.clone())
-                .unwrap()
-                .connect()
-                .await
-            {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        let intercept: Intercept = Box::new(move |mut req: Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        });
-        (channel, intercept)
+        self.0.authorised(tenant, subject, roles).await
     }
 
     async fn client(&self, tenant: &str, subject: &str, roles: &[Role]) -> Client {
@@ -184,20 +52,19 @@ impl Rig {
     }
 
     async fn dialog_events(&self, name: &str) -> Consumer {
-        let spec = ConsumerSpec::new(name, &DIALOG, &self.bus_config)
+        let spec = ConsumerSpec::new(name, &DIALOG, &self.0.bus_config)
             .event::<pb::HandoffRequested>()
             .event::<pb::SuggestionReviewed>();
-        self.bus.consumer(&spec).await.unwrap()
+        self.0.bus.consumer(&spec).await.unwrap()
     }
 
     async fn publish<E: tandem_proto::events::Event>(&self, tenant: &str, event: &E) {
         let raw = RawEvent::new(&TenantId::new(tenant).unwrap(), event, None);
-        self.bus.publish_batch(&[raw]).await.unwrap();
+        self.0.bus.publish_batch(&[raw]).await.unwrap();
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        self.server.await.unwrap().unwrap();
+        self.0.stop().await;
     }
 }
 

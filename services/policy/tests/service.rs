@@ -7,183 +7,50 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tandem_platform::auth::{Role, TokenIssuer};
-use tandem_platform::bus::memory::MemoryBus;
-use tandem_platform::bus::{Bus, Consumer, ConsumerSpec, RawEvent};
-use tandem_platform::config::{
-    AuthConfig, BusConfig, BusKind, DatabaseConfig, OutboxConfig, Secret, ServiceConfig,
-};
-use tandem_policy::Policy;
+use tandem_platform::auth::Role;
+use tandem_platform::bus::{Consumer, ConsumerSpec, RawEvent};
+use tandem_platform::testing::{Intercept, ServiceRig};
+use tandem_policy::{Policy, Settings};
 use tandem_proto::events::POLICY;
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::feedback::v1::{AlertKind, AlertRaised, AlertResolved, MetricName};
 use tandem_proto::pb::policy::v1 as pb;
 use tandem_proto::pb::policy::v1::policy_service_client::PolicyServiceClient;
-use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
-
-const SECRET: &str = "policy-test-secret-policy-test-secret";
-
-/// Adds the bearer token to every call.
-type Intercept = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+use tonic::{Code, Status};
 
 type Client = PolicyServiceClient<InterceptedService<Channel, Intercept>>;
 
-/// A running policy service and what a test needs around it.
-struct Rig {
-    bus: Bus,
-    bus_config: BusConfig,
-    url: String,
-    stop: CancellationToken,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _keep: Keep,
-}
-
-#[allow(dead_code, clippy::large_enum_variant, reason = "held for their Drop")]
-enum Keep {
-    Servers(tandem_testkit::Postgres, tandem_testkit::NatsServer),
-    Dir(tempfile::TempDir),
-}
-
-fn auth() -> AuthConfig {
-    AuthConfig {
-        hs256_secret: Secret::new(SECRET.to_owned()),
-        allow_hs256: true,
-        ..AuthConfig::default()
-    }
-}
+/// The policy service running in-process, and what a test needs around it.
+struct Rig(ServiceRig);
 
 impl Rig {
     async fn production() -> Self {
-        let pg = tandem_testkit::Postgres::start().await.unwrap();
-        let nats = tandem_testkit::NatsServer::start().await.unwrap();
-        let url = pg.fresh_database().await.unwrap();
-        let bus_config = BusConfig {
-            kind: BusKind::Nats,
-            nats_url: nats.url(),
-            ..BusConfig::default()
-        };
-        let database = DatabaseConfig {
-            url: Secret::new(url),
-            schema: "policy".into(),
-            ..DatabaseConfig::default()
-        };
-        Self::start(database, bus_config, None, Keep::Servers(pg, nats)).await
+        Self(ServiceRig::production::<Policy>(Settings::default()).await)
     }
 
     async fn standalone() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let database = DatabaseConfig {
-            url: Secret::new(format!(
-                "sqlite://{}",
-                dir.path().join("policy.db").display()
-            )),
-            ..DatabaseConfig::default()
-        };
-        let bus_config = BusConfig {
-            kind: BusKind::Memory,
-            ..BusConfig::default()
-        };
-        Self::start(database, bus_config, Some(MemoryBus::new()), Keep::Dir(dir)).await
-    }
-
-    async fn start(
-        database: DatabaseConfig,
-        bus_config: BusConfig,
-        memory: Option<MemoryBus>,
-        keep: Keep,
-    ) -> Self {
-        let cfg = ServiceConfig {
-            auth: auth(),
-            database,
-            bus: bus_config.clone(),
-            outbox: OutboxConfig {
-                poll_interval: Duration::from_millis(50),
-                ..OutboxConfig::default()
-            },
-            ..ServiceConfig::default()
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let server = {
-            let (stop, memory) = (stop.clone(), memory.clone());
-            tokio::spawn(async move {
-                tandem_platform::runtime::serve_with::<Policy>(cfg, memory.as_ref(), listener, stop)
-                    .await
-            })
-        };
-        let bus = Bus::connect(&bus_config, memory.as_ref()).await.unwrap();
-        bus.ensure_streams().await.unwrap();
-        let rig = Self {
-            bus,
-            bus_config,
-            url,
-            stop,
-            server,
-            _keep: keep,
-        };
-        // Wait until the service answers.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut c = rig.client("acme", &[Role::Admin]).await;
-            if c.list_scenarios(pb::ListScenariosRequest::default())
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the service did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        rig
+        Self(ServiceRig::standalone::<Policy>(Settings::default()).await)
     }
 
     async fn client(&self, tenant: &str, roles: &[Role]) -> Client {
-        let issuer = TokenIssuer::from_config(&auth()).unwrap();
-        let token = issuer
-            .issue(
-                &TenantId::new(tenant).unwrap(),
-                "u-1",
-                roles,
-                Duration::from_secs(600),
-            )
-            .unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let channel = loop {
-            match Channel::from_shared(self.url.clone())
-                .unwrap()
-                .connect()
-                .await
-            {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        let intercept: Intercept = Box::new(move |mut req: Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        });
+        let (channel, intercept) = self.0.authorised(tenant, "u-1", roles).await;
         PolicyServiceClient::with_interceptor(channel, intercept)
     }
 
     async fn policy_updates(&self, name: &str) -> Consumer {
-        let spec = ConsumerSpec::new(name, &POLICY, &self.bus_config).event::<pb::PolicyUpdated>();
-        self.bus.consumer(&spec).await.unwrap()
+        let spec =
+            ConsumerSpec::new(name, &POLICY, &self.0.bus_config).event::<pb::PolicyUpdated>();
+        self.0.bus.consumer(&spec).await.unwrap()
     }
 
     async fn publish(&self, event: RawEvent) {
-        self.bus.publish_batch(&[event]).await.unwrap();
+        self.0.bus.publish_batch(&[event]).await.unwrap();
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        self.server.await.unwrap().unwrap();
+        self.0.stop().await;
     }
 }
 
