@@ -18,9 +18,9 @@ use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
 use tandem_proto::pb::dialog::v1::model_service_client::ModelServiceClient;
 use tandem_proto::pb::policy::v1 as policy;
 use tandem_proto::pb::routing::v1 as routing;
+use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::Code;
 
 type Client = DialogServiceClient<InterceptedService<Channel, Intercept>>;
 type Models = ModelServiceClient<InterceptedService<Channel, Intercept>>;
