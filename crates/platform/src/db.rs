@@ -201,3 +201,24 @@ macro_rules! in_tx {
         }
     };
 }
+
+/// Returns the current time in microseconds since the Unix epoch, the unit services store times
+/// in so one SQL text serves both engines.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Converts a protobuf timestamp to microseconds since the epoch.
+pub fn timestamp_micros(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(ts.nanos / 1_000))
+}
+
+/// Converts microseconds since the epoch to a protobuf timestamp.
+pub fn micros_timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}

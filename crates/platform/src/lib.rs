@@ -21,6 +21,7 @@ pub mod grpc;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;
+pub mod paging;
 pub mod propagation;
 pub mod runtime;
 pub mod shutdown;

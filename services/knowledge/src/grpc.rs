@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tandem_platform::auth::{Caller, Role, caller};
 use tandem_platform::error::status_from;
+use tandem_platform::paging;
 use tandem_proto::pb::common::v1::{self as common, RowError};
 use tandem_proto::pb::knowledge::v1 as pb;
 use tandem_proto::pb::knowledge::v1::knowledge_service_server::KnowledgeService;
@@ -84,46 +85,11 @@ fn bad(path: &str, message: &str) -> Status {
 }
 
 fn page_size(page: Option<&common::PageRequest>) -> Result<usize, Status> {
-    match page.map_or(0, |p| p.page_size) {
-        0 => Ok(20),
-        n @ 1..=100 => Ok(usize::try_from(n).unwrap_or(20)),
-        n => Err(bad("page.page_size", &format!("is {n}, outside 0..=100"))),
-    }
+    paging::page_size(page).map_err(|e| bad(e.path, &e.message))
 }
 
 fn page_token(page: Option<&common::PageRequest>) -> Result<Option<String>, Status> {
-    let token = page.map_or("", |p| p.page_token.as_str());
-    if token.is_empty() {
-        return Ok(None);
-    }
-    decode_token(token)
-        .map(Some)
-        .ok_or_else(|| bad("page.page_token", "is not a token this service issued"))
-}
-
-fn encode_token(raw: &str) -> String {
-    raw.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_token(token: &str) -> Option<String> {
-    if !token.len().is_multiple_of(2) || token.len() > 512 {
-        return None;
-    }
-    let bytes = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
-}
-
-fn next_page(has_more: bool, last: Option<String>) -> Option<common::PageResponse> {
-    Some(common::PageResponse {
-        next_page_token: if has_more {
-            last.map(|l| encode_token(&l)).unwrap_or_default()
-        } else {
-            String::new()
-        },
-    })
+    paging::page_token(page).map_err(|e| bad(e.path, &e.message))
 }
 
 /// A `(time, id)` keyset cursor from a page token.
@@ -212,7 +178,7 @@ impl KnowledgeService for KnowledgeGrpc {
         });
         Ok(Response::new(pb::ListArticlesResponse {
             articles,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -244,7 +210,7 @@ impl KnowledgeService for KnowledgeGrpc {
         let last = versions.last().map(|v| v.version.to_string());
         Ok(Response::new(pb::ListArticleVersionsResponse {
             versions,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -422,7 +388,7 @@ impl KnowledgeService for KnowledgeGrpc {
         });
         Ok(Response::new(pb::GetAuditTrailResponse {
             entries,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -625,7 +591,7 @@ impl KnowledgeService for KnowledgeGrpc {
         let next = offset + i64::try_from(candidates.len()).unwrap_or(0);
         Ok(Response::new(pb::ListCandidatesResponse {
             candidates,
-            page: next_page(more, Some(next.to_string())),
+            page: paging::next_page(more, Some(next.to_string())),
         }))
     }
 

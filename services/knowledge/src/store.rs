@@ -13,6 +13,7 @@ use prost::Message as _;
 use sqlx::Row as _;
 use tandem_platform::bus::RawEvent;
 use tandem_platform::db::Db;
+pub use tandem_platform::db::{micros_timestamp, now_micros, timestamp_micros};
 use tandem_platform::{in_tx, on_db};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1 as common;
@@ -872,25 +873,5 @@ impl Store {
             });
         }
         Ok(n)
-    }
-}
-
-/// Returns the current time in microseconds since the Unix epoch.
-pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Converts a protobuf timestamp to microseconds since the epoch.
-pub fn timestamp_micros(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(ts.nanos / 1_000))
-}
-
-/// Converts microseconds since the epoch to a protobuf timestamp.
-pub fn micros_timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tandem_platform::auth::{Caller, Role, caller};
 use tandem_platform::error::status_from;
+use tandem_platform::paging;
 use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::policy::v1 as pb;
 use tandem_proto::pb::policy::v1::policy_service_server::PolicyService;
@@ -65,48 +66,12 @@ fn bad(path: &str, message: &str) -> Status {
     ]))
 }
 
-/// Page size: 0 means 20; 1..=100 allowed.
 fn page_size(page: Option<&common::PageRequest>) -> Result<usize, Status> {
-    match page.map_or(0, |p| p.page_size) {
-        0 => Ok(20),
-        n @ 1..=100 => Ok(usize::try_from(n).unwrap_or(20)),
-        n => Err(bad("page.page_size", &format!("is {n}, outside 0..=100"))),
-    }
+    paging::page_size(page).map_err(|e| bad(e.path, &e.message))
 }
 
 fn page_token(page: Option<&common::PageRequest>) -> Result<Option<String>, Status> {
-    let token = page.map_or("", |p| p.page_token.as_str());
-    if token.is_empty() {
-        return Ok(None);
-    }
-    decode_token(token)
-        .map(Some)
-        .ok_or_else(|| bad("page.page_token", "is not a token this service issued"))
-}
-
-fn encode_token(raw: &str) -> String {
-    raw.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_token(token: &str) -> Option<String> {
-    if !token.len().is_multiple_of(2) || token.len() > 512 {
-        return None;
-    }
-    let bytes = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
-}
-
-fn next_page(has_more: bool, last: Option<String>) -> Option<common::PageResponse> {
-    Some(common::PageResponse {
-        next_page_token: if has_more {
-            last.map(|l| encode_token(&l)).unwrap_or_default()
-        } else {
-            String::new()
-        },
-    })
+    paging::page_token(page).map_err(|e| bad(e.path, &e.message))
 }
 
 /// A newest-first listing filter from a scenario, a time range and a page.
@@ -229,7 +194,7 @@ impl PolicyService for PolicyGrpc {
         let last = page.last().map(|s| s.id.clone());
         Ok(Response::new(pb::ListScenariosResponse {
             scenarios: page,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -371,7 +336,7 @@ impl PolicyService for PolicyGrpc {
         let last = versions.last().map(|v| v.version.to_string());
         Ok(Response::new(pb::ListPolicyVersionsResponse {
             versions,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -449,7 +414,7 @@ impl PolicyService for PolicyGrpc {
         });
         Ok(Response::new(pb::ListAdjustmentsResponse {
             adjustments: items,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -478,7 +443,7 @@ impl PolicyService for PolicyGrpc {
         Ok(Response::new(pb::ListShadowDecisionsResponse {
             records,
             divergence_rate: rate,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 
@@ -526,7 +491,7 @@ impl PolicyService for PolicyGrpc {
         let last = rules.last().map(|r| r.id.clone());
         Ok(Response::new(pb::ListAdjustmentRulesResponse {
             rules,
-            page: next_page(more, last),
+            page: paging::next_page(more, last),
         }))
     }
 }
