@@ -3,11 +3,16 @@
 //! - `tandem standalone`: every service in one process on one gRPC port, SQLite under a data
 //!   directory and the in-process bus. No other software needed.
 //! - `tandem serve <service>`: one service against PostgreSQL and NATS JetStream.
+//! - `tandem chat` / `tandem agent`: a customer and an agent desk in the terminal, scriptable
+//!   from standard input.
 //! - `tandem token`: a development token for a tenant and role.
 //! - `tandem nlu`: train and measure the built-in language understanding, analyse a message.
 
 #![allow(clippy::print_stdout)]
 
+mod agent;
+mod chat;
+mod client;
 mod nlu;
 mod reference;
 mod standalone;
@@ -41,6 +46,10 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// A customer in the terminal: talk to the bot and, after a handoff, to an agent.
+    Chat(chat::Options),
+    /// An agent desk in the terminal: offers with the handoff package, replies, suggestions.
+    Agent(agent::Options),
     /// Prints a development token signed with the configured development key.
     Token(token::Options),
     /// Trains and measures the built-in language understanding; analyses a message.
@@ -78,6 +87,8 @@ async fn main() -> ExitCode {
                 ServiceName::Policy => main::<tandem_policy::Policy>(args, env).await,
             }
         }
+        Command::Chat(options) => chat::run(options, env).await,
+        Command::Agent(options) => agent::run(options, env).await,
         Command::Token(options) => token::run(options, &env),
         Command::Nlu(options) => nlu::run(options),
         Command::Reference { kind } => reference::render(kind).map(|text| print!("{text}")),
