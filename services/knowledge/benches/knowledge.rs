@@ -1,7 +1,9 @@
 //! Knowledge benchmarks on the running service (PostgreSQL + NATS from the testkit) over a
 //! generated knowledge base (100,000 articles by default, English and Chinese):
 //!
-//! 1. import: JSON lines over the `ImportArticles` stream, published at once, in articles/s;
+//! 1. import: JSON lines over the `ImportArticles` stream, published at once, in articles/s,
+//!    beside a baseline from the same run: the same rows written into PostgreSQL with raw
+//!    multi-row INSERTs (500 rows per transaction) into one table;
 //! 2. start of a second replica, which rebuilds its index from the database;
 //! 3. `Search` over gRPC at a fixed rate (200 queries/s, open loop) beside the same queries run
 //!    in-process on an index holding the same articles;
@@ -272,6 +274,41 @@ async fn import(c: &mut Client, text: String) -> pb::ImportSummary {
     panic!("import ended without a summary");
 }
 
+/// The in-run baseline: the same rows written straight into PostgreSQL, one table, one
+/// multi-row INSERT of 500 rows per transaction, no validation, versions, audit, feed or events.
+async fn raw_insert(url: &str, docs: &[ArticleDoc]) -> Duration {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE raw_articles (external_id TEXT PRIMARY KEY, scenario_id TEXT NOT NULL, \
+         language TEXT NOT NULL, title TEXT NOT NULL, questions TEXT NOT NULL, \
+         answer TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let started = Instant::now();
+    for part in docs.chunks(500) {
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO raw_articles (external_id, scenario_id, language, title, questions, \
+             answer) ",
+        );
+        q.push_values(part, |mut row, d| {
+            row.push_bind(&d.article_id)
+                .push_bind(&d.scenario)
+                .push_bind(&d.language)
+                .push_bind(&d.title)
+                .push_bind(d.questions.join("|"))
+                .push_bind(&d.answer);
+        });
+        let mut tx = pool.begin().await.unwrap();
+        q.build().execute(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let took = started.elapsed();
+    pool.close().await;
+    took
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("KNOWLEDGE_BENCH_ARTICLES")
@@ -299,7 +336,8 @@ async fn main() {
     let docs = generate(n);
     println!("knowledge benchmarks: {n} generated articles (1 in 5 Chinese), PostgreSQL + NATS");
 
-    // 1. Import.
+    // 1. Import, after the baseline.
+    let baseline = raw_insert(&pg.fresh_database().await.unwrap(), &docs).await;
     let mut admin = client(&first, "admin", &[Role::Admin]).await.unwrap();
     let started = Instant::now();
     let mut created = 0;
@@ -309,9 +347,14 @@ async fn main() {
         created += s.created;
     }
     let took = started.elapsed();
+    let import_rate = created as f64 / took.as_secs_f64();
     println!(
-        "  import (JSONL, published at once)        {created} articles in {took:.1?}: {:.0} articles/s",
-        created as f64 / took.as_secs_f64()
+        "  import (JSONL, published at once)        {created} articles in {took:.1?}: {import_rate:.0} articles/s"
+    );
+    println!(
+        "  baseline: raw multi-row INSERT, same rows {n} rows in {baseline:.1?}: {:.0} rows/s (import at {:.2}x of it)",
+        n as f64 / baseline.as_secs_f64(),
+        import_rate / (n as f64 / baseline.as_secs_f64())
     );
 
     // 2. A second replica rebuilds from the database.

@@ -27,8 +27,8 @@ use tandem_search::{Audience, SearchError, SearchRequest};
 
 use crate::freshness::{Indexer, language_code};
 use crate::store::{
-    ArticleFilter, CandidateRow, Change, GapFilter, GapHit, Loaded, Store, StoreError, VersionRow,
-    micros_timestamp, now_micros,
+    ArticleFilter, CandidateRow, Change, Existing, GapFilter, GapHit, Loaded, Store, StoreError,
+    VersionRow, micros_timestamp, now_micros,
 };
 
 /// Longest title.
@@ -87,6 +87,9 @@ pub enum KnowledgeError {
     /// Storage failed.
     #[error("storage failed")]
     Store(#[source] StoreError),
+    /// Storage failed for a row of an import; the message says why.
+    #[error("storage failed: {0}")]
+    Unavailable(String),
 }
 
 impl From<StoreError> for KnowledgeError {
@@ -123,6 +126,7 @@ impl ServiceError for KnowledgeError {
             Self::Search(e) if e.is_invalid_input() => ErrorCode::InvalidArgument,
             Self::Search(_) => ErrorCode::Unavailable,
             Self::Store(_) => ErrorCode::Internal,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -709,67 +713,28 @@ impl App {
     ) -> Result<Change, KnowledgeError> {
         let a = &loaded.article;
         if a.status == pb::ArticleStatus::Archived as i32 {
-            return Err(KnowledgeError::FailedPrecondition(format!(
-                "article {:?} is archived; it cannot be edited",
-                a.id
-            )));
+            return Err(archived_error(&a.id));
         }
         let latest = self.load_version(tenant, &a.id, a.current_version).await?;
-        let at = now_ts();
-        let number = a.current_version + 1;
-        let visibility = if new.visibility == 0 {
-            latest.visibility
+        let previous = if entry == Entry::Publish && a.published_version > 0 {
+            Some(
+                self.load_version(tenant, &a.id, a.published_version)
+                    .await?,
+            )
         } else {
-            new.visibility
+            None
         };
-        let tags = new.tags.unwrap_or_else(|| latest.tags.clone());
-        let version = pb::ArticleVersion {
-            article_id: a.id.clone(),
-            version: number,
-            title: new.content.title.clone(),
-            questions: new.content.questions,
-            answer: new.content.answer,
-            author_id: actor.id.clone(),
-            status: pb::VersionStatus::Draft as i32,
-            change_note: new.content.change_note,
-            source_candidate_id: source_candidate_id.to_owned(),
-            created_at: Some(at),
-            ..Default::default()
-        };
-        let mut article = a.clone();
-        article.current_version = number;
-        article.title = new.content.title;
-        article.updated_at = Some(at);
-        if article.published_version == 0 {
-            article.status = pb::ArticleStatus::Draft as i32;
-            article.visibility = visibility;
-            article.tags.clone_from(&tags);
-        }
-        let mut change = Change {
-            audit: vec![audit(&a.id, number, action, &actor.id, "", at)],
-            article,
-            expected_revision: Some(loaded.revision),
-            ..Change::default()
-        };
-        let row = VersionRow {
-            version,
-            visibility,
-            tags,
-        };
-        if entry == Entry::Publish {
-            let previous = if a.published_version > 0 {
-                Some(
-                    self.load_version(tenant, &a.id, a.published_version)
-                        .await?,
-                )
-            } else {
-                None
-            };
-            publish_into(tenant, &mut change, row, previous, actor, at);
-        } else {
-            change.versions.push(row);
-        }
-        Ok(change)
+        Ok(revision_of(
+            tenant,
+            actor,
+            loaded,
+            &latest,
+            previous,
+            new,
+            entry,
+            action,
+            source_candidate_id,
+        ))
     }
 
     /// Creates an article with a first draft.
@@ -1070,73 +1035,12 @@ impl App {
         Ok(change.article)
     }
 
-    /// Plans one import row: the change that creates an article, adds a version to the article
-    /// with the same external id, or nothing when the content is unchanged (or on a dry run).
-    async fn plan_row(
-        &self,
-        tenant: &TenantId,
-        actor: &Actor,
-        new: NewArticle,
-        entry: Entry,
-        dry_run: bool,
-    ) -> Result<(RowOutcome, Option<Change>), KnowledgeError> {
-        let new = new.validated()?;
-        let existing = if new.external_id.is_empty() {
-            None
-        } else {
-            self.store
-                .article_by_external_id(tenant, &new.external_id)
-                .await?
-        };
-        let Some(article_id) = existing else {
-            if dry_run {
-                return Ok((RowOutcome::Created, None));
-            }
-            let change = self.creation(tenant, actor, new, entry, pb::AuditAction::Imported, "");
-            return Ok((RowOutcome::Created, Some(change)));
-        };
-        let loaded = self.load(tenant, &article_id).await?;
-        let latest = self
-            .load_version(tenant, &article_id, loaded.article.current_version)
-            .await?;
-        let published_same =
-            entry == Entry::Draft || latest.version.status == pb::VersionStatus::Published as i32;
-        if new.content.same_as(&latest.version)
-            && latest.visibility == new.visibility
-            && latest.tags == new.tags
-            && published_same
-        {
-            return Ok((RowOutcome::Unchanged, None));
-        }
-        if loaded.article.status == pb::ArticleStatus::Archived as i32 {
-            return Err(KnowledgeError::FailedPrecondition(format!(
-                "article {article_id:?} is archived"
-            )));
-        }
-        if dry_run {
-            return Ok((RowOutcome::Updated, None));
-        }
-        let change = self
-            .revision(
-                tenant,
-                actor,
-                &loaded,
-                NewVersion {
-                    content: new.content,
-                    visibility: new.visibility,
-                    tags: Some(new.tags),
-                },
-                entry,
-                pb::AuditAction::Imported,
-                "",
-            )
-            .await?;
-        Ok((RowOutcome::Updated, Some(change)))
-    }
-
-    /// Imports a batch of rows in one transaction; when that fails, row by row, so one bad row
-    /// never costs the others. Returns each row's outcome, in order. Nothing is written on a
-    /// dry run.
+    /// Imports a chunk of rows: looks up the articles of their external ids with two queries,
+    /// plans each row in memory (a new article, a new version, or nothing when the content is
+    /// unchanged) and writes every change in one transaction with multi-row statements. A row
+    /// whose article was created or changed concurrently fails alone; when the transaction
+    /// fails as a whole, the changes are written one by one so only the offending rows fail.
+    /// Returns each row's outcome, in order. Nothing is written on a dry run.
     pub async fn import_rows(
         &self,
         tenant: &TenantId,
@@ -1145,28 +1049,101 @@ impl App {
         entry: Entry,
         dry_run: bool,
     ) -> Vec<Result<RowOutcome, KnowledgeError>> {
-        let mut results = Vec::with_capacity(rows.len());
+        let mut results: Vec<Result<RowOutcome, KnowledgeError>> = Vec::with_capacity(rows.len());
+        let mut valid = Vec::with_capacity(rows.len());
+        for (i, new) in rows.into_iter().enumerate() {
+            match new.validated() {
+                Ok(new) => {
+                    valid.push((i, new));
+                    results.push(Ok(RowOutcome::Unchanged));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let mut ids: Vec<String> = valid
+            .iter()
+            .filter(|(_, n)| !n.external_id.is_empty())
+            .map(|(_, n)| n.external_id.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let mut existing = match self.store.import_lookup(tenant, &ids).await {
+            Ok(found) => found,
+            Err(e) => {
+                let e = KnowledgeError::from(e);
+                let message = tandem_platform::error::DisplayChain(&e).to_string();
+                for (i, _) in valid {
+                    results[i] = Err(KnowledgeError::Unavailable(message.clone()));
+                }
+                return results;
+            }
+        };
         let mut changes = Vec::new();
         let mut positions = Vec::new();
-        for new in rows {
-            match self.plan_row(tenant, actor, new, entry, dry_run).await {
-                Ok((outcome, Some(change))) => {
-                    positions.push(results.len());
-                    changes.push(change);
-                    results.push(Ok(outcome));
+        for (i, new) in valid {
+            let found = if new.external_id.is_empty() {
+                None
+            } else {
+                existing.remove(&new.external_id)
+            };
+            let planned = match found {
+                None => Ok((
+                    RowOutcome::Created,
+                    (!dry_run).then(|| {
+                        self.creation(tenant, actor, new, entry, pb::AuditAction::Imported, "")
+                    }),
+                )),
+                Some(found) => plan_update(tenant, actor, &found, new, entry, dry_run),
+            };
+            match planned {
+                Ok((outcome, change)) => {
+                    results[i] = Ok(outcome);
+                    if let Some(change) = change {
+                        positions.push(i);
+                        changes.push(change);
+                    }
                 }
-                Ok((outcome, None)) => results.push(Ok(outcome)),
-                Err(e) => results.push(Err(e)),
+                Err(e) => results[i] = Err(e),
             }
         }
         if changes.is_empty() {
             return results;
         }
-        if self.store.commit_all(tenant, &changes).await.is_err() {
-            for (&at, change) in positions.iter().zip(&changes) {
-                if let Err(e) = self.store.commit(tenant, change).await {
-                    results[at] = Err(e.into());
+        let written = match self.store.import_changes(tenant, &changes).await {
+            Ok(written) => written,
+            Err(e) => {
+                tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
+                    rows = changes.len(), "import chunk failed; writing its rows one by one");
+                let mut written = Vec::with_capacity(changes.len());
+                for (change, &at) in changes.iter().zip(&positions) {
+                    match self
+                        .store
+                        .import_changes(tenant, std::slice::from_ref(change))
+                        .await
+                    {
+                        Ok(w) => written.push(w.first().copied().unwrap_or(false)),
+                        Err(e) => {
+                            results[at] = Err(e.into());
+                            written.push(true);
+                        }
+                    }
                 }
+                written
+            }
+        };
+        for ((&at, ok), change) in positions.iter().zip(&written).zip(&changes) {
+            if !ok {
+                results[at] = Err(if change.expected_revision.is_none() {
+                    KnowledgeError::AlreadyExists(format!(
+                        "external id {:?} was created concurrently; import the row again",
+                        change.article.external_id
+                    ))
+                } else {
+                    KnowledgeError::Aborted(format!(
+                        "article {:?} changed concurrently; import the row again",
+                        change.article.id
+                    ))
+                });
             }
         }
         if changes.iter().any(|c| !c.events.is_empty()) {
@@ -1603,6 +1580,122 @@ impl App {
     pub async fn expire_candidates(&self) -> Result<u64, KnowledgeError> {
         Ok(self.store.expire_candidates(now_micros()).await?)
     }
+}
+
+/// The error of a change to an archived article.
+fn archived_error(article_id: &str) -> KnowledgeError {
+    KnowledgeError::FailedPrecondition(format!(
+        "article {article_id:?} is archived; it cannot be edited"
+    ))
+}
+
+/// Builds the change adding a version to a loaded article whose latest version is `latest` and,
+/// when publishing, whose published version is `previous`.
+#[allow(clippy::too_many_arguments)]
+fn revision_of(
+    tenant: &TenantId,
+    actor: &Actor,
+    loaded: &Loaded,
+    latest: &VersionRow,
+    previous: Option<VersionRow>,
+    new: NewVersion,
+    entry: Entry,
+    action: pb::AuditAction,
+    source_candidate_id: &str,
+) -> Change {
+    let a = &loaded.article;
+    let at = now_ts();
+    let number = a.current_version + 1;
+    let visibility = if new.visibility == 0 {
+        latest.visibility
+    } else {
+        new.visibility
+    };
+    let tags = new.tags.unwrap_or_else(|| latest.tags.clone());
+    let version = pb::ArticleVersion {
+        article_id: a.id.clone(),
+        version: number,
+        title: new.content.title.clone(),
+        questions: new.content.questions,
+        answer: new.content.answer,
+        author_id: actor.id.clone(),
+        status: pb::VersionStatus::Draft as i32,
+        change_note: new.content.change_note,
+        source_candidate_id: source_candidate_id.to_owned(),
+        created_at: Some(at),
+        ..Default::default()
+    };
+    let mut article = a.clone();
+    article.current_version = number;
+    article.title = new.content.title;
+    article.updated_at = Some(at);
+    if article.published_version == 0 {
+        article.status = pb::ArticleStatus::Draft as i32;
+        article.visibility = visibility;
+        article.tags.clone_from(&tags);
+    }
+    let mut change = Change {
+        audit: vec![audit(&a.id, number, action, &actor.id, "", at)],
+        article,
+        expected_revision: Some(loaded.revision),
+        ..Change::default()
+    };
+    let row = VersionRow {
+        version,
+        visibility,
+        tags,
+    };
+    if entry == Entry::Publish {
+        publish_into(tenant, &mut change, row, previous, actor, at);
+    } else {
+        change.versions.push(row);
+    }
+    change
+}
+
+/// Plans an import row for the existing article with its external id: nothing when the content,
+/// visibility and tags are those of the latest version (and, when publishing, that version is
+/// published), otherwise a new version.
+fn plan_update(
+    tenant: &TenantId,
+    actor: &Actor,
+    found: &Existing,
+    new: NewArticle,
+    entry: Entry,
+    dry_run: bool,
+) -> Result<(RowOutcome, Option<Change>), KnowledgeError> {
+    let latest = &found.latest;
+    let published_same =
+        entry == Entry::Draft || latest.version.status == pb::VersionStatus::Published as i32;
+    if new.content.same_as(&latest.version)
+        && latest.visibility == new.visibility
+        && latest.tags == new.tags
+        && published_same
+    {
+        return Ok((RowOutcome::Unchanged, None));
+    }
+    if found.loaded.article.status == pb::ArticleStatus::Archived as i32 {
+        return Err(archived_error(&found.loaded.article.id));
+    }
+    if dry_run {
+        return Ok((RowOutcome::Updated, None));
+    }
+    let change = revision_of(
+        tenant,
+        actor,
+        &found.loaded,
+        latest,
+        found.published.clone(),
+        NewVersion {
+            content: new.content,
+            visibility: new.visibility,
+            tags: Some(new.tags),
+        },
+        entry,
+        pb::AuditAction::Imported,
+        "",
+    );
+    Ok((RowOutcome::Updated, Some(change)))
 }
 
 /// The article and the newest version of a change that created one.

@@ -183,82 +183,93 @@ const CSV_COLUMNS: [&str; 8] = [
     "tags",
 ];
 
-/// Parses CSV with a header row; a file-level problem (bad header, open quote) is reported as
-/// an error of row 0 and nothing else is read.
-pub fn parse_csv(text: &str) -> Vec<Parsed> {
-    let records = match csv_records(text.strip_prefix('\u{feff}').unwrap_or(text)) {
-        Ok(r) => r,
-        Err(line) => {
-            return vec![(
-                0,
-                Err(row_error(
-                    0,
-                    "",
-                    "",
-                    format!("a quoted field opened on line {line} is never closed"),
-                )),
-            )];
-        }
-    };
-    let mut it = records.into_iter();
-    let Some(header) = it.next() else {
-        return Vec::new();
-    };
+/// The columns a CSV header row names, or the row-0 error that stops the file.
+fn csv_columns(header: &[String]) -> Result<Vec<String>, RowError> {
     let mut columns = Vec::with_capacity(header.len());
-    for h in &header {
+    for h in header {
         let name = h.trim().to_ascii_lowercase();
         if !CSV_COLUMNS.contains(&name.as_str()) {
-            return vec![(
-                0,
-                Err(row_error(0, "", &name, format!("unknown column {name:?}"))),
-            )];
+            return Err(row_error(0, "", &name, format!("unknown column {name:?}")));
         }
         columns.push(name);
     }
     for required in ["title", "questions", "answer"] {
         if !columns.iter().any(|c| c == required) {
-            return vec![(
-                0,
-                Err(row_error(0, "", required, "the header lacks this column")),
-            )];
+            return Err(row_error(0, "", required, "the header lacks this column"));
         }
     }
+    Ok(columns)
+}
+
+/// The row of a CSV record numbered `n`; `None` for a blank record.
+fn csv_row(columns: &[String], fields: Vec<String>, n: i64) -> Option<Parsed> {
+    if fields.len() == 1 && fields[0].trim().is_empty() {
+        return None;
+    }
+    if fields.len() != columns.len() {
+        return Some((
+            n,
+            Err(row_error(
+                n,
+                "",
+                "",
+                format!("has {} fields, the header {}", fields.len(), columns.len()),
+            )),
+        ));
+    }
+    let mut row = RawRow::default();
+    for (name, value) in columns.iter().zip(fields) {
+        match name.as_str() {
+            "external_id" => row.external_id = value,
+            "scenario_id" => row.scenario_id = value,
+            "language" => row.language = value,
+            "visibility" => row.visibility = value,
+            "title" => row.title = value,
+            "questions" => row.questions = split_list(&value, '|'),
+            "answer" => row.answer = value,
+            _ => row.tags = split_list(&value, '|'),
+        }
+    }
+    Some((n, Ok(row)))
+}
+
+fn open_quote_error(line: usize) -> Parsed {
+    (
+        0,
+        Err(row_error(
+            0,
+            "",
+            "",
+            format!("a quoted field opened on line {line} is never closed"),
+        )),
+    )
+}
+
+/// Parses CSV with a header row; a file-level problem (bad header, open quote) is reported as
+/// an error of row 0 and nothing else is read.
+pub fn parse_csv(text: &str) -> Vec<Parsed> {
+    let records = match csv_records(text.strip_prefix('\u{feff}').unwrap_or(text)) {
+        Ok(r) => r,
+        Err(line) => return vec![open_quote_error(line)],
+    };
+    let mut it = records.into_iter();
+    let Some(header) = it.next() else {
+        return Vec::new();
+    };
+    let columns = match csv_columns(&header) {
+        Ok(c) => c,
+        Err(e) => return vec![(0, Err(e))],
+    };
     it.enumerate()
-        .filter(|(_, fields)| !(fields.len() == 1 && fields[0].trim().is_empty()))
-        .map(|(i, fields)| {
-            let n = i64::try_from(i + 1).unwrap_or(i64::MAX);
-            if fields.len() != columns.len() {
-                return (
-                    n,
-                    Err(row_error(
-                        n,
-                        "",
-                        "",
-                        format!("has {} fields, the header {}", fields.len(), columns.len()),
-                    )),
-                );
-            }
-            let mut row = RawRow::default();
-            for (name, value) in columns.iter().zip(fields) {
-                match name.as_str() {
-                    "external_id" => row.external_id = value,
-                    "scenario_id" => row.scenario_id = value,
-                    "language" => row.language = value,
-                    "visibility" => row.visibility = value,
-                    "title" => row.title = value,
-                    "questions" => row.questions = split_list(&value, '|'),
-                    "answer" => row.answer = value,
-                    _ => row.tags = split_list(&value, '|'),
-                }
-            }
-            (n, Ok(row))
+        .filter_map(|(i, fields)| {
+            csv_row(&columns, fields, i64::try_from(i + 1).unwrap_or(i64::MAX))
         })
         .collect()
 }
 
-/// Parses Markdown articles; see the module documentation.
-pub fn parse_markdown(text: &str) -> Vec<Parsed> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+/// Splits Markdown text into the defaults of its front matter and the rest, or the row-0 error
+/// of a front matter never closed.
+fn markdown_front(text: &str) -> Result<(RawRow, &str), RowError> {
     let mut defaults = RawRow::default();
     let mut body = text;
     if let Some(rest) = text
@@ -292,20 +303,23 @@ pub fn parse_markdown(text: &str) -> Vec<Parsed> {
                 }
             }
         } else {
-            return vec![(
+            return Err(row_error(
                 0,
-                Err(row_error(
-                    0,
-                    "",
-                    "",
-                    "the front matter is never closed by ---",
-                )),
-            )];
+                "",
+                "",
+                "the front matter is never closed by ---",
+            ));
         }
     }
+    Ok((defaults, body))
+}
+
+/// Parses the `## Title` sections of `body`, numbering them after `before`; text before the
+/// first section is ignored.
+fn markdown_sections(body: &str, defaults: &RawRow, before: i64) -> Vec<Parsed> {
     let mut out = Vec::new();
     let mut current: Option<(RawRow, bool, Vec<&str>)> = None;
-    let mut n = 0;
+    let mut n = before;
     let finish = |row: Option<(RawRow, bool, Vec<&str>)>, n: i64, out: &mut Vec<Parsed>| {
         if let Some((mut r, _, answer)) = row {
             r.answer = answer.join("\n").trim().to_owned();
@@ -373,12 +387,260 @@ pub fn parse_markdown(text: &str) -> Vec<Parsed> {
     out
 }
 
+/// Parses Markdown articles; see the module documentation.
+pub fn parse_markdown(text: &str) -> Vec<Parsed> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    match markdown_front(text) {
+        Ok((defaults, body)) => markdown_sections(body, &defaults, 0),
+        Err(e) => vec![(0, Err(e))],
+    }
+}
+
 /// Parses a file of `format`.
 pub fn parse(format: pb::ArticleFormat, text: &str) -> Vec<Parsed> {
     match format {
         pb::ArticleFormat::Jsonl => parse_jsonl(text),
         pb::ArticleFormat::Csv => parse_csv(text),
         pb::ArticleFormat::Markdown | pb::ArticleFormat::Unspecified => parse_markdown(text),
+    }
+}
+
+/// Incremental parsing of a file that arrives in chunks: every complete row is returned as soon
+/// as its chunk arrives, with the same numbers and errors [`parse`] gives for the whole file.
+/// A chunk may end anywhere, also inside a multi-byte character or a quoted CSV field.
+pub struct RowStream {
+    format: pb::ArticleFormat,
+    /// Bytes of an incomplete UTF-8 character.
+    tail: Vec<u8>,
+    /// Bytes decoded so far.
+    decoded: usize,
+    /// Decoded text not parsed yet (an incomplete row).
+    text: String,
+    /// Whether a byte-order mark may still come.
+    start: bool,
+    /// A file-level error stopped parsing.
+    stopped: bool,
+    /// Lines (JSON lines) or data records (CSV) or sections (Markdown) parsed so far.
+    done: i64,
+    /// CSV: lines parsed so far, for error positions.
+    lines: usize,
+    /// CSV: the header's columns, once read.
+    columns: Option<Vec<String>>,
+    /// CSV: scanner state at `scan` bytes into `text`.
+    scan: CsvScan,
+    /// Markdown: the front matter's defaults, once read.
+    defaults: Option<RawRow>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct CsvScan {
+    /// Bytes of `text` scanned.
+    pos: usize,
+    /// Inside a quoted field.
+    quoted: bool,
+    /// The current field has no character yet.
+    field_empty: bool,
+    /// End of the last complete record (after its newline).
+    boundary: usize,
+}
+
+impl RowStream {
+    /// A parser for a file of `format`.
+    pub fn new(format: pb::ArticleFormat) -> Self {
+        Self {
+            format,
+            tail: Vec::new(),
+            decoded: 0,
+            text: String::new(),
+            start: true,
+            stopped: false,
+            done: 0,
+            lines: 0,
+            columns: None,
+            scan: CsvScan {
+                field_empty: true,
+                ..CsvScan::default()
+            },
+            defaults: None,
+        }
+    }
+
+    /// Adds a chunk and returns the rows it completes; fails with the offset of the first byte
+    /// that is not UTF-8.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Parsed>, usize> {
+        self.tail.extend_from_slice(chunk);
+        let valid = match std::str::from_utf8(&self.tail) {
+            Ok(t) => t.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(e) => return Err(self.decoded + e.valid_up_to()),
+        };
+        let rest = self.tail.split_off(valid);
+        let bytes = std::mem::replace(&mut self.tail, rest);
+        self.decoded += bytes.len();
+        // The bytes were checked above.
+        self.text
+            .push_str(&String::from_utf8(bytes).map_err(|e| e.utf8_error().valid_up_to())?);
+        Ok(self.rows(false))
+    }
+
+    /// Ends the file and returns the last rows; fails with the offset of an incomplete
+    /// character at the end.
+    pub fn finish(&mut self) -> Result<Vec<Parsed>, usize> {
+        if !self.tail.is_empty() {
+            return Err(self.decoded);
+        }
+        Ok(self.rows(true))
+    }
+
+    fn rows(&mut self, last: bool) -> Vec<Parsed> {
+        if self.stopped {
+            self.text.clear();
+            return Vec::new();
+        }
+        if self.start {
+            if self.text.is_empty() || (!last && "\u{feff}".starts_with(self.text.as_str())) {
+                return Vec::new();
+            }
+            if self.text.starts_with('\u{feff}') && self.format != pb::ArticleFormat::Jsonl {
+                self.text.drain(..'\u{feff}'.len_utf8());
+            }
+            self.start = false;
+        }
+        match self.format {
+            pb::ArticleFormat::Jsonl => self.jsonl(last),
+            pb::ArticleFormat::Csv => self.csv(last),
+            pb::ArticleFormat::Markdown | pb::ArticleFormat::Unspecified => self.markdown(last),
+        }
+    }
+
+    fn jsonl(&mut self, last: bool) -> Vec<Parsed> {
+        let end = if last {
+            self.text.len()
+        } else {
+            match self.text.rfind('\n') {
+                Some(i) => i + 1,
+                None => return Vec::new(),
+            }
+        };
+        let part: String = self.text.drain(..end).collect();
+        let mut rows = parse_jsonl(&part);
+        for (n, r) in &mut rows {
+            *n += self.done;
+            if let Err(e) = r {
+                e.row_number = *n;
+            }
+        }
+        self.done += i64::try_from(part.lines().count()).unwrap_or(0);
+        rows
+    }
+
+    /// Moves the CSV scanner to the end of the text, remembering the end of the last complete
+    /// record. A quote at the very end of a quoted field waits for the next byte.
+    fn scan_csv(&mut self) {
+        let bytes = self.text.as_bytes();
+        let mut s = self.scan;
+        while s.pos < bytes.len() {
+            let c = bytes[s.pos];
+            if s.quoted {
+                if c == b'"' {
+                    match bytes.get(s.pos + 1) {
+                        None => break,
+                        Some(b'"') => s.pos += 1,
+                        Some(_) => {
+                            s.quoted = false;
+                            s.field_empty = false;
+                        }
+                    }
+                }
+            } else {
+                match c {
+                    b'"' if s.field_empty => s.quoted = true,
+                    b',' => s.field_empty = true,
+                    b'\n' => {
+                        s.field_empty = true;
+                        s.boundary = s.pos + 1;
+                    }
+                    b'\r' if bytes.get(s.pos + 1) == Some(&b'\n') => {}
+                    _ => s.field_empty = false,
+                }
+            }
+            s.pos += 1;
+        }
+        self.scan = s;
+    }
+
+    fn csv(&mut self, last: bool) -> Vec<Parsed> {
+        let end = if last {
+            self.text.len()
+        } else {
+            self.scan_csv();
+            self.scan.boundary
+        };
+        if end == 0 {
+            return Vec::new();
+        }
+        let part: String = self.text.drain(..end).collect();
+        self.scan.pos -= self.scan.pos.min(end);
+        self.scan.boundary = 0;
+        let records = match csv_records(&part) {
+            Ok(r) => r,
+            Err(line) => {
+                self.stopped = true;
+                return vec![open_quote_error(self.lines + line)];
+            }
+        };
+        self.lines += part.matches('\n').count();
+        let mut out = Vec::new();
+        for fields in records {
+            let Some(columns) = &self.columns else {
+                match csv_columns(&fields) {
+                    Ok(c) => self.columns = Some(c),
+                    Err(e) => {
+                        self.stopped = true;
+                        self.text.clear();
+                        return vec![(0, Err(e))];
+                    }
+                }
+                continue;
+            };
+            self.done += 1;
+            out.extend(csv_row(columns, fields, self.done));
+        }
+        out
+    }
+
+    fn markdown(&mut self, last: bool) -> Vec<Parsed> {
+        if self.defaults.is_none() {
+            let opens = self.text.starts_with("---\n") || self.text.starts_with("---\r\n");
+            let waiting =
+                (opens && !self.text.contains("\n---")) || "---\r\n".starts_with(&*self.text);
+            if !last && waiting {
+                return Vec::new();
+            }
+            let (defaults, consumed) = match markdown_front(&self.text) {
+                Ok((d, body)) => (d, self.text.len() - body.len()),
+                Err(e) => {
+                    self.stopped = true;
+                    self.text.clear();
+                    return vec![(0, Err(e))];
+                }
+            };
+            self.text.drain(..consumed);
+            self.defaults = Some(defaults);
+        }
+        let end = if last {
+            self.text.len()
+        } else {
+            match self.text.rfind("\n## ") {
+                Some(i) => i + 1,
+                None => return Vec::new(),
+            }
+        };
+        let part: String = self.text.drain(..end).collect();
+        let defaults = self.defaults.clone().unwrap_or_default();
+        let rows = markdown_sections(&part, &defaults, self.done);
+        self.done += i64::try_from(rows.len()).unwrap_or(0);
+        rows
     }
 }
 
@@ -519,6 +781,75 @@ mod tests {
                 .1
                 .is_err()
         );
+    }
+
+    /// Parses `text` through a [`RowStream`] fed `size` bytes at a time.
+    fn streamed(format: pb::ArticleFormat, text: &str, size: usize) -> Vec<Parsed> {
+        let mut stream = RowStream::new(format);
+        let mut out = Vec::new();
+        for chunk in text.as_bytes().chunks(size) {
+            out.extend(stream.push(chunk).unwrap());
+        }
+        out.extend(stream.finish().unwrap());
+        out
+    }
+
+    #[test]
+    fn streamed_chunks_parse_like_the_whole_file() {
+        let mut jsonl = String::new();
+        let mut csv = header(pb::ArticleFormat::Csv);
+        let mut md = "\u{feff}---\nscenario_id: shipping\nlanguage: zh\n---\npreamble\n".to_owned();
+        for i in 0..12 {
+            let mut row = sample();
+            row.external_id = format!("faq-{i}");
+            row.title = format!("标题 {i}, \"quoted\"");
+            row.answer = format!("答案 {i}\nsecond line, with \"quotes\"\r\nthird");
+            write_row(pb::ArticleFormat::Jsonl, &row, &mut jsonl);
+            write_row(pb::ArticleFormat::Csv, &row, &mut csv);
+            write_row(pb::ArticleFormat::Markdown, &row, &mut md);
+            if i == 5 {
+                jsonl.push_str("\nnot json\n");
+                csv.push_str("only,three,fields\n\n");
+                md.push_str("## \nQ: untitled\nbody\n");
+            }
+        }
+        let cases = [
+            (pb::ArticleFormat::Jsonl, jsonl),
+            (pb::ArticleFormat::Csv, format!("\u{feff}{csv}")),
+            (pb::ArticleFormat::Markdown, md),
+            (pb::ArticleFormat::Csv, "title,colour\na,b\n".to_owned()),
+            (
+                pb::ArticleFormat::Markdown,
+                "---\nlanguage: en\n## never closed\n".to_owned(),
+            ),
+        ];
+        for (format, text) in cases {
+            let whole = parse(format, &text);
+            assert!(!whole.is_empty());
+            for size in [1, 2, 3, 7, 64, 1 << 20] {
+                assert_eq!(streamed(format, &text, size), whole, "{format:?} by {size}");
+            }
+        }
+        // An open quote stops the file where it opens, after the rows before it.
+        let text = "title,questions,answer\nA,q,a\n\"open,q,a\nB,q,a\n";
+        let rows = streamed(pb::ArticleFormat::Csv, text, 5);
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].1.is_ok());
+        let e = rows[1].1.as_ref().unwrap_err();
+        assert_eq!(
+            (e.row_number, e.message.contains("line 3")),
+            (0, true),
+            "{e:?}"
+        );
+        // Bytes that are not UTF-8 are reported with their offset; a character split between
+        // chunks is not.
+        let mut stream = RowStream::new(pb::ArticleFormat::Jsonl);
+        assert!(stream.push(&"{}\n退".as_bytes()[..4]).is_ok());
+        assert!(stream.push(&"退".as_bytes()[1..]).is_ok());
+        assert_eq!(stream.push(b"\xff"), Err(6));
+        let mut stream = RowStream::new(pb::ArticleFormat::Jsonl);
+        stream.push(&"退".as_bytes()[..2]).unwrap();
+        assert_eq!(stream.finish(), Err(0));
     }
 
     #[test]

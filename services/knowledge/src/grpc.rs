@@ -12,12 +12,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use tandem_platform::auth::{Caller, Role, caller};
 use tandem_platform::error::status_from;
 use tandem_platform::paging;
-use tandem_proto::pb::common::v1::{self as common, RowError};
+use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::knowledge::v1 as pb;
 use tandem_proto::pb::knowledge::v1::knowledge_service_server::KnowledgeService;
 use tokio::sync::mpsc;
@@ -26,22 +25,15 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::app::{
-    Actor, App, Content, Entry, KnowledgeError, NewArticle, NewVersion, RowOutcome, check_id,
-    violation,
+    Actor, App, Content, KnowledgeError, NewArticle, NewVersion, check_id, violation,
 };
-use crate::formats::{self, RawRow};
+use crate::formats;
 use crate::store::{ArticleFilter, GapFilter, now_micros, timestamp_micros};
 
 const READERS: &[Role] = &[Role::Admin, Role::Supervisor, Role::Agent, Role::Service];
 const EDITORS: &[Role] = &[Role::Admin, Role::Supervisor, Role::Agent];
 const REVIEWERS: &[Role] = &[Role::Admin, Role::Supervisor];
 
-/// Largest import chunk.
-const MAX_CHUNK: usize = 1 << 20;
-/// Largest import file.
-const MAX_IMPORT: usize = 64 << 20;
-/// Import rows written per transaction.
-const IMPORT_BATCH: usize = 250;
 /// Export chunks are sent once they reach this size.
 const EXPORT_CHUNK: usize = 256 << 10;
 
@@ -82,6 +74,11 @@ fn actor(c: &Caller) -> Actor {
 
 fn bad(path: &str, message: &str) -> Status {
     status(&KnowledgeError::Invalid(vec![violation(path, message)]))
+}
+
+/// An `INVALID_ARGUMENT` status for one field, with its `BadRequest` detail.
+pub(crate) fn invalid_status(path: &str, message: &str) -> Status {
+    bad(path, message)
 }
 
 fn page_size(page: Option<&common::PageRequest>) -> Result<usize, Status> {
@@ -422,58 +419,15 @@ impl KnowledgeService for KnowledgeGrpc {
             ));
         }
         let (tx, rx) = mpsc::channel(64);
-        let app = Arc::clone(&self.app);
-        tokio::spawn(async move {
-            let mut bytes = Vec::new();
-            loop {
-                match input.message().await {
-                    Ok(None) => break,
-                    Ok(Some(m)) => match m.part {
-                        Some(pb::import_articles_request::Part::Chunk(chunk)) => {
-                            if chunk.len() > MAX_CHUNK {
-                                let _ = tx.send(Err(bad("chunk", "is larger than 1 MiB"))).await;
-                                return;
-                            }
-                            if bytes.len() + chunk.len() > MAX_IMPORT {
-                                let _ = tx
-                                    .send(Err(Status::resource_exhausted(
-                                        "the file is larger than 64 MiB",
-                                    )))
-                                    .await;
-                                return;
-                            }
-                            bytes.extend_from_slice(&chunk);
-                        }
-                        _ => {
-                            let _ = tx
-                                .send(Err(bad("header", "only the first message is a header")))
-                                .await;
-                            return;
-                        }
-                    },
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        return;
-                    }
-                }
-            }
-            let text = match String::from_utf8(bytes) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(bad(
-                            "chunk",
-                            &format!(
-                                "the file is not UTF-8 (byte {})",
-                                e.utf8_error().valid_up_to()
-                            ),
-                        )))
-                        .await;
-                    return;
-                }
-            };
-            run_import(&app, &tenant, &actor, &header, format, &text, &tx).await;
-        });
+        tokio::spawn(crate::import::run(
+            Arc::clone(&self.app),
+            tenant,
+            actor,
+            header,
+            format,
+            input,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -669,146 +623,4 @@ async fn send_chunk(
     }))
     .await
     .is_ok()
-}
-
-/// The article a file row describes, with the import's defaults filled in.
-fn row_article(
-    header: &pb::ImportHeader,
-    row: RawRow,
-    number: i64,
-) -> Result<NewArticle, RowError> {
-    let fail = |field: &str, message: String| RowError {
-        row_number: number,
-        external_id: row.external_id.clone(),
-        field: field.to_owned(),
-        message,
-    };
-    let language = formats::parse_language(&row.language)
-        .map_err(|m| fail("language", m))?
-        .map_or(header.default_language, |l| l as i32);
-    let visibility = formats::parse_visibility(&row.visibility)
-        .map_err(|m| fail("visibility", m))?
-        .map_or(header.default_visibility, |v| v as i32);
-    let scenario_id = if row.scenario_id.trim().is_empty() {
-        header.default_scenario_id.clone()
-    } else {
-        row.scenario_id
-    };
-    Ok(NewArticle {
-        external_id: row.external_id,
-        scenario_id,
-        language,
-        visibility,
-        tags: row.tags,
-        content: Content {
-            title: row.title,
-            questions: row.questions,
-            answer: row.answer,
-            change_note: "imported".into(),
-        },
-    })
-}
-
-type ImportTx = mpsc::Sender<Result<pb::ImportArticlesResponse, Status>>;
-
-async fn send_event(tx: &ImportTx, event: pb::import_articles_response::Event) -> bool {
-    tx.send(Ok(pb::ImportArticlesResponse { event: Some(event) }))
-        .await
-        .is_ok()
-}
-
-/// Imports the rows of a file, streaming progress and row errors, and ends with the summary.
-async fn run_import(
-    app: &App,
-    tenant: &tandem_proto::ids::TenantId,
-    actor: &Actor,
-    header: &pb::ImportHeader,
-    format: pb::ArticleFormat,
-    text: &str,
-    tx: &ImportTx,
-) {
-    use pb::import_articles_response::Event;
-    let entry = if header.publish {
-        Entry::Publish
-    } else {
-        Entry::Draft
-    };
-    let mut summary = pb::ImportSummary {
-        dry_run: header.dry_run,
-        ..Default::default()
-    };
-    let mut last_progress = (Instant::now(), 0_i64);
-    let mut parsed = formats::parse(format, text).into_iter().peekable();
-    while parsed.peek().is_some() {
-        let mut errors: Vec<RowError> = Vec::new();
-        let mut batch = Vec::with_capacity(IMPORT_BATCH);
-        let mut numbers = Vec::with_capacity(IMPORT_BATCH);
-        for (number, row) in parsed.by_ref().take(IMPORT_BATCH) {
-            if number > 0 {
-                summary.rows_read += 1;
-            }
-            let new = row.and_then(|row| row_article(header, row, number));
-            match new {
-                Ok(new) => {
-                    numbers.push((number, new.external_id.clone()));
-                    batch.push(new);
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        let outcomes = app
-            .import_rows(tenant, actor, batch, entry, header.dry_run)
-            .await;
-        for ((number, external_id), outcome) in numbers.into_iter().zip(outcomes) {
-            match outcome {
-                Ok(RowOutcome::Created) => summary.created += 1,
-                Ok(RowOutcome::Updated) => summary.updated += 1,
-                Ok(RowOutcome::Unchanged) => summary.unchanged += 1,
-                Err(e) => errors.push(row_failure(number, &external_id, &e)),
-            }
-        }
-        errors.sort_by_key(|e| e.row_number);
-        for e in errors {
-            summary.failed += 1;
-            if !send_event(tx, Event::RowError(e)).await {
-                return;
-            }
-        }
-        if summary.rows_read - last_progress.1 >= 500
-            || last_progress.0.elapsed() >= Duration::from_secs(1)
-        {
-            last_progress = (Instant::now(), summary.rows_read);
-            let progress = pb::ImportProgress {
-                rows_read: summary.rows_read,
-                imported: summary.created + summary.updated + summary.unchanged,
-                failed: summary.failed,
-            };
-            if !send_event(tx, Event::Progress(progress)).await {
-                return;
-            }
-        }
-    }
-    if header.publish && !header.dry_run {
-        app.refresh().await;
-    }
-    let _ = send_event(tx, Event::Summary(summary)).await;
-}
-
-fn row_failure(number: i64, external_id: &str, e: &KnowledgeError) -> RowError {
-    let (field, message) = match e {
-        KnowledgeError::Invalid(v) => (
-            v.first().map(|v| v.path.clone()).unwrap_or_default(),
-            e.to_string(),
-        ),
-        e => (
-            String::new(),
-            tandem_platform::error::DisplayChain(e).to_string(),
-        ),
-    };
-    RowError {
-        row_number: number,
-        external_id: external_id.to_owned(),
-        field,
-        message: message.chars().take(500).collect(),
-    }
 }

@@ -8,12 +8,14 @@
 //!   the database's change feed;
 //! - `formats`: JSON lines, CSV and Markdown article files;
 //! - `grpc`: the `KnowledgeService` adapter;
+//! - `import`: the streaming import, written in chunks of rows;
 //! - this module: settings, wiring, and the consumer of human resolutions that feeds mining.
 
 pub mod app;
 pub mod formats;
 pub mod freshness;
 pub mod grpc;
+pub mod import;
 pub mod store;
 
 use std::sync::Arc;

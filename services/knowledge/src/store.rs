@@ -9,8 +9,10 @@
 //! The SQL is written once and expanded for each engine by the `on_db!` and `in_tx!` macros;
 //! placeholders are `$n` in order of first appearance, which both engines accept.
 
+use std::collections::{HashMap, HashSet};
+
 use prost::Message as _;
-use sqlx::Row as _;
+use sqlx::{QueryBuilder, Row as _};
 use tandem_platform::bus::RawEvent;
 use tandem_platform::db::Db;
 pub use tandem_platform::db::{micros_timestamp, now_micros, timestamp_micros};
@@ -114,6 +116,17 @@ pub struct Change {
     pub events: Vec<RawEvent>,
 }
 
+/// An article found by external id for an import, with the versions a new version builds on.
+#[derive(Debug, Clone)]
+pub struct Existing {
+    /// The article and its revision.
+    pub loaded: Loaded,
+    /// Its latest version.
+    pub latest: VersionRow,
+    /// Its published version, when it has one.
+    pub published: Option<VersionRow>,
+}
+
 /// One row of the change feed.
 #[derive(Debug, Clone)]
 pub struct FeedRow {
@@ -192,6 +205,17 @@ fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Resu
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// The version and encoded document of a change-feed entry (empty for a removal).
+fn feed_doc(feed: &Option<pb::GetArticleResponse>) -> (i32, Vec<u8>) {
+    match feed {
+        Some(d) => (
+            d.version.as_ref().map_or(0, |v| v.version),
+            d.encode_to_vec(),
+        ),
+        None => (0, Vec::new()),
+    }
 }
 
 fn join_tags(tags: &[String]) -> String {
@@ -380,6 +404,299 @@ impl Store {
             Ok(true)
         });
         result
+    }
+
+    /// Finds the articles with these external ids, with their latest and published versions, in
+    /// two queries.
+    pub async fn import_lookup(
+        &self,
+        tenant: &TenantId,
+        external_ids: &[String],
+    ) -> Result<HashMap<String, Existing>, StoreError> {
+        let t = tenant.as_str();
+        let mut out = HashMap::new();
+        if external_ids.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<(String, i64, Vec<u8>)> = on_db!(&self.db, pool => {
+            let mut q = QueryBuilder::new(
+                "SELECT external_id, revision, body FROM knowledge_articles WHERE tenant = ",
+            );
+            q.push_bind(t).push(" AND external_id IN (");
+            let mut list = q.separated(", ");
+            for id in external_ids {
+                list.push_bind(id);
+            }
+            q.push(")");
+            q.build()
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+        });
+        let mut articles = Vec::with_capacity(rows.len());
+        for (external_id, revision, body) in rows {
+            let article: pb::Article = decode("article", &body)?;
+            articles.push((external_id, Loaded { article, revision }));
+        }
+        let mut wanted: Vec<(&str, i32)> = Vec::with_capacity(articles.len() * 2);
+        for (_, l) in &articles {
+            wanted.push((&l.article.id, l.article.current_version));
+            if l.article.published_version > 0
+                && l.article.published_version != l.article.current_version
+            {
+                wanted.push((&l.article.id, l.article.published_version));
+            }
+        }
+        let mut versions: HashMap<(String, i32), VersionRow> = HashMap::new();
+        if !wanted.is_empty() {
+            let rows: Vec<(String, i32, i32, String, Vec<u8>)> = on_db!(&self.db, pool => {
+                let mut q = QueryBuilder::new(
+                    "SELECT article_id, version, visibility, tags, body FROM knowledge_versions \
+                     WHERE tenant = ",
+                );
+                q.push_bind(t).push(" AND (");
+                for (i, (id, version)) in wanted.iter().enumerate() {
+                    if i > 0 {
+                        q.push(" OR ");
+                    }
+                    q.push("(article_id = ")
+                        .push_bind(*id)
+                        .push(" AND version = ")
+                        .push_bind(*version)
+                        .push(")");
+                }
+                q.push(")");
+                q.build()
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get(0)?,
+                            r.try_get(1)?,
+                            r.try_get(2)?,
+                            r.try_get(3)?,
+                            r.try_get(4)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            for (article_id, number, visibility, tags, body) in rows {
+                versions.insert(
+                    (article_id, number),
+                    VersionRow {
+                        version: decode("version", &body)?,
+                        visibility,
+                        tags: split_tags(&tags),
+                    },
+                );
+            }
+        }
+        for (external_id, loaded) in articles {
+            let a = &loaded.article;
+            let Some(latest) = versions.get(&(a.id.clone(), a.current_version)).cloned() else {
+                continue;
+            };
+            let published = if a.published_version > 0 {
+                versions.get(&(a.id.clone(), a.published_version)).cloned()
+            } else {
+                None
+            };
+            out.insert(
+                external_id,
+                Existing {
+                    loaded,
+                    latest,
+                    published,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes the changes of an import chunk in one transaction with multi-row statements: new
+    /// articles are inserted unless their external id exists by now, changed articles are
+    /// updated when their revision is still the one read; the tags, versions, audit entries,
+    /// change-feed rows and outbox events of the changes written follow. Returns, per change,
+    /// whether it was written (false: created or changed concurrently, nothing of it written).
+    pub async fn import_changes(
+        &self,
+        tenant: &TenantId,
+        changes: &[Change],
+    ) -> Result<Vec<bool>, StoreError> {
+        let t = tenant.as_str();
+        let now = now_micros();
+        let written: Vec<bool> = in_tx!(&self.db, tx, enqueue, _claim, pg => {
+            let fresh: Vec<&Change> =
+                changes.iter().filter(|c| c.expected_revision.is_none()).collect();
+            let mut inserted: HashSet<String> = HashSet::new();
+            if !fresh.is_empty() {
+                let mut q = QueryBuilder::new(
+                    "INSERT INTO knowledge_articles (tenant, article_id, external_id, \
+                     scenario_id, language, visibility, status, revision, updated_at, body) ",
+                );
+                q.push_values(&fresh, |mut row, c| {
+                    let a = &c.article;
+                    row.push_bind(t)
+                        .push_bind(&a.id)
+                        .push_bind(&a.external_id)
+                        .push_bind(&a.scenario_id)
+                        .push_bind(a.language)
+                        .push_bind(a.visibility)
+                        .push_bind(a.status)
+                        .push_bind(1_i64)
+                        .push_bind(a.updated_at.as_ref().map_or(0, timestamp_micros))
+                        .push_bind(a.encode_to_vec());
+                });
+                q.push(" ON CONFLICT DO NOTHING RETURNING article_id");
+                for r in q.build().fetch_all(&mut *tx).await? {
+                    inserted.insert(r.try_get::<String, _>(0)?);
+                }
+            }
+            let mut written = Vec::with_capacity(changes.len());
+            for c in changes {
+                let a = &c.article;
+                let ok = match c.expected_revision {
+                    None => inserted.contains(&a.id),
+                    Some(rev) => {
+                        sqlx::query(
+                            "UPDATE knowledge_articles SET external_id = $1, scenario_id = $2, \
+                             language = $3, visibility = $4, status = $5, \
+                             revision = revision + 1, updated_at = $6, body = $7 \
+                             WHERE tenant = $8 AND article_id = $9 AND revision = $10",
+                        )
+                        .bind(&a.external_id)
+                        .bind(&a.scenario_id)
+                        .bind(a.language)
+                        .bind(a.visibility)
+                        .bind(a.status)
+                        .bind(a.updated_at.as_ref().map_or(0, timestamp_micros))
+                        .bind(a.encode_to_vec())
+                        .bind(t)
+                        .bind(&a.id)
+                        .bind(rev)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                            == 1
+                    }
+                };
+                written.push(ok);
+            }
+            let kept: Vec<&Change> = changes
+                .iter()
+                .zip(&written)
+                .filter(|(_, ok)| **ok)
+                .map(|(c, _)| c)
+                .collect();
+            let updated: Vec<&str> = kept
+                .iter()
+                .filter(|c| c.expected_revision.is_some())
+                .map(|c| c.article.id.as_str())
+                .collect();
+            if !updated.is_empty() {
+                let mut q = QueryBuilder::new(
+                    "DELETE FROM knowledge_article_tags WHERE tenant = ",
+                );
+                q.push_bind(t).push(" AND article_id IN (");
+                let mut list = q.separated(", ");
+                for id in &updated {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
+            }
+            let tags: Vec<(&str, &str)> = kept
+                .iter()
+                .flat_map(|c| c.article.tags.iter().map(|g| (c.article.id.as_str(), g.as_str())))
+                .collect();
+            if !tags.is_empty() {
+                let mut q = QueryBuilder::new(
+                    "INSERT INTO knowledge_article_tags (tenant, article_id, tag) ",
+                );
+                q.push_values(&tags, |mut row, (id, tag)| {
+                    row.push_bind(t).push_bind(*id).push_bind(*tag);
+                });
+                q.push(" ON CONFLICT DO NOTHING");
+                q.build().execute(&mut *tx).await?;
+            }
+            let versions: Vec<(&str, &VersionRow)> = kept
+                .iter()
+                .flat_map(|c| c.versions.iter().map(|v| (c.article.id.as_str(), v)))
+                .collect();
+            if !versions.is_empty() {
+                let mut q = QueryBuilder::new(
+                    "INSERT INTO knowledge_versions \
+                     (tenant, article_id, version, status, visibility, tags, body) ",
+                );
+                q.push_values(&versions, |mut row, (id, v)| {
+                    row.push_bind(t)
+                        .push_bind(*id)
+                        .push_bind(v.version.version)
+                        .push_bind(v.version.status)
+                        .push_bind(v.visibility)
+                        .push_bind(join_tags(&v.tags))
+                        .push_bind(v.version.encode_to_vec());
+                });
+                q.push(
+                    " ON CONFLICT (tenant, article_id, version) DO UPDATE SET \
+                     status = excluded.status, body = excluded.body",
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+            let audit: Vec<(&str, &pb::AuditEntry)> = kept
+                .iter()
+                .flat_map(|c| c.audit.iter().map(|e| (c.article.id.as_str(), e)))
+                .collect();
+            if !audit.is_empty() {
+                let mut q = QueryBuilder::new(
+                    "INSERT INTO knowledge_audit (tenant, id, article_id, occurred_at, body) ",
+                );
+                q.push_values(&audit, |mut row, (id, e)| {
+                    row.push_bind(t)
+                        .push_bind(&e.id)
+                        .push_bind(*id)
+                        .push_bind(e.occurred_at.as_ref().map_or(0, timestamp_micros))
+                        .push_bind(e.encode_to_vec());
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            for c in &kept {
+                if let Some(row) = &c.candidate {
+                    write_candidate!(tx, t, row);
+                }
+            }
+            let feed: Vec<(&str, &Option<pb::GetArticleResponse>)> = kept
+                .iter()
+                .filter_map(|c| c.feed.as_ref().map(|f| (c.article.id.as_str(), f)))
+                .collect();
+            if !feed.is_empty() {
+                if pg {
+                    // Serialises feed writers so sequence numbers become visible in order.
+                    sqlx::query("LOCK TABLE knowledge_changes IN SHARE ROW EXCLUSIVE MODE")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let mut q = QueryBuilder::new(
+                    "INSERT INTO knowledge_changes (tenant, article_id, version, doc, created_at) ",
+                );
+                q.push_values(&feed, |mut row, (id, doc)| {
+                    let (version, doc) = feed_doc(doc);
+                    row.push_bind(t)
+                        .push_bind(*id)
+                        .push_bind(version)
+                        .push_bind(doc)
+                        .push_bind(now);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            let events: Vec<RawEvent> = kept.iter().flat_map(|c| c.events.iter().cloned()).collect();
+            enqueue(&mut tx, &events).await?;
+            written
+        });
+        Ok(written)
     }
 
     /// Returns an article and its revision.
