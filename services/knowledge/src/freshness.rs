@@ -8,10 +8,16 @@
 //! the feed, a crash between a commit and the indexing can never leave the index out of step: the
 //! row is still there at the next poll, or at the rebuild after a restart.
 //!
+//! The feed is pruned (`feed_retention`, 1 h by default; the newest row always stays) and the
+//! highest pruned sequence number is kept as a mark. A replica whose position is below the mark
+//! may have missed rows: it rebuilds its index from the database, as at start, and goes on from
+//! there.
+//!
 //! A shared durable bus consumer would deliver each event to one replica only, and an ephemeral
 //! one loses events while a replica restarts; the feed avoids both.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -78,7 +84,7 @@ pub fn to_doc(tenant: &str, d: &pb::GetArticleResponse) -> Option<ArticleDoc> {
     })
 }
 
-fn page_visibility(docs: &[ArticleDoc]) -> HashMap<(String, String), i32> {
+fn page_visibility(docs: &[ArticleDoc]) -> VisibilityMap {
     docs.iter()
         .map(|d| {
             let v = match d.visibility {
@@ -91,6 +97,56 @@ fn page_visibility(docs: &[ArticleDoc]) -> HashMap<(String, String), i32> {
         .collect()
 }
 
+/// The visibility of each indexed article by (tenant, article id).
+type VisibilityMap = HashMap<(String, String), i32>;
+
+/// Rebuilds `index` from the published articles; returns the feed position the rebuild
+/// includes, the index sequence number of the rebuild and the articles' visibility.
+async fn rebuild(
+    index: &Arc<SearchIndex>,
+    store: &Store,
+) -> Result<(i64, u64, VisibilityMap), FreshnessError> {
+    // The position is read first: rows committed during the rebuild are applied again
+    // afterwards, which is harmless because they are applied in order.
+    let position = store.last_change().await?;
+    let mut docs = Vec::new();
+    let mut after = (String::new(), String::new());
+    loop {
+        let page = store.published(&after, REBUILD_BATCH).await?;
+        let Some((tenant, last)) = page.last() else {
+            break;
+        };
+        after = (
+            tenant.clone(),
+            last.article
+                .as_ref()
+                .map(|a| a.id.clone())
+                .unwrap_or_default(),
+        );
+        let full = page.len() == usize::try_from(REBUILD_BATCH).unwrap_or(usize::MAX);
+        docs.extend(page.iter().filter_map(|(t, d)| to_doc(t, d)));
+        if !full {
+            break;
+        }
+    }
+    let count = docs.len();
+    let visibility = page_visibility(&docs);
+    let idx = Arc::clone(index);
+    let report = tokio::task::spawn_blocking(move || idx.rebuild(docs))
+        .await
+        .map_err(|e| FreshnessError::Task(e.to_string()))??;
+    if report.rejected > 0 {
+        tracing::warn!(rejected = report.rejected, first = ?report.rejections.first(),
+            "articles left out of the search index");
+    }
+    tracing::info!(
+        articles = count,
+        position,
+        "search index rebuilt from the database"
+    );
+    Ok((position, report.seq, visibility))
+}
+
 /// A replica's index and its position in the change feed.
 pub struct Indexer {
     index: Arc<SearchIndex>,
@@ -99,57 +155,28 @@ pub struct Indexer {
     /// applications in order.
     applied: Mutex<(i64, u64)>,
     /// Visibility of each indexed article by (tenant, article id), which hits do not carry.
-    visibility: RwLock<HashMap<(String, String), i32>>,
+    visibility: RwLock<VisibilityMap>,
+    /// Rebuilds after falling behind the pruned feed.
+    rebuilds: AtomicU64,
 }
 
 impl Indexer {
     /// Rebuilds `index` from the published articles and returns an indexer positioned at the
     /// feed row that the rebuild includes.
     pub async fn start(index: Arc<SearchIndex>, store: Store) -> Result<Self, FreshnessError> {
-        // The position is read first: rows committed during the rebuild are applied again
-        // afterwards, which is harmless because they are applied in order.
-        let position = store.last_change().await?;
-        let mut docs = Vec::new();
-        let mut after = (String::new(), String::new());
-        loop {
-            let page = store.published(&after, REBUILD_BATCH).await?;
-            let Some((tenant, last)) = page.last() else {
-                break;
-            };
-            after = (
-                tenant.clone(),
-                last.article
-                    .as_ref()
-                    .map(|a| a.id.clone())
-                    .unwrap_or_default(),
-            );
-            let full = page.len() == usize::try_from(REBUILD_BATCH).unwrap_or(usize::MAX);
-            docs.extend(page.iter().filter_map(|(t, d)| to_doc(t, d)));
-            if !full {
-                break;
-            }
-        }
-        let count = docs.len();
-        let visibility = page_visibility(&docs);
-        let idx = Arc::clone(&index);
-        let report = tokio::task::spawn_blocking(move || idx.rebuild(docs))
-            .await
-            .map_err(|e| FreshnessError::Task(e.to_string()))??;
-        if report.rejected > 0 {
-            tracing::warn!(rejected = report.rejected, first = ?report.rejections.first(),
-                "articles left out of the search index");
-        }
-        tracing::info!(
-            articles = count,
-            position,
-            "search index rebuilt from the database"
-        );
+        let (position, seq, visibility) = rebuild(&index, &store).await?;
         Ok(Self {
             index,
             store,
-            applied: Mutex::new((position, report.seq)),
+            applied: Mutex::new((position, seq)),
             visibility: RwLock::new(visibility),
+            rebuilds: AtomicU64::new(0),
         })
+    }
+
+    /// How many times this replica rebuilt its index after falling behind the pruned feed.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::Relaxed)
     }
 
     /// The wire visibility of an indexed article; unspecified when unknown.
@@ -173,6 +200,22 @@ impl Indexer {
         let mut applied = self.applied.lock().await;
         loop {
             let rows = self.store.changes_after(applied.0, FEED_BATCH).await?;
+            // Read after the rows: a prune that removed rows this replica still needed has
+            // raised the mark by then.
+            if self.store.feed_floor().await? > applied.0 {
+                tracing::warn!(
+                    position = applied.0,
+                    "the change feed was pruned past this replica's position; rebuilding"
+                );
+                let (position, seq, visibility) = rebuild(&self.index, &self.store).await?;
+                *self
+                    .visibility
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = visibility;
+                *applied = (position, seq);
+                self.rebuilds.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let Some(last) = rows.last() else {
                 break;
             };

@@ -54,6 +54,10 @@ pub struct Settings {
     /// How often a replica reads the change feed for publishes and archives made elsewhere.
     #[serde(with = "humantime_serde")]
     pub feed_poll_interval: Duration,
+    /// How long change-feed rows are kept; a replica that falls further behind rebuilds its
+    /// index from the database.
+    #[serde(with = "humantime_serde")]
+    pub feed_retention: Duration,
     /// Longest time an accepted index write waits for its commit.
     #[serde(with = "humantime_serde")]
     pub index_commit_interval: Duration,
@@ -76,6 +80,7 @@ impl Default for Settings {
         let app = AppOptions::default();
         Self {
             feed_poll_interval: Duration::from_millis(150),
+            feed_retention: Duration::from_secs(3_600),
             index_commit_interval: Duration::from_millis(100),
             good_result_score: app.good_result_score,
             edit_proposal_score: app.edit_proposal_score,
@@ -93,6 +98,12 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.feed_poll_interval"),
                 "must be between 10ms and 800ms so publishes are searchable within a second",
+            ));
+        }
+        if self.feed_retention < Duration::from_secs(60) {
+            errors.push(ConfigError::new(
+                format!("{path}.feed_retention"),
+                "must be at least 1m",
             ));
         }
         if self.index_commit_interval < Duration::from_millis(1)
@@ -183,6 +194,11 @@ impl Service for Knowledge {
             RunOptions::new(MINING_CONSUMER),
             ctx.shutdown.clone(),
         ));
+        ctx.tracker.spawn(prune_feed(
+            Arc::clone(&app),
+            settings.feed_retention,
+            ctx.shutdown.clone(),
+        ));
         ctx.tracker
             .spawn(expire_candidates(app, ctx.shutdown.clone()));
         Ok(())
@@ -201,6 +217,27 @@ async fn expire_candidates(app: Arc<App>, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "candidates expired"),
             Err(e) => tracing::warn!(error = %DisplayChain(&e), "expiring candidates failed"),
+        }
+    }
+}
+
+/// Prunes the change feed of rows older than `retention`, every tenth of it (at most every
+/// minute). Every replica prunes; the work is idempotent.
+async fn prune_feed(app: Arc<App>, retention: Duration, shutdown: CancellationToken) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let keep = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let before = tandem_platform::db::now_micros().saturating_sub(keep);
+        match app.store().prune_changes(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pruned = n, "change feed pruned"),
+            Err(e) => tracing::warn!(error = %DisplayChain(&e), "pruning the change feed failed"),
         }
     }
 }

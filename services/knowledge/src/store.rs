@@ -851,14 +851,59 @@ impl Store {
         bodies.iter().map(|b| decode("audit entry", b)).collect()
     }
 
-    /// Returns the highest change-feed sequence number, 0 when empty.
+    /// Returns the feed position that includes every change committed so far: the highest
+    /// sequence number, or the pruning mark when that is higher (0 when both are empty).
     pub async fn last_change(&self) -> Result<i64, StoreError> {
         let max: Option<i64> = on_db!(&self.db, pool => {
             sqlx::query_scalar("SELECT MAX(seq) FROM knowledge_changes")
                 .fetch_one(pool)
                 .await?
         });
-        Ok(max.unwrap_or(0))
+        Ok(max.unwrap_or(0).max(self.feed_floor().await?))
+    }
+
+    /// Returns the highest sequence number pruned from the feed: a replica positioned below it
+    /// may have missed rows and must rebuild its index.
+    pub async fn feed_floor(&self) -> Result<i64, StoreError> {
+        let floor: Option<i64> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT pruned_through FROM knowledge_feed_state WHERE id = 1")
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(floor.unwrap_or(0))
+    }
+
+    /// Deletes the feed rows written before `before` (µs), always keeping the newest row, and
+    /// raises the pruning mark in the same transaction. Returns how many rows went.
+    pub async fn prune_changes(&self, before: i64) -> Result<u64, StoreError> {
+        let deleted: u64 = in_tx!(&self.db, tx, _enqueue, _claim => {
+            let cut: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(seq) FROM knowledge_changes WHERE created_at < $1 \
+                 AND seq < (SELECT MAX(seq) FROM knowledge_changes)",
+            )
+            .bind(before)
+            .fetch_one(&mut *tx)
+            .await?;
+            match cut {
+                None => 0,
+                Some(cut) => {
+                    let n = sqlx::query("DELETE FROM knowledge_changes WHERE seq <= $1")
+                        .bind(cut)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    sqlx::query(
+                        "UPDATE knowledge_feed_state SET pruned_through = $1 \
+                         WHERE id = 1 AND pruned_through < $1",
+                    )
+                    .bind(cut)
+                    .execute(&mut *tx)
+                    .await?;
+                    n
+                }
+            }
+        });
+        Ok(deleted)
     }
 
     /// Returns change-feed rows after `seq`, in order.
