@@ -1357,6 +1357,42 @@ impl App {
         .await
     }
 
+    /// What a resolution event reports: the customer's first question, the agents' answers and
+    /// the conversation's last recognised intent.
+    async fn resolution_facts(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+    ) -> DialogResult<ResolutionFacts> {
+        let answers: Vec<String> = self
+            .store
+            .last_messages(tenant, conversation_id, 200)
+            .await?
+            .into_iter()
+            .filter(|m| m.sender_kind == pb::SenderKind::Agent as i32)
+            .map(|m| m.text)
+            .collect();
+        let question = self
+            .store
+            .messages(tenant, conversation_id, 0, 50)
+            .await?
+            .into_iter()
+            .find(|m| m.sender_kind == pb::SenderKind::Customer as i32)
+            .map(|m| m.text)
+            .unwrap_or_default();
+        let traces = self.store.traces(tenant, conversation_id, 0, 1_000).await?;
+        let intent = traces
+            .iter()
+            .rev()
+            .find_map(|t| t.intent_scores.first().map(|s| s.intent.clone()))
+            .unwrap_or_default();
+        Ok(ResolutionFacts {
+            question,
+            answers,
+            intent,
+        })
+    }
+
     /// Resolves a conversation: the assigned agent while AGENT, the channel while BOT.
     pub async fn resolve(
         &self,
@@ -1366,28 +1402,7 @@ impl App {
     ) -> DialogResult<pb::Conversation> {
         check_len("note", &req.note, 1_000)?;
         let (c, _) = self.load(tenant, &req.conversation_id).await?;
-        let answers: Vec<String> = self
-            .store
-            .last_messages(tenant, &c.id, 200)
-            .await?
-            .into_iter()
-            .filter(|m| m.sender_kind == pb::SenderKind::Agent as i32)
-            .map(|m| m.text)
-            .collect();
-        let first_question = self
-            .store
-            .messages(tenant, &c.id, 0, 50)
-            .await?
-            .into_iter()
-            .find(|m| m.sender_kind == pb::SenderKind::Customer as i32)
-            .map(|m| m.text)
-            .unwrap_or_default();
-        let traces = self.store.traces(tenant, &c.id, 0, 1_000).await?;
-        let intent = traces
-            .iter()
-            .rev()
-            .find_map(|t| t.intent_scores.first().map(|s| s.intent.clone()))
-            .unwrap_or_default();
+        let facts = self.resolution_facts(tenant, &c.id).await?;
         let actor = actor.clone();
         self.transition(tenant, &req.conversation_id, None, move |c| {
             let by = match state_of(c) {
@@ -1416,35 +1431,16 @@ impl App {
                     )));
                 }
             };
-            let answers = answers.clone();
-            let question = first_question.clone();
-            let intent = intent.clone();
             let agent_id = if by == common::HandlerKind::Agent {
                 c.assigned_agent_id.clone()
             } else {
                 String::new()
             };
+            let facts = facts.clone();
             Ok(Some(Transition {
                 reason: "resolved".into(),
                 events: Box::new(move |c, _, at| {
-                    let n = answers.len();
-                    vec![ev(pb::ConversationResolved {
-                        conversation_id: c.id.clone(),
-                        scenario_id: c.scenario_id.clone(),
-                        resolved_by: by as i32,
-                        agent_id: agent_id.clone(),
-                        team: String::new(),
-                        handoff_id: c.handoff_id.clone(),
-                        intent: intent.clone(),
-                        customer_question: question.chars().take(MAX_TEXT_CHARS).collect(),
-                        agent_answers: answers[n.saturating_sub(5)..].to_vec(),
-                        articles_used: Vec::new(),
-                        language: c.language,
-                        channel: c.channel,
-                        reopen_count: 0,
-                        test: c.test,
-                        occurred_at: Some(at),
-                    })]
+                    vec![ev(facts.event(c, by, agent_id.clone(), at))]
                 }),
                 ..Transition::new(pb::ConversationState::Resolved)
             }))
@@ -1524,6 +1520,16 @@ impl App {
         handoff_id: &str,
         effect: RoutingEffect,
     ) -> DialogResult<()> {
+        // A resolution by the agent is reported like one through `ResolveConversation`, so
+        // knowledge can mine it and analytics can count it.
+        let facts = match effect {
+            RoutingEffect::Resolved => match self.resolution_facts(tenant, conversation_id).await {
+                Ok(facts) => Some(facts),
+                Err(DialogError::NotFound(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            },
+            _ => None,
+        };
         let result = self
             .transition(tenant, conversation_id, Some(claim), |c| {
                 if c.handoff_id != handoff_id {
@@ -1562,8 +1568,18 @@ impl App {
                         })
                     }
                     RoutingEffect::Resolved if state == pb::ConversationState::Agent => {
+                        let facts = facts.clone().unwrap_or_default();
+                        let agent_id = c.assigned_agent_id.clone();
                         Some(Transition {
                             reason: "resolved by the agent".into(),
+                            events: Box::new(move |c, _, at| {
+                                vec![ev(facts.event(
+                                    c,
+                                    common::HandlerKind::Agent,
+                                    agent_id.clone(),
+                                    at,
+                                ))]
+                            }),
                             ..Transition::new(pb::ConversationState::Resolved)
                         })
                     }
@@ -1926,5 +1942,42 @@ fn build_package(p: PackageInput<'_>) -> pb::HandoffPackage {
         trigger_received_at: Some(p.received_at),
         requested_at: Some(now()),
         test: p.c.test,
+    }
+}
+
+/// What a `ConversationResolved` event reports besides the conversation itself.
+#[derive(Clone, Debug, Default)]
+struct ResolutionFacts {
+    question: String,
+    answers: Vec<String>,
+    intent: String,
+}
+
+impl ResolutionFacts {
+    fn event(
+        &self,
+        c: &pb::Conversation,
+        by: common::HandlerKind,
+        agent_id: String,
+        at: prost_types::Timestamp,
+    ) -> pb::ConversationResolved {
+        let n = self.answers.len();
+        pb::ConversationResolved {
+            conversation_id: c.id.clone(),
+            scenario_id: c.scenario_id.clone(),
+            resolved_by: by as i32,
+            agent_id,
+            team: String::new(),
+            handoff_id: c.handoff_id.clone(),
+            intent: self.intent.clone(),
+            customer_question: self.question.chars().take(MAX_TEXT_CHARS).collect(),
+            agent_answers: self.answers[n.saturating_sub(5)..].to_vec(),
+            articles_used: Vec::new(),
+            language: c.language,
+            channel: c.channel,
+            reopen_count: 0,
+            test: c.test,
+            occurred_at: Some(at),
+        }
     }
 }
