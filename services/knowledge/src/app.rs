@@ -21,14 +21,14 @@ use tandem_platform::error::{ErrorCode, ServiceError};
 use tandem_platform::outbox::OutboxWaker;
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1::{self as common, HandlerKind, Language, ValidationError};
-use tandem_proto::pb::dialog::v1::ConversationResolved;
+use tandem_proto::pb::dialog::v1::{BotAction, BotReplied, ConversationResolved};
 use tandem_proto::pb::knowledge::v1 as pb;
 use tandem_search::{Audience, SearchError, SearchRequest};
 
 use crate::freshness::{Indexer, language_code};
 use crate::store::{
-    ArticleFilter, CandidateRow, Change, Existing, GapFilter, GapHit, Loaded, Store, StoreError,
-    VersionRow, micros_timestamp, now_micros,
+    ArticleFilter, CandidateRow, Change, Existing, Fallback, GapFilter, GapHit, Loaded, Store,
+    StoreError, VersionRow, micros_timestamp, now_micros,
 };
 
 /// Longest title.
@@ -1267,6 +1267,52 @@ impl App {
         filter: &GapFilter,
     ) -> Result<Vec<pb::Gap>, KnowledgeError> {
         Ok(self.store.gaps(tenant, filter).await?)
+    }
+
+    /// Counts a bot turn that found no answer in the gaps: a fallback always (on the gap of the
+    /// query its conversation last recorded, or else on its scenario's gap without a query),
+    /// a handoff citing no article only when its conversation recorded a gap query. Other
+    /// turns and test conversations are ignored. Returns the gap query counted on, or `None`
+    /// when nothing was counted or the event was handled before.
+    pub async fn record_fallback(
+        &self,
+        tenant: &TenantId,
+        consumer: &str,
+        event_id: &str,
+        e: &BotReplied,
+    ) -> Result<Option<String>, KnowledgeError> {
+        let action = BotAction::try_from(e.action).unwrap_or(BotAction::Unspecified);
+        let count_unlinked = match action {
+            BotAction::Fallback => true,
+            BotAction::Handoff if e.articles.is_empty() => false,
+            _ => return Ok(None),
+        };
+        if e.test || e.conversation_id.trim().is_empty() {
+            return Ok(None);
+        }
+        let at = e
+            .occurred_at
+            .as_ref()
+            .map_or_else(now_micros, crate::store::timestamp_micros);
+        let fallback = Fallback {
+            conversation_id: truncate_chars(&e.conversation_id, 128),
+            scenario_id: truncate_chars(&e.scenario_id, MAX_ID_CHARS),
+            language: e.language,
+            at,
+        };
+        Ok(self
+            .store
+            .record_fallback(tenant, (consumer, event_id), &fallback, count_unlinked)
+            .await?)
+    }
+
+    /// Forgets the gap queries of conversations older than a week.
+    pub async fn prune_gap_links(&self) -> Result<u64, KnowledgeError> {
+        const WEEK_MICROS: i64 = 7 * 86_400 * 1_000_000;
+        Ok(self
+            .store
+            .prune_gap_links(now_micros() - WEEK_MICROS)
+            .await?)
     }
 
     /// Mines a human resolution into a candidate (new, or merged into a pending duplicate).

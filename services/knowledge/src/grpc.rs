@@ -3,6 +3,9 @@
 //! Roles (from the verified token):
 //! - reads (search, articles, versions, audit trail, candidates, gaps): admin, supervisor,
 //!   agent and other services (the bot searches through dialog);
+//! - search and article reads also admit a channel (dialog forwards the customer channel's
+//!   token in the bot's turn), only for the bot: search with audience BOT, and the published
+//!   version of an article not restricted to agents (`PERMISSION_DENIED` otherwise);
 //! - writing drafts (create, new draft, submit for review): admin, supervisor and agent;
 //! - reviewing (approve, reject, publish, archive, candidate review, import, export): admin and
 //!   supervisor; an import that publishes at once needs an admin.
@@ -31,6 +34,14 @@ use crate::formats;
 use crate::store::{ArticleFilter, GapFilter, now_micros, timestamp_micros};
 
 const READERS: &[Role] = &[Role::Admin, Role::Supervisor, Role::Agent, Role::Service];
+/// Search and article reads also admit channels, for what the bot may say only.
+const SEARCHERS: &[Role] = &[
+    Role::Admin,
+    Role::Supervisor,
+    Role::Agent,
+    Role::Service,
+    Role::Channel,
+];
 const EDITORS: &[Role] = &[Role::Admin, Role::Supervisor, Role::Agent];
 const REVIEWERS: &[Role] = &[Role::Admin, Role::Supervisor];
 
@@ -118,7 +129,15 @@ impl KnowledgeService for KnowledgeGrpc {
         &self,
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
-        let tenant = who(&req, READERS)?.tenant.clone();
+        let c = who(&req, SEARCHERS)?;
+        // A channel (the bot's turn, with the customer channel's token) may only search what
+        // the bot may say.
+        if c.require_any(READERS).is_err() && req.get_ref().audience != pb::Audience::Bot as i32 {
+            return Err(Status::permission_denied(
+                "a channel may only search with audience AUDIENCE_BOT",
+            ));
+        }
+        let tenant = c.tenant.clone();
         let out = self
             .app
             .search(&tenant, req.get_ref())
@@ -131,13 +150,25 @@ impl KnowledgeService for KnowledgeGrpc {
         &self,
         req: Request<pb::GetArticleRequest>,
     ) -> Result<Response<pb::GetArticleResponse>, Status> {
-        let tenant = who(&req, READERS)?.tenant.clone();
+        let c = who(&req, SEARCHERS)?;
+        let channel = c.require_any(READERS).is_err();
+        let tenant = c.tenant.clone();
         let r = req.get_ref();
         let (article, version) = self
             .app
             .get(&tenant, &r.article_id, r.version)
             .await
             .map_err(knowledge)?;
+        // A channel reads only what the bot may say: a published version of an article that
+        // is not for agents only.
+        if channel
+            && (version.status != pb::VersionStatus::Published as i32
+                || article.visibility == pb::Visibility::Agents as i32)
+        {
+            return Err(Status::permission_denied(
+                "a channel may only read published versions of articles visible to the bot",
+            ));
+        }
         Ok(Response::new(pb::GetArticleResponse {
             article: Some(article),
             version: Some(version),

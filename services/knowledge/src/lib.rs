@@ -9,7 +9,8 @@
 //! - `formats`: JSON lines, CSV and Markdown article files;
 //! - `grpc`: the `KnowledgeService` adapter;
 //! - `import`: the streaming import, written in chunks of rows;
-//! - this module: settings, wiring, and the consumer of human resolutions that feeds mining.
+//! - this module: settings, wiring, the consumer of human resolutions that feeds mining, the
+//!   consumer of bot turns that counts fallbacks in the gaps, and feed pruning.
 
 pub mod app;
 pub mod formats;
@@ -30,7 +31,7 @@ use tandem_platform::db::Migrations;
 use tandem_platform::error::DisplayChain;
 use tandem_platform::runtime::{Service, StartContext};
 use tandem_proto::events::DIALOG;
-use tandem_proto::pb::dialog::v1::ConversationResolved;
+use tandem_proto::pb::dialog::v1::{BotReplied, ConversationResolved};
 use tandem_proto::pb::knowledge::v1::knowledge_service_server::KnowledgeServiceServer;
 use tandem_search::{IndexConfig, SearchIndex};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +47,8 @@ pub const GRPC_SERVICES: &[&str] =
 
 /// The durable consumer of resolutions.
 const MINING_CONSUMER: &str = "knowledge-mining";
+/// The durable consumer of bot turns, which counts fallbacks in the gaps.
+const FALLBACK_CONSUMER: &str = "knowledge-fallbacks";
 
 /// Settings of the knowledge service, under `[service]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -194,6 +197,17 @@ impl Service for Knowledge {
             RunOptions::new(MINING_CONSUMER),
             ctx.shutdown.clone(),
         ));
+        let spec =
+            ConsumerSpec::new(FALLBACK_CONSUMER, &DIALOG, &ctx.bus_config).event::<BotReplied>();
+        let consumer = ctx.bus.consumer(&spec).await?;
+        ctx.tracker.spawn(runner::run(
+            consumer,
+            Fallbacks {
+                app: Arc::clone(&app),
+            },
+            RunOptions::new(FALLBACK_CONSUMER),
+            ctx.shutdown.clone(),
+        ));
         ctx.tracker.spawn(prune_feed(
             Arc::clone(&app),
             settings.feed_retention,
@@ -205,7 +219,8 @@ impl Service for Knowledge {
     }
 }
 
-/// Expires candidates not reviewed in time, hourly.
+/// Expires candidates not reviewed in time and forgets week-old gap queries of conversations,
+/// hourly.
 async fn expire_candidates(app: Arc<App>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(3_600));
     loop {
@@ -217,6 +232,9 @@ async fn expire_candidates(app: Arc<App>, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "candidates expired"),
             Err(e) => tracing::warn!(error = %DisplayChain(&e), "expiring candidates failed"),
+        }
+        if let Err(e) = app.prune_gap_links().await {
+            tracing::warn!(error = %DisplayChain(&e), "forgetting old gap queries failed");
         }
     }
 }
@@ -252,6 +270,22 @@ impl Handler for Mining {
         let resolved = event.decode::<ConversationResolved>()?.event;
         self.app
             .mine(&event.tenant, MINING_CONSUMER, &event.id, &resolved)
+            .await
+            .map(|_| ())
+            .map_err(|e| HandlerError::Transient(DisplayChain(&e).to_string()))
+    }
+}
+
+/// Counts the bot's fallbacks in the gaps.
+struct Fallbacks {
+    app: Arc<App>,
+}
+
+impl Handler for Fallbacks {
+    async fn handle(&self, event: &RawEvent) -> Result<(), HandlerError> {
+        let replied = event.decode::<BotReplied>()?.event;
+        self.app
+            .record_fallback(&event.tenant, FALLBACK_CONSUMER, &event.id, &replied)
             .await
             .map(|_| ())
             .map_err(|e| HandlerError::Transient(DisplayChain(&e).to_string()))

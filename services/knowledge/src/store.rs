@@ -178,6 +178,19 @@ pub struct GapHit {
     pub at: i64,
 }
 
+/// A bot fallback to count in the gaps.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    /// Conversation.
+    pub conversation_id: String,
+    /// Scenario of the turn.
+    pub scenario_id: String,
+    /// Language of the turn.
+    pub language: i32,
+    /// When (µs).
+    pub at: i64,
+}
+
 /// Filter of a gap report.
 #[derive(Debug, Clone)]
 pub struct GapFilter {
@@ -1035,8 +1048,107 @@ impl Store {
                     .await?;
                 }
             }
+            sqlx::query(
+                "INSERT INTO knowledge_gap_links (tenant, conversation_id, scenario_id, language, \
+                 query, at) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (tenant, conversation_id) DO UPDATE SET \
+                 scenario_id = excluded.scenario_id, language = excluded.language, \
+                 query = excluded.query, at = excluded.at",
+            )
+            .bind(t)
+            .bind(&g.conversation_id)
+            .bind(&g.scenario_id)
+            .bind(g.language)
+            .bind(&g.query)
+            .bind(g.at)
+            .execute(&mut *tx)
+            .await?;
         });
         Ok(())
+    }
+
+    /// Counts a bot fallback, claiming `(consumer, event id)` in the inbox: on the gap of the
+    /// last query the conversation recorded, or else on the scenario's gap without a query
+    /// (created when new). `count_unlinked` false ignores a fallback whose conversation has no
+    /// recorded query. Returns the gap's query, or `None` when the event was handled before or
+    /// ignored.
+    pub async fn record_fallback(
+        &self,
+        tenant: &TenantId,
+        claim: (&str, &str),
+        f: &Fallback,
+        count_unlinked: bool,
+    ) -> Result<Option<String>, StoreError> {
+        let t = tenant.as_str();
+        let out: Option<String> = in_tx!(&self.db, tx, _enqueue, claim_fn => {
+            if !claim_fn(&mut tx, claim.0, claim.1).await? {
+                return Ok(None);
+            }
+            let link: Option<(String, i32, String)> = sqlx::query_as(
+                "SELECT scenario_id, language, query FROM knowledge_gap_links \
+                 WHERE tenant = $1 AND conversation_id = $2",
+            )
+            .bind(t)
+            .bind(&f.conversation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let key = match link {
+                Some(k) => Some(k),
+                None if count_unlinked => Some((f.scenario_id.clone(), f.language, String::new())),
+                None => None,
+            };
+            match key {
+                None => None,
+                Some((scenario_id, language, query)) => {
+                    let examples: Option<String> = sqlx::query_scalar(
+                        "SELECT examples FROM knowledge_gaps WHERE tenant = $1 \
+                         AND scenario_id = $2 AND language = $3 AND query = $4",
+                    )
+                    .bind(t)
+                    .bind(&scenario_id)
+                    .bind(language)
+                    .bind(&query)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let mut ex = examples.as_deref().map(split_tags).unwrap_or_default();
+                    if ex.len() < 5 && !ex.contains(&f.conversation_id) {
+                        ex.push(f.conversation_id.clone());
+                    }
+                    sqlx::query(
+                        "INSERT INTO knowledge_gaps (tenant, scenario_id, language, query, \
+                         miss_count, fallback_count, best_score, best_article, examples, \
+                         first_seen, last_seen) VALUES ($1, $2, $3, $4, 0, 1, 0, $5, $6, $7, $7) \
+                         ON CONFLICT (tenant, scenario_id, language, query) DO UPDATE SET \
+                         fallback_count = knowledge_gaps.fallback_count + 1, \
+                         examples = excluded.examples, \
+                         last_seen = CASE WHEN excluded.last_seen > knowledge_gaps.last_seen \
+                         THEN excluded.last_seen ELSE knowledge_gaps.last_seen END",
+                    )
+                    .bind(t)
+                    .bind(&scenario_id)
+                    .bind(language)
+                    .bind(&query)
+                    .bind(Vec::<u8>::new())
+                    .bind(join_tags(&ex))
+                    .bind(f.at)
+                    .execute(&mut *tx)
+                    .await?;
+                    Some(query)
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    /// Forgets which query conversations recorded before `before` (µs); returns how many.
+    pub async fn prune_gap_links(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query("DELETE FROM knowledge_gap_links WHERE at < $1")
+                .bind(before)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
     }
 
     /// Returns gaps ranked by misses plus fallbacks.

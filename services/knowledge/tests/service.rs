@@ -17,7 +17,7 @@ use tandem_platform::config::{
 use tandem_proto::events::KNOWLEDGE;
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1::{HandlerKind, Language};
-use tandem_proto::pb::dialog::v1::ConversationResolved;
+use tandem_proto::pb::dialog::v1::{BotAction, BotReplied, ConversationResolved};
 use tandem_proto::pb::knowledge::v1 as pb;
 use tandem_proto::pb::knowledge::v1::knowledge_service_client::KnowledgeServiceClient;
 use tokio_util::sync::CancellationToken;
@@ -244,6 +244,7 @@ both!(
     a_publish_is_searchable_on_every_replica_within_a_second,
     import_and_export_in_every_format,
     resolutions_are_mined_into_candidates_and_reviewed,
+    bot_fallbacks_rank_gaps,
 );
 
 fn create(
@@ -1440,5 +1441,108 @@ async fn resolutions_are_mined_into_candidates_and_reviewed(rig: impl Future<Out
         .into_inner()
         .candidates;
     assert!(pending.is_empty(), "{pending:?}");
+    rig.stop().await;
+}
+
+async fn shipping_gaps(agent: &mut Client) -> Vec<pb::Gap> {
+    agent
+        .get_gaps(pb::GetGapsRequest {
+            scenario_id: "shipping".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gaps
+}
+
+fn replied(conversation: &str, action: BotAction) -> BotReplied {
+    BotReplied {
+        conversation_id: conversation.into(),
+        scenario_id: "shipping".into(),
+        action: action as i32,
+        language: Language::En as i32,
+        ..Default::default()
+    }
+}
+
+async fn bot_fallbacks_rank_gaps(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut bot = rig.client("acme", "dialog", &[Role::Service]).await;
+    for (conversation, query) in [
+        ("conv-a", "do you ship to Mars"),
+        ("conv-b", "can I pay with crypto"),
+    ] {
+        let r = bot
+            .search(pb::SearchRequest {
+                query: query.into(),
+                audience: pb::Audience::Bot as i32,
+                scenario_id: "shipping".into(),
+                conversation_id: conversation.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.gap_recorded, "{query}");
+    }
+    let tenant = TenantId::new("acme").unwrap();
+    let cited = BotReplied {
+        articles: vec![tandem_proto::pb::common::v1::ArticleRef {
+            article_id: "a-1".into(),
+            version: 1,
+            ..Default::default()
+        }],
+        ..replied("conv-b", BotAction::Handoff)
+    };
+    let mut batch: Vec<RawEvent> = [
+        // Two fallbacks and a handoff without an answer in the conversation that missed.
+        replied("conv-a", BotAction::Fallback),
+        replied("conv-a", BotAction::Fallback),
+        replied("conv-a", BotAction::Handoff),
+        // A fallback in a conversation that recorded no query counts for its scenario.
+        replied("conv-c", BotAction::Fallback),
+        // Not counted: a handoff with no recorded query, answers, a handoff citing an article,
+        // a test conversation.
+        replied("conv-d", BotAction::Handoff),
+        replied("conv-b", BotAction::Answer),
+        cited,
+        BotReplied {
+            test: true,
+            ..replied("conv-b", BotAction::Fallback)
+        },
+    ]
+    .iter()
+    .map(|e| RawEvent::new(&tenant, e, Some(e.conversation_id.clone())))
+    .collect();
+    // A redelivered event counts once.
+    batch.push(batch[0].clone());
+    rig.bus.publish_batch(&batch).await.unwrap();
+    let mut agent = rig.client("acme", "agent-1", &[Role::Agent]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = shipping_gaps(&mut agent).await;
+        if list.iter().map(|g| g.fallback_count).sum::<i64>() >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fallbacks not counted: {list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let anything counted twice show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let list = shipping_gaps(&mut agent).await;
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert_eq!(list[0].query, "do you ship to mars", "{list:?}");
+    assert_eq!((list[0].miss_count, list[0].fallback_count), (1, 3));
+    assert_eq!(list[0].example_conversation_ids, vec!["conv-a"]);
+    let crypto = list
+        .iter()
+        .find(|g| g.query == "can i pay with crypto")
+        .unwrap();
+    assert_eq!((crypto.miss_count, crypto.fallback_count), (1, 0));
+    let unlinked = list.iter().find(|g| g.query.is_empty()).unwrap();
+    assert_eq!((unlinked.miss_count, unlinked.fallback_count), (0, 1));
+    assert_eq!(unlinked.example_conversation_ids, vec!["conv-c"]);
+    assert_eq!(unlinked.language, Language::En as i32);
     rig.stop().await;
 }
