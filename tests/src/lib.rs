@@ -219,6 +219,10 @@ impl Deployment {
                 "TANDEM_STANDALONE__TELEMETRY__LOG_FORMAT".to_owned(),
                 "pretty".to_owned(),
             ),
+            (
+                "TANDEM_STANDALONE__FEEDBACK__ALERT_INTERVAL".to_owned(),
+                "2s".to_owned(),
+            ),
         ];
         let process = Process::spawn("standalone", &args, &env, logs.path());
         let deployment = Self {
@@ -383,6 +387,10 @@ fn service_settings(name: &str, endpoints: &Endpoints) -> Vec<(String, String)> 
         "dialog" => vec![(
             "TANDEM_DIALOG__SERVICE__KNOWLEDGE__ENDPOINT".to_owned(),
             format!("http://{}", endpoints.knowledge),
+        )],
+        "feedback" => vec![(
+            "TANDEM_FEEDBACK__SERVICE__ALERT_INTERVAL".to_owned(),
+            "2s".to_owned(),
         )],
         _ => Vec::new(),
     }
