@@ -153,7 +153,7 @@ impl Deployment {
         let postgres = Postgres::start().await.unwrap();
         let nats = NatsServer::start().await.unwrap();
         let database = postgres.fresh_database().await.unwrap();
-        let logs = tempfile::tempdir().unwrap();
+        let logs = logs_dir();
         let addrs: Vec<SocketAddr> = SERVICES.iter().map(|_| free_addr()).collect();
         let endpoints = Endpoints {
             policy: addrs[0],
@@ -198,7 +198,7 @@ impl Deployment {
 
     /// Every service in one `tandem standalone` process on SQLite and the in-process bus.
     pub async fn standalone() -> Self {
-        let logs = tempfile::tempdir().unwrap();
+        let logs = logs_dir();
         let data = logs.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("dev-secret"), SECRET).unwrap();
@@ -379,6 +379,20 @@ impl Deployment {
             stderr: self.logs.path().join(format!("{name}.stderr")),
         }
     }
+}
+
+/// A directory for process output; kept after the test when `TANDEM_E2E_KEEP_LOGS` is set.
+fn logs_dir() -> tempfile::TempDir {
+    let keep = std::env::var_os("TANDEM_E2E_KEEP_LOGS").is_some();
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-e2e-")
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    if keep {
+        eprintln!("process output in {}", dir.path().display());
+    }
+    dir
 }
 
 /// Settings each service needs to find the others.

@@ -258,21 +258,21 @@ async fn on_event(ctx: &Arc<Context>, event: Event, auto_accept: bool) {
                 .map(|t| t.seconds - now_seconds())
                 .unwrap_or_default()
                 .max(0);
-            ctx.console.line(format!(
+            let id = offer.id.clone();
+            let package = offer.package.clone();
+            let header = format!(
                 "offer {}: conversation {} (attempt {}), expires in {}",
                 offer.id,
-                offer
-                    .package
-                    .as_ref()
-                    .map_or("?", |p| p.conversation_id.as_str()),
+                package.as_ref().map_or("?", |p| p.conversation_id.as_str()),
                 offer.attempt,
                 duration_words(expires)
-            ));
-            if let Some(package) = &offer.package {
+            );
+            // Stored before anything is printed, so a script reacting to the output can accept.
+            lock(&ctx.desk).offers.push(offer);
+            ctx.console.line(header);
+            if let Some(package) = &package {
                 print_package(&ctx.console, package);
             }
-            let id = offer.id.clone();
-            lock(&ctx.desk).offers.push(offer);
             if auto_accept {
                 let _ = ctx
                     .session
@@ -292,11 +292,12 @@ async fn on_event(ctx: &Arc<Context>, event: Event, auto_accept: bool) {
             let Some(ticket) = confirmed.ticket else {
                 return;
             };
-            ctx.console.line(format!(
+            let line = format!(
                 "assigned: conversation {} (ticket {})",
                 ticket.conversation_id, ticket.id
-            ));
+            );
             start_assignment(ctx, ticket.id, ticket.conversation_id, confirmed.package);
+            ctx.console.line(line);
         }
         Event::TransferNote(note) => {
             let conversation = note
@@ -326,6 +327,13 @@ fn start_assignment(
     package: Option<HandoffPackage>,
 ) {
     let watch = ctx.stop.child_token();
+    // Start the watch after the last message the package carries: whatever the customer wrote
+    // while waiting or since the assignment is replayed, nothing is missed.
+    let after = package
+        .as_ref()
+        .and_then(|p| p.transcript.as_ref())
+        .map(|t| t.last_sequence.to_string())
+        .unwrap_or_default();
     {
         let mut desk = lock(&ctx.desk);
         desk.offers.retain(|o| {
@@ -341,16 +349,18 @@ fn start_assignment(
         });
         desk.current = Some(conversation_id.clone());
     }
-    ctx.console.line(format!(
-        "current conversation: {conversation_id} (type to reply)"
-    ));
     let ctx = Arc::clone(ctx);
-    tokio::spawn(async move { watch_conversation(ctx, conversation_id, watch).await });
+    tokio::spawn(async move { watch_conversation(ctx, conversation_id, after, watch).await });
 }
 
-async fn watch_conversation(ctx: Arc<Context>, conversation_id: String, stop: CancellationToken) {
+async fn watch_conversation(
+    ctx: Arc<Context>,
+    conversation_id: String,
+    after: String,
+    stop: CancellationToken,
+) {
     let mut dialog = ctx.dialog.clone();
-    let mut cursor = String::new();
+    let mut cursor = after;
     let mut attempts = 0;
     loop {
         let stream = dialog

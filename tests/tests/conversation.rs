@@ -1,0 +1,383 @@
+//! The conversation themes end to end, on every service as its own process (PostgreSQL + NATS)
+//! and on the standalone process:
+//!
+//! 1. an emotion swing hands the customer to an agent, who gets the whole context — the order
+//!    number the customer already gave is in front of them — driven through `tandem chat` and
+//!    `tandem agent` as a customer and an agent would use them;
+//! 2. an agent's resolution is mined into a candidate, approved, becomes searchable, and the bot
+//!    then answers the same question itself, citing the new article;
+//! 3. training a scenario's intents changes what the bot understands.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tandem_e2e::{BILLING_EXAMPLES, Deployment, eventually, seed_tenant};
+use tandem_platform::auth::Role;
+use tandem_proto::pb::common::v1::{Channel as ChannelKind, Customer, Language};
+use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
+use tandem_proto::pb::dialog::v1::model_service_client::ModelServiceClient;
+use tandem_proto::pb::dialog::v1::{
+    BotAction, BotTurn, ExampleFormat, GetDecisionTraceRequest, PostCustomerMessageRequest,
+    StartConversationRequest, TrainModelRequest, UploadExamplesRequest, get_decision_trace_request,
+};
+use tandem_proto::pb::knowledge::v1::knowledge_service_client::KnowledgeServiceClient;
+use tandem_proto::pb::knowledge::v1::{
+    Audience, CandidateDecision, CandidateStatus, ListCandidatesRequest, ReviewCandidateRequest,
+    SearchRequest,
+};
+
+const STEP: Duration = Duration::from_secs(30);
+
+/// 1. An emotion swing triggers a handoff; the agent receives the full context.
+async fn emotion_swing(d: &Deployment) {
+    let tenant = "e2e-swing";
+    seed_tenant(d, tenant).await;
+    let mut agent = d.console(
+        "agent-ling",
+        &["agent", "--agent", "ling"],
+        tenant,
+        "ling",
+        Role::Agent,
+    );
+    agent.expect("online as ling", STEP).await;
+    let mut chat = d.console(
+        "chat",
+        &["chat", "--name", "Ada Lovelace", "--customer", "ada"],
+        tenant,
+        "web",
+        Role::Channel,
+    );
+    chat.expect("conversation ", STEP).await;
+
+    chat.send("Hi! Where is my order 20240115? Thanks a lot, great shop")
+        .await;
+    chat.expect("bot: ", STEP).await;
+    chat.send("This is terrible. The worst service ever, I am furious and really upset!")
+        .await;
+    chat.expect("state: BOT -> QUEUED", STEP).await;
+
+    // The offer carries the package: why, the numbers, and what the customer already said.
+    agent.expect("offer ", STEP).await;
+    let why = agent.expect("why:", STEP).await;
+    assert!(
+        why.contains("EMOTION"),
+        "{}: handoff should be for the emotion, got {why}",
+        d.kind
+    );
+    let entities = agent.expect("entities:", STEP).await;
+    assert!(
+        entities.contains("20240115"),
+        "{}: the order number the customer gave must reach the agent: {entities}",
+        d.kind
+    );
+    agent.expect("sentiment:", STEP).await;
+    agent
+        .expect("customer: Hi! Where is my order 20240115", STEP)
+        .await;
+    agent.send("/accept").await;
+    agent.expect("assigned: conversation", STEP).await;
+    chat.expect("state: QUEUED -> AGENT (agent ling)", STEP)
+        .await;
+
+    agent
+        .send("I am sorry, Ada. Order 20240115 left our warehouse late; it arrives tomorrow.")
+        .await;
+    let reply = chat.expect("agent ling: ", STEP).await;
+    assert!(reply.contains("20240115"), "{}: {reply}", d.kind);
+    agent.send("/resolve delay explained").await;
+    agent.expect("resolved conversation", STEP).await;
+    chat.expect("state: AGENT -> RESOLVED", STEP).await;
+    chat.expect("csat:", STEP).await;
+    chat.send("5 quick and kind").await;
+    chat.expect("thank you: rated 5/5", STEP).await;
+
+    let (ok, lines) = chat.finish().await;
+    assert!(ok, "{}: chat failed: {lines:?}", d.kind);
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("bot: ") && l.contains("order number")),
+        "{}: the customer was asked for the order number again: {lines:?}",
+        d.kind
+    );
+    let (ok, lines) = agent.finish().await;
+    assert!(ok, "{}: agent desk failed: {lines:?}", d.kind);
+}
+
+async fn start(dialog: &mut DialogServiceClient<tandem_e2e::Authed>, key: &str) -> String {
+    dialog
+        .start_conversation(StartConversationRequest {
+            customer: Some(Customer {
+                id: format!("customer-{key}"),
+                display_name: "E2E".into(),
+                language: Language::En as i32,
+                channel: ChannelKind::WebChat as i32,
+                ..Customer::default()
+            }),
+            channel: ChannelKind::WebChat as i32,
+            client_conversation_id: key.into(),
+            ..StartConversationRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .id
+}
+
+async fn say(
+    dialog: &mut DialogServiceClient<tandem_e2e::Authed>,
+    conversation: &str,
+    text: &str,
+) -> BotTurn {
+    dialog
+        .post_customer_message(PostCustomerMessageRequest {
+            conversation_id: conversation.into(),
+            client_message_id: format!("{conversation}-{}", text.len()),
+            text: text.into(),
+            attachments: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .bot_turn
+        .unwrap_or_default()
+}
+
+/// 2. An agent's resolution becomes an article the bot answers from.
+async fn resolution_becomes_knowledge(d: &Deployment) {
+    let tenant = "e2e-mining";
+    seed_tenant(d, tenant).await;
+    let question = "Can I change the delivery address after paying?";
+    let answer = "Yes. Open My orders, pick the order and choose Change address; it works until \
+                  the parcel is handed to the courier.";
+    let mut agent = d.console(
+        "agent-mining",
+        &["agent", "--agent", "ling"],
+        tenant,
+        "ling",
+        Role::Agent,
+    );
+    agent.expect("online as ling", STEP).await;
+    let mut chat = d.console(
+        "chat-mining",
+        &["chat", "--language", "en"],
+        tenant,
+        "web",
+        Role::Channel,
+    );
+    chat.expect("conversation ", STEP).await;
+    chat.send(question).await;
+    chat.expect("bot: ", STEP).await;
+    chat.send("talk to a human please").await;
+    chat.expect("state: BOT -> QUEUED", STEP).await;
+    agent.expect("offer ", STEP).await;
+    agent.send("/accept").await;
+    agent.expect("assigned: conversation", STEP).await;
+    chat.expect("-> AGENT", STEP).await;
+    agent.send(answer).await;
+    chat.expect("agent ling: Yes. Open My orders", STEP).await;
+    agent.send("/resolve address change explained").await;
+    chat.expect("-> RESOLVED", STEP).await;
+    assert!(chat.finish().await.0, "{}: chat failed", d.kind);
+    assert!(agent.finish().await.0, "{}: agent desk failed", d.kind);
+
+    // Mined into a candidate with the customer's question and the agent's answer.
+    let mut knowledge = KnowledgeServiceClient::new(
+        d.client(d.endpoints.knowledge, tenant, "lead", Role::Supervisor)
+            .await,
+    );
+    let candidate = eventually("the resolution becomes a candidate", STEP, || {
+        let mut knowledge = knowledge.clone();
+        async move {
+            knowledge
+                .list_candidates(ListCandidatesRequest {
+                    status: CandidateStatus::Pending as i32,
+                    ..ListCandidatesRequest::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .candidates
+                .into_iter()
+                .find(|c| c.question.contains("delivery address"))
+        }
+    })
+    .await;
+    assert!(candidate.answer.contains("Change address"), "{candidate:?}");
+    let reviewed = knowledge
+        .review_candidate(ReviewCandidateRequest {
+            candidate_id: candidate.id.clone(),
+            decision: CandidateDecision::ApproveAndPublish as i32,
+            title: "Changing the delivery address".into(),
+            reason: "good agent answer".into(),
+            ..ReviewCandidateRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let article = reviewed.article.unwrap();
+
+    // Searchable, then the bot answers the same question itself and cites it.
+    eventually("the article becomes searchable", STEP, || {
+        let mut knowledge = knowledge.clone();
+        let id = article.id.clone();
+        async move {
+            let hits = knowledge
+                .search(SearchRequest {
+                    query: "change delivery address".into(),
+                    audience: Audience::Bot as i32,
+                    ..SearchRequest::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .hits;
+            hits.iter().any(|h| h.article_id == id).then_some(())
+        }
+    })
+    .await;
+    let mut dialog = DialogServiceClient::new(
+        d.client(d.endpoints.dialog, tenant, "web", Role::Channel)
+            .await,
+    );
+    let conversation = start(&mut dialog, "mining-again").await;
+    let turn = say(&mut dialog, &conversation, question).await;
+    assert_eq!(
+        turn.action,
+        BotAction::Answer as i32,
+        "{}: the bot should answer from the new article: {turn:?}",
+        d.kind
+    );
+    assert!(
+        turn.cited_articles
+            .iter()
+            .any(|a| a.article_id == article.id),
+        "{}: the answer should cite article {}: {turn:?}",
+        d.kind,
+        article.id
+    );
+    assert!(turn.reply_text.contains("Change address"), "{turn:?}");
+}
+
+/// 3. Training a scenario's intents changes what the bot understands.
+async fn training_changes_understanding(d: &Deployment) {
+    let tenant = "e2e-training";
+    seed_tenant(d, tenant).await;
+    let mut dialog = DialogServiceClient::new(
+        d.client(d.endpoints.dialog, tenant, "web", Role::Channel)
+            .await,
+    );
+    let mut traces = DialogServiceClient::new(
+        d.client(d.endpoints.dialog, tenant, "lead", Role::Supervisor)
+            .await,
+    );
+    let question = "why is my bill so high this month";
+
+    let before = start(&mut dialog, "training-before").await;
+    let turn = say(&mut dialog, &before, question).await;
+    let trace = traces
+        .get_decision_trace(GetDecisionTraceRequest {
+            key: Some(get_decision_trace_request::Key::TraceId(
+                turn.decision_trace_id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trace
+        .unwrap();
+    assert!(
+        trace.intent_scores.iter().all(|s| s.intent != "bill_query"),
+        "{}: an untrained intent cannot be recognised: {trace:?}",
+        d.kind
+    );
+    assert_ne!(
+        turn.action,
+        BotAction::Answer as i32,
+        "{}: {turn:?}",
+        d.kind
+    );
+
+    let mut models = ModelServiceClient::new(
+        d.client(d.endpoints.dialog, tenant, "admin", Role::Admin)
+            .await,
+    );
+    let uploaded = models
+        .upload_examples(UploadExamplesRequest {
+            scenario_id: "billing".into(),
+            format: ExampleFormat::Jsonl as i32,
+            raw: BILLING_EXAMPLES.to_owned(),
+            ..UploadExamplesRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(uploaded.errors.is_empty(), "{uploaded:?}");
+    models
+        .train_model(TrainModelRequest {
+            activate: true,
+            notes: "billing added".into(),
+            ..TrainModelRequest::default()
+        })
+        .await
+        .unwrap();
+
+    let after = start(&mut dialog, "training-after").await;
+    let turn = say(&mut dialog, &after, question).await;
+    let trace = traces
+        .get_decision_trace(GetDecisionTraceRequest {
+            key: Some(get_decision_trace_request::Key::TraceId(
+                turn.decision_trace_id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .trace
+        .unwrap();
+    assert_eq!(
+        trace.intent_scores.first().map(|s| s.intent.as_str()),
+        Some("bill_query"),
+        "{}: {trace:?}",
+        d.kind
+    );
+    assert_eq!(trace.scenario_id, "billing", "{}", d.kind);
+    assert_eq!(
+        turn.action,
+        BotAction::Answer as i32,
+        "{}: {turn:?}",
+        d.kind
+    );
+
+    // The same in Chinese.
+    let zh = start(&mut dialog, "training-zh").await;
+    let turn = say(&mut dialog, &zh, "这个月的话费账单怎么这么高").await;
+    assert_eq!(
+        turn.action,
+        BotAction::Answer as i32,
+        "{}: {turn:?}",
+        d.kind
+    );
+    assert!(turn.reply_text.contains("账单"), "{}: {turn:?}", d.kind);
+}
+
+async fn all(d: &Deployment) {
+    emotion_swing(d).await;
+    training_changes_understanding(d).await;
+    resolution_becomes_knowledge(d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed() {
+    let d = Deployment::distributed().await;
+    all(&d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone() {
+    let d = Deployment::standalone().await;
+    all(&d).await;
+}
