@@ -21,7 +21,9 @@ use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::dialog::v1 as pb;
 use tandem_proto::pb::policy::v1 as policy;
 use tokio::sync::broadcast;
+use tonic::metadata::AsciiMetadataValue;
 
+use crate::knowledge::{self as kb, KnowledgeClient};
 use crate::nlu::{self, Texts};
 use crate::store::{Change, Committed, Store, StoreError};
 
@@ -244,6 +246,8 @@ struct TenantNlu {
 pub struct AppOptions {
     /// How long a tenant's catalogue and model are reused before being read again.
     pub cache_ttl: Duration,
+    /// The knowledge search client; `None` answers with the intents' stored answers only.
+    pub knowledge: Option<Arc<KnowledgeClient>>,
 }
 
 /// The dialog application.
@@ -263,6 +267,7 @@ struct TurnInput<'a> {
     conversation: &'a pb::Conversation,
     received: Instant,
     received_at: prost_types::Timestamp,
+    authorization: Option<&'a AsciiMetadataValue>,
 }
 
 /// What the bot's turn produced.
@@ -526,11 +531,14 @@ impl App {
         }
     }
 
-    /// Posts a customer message and runs the bot's turn.
+    /// Posts a customer message and runs the bot's turn. `authorization` is the caller's own
+    /// `authorization` metadata, forwarded to the knowledge search; without it the bot answers
+    /// with the intents' stored answers.
     pub async fn post_customer(
         &self,
         tenant: &TenantId,
         req: pb::PostCustomerMessageRequest,
+        authorization: Option<&AsciiMetadataValue>,
     ) -> DialogResult<pb::PostCustomerMessageResponse> {
         let received = Instant::now();
         let received_at = now();
@@ -600,6 +608,7 @@ impl App {
                             conversation: &c,
                             received,
                             received_at,
+                            authorization,
                         },
                         &mut message,
                     )
@@ -883,17 +892,63 @@ impl App {
                     .collect()
             })
             .unwrap_or_default();
+        // The knowledge base, when the bot is to answer or suggest: the best published article
+        // version scoring well enough answers and is cited; a failed or late look-up degrades to
+        // the intent's stored answer.
+        let mut search_stage = None;
+        let found = match (&self.options.knowledge, input.authorization) {
+            (Some(kc), Some(authorization))
+                if agent_owns || action == policy::DecisionAction::BotAnswer =>
+            {
+                let ts = Instant::now();
+                let got = kc
+                    .best(&kb::Query {
+                        tenant,
+                        authorization,
+                        text: &message.text,
+                        scenario_id: &c.scenario_id,
+                        language: lang,
+                        conversation_id: &c.id,
+                    })
+                    .await;
+                let (stage, found) = match got {
+                    Ok(found) => ("search", found),
+                    Err(e) => (
+                        if matches!(e, kb::LookupError::Timeout(_)) {
+                            "search_timeout"
+                        } else {
+                            "search_error"
+                        },
+                        None,
+                    ),
+                };
+                search_stage = Some(pb::StageLatency {
+                    stage: stage.into(),
+                    micros: micros(ts.elapsed()),
+                });
+                found
+            }
+            _ => None,
+        };
+        let articles: Vec<common::ArticleRef> = found
+            .as_ref()
+            .map(|f| f.article.clone())
+            .into_iter()
+            .collect();
         let at = now();
         let bot_action = if agent_owns {
             // A human owns the conversation: only a suggestion to the agent, whatever the policy
             // says.
-            let text = self.answer_text(tenant, &top, &c, zh).await?;
+            let text = match &found {
+                Some(f) => f.answer.clone(),
+                None => self.answer_text(tenant, &top, &c, zh).await?,
+            };
             let s = pb::Suggestion {
                 id: new_id(),
                 conversation_id: c.id.clone(),
                 for_message_id: message.id.clone(),
                 text,
-                articles: Vec::new(),
+                articles: articles.clone(),
                 confidence,
                 decision_trace_id: trace_id.clone(),
                 created_at: Some(at),
@@ -906,7 +961,10 @@ impl App {
             let (kind, text) = match action {
                 policy::DecisionAction::BotAnswer => (
                     pb::BotAction::Answer,
-                    self.answer_text(tenant, &top, &c, zh).await?,
+                    match &found {
+                        Some(f) => f.answer.clone(),
+                        None => self.answer_text(tenant, &top, &c, zh).await?,
+                    },
                 ),
                 policy::DecisionAction::Clarify => {
                     bot_turn.choices = scores
@@ -931,6 +989,10 @@ impl App {
             reply.bot_action = kind as i32;
             reply.choices = bot_turn.choices.clone();
             reply.decision_trace_id = trace_id.clone();
+            if kind == pb::BotAction::Answer {
+                reply.cited_articles.clone_from(&articles);
+                bot_turn.cited_articles.clone_from(&articles);
+            }
             bot_turn.reply_text = text;
             bot_turn.reply_message_id = reply.id.clone();
             if kind == pb::BotAction::Handoff {
@@ -1006,7 +1068,7 @@ impl App {
                     .unwrap_or_default(),
             }),
             sensitive_topic: sensitive,
-            articles: Vec::new(),
+            articles,
             policy_decision: Some(decision),
             action: bot_action as i32,
             stage_latencies: vec![
@@ -1018,11 +1080,14 @@ impl App {
                     stage: "policy".into(),
                     micros: policy_micros,
                 },
-                pb::StageLatency {
-                    stage: "reply".into(),
-                    micros: reply_micros,
-                },
-            ],
+            ]
+            .into_iter()
+            .chain(search_stage)
+            .chain([pb::StageLatency {
+                stage: "reply".into(),
+                micros: reply_micros,
+            }])
+            .collect(),
             total_micros: total,
             model_version_id: tn.model_version_id.clone(),
             created_at: Some(at),
@@ -1037,8 +1102,7 @@ impl App {
         })
     }
 
-    /// The answer of an intent: its stored answer, or a notice that none is written yet. (The
-    /// knowledge service's search is used here once its client is wired.)
+    /// The answer of an intent: its stored answer, or a notice that none is written yet.
     async fn answer_text(
         &self,
         tenant: &TenantId,
@@ -1554,7 +1618,7 @@ impl App {
                             ..Transition::new(pb::ConversationState::Agent)
                         })
                     }
-                    RoutingEffect::BackToBot
+                    RoutingEffect::BackToBot { leave_message }
                         if matches!(
                             state,
                             pb::ConversationState::Queued | pb::ConversationState::Agent
@@ -1562,7 +1626,14 @@ impl App {
                     {
                         Some(Transition {
                             agent: Some(String::new()),
-                            system_text: Some(Texts::back_to_bot(zh).into()),
+                            system_text: Some(
+                                if *leave_message {
+                                    Texts::leave_message(zh)
+                                } else {
+                                    Texts::back_to_bot(zh)
+                                }
+                                .into(),
+                            ),
                             reason: "returned to the bot".into(),
                             ..Transition::new(pb::ConversationState::Bot)
                         })
@@ -1702,8 +1773,13 @@ pub enum RoutingEffect {
     Queued(pb::QueueInfo),
     /// An agent accepted.
     Assigned(String),
-    /// Back to the bot (returned, abandoned by routing, assignment returned).
-    BackToBot,
+    /// Back to the bot (returned, abandoned by routing, assignment returned); with
+    /// `leave_message` (a queue closed with that behaviour) the customer is offered to leave a
+    /// message.
+    BackToBot {
+        /// Offer to leave a message instead of carrying on with the bot.
+        leave_message: bool,
+    },
     /// The agent resolved it.
     Resolved,
 }

@@ -7,6 +7,7 @@
 //! - `nlu`: wire conversions of the language understanding results and the bot's texts;
 //! - `store`: PostgreSQL and SQLite persistence;
 //! - `grpc`: the `DialogService` and `ModelService` adapters;
+//! - `knowledge`: the knowledge search client (answers cited from published articles);
 //! - this module: settings, wiring, and the consumers of policy updates (event-carried state:
 //!   the bot keeps deciding when the policy service is down) and of routing's handoff events.
 //!
@@ -16,6 +17,7 @@
 
 pub mod app;
 pub mod grpc;
+pub mod knowledge;
 pub mod models;
 pub mod nlu;
 pub mod store;
@@ -48,19 +50,34 @@ pub const GRPC_SERVICES: &[&str] = &[
 ];
 
 /// Settings of the dialog service, under `[service]`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// How long a replica reuses a tenant's policy catalogue and active model before reading
     /// them again; changes received by this replica apply at once.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
+    /// The knowledge service's gRPC address (`http://host:port`); empty disables the search and
+    /// the bot answers with the intents' stored answers.
+    pub knowledge_endpoint: String,
+    /// Deadline of one turn's knowledge look-up (search and article read); past it the bot
+    /// answers with the intent's stored answer.
+    #[serde(with = "humantime_serde")]
+    pub knowledge_timeout: Duration,
+    /// Lowest search score (BM25) of a hit the bot answers with.
+    pub knowledge_min_score: f64,
+    /// Hits asked for per search (1..50).
+    pub knowledge_limit: i32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             cache_ttl: Duration::from_secs(2),
+            knowledge_endpoint: String::new(),
+            knowledge_timeout: Duration::from_millis(150),
+            knowledge_min_score: 4.0,
+            knowledge_limit: 3,
         }
     }
 }
@@ -71,6 +88,36 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.cache_ttl"),
                 "must be at most 60s",
+            ));
+        }
+        let endpoint = self.knowledge_endpoint.trim();
+        if !endpoint.is_empty()
+            && (!(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                || tonic::transport::Endpoint::from_shared(endpoint.to_owned()).is_err())
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.knowledge_endpoint"),
+                "must be empty or an http:// or https:// URL",
+            ));
+        }
+        if self.knowledge_timeout < Duration::from_millis(1)
+            || self.knowledge_timeout > Duration::from_secs(10)
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.knowledge_timeout"),
+                "must be between 1ms and 10s",
+            ));
+        }
+        if !self.knowledge_min_score.is_finite() || self.knowledge_min_score < 0.0 {
+            errors.push(ConfigError::new(
+                format!("{path}.knowledge_min_score"),
+                "must be a non-negative number",
+            ));
+        }
+        if !(1..=50).contains(&self.knowledge_limit) {
+            errors.push(ConfigError::new(
+                format!("{path}.knowledge_limit"),
+                "must be between 1 and 50",
             ));
         }
     }
@@ -96,6 +143,7 @@ impl Service for Dialog {
             ctx.outbox.clone(),
             AppOptions {
                 cache_ttl: settings.cache_ttl,
+                knowledge: knowledge_client(settings)?.map(Arc::new),
             },
         ));
         let grpc = grpc::DialogGrpc::new(Arc::clone(&app));
@@ -138,6 +186,22 @@ impl Service for Dialog {
         ));
         Ok(())
     }
+}
+
+/// The knowledge client, when an endpoint is set.
+fn knowledge_client(settings: &Settings) -> anyhow::Result<Option<knowledge::KnowledgeClient>> {
+    let endpoint = settings.knowledge_endpoint.trim();
+    if endpoint.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(knowledge::KnowledgeClient::new(
+        knowledge::KnowledgeOptions {
+            endpoint: endpoint.to_owned(),
+            timeout: settings.knowledge_timeout,
+            min_score: settings.knowledge_min_score,
+            limit: settings.knowledge_limit,
+        },
+    )?))
 }
 
 /// Applies policy updates and routing's handoff events.
@@ -195,18 +259,29 @@ impl Handler for Consumers {
             }
             routing::HandoffAbandoned::TYPE_NAME => {
                 let e = event.decode::<routing::HandoffAbandoned>()?.event;
-                (e.conversation_id, e.handoff_id, RoutingEffect::BackToBot)
+                (
+                    e.conversation_id,
+                    e.handoff_id,
+                    RoutingEffect::BackToBot {
+                        leave_message: false,
+                    },
+                )
             }
             routing::HandoffReturned::TYPE_NAME => {
                 let e = event.decode::<routing::HandoffReturned>()?.event;
-                (e.conversation_id, e.handoff_id, RoutingEffect::BackToBot)
+                let effect = RoutingEffect::BackToBot {
+                    leave_message: e.leave_message,
+                };
+                (e.conversation_id, e.handoff_id, effect)
             }
             routing::AssignmentCompleted::TYPE_NAME => {
                 let e = event.decode::<routing::AssignmentCompleted>()?.event;
                 let effect = if e.disposition == routing::Disposition::Resolved as i32 {
                     RoutingEffect::Resolved
                 } else if e.disposition == routing::Disposition::ReturnToBot as i32 {
-                    RoutingEffect::BackToBot
+                    RoutingEffect::BackToBot {
+                        leave_message: false,
+                    }
                 } else {
                     return Ok(());
                 };
