@@ -38,6 +38,8 @@ pub struct Settings {
     /// How often a desk session looks for offers made by other replicas.
     #[serde(with = "humantime_serde")]
     pub session_poll_interval: Duration,
+    /// Waiting tickets one assignment transaction claims and offers (1 to 256).
+    pub offer_batch: usize,
 }
 
 impl Default for Settings {
@@ -53,6 +55,7 @@ impl Default for Settings {
             default_seconds_per_position: 60,
             stats_interval: Duration::from_secs(5),
             session_poll_interval: Duration::from_millis(250),
+            offer_batch: 32,
         }
     }
 }
@@ -96,6 +99,12 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 join(path, "heartbeats_missed"),
                 "must be at least 1",
+            ));
+        }
+        if !(1..=crate::store::MAX_OFFER_BATCH).contains(&self.offer_batch) {
+            errors.push(ConfigError::new(
+                join(path, "offer_batch"),
+                format!("must be 1 to {}", crate::store::MAX_OFFER_BATCH),
             ));
         }
         if self.default_seconds_per_position == 0 {

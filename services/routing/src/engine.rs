@@ -16,8 +16,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::error::{RoutingError, RoutingResult};
-use crate::store::{OfferOutcome, Store};
+use crate::error::RoutingResult;
+use crate::store::Store;
 
 /// The time source (a port, so tests can move time).
 pub trait Clock: Send + Sync + 'static {
@@ -84,8 +84,9 @@ pub struct Engine {
     pub hub: SessionHub,
 }
 
-/// Tickets looked at per queue and drain pass.
-const DRAIN_BATCH: usize = 100;
+/// Passes in a row without an offer (only lost races) after which a drain stops; the sweep
+/// and the next trigger retry.
+const MAX_IDLE_PASSES: usize = 3;
 
 impl Engine {
     /// Creates an engine.
@@ -104,30 +105,42 @@ impl Engine {
     }
 
     /// Offers a queue's waiting tickets, best first, to the best eligible agents until no agent
-    /// can take more. Returns how many offers were made.
+    /// can take more, in batches of `offer_batch` tickets per transaction. Returns how many
+    /// offers were made.
     pub async fn drain_queue(&self, tenant: &TenantId, queue_id: &str) -> RoutingResult<usize> {
-        let queue = match self.store.queue(tenant, queue_id).await {
-            Ok(queue) => queue,
-            Err(RoutingError::NotFound(_)) => return Ok(0),
-            Err(error) => return Err(error),
-        };
+        let batch = self.settings.offer_batch.max(1);
         let mut offered = 0;
+        let mut idle_passes = 0;
         loop {
-            let ids = self.store.queued_ids(tenant, &queue, DRAIN_BATCH).await?;
-            let mut progress = false;
-            for id in &ids {
-                let outcome = match self.store.offer_ticket(tenant, id, self.now()).await {
-                    Err(error) if error.is_conflict() => continue,
-                    other => other?,
-                };
-                if let OfferOutcome::Offered(made) = outcome {
-                    self.hub.notify(tenant, &made.1.agent_id);
-                    offered += 1;
-                    progress = true;
+            let done = match self
+                .store
+                .offer_queued(tenant, queue_id, batch, self.now())
+                .await
+            {
+                Err(error) if error.is_conflict() => {
+                    idle_passes += 1;
+                    if idle_passes >= MAX_IDLE_PASSES {
+                        return Ok(offered);
+                    }
+                    continue;
                 }
+                other => other?,
+            };
+            for (_, offer) in &done.offered {
+                self.hub.notify(tenant, &offer.agent_id);
             }
-            if !progress || ids.len() < DRAIN_BATCH {
-                return Ok(offered);
+            offered += done.offered.len();
+            if done.offered.is_empty() {
+                // Nobody can take the waiting tickets, unless agents changed under this batch.
+                idle_passes += 1;
+                if done.contended == 0 || idle_passes >= MAX_IDLE_PASSES {
+                    return Ok(offered);
+                }
+            } else {
+                idle_passes = 0;
+                if done.claimed < batch && done.contended == 0 {
+                    return Ok(offered);
+                }
             }
         }
     }

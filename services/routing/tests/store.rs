@@ -1092,6 +1092,149 @@ async fn concurrent_routing_never_double_assigns_or_overfills(store: Store) {
     );
 }
 
+/// Batched offers: 6 workers claim batches of the same queue at once (SKIP LOCKED), each
+/// matching in memory and reserving capacity with one conditional update, then accept or
+/// decline; one batch spreads over agents, capacity is never exceeded, nothing is assigned
+/// twice, and every ticket ends assigned once the agents have room for all.
+async fn batched_offers_spread_respect_capacity_and_assign_once(store: Store) {
+    const AGENTS: usize = 10;
+    const TICKETS: usize = 90;
+    for i in 0..AGENTS {
+        online(&store, &format!("agent-{i:02}"), &[], 10).await;
+    }
+    for i in 0..TICKETS {
+        enqueue(
+            &store,
+            &handoff(&format!("h{i:03}"), &format!("c{i:03}")),
+            t0(),
+        )
+        .await;
+    }
+    let t = tenant();
+    let first = store.offer_queued(&t, "default", 8, t0()).await.unwrap();
+    assert_eq!(first.claimed, 8);
+    assert_eq!(first.offered.len(), 8);
+    let agents: std::collections::HashSet<&str> = first
+        .offered
+        .iter()
+        .map(|(_, offer)| offer.agent_id.as_str())
+        .collect();
+    assert_eq!(
+        agents.len(),
+        8,
+        "one batch spreads over equally good agents"
+    );
+    for (ticket, offer) in &first.offered {
+        assert_eq!(ticket.state, TicketState::Offered);
+        assert_eq!(
+            ticket.offered_agent_id.as_deref(),
+            Some(offer.agent_id.as_str())
+        );
+        assert_eq!(
+            store.ticket(&t, &ticket.id).await.unwrap().state,
+            TicketState::Offered
+        );
+    }
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for worker in 0..6usize {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let t = tenant();
+            let at = t0() + secs(1);
+            let mut assigned = 0;
+            let mut idle = 0;
+            let mut declined = false;
+            while idle < 5 {
+                let batch = match store.offer_queued(&t, "default", 4 + worker, at).await {
+                    Err(e) if e.is_conflict() => continue,
+                    other => other.unwrap(),
+                };
+                if batch.offered.is_empty() {
+                    idle += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                idle = 0;
+                for (_, offer) in batch.offered {
+                    if !declined && worker == 0 {
+                        declined = true;
+                        store
+                            .decline(&t, &offer.agent_id, &offer.id, "busy", at)
+                            .await
+                            .unwrap();
+                        continue;
+                    }
+                    store
+                        .accept(&t, &offer.agent_id, &offer.id, at)
+                        .await
+                        .unwrap();
+                    assigned += 1;
+                }
+            }
+            assigned
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.unwrap();
+    }
+    // The first batch's offers are still pending: accept them now.
+    for (_, offer) in &first.offered {
+        store
+            .accept(&t, &offer.agent_id, &offer.id, t0() + secs(2))
+            .await
+            .unwrap();
+        accepted += 1;
+    }
+    // A ticket declined in the race may still wait; one more pass offers it.
+    let last = store
+        .offer_queued(&t, "default", 8, t0() + secs(3))
+        .await
+        .unwrap();
+    for (_, offer) in &last.offered {
+        store
+            .accept(&t, &offer.agent_id, &offer.id, t0() + secs(3))
+            .await
+            .unwrap();
+        accepted += 1;
+    }
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+    assert_eq!(accepted, TICKETS as i64);
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_tickets WHERE state = 'assigned'"
+        )
+        .await,
+        TICKETS as i64
+    );
+    assert_eq!(
+        scalar(&store, "SELECT COUNT(*) FROM routing_assignments").await,
+        TICKETS as i64
+    );
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_agents WHERE active_load > capacity"
+        )
+        .await,
+        0
+    );
+    // Full: a new ticket finds nobody and stays queued.
+    enqueue(&store, &handoff("h-late", "c-late"), t0() + secs(4)).await;
+    let none = store
+        .offer_queued(&t, "default", 8, t0() + secs(4))
+        .await
+        .unwrap();
+    assert_eq!((none.claimed, none.offered.len()), (1, 0));
+    assert_eq!(
+        store.ticket(&t, "h-late").await.unwrap().state,
+        TicketState::Queued
+    );
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -1128,4 +1271,5 @@ both_engines!(
     customers_who_leave_or_cancel_free_everything,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
+    batched_offers_spread_respect_capacity_and_assign_once,
 );

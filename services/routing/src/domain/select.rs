@@ -96,6 +96,31 @@ pub fn rank<'c>(
     need: &Need<'_>,
     strategy: Strategy,
 ) -> Vec<&'c Candidate> {
+    rank_salted(candidates, need, strategy, None)
+}
+
+/// A stable pseudo-random key of an agent id under `salt` (FNV-1a, then a 64-bit finaliser).
+fn tie_key(salt: u64, id: &str) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64 ^ salt;
+    for byte in id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
+}
+
+/// Like [`rank`], but agents that are equally good by the strategy are ordered by a key drawn
+/// from `salt` (then by id) instead of by id alone. Concurrent assigners (workers, replicas)
+/// that use different salts then spread over equally good agents instead of all reaching for
+/// the same one first and queueing on its row.
+pub fn rank_salted<'c>(
+    candidates: &'c [Candidate],
+    need: &Need<'_>,
+    strategy: Strategy,
+    salt: Option<u64>,
+) -> Vec<&'c Candidate> {
     let eligible: Vec<&Candidate> = candidates.iter().filter(|c| is_eligible(c, need)).collect();
     let fresh: Vec<&Candidate> = eligible
         .iter()
@@ -111,7 +136,11 @@ pub fn rank<'c>(
                 .then_with(|| idle_order(a, b)),
             Strategy::RoundRobin => idle_order(a, b),
         };
-        by_strategy.then_with(|| a.id.cmp(&b.id))
+        let by_salt = match salt {
+            Some(salt) => tie_key(salt, &a.id).cmp(&tie_key(salt, &b.id)),
+            None => Ordering::Equal,
+        };
+        by_strategy.then(by_salt).then_with(|| a.id.cmp(&b.id))
     });
     ranked
 }
@@ -216,5 +245,31 @@ mod tests {
             .map(|c| c.id.as_str())
             .collect();
         assert_eq!(ids, ["a"]);
+    }
+
+    #[test]
+    fn salts_spread_ties_but_never_override_the_strategy() {
+        let need = Need::default();
+        let mut agents: Vec<Candidate> = (0..20)
+            .map(|i| agent(&format!("a{i:02}"), &[], 5, 0))
+            .collect();
+        agents.push(agent("z-best", &[], 5, 0));
+        agents.last_mut().unwrap().capacity = 9;
+        let firsts: std::collections::HashSet<String> = (1..=16_u64)
+            .map(|salt| {
+                let ranked = rank_salted(&agents, &need, Strategy::LeastLoaded, Some(salt));
+                assert_eq!(ranked[0].id, "z-best", "most spare capacity still wins");
+                assert_eq!(ranked.len(), agents.len());
+                ranked[1].id.clone()
+            })
+            .collect();
+        assert!(firsts.len() > 4, "ties spread over agents: {firsts:?}");
+        let same = |salt| {
+            rank_salted(&agents, &need, Strategy::LeastLoaded, Some(salt))
+                .iter()
+                .map(|c| c.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(same(7), same(7), "a salt gives one order");
     }
 }

@@ -34,9 +34,9 @@ use crate::error::{RoutingError, RoutingResult};
 pub use agents::{AgentFilter, PresenceReason};
 pub use queues::QueueRecord;
 pub use tickets::{
-    Accepted, Completed, EnqueueOutcome, EtaSettings, NewTicket, OfferOutcome, OfferRecord,
-    OfferState, PositionView, QueueStatsView, TicketRecord, TransferKind, TransferTarget,
-    Unassigned,
+    Accepted, Completed, EnqueueOutcome, EtaSettings, MAX_OFFER_BATCH, NewTicket, OfferBatch,
+    OfferOutcome, OfferRecord, OfferState, PositionView, QueueStatsView, TicketRecord,
+    TransferKind, TransferTarget, Unassigned,
 };
 
 /// The routing repository.

@@ -216,6 +216,57 @@ impl Tx {
         })
     }
 
+    /// Runs a statement built at run time (the same text on both engines, e.g. a multi-row
+    /// `VALUES` list); returns the rows affected. The text must hold only parameter
+    /// references (`$n`) and SQL of this crate, never values.
+    pub(crate) async fn execute_text(
+        &mut self,
+        text: &str,
+        args: Vec<Arg>,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(match self {
+            Tx::Pg(tx) => bind_all!(sqlx::query(sqlx::AssertSqlSafe(text.to_owned())), args)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            Tx::Sqlite(tx) => bind_all!(sqlx::query(sqlx::AssertSqlSafe(text.to_owned())), args)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    /// Returns every row of a statement built at run time (the same text on both engines).
+    pub(crate) async fn fetch_all_text<T: AnyRow>(
+        &mut self,
+        text: &str,
+        args: Vec<Arg>,
+    ) -> Result<Vec<T>, sqlx::Error> {
+        match self {
+            Tx::Pg(tx) => {
+                bind_all!(
+                    sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(text.to_owned())),
+                    args
+                )
+                .fetch_all(&mut **tx)
+                .await
+            }
+            Tx::Sqlite(tx) => {
+                bind_all!(
+                    sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(text.to_owned())),
+                    args
+                )
+                .fetch_all(&mut **tx)
+                .await
+            }
+        }
+    }
+
+    /// Whether this transaction runs on PostgreSQL.
+    pub(crate) fn is_postgres(&self) -> bool {
+        matches!(self, Tx::Pg(_))
+    }
+
     /// Returns every row.
     pub(crate) async fn fetch_all<T: AnyRow>(
         &mut self,

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::domain::agent::{Agent, Presence, SkillRequirement};
 use crate::domain::queue::{OutOfHours, OverflowAction};
-use crate::domain::select::{Candidate, Need, is_eligible, rank};
+use crate::domain::select::{Candidate, Need, is_eligible, rank, rank_salted};
 use crate::domain::ticket::{Disposition, ReturnReason, TicketState, eta_seconds, static_priority};
 use crate::error::{RoutingError, RoutingResult};
 
@@ -287,6 +287,41 @@ pub enum OfferOutcome {
     NoAgent,
     /// The ticket is no longer queued (or another replica holds it).
     Gone,
+}
+
+/// What one batch of offers did ([`Store::offer_queued`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OfferBatch {
+    /// The offers made, with their tickets (now OFFERED).
+    pub offered: Vec<(TicketRecord, OfferRecord)>,
+    /// Waiting tickets the batch claimed (offered or not).
+    pub claimed: usize,
+    /// Planned offers dropped because the agent's reservation failed (its load or presence
+    /// changed since it was read); their tickets stay queued for the next pass.
+    pub contended: usize,
+}
+
+/// The most tickets one offer batch claims.
+pub const MAX_OFFER_BATCH: usize = 256;
+
+/// `$first, $(first+step), …`: `count` parameter references for an `IN (…)` list whose values
+/// sit every `step` parameters from `$first`.
+fn placeholders(first: usize, count: usize, step: usize) -> String {
+    (0..count)
+        .map(|i| format!("${}", first + i * step))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `CASE id WHEN $first THEN $(first+1) WHEN … END` over `count` (key, value) parameter pairs.
+fn case_of(first: usize, count: usize) -> String {
+    let mut text = String::from("CASE id");
+    for i in 0..count {
+        let key = first + i * 2;
+        text.push_str(&format!(" WHEN ${key} THEN ${}", key + 1));
+    }
+    text.push_str(" END");
+    text
 }
 
 /// An accepted offer.
@@ -913,6 +948,228 @@ impl Store {
         tx.commit().await?;
         self.wake_outbox();
         Ok(OfferOutcome::Offered(Box::new((ticket, offer))))
+    }
+
+    /// Offers up to `limit` of a queue's waiting tickets in one transaction, best first.
+    ///
+    /// The tickets are claimed with `SELECT … ORDER BY priority … LIMIT n FOR UPDATE SKIP
+    /// LOCKED` (replicas and workers each get their own), matched against the online agents in
+    /// memory (the load each planned offer adds is counted, so one batch spreads over agents;
+    /// equally good agents are ordered by a random salt per batch, so concurrent batches spread
+    /// too), and written with a handful of statements whatever the batch size: the chosen agents
+    /// are locked in id order (no lock cycles between batches), their units reserved by one
+    /// conditional `UPDATE … WHERE active_load + n <= capacity RETURNING id`, the offers
+    /// inserted in one multi-row `INSERT`, the tickets moved to OFFERED by one conditional
+    /// `UPDATE`, and every `HandoffOffered` written to the outbox at once. An agent whose
+    /// reservation fails (its load changed meanwhile) gets nothing: its tickets stay queued for
+    /// the next pass and are counted in [`OfferBatch::contended`].
+    pub async fn offer_queued(
+        &self,
+        tenant: &TenantId,
+        queue_id: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<OfferBatch> {
+        let mut tx = Tx::write(self.db()).await?;
+        let Some(queue) = load_queue(&mut tx, tenant, queue_id).await? else {
+            return Ok(OfferBatch::default());
+        };
+        let rows: Vec<TicketRow> = tx
+            .fetch_all(
+                claiming!(ticket_select!(
+                    "tenant = $1 AND queue_id = $2 AND state = 'queued' \
+                     ORDER BY (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) DESC, \
+                     enqueued_at, id LIMIT $4"
+                )),
+                args![
+                    tenant.as_str(),
+                    queue_id,
+                    queue.spec.weights.ageing_per_second / 1e6,
+                    i64::try_from(limit.clamp(1, MAX_OFFER_BATCH)).unwrap_or(1)
+                ],
+            )
+            .await?;
+        let tickets = rows
+            .into_iter()
+            .map(TicketRow::into_record)
+            .collect::<RoutingResult<Vec<_>>>()?;
+        let claimed = tickets.len();
+        if tickets.is_empty() {
+            return Ok(OfferBatch::default());
+        }
+        let agents = online_agents(&mut tx, tenant).await?;
+        let mut pool = candidates(&agents);
+        let salt = Some(uuid::Uuid::now_v7().as_u128() as u64);
+        // (ticket index, agent index) of every planned offer.
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for (i, ticket) in tickets.iter().enumerate() {
+            let declined: Vec<String> = if ticket.attempts > 0 {
+                let rows: Vec<(String,)> = tx
+                    .fetch_all(
+                        "SELECT DISTINCT agent_id FROM routing_offers WHERE tenant = $1 \
+                         AND ticket_id = $2 AND state IN ('declined', 'expired')",
+                        args![tenant.as_str(), ticket.id.as_str()],
+                    )
+                    .await?;
+                rows.into_iter().map(|(id,)| id).collect()
+            } else {
+                Vec::new()
+            };
+            let need = Need {
+                skills: &ticket.skills,
+                language: ticket.language,
+                declined: &declined,
+                only_agent: ticket.target_agent_id.as_deref(),
+                excluded: ticket.excluded_agent_id.as_deref(),
+            };
+            let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
+                .first()
+                .map(|c| c.id.clone());
+            if let Some(best) = best
+                && let Some(at) = pool.iter().position(|c| c.id == best)
+            {
+                pool[at].load += 1;
+                plan.push((i, at));
+            }
+        }
+        if plan.is_empty() {
+            return Ok(OfferBatch {
+                claimed,
+                ..OfferBatch::default()
+            });
+        }
+        // Units wanted per agent, in id order (the order every batch locks agents in).
+        let mut wanted: Vec<(String, i64)> = Vec::new();
+        for &(_, at) in &plan {
+            match wanted.iter_mut().find(|(id, _)| *id == pool[at].id) {
+                Some((_, n)) => *n += 1,
+                None => wanted.push((pool[at].id.clone(), 1)),
+            }
+        }
+        wanted.sort();
+        let ids_list = placeholders(3, wanted.len(), 2);
+        let mut lock_args = args![tenant.as_str(), micros(now)];
+        for (id, n) in &wanted {
+            lock_args.push(id.into());
+            lock_args.push((*n).into());
+        }
+        if tx.is_postgres() {
+            // Lock the chosen agents in id order before changing them: concurrent batches then
+            // wait for each other in one order and never deadlock.
+            let lock = format!(
+                "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({ids_list}) \
+                 ORDER BY id FOR UPDATE"
+            );
+            let _: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args.clone()).await?;
+        }
+        let units = case_of(3, wanted.len());
+        let reserve = format!(
+            "UPDATE routing_agents SET active_load = active_load + {units}, updated_at = $2 \
+             WHERE tenant = $1 AND id IN ({ids_list}) AND presence = 'online' \
+             AND active_load + {units} <= capacity RETURNING id"
+        );
+        let reserved: Vec<(String,)> = tx.fetch_all_text(&reserve, lock_args).await?;
+        let reserved: Vec<String> = reserved.into_iter().map(|(id,)| id).collect();
+        let mut offered: Vec<(TicketRecord, OfferRecord)> = Vec::new();
+        let mut contended = 0;
+        for &(i, at) in &plan {
+            let agent_id = &pool[at].id;
+            if !reserved.contains(agent_id) {
+                contended += 1;
+                continue;
+            }
+            let ticket = &tickets[i];
+            let offer = OfferRecord {
+                id: uuid(),
+                ticket_id: ticket.id.clone(),
+                conversation_id: ticket.conversation_id.clone(),
+                agent_id: agent_id.clone(),
+                queue_id: queue.spec.id.clone(),
+                attempt: ticket.attempts + 1,
+                transfer: false,
+                state: OfferState::Pending,
+                revoke_reason: None,
+                offered_at: now,
+                expires_at: now
+                    + chrono::Duration::from_std(queue.spec.offer_timeout).unwrap_or_default(),
+            };
+            let ticket = TicketRecord {
+                state: TicketState::Offered,
+                offered_agent_id: Some(agent_id.clone()),
+                attempts: ticket.attempts + 1,
+                ..ticket.clone()
+            };
+            offered.push((ticket, offer));
+        }
+        if offered.is_empty() {
+            return Ok(OfferBatch {
+                claimed,
+                offered,
+                contended,
+            });
+        }
+        let mut insert = String::from(
+            "INSERT INTO routing_offers (tenant, id, ticket_id, conversation_id, agent_id, \
+             queue_id, attempt, kind, state, offered_at, expires_at) VALUES ",
+        );
+        let mut insert_args = args![tenant.as_str(), queue.spec.id.as_str(), micros(now)];
+        for (n, (_, offer)) in offered.iter().enumerate() {
+            let p = 4 + n * 6;
+            if n > 0 {
+                insert.push_str(", ");
+            }
+            insert.push_str(&format!(
+                "($1, ${}, ${}, ${}, ${}, $2, ${}, 'route', 'pending', $3, ${})",
+                p,
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5
+            ));
+            insert_args.extend(args![
+                offer.id.as_str(),
+                offer.ticket_id.as_str(),
+                offer.conversation_id.as_str(),
+                offer.agent_id.as_str(),
+                offer.attempt,
+                micros(offer.expires_at)
+            ]);
+        }
+        tx.execute_text(&insert, insert_args).await?;
+        let agents_by_ticket = case_of(3, offered.len());
+        let update = format!(
+            "UPDATE routing_tickets SET state = 'offered', offered_agent_id = {agents_by_ticket}, \
+             attempts = attempts + 1, offered_at = $2, updated_at = $2 \
+             WHERE tenant = $1 AND state = 'queued' AND id IN ({})",
+            placeholders(3, offered.len(), 2)
+        );
+        let mut update_args = args![tenant.as_str(), micros(now)];
+        for (ticket, offer) in &offered {
+            update_args.push(ticket.id.as_str().into());
+            update_args.push(offer.agent_id.as_str().into());
+        }
+        let moved = tx.execute_text(&update, update_args).await?;
+        if moved != offered.len() as u64 {
+            // The claimed rows are locked by this transaction; anything else is a bug.
+            return Err(RoutingError::Corrupt(format!(
+                "{} of {} claimed tickets changed state under their lock",
+                offered.len() as u64 - moved.min(offered.len() as u64),
+                offered.len()
+            )));
+        }
+        let out: Vec<RawEvent> = offered
+            .iter()
+            .map(|(ticket, offer)| events::offered(tenant, ticket, offer))
+            .collect();
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(OfferBatch {
+            offered,
+            claimed,
+            contended,
+        })
     }
 
     /// Accepts an offer for `agent_id`: the ticket becomes ASSIGNED to it (for a warm transfer,
