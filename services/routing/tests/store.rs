@@ -1222,17 +1222,34 @@ async fn batched_offers_spread_respect_capacity_and_assign_once(store: Store) {
         .await,
         0
     );
-    // Full: a new ticket finds nobody and stays queued.
-    enqueue(&store, &handoff("h-late", "c-late"), t0() + secs(4)).await;
+    // Room for 10 more: of 11 late tickets, 10 are offered and the last stays queued.
+    for i in 0..11 {
+        enqueue(
+            &store,
+            &handoff(&format!("late-{i:02}"), &format!("c-late-{i:02}")),
+            t0() + secs(4),
+        )
+        .await;
+    }
+    let full = store
+        .offer_queued(&t, "default", 16, t0() + secs(4))
+        .await
+        .unwrap();
+    assert_eq!((full.claimed, full.offered.len()), (11, 10));
     let none = store
-        .offer_queued(&t, "default", 8, t0() + secs(4))
+        .offer_queued(&t, "default", 16, t0() + secs(4))
         .await
         .unwrap();
     assert_eq!((none.claimed, none.offered.len()), (1, 0));
     assert_eq!(
-        store.ticket(&t, "h-late").await.unwrap().state,
-        TicketState::Queued
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_tickets WHERE state = 'queued'"
+        )
+        .await,
+        1
     );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
 macro_rules! store_contract_tests {

@@ -328,6 +328,22 @@ impl Desk {
             ),
             "{agent}: {first:?}"
         );
+        // A desk sends heartbeats, or routing counts the session lost and sets the agent AWAY.
+        let beats = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let beat = pb::AgentSessionRequest {
+                    request_id: String::new(),
+                    command: Some(pb::agent_session_request::Command::Heartbeat(
+                        pb::SessionHeartbeat {},
+                    )),
+                };
+                if beats.send(beat).await.is_err() {
+                    return;
+                }
+            }
+        });
         let replies = tx.clone();
         let name = agent.to_owned();
         tokio::spawn(async move {
