@@ -396,6 +396,9 @@ pub struct AppOptions {
     /// Least term similarity (Jaccard, 0..1) of an edit proposal with its article's matched
     /// question.
     pub edit_proposal_similarity: f64,
+    /// Least similarity ([`duplicate_similarity`], 0..1) of a mined question with a pending
+    /// candidate's question for the resolution to join that candidate.
+    pub duplicate_similarity: f64,
     /// How long a candidate waits for review.
     pub candidate_ttl: Duration,
     /// How long a change waits to be searchable on this replica before answering.
@@ -408,6 +411,7 @@ impl Default for AppOptions {
             good_result_score: 4.0,
             edit_proposal_score: 2.0,
             edit_proposal_similarity: 0.5,
+            duplicate_similarity: 0.55,
             candidate_ttl: Duration::from_secs(28 * 86_400),
             visible_wait: Duration::from_secs(1),
         }
@@ -489,6 +493,56 @@ fn term_set(text: &str) -> Vec<String> {
 /// Jaccard similarity of the analysed terms of two texts.
 fn similarity(a: &str, b: &str) -> f64 {
     let (x, y) = (term_set(a), term_set(b));
+    if x.is_empty() || y.is_empty() {
+        return 0.0;
+    }
+    let common = x.iter().filter(|t| y.binary_search(t).is_ok()).count();
+    let union = x.len() + y.len() - common;
+    #[allow(clippy::cast_precision_loss)]
+    let s = common as f64 / union as f64;
+    s
+}
+
+/// Whether a character is Han (Chinese).
+fn is_han(c: char) -> bool {
+    matches!(c, '\u{4e00}'..='\u{9fff}' | '\u{3400}'..='\u{4dbf}')
+}
+
+/// The features two questions are compared by to find near duplicates: the analysed terms of
+/// the text outside Chinese (lowercased, stemmed as the index does) and the character bigrams
+/// of each run of Chinese characters (a lone character counts as itself), which do not depend
+/// on where word segmentation cuts.
+fn duplicate_features(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut other = String::with_capacity(text.len());
+    let mut run: Vec<char> = Vec::new();
+    let flush = |run: &mut Vec<char>, out: &mut Vec<String>| {
+        if run.len() == 1 {
+            out.push(run[0].to_string());
+        }
+        for pair in run.windows(2) {
+            out.push(pair.iter().collect());
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if is_han(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            other.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out.extend(tandem_search::analyze(&other));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Jaccard similarity of the near-duplicate features of two questions (0..1).
+pub fn duplicate_similarity(a: &str, b: &str) -> f64 {
+    let (x, y) = (duplicate_features(a), duplicate_features(b));
     if x.is_empty() || y.is_empty() {
         return 0.0;
     }
@@ -1436,9 +1490,19 @@ impl App {
                 Some(c.id.clone()),
             )
         };
+        let threshold = self.opts.duplicate_similarity;
+        let key = fresh.dedup_key.clone();
+        let score = move |row: &CandidateRow| -> Option<f64> {
+            if row.dedup_key == key {
+                // The same terms: the closest there is.
+                return Some(2.0);
+            }
+            let s = duplicate_similarity(&question, &row.candidate.question);
+            (s >= threshold).then_some(s)
+        };
         let out = self
             .store
-            .mine(tenant, (consumer, event_id), &fresh, merge, event)
+            .mine(tenant, (consumer, event_id), &fresh, score, merge, event)
             .await?;
         if out.as_ref().is_some_and(|(_, created)| *created) {
             self.outbox.wake();
@@ -1890,6 +1954,44 @@ mod tests {
         assert!(near > 0.5 && near < 1.0, "{near}");
         assert!(similarity("change my address", "how long does delivery take") < 0.2);
         assert!(similarity("", "x").abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn near_duplicate_questions_are_similar_in_chinese_and_english() {
+        let threshold = AppOptions::default().duplicate_similarity;
+        for (a, b) in [
+            (
+                "Can I change my delivery address?",
+                "How can I change the delivery address",
+            ),
+            (
+                "can i change my delivery address",
+                "Could I change my delivery address please?",
+            ),
+            ("修改收货地址怎么操作", "怎么修改收货地址"),
+            ("收货地址怎么修改？", "收货地址怎么修改呢"),
+        ] {
+            let s = duplicate_similarity(a, b);
+            assert!(s >= threshold && s < 1.0, "{a} / {b}: {s}");
+        }
+        for (a, b) in [
+            (
+                "Can I change my delivery address?",
+                "how long does delivery take to Berlin",
+            ),
+            ("修改收货地址怎么操作", "退款多久到账"),
+            ("修改收货地址", "修改支付密码"),
+        ] {
+            let s = duplicate_similarity(a, b);
+            assert!(s < threshold, "{a} / {b}: {s}");
+        }
+        // Bigrams make Chinese independent of word segmentation; other text is analysed.
+        assert_eq!(
+            duplicate_features("Changing addresses? 修改地址"),
+            ["address", "chang", "修改", "地址", "改地"]
+        );
+        assert_eq!(duplicate_features("退"), ["退"]);
+        assert!(duplicate_similarity("", "x").abs() < f64::EPSILON);
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct Settings {
     /// Least share of terms (Jaccard, 0..1) a mined question shares with the matched question of
     /// an article for an edit proposal.
     pub edit_proposal_similarity: f64,
+    /// Least similarity (Jaccard, 0..1, over analysed terms and, for Chinese, character bigrams)
+    /// of a mined question with a pending candidate's question for the two to be merged.
+    pub duplicate_similarity: f64,
     /// How long a mined candidate waits for review before it expires.
     #[serde(with = "humantime_serde")]
     pub candidate_ttl: Duration,
@@ -88,6 +91,7 @@ impl Default for Settings {
             good_result_score: app.good_result_score,
             edit_proposal_score: app.edit_proposal_score,
             edit_proposal_similarity: app.edit_proposal_similarity,
+            duplicate_similarity: app.duplicate_similarity,
             candidate_ttl: app.candidate_ttl,
         }
     }
@@ -128,11 +132,16 @@ impl Validate for Settings {
                 ));
             }
         }
-        if !(0.0..=1.0).contains(&self.edit_proposal_similarity) {
-            errors.push(ConfigError::new(
-                format!("{path}.edit_proposal_similarity"),
-                "must be between 0 and 1",
-            ));
+        for (name, v) in [
+            ("edit_proposal_similarity", self.edit_proposal_similarity),
+            ("duplicate_similarity", self.duplicate_similarity),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                errors.push(ConfigError::new(
+                    format!("{path}.{name}"),
+                    "must be between 0 and 1",
+                ));
+            }
         }
         if self.candidate_ttl < Duration::from_secs(3_600) {
             errors.push(ConfigError::new(
@@ -173,6 +182,7 @@ impl Service for Knowledge {
                 good_result_score: settings.good_result_score,
                 edit_proposal_score: settings.edit_proposal_score,
                 edit_proposal_similarity: settings.edit_proposal_similarity,
+                duplicate_similarity: settings.duplicate_similarity,
                 candidate_ttl: settings.candidate_ttl,
                 ..AppOptions::default()
             },

@@ -38,6 +38,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
+/// Pending candidates a mined question is compared with to find a near duplicate.
+pub const DUPLICATE_SCAN: i64 = 500;
+
 /// Inserts or replaces a candidate row inside a transaction.
 macro_rules! write_candidate {
     ($tx:ident, $tenant:expr, $row:expr) => {{
@@ -1247,45 +1250,64 @@ impl Store {
         bodies.iter().map(|b| decode("candidate", b)).collect()
     }
 
-    /// Records a mined resolution: merges it into the pending candidate with the same key or
-    /// creates one (with `created_event`), claiming the event in the inbox. Returns `None` when
-    /// the event was already handled, otherwise the candidate and whether it is new.
+    /// Records a mined resolution: merges it into the pending candidate of its scenario and
+    /// language that `score` rates highest (`None`: not a duplicate; the newest
+    /// [`DUPLICATE_SCAN`] pending candidates are compared) or creates one (with
+    /// `created_event`), claiming the event in the inbox. Returns `None` when the event was
+    /// already handled, otherwise the candidate and whether it is new.
     pub async fn mine(
         &self,
         tenant: &TenantId,
         claim: (&str, &str),
         fresh: &CandidateRow,
+        score: impl Fn(&CandidateRow) -> Option<f64>,
         merge: impl Fn(&mut pb::Candidate),
         created_event: impl Fn(&pb::Candidate) -> RawEvent,
     ) -> Result<Option<(pb::Candidate, bool)>, StoreError> {
         let t = tenant.as_str();
         let c = &fresh.candidate;
-        let out: Option<(pb::Candidate, bool)> = in_tx!(&self.db, tx, enqueue, claim_fn, _pg => {
+        let out: Option<(pb::Candidate, bool)> = in_tx!(&self.db, tx, enqueue, claim_fn, pg => {
             if !claim_fn(&mut tx, claim.0, claim.1).await? {
                 return Ok(None);
             }
-            let existing: Option<Vec<u8>> = sqlx::query_scalar(
-                "SELECT body FROM knowledge_candidates WHERE tenant = $1 AND scenario_id = $2 \
-                 AND language = $3 AND dedup_key = $4 AND status = $5 LIMIT 1",
+            if pg {
+                // Resolutions are handled concurrently: one at a time per scenario and language,
+                // so two near duplicates never both become new candidates. (SQLite writers are
+                // serialised, and a stale read fails the write, which is retried.)
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(format!("knowledge-mining\n{t}\n{}\n{}", c.scenario_id, c.language))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let pending: Vec<(String, Vec<u8>)> = sqlx::query_as(
+                "SELECT dedup_key, body FROM knowledge_candidates WHERE tenant = $1 \
+                 AND scenario_id = $2 AND language = $3 AND status = $4 \
+                 ORDER BY (dedup_key = $5) DESC, updated_at DESC LIMIT $6",
             )
             .bind(t)
             .bind(&c.scenario_id)
             .bind(c.language)
-            .bind(&fresh.dedup_key)
             .bind(pb::CandidateStatus::Pending as i32)
-            .fetch_optional(&mut *tx)
+            .bind(&fresh.dedup_key)
+            .bind(DUPLICATE_SCAN)
+            .fetch_all(&mut *tx)
             .await?;
-            let (row, created) = match existing {
-                Some(body) => {
-                    let mut old: pb::Candidate = decode("candidate", &body)?;
-                    merge(&mut old);
-                    (
-                        CandidateRow {
-                            candidate: old,
-                            dedup_key: fresh.dedup_key.clone(),
-                        },
-                        false,
-                    )
+            let mut best: Option<(f64, CandidateRow)> = None;
+            for (dedup_key, body) in pending {
+                let row = CandidateRow {
+                    candidate: decode("candidate", &body)?,
+                    dedup_key,
+                };
+                if let Some(s) = score(&row)
+                    && best.as_ref().is_none_or(|(b, _)| s > *b)
+                {
+                    best = Some((s, row));
+                }
+            }
+            let (row, created) = match best {
+                Some((_, mut row)) => {
+                    merge(&mut row.candidate);
+                    (row, false)
                 }
                 None => (fresh.clone(), true),
             };
