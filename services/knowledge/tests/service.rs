@@ -1250,6 +1250,42 @@ async fn import_and_export_in_every_format(rig: impl Future<Output = Rig>) {
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].scenario_id, "store");
 
+    // A chunk over the gRPC message limit (1 MiB with framing) is refused with an explanation;
+    // the rows of the chunks before it stay imported.
+    {
+        use pb::import_articles_request::Part;
+        let first = "{\"external_id\":\"big-1\",\"title\":\"Before the big chunk\",\"questions\":[\"q\"],\"answer\":\"a\"}\n";
+        let msgs = vec![
+            pb::ImportArticlesRequest {
+                part: Some(Part::Header(header(pb::ArticleFormat::Jsonl, false, false))),
+            },
+            pb::ImportArticlesRequest {
+                part: Some(Part::Chunk(first.as_bytes().to_vec())),
+            },
+            pb::ImportArticlesRequest {
+                part: Some(Part::Chunk(vec![b' '; 1 << 20])),
+            },
+        ];
+        let mut out = admin
+            .import_articles(tokio_stream::iter(msgs))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = loop {
+            match out.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the import of a too large chunk succeeded"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("512 KiB"), "{err:?}");
+        assert!(
+            err.message().contains("1 rows before were imported"),
+            "{err:?}"
+        );
+    }
+
     // Export the published articles in each format and import them back: nothing changes.
     for format in [
         pb::ArticleFormat::Jsonl,
