@@ -19,8 +19,8 @@ tools: ## Installs pinned tools (nats-server, buf) into .tools when missing
 	@bash scripts/tools.sh
 
 .PHONY: run
-run: ## Runs every service in one process on 127.0.0.1:50051 (SQLite, in-process bus)
-	$(CARGO) run --release -p tandem-cli --bin tandem -- standalone --data-dir $(DATA_DIR)
+run: ## Runs every service in one process on 127.0.0.1:50051 (SQLite, in-process bus) with the demo tenant
+	$(CARGO) run --release -p tandem-cli --bin tandem -- standalone --demo --data-dir $(DATA_DIR)
 
 .PHONY: build
 build: ## Builds every crate

@@ -13,6 +13,7 @@
 mod agent;
 mod chat;
 mod client;
+mod demo;
 mod nlu;
 mod reference;
 mod standalone;

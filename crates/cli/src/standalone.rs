@@ -34,6 +34,11 @@ pub struct Options {
     /// A TOML configuration file; `TANDEM_STANDALONE__SECTION__KEY` variables override it.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Seeds the `demo` tenant (scenarios, intents, articles, queues, agents, alert and adjustment
+    /// rules in Chinese and English) through the services' own APIs once the server accepts
+    /// connections; skipped when the data directory already holds the same demo content.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// Configuration of the standalone process: the shared sections plus each service's settings.
@@ -198,17 +203,20 @@ pub async fn run(options: Options, env: HashMap<String, String>) -> anyhow::Resu
         .await
         .with_context(|| format!("cannot listen on {}", cfg.grpc.listen_addr))?;
     let shutdown = tandem_platform::shutdown::on_signal();
-    let result = serve(cfg, &options.data_dir, listener, shutdown).await;
+    let result = serve(cfg, &options.data_dir, listener, shutdown, options.demo).await;
     telemetry.shutdown().await;
     result
 }
 
-/// Serves every service on `listener` until `shutdown` is cancelled.
+/// Serves every service on `listener` until `shutdown` is cancelled. With `demo`, the demo
+/// tenant is seeded once the server accepts connections; if that fails the server stops and the
+/// error is returned, since a half-seeded demo is worse than none.
 pub async fn serve(
     cfg: StandaloneConfig,
     data_dir: &Path,
     listener: TcpListener,
     shutdown: CancellationToken,
+    demo: bool,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -266,11 +274,39 @@ pub async fn serve(
         data_dir.display()
     );
     println!("  press Ctrl-C to stop");
+    // The listener is bound, so the seeding's connections wait in its backlog until `serve`
+    // accepts them.
+    let seeding = demo.then(|| {
+        let auth = cfg.auth.clone();
+        let data_dir = data_dir.to_owned();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                seeded = crate::demo::seed(addr, &auth, &data_dir) => match seeded {
+                    Ok(summary) => {
+                        crate::demo::print_ready(&summary, addr, &data_dir);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        tracing::error!(error = format!("{error:#}"), "demo seeding failed; stopping");
+                        shutdown.cancel();
+                        Err(error.context("demo seeding failed"))
+                    }
+                },
+                () = shutdown.cancelled() => Ok(()),
+            }
+        })
+    });
     let served = server.serve(listener, shutdown.clone()).await;
     shutdown.cancel();
+    let seeded = match seeding {
+        Some(task) => task.await.context("the demo seeding task panicked")?,
+        None => Ok(()),
+    };
     tandem_platform::runtime::wait_for_tasks(&tracker, cfg.grpc.drain_timeout).await;
     if let Err(error) = memory_bus.flush().await {
         tracing::warn!(%error, "bus journal flush failed at shutdown");
     }
-    served.context("grpc server failed")
+    served.context("grpc server failed")?;
+    seeded
 }
