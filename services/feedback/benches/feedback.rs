@@ -2,8 +2,10 @@
 //!
 //! 1. event ingest: dialog and routing events projected into facts and rollups (inbox claims
 //!    included), several lanes in parallel, as the consumers run;
-//! 2. feedback ingest through the store (idempotency check, rollups, outbox), beside a raw
-//!    multi-row INSERT of the same rows into a plain table from the same run;
+//! 2. feedback ingest through the store's batch path (idempotency check, rollups, outbox) and
+//!    over gRPC `SubmitFeedback` with 32 calls in flight (token check, validation, the group
+//!    commit writer), beside a raw multi-row INSERT of the same rows into a plain table from the
+//!    same run;
 //! 3. metric queries over the rollups of 1,000,000 feedback rows: p50 / p95 / p99.
 //!
 //! `cargo bench -p tandem-feedback --bench feedback`; `FEEDBACK_BENCH_ROWS` changes the row
@@ -11,23 +13,36 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
 use sqlx::QueryBuilder;
 use tandem_feedback::adapters::bus::fact_input;
+use tandem_feedback::adapters::grpc::FeedbackGrpc;
 use tandem_feedback::adapters::sql::{Projected, Store};
+use tandem_feedback::app::FeedbackApp;
 use tandem_feedback::domain::feedback::{FeedbackInput, FeedbackRecord, Score};
 use tandem_feedback::domain::query::{MetricRequest, build_series};
 use tandem_feedback::domain::{DAY, HOUR, Micros};
+use tandem_feedback::writer::WriterOptions;
+use tandem_platform::auth::{AuthInterceptor, Authenticator, Role, TokenIssuer};
 use tandem_platform::bus::RawEvent;
+use tandem_platform::config::{AuthConfig, GrpcConfig};
 use tandem_platform::config::{DatabaseConfig, Secret};
 use tandem_platform::db::Db;
+use tandem_platform::grpc::GrpcServer;
+use tandem_platform::outbox::OutboxWaker;
 use tandem_platform::runtime::Service as _;
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::dialog::v1 as dialog;
+use tandem_proto::pb::feedback::v1 as fb;
+use tandem_proto::pb::feedback::v1::feedback_service_client::FeedbackServiceClient;
+use tandem_proto::pb::feedback::v1::feedback_service_server::FeedbackServiceServer;
 use tandem_proto::pb::routing::v1 as routing;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 const S: i64 = 1_000_000;
 /// 2025-03-01T00:00:00Z.
@@ -45,6 +60,9 @@ const SCENARIOS: [&str; 10] = [
     "complaint",
 ];
 const LANES: usize = 4;
+/// Calls in flight in the gRPC phase.
+const IN_FLIGHT: usize = 32;
+const SECRET: &str = "feedback-bench-secret-of-32-bytes!!";
 
 fn tenant() -> TenantId {
     TenantId::new("bench").unwrap()
@@ -361,6 +379,128 @@ async fn raw_insert(db: &Db, records: &[FeedbackRecord], chunk: usize) -> f64 {
     records.len() as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Serves `FeedbackService` on a fresh database with the group-commit writer; returns the
+/// address, the store and what stops it.
+async fn serve(pg: &tandem_testkit::Postgres) -> (String, Store, CancellationToken) {
+    let db = database(pg).await;
+    let store = Store::new(db);
+    let shutdown = CancellationToken::new();
+    let (app, writer) = FeedbackApp::with_writer(
+        store.clone(),
+        OutboxWaker::default(),
+        Duration::from_secs(1800),
+        WriterOptions::default(),
+        shutdown.clone(),
+    );
+    tokio::spawn(writer);
+    let auth = AuthConfig {
+        allow_hs256: true,
+        hs256_secret: Secret::new(SECRET),
+        ..AuthConfig::default()
+    };
+    let grpc = GrpcConfig::default();
+    let mut server = GrpcServer::new(&grpc);
+    server.add_service(InterceptedService::new(
+        tandem_platform::limited!(FeedbackServiceServer::new(FeedbackGrpc::new(app)), &grpc),
+        AuthInterceptor::new(Arc::new(Authenticator::from_config(&auth).unwrap())),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server.serve(listener, shutdown.clone()));
+    (addr, store, shutdown)
+}
+
+fn submit_request(
+    record: &FeedbackRecord,
+    token: &str,
+) -> tonic::Request<fb::SubmitFeedbackRequest> {
+    use tandem_proto::pb::feedback::v1::feedback::Score as Wire;
+    let score = match record.score {
+        Score::Csat(v) => Wire::Csat(v),
+        Score::Nps(v) => Wire::Nps(v),
+        Score::Ces(v) => Wire::Ces(v),
+        Score::Thumbs(v) => Wire::Thumbs(v),
+    };
+    let mut request = tonic::Request::new(fb::SubmitFeedbackRequest {
+        feedback: Some(fb::Feedback {
+            client_feedback_id: record.input.client_feedback_id.clone(),
+            conversation_id: record.input.conversation_id.clone(),
+            channel: record.input.channel,
+            subject: record.input.subject,
+            score: Some(score),
+            submitted_at: record.input.submitted_at.and_then(ts),
+            ..Default::default()
+        }),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// Submits `records` over gRPC with [`IN_FLIGHT`] calls in flight on four connections;
+/// returns records per second and the call latencies.
+async fn ingest_grpc(
+    addr: &str,
+    records: Vec<FeedbackRecord>,
+) -> (f64, hdrhistogram::Histogram<u64>) {
+    let auth = AuthConfig {
+        allow_hs256: true,
+        hs256_secret: Secret::new(SECRET),
+        ..AuthConfig::default()
+    };
+    let token = TokenIssuer::from_config(&auth)
+        .unwrap()
+        .issue(
+            &tenant(),
+            "bench-channel",
+            &[Role::Channel],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(
+            tonic::transport::Channel::from_shared(addr.to_owned())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let count = records.len();
+    let records = Arc::new(records);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..IN_FLIGHT {
+        let mut client = FeedbackServiceClient::new(channels[worker % channels.len()].clone());
+        let (records, next, token) = (records.clone(), next.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(record) = records.get(i) else {
+                    return histogram;
+                };
+                let call = Instant::now();
+                let response = client
+                    .submit_feedback(submit_request(record, &token))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(!response.duplicate);
+                histogram.record(call.elapsed().as_micros() as u64).unwrap();
+            }
+        }));
+    }
+    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for task in tasks {
+        all.add(task.await.unwrap()).unwrap();
+    }
+    (count as f64 / started.elapsed().as_secs_f64(), all)
+}
+
 fn print_latencies(label: &str, histogram: &hdrhistogram::Histogram<u64>) {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     println!(
@@ -391,18 +531,55 @@ async fn main() {
     println!("event ingest: {count} events of {conversations} conversations, {rate:.0} events/s");
 
     let sample: Vec<FeedbackRecord> = (0..50_000).map(|i| feedback(i, conversations)).collect();
-    let stored = ingest_feedback(&store, sample.clone(), 1000, LANES).await;
+    let stored = ingest_feedback(&store, sample.clone(), 500, 1).await;
     let baseline_db = database(&pg).await;
-    let baseline = raw_insert(&baseline_db, &sample, 1000).await;
+    let baseline = raw_insert(&baseline_db, &sample, 500).await;
     println!(
-        "feedback ingest: {} records, {stored:.0} records/s through the store; raw multi-row INSERT of the same rows {baseline:.0} rows/s ({:.0} % of the raw rate)",
+        "feedback ingest, store batch path (500 records per transaction, one writer): {} records, {stored:.0} records/s; raw multi-row INSERT of the same rows {baseline:.0} rows/s; ratio {:.3} ({:.1} % of the raw rate)",
         sample.len(),
+        stored / baseline,
         100.0 * stored / baseline
     );
 
+    // Over gRPC: a service on its own database that knows the same conversations.
+    let (addr, served, stop) = serve(&pg).await;
+    let events: Vec<RawEvent> = (0..conversations).flat_map(conversation_events).collect();
+    ingest_events(&served, events, 256).await;
+    let calls: Vec<FeedbackRecord> = (0..40_000)
+        .map(|i| {
+            let mut record = feedback(i, conversations);
+            record.input.client_feedback_id = format!("grpc-{i:08}");
+            record
+        })
+        .collect();
+    let (rate, latencies) = ingest_grpc(&addr, calls).await;
+    println!(
+        "feedback ingest over gRPC SubmitFeedback ({IN_FLIGHT} calls in flight): {} records, {rate:.0} records/s; ratio to the raw INSERT {:.3} ({:.1} %)",
+        latencies.len(),
+        rate / baseline,
+        100.0 * rate / baseline
+    );
+    print_latencies("SubmitFeedback latency", &latencies);
+    if let Db::Postgres(pool) = served.db() {
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM fb_feedback")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tandem_outbox")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            (stored, outbox),
+            (40_000, 40_000),
+            "every call stored once with its event"
+        );
+    }
+    stop.cancel();
+
     let started = Instant::now();
     let rest: Vec<FeedbackRecord> = (50_000..rows).map(|i| feedback(i, conversations)).collect();
-    let rate = ingest_feedback(&store, rest, 1000, LANES).await;
+    let rate = ingest_feedback(&store, rest, 500, 1).await;
     println!(
         "loaded {rows} feedback rows in {:.0} s ({rate:.0} records/s)",
         started.elapsed().as_secs_f64()

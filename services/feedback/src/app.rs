@@ -1,6 +1,7 @@
 //! Use cases: the domain rules orchestrated over the store and the outbox. Every function takes
 //! the tenant and the current time from its caller, so tests drive time explicitly.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -15,13 +16,14 @@ use crate::adapters::sql::{
 };
 use crate::domain::alert::{self, AlertRule, Decision, Observation, Standing};
 use crate::domain::csv::{self, Header, RowProblem};
-use crate::domain::fact::ConversationState;
+use crate::domain::fact::ConversationFact;
 use crate::domain::feedback::{FeedbackInput, FeedbackRecord, Replay, compare};
 use crate::domain::problems::{self, Cluster};
 use crate::domain::query::{MetricRequest, Series, build_series, check_range};
 use crate::domain::rollup::metric;
 use crate::domain::{DAY, FieldError, Micros, describe};
 use crate::metrics::{ALERTS_RAISED_TOTAL, ALERTS_RESOLVED_TOTAL, FEEDBACK_STORED_TOTAL};
+use crate::writer::{EventMaker, FeedbackWriter, WriterOptions};
 
 /// Failures of the feedback use cases.
 #[derive(Debug, thiserror::Error)]
@@ -128,16 +130,57 @@ pub struct FeedbackApp {
     store: Store,
     outbox: OutboxWaker,
     cooldown: Duration,
+    writer: FeedbackWriter,
 }
 
 impl FeedbackApp {
     /// Creates the use cases over a store; `outbox` is woken after commits that wrote events.
+    /// Submitted feedback is stored by a writer task spawned on the current runtime with the
+    /// default batching; it stops when the last clone of the app is dropped.
     pub fn new(store: Store, outbox: OutboxWaker, cooldown: Duration) -> Self {
-        Self {
+        let (app, writer) = Self::with_writer(
             store,
             outbox,
             cooldown,
-        }
+            WriterOptions::default(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        tokio::spawn(writer);
+        app
+    }
+
+    /// Creates the use cases and the task of their feedback writer, for the caller to spawn;
+    /// the task stores what is queued and returns once `shutdown` is cancelled (or every clone
+    /// of the app is dropped).
+    pub fn with_writer(
+        store: Store,
+        outbox: OutboxWaker,
+        cooldown: Duration,
+        options: WriterOptions,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (writer, task) =
+            FeedbackWriter::new(store.clone(), options, Self::event_maker(), shutdown);
+        let wake = outbox.clone();
+        let task = async move {
+            task.await;
+            wake.wake();
+        };
+        let app = Self {
+            store,
+            outbox,
+            cooldown,
+            writer,
+        };
+        (app, task)
+    }
+
+    fn event_maker() -> Arc<EventMaker> {
+        Arc::new(
+            |tenant: &TenantId, record: &FeedbackRecord, fact: Option<&ConversationFact>| {
+                Self::received_event(tenant, record, fact.filter(|f| f.seen()))
+            },
+        )
     }
 
     /// Returns the store.
@@ -148,7 +191,7 @@ impl FeedbackApp {
     fn received_event(
         tenant: &TenantId,
         record: &FeedbackRecord,
-        context: Option<&ConversationState>,
+        context: Option<&ConversationFact>,
     ) -> RawEvent {
         let feedback = to_proto(record, context);
         let event = pb::FeedbackReceived {
@@ -170,7 +213,7 @@ impl FeedbackApp {
         &self,
         tenant: &TenantId,
         conversation_id: &str,
-    ) -> FeedbackResult<Option<ConversationState>> {
+    ) -> FeedbackResult<Option<ConversationFact>> {
         if conversation_id.is_empty() {
             return Ok(None);
         }
@@ -178,7 +221,8 @@ impl FeedbackApp {
             .store
             .conversation(tenant.as_str(), conversation_id)
             .await?
-            .filter(|s| s.conversation.seen()))
+            .map(|s| s.conversation)
+            .filter(ConversationFact::seen))
     }
 
     /// Records one piece of feedback. A replay with the same client id and content returns the
@@ -195,20 +239,16 @@ impl FeedbackApp {
             .validate(now)
             .map_err(|errors| FeedbackError::invalid(&errors))?;
         let record = new_record(input, now);
-        let context = self.context(tenant, &record.input.conversation_id).await?;
-        let event = Self::received_event(tenant, &record, context.as_ref());
-        let stored = self
-            .store
-            .insert_feedback(tenant.as_str(), &[(record.clone(), event)])
-            .await?;
-        match stored.into_iter().next() {
-            Some(Stored::New(record)) => {
+        let input = record.input.clone();
+        match self.writer.submit(tenant, record).await? {
+            (Stored::New(record), context) => {
                 self.outbox.wake();
                 metrics::counter!(FEEDBACK_STORED_TOTAL, "kind" => record.score.kind(), "source" => "submit")
                     .increment(1);
+                let context = context.filter(ConversationFact::seen);
                 Ok((to_proto(&record, context.as_ref()), false))
             }
-            Some(Stored::Existing(existing)) => match compare(&existing, &record.input) {
+            (Stored::Existing(existing), _) => match compare(&existing, &input) {
                 Replay::Same => {
                     let context = self
                         .context(tenant, &existing.input.conversation_id)
@@ -217,12 +257,9 @@ impl FeedbackApp {
                 }
                 Replay::Conflict => Err(FeedbackError::AlreadyExists(format!(
                     "feedback {:?} exists with different content",
-                    record.input.client_feedback_id
+                    input.client_feedback_id
                 ))),
             },
-            None => Err(FeedbackError::Store(StoreError::Corrupt(
-                "the store answered no row".into(),
-            ))),
         }
     }
 
@@ -338,20 +375,22 @@ impl FeedbackApp {
             report.imported = valid.len() as i64;
             return Ok(report);
         }
+        let event = |_: usize, record: &FeedbackRecord, fact: Option<&ConversationFact>| {
+            Self::received_event(tenant, record, fact.filter(|f| f.seen()))
+        };
         for chunk in valid.chunks(IMPORT_CHUNK) {
-            let records: Vec<(FeedbackRecord, RawEvent)> = chunk
+            let records: Vec<FeedbackRecord> = chunk
                 .iter()
-                .map(|(_, input)| {
-                    let record = new_record(input.clone(), now);
-                    let event = Self::received_event(tenant, &record, None);
-                    (record, event)
-                })
+                .map(|(_, input)| new_record(input.clone(), now))
                 .collect();
+            let groups = [(tenant.as_str().to_owned(), records)];
             let stored = self
                 .store
-                .insert_feedback(tenant.as_str(), &records)
-                .await?;
-            for ((row, input), outcome) in chunk.iter().zip(stored) {
+                .insert_feedback_groups(&groups, &event)
+                .await?
+                .into_iter()
+                .flatten();
+            for ((row, input), (outcome, _)) in chunk.iter().zip(stored) {
                 match outcome {
                     Stored::New(record) => {
                         report.imported += 1;
@@ -434,7 +473,7 @@ impl FeedbackApp {
         let scenario_id = self
             .context(tenant, &review.conversation_id)
             .await?
-            .map(|s| s.conversation.scenario_id.value)
+            .map(|c| c.scenario_id.value)
             .unwrap_or_default();
         let stored = StoredReview {
             id: uuid::Uuid::now_v7().to_string(),
@@ -717,7 +756,12 @@ impl FeedbackApp {
                         occurred_at: Some(timestamp(now)),
                     };
                     let event = RawEvent::at(tenant, &event, Some(scenario.clone()), utc(now));
-                    if self.store.raise(tenant.as_str(), &stored, &event).await? {
+                    let quiet_after = now.saturating_sub(cooldown);
+                    if self
+                        .store
+                        .raise(tenant.as_str(), &stored, &event, quiet_after)
+                        .await?
+                    {
                         tracing::info!(rule = %rule.id, scenario = %scenario, observed, "alert raised");
                         metrics::counter!(ALERTS_RAISED_TOTAL, "kind" => rule.kind.to_string())
                             .increment(1);
@@ -826,7 +870,7 @@ fn new_record(input: FeedbackInput, now: Micros) -> FeedbackRecord {
 }
 
 /// Converts a stored record to the wire, with its resolved context when known.
-pub fn to_proto(record: &FeedbackRecord, context: Option<&ConversationState>) -> pb::Feedback {
+pub fn to_proto(record: &FeedbackRecord, context: Option<&ConversationFact>) -> pb::Feedback {
     use crate::domain::feedback::Score;
     let score = Some(match record.score {
         Score::Csat(v) => pb::feedback::Score::Csat(v),
@@ -834,16 +878,13 @@ pub fn to_proto(record: &FeedbackRecord, context: Option<&ConversationState>) ->
         Score::Ces(v) => pb::feedback::Score::Ces(v),
         Score::Thumbs(v) => pb::feedback::Score::Thumbs(v),
     });
-    let context = context.map(|state| {
-        let c = &state.conversation;
-        pb::ResolvedContext {
-            scenario_id: c.scenario_id.value.clone(),
-            intent: c.intent.value.clone(),
-            handler_kind: c.handler(),
-            agent_id: c.first_assignment.value.0.clone(),
-            team: c.first_assignment.value.1.clone(),
-            handoff_reason: c.first_handoff_reason.value,
-        }
+    let context = context.map(|c| pb::ResolvedContext {
+        scenario_id: c.scenario_id.value.clone(),
+        intent: c.intent.value.clone(),
+        handler_kind: c.handler(),
+        agent_id: c.first_assignment.value.0.clone(),
+        team: c.first_assignment.value.1.clone(),
+        handoff_reason: c.first_handoff_reason.value,
     });
     pb::Feedback {
         id: record.id.clone(),

@@ -16,6 +16,7 @@ pub mod adapters;
 pub mod app;
 pub mod domain;
 pub mod metrics;
+pub mod writer;
 
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ use crate::adapters::bus::{
 use crate::adapters::grpc::FeedbackGrpc;
 use crate::adapters::sql::Store;
 use crate::app::FeedbackApp;
+use crate::writer::WriterOptions;
 
 /// The gRPC services this service exposes.
 pub const GRPC_SERVICES: &[&str] =
@@ -53,6 +55,12 @@ pub struct Settings {
     pub consumer_lanes: usize,
     /// The most events of one lane projected in one transaction.
     pub consumer_batch: usize,
+    /// The most submitted feedback records stored in one transaction (group commit).
+    pub submit_batch: usize,
+    /// How long the feedback writer waits for more submissions once it holds one, unless the
+    /// batch is full; 0 stores what is queued at once.
+    #[serde(with = "humantime_serde")]
+    pub submit_linger: Duration,
 }
 
 impl Default for Settings {
@@ -62,6 +70,8 @@ impl Default for Settings {
             alert_cooldown: Duration::from_secs(30 * 60),
             consumer_lanes: 8,
             consumer_batch: 256,
+            submit_batch: 512,
+            submit_linger: Duration::from_millis(1),
         }
     }
 }
@@ -86,6 +96,18 @@ impl Validate for Settings {
                 "must be 1..4096",
             ));
         }
+        if !(1..=4096).contains(&self.submit_batch) {
+            errors.push(ConfigError::new(
+                join(path, "submit_batch"),
+                "must be 1..4096",
+            ));
+        }
+        if self.submit_linger > Duration::from_millis(100) {
+            errors.push(ConfigError::new(
+                join(path, "submit_linger"),
+                "must be at most 100ms",
+            ));
+        }
     }
 }
 
@@ -105,7 +127,18 @@ impl Service for Feedback {
 
     async fn start(ctx: StartContext<'_>, settings: &Settings) -> anyhow::Result<()> {
         let store = Store::new(ctx.db.clone());
-        let app = FeedbackApp::new(store.clone(), ctx.outbox.clone(), settings.alert_cooldown);
+        let (app, writer) = FeedbackApp::with_writer(
+            store.clone(),
+            ctx.outbox.clone(),
+            settings.alert_cooldown,
+            WriterOptions {
+                max_batch: settings.submit_batch,
+                linger: settings.submit_linger,
+                queue: settings.submit_batch * 16,
+            },
+            ctx.shutdown.clone(),
+        );
+        ctx.tracker.spawn(writer);
         let grpc = FeedbackServiceServer::new(FeedbackGrpc::new(app.clone()));
         ctx.server.add_service(InterceptedService::new(
             tandem_platform::limited!(grpc, &ctx.grpc_config),

@@ -8,3 +8,7 @@ pub const EVENTS_PROJECTED_TOTAL: &str = "tandem_feedback_events_projected_total
 pub const ALERTS_RAISED_TOTAL: &str = "tandem_feedback_alerts_raised_total";
 /// Alerts resolved.
 pub const ALERTS_RESOLVED_TOTAL: &str = "tandem_feedback_alerts_resolved_total";
+/// Transactions of the feedback writer (each stores a batch of submitted records).
+pub const FEEDBACK_BATCHES_TOTAL: &str = "tandem_feedback_feedback_batches_total";
+/// Records per transaction of the feedback writer.
+pub const FEEDBACK_BATCH_RECORDS: &str = "tandem_feedback_feedback_batch_records";

@@ -97,6 +97,8 @@ fn settings() -> Settings {
         alert_cooldown: Duration::from_secs(3600),
         consumer_lanes: 4,
         consumer_batch: 64,
+        submit_batch: 64,
+        submit_linger: Duration::from_millis(1),
     }
 }
 

@@ -371,13 +371,13 @@ async fn alerts_open_once_per_rule_and_scenario(db: Db) {
     };
     assert!(
         store
-            .raise(tenant().as_str(), &alert("a1"), &event("a1"))
+            .raise(tenant().as_str(), &alert("a1"), &event("a1"), T0 - HOUR)
             .await
             .unwrap()
     );
     assert!(
         !store
-            .raise(tenant().as_str(), &alert("a2"), &event("a2"))
+            .raise(tenant().as_str(), &alert("a2"), &event("a2"), T0 - HOUR)
             .await
             .unwrap(),
         "one open alert per rule and scenario"
@@ -423,8 +423,15 @@ async fn alerts_open_once_per_rule_and_scenario(db: Db) {
     assert!(open.is_none());
     assert_eq!(resolved, Some(T0 + 5));
     assert!(
+        !store
+            .raise(tenant().as_str(), &alert("a3"), &event("a3"), T0 + 4)
+            .await
+            .unwrap(),
+        "an alert resolved within the cool-down keeps the rule quiet"
+    );
+    assert!(
         store
-            .raise(tenant().as_str(), &alert("a3"), &event("a3"))
+            .raise(tenant().as_str(), &alert("a3"), &event("a3"), T0 + 5)
             .await
             .unwrap()
     );

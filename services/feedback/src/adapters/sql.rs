@@ -31,6 +31,10 @@ pub enum StoreError {
     /// A stored row cannot be read back.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The writer that batches the work stopped before answering (shutdown or crash); the work
+    /// may or may not be stored, and retrying it is safe.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -50,6 +54,7 @@ impl StoreError {
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::WorkerCrashed,
             ) => true,
+            StoreError::Unavailable(_) => true,
             StoreError::Database(_) | StoreError::Corrupt(_) => false,
         }
     }
@@ -57,6 +62,15 @@ impl StoreError {
 
 /// Storage result.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Makes the event of a new feedback record from the index of its group (its tenant), the
+/// record and the facts of its conversation (as locked in the storing transaction; `None`
+/// without a conversation).
+pub type MakeEvent<'a> =
+    dyn Fn(usize, &FeedbackRecord, Option<&ConversationFact>) -> RawEvent + Sync + 'a;
+
+/// Per group and record: what was stored, with the facts of a new record's conversation.
+pub type GroupOutcomes = Vec<Vec<(Stored, Option<ConversationFact>)>>;
 
 /// What storing a piece of feedback did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -795,7 +809,8 @@ macro_rules! engine {
                     .map(|(id, l)| (id, &l.after))
                     .collect();
                 save_children(&mut *conn, tenant, &children_changed).await?;
-                apply_delta(&mut *conn, tenant, &delta).await
+                apply_delta(&mut *conn, tenant, &delta).await?;
+                Ok(())
             }
 
             /// Returns the facts of one conversation with its handoffs and suggestions.
@@ -889,81 +904,139 @@ macro_rules! engine {
                 tenant: &str,
                 records: &[(FeedbackRecord, RawEvent)],
             ) -> StoreResult<Vec<Stored>> {
+                let plain: Vec<FeedbackRecord> = records.iter().map(|(r, _)| r.clone()).collect();
                 let mut tx = pool.begin().await?;
+                let out = insert_feedback_in(&mut tx, tenant, &plain, &|i, _, _| {
+                    records[i].1.clone()
+                })
+                .await?;
+                tx.commit().await?;
+                Ok(out.into_iter().map(|(stored, _)| stored).collect())
+            }
+
+            /// Stores the feedback of several tenants in one transaction (see
+            /// [`insert_feedback`]); the event of a new record is made by `event` from the
+            /// group index, the record and its conversation's facts as locked in the transaction.
+            /// Returns, per group and record, what was stored with the facts of new records.
+            pub async fn insert_feedback_groups(
+                pool: &Pool,
+                groups: &[(String, Vec<FeedbackRecord>)],
+                event: &MakeEvent<'_>,
+            ) -> StoreResult<GroupOutcomes> {
+                let mut tx = pool.begin().await?;
+                let mut out = Vec::with_capacity(groups.len());
+                for (group, (tenant, records)) in groups.iter().enumerate() {
+                    let make = |_: usize, record: &FeedbackRecord, fact: Option<&ConversationFact>| {
+                        event(group, record, fact)
+                    };
+                    out.push(insert_feedback_in(&mut tx, tenant, records, &make).await?);
+                }
+                tx.commit().await?;
+                Ok(out)
+            }
+
+            async fn insert_feedback_in(
+                conn: &mut Conn,
+                tenant: &str,
+                records: &[FeedbackRecord],
+                event: &(dyn Fn(usize, &FeedbackRecord, Option<&ConversationFact>) -> RawEvent + Sync),
+            ) -> StoreResult<Vec<(Stored, Option<ConversationFact>)>> {
                 let client_ids: Vec<String> = records
                     .iter()
-                    .map(|(r, _)| r.input.client_feedback_id.clone())
-                    .collect();
-                let existing = existing_feedback(&mut tx, tenant, &client_ids).await?;
-                let mut fresh: Vec<&(FeedbackRecord, RawEvent)> = Vec::new();
-                let mut taken = BTreeSet::new();
-                let mut out = Vec::with_capacity(records.len());
-                for pair in records {
-                    let id = &pair.0.input.client_feedback_id;
-                    if let Some(stored) = existing.get(id) {
-                        out.push(Stored::Existing(stored.clone()));
-                    } else if !taken.insert(id.clone()) {
-                        let first = fresh
-                            .iter()
-                            .find(|p| p.0.input.client_feedback_id == *id)
-                            .map(|p| p.0.clone())
-                            .unwrap_or_else(|| pair.0.clone());
-                        out.push(Stored::Existing(first));
-                    } else {
-                        fresh.push(pair);
-                        out.push(Stored::New(pair.0.clone()));
-                    }
-                }
-                if fresh.is_empty() {
-                    tx.commit().await?;
-                    return Ok(out);
-                }
-                let conversation_ids: Vec<String> = fresh
-                    .iter()
-                    .map(|p| p.0.input.conversation_id.clone())
-                    .filter(|c| !c.is_empty())
+                    .map(|r| r.input.client_feedback_id.clone())
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let facts = lock_conversations(&mut tx, tenant, &conversation_ids, SHARE).await?;
+                let mut existing = existing_feedback(&mut *conn, tenant, &client_ids).await?;
+                // The first record of each client id not stored yet; later ones replay it.
+                let mut fresh: Vec<usize> = Vec::new();
+                let mut first: BTreeMap<&str, usize> = BTreeMap::new();
+                for (i, record) in records.iter().enumerate() {
+                    let id = record.input.client_feedback_id.as_str();
+                    if !existing.contains_key(id) && !first.contains_key(id) {
+                        first.insert(id, i);
+                        fresh.push(i);
+                    }
+                }
+                let mut facts = BTreeMap::new();
+                let mut inserted: BTreeSet<String> = BTreeSet::new();
+                if !fresh.is_empty() {
+                    let conversation_ids: Vec<String> = fresh
+                        .iter()
+                        .map(|i| records[*i].input.conversation_id.clone())
+                        .filter(|c| !c.is_empty())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    facts = lock_conversations(&mut *conn, tenant, &conversation_ids, SHARE).await?;
+                    for chunk in fresh.chunks(CHUNK) {
+                        let mut insert = QueryBuilder::<Database>::new(
+                            "INSERT INTO fb_feedback (tenant, id, client_feedback_id, conversation_id, channel, \
+                             subject, kind, score, comment, language_given, language, question_id, submitted_at, \
+                             received_at, at, negative) ",
+                        );
+                        insert.push_values(chunk, |mut row, i| {
+                            let r = &records[*i];
+                            row.push_bind(tenant)
+                                .push_bind(r.id.clone())
+                                .push_bind(r.input.client_feedback_id.clone())
+                                .push_bind(r.input.conversation_id.clone())
+                                .push_bind(i64::from(r.input.channel))
+                                .push_bind(i64::from(r.input.subject))
+                                .push_bind(r.score.kind())
+                                .push_bind(i64::from(r.score.value()))
+                                .push_bind(r.input.comment.clone())
+                                .push_bind(i64::from(r.input.language))
+                                .push_bind(i64::from(r.language))
+                                .push_bind(r.input.question_id.clone())
+                                .push_bind(r.input.submitted_at)
+                                .push_bind(r.received_at)
+                                .push_bind(r.at())
+                                .push_bind(r.complaint());
+                        });
+                        // A concurrent transaction may store the same client id first: that
+                        // row wins and this one becomes a replay of it.
+                        insert.push(
+                            " ON CONFLICT (tenant, client_feedback_id) DO NOTHING RETURNING client_feedback_id",
+                        );
+                        for row in insert.build().fetch_all(&mut *conn).await? {
+                            inserted.insert(row.try_get("client_feedback_id")?);
+                        }
+                    }
+                    let lost: Vec<String> = fresh
+                        .iter()
+                        .map(|i| records[*i].input.client_feedback_id.clone())
+                        .filter(|id| !inserted.contains(id))
+                        .collect();
+                    if !lost.is_empty() {
+                        existing.extend(existing_feedback(&mut *conn, tenant, &lost).await?);
+                    }
+                }
                 let mut delta = Contribution::default();
-                for chunk in fresh.chunks(CHUNK) {
-                    let mut insert = QueryBuilder::<Database>::new(
-                        "INSERT INTO fb_feedback (tenant, id, client_feedback_id, conversation_id, channel, subject, \
-                         kind, score, comment, language_given, language, question_id, submitted_at, received_at, at, \
-                         negative) ",
-                    );
-                    insert.push_values(chunk, |mut row, (r, _)| {
-                        row.push_bind(tenant)
-                            .push_bind(r.id.clone())
-                            .push_bind(r.input.client_feedback_id.clone())
-                            .push_bind(r.input.conversation_id.clone())
-                            .push_bind(i64::from(r.input.channel))
-                            .push_bind(i64::from(r.input.subject))
-                            .push_bind(r.score.kind())
-                            .push_bind(i64::from(r.score.value()))
-                            .push_bind(r.input.comment.clone())
-                            .push_bind(i64::from(r.input.language))
-                            .push_bind(i64::from(r.language))
-                            .push_bind(r.input.question_id.clone())
-                            .push_bind(r.input.submitted_at)
-                            .push_bind(r.received_at)
-                            .push_bind(r.at())
-                            .push_bind(r.complaint());
-                    });
-                    insert.build().execute(&mut *tx).await?;
+                let mut events = Vec::with_capacity(inserted.len());
+                let mut out = Vec::with_capacity(records.len());
+                for (i, record) in records.iter().enumerate() {
+                    let id = record.input.client_feedback_id.as_str();
+                    if first.get(id) == Some(&i) && inserted.contains(id) {
+                        let fact = facts.get(&record.input.conversation_id);
+                        rollup::feedback_part(fact, &record.obs(), &mut delta);
+                        events.push(event(i, record, fact));
+                        out.push((Stored::New(record.clone()), fact.cloned()));
+                    } else if let Some(stored) = existing.get(id) {
+                        out.push((Stored::Existing(stored.clone()), None));
+                    } else if let Some(earlier) = first.get(id).filter(|_| inserted.contains(id)) {
+                        out.push((Stored::Existing(records[*earlier].clone()), None));
+                    } else {
+                        return Err(StoreError::Corrupt(format!(
+                            "feedback {id:?} was neither stored nor found"
+                        )));
+                    }
                 }
-                for (record, _) in &fresh {
-                    let conversation = facts.get(&record.input.conversation_id);
-                    rollup::feedback_part(conversation, &record.obs(), &mut delta);
-                }
-                let events: Vec<RawEvent> = fresh.iter().map(|p| p.1.clone()).collect();
                 for chunk in events.chunks(CHUNK) {
-                    $enqueue(&mut tx, chunk).await?;
+                    $enqueue(&mut *conn, chunk).await?;
                 }
                 // Last, so the shared rollup rows stay locked for as short a time as possible.
-                apply_delta(&mut tx, tenant, &delta).await?;
-                tx.commit().await?;
+                apply_delta(&mut *conn, tenant, &delta).await?;
                 Ok(out)
             }
 
@@ -1413,18 +1486,24 @@ macro_rules! engine {
             }
 
             /// Inserts a firing alert with its event, unless one is open for the rule and
-            /// scenario already. Returns whether it was raised.
+            /// scenario already (the `fb_alert_open` unique index) or one resolved after
+            /// `quiet_after` (the cool-down). Both are checked by the insert itself, so replicas
+            /// that evaluate the same rule at the same time raise it once. Returns whether it
+            /// was raised.
             pub async fn raise(
                 pool: &Pool,
                 tenant: &str,
                 alert: &StoredAlert,
                 event: &RawEvent,
+                quiet_after: Micros,
             ) -> StoreResult<bool> {
                 let mut tx = pool.begin().await?;
                 let inserted = sqlx::query(
                     "INSERT INTO fb_alert (tenant, id, rule_id, kind, scenario_id, metric, observed, threshold, \
                      baseline, window_us, severity, status, explanation, raised_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $13) ON CONFLICT DO NOTHING",
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $13 WHERE NOT EXISTS \
+                     (SELECT 1 FROM fb_alert WHERE tenant = $1 AND rule_id = $3 AND scenario_id = $5 \
+                     AND status = 3 AND resolved_at > $14) ON CONFLICT DO NOTHING",
                 )
                 .bind(tenant)
                 .bind(&alert.id)
@@ -1439,6 +1518,7 @@ macro_rules! engine {
                 .bind(i64::from(alert.severity))
                 .bind(&alert.explanation)
                 .bind(alert.raised_at)
+                .bind(quiet_after)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
@@ -1674,6 +1754,15 @@ impl Store {
         dispatch!(self, insert_feedback(tenant, records))
     }
 
+    /// See [`postgres::insert_feedback_groups`].
+    pub async fn insert_feedback_groups(
+        &self,
+        groups: &[(String, Vec<FeedbackRecord>)],
+        event: &MakeEvent<'_>,
+    ) -> StoreResult<GroupOutcomes> {
+        dispatch!(self, insert_feedback_groups(groups, event))
+    }
+
     /// See [`postgres::insert_review`].
     pub async fn insert_review(
         &self,
@@ -1761,8 +1850,9 @@ impl Store {
         tenant: &str,
         alert: &StoredAlert,
         event: &RawEvent,
+        quiet_after: Micros,
     ) -> StoreResult<bool> {
-        dispatch!(self, raise(tenant, alert, event))
+        dispatch!(self, raise(tenant, alert, event, quiet_after))
     }
 
     /// See [`postgres::resolve`].

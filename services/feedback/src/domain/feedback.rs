@@ -209,6 +209,16 @@ impl FeedbackInput {
                 ));
             }
         }
+        for (field, value) in [
+            ("feedback.client_feedback_id", &self.client_feedback_id),
+            ("feedback.conversation_id", &self.conversation_id),
+            ("feedback.comment", &self.comment),
+            ("feedback.question_id", &self.question_id),
+        ] {
+            if value.contains('\0') {
+                errors.push(FieldError::new(field, "contains a NUL character"));
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
