@@ -174,6 +174,7 @@ async fn article(
     let mut lead = rig.client("lead-1", &[Role::Supervisor]).await;
     let id = agent
         .create_article(pb::CreateArticleRequest {
+            scenario_id: "orders".into(),
             visibility: visibility as i32,
             title: title.into(),
             questions: vec![question.into()],
