@@ -123,9 +123,11 @@ impl DialogService for DialogGrpc {
         req: Request<pb::PostCustomerMessageRequest>,
     ) -> Result<Response<pb::PostCustomerMessageResponse>, Status> {
         let tenant = who(&req, CUSTOMER_SIDE)?.tenant.clone();
+        // The caller's own token, forwarded to the knowledge search (see `knowledge`).
+        let authorization = req.metadata().get("authorization").cloned();
         let r = self
             .app
-            .post_customer(&tenant, req.into_inner())
+            .post_customer(&tenant, req.into_inner(), authorization.as_ref())
             .await
             .map_err(|e| st(&e))?;
         Ok(Response::new(r))
