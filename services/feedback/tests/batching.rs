@@ -80,8 +80,14 @@ fn input(client_id: &str, score: i32) -> FeedbackInput {
         comment: "the refund took too long".into(),
         language: 0,
         question_id: String::new(),
-        submitted_at: Some(now() - HOUR),
+        submitted_at: Some(submitted_at()),
     }
+}
+
+/// One submission time for the whole test process, so replays carry identical content.
+fn submitted_at() -> Micros {
+    static AT: std::sync::OnceLock<Micros> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| now() - HOUR)
 }
 
 fn app(db: &Db, options: WriterOptions) -> (FeedbackApp, tokio::task::JoinHandle<()>) {
