@@ -400,34 +400,43 @@ pub async fn run(
     }
     let mut poll = tokio::time::interval(engine.settings.session_poll_interval);
     let mut superseded = false;
+    // The offers' version at the last full sync; a poll that finds it unchanged skips the sync.
+    let mut synced: Option<crate::store::OffersVersion> = None;
     loop {
-        let keep = tokio::select! {
+        let (keep, polled) = tokio::select! {
             () = shutdown.cancelled() => break,
             message = inbound.message() => match message {
-                Ok(Some(request)) => session.handle(request).await,
-                Ok(None) | Err(_) => false,
+                Ok(Some(request)) => (session.handle(request).await, false),
+                Ok(None) | Err(_) => (false, false),
             },
-            () = signal.notified() => true,
-            _ = poll.tick() => true,
+            () = signal.notified() => (true, false),
+            _ = poll.tick() => (true, true),
         };
         if !keep {
             break;
         }
-        match engine.store.current_session(&tenant, &agent_id).await {
-            Ok(Some(current)) if current != session_id => {
-                superseded = true;
-                session
-                    .send(
-                        "",
-                        error_event(
-                            pb::SessionErrorCode::Superseded,
-                            "another session of this agent replaced this one".into(),
-                        ),
-                    )
-                    .await;
-                break;
+        match engine.store.session_version(&tenant, &agent_id).await {
+            Ok(Some((_, version))) if polled && synced.as_ref() == Some(&version) => continue,
+            Ok(Some((current, version))) => {
+                if current
+                    .as_ref()
+                    .is_some_and(|current| *current != session_id)
+                {
+                    superseded = true;
+                    session
+                        .send(
+                            "",
+                            error_event(
+                                pb::SessionErrorCode::Superseded,
+                                "another session of this agent replaced this one".into(),
+                            ),
+                        )
+                        .await;
+                    break;
+                }
+                synced = Some(version);
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(error) => {
                 tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session check failed");
             }
@@ -436,6 +445,7 @@ pub async fn run(
             Ok(true) => {}
             Ok(false) => break,
             Err(error) => {
+                synced = None;
                 tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session sync failed");
             }
         }

@@ -362,6 +362,35 @@ impl Store {
         Ok(row.and_then(|(s,)| s))
     }
 
+    /// The agent's current session and a version of its offers, in one cheap read: the version
+    /// changes whenever an offer of the agent is made, answered, expired or revoked (each of
+    /// those changes the agent's load and `updated_at`, and the newest pending offer or their
+    /// number), so a desk session that polls can skip its full sync while it stays the same.
+    pub async fn session_version(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> RoutingResult<Option<(Option<String>, super::OffersVersion)>> {
+        let mut tx = Tx::read(self.db()).await?;
+        let row: Option<(Option<String>, i64, i64, i64, i64, String)> = tx
+            .fetch_optional(
+                "SELECT a.session_id, a.updated_at, a.active_load, a.assigned, \
+                 (SELECT COUNT(*) FROM routing_offers o WHERE o.tenant = a.tenant \
+                  AND o.agent_id = a.id AND o.state = 'pending'), \
+                 (SELECT COALESCE(MAX(o.id), '') FROM routing_offers o WHERE o.tenant = a.tenant \
+                  AND o.agent_id = a.id AND o.state = 'pending') \
+                 FROM routing_agents a WHERE a.tenant = $1 AND a.id = $2",
+                args![tenant.as_str(), id],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(
+            row.map(|(session, updated, load, assigned, pending, newest)| {
+                (session, (updated, load, assigned, pending, newest))
+            }),
+        )
+    }
+
     /// Marks a session closed (the stream ended); the agent goes offline after the grace period
     /// unless a new session opens.
     pub async fn close_session(

@@ -39,6 +39,10 @@ pub use tickets::{
     TransferKind, TransferTarget, Unassigned,
 };
 
+/// A version of an agent's offers: (updated_at, load, assigned, pending offers, newest pending
+/// offer id).
+pub type OffersVersion = (i64, i64, i64, i64, String);
+
 /// The routing repository.
 #[derive(Clone)]
 pub struct Store {
