@@ -392,10 +392,20 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `ROUTING_BENCH_ONLY=latency` (or `throughput`, `store`) runs one section.
+    let only = std::env::var("ROUTING_BENCH_ONLY").unwrap_or_default();
+    let run = |section: &str| only.is_empty() || only == section;
     runtime.block_on(async {
-        system_latency().await;
-        system_throughput(2).await;
-        system_throughput(1).await;
+        if run("latency") {
+            system_latency().await;
+        }
+        if run("throughput") {
+            system_throughput(2).await;
+            system_throughput(1).await;
+        }
+        if !run("store") {
+            return;
+        }
 
         let pg = tandem_testkit::Postgres::start().await.unwrap();
         let url = pg.fresh_database().await.unwrap();
