@@ -164,7 +164,7 @@ async fn concurrent_submissions_count_each_client_id_once(db: Db) {
                 let id = format!("fb-{i:03}");
                 let at = now();
                 let (stored, duplicate) = app
-                    .submit(&tenant(), input(&id, 1 + (i % 5) as i32), at)
+                    .submit(&tenant(), input(&id, 1 + i % 5), at)
                     .await
                     .unwrap();
                 (round, id, stored.id, duplicate)
@@ -195,14 +195,10 @@ async fn concurrent_submissions_count_each_client_id_once(db: Db) {
     for i in 0..60 {
         let app = app.clone();
         calls.push(tokio::spawn(async move {
-            app.submit(
-                &tenant(),
-                input(&format!("fb-{i:03}"), 1 + (i % 5) as i32),
-                now(),
-            )
-            .await
-            .unwrap()
-            .1
+            app.submit(&tenant(), input(&format!("fb-{i:03}"), 1 + i % 5), now())
+                .await
+                .unwrap()
+                .1
         }));
     }
     for call in calls {
