@@ -399,7 +399,7 @@ fn logs_dir() -> tempfile::TempDir {
 fn service_settings(name: &str, endpoints: &Endpoints) -> Vec<(String, String)> {
     match name {
         "dialog" => vec![(
-            "TANDEM_DIALOG__SERVICE__KNOWLEDGE__ENDPOINT".to_owned(),
+            "TANDEM_DIALOG__SERVICE__KNOWLEDGE_ENDPOINT".to_owned(),
             format!("http://{}", endpoints.knowledge),
         )],
         "feedback" => vec![(

@@ -296,8 +296,12 @@ async fn on_event(ctx: &Arc<Context>, event: Event, auto_accept: bool) {
                 "assigned: conversation {} (ticket {})",
                 ticket.conversation_id, ticket.id
             );
+            let conversation = ticket.conversation_id.clone();
             start_assignment(ctx, ticket.id, ticket.conversation_id, confirmed.package);
             ctx.console.line(line);
+            ctx.console.line(format!(
+                "current conversation: {conversation} (type to reply)"
+            ));
         }
         Event::TransferNote(note) => {
             let conversation = note

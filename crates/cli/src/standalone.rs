@@ -212,12 +212,23 @@ pub async fn run(options: Options, env: HashMap<String, String>) -> anyhow::Resu
 /// tenant is seeded once the server accepts connections; if that fails the server stops and the
 /// error is returned, since a half-seeded demo is worse than none.
 pub async fn serve(
-    cfg: StandaloneConfig,
+    mut cfg: StandaloneConfig,
     data_dir: &Path,
     listener: TcpListener,
     shutdown: CancellationToken,
     demo: bool,
 ) -> anyhow::Result<()> {
+    // The bot searches the knowledge base over gRPC like a separate deployment does, here on
+    // this process's own port, unless the configuration points it elsewhere.
+    if cfg.dialog.knowledge_endpoint.trim().is_empty() {
+        let own = listener.local_addr()?;
+        let host = if own.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), own.port())
+        } else {
+            own
+        };
+        cfg.dialog.knowledge_endpoint = format!("http://{host}");
+    }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let tracker = TaskTracker::new();

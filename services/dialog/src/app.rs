@@ -895,10 +895,22 @@ impl App {
         // The knowledge base, when the bot is to answer or suggest: the best published article
         // version scoring well enough answers and is cited; a failed or late look-up degrades to
         // the intent's stored answer.
+        // When the only thing holding the bot back is that the intent model did not recognise the
+        // message (a fallback, a clarification, or a low-confidence handoff), a published article
+        // that matches well answers instead: what agents taught the knowledge base is understood
+        // before any intent is trained for it.
+        let unrecognised = !agent_owns
+            && match action {
+                policy::DecisionAction::Fallback | policy::DecisionAction::Clarify => true,
+                policy::DecisionAction::Handoff => {
+                    decision.handoff_reason == common::HandoffReason::LowConfidence as i32
+                }
+                _ => false,
+            };
         let mut search_stage = None;
         let found = match (&self.options.knowledge, input.authorization) {
             (Some(kc), Some(authorization))
-                if agent_owns || action == policy::DecisionAction::BotAnswer =>
+                if agent_owns || action == policy::DecisionAction::BotAnswer || unrecognised =>
             {
                 let ts = Instant::now();
                 let got = kc
@@ -930,6 +942,9 @@ impl App {
             }
             _ => None,
         };
+        if unrecognised && found.is_some() {
+            action = policy::DecisionAction::BotAnswer;
+        }
         let articles: Vec<common::ArticleRef> = found
             .as_ref()
             .map(|f| f.article.clone())
