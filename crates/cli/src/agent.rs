@@ -985,7 +985,7 @@ fn print_package(console: &Console, p: &HandoffPackage) {
             SenderKind::Agent => format!("agent {}", m.sender_id),
             SenderKind::System | SenderKind::Unspecified => "system".to_owned(),
         };
-        console.line(format!("    {who}: {}", m.text));
+        console.line(format!("    {who}: {}", indent(&m.text, "      ")));
     }
     if !p.decision_trace_id.is_empty() {
         console.line(format!(
@@ -1086,6 +1086,11 @@ fn revoked_reason(reason: i32) -> &'static str {
         R::Cancelled => "the customer cancelled",
         R::Unspecified => "withdrawn",
     }
+}
+
+/// Continuation lines of a multi-line text, indented under its first line.
+fn indent(text: &str, by: &str) -> String {
+    text.trim_end().replace('\n', &format!("\n{by}"))
 }
 
 fn strip<'a>(name: &'a str, prefix: &str) -> &'a str {
