@@ -77,6 +77,7 @@ async fn emotion_swing(d: &Deployment) {
         .await;
     agent.send("/accept").await;
     agent.expect("assigned: conversation", STEP).await;
+    agent.expect("current conversation:", STEP).await;
     chat.expect("state: QUEUED -> AGENT (agent ling)", STEP)
         .await;
 
@@ -176,6 +177,7 @@ async fn resolution_becomes_knowledge(d: &Deployment) {
     agent.expect("offer ", STEP).await;
     agent.send("/accept").await;
     agent.expect("assigned: conversation", STEP).await;
+    agent.expect("current conversation:", STEP).await;
     chat.expect("-> AGENT", STEP).await;
     agent.send(answer).await;
     chat.expect("agent ling: Yes. Open My orders", STEP).await;

@@ -296,12 +296,8 @@ async fn on_event(ctx: &Arc<Context>, event: Event, auto_accept: bool) {
                 "assigned: conversation {} (ticket {})",
                 ticket.conversation_id, ticket.id
             );
-            let conversation = ticket.conversation_id.clone();
             start_assignment(ctx, ticket.id, ticket.conversation_id, confirmed.package);
             ctx.console.line(line);
-            ctx.console.line(format!(
-                "current conversation: {conversation} (type to reply)"
-            ));
         }
         Event::TransferNote(note) => {
             let conversation = note
@@ -366,7 +362,11 @@ async fn watch_conversation(
     let mut dialog = ctx.dialog.clone();
     let mut cursor = after;
     let mut attempts = 0;
+    let mut announced = false;
     loop {
+        if stop.is_cancelled() {
+            return;
+        }
         let stream = dialog
             .watch_conversation(WatchConversationRequest {
                 conversation_id: conversation_id.clone(),
@@ -375,11 +375,21 @@ async fn watch_conversation(
             })
             .await;
         let mut stream = match stream {
-            Ok(response) => response.into_inner(),
+            Ok(response) => {
+                attempts = 0;
+                if !announced {
+                    // Dialog knows the agent owns it now: replies will be accepted.
+                    announced = true;
+                    ctx.console.line(format!(
+                        "current conversation: {conversation_id} (type to reply)"
+                    ));
+                }
+                response.into_inner()
+            }
             Err(status) => {
                 // Dialog learns of the assignment from routing's event; give it a moment.
                 attempts += 1;
-                if attempts > 20 || status.code() != Code::PermissionDenied {
+                if attempts > 100 || status.code() != Code::PermissionDenied {
                     ctx.console.line(format!(
                         "error: {}",
                         describe(&format!("watching {conversation_id}"), &status)
