@@ -578,3 +578,107 @@ fn examples_document_every_configuration_key() {
         assert_eq!(documented_keys(name), keys, "{name}.example.toml");
     }
 }
+
+/// Runs `tandem <args>` to the end with empty input and returns (success, stdout, stderr).
+fn console(args: &[&str]) -> (bool, String, String) {
+    let output = tandem().args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consoles_explain_bad_input_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data = data_dir.to_str().unwrap().to_owned();
+
+    // Nothing listens yet: the server is down.
+    let down = format!("http://{}", free_addr());
+    for kind in [&["chat"][..], &["agent", "--agent", "li.na"][..]] {
+        let mut args = kind.to_vec();
+        args.extend(["--endpoint", &down, "--token", "x.y.z"]);
+        let (ok, _, stderr) = console(&args);
+        assert!(!ok, "{args:?} succeeded against a closed port");
+        assert!(
+            stderr.contains("cannot reach") && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // No token and no development secret.
+    let (ok, _, stderr) = console(&["chat", "--endpoint", &down, "--data-dir", &data]);
+    assert!(!ok);
+    assert!(stderr.contains("no token"), "{stderr}");
+
+    let addr = free_addr();
+    let mut process = spawn_standalone(&data_dir, addr, dir.path(), "standalone");
+    wait_until_serving(&mut process, addr).await;
+    let endpoint = format!("http://{addr}");
+
+    // A token the server cannot verify.
+    let (ok, _, stderr) = console(&["chat", "--endpoint", &endpoint, "--token", "not.a.jwt"]);
+    assert!(!ok);
+    assert!(stderr.contains("refused the token"), "{stderr}");
+    let (ok, _, stderr) = console(&[
+        "agent",
+        "--agent",
+        "li.na",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "not.a.jwt",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("token") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    // An unknown conversation, with a valid development token.
+    let (ok, _, stderr) = console(&[
+        "chat",
+        "--endpoint",
+        &endpoint,
+        "--data-dir",
+        &data,
+        "--tenant",
+        "acme",
+        "--conversation",
+        "01a00000-0000-7000-8000-000000000000",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("not found"), "{stderr}");
+
+    // An agent nobody registered is refused by routing with a sentence.
+    let (ok, _, stderr) = console(&[
+        "agent",
+        "--agent",
+        "ghost",
+        "--endpoint",
+        &endpoint,
+        "--data-dir",
+        &data,
+        "--tenant",
+        "acme",
+    ]);
+    assert!(!ok);
+    assert!(
+        !stderr.is_empty() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    // A conversation in a terminal without a terminal: empty input starts and closes one.
+    let (ok, stdout, stderr) = console(&[
+        "chat",
+        "--endpoint",
+        &endpoint,
+        "--data-dir",
+        &data,
+        "--tenant",
+        "acme",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("conversation closed"), "{stdout}");
+}
