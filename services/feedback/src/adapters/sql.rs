@@ -280,7 +280,7 @@ fn record_from_parts(
 }
 
 macro_rules! engine {
-    ($module:ident, $db:ty, $pool:ty, $lock:literal, $share:literal, $claim:path, $enqueue:path) => {
+    ($module:ident, $db:ty, $pool:ty, $lock:literal, $share:literal, $begin:literal, $claim:path, $enqueue:path) => {
         /// The store on one engine.
         pub mod $module {
             use super::*;
@@ -687,7 +687,7 @@ macro_rules! engine {
                 consumer: &str,
                 events: &[Projected],
             ) -> StoreResult<usize> {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with($begin).await?;
                 let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
                 let fresh = $claim(&mut tx, consumer, &ids).await?;
                 let mut by_tenant: BTreeMap<&str, Vec<&FactInput>> = BTreeMap::new();
@@ -905,7 +905,7 @@ macro_rules! engine {
                 records: &[(FeedbackRecord, RawEvent)],
             ) -> StoreResult<Vec<Stored>> {
                 let plain: Vec<FeedbackRecord> = records.iter().map(|(r, _)| r.clone()).collect();
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with($begin).await?;
                 let out = insert_feedback_in(&mut tx, tenant, &plain, &|i, _, _| {
                     records[i].1.clone()
                 })
@@ -923,7 +923,7 @@ macro_rules! engine {
                 groups: &[(String, Vec<FeedbackRecord>)],
                 event: &MakeEvent<'_>,
             ) -> StoreResult<GroupOutcomes> {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with($begin).await?;
                 let mut out = Vec::with_capacity(groups.len());
                 for (group, (tenant, records)) in groups.iter().enumerate() {
                     let make = |_: usize, record: &FeedbackRecord, fact: Option<&ConversationFact>| {
@@ -1047,7 +1047,7 @@ macro_rules! engine {
                 review: &StoredReview,
                 event: &RawEvent,
             ) -> StoreResult<()> {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with($begin).await?;
                 sqlx::query(
                     "INSERT INTO fb_agent_review (tenant, id, agent_id, conversation_id, message_id, suggestion_id, \
                      verdict, comment, corrected_answer, scenario_id, created_at) \
@@ -1497,7 +1497,7 @@ macro_rules! engine {
                 event: &RawEvent,
                 quiet_after: Micros,
             ) -> StoreResult<bool> {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with($begin).await?;
                 let inserted = sqlx::query(
                     "INSERT INTO fb_alert (tenant, id, rule_id, kind, scenario_id, metric, observed, threshold, \
                      baseline, window_us, severity, status, explanation, raised_at) \
@@ -1538,7 +1538,7 @@ macro_rules! engine {
                 at: Micros,
                 event: &RawEvent,
             ) -> StoreResult<bool> {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_with($begin).await?;
                 let updated = sqlx::query(
                     "UPDATE fb_alert SET status = 3, resolved_at = $1 WHERE tenant = $2 AND id = $3 \
                      AND status IN (1, 2)",
@@ -1692,6 +1692,7 @@ engine!(
     sqlx::PgPool,
     " FOR UPDATE",
     " FOR SHARE",
+    "BEGIN",
     tandem_platform::inbox::claim_batch_pg,
     tandem_platform::outbox::enqueue_pg
 );
@@ -1701,6 +1702,9 @@ engine!(
     sqlx::SqlitePool,
     "",
     "",
+    // One writer at a time, taken when the transaction starts: a transaction that reads and
+    // then writes never fails with "database is locked" when another writer got there first.
+    "BEGIN IMMEDIATE",
     tandem_platform::inbox::claim_batch_sqlite,
     tandem_platform::outbox::enqueue_sqlite
 );
