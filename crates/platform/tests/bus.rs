@@ -441,7 +441,11 @@ async fn outbox_relay_restart_loses_and_doubles_nothing(rig: Rig) {
     // The relay publishes a few batches, then dies mid-stream.
     let relay_stop = CancellationToken::new();
     let relay = tokio::spawn(rig.relay(50).run(relay_stop.clone()));
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Stopped as soon as it has published something, however slow the machine is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while rig.relay(50).pending().await.unwrap() >= 600 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     relay_stop.cancel();
     relay.await.unwrap();
     let left = rig.relay(50).pending().await.unwrap();
@@ -510,14 +514,15 @@ async fn broker_restart_mid_stream_loses_nothing(mut rig: Rig) {
     wait_for_effects(&rig, 100, Duration::from_secs(20)).await;
 
     // The broker dies mid-stream; the service keeps writing to its outbox meanwhile.
-    rig.restart_broker().await;
     if matches!(rig.broker, Broker::Memory { .. }) {
-        // The in-process bus lives in the process: a broker restart is a process restart.
+        // The in-process bus lives in the process: a broker restart is a process restart, so
+        // the old process's relay and consumer are gone before the journal is opened again.
         first.cancel();
         tracker.close();
         tracker.wait().await;
         tracker.reopen();
     }
+    rig.restart_broker().await;
     for chunk in events[500..].chunks(25) {
         rig.enqueue(chunk).await;
     }
