@@ -631,3 +631,53 @@ pub async fn seed_tenant(d: &Deployment, tenant: &str) {
             .unwrap();
     }
 }
+
+/// Starts an English web-chat conversation for a customer named after `key`, which is also its
+/// idempotency key; returns its id.
+pub async fn start_conversation(
+    dialog: &mut tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient<Authed>,
+    key: &str,
+) -> String {
+    use tandem_proto::pb::common::v1::{Channel as ChannelKind, Customer, Language};
+    use tandem_proto::pb::dialog::v1::StartConversationRequest;
+    dialog
+        .start_conversation(StartConversationRequest {
+            customer: Some(Customer {
+                id: format!("customer-{key}"),
+                display_name: "E2E customer".into(),
+                language: Language::En as i32,
+                channel: ChannelKind::WebChat as i32,
+                ..Customer::default()
+            }),
+            channel: ChannelKind::WebChat as i32,
+            client_conversation_id: key.into(),
+            ..StartConversationRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .id
+}
+
+/// Posts a customer message and returns the bot's turn (default when the bot took no action).
+pub async fn say(
+    dialog: &mut tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient<Authed>,
+    conversation: &str,
+    text: &str,
+) -> tandem_proto::pb::dialog::v1::BotTurn {
+    use tandem_proto::pb::dialog::v1::PostCustomerMessageRequest;
+    dialog
+        .post_customer_message(PostCustomerMessageRequest {
+            conversation_id: conversation.into(),
+            client_message_id: format!("{conversation}-{}", text.len()),
+            text: text.into(),
+            attachments: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .bot_turn
+        .unwrap_or_default()
+}

@@ -12,14 +12,13 @@
 
 use std::time::Duration;
 
-use tandem_e2e::{BILLING_EXAMPLES, Deployment, eventually, seed_tenant};
+use tandem_e2e::{BILLING_EXAMPLES, Deployment, eventually, say, seed_tenant, start_conversation};
 use tandem_platform::auth::Role;
-use tandem_proto::pb::common::v1::{Channel as ChannelKind, Customer, Language};
 use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
 use tandem_proto::pb::dialog::v1::model_service_client::ModelServiceClient;
 use tandem_proto::pb::dialog::v1::{
-    BotAction, BotTurn, ExampleFormat, GetDecisionTraceRequest, PostCustomerMessageRequest,
-    StartConversationRequest, TrainModelRequest, UploadExamplesRequest, get_decision_trace_request,
+    BotAction, ExampleFormat, GetDecisionTraceRequest, TrainModelRequest, UploadExamplesRequest,
+    get_decision_trace_request,
 };
 use tandem_proto::pb::knowledge::v1::knowledge_service_client::KnowledgeServiceClient;
 use tandem_proto::pb::knowledge::v1::{
@@ -104,47 +103,6 @@ async fn emotion_swing(d: &Deployment) {
     );
     let (ok, lines) = agent.finish().await;
     assert!(ok, "{}: agent desk failed: {lines:?}", d.kind);
-}
-
-async fn start(dialog: &mut DialogServiceClient<tandem_e2e::Authed>, key: &str) -> String {
-    dialog
-        .start_conversation(StartConversationRequest {
-            customer: Some(Customer {
-                id: format!("customer-{key}"),
-                display_name: "E2E".into(),
-                language: Language::En as i32,
-                channel: ChannelKind::WebChat as i32,
-                ..Customer::default()
-            }),
-            channel: ChannelKind::WebChat as i32,
-            client_conversation_id: key.into(),
-            ..StartConversationRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap()
-        .id
-}
-
-async fn say(
-    dialog: &mut DialogServiceClient<tandem_e2e::Authed>,
-    conversation: &str,
-    text: &str,
-) -> BotTurn {
-    dialog
-        .post_customer_message(PostCustomerMessageRequest {
-            conversation_id: conversation.into(),
-            client_message_id: format!("{conversation}-{}", text.len()),
-            text: text.into(),
-            attachments: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .bot_turn
-        .unwrap_or_default()
 }
 
 /// 2. An agent's resolution becomes an article the bot answers from.
@@ -245,7 +203,7 @@ async fn resolution_becomes_knowledge(d: &Deployment) {
         d.client(d.endpoints.dialog, tenant, "web", Role::Channel)
             .await,
     );
-    let conversation = start(&mut dialog, "mining-again").await;
+    let conversation = start_conversation(&mut dialog, "mining-again").await;
     let turn = say(&mut dialog, &conversation, question).await;
     assert_eq!(
         turn.action,
@@ -278,7 +236,7 @@ async fn training_changes_understanding(d: &Deployment) {
     );
     let question = "why is my bill so high this month";
 
-    let before = start(&mut dialog, "training-before").await;
+    let before = start_conversation(&mut dialog, "training-before").await;
     let turn = say(&mut dialog, &before, question).await;
     let trace = traces
         .get_decision_trace(GetDecisionTraceRequest {
@@ -327,7 +285,7 @@ async fn training_changes_understanding(d: &Deployment) {
         .await
         .unwrap();
 
-    let after = start(&mut dialog, "training-after").await;
+    let after = start_conversation(&mut dialog, "training-after").await;
     let turn = say(&mut dialog, &after, question).await;
     let trace = traces
         .get_decision_trace(GetDecisionTraceRequest {
@@ -355,7 +313,7 @@ async fn training_changes_understanding(d: &Deployment) {
     );
 
     // The same in Chinese.
-    let zh = start(&mut dialog, "training-zh").await;
+    let zh = start_conversation(&mut dialog, "training-zh").await;
     let turn = say(&mut dialog, &zh, "这个月的话费账单怎么这么高").await;
     assert_eq!(
         turn.action,

@@ -12,16 +12,13 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use tandem_e2e::{Authed, Deployment, eventually, seed_tenant};
+use tandem_e2e::{Authed, Deployment, eventually, say, seed_tenant, start_conversation};
 use tandem_platform::auth::Role;
-use tandem_proto::pb::common::v1::{
-    Channel as ChannelKind, Customer, Language, SkillRequirement, TimeRange,
-};
+use tandem_proto::pb::common::v1::{Channel as ChannelKind, SkillRequirement, TimeRange};
 use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
 use tandem_proto::pb::dialog::v1::{
     BotAction, BotTurn, ConversationState, GetConversationRequest, GetDecisionTraceRequest,
-    ListMessagesRequest, Message, PostCustomerMessageRequest, SenderKind, StartConversationRequest,
-    get_decision_trace_request,
+    ListMessagesRequest, Message, SenderKind, get_decision_trace_request,
 };
 use tandem_proto::pb::feedback::v1::feedback_service_client::FeedbackServiceClient;
 use tandem_proto::pb::feedback::v1::{
@@ -44,43 +41,6 @@ use tandem_proto::pb::routing::v1::{
 const STEP: Duration = Duration::from_secs(30);
 
 type Dialog = DialogServiceClient<Authed>;
-
-async fn start(dialog: &mut Dialog, key: &str) -> String {
-    dialog
-        .start_conversation(StartConversationRequest {
-            customer: Some(Customer {
-                id: format!("customer-{key}"),
-                display_name: "Ops".into(),
-                language: Language::En as i32,
-                channel: ChannelKind::WebChat as i32,
-                ..Customer::default()
-            }),
-            channel: ChannelKind::WebChat as i32,
-            client_conversation_id: key.into(),
-            ..StartConversationRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap()
-        .id
-}
-
-async fn say(dialog: &mut Dialog, conversation: &str, text: &str) -> BotTurn {
-    dialog
-        .post_customer_message(PostCustomerMessageRequest {
-            conversation_id: conversation.into(),
-            client_message_id: format!("{conversation}-{}", text.len()),
-            text: text.into(),
-            attachments: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .bot_turn
-        .unwrap_or_default()
-}
 
 /// The rule and policy version that decided a bot turn, from its decision trace.
 async fn decided_by(traces: &mut Dialog, turn: &BotTurn) -> (String, i64) {
@@ -343,7 +303,7 @@ async fn alert_adjusts_policy(d: &Deployment) {
 
     // The bot answers; the customers are unhappy with the answers.
     for i in 0..3 {
-        let conversation = start(&mut dialog, &format!("alert-unhappy-{i}")).await;
+        let conversation = start_conversation(&mut dialog, &format!("alert-unhappy-{i}")).await;
         let turn = say(&mut dialog, &conversation, question).await;
         assert_eq!(
             turn.action,
@@ -445,7 +405,8 @@ async fn alert_adjusts_policy(d: &Deployment) {
         attempt += 1;
         let mut dialog = dialog.clone();
         async move {
-            let conversation = start(&mut dialog, &format!("alert-after-{attempt}")).await;
+            let conversation =
+                start_conversation(&mut dialog, &format!("alert-after-{attempt}")).await;
             let turn = say(&mut dialog, &conversation, question).await;
             (turn.action == BotAction::Handoff as i32).then_some(turn)
         }
@@ -534,7 +495,7 @@ async fn hours_and_overflow(d: &Deployment) {
         })
         .await
         .unwrap();
-    let closed = start(&mut dialog, "hours-closed").await;
+    let closed = start_conversation(&mut dialog, "hours-closed").await;
     let turn = say(&mut dialog, &closed, "talk to a human please").await;
     assert_eq!(
         turn.action,
@@ -618,7 +579,7 @@ async fn hours_and_overflow(d: &Deployment) {
         Role::Agent,
     );
     sam.expect("online as sam", STEP).await;
-    let overflowing = start(&mut dialog, "hours-overflow").await;
+    let overflowing = start_conversation(&mut dialog, "hours-overflow").await;
     let asked = Instant::now();
     let turn = say(&mut dialog, &overflowing, "talk to a human please").await;
     assert_eq!(
