@@ -248,6 +248,8 @@ pub struct AppOptions {
     pub cache_ttl: Duration,
     /// The knowledge search client; `None` answers with the intents' stored answers only.
     pub knowledge: Option<Arc<KnowledgeClient>>,
+    /// How far back a new conversation counts the customer's earlier ones; zero counts none.
+    pub repeat_contact_window: Duration,
 }
 
 /// The dialog application.
@@ -268,6 +270,8 @@ struct TurnInput<'a> {
     received: Instant,
     received_at: prost_types::Timestamp,
     authorization: Option<&'a AsciiMetadataValue>,
+    /// This message reopens a resolved conversation.
+    reopened: bool,
 }
 
 /// What the bot's turn produced.
@@ -420,8 +424,10 @@ impl App {
             });
         }
         let at = now();
+        let repeat_contacts = self.repeat_contacts(tenant, &customer.id, &at).await?;
         let conversation = pb::Conversation {
             id: new_id(),
+            repeat_contacts,
             scenario_id: req.scenario_hint.clone(),
             state: pb::ConversationState::Bot as i32,
             created_at: Some(at),
@@ -467,6 +473,27 @@ impl App {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The customer's conversations started within the repeat-contact window before `at`:
+    /// looked up once, when a conversation starts, and kept on it.
+    async fn repeat_contacts(
+        &self,
+        tenant: &TenantId,
+        customer_id: &str,
+        at: &prost_types::Timestamp,
+    ) -> DialogResult<i32> {
+        let window = self.options.repeat_contact_window;
+        if window.is_zero() || customer_id.is_empty() {
+            return Ok(0);
+        }
+        let since = crate::store::timestamp_micros(at)
+            .saturating_sub(i64::try_from(window.as_micros()).unwrap_or(i64::MAX));
+        let n = self
+            .store
+            .conversations_since(tenant, customer_id, since)
+            .await?;
+        Ok(i32::try_from(n).unwrap_or(i32::MAX))
     }
 
     /// Returns a conversation.
@@ -571,8 +598,10 @@ impl App {
             }
             let mut updates = Vec::new();
             let mut events = Vec::new();
-            if state == pb::ConversationState::Resolved {
+            let reopened = state == pb::ConversationState::Resolved;
+            if reopened {
                 c.state = pb::ConversationState::Bot as i32;
+                c.reopen_count = c.reopen_count.saturating_add(1);
                 updates.push((
                     pb::ConversationState::Resolved,
                     pb::ConversationState::Bot,
@@ -609,6 +638,7 @@ impl App {
                             received,
                             received_at,
                             authorization,
+                            reopened,
                         },
                         &mut message,
                     )
@@ -747,9 +777,17 @@ impl App {
         let tenant = input.tenant;
         let mut c = input.conversation.clone();
         let history = self.store.traces(tenant, &c.id, 0, 1_000).await?;
+        if input.reopened {
+            c.reopened_at_turn = i32::try_from(history.len()).unwrap_or(i32::MAX);
+        }
+        // The sentiment trend and the fallbacks in a row count the turns since the last reopen:
+        // a resolution ends the matter the earlier turns were about.
+        let since_reopen = &history[usize::try_from(c.reopened_at_turn)
+            .unwrap_or(0)
+            .min(history.len())..];
         let tn = self.tenant_nlu(tenant).await?;
         let signals = ConversationSignals {
-            previous_sentiment: history
+            previous_sentiment: since_reopen
                 .iter()
                 .rev()
                 .take(50)
@@ -757,14 +795,14 @@ impl App {
                 .map(|t| t.sentiment.as_ref().map_or(0.0, |s| s.score as f32))
                 .collect(),
             consecutive_fallbacks: u32::try_from(
-                history
+                since_reopen
                     .iter()
                     .rev()
                     .take_while(|t| t.action == pb::BotAction::Fallback as i32)
                     .count(),
             )
             .unwrap_or(u32::MAX),
-            repeat_contacts: 0,
+            repeat_contacts: u32::try_from(c.repeat_contacts).unwrap_or(0),
         };
         let t0 = Instant::now();
         let a: TurnAnalysis = tn.analyzer.analyse(&message.text, &signals);
@@ -1064,7 +1102,7 @@ impl App {
                     .factors
                     .iter()
                     .map(|f| pb::ComplexityFactor {
-                        name: format!("{:?}", f.kind).to_lowercase(),
+                        name: nlu::complexity_factor_name(f.kind).into(),
                         value: f64::from(f.value),
                         contribution: f64::from(f.contribution),
                     })
@@ -2066,7 +2104,7 @@ impl ResolutionFacts {
             articles_used: Vec::new(),
             language: c.language,
             channel: c.channel,
-            reopen_count: 0,
+            reopen_count: c.reopen_count,
             test: c.test,
             occurred_at: Some(at),
         }

@@ -68,6 +68,10 @@ pub struct Settings {
     pub knowledge_min_score: f64,
     /// Hits asked for per search (1..50).
     pub knowledge_limit: i32,
+    /// How far back a new conversation counts the same customer's earlier conversations (the
+    /// `repeat_contacts` complexity signal); zero turns the look-up off.
+    #[serde(with = "humantime_serde")]
+    pub repeat_contact_window: Duration,
 }
 
 impl Default for Settings {
@@ -78,6 +82,7 @@ impl Default for Settings {
             knowledge_timeout: Duration::from_millis(150),
             knowledge_min_score: 4.0,
             knowledge_limit: 3,
+            repeat_contact_window: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -120,6 +125,12 @@ impl Validate for Settings {
                 "must be between 1 and 50",
             ));
         }
+        if self.repeat_contact_window > Duration::from_secs(366 * 86_400) {
+            errors.push(ConfigError::new(
+                format!("{path}.repeat_contact_window"),
+                "must be at most 366days",
+            ));
+        }
     }
 }
 
@@ -144,6 +155,7 @@ impl Service for Dialog {
             AppOptions {
                 cache_ttl: settings.cache_ttl,
                 knowledge: knowledge_client(settings)?.map(Arc::new),
+                repeat_contact_window: settings.repeat_contact_window,
             },
         ));
         let grpc = grpc::DialogGrpc::new(Arc::clone(&app));

@@ -178,3 +178,15 @@ impl Texts {
         }
     }
 }
+
+/// The wire name of a complexity factor, as the decision trace documents it.
+pub fn complexity_factor_name(kind: tandem_nlu::ComplexityFactorKind) -> &'static str {
+    use tandem_nlu::ComplexityFactorKind as K;
+    match kind {
+        K::IntentSpread => "intents",
+        K::Entities => "entities",
+        K::Length => "length",
+        K::Fallbacks => "fallbacks",
+        K::RepeatContact => "repeat_contact",
+    }
+}

@@ -80,6 +80,13 @@ pub struct Store {
     db: Db,
 }
 
+/// Microseconds since the Unix epoch of a protobuf timestamp.
+pub fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos) / 1_000)
+}
+
 fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|e| StoreError::Corrupt(what, e))
 }
@@ -113,6 +120,21 @@ impl Store {
             "SELECT body FROM dialog_conversations WHERE tenant = $1 AND client_conversation_id = $2")
             .bind(tenant.as_str()).bind(client_id).fetch_optional(pool).await?);
         row.map(|b| decode("conversation", &b)).transpose()
+    }
+
+    /// Counts the customer's conversations started at or after `since_micros` (microseconds
+    /// since the Unix epoch).
+    pub async fn conversations_since(
+        &self,
+        tenant: &TenantId,
+        customer_id: &str,
+        since_micros: i64,
+    ) -> Result<i64, StoreError> {
+        let n: i64 = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM dialog_conversations WHERE tenant = $1 AND customer_id = $2 \
+             AND created_micros >= $3")
+            .bind(tenant.as_str()).bind(customer_id).bind(since_micros).fetch_one(pool).await?);
+        Ok(n)
     }
 
     /// Returns the recorded response of an earlier request.
@@ -430,12 +452,16 @@ impl Store {
                 return Ok(Committed::Duplicate);
             }
             if let Some(c) = &change.create {
+                let customer = c.customer.as_ref().map_or("", |x| x.id.as_str());
                 let done = sqlx::query(
                     "INSERT INTO dialog_conversations \
-                     (tenant, id, client_conversation_id, state, revision, body) \
-                     VALUES ($1, $2, $3, $4, 1, $5) ON CONFLICT DO NOTHING")
+                     (tenant, id, client_conversation_id, state, revision, body, customer_id, \
+                      created_micros) \
+                     VALUES ($1, $2, $3, $4, 1, $5, $6, $7) ON CONFLICT DO NOTHING")
                     .bind(t).bind(&c.id).bind(&c.client_conversation_id).bind(c.state)
-                    .bind(c.encode_to_vec()).execute(&mut *tx).await?;
+                    .bind(c.encode_to_vec()).bind(customer)
+                    .bind(c.created_at.as_ref().map_or(0, timestamp_micros))
+                    .execute(&mut *tx).await?;
                 if done.rows_affected() != 1 {
                     return Err(StoreError::Conflict);
                 }

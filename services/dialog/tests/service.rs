@@ -37,6 +37,14 @@ impl Rig {
         Self(ServiceRig::standalone::<Dialog>(Settings::default()).await)
     }
 
+    async fn production_with(settings: Settings) -> Self {
+        Self(ServiceRig::production::<Dialog>(settings).await)
+    }
+
+    async fn standalone_with(settings: Settings) -> Self {
+        Self(ServiceRig::standalone::<Dialog>(settings).await)
+    }
+
     async fn channel(&self, tenant: &str, subject: &str, roles: &[Role]) -> (Channel, Intercept) {
         self.0.authorised(tenant, subject, roles).await
     }
@@ -103,7 +111,36 @@ both!(
     emotion_swing_hands_off_and_routing_moves_the_conversation,
     policy_updates_from_events_drive_the_bot,
     bad_input_is_refused_and_nothing_written,
+    the_sentiment_trend_starts_again_after_a_reopen,
 );
+
+/// The repeat-contact window of the tests that count earlier conversations.
+const REPEAT_WINDOW: Duration = Duration::from_secs(2);
+
+fn repeat_settings() -> Settings {
+    Settings {
+        repeat_contact_window: REPEAT_WINDOW,
+        ..Settings::default()
+    }
+}
+
+mod repeat_contacts {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn production() {
+        super::repeat_contacts_count_the_customers_recent_conversations(
+            super::Rig::production_with(super::repeat_settings()),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn standalone() {
+        super::repeat_contacts_count_the_customers_recent_conversations(
+            super::Rig::standalone_with(super::repeat_settings()),
+        )
+        .await;
+    }
+}
 
 /// Training examples: core phrases with polite prefixes, answers on the first row of each
 /// intent and language.
@@ -975,5 +1012,157 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         .conversation
         .unwrap();
     assert_eq!(got.message_count, 0);
+    rig.stop().await;
+}
+
+async fn start_for(c: &mut Client, customer: &str, key: &str) -> pb::StartConversationResponse {
+    c.start_conversation(pb::StartConversationRequest {
+        customer: Some(common::Customer {
+            id: customer.into(),
+            ..Default::default()
+        }),
+        client_conversation_id: key.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn trace_of(c: &mut Client, r: &pb::PostCustomerMessageResponse) -> pb::DecisionTrace {
+    c.get_decision_trace(pb::GetDecisionTraceRequest {
+        key: Some(pb::get_decision_trace_request::Key::TraceId(
+            r.bot_turn.as_ref().unwrap().decision_trace_id.clone(),
+        )),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .trace
+    .unwrap()
+}
+
+fn factor(t: &pb::DecisionTrace, name: &str) -> f64 {
+    t.complexity
+        .as_ref()
+        .unwrap()
+        .factors
+        .iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("no factor {name} in {:?}", t.complexity))
+        .value
+}
+
+async fn repeat_contacts_count_the_customers_recent_conversations(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let counted =
+        |r: &pb::StartConversationResponse| r.conversation.as_ref().unwrap().repeat_contacts;
+    // Each new conversation of the customer counts the earlier ones within the window.
+    let first = start_for(&mut c, "cust-r", "r1").await;
+    let second = start_for(&mut c, "cust-r", "r2").await;
+    let third = start_for(&mut c, "cust-r", "r3").await;
+    assert_eq!(
+        [counted(&first), counted(&second), counted(&third)],
+        [0, 1, 2]
+    );
+    // Another customer, and another tenant with the same customer id, count only their own.
+    assert_eq!(counted(&start_for(&mut c, "cust-s", "s1").await), 0);
+    let mut other = rig.client("globex", "ch-1", &[Role::Channel]).await;
+    assert_eq!(counted(&start_for(&mut other, "cust-r", "r1").await), 0);
+    // The count is kept on the conversation: a retried start returns it unchanged.
+    let again = start_for(&mut c, "cust-r", "r2").await;
+    assert!(!again.created);
+    assert_eq!(counted(&again), 1);
+    let stored = c
+        .get_conversation(pb::GetConversationRequest {
+            conversation_id: third.conversation.as_ref().unwrap().id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(stored.repeat_contacts, 2);
+
+    // Every turn of the conversation feeds it to the complexity score.
+    let third_id = third.conversation.as_ref().unwrap().id.clone();
+    let first_id = first.conversation.as_ref().unwrap().id.clone();
+    for n in 1..=2 {
+        let r = say(&mut c, &third_id, &format!("m{n}"), "where is my parcel").await;
+        let t = trace_of(&mut c, &r).await;
+        assert!(
+            (factor(&t, "repeat_contact") - 2.0 / 3.0).abs() < 1e-6,
+            "{t:?}"
+        );
+    }
+    let r = say(&mut c, &first_id, "m1", "where is my parcel").await;
+    assert_eq!(factor(&trace_of(&mut c, &r).await, "repeat_contact"), 0.0);
+
+    // Conversations older than the window no longer count.
+    tokio::time::sleep(REPEAT_WINDOW + Duration::from_millis(200)).await;
+    assert_eq!(counted(&start_for(&mut c, "cust-r", "r4").await), 0);
+    rig.stop().await;
+}
+
+async fn the_sentiment_trend_starts_again_after_a_reopen(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    train(&rig, "acme").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    const HAPPY: &str = "Thanks, that is great, you are very helpful!";
+    // Mildly negative (about -0.3): no negative-sentiment handoff on its own, but more than the
+    // swing threshold (0.8) below the happy turn.
+    const UNHAPPY: &str = "hmm, the parcel is late again";
+
+    // Without a resolution in between, the drop from the happy turn is a swing: handoff.
+    let control = start(&mut c, "k-swing", common::Language::En).await;
+    say(&mut c, &control.id, "m1", HAPPY).await;
+    let swing = say(&mut c, &control.id, "m2", UNHAPPY).await;
+    assert_eq!(action(&swing), pb::BotAction::Handoff, "{swing:?}");
+    let trigger = swing.bot_turn.unwrap().handoff.unwrap().trigger.unwrap();
+    assert_eq!(
+        trigger.reason,
+        common::HandoffReason::EmotionSwing as i32,
+        "{trigger:?}"
+    );
+
+    // The same turns with a resolution in between: the reopened conversation starts afresh.
+    let conv = start(&mut c, "k-reopen", common::Language::En).await;
+    let happy = say(&mut c, &conv.id, "m1", HAPPY).await;
+    assert_ne!(action(&happy), pb::BotAction::Handoff, "{happy:?}");
+    c.resolve_conversation(pb::ResolveConversationRequest {
+        conversation_id: conv.id.clone(),
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+    let reopened = say(&mut c, &conv.id, "m2", UNHAPPY).await;
+    assert_ne!(action(&reopened), pb::BotAction::Handoff, "{reopened:?}");
+    assert_eq!(reopened.state, pb::ConversationState::Bot as i32);
+    let first_after = trace_of(&mut c, &reopened).await;
+    assert_eq!(first_after.turn_index, 1);
+    assert_eq!(first_after.sentiment_trend, 0.0, "{first_after:?}");
+    let got = c
+        .get_conversation(pb::GetConversationRequest {
+            conversation_id: conv.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!((got.reopen_count, got.reopened_at_turn), (1, 1));
+
+    // The next turn's trend is over the turns since the reopen only: two points, so the slope is
+    // their difference.
+    let next = say(&mut c, &conv.id, "m3", HAPPY).await;
+    let second_after = trace_of(&mut c, &next).await;
+    let score = |t: &pb::DecisionTrace| t.sentiment.as_ref().unwrap().score;
+    let expected = score(&second_after) - score(&first_after);
+    assert!(
+        (second_after.sentiment_trend - expected).abs() < 1e-4,
+        "slope {} expected {expected}",
+        second_after.sentiment_trend
+    );
     rig.stop().await;
 }
