@@ -204,6 +204,13 @@ impl Hub {
             .subscribe()
     }
 
+    /// Whether a watcher on this replica follows the conversation.
+    pub fn watched(&self, tenant: &TenantId, id: &str) -> bool {
+        let map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(tenant.clone(), id.to_owned()))
+            .is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
     /// Publishes updates; drops the channel when nobody listens.
     pub fn publish(&self, tenant: &TenantId, id: &str, updates: Vec<Broadcast>) {
         if updates.is_empty() {

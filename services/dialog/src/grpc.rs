@@ -30,6 +30,8 @@ const EVERYONE: &[Role] = &[
 ];
 const AGENTS: &[Role] = &[Role::Agent, Role::Supervisor, Role::Admin];
 const MODEL_ADMINS: &[Role] = &[Role::Admin, Role::Supervisor];
+/// Suggestion ids a watcher remembers to skip the second copy of an update.
+const SEEN_SUGGESTIONS: usize = 64;
 
 /// The gRPC services.
 #[derive(Clone)]
@@ -256,8 +258,10 @@ impl DialogService for DialogGrpc {
                     }
                 }
             }
+            // Suggestions already sent: a replica's own updates also come back through the bus.
+            let mut suggestions = std::collections::VecDeque::with_capacity(SEEN_SUGGESTIONS);
             loop {
-                let b = match live.recv().await {
+                let mut b = match live.recv().await {
                     Ok(b) => b,
                     Err(RecvError::Lagged(_)) => {
                         let _ = tx
@@ -272,11 +276,56 @@ impl DialogService for DialogGrpc {
                 if b.agent_only && !agent_view {
                     continue;
                 }
-                if let Some(pb::conversation_update::Update::MessagePosted(m)) = &b.update.update {
-                    if m.sequence <= high {
-                        continue;
+                match &b.update.update {
+                    Some(pb::conversation_update::Update::MessagePosted(m)) => {
+                        if m.sequence <= high {
+                            continue;
+                        }
+                        // Updates from two replicas may overtake each other: what is missing
+                        // before this message comes from the store, so the watcher never skips
+                        // a message.
+                        if m.sequence > high + 1 {
+                            let missing = match app
+                                .messages(&tenant, &conversation.id, high, m.sequence - high - 1)
+                                .await
+                            {
+                                Ok(missing) => missing,
+                                Err(e) => {
+                                    let _ = tx.send(Err(st(&e))).await;
+                                    return;
+                                }
+                            };
+                            for m in missing {
+                                high = high.max(m.sequence);
+                                let u = pb::ConversationUpdate {
+                                    cursor: m.sequence.to_string(),
+                                    occurred_at: m.created_at,
+                                    update: Some(pb::conversation_update::Update::MessagePosted(m)),
+                                };
+                                if tx
+                                    .send(Ok(pb::WatchConversationResponse { update: Some(u) }))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                        high = m.sequence;
                     }
-                    high = m.sequence;
+                    Some(pb::conversation_update::Update::Suggestion(s)) => {
+                        if suggestions.contains(&s.id) {
+                            continue;
+                        }
+                        if suggestions.len() == SEEN_SUGGESTIONS {
+                            suggestions.pop_front();
+                        }
+                        suggestions.push_back(s.id.clone());
+                    }
+                    _ => {}
+                }
+                if b.update.cursor.is_empty() {
+                    b.update.cursor = high.to_string();
                 }
                 if tx
                     .send(Ok(pb::WatchConversationResponse {

@@ -12,8 +12,10 @@
 //!   the bot keeps deciding when the policy service is down) and of routing's handoff events.
 //!
 //! `WatchConversation` streams the updates made by the replica the watcher is connected to
-//! (an in-process broadcast per conversation); a watcher that needs every replica's updates
-//! resumes with its last cursor, which replays the stored messages after it.
+//! (an in-process broadcast per conversation) and, on NATS, the messages and suggestions the
+//! other replicas write (`watch`: a plain subscription of this process to dialog's own events);
+//! a watcher that reconnects resumes with its last cursor, which replays the stored messages
+//! after it.
 
 pub mod app;
 pub mod grpc;
@@ -21,6 +23,7 @@ pub mod knowledge;
 pub mod models;
 pub mod nlu;
 pub mod store;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,6 +161,13 @@ impl Service for Dialog {
                 repeat_contact_window: settings.repeat_contact_window,
             },
         ));
+        watch::relay_from_replicas(
+            &ctx.bus,
+            Arc::clone(&app),
+            ctx.tracker,
+            ctx.shutdown.clone(),
+        )
+        .await?;
         let grpc = grpc::DialogGrpc::new(Arc::clone(&app));
         ctx.server.add_service(InterceptedService::new(
             tandem_platform::limited!(DialogServiceServer::new(grpc.clone()), ctx.grpc_config),
