@@ -321,6 +321,9 @@ async fn ingest_feedback(
 ) -> f64 {
     let started = Instant::now();
     let count = records.len();
+    if count == 0 {
+        return 0.0;
+    }
     let per_task = count.div_ceil(tasks);
     let mut handles = Vec::new();
     for part in records.chunks(per_task) {

@@ -1,9 +1,10 @@
 //! Storage on PostgreSQL and SQLite.
 //!
 //! The SQL is the same on both engines (times are integer microseconds, upserts use
-//! `ON CONFLICT`, lists are bound one value at a time), so it is written once in
-//! [`engine!`], which generates one module per engine; only the driver types, the row lock and
-//! the outbox and inbox functions differ. [`Store`] dispatches to the engine of the pool.
+//! `ON CONFLICT`), so it is written once in [`engine!`], which generates one module per engine;
+//! only the driver types, the row lock, the outbox and inbox functions and the binding of id
+//! lists (one array on PostgreSQL, one parameter per value on SQLite) differ. [`Store`]
+//! dispatches to the engine of the pool.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -279,8 +280,24 @@ fn record_from_parts(
     })
 }
 
+/// Appends ` = ANY($n)` with the values bound as one array: one parameter, no array built from
+/// hundreds of parameters on every execution, and an index scan whatever the plan.
+fn push_any_pg(builder: &mut QueryBuilder<sqlx::Postgres>, values: &[String]) {
+    builder.push(" = ANY(").push_bind(values.to_vec()).push(")");
+}
+
+/// Appends ` IN (…)` with one parameter per value (SQLite has no array parameters).
+fn push_any_sqlite(builder: &mut QueryBuilder<sqlx::Sqlite>, values: &[String]) {
+    builder.push(" IN (");
+    let mut list = builder.separated(", ");
+    for value in values {
+        list.push_bind(value.clone());
+    }
+    list.push_unseparated(")");
+}
+
 macro_rules! engine {
-    ($module:ident, $db:ty, $pool:ty, $lock:literal, $share:literal, $begin:literal, $claim:path, $enqueue:path) => {
+    ($module:ident, $db:ty, $pool:ty, $lock:literal, $share:literal, $begin:literal, $claim:path, $enqueue:path, $any:path) => {
         /// The store on one engine.
         pub mod $module {
             use super::*;
@@ -329,8 +346,8 @@ macro_rules! engine {
                     let mut select = QueryBuilder::<Database>::new(
                         "SELECT conversation_id, state FROM fb_conversation WHERE tenant = ",
                     );
-                    select.push_bind(tenant).push(" AND conversation_id IN ");
-                    push_list(&mut select, chunk);
+                    select.push_bind(tenant).push(" AND conversation_id");
+                    $any(&mut select, chunk);
                     select.push(" ORDER BY conversation_id");
                     select.push(lock);
                     for row in select.build().fetch_all(&mut *conn).await? {
@@ -352,8 +369,11 @@ macro_rules! engine {
                     let mut select = QueryBuilder::<Database>::new(
                         "SELECT conversation_id, state FROM fb_conversation WHERE tenant = ",
                     );
-                    select.push_bind(tenant).push(" AND customer_id IN ");
-                    push_list(&mut select, chunk);
+                    // Repeats the partial index's predicate, so that a generic plan can use it.
+                    select
+                        .push_bind(tenant)
+                        .push(" AND customer_id <> '' AND customer_id");
+                    $any(&mut select, chunk);
                     select
                         .push(" ORDER BY conversation_id LIMIT ")
                         .push_bind(CUSTOMER_CONVERSATIONS * chunk.len() as i64);
@@ -377,8 +397,8 @@ macro_rules! engine {
                     let mut select = QueryBuilder::<Database>::new(
                         "SELECT conversation_id, handoff_id, state FROM fb_handoff WHERE tenant = ",
                     );
-                    select.push_bind(tenant).push(" AND conversation_id IN ");
-                    push_list(&mut select, chunk);
+                    select.push_bind(tenant).push(" AND conversation_id");
+                    $any(&mut select, chunk);
                     for row in select.build().fetch_all(&mut *conn).await? {
                         let conversation: String = row.try_get("conversation_id")?;
                         let id: String = row.try_get("handoff_id")?;
@@ -390,8 +410,8 @@ macro_rules! engine {
                     let mut select = QueryBuilder::<Database>::new(
                         "SELECT conversation_id, suggestion_id, state FROM fb_suggestion WHERE tenant = ",
                     );
-                    select.push_bind(tenant).push(" AND conversation_id IN ");
-                    push_list(&mut select, chunk);
+                    select.push_bind(tenant).push(" AND conversation_id");
+                    $any(&mut select, chunk);
                     for row in select.build().fetch_all(&mut *conn).await? {
                         let conversation: String = row.try_get("conversation_id")?;
                         let id: String = row.try_get("suggestion_id")?;
@@ -404,8 +424,11 @@ macro_rules! engine {
                     let mut select = QueryBuilder::<Database>::new(
                         "SELECT conversation_id, channel, subject, kind, score, at FROM fb_feedback WHERE tenant = ",
                     );
-                    select.push_bind(tenant).push(" AND conversation_id IN ");
-                    push_list(&mut select, chunk);
+                    // The partial index's predicate, so that a generic plan can use it.
+                    select
+                        .push_bind(tenant)
+                        .push(" AND conversation_id <> '' AND conversation_id");
+                    $any(&mut select, chunk);
                     for row in select.build().fetch_all(&mut *conn).await? {
                         let conversation: String = row.try_get("conversation_id")?;
                         let kind: String = row.try_get("kind")?;
@@ -885,8 +908,8 @@ macro_rules! engine {
                     let mut select = QueryBuilder::<Database>::new(format!(
                         "SELECT {FEEDBACK_COLUMNS} FROM fb_feedback WHERE tenant = "
                     ));
-                    select.push_bind(tenant).push(" AND client_feedback_id IN ");
-                    push_list(&mut select, chunk);
+                    select.push_bind(tenant).push(" AND client_feedback_id");
+                    $any(&mut select, chunk);
                     for row in select.build().fetch_all(&mut *conn).await? {
                         let record = read_feedback(&row)?;
                         out.insert(record.input.client_feedback_id.clone(), record);
@@ -1694,7 +1717,8 @@ engine!(
     " FOR SHARE",
     "BEGIN",
     tandem_platform::inbox::claim_batch_pg,
-    tandem_platform::outbox::enqueue_pg
+    tandem_platform::outbox::enqueue_pg,
+    push_any_pg
 );
 engine!(
     sqlite,
@@ -1706,7 +1730,8 @@ engine!(
     // then writes never fails with "database is locked" when another writer got there first.
     "BEGIN IMMEDIATE",
     tandem_platform::inbox::claim_batch_sqlite,
-    tandem_platform::outbox::enqueue_sqlite
+    tandem_platform::outbox::enqueue_sqlite,
+    push_any_sqlite
 );
 
 /// The feedback service's storage, on the engine of its pool.
