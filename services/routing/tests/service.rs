@@ -112,6 +112,7 @@ impl Rig {
             },
             service: tandem_routing::Settings {
                 sweep_interval: Duration::from_millis(100),
+                position_update_interval: Duration::from_millis(200),
                 ..tandem_routing::Settings::default()
             },
             ..ServiceConfig::default()
@@ -722,6 +723,64 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
     assert_eq!(error.code, i32::from(pb::SessionErrorCode::Protocol));
 }
 
+async fn waiting_customers_hear_their_position_move(rig: &Rig) {
+    use prost::Message as _;
+    let spec = ConsumerSpec::new("test-positions", &ROUTING, &rig.bus_config)
+        .event::<pb::HandoffPositionUpdated>();
+    let mut positions = rig.bus.consumer(&spec).await.unwrap();
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("dan", 1, 5)),
+        })
+        .await
+        .unwrap();
+    // Three customers wait while nobody is online: places 1, 2, 3 (in HandoffQueued).
+    for i in 1..=3 {
+        rig.publish(handoff_event(&format!("p-{i}"), &format!("pconv-{i}")))
+            .await;
+        wait_for_state(&mut admin, &format!("p-{i}"), pb::TicketState::Queued).await;
+    }
+    // Dan comes online and is offered the first: the other two move up one place each.
+    let mut dan = rig.client("dan", &[Role::Agent]).await;
+    dan.set_presence(pb::SetPresenceRequest {
+        agent_id: String::new(),
+        presence: pb::Presence::Online.into(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_for_state(&mut admin, "p-1", pb::TicketState::Offered).await;
+    let mut moved = Vec::new();
+    while moved.len() < 2 {
+        let event = next_event(&mut positions).await;
+        let update = pb::HandoffPositionUpdated::decode(&event.payload[..]).unwrap();
+        assert_eq!(update.queue_id, "default");
+        assert_eq!(
+            update.conversation_id,
+            update.handoff_id.replace("p-", "pconv-")
+        );
+        assert!(update.eta_seconds > 0);
+        // Each ticket moves up by one place (its first update, once per interval).
+        let expected = if update.handoff_id == "p-2" { 1 } else { 2 };
+        assert_eq!(update.position, expected, "{update:?}");
+        assert!(!moved.iter().any(|(id, _)| *id == update.handoff_id));
+        moved.push((update.handoff_id, update.position));
+    }
+    moved.sort();
+    assert_eq!(moved, [("p-2".to_owned(), 1), ("p-3".to_owned(), 2)]);
+    let position = admin
+        .get_queue_position(pb::GetQueuePositionRequest {
+            key: Some(pb::get_queue_position_request::Key::ConversationId(
+                "pconv-3".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(position.position, 2);
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => {
         mod production {
@@ -749,5 +808,6 @@ macro_rules! both {
 
 both!(
     a_handoff_reaches_the_desk_once_and_is_assigned,
-    bad_input_gets_precise_codes
+    bad_input_gets_precise_codes,
+    waiting_customers_hear_their_position_move
 );

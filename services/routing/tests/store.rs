@@ -22,8 +22,8 @@ use tandem_routing::domain::queue::{
 use tandem_routing::domain::ticket::{Disposition, TicketState};
 use tandem_routing::error::RoutingError;
 use tandem_routing::store::{
-    AgentFilter, EtaSettings, NewTicket, OfferOutcome, PresenceReason, Store, TransferKind,
-    TransferTarget,
+    AgentFilter, EtaSettings, NewTicket, OfferOutcome, PositionUpdates, PresenceReason, Store,
+    TransferKind, TransferTarget,
 };
 
 #[allow(
@@ -1252,6 +1252,126 @@ async fn batched_offers_spread_respect_capacity_and_assign_once(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+/// The HandoffPositionUpdated payloads in the outbox, in order: (handoff, position, eta).
+async fn position_updates(store: &Store) -> Vec<(String, i32, i32)> {
+    use prost::Message as _;
+    let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
+    let name = "tandem.routing.v1.HandoffPositionUpdated";
+    let payloads: Vec<Vec<u8>> = match store.db() {
+        Db::Postgres(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
+    }
+    .unwrap();
+    payloads
+        .iter()
+        .map(|p| {
+            let e = tandem_proto::pb::routing::v1::HandoffPositionUpdated::decode(p.as_slice())
+                .unwrap();
+            assert_eq!(e.queue_id, "default");
+            assert!(e.conversation_id.starts_with('c'));
+            (e.handoff_id, e.position, e.eta_seconds)
+        })
+        .collect()
+}
+
+/// Waiting customers hear when their place moves: the first position travels in HandoffQueued,
+/// changes of position (tickets ahead assigned) or of the ETA beyond the threshold are
+/// published as HandoffPositionUpdated, at most once per interval per ticket, once across
+/// replicas running the same round.
+async fn position_changes_are_published_once_per_interval(store: Store) {
+    let t = tenant();
+    for i in 1..=3 {
+        let at = t0() + chrono::Duration::milliseconds(i);
+        enqueue(&store, &handoff(&format!("h{i}"), &format!("c{i}")), at).await;
+    }
+    let updates = PositionUpdates {
+        interval: Duration::from_secs(5),
+        eta_delta: Duration::from_secs(40),
+        scan_limit: 100,
+    };
+    // Nothing moved, and the enqueue's position is too recent anyway.
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(1), updates, ETA)
+            .await
+            .unwrap(),
+        0
+    );
+    // Two agents come online (nothing offered yet): ETAs halve, positions stay. Only moves
+    // beyond 40 s are published: h1 60 -> 30 is not, h2 120 -> 60 and h3 180 -> 90 are.
+    online(&store, "ann", &[], 1).await;
+    online(&store, "bob", &[], 1).await;
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(6), updates, ETA)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        position_updates(&store).await,
+        [("h2".to_owned(), 2, 60), ("h3".to_owned(), 3, 90)]
+    );
+    // h1 is offered and accepted: the others move up, but not before their interval is over.
+    let (offer_id, agent) = offer(&store, "h1", t0() + secs(7)).await;
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(7))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(8), updates, ETA)
+            .await
+            .unwrap(),
+        0
+    );
+    // Two replicas run the same round: each change is published once.
+    let (a, b) = tokio::join!(
+        store.report_positions(t0() + secs(12), updates, ETA),
+        store.report_positions(t0() + secs(12), updates, ETA)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 2);
+    let published = position_updates(&store).await;
+    assert_eq!(published.len(), 4);
+    let mut moved: Vec<(String, i32)> = published[2..]
+        .iter()
+        .map(|(id, position, _)| (id.clone(), *position))
+        .collect();
+    moved.sort();
+    assert_eq!(moved, [("h2".to_owned(), 1), ("h3".to_owned(), 2)]);
+    // Nothing changes: nothing is published, however often the round runs.
+    for at in [13, 18, 30] {
+        assert_eq!(
+            store
+                .report_positions(t0() + secs(at), updates, ETA)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+    // A scan limit of one looks at the first waiting ticket only.
+    let (offer_id, agent) = offer(&store, "h2", t0() + secs(31)).await;
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(31))
+        .await
+        .unwrap();
+    enqueue(&store, &handoff("h4", "c4"), t0() + secs(31)).await;
+    let first_only = PositionUpdates {
+        scan_limit: 1,
+        ..updates
+    };
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(40), first_only, ETA)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(position_updates(&store).await.last().unwrap().0, "h3");
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 4);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -1289,4 +1409,5 @@ both_engines!(
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,
+    position_changes_are_published_once_per_interval,
 );
