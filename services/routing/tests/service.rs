@@ -583,23 +583,31 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
             .code(),
         Code::NotFound
     );
-    assert_eq!(
-        admin
-            .upsert_queue(pb::UpsertQueueRequest {
-                queue: Some(pb::Queue {
-                    id: "billing".into(),
-                    business_hours: Some(pb::BusinessHours {
-                        timezone: "Mars/Olympus".into(),
-                        ..pb::BusinessHours::default()
-                    }),
-                    ..pb::Queue::default()
-                }),
-            })
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
+    let zoned = |zone: &str| pb::UpsertQueueRequest {
+        queue: Some(pb::Queue {
+            id: "billing".into(),
+            business_hours: Some(pb::BusinessHours {
+                timezone: zone.into(),
+                ..pb::BusinessHours::default()
+            }),
+            ..pb::Queue::default()
+        }),
+    };
+    let refused = admin.upsert_queue(zoned("Mars/Olympus")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("business_hours.timezone"),
+        "{}",
+        refused.message()
     );
+    let stored = admin
+        .upsert_queue(zoned("Asia/Shanghai"))
+        .await
+        .unwrap()
+        .into_inner()
+        .queue
+        .unwrap();
+    assert_eq!(stored.business_hours.unwrap().timezone, "Asia/Shanghai");
     assert_eq!(
         admin
             .list_agents(pb::ListAgentsRequest {

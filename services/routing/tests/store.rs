@@ -1372,6 +1372,80 @@ async fn position_changes_are_published_once_per_interval(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+/// Business hours in IANA zones: Europe/Berlin on the day clocks go forward (a fixed +01:00
+/// would open an hour late), Asia/Shanghai on a weekday and a holiday; an unknown zone is
+/// refused naming the field and nothing is stored.
+async fn business_hours_in_iana_zones(store: Store) {
+    let t = tenant();
+    let queue = |id: &str, zone: &str, days: std::ops::RangeInclusive<u32>, close: u32| {
+        let mut spec = QueueSpec::open(id);
+        spec.hours = BusinessHours {
+            timezone: zone.into(),
+            windows: days
+                .map(|day| WeeklyWindow {
+                    day,
+                    start_minute: 9 * 60,
+                    end_minute: close * 60,
+                })
+                .collect(),
+            holidays: vec!["2026-10-01".into()],
+        };
+        spec
+    };
+    store
+        .upsert_queue(&t, &queue("berlin", "Europe/Berlin", 1..=7, 17), t0())
+        .await
+        .unwrap();
+    store
+        .upsert_queue(&t, &queue("shanghai", "Asia/Shanghai", 1..=5, 18), t0())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.queue(&t, "berlin").await.unwrap().spec.hours.timezone,
+        "Europe/Berlin"
+    );
+    let refused = store
+        .upsert_queue(&t, &queue("mars", "Mars/Olympus", 1..=5, 18), t0())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, RoutingError::InvalidArgument(m) if m.contains("queue.business_hours.timezone")),
+        "{refused}"
+    );
+    assert!(matches!(
+        store.queue(&t, "mars").await,
+        Err(RoutingError::NotFound(_))
+    ));
+    let at = |m, d, h, min| Utc.with_ymd_and_hms(2026, m, d, h, min, 0).unwrap();
+    let cases = [
+        // Sunday 2026-03-29, summer time from 02:00: 06:59 UTC is 08:59, 07:00 UTC is 09:00.
+        ("berlin", at(3, 29, 6, 59), TicketState::Returned),
+        ("berlin", at(3, 29, 7, 0), TicketState::Queued),
+        // The Saturday before, winter time: 07:30 UTC is 08:30, 08:00 UTC is 09:00.
+        ("berlin", at(3, 28, 7, 30), TicketState::Returned),
+        ("berlin", at(3, 28, 8, 0), TicketState::Queued),
+        // Monday 2026-09-28 in Shanghai (UTC+8): 00:30 UTC is 08:30, 01:30 UTC is 09:30,
+        // 10:00 UTC is 18:00.
+        ("shanghai", at(9, 28, 0, 30), TicketState::Returned),
+        ("shanghai", at(9, 28, 1, 30), TicketState::Queued),
+        ("shanghai", at(9, 28, 10, 0), TicketState::Returned),
+        // National Day, a Thursday, 10:00 local.
+        ("shanghai", at(10, 1, 2, 0), TicketState::Returned),
+    ];
+    for (i, (queue_id, when, expected)) in cases.into_iter().enumerate() {
+        let id = format!("tz-{i}");
+        let mut new = handoff(&id, &format!("tz-conv-{i}"));
+        new.queue_id = queue_id.into();
+        new.requested_at = when;
+        enqueue(&store, &new, when).await;
+        let ticket = store.ticket(&t, &id).await.unwrap();
+        assert_eq!(ticket.queue_id, queue_id);
+        assert_eq!(ticket.state, expected, "{queue_id} at {when}");
+    }
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 5);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 3);
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -1410,4 +1484,5 @@ both_engines!(
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,
     position_changes_are_published_once_per_interval,
+    business_hours_in_iana_zones,
 );
