@@ -1446,6 +1446,141 @@ async fn business_hours_in_iana_zones(store: Store) {
     assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 3);
 }
 
+/// Desks accept their offers while the same agents' presence flips between ONLINE and AWAY (each
+/// flip to AWAY expires their pending offers), offers expire and batches keep offering. Every
+/// transaction that touches an agent's offers locks the agent row first, so PostgreSQL never
+/// has to abort one of them as a deadlock: no call fails other than with the offer's own fate
+/// (expired, taken), and the invariants hold.
+async fn accepts_and_presence_flips_never_deadlock(store: Store) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const AGENTS: usize = 6;
+    const TICKETS: usize = 150;
+    const FLIPS: usize = 30;
+    for i in 0..AGENTS {
+        online(&store, &format!("agent-{i}"), &[], 3).await;
+    }
+    for i in 0..TICKETS {
+        enqueue(
+            &store,
+            &handoff(&format!("h{i:03}"), &format!("c{i:03}")),
+            t0(),
+        )
+        .await;
+    }
+    let store = Arc::new(store);
+    let done = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let at = t0() + secs(1);
+    let mut tasks: Vec<tokio::task::JoinHandle<Vec<String>>> = Vec::new();
+    // Two routers keep offering until the flips are over.
+    for _ in 0..2 {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Err(e) = store.offer_queued(&tenant(), "default", 8, at).await {
+                    errors.push(format!("offer batch: {e:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            errors
+        }));
+    }
+    // Offers also expire under them (and missed offers set agents AWAY).
+    {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Err(e) = store.expire_offers(at + secs(60), 5, 3).await {
+                    errors.push(format!("expire: {e:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            errors
+        }));
+    }
+    let mut flippers = Vec::new();
+    for i in 0..AGENTS {
+        let agent = format!("agent-{i}");
+        // The desk accepts whatever it has and wraps every third up.
+        let (store_, done_, accepted_) =
+            (Arc::clone(&store), Arc::clone(&done), Arc::clone(&accepted));
+        let desk_agent = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let (store, agent) = (store_, desk_agent);
+            let mut errors = Vec::new();
+            while !done_.load(Ordering::Relaxed) {
+                let pending = match store.pending_offers(&tenant(), &agent).await {
+                    Ok(pending) => pending,
+                    Err(e) => {
+                        errors.push(format!("pending offers: {e:?}"));
+                        continue;
+                    }
+                };
+                for (offer, ticket) in pending {
+                    match store.accept(&tenant(), &agent, &offer.id, at).await {
+                        Ok(_) => {
+                            if accepted_.fetch_add(1, Ordering::Relaxed) % 3 == 0
+                                && let Err(e) = store
+                                    .complete(
+                                        &tenant(),
+                                        &ticket.id,
+                                        Some(&agent),
+                                        Disposition::Resolved,
+                                        at,
+                                    )
+                                    .await
+                            {
+                                errors.push(format!("complete: {e:?}"));
+                            }
+                        }
+                        // The offer's own fate: a flip to AWAY or the expiry got there first.
+                        Err(RoutingError::OfferExpired(_) | RoutingError::OfferTaken(_)) => {}
+                        Err(e) => errors.push(format!("accept: {e:?}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            errors
+        }));
+        // Its presence flips meanwhile.
+        let store = Arc::clone(&store);
+        flippers.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for round in 0..FLIPS {
+                let to = if round % 2 == 0 {
+                    Presence::Away
+                } else {
+                    Presence::Online
+                };
+                if let Err(e) = store
+                    .set_presence(&tenant(), &agent, to, PresenceReason::Manual, "", at)
+                    .await
+                {
+                    errors.push(format!("presence: {e:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for flipper in flippers {
+        errors.extend(flipper.await.unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    for task in tasks {
+        errors.extend(task.await.unwrap());
+    }
+    assert_eq!(errors, Vec::<String>::new());
+    assert!(
+        accepted.load(Ordering::Relaxed) > 0,
+        "accepts went through while presence flipped"
+    );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -1486,3 +1621,12 @@ both_engines!(
     position_changes_are_published_once_per_interval,
     business_hours_in_iana_zones,
 );
+
+// Lock ordering matters only where rows are locked: PostgreSQL (SQLite has one writer).
+mod postgres_locking {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accepts_and_presence_flips_never_deadlock() {
+        let (store, _keep) = super::postgres().await;
+        super::accepts_and_presence_flips_never_deadlock(store).await;
+    }
+}

@@ -8,7 +8,7 @@ use tandem_proto::pb::routing::v1 as pb;
 
 use super::agents::{PresenceReason, change_presence, load_agent, online_agents};
 use super::queues::{QueueRecord, all_queues, load_queue, resolve_queue};
-use super::sql::{Tx, args, claiming, locking};
+use super::sql::{Arg, Tx, args, claiming, locking};
 use super::{
     Store, events, from_json, micros, opt_time, parse_disposition, parse_state, skills_json, time,
 };
@@ -442,6 +442,33 @@ fn candidates(agents: &[Agent]) -> Vec<Candidate> {
         })
         .collect()
 }
+
+/// Locks agent rows in id order before any offer or ticket row of the transaction (PostgreSQL;
+/// on SQLite the writer lock taken at `BEGIN IMMEDIATE` covers it). `ids` is a sub-select of
+/// the agent ids over the parameters `args` (`$1` is the tenant).
+///
+/// Every transaction that changes an agent's offers takes the agent row first: presence changes
+/// (which expire the agent's offers), accept, decline, expiry, completion, transfer and the
+/// customer leaving. Two of them that meet on an offer or a ticket have then already met on its
+/// agent and run one after the other, so no lock cycle can form and PostgreSQL never has to
+/// abort one as a deadlock. Offer batches lock waiting tickets (`SKIP LOCKED`, never waiting)
+/// and then agents in id order; the tickets they hold have no offers yet.
+async fn lock_agents_first(tx: &mut Tx, ids: &str, args: Vec<Arg>) -> RoutingResult<()> {
+    if !tx.is_postgres() {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({ids}) ORDER BY id FOR UPDATE"
+    );
+    let _: Vec<(String,)> = tx.fetch_all_text(&sql, args).await?;
+    Ok(())
+}
+
+/// The agents of a ticket: the one holding it and the one of its pending offer.
+const AGENTS_OF_TICKET: &str = "SELECT assigned_agent_id FROM routing_tickets \
+     WHERE tenant = $1 AND id = $2 \
+     UNION SELECT agent_id FROM routing_offers \
+     WHERE tenant = $1 AND ticket_id = $2 AND state = 'pending'";
 
 /// Reserves one unit of the agent's capacity; false when it is full or not online.
 async fn reserve(
@@ -1234,6 +1261,15 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<Accepted> {
         let mut tx = Tx::write(self.db()).await?;
+        // The accepting agent and, for a warm transfer, the agent handing over, in id order.
+        lock_agents_first(
+            &mut tx,
+            "SELECT CAST($2 AS TEXT) UNION SELECT t.assigned_agent_id FROM routing_offers o \
+             JOIN routing_tickets t ON t.tenant = o.tenant AND t.id = o.ticket_id \
+             WHERE o.tenant = $1 AND o.id = $3 AND o.kind = 'transfer' AND o.state = 'pending'",
+            args![tenant.as_str(), agent_id, offer_id],
+        )
+        .await?;
         let offer = load_offer(&mut tx, tenant, offer_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("offer {offer_id} not found")))?;
@@ -1358,6 +1394,12 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<TicketRecord> {
         let mut tx = Tx::write(self.db()).await?;
+        lock_agents_first(
+            &mut tx,
+            "SELECT CAST($2 AS TEXT)",
+            args![tenant.as_str(), agent_id],
+        )
+        .await?;
         let offer = load_offer(&mut tx, tenant, offer_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("offer {offer_id} not found")))?;
@@ -1388,20 +1430,26 @@ impl Store {
         missed_before_away: u32,
     ) -> RoutingResult<Vec<(TenantId, OfferRecord)>> {
         let mut tx = Tx::read(self.db()).await?;
-        let due: Vec<(String, String)> = tx
+        let due: Vec<(String, String, String)> = tx
             .fetch_all(
-                "SELECT tenant, id FROM routing_offers WHERE state = 'pending' AND expires_at <= $1 \
-                 ORDER BY expires_at LIMIT $2",
+                "SELECT tenant, id, agent_id FROM routing_offers WHERE state = 'pending' \
+                 AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
                 args![micros(now), i64::try_from(limit).unwrap_or(i64::MAX)],
             )
             .await?;
         tx.commit().await?;
         let mut expired = Vec::new();
-        for (tenant, id) in due {
+        for (tenant, id, agent_id) in due {
             let Ok(tenant) = TenantId::new(tenant) else {
                 continue;
             };
             let mut tx = Tx::write(self.db()).await?;
+            lock_agents_first(
+                &mut tx,
+                "SELECT CAST($2 AS TEXT)",
+                args![tenant.as_str(), agent_id],
+            )
+            .await?;
             let Some(offer) = load_offer(&mut tx, &tenant, &id, true).await? else {
                 continue;
             };
@@ -1460,6 +1508,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<(Completed, Vec<OfferRecord>)> {
         let mut tx = Tx::write(self.db()).await?;
+        lock_agents_first(&mut tx, AGENTS_OF_TICKET, args![tenant.as_str(), ticket_id]).await?;
         let ticket = load_ticket(&mut tx, tenant, ticket_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("ticket {ticket_id} not found")))?;
@@ -1532,6 +1581,16 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<(TicketRecord, Option<OfferRecord>, String)> {
         let mut tx = Tx::write(self.db()).await?;
+        let named = match target {
+            TransferTarget::Agent(agent) => Some(agent.as_str()),
+            TransferTarget::Queue(_) => None,
+        };
+        lock_agents_first(
+            &mut tx,
+            &format!("{AGENTS_OF_TICKET} UNION SELECT CAST($3 AS TEXT)"),
+            args![tenant.as_str(), ticket_id, named],
+        )
+        .await?;
         let ticket = load_ticket(&mut tx, tenant, ticket_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("ticket {ticket_id} not found")))?;
@@ -1727,6 +1786,22 @@ impl Store {
             && !tx.claim(consumer, event_id).await?
         {
             return Ok(Unassigned::default());
+        }
+        match handoff_id {
+            Some(id) => {
+                lock_agents_first(&mut tx, AGENTS_OF_TICKET, args![tenant.as_str(), id]).await?;
+            }
+            None => {
+                lock_agents_first(
+                    &mut tx,
+                    "SELECT assigned_agent_id FROM routing_tickets WHERE tenant = $1 \
+                     AND conversation_id = $2 AND state IN ('queued', 'offered', 'assigned') \
+                     UNION SELECT agent_id FROM routing_offers WHERE tenant = $1 \
+                     AND conversation_id = $2 AND state = 'pending'",
+                    args![tenant.as_str(), conversation_id],
+                )
+                .await?;
+            }
         }
         let row: Option<TicketRow> = match handoff_id {
             Some(id) => {
