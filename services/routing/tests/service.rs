@@ -789,6 +789,107 @@ async fn waiting_customers_hear_their_position_move(rig: &Rig) {
     assert_eq!(position.position, 2);
 }
 
+async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    let spec = ConsumerSpec::new("test-presence", &ROUTING, &rig.bus_config)
+        .event::<pb::AgentPresenceChanged>();
+    let mut presence = rig.bus.consumer(&spec).await.unwrap();
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("eve", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let mut eve = rig.client("eve", &[Role::Agent]).await;
+    let hello = |resume: &str| {
+        Command::Hello(pb::SessionHello {
+            client_version: "test/1".into(),
+            resume_session_id: resume.into(),
+            presence: pb::Presence::Online.into(),
+        })
+    };
+    let welcome_of = |response: pb::AgentSessionResponse| match response.event {
+        Some(Event::Welcome(welcome)) => welcome,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    let mut desk = Desk::open(&mut eve).await;
+    desk.send("h", hello("")).await;
+    let first = welcome_of(desk.next().await).session_id;
+    rig.publish(handoff_event("r-1", "rconv-1")).await;
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected an offer");
+    };
+    let went_online = next_event(&mut presence).await;
+    assert_eq!(
+        went_online.type_name,
+        "tandem.routing.v1.AgentPresenceChanged"
+    );
+
+    // The connection drops; the desk reconnects with its session id.
+    drop(desk);
+    let mut desk = Desk::open(&mut eve).await;
+    desk.send("h2", hello(&first)).await;
+    assert_eq!(welcome_of(desk.next().await).session_id, first, "resumed");
+    // The pending offer comes again, once.
+    let Some(Event::Offer(again)) = desk.next().await.event else {
+        panic!("expected the pending offer again");
+    };
+    assert_eq!(again.id, offer.id);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), desk.rx.message())
+            .await
+            .is_err(),
+        "nothing else is pushed"
+    );
+    desk.send(
+        "a",
+        Command::Accept(pb::SessionAccept {
+            offer_id: offer.id.clone(),
+        }),
+    )
+    .await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    let agent = admin
+        .get_agent(pb::GetAgentRequest {
+            agent_id: "eve".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert_eq!(agent.presence, i32::from(pb::Presence::Online));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), presence.next())
+            .await
+            .is_err(),
+        "no presence change around the reconnect"
+    );
+
+    // An unknown id opens a new session, which replaces the resumed one.
+    let mut other = Desk::open(&mut eve).await;
+    other.send("h3", hello("not-a-session")).await;
+    let fresh = welcome_of(other.next().await).session_id;
+    assert_ne!(fresh, first);
+    assert_ne!(fresh, "not-a-session");
+    let Some(Event::Error(error)) = desk.next().await.event else {
+        panic!("expected the resumed session to be replaced");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::Superseded));
+    // A malformed id is refused.
+    let mut bad = Desk::open(&mut eve).await;
+    bad.send("h4", hello(&"x".repeat(200))).await;
+    let Some(Event::Error(error)) = bad.next().await.event else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::InvalidArgument));
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => {
         mod production {
@@ -817,5 +918,6 @@ macro_rules! both {
 both!(
     a_handoff_reaches_the_desk_once_and_is_assigned,
     bad_input_gets_precise_codes,
-    waiting_customers_hear_their_position_move
+    waiting_customers_hear_their_position_move,
+    a_desk_resumes_its_session_after_a_reconnect
 );

@@ -84,6 +84,8 @@ fn secs(n: i64) -> chrono::Duration {
     chrono::Duration::seconds(n)
 }
 
+const GRACE: Duration = Duration::from_secs(10);
+
 const ETA: EtaSettings = EtaSettings {
     window: Duration::from_secs(900),
     default_seconds_per_position: 60,
@@ -938,20 +940,22 @@ async fn presence_loss_returns_offers_to_the_queue(store: Store) {
     online(&store, "ann", &[], 2).await;
     enqueue(&store, &handoff("h1", "c1"), t0()).await;
     offer(&store, "h1", t0()).await;
-    let (agent, _) = store
-        .open_session(&t, "ann", "s1", None, t0())
+    let opened = store
+        .open_session(&t, "ann", "s1", None, None, GRACE, t0())
         .await
         .unwrap();
-    assert_eq!(agent.presence, Presence::Online);
+    assert_eq!(opened.agent.presence, Presence::Online);
+    assert_eq!((opened.session_id.as_str(), opened.resumed), ("s1", false));
+    let epoch = opened.epoch;
     assert!(
         store
-            .heartbeat(&t, "ann", "s1", t0() + secs(5))
+            .heartbeat(&t, "ann", "s1", epoch, t0() + secs(5))
             .await
             .unwrap()
     );
     assert!(
         !store
-            .heartbeat(&t, "ann", "other", t0() + secs(5))
+            .heartbeat(&t, "ann", "other", epoch, t0() + secs(5))
             .await
             .unwrap()
     );
@@ -973,7 +977,7 @@ async fn presence_loss_returns_offers_to_the_queue(store: Store) {
     assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
     // The stream ends: OFFLINE once the grace period is over.
     store
-        .close_session(&t, "ann", "s1", t0() + secs(41))
+        .close_session(&t, "ann", "s1", epoch, t0() + secs(41))
         .await
         .unwrap();
     assert!(
@@ -1446,6 +1450,152 @@ async fn business_hours_in_iana_zones(store: Store) {
     assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 3);
 }
 
+/// A desk reconnecting within the grace period with its session's id resumes it: same id, no
+/// presence change, the pending offer still there, the older stream of the id replaced (its
+/// heartbeat and its end no longer count). An unknown, expired or other agent's id opens a new
+/// session.
+async fn sessions_resume_within_the_grace_period(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    online(&store, "bob", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (offer_id, agent) = offer(&store, "h1", t0()).await;
+    let presence_events = events(&store, "tandem.routing.v1.AgentPresenceChanged").await;
+    let first = store
+        .open_session(&t, &agent, "s1", None, Some(Presence::Online), GRACE, t0())
+        .await
+        .unwrap();
+    assert_eq!((first.session_id.as_str(), first.resumed), ("s1", false));
+    store
+        .close_session(&t, &agent, "s1", first.epoch, t0() + secs(1))
+        .await
+        .unwrap();
+    assert_eq!(store.current_session(&t, &agent).await.unwrap(), None);
+
+    // Back within the grace period: the same session, still online, the offer still pending.
+    let resumed = store
+        .open_session(
+            &t,
+            &agent,
+            "s2",
+            Some("s1"),
+            Some(Presence::Online),
+            GRACE,
+            t0() + secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!((resumed.session_id.as_str(), resumed.resumed), ("s1", true));
+    assert_eq!(resumed.replaced, None);
+    assert!(resumed.epoch > first.epoch);
+    assert_eq!(resumed.agent.presence, Presence::Online);
+    assert_eq!(
+        store.current_session(&t, &agent).await.unwrap().as_deref(),
+        Some("s1")
+    );
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AgentPresenceChanged").await,
+        presence_events,
+        "no presence flap"
+    );
+    let pending = store.pending_offers(&t, &agent).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0.id, offer_id);
+    // The grace period of the old end does not apply any more.
+    assert!(
+        store
+            .sweep_sessions(t0() + secs(20), Duration::from_secs(30), GRACE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The first stream's heartbeat and end no longer count; the resumed stream's do.
+    assert!(
+        !store
+            .heartbeat(&t, &agent, "s1", first.epoch, t0() + secs(21))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .heartbeat(&t, &agent, "s1", resumed.epoch, t0() + secs(21))
+            .await
+            .unwrap()
+    );
+    store
+        .close_session(&t, &agent, "s1", first.epoch, t0() + secs(21))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.current_session(&t, &agent).await.unwrap().as_deref(),
+        Some("s1")
+    );
+
+    // Resuming a session whose stream has not ended yet (the server did not notice the drop)
+    // replaces that stream.
+    let again = store
+        .open_session(&t, &agent, "s3", Some("s1"), None, GRACE, t0() + secs(22))
+        .await
+        .unwrap();
+    assert_eq!((again.session_id.as_str(), again.resumed), ("s1", true));
+    assert_eq!(again.replaced.as_deref(), Some("s1"));
+    store
+        .close_session(&t, &agent, "s1", again.epoch, t0() + secs(23))
+        .await
+        .unwrap();
+
+    // Too late (the grace period is over, even before the sweep ran): a new session.
+    let late = store
+        .open_session(&t, &agent, "s4", Some("s1"), None, GRACE, t0() + secs(34))
+        .await
+        .unwrap();
+    assert_eq!((late.session_id.as_str(), late.resumed), ("s4", false));
+    // Unknown, and another agent's session: new sessions too.
+    let unknown = store
+        .open_session(&t, &agent, "s5", Some("nope"), None, GRACE, t0() + secs(35))
+        .await
+        .unwrap();
+    assert_eq!(
+        (unknown.session_id.as_str(), unknown.resumed),
+        ("s5", false)
+    );
+    assert_eq!(unknown.replaced.as_deref(), Some("s4"));
+    let other = if agent == "ann" { "bob" } else { "ann" };
+    let theirs = store
+        .open_session(&t, other, "b1", None, None, GRACE, t0() + secs(35))
+        .await
+        .unwrap();
+    store
+        .close_session(&t, other, "b1", theirs.epoch, t0() + secs(36))
+        .await
+        .unwrap();
+    let stolen = store
+        .open_session(&t, &agent, "s6", Some("b1"), None, GRACE, t0() + secs(37))
+        .await
+        .unwrap();
+    assert_eq!((stolen.session_id.as_str(), stolen.resumed), ("s6", false));
+    // Once the agent went offline, its last session cannot be resumed.
+    store
+        .close_session(&t, &agent, "s6", stolen.epoch, t0() + secs(38))
+        .await
+        .unwrap();
+    let swept = store
+        .sweep_sessions(t0() + secs(49), Duration::from_secs(30), GRACE)
+        .await
+        .unwrap();
+    assert!(
+        swept
+            .iter()
+            .any(|(_, a)| a.profile.id == agent && a.presence == Presence::Offline)
+    );
+    let gone = store
+        .open_session(&t, &agent, "s7", Some("s6"), None, GRACE, t0() + secs(49))
+        .await
+        .unwrap();
+    assert_eq!((gone.session_id.as_str(), gone.resumed), ("s7", false));
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 /// Desks accept their offers while the same agents' presence flips between ONLINE and AWAY (each
 /// flip to AWAY expires their pending offers), offers expire and batches keep offering. Every
 /// transaction that touches an agent's offers locks the agent row first, so PostgreSQL never
@@ -1620,6 +1770,7 @@ both_engines!(
     batched_offers_spread_respect_capacity_and_assign_once,
     position_changes_are_published_once_per_interval,
     business_hours_in_iana_zones,
+    sessions_resume_within_the_grace_period,
 );
 
 // Lock ordering matters only where rows are locked: PostgreSQL (SQLite has one writer).

@@ -31,7 +31,7 @@ use crate::domain::agent::{Agent, AgentProfile, Presence, Skill, SkillRequiremen
 use crate::domain::ticket::{Disposition, TicketState};
 use crate::error::{RoutingError, RoutingResult};
 
-pub use agents::{AgentFilter, PresenceReason};
+pub use agents::{AgentFilter, PresenceReason, SessionOpened};
 pub use queues::QueueRecord;
 pub use tickets::{
     Accepted, Completed, EnqueueOutcome, EtaSettings, MAX_OFFER_BATCH, NewTicket, OfferBatch,
