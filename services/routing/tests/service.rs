@@ -43,6 +43,7 @@ enum Keep {
 
 struct Rig {
     bus: Bus,
+    database: DatabaseConfig,
     bus_config: BusConfig,
     url: String,
     stop: CancellationToken,
@@ -64,6 +65,15 @@ fn tenant() -> TenantId {
 
 impl Rig {
     async fn production() -> Self {
+        Self::production_with(tandem_routing::Settings {
+            sweep_interval: Duration::from_millis(100),
+            position_update_interval: Duration::from_millis(200),
+            ..tandem_routing::Settings::default()
+        })
+        .await
+    }
+
+    async fn production_with(settings: tandem_routing::Settings) -> Self {
         let pg = tandem_testkit::Postgres::start().await.unwrap();
         let nats = tandem_testkit::NatsServer::start().await.unwrap();
         let url = pg.fresh_database().await.unwrap();
@@ -77,7 +87,14 @@ impl Rig {
             schema: "routing".into(),
             ..DatabaseConfig::default()
         };
-        Self::start(database, bus_config, None, Keep::Servers(pg, nats)).await
+        Self::start(
+            database,
+            bus_config,
+            None,
+            settings,
+            Keep::Servers(pg, nats),
+        )
+        .await
     }
 
     async fn standalone() -> Self {
@@ -93,28 +110,37 @@ impl Rig {
             kind: BusKind::Memory,
             ..BusConfig::default()
         };
-        Self::start(database, bus_config, Some(MemoryBus::new()), Keep::Dir(dir)).await
+        let settings = tandem_routing::Settings {
+            sweep_interval: Duration::from_millis(100),
+            position_update_interval: Duration::from_millis(200),
+            ..tandem_routing::Settings::default()
+        };
+        Self::start(
+            database,
+            bus_config,
+            Some(MemoryBus::new()),
+            settings,
+            Keep::Dir(dir),
+        )
+        .await
     }
 
     async fn start(
         database: DatabaseConfig,
         bus_config: BusConfig,
         memory: Option<MemoryBus>,
+        settings: tandem_routing::Settings,
         keep: Keep,
     ) -> Self {
         let cfg = ServiceConfig {
             auth: auth(),
-            database,
+            database: database.clone(),
             bus: bus_config.clone(),
             outbox: OutboxConfig {
                 poll_interval: Duration::from_millis(50),
                 ..OutboxConfig::default()
             },
-            service: tandem_routing::Settings {
-                sweep_interval: Duration::from_millis(100),
-                position_update_interval: Duration::from_millis(200),
-                ..tandem_routing::Settings::default()
-            },
+            service: settings,
             ..ServiceConfig::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -136,6 +162,7 @@ impl Rig {
         bus.ensure_streams().await.unwrap();
         let rig = Self {
             bus,
+            database,
             bus_config,
             url,
             stop,
@@ -888,6 +915,110 @@ async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
         panic!("expected an error");
     };
     assert_eq!(error.code, i32::from(pb::SessionErrorCode::InvalidArgument));
+}
+
+/// Another replica (here the test, writing through its own store to the same database) offers a
+/// conversation to an agent whose desk is connected to the service: the desk hears of it at
+/// once through the bus, not at its next poll (a minute here), and likewise of the offer's
+/// expiry.
+async fn an_offer_made_elsewhere_reaches_the_desk_at_once(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    use prost::Message as _;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("fay", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let mut fay = rig.client("fay", &[Role::Agent]).await;
+    let mut desk = Desk::open(&mut fay).await;
+    desk.send(
+        "h",
+        Command::Hello(pb::SessionHello {
+            presence: pb::Presence::Online.into(),
+            ..pb::SessionHello::default()
+        }),
+    )
+    .await;
+    assert!(matches!(desk.next().await.event, Some(Event::Welcome(_))));
+
+    let db = tandem_platform::db::Db::connect(&rig.database)
+        .await
+        .unwrap();
+    let other = tandem_routing::store::Store::new(
+        db,
+        tandem_platform::outbox::OutboxWaker::default(),
+        "default",
+    );
+    let now = chrono::Utc::now();
+    let package = HandoffPackage {
+        handoff_id: "x-1".into(),
+        conversation_id: "xconv-1".into(),
+        summary: vec!["offered by another replica".into()],
+        ..HandoffPackage::default()
+    };
+    let new = tandem_routing::store::NewTicket {
+        handoff_id: "x-1".into(),
+        conversation_id: "xconv-1".into(),
+        scenario_id: "refunds".into(),
+        queue_id: String::new(),
+        priority: 50,
+        vip: false,
+        severity: 0.0,
+        skills: Vec::new(),
+        language: 1,
+        trigger_received_at: None,
+        requested_at: now,
+        package: package.encode_to_vec(),
+    };
+    let eta = tandem_routing::Settings::default().eta();
+    other
+        .enqueue(&tenant(), &new, None, eta, now)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let batch = other
+        .offer_queued(&tenant(), "default", 8, now)
+        .await
+        .unwrap();
+    assert_eq!(batch.offered.len(), 1);
+    let offer_id = batch.offered[0].1.id.clone();
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected the offer");
+    };
+    assert_eq!(offer.id, offer_id);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "woken through the bus, not by the poll"
+    );
+    // The other replica expires it: the desk hears that at once too.
+    other
+        .expire_offers(now + chrono::Duration::seconds(60), 10, 0)
+        .await
+        .unwrap();
+    let Some(Event::OfferRevoked(revoked)) = desk.next().await.event else {
+        panic!("expected the revocation");
+    };
+    assert_eq!(revoked.offer_id, offer_id);
+    assert_eq!(revoked.reason, i32::from(pb::OfferRevokedReason::Timeout));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+mod replicas {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offer_made_elsewhere_reaches_the_desk_at_once() {
+        // Neither the sweep nor the desk's poll would find the offer within the test.
+        let rig = super::Rig::production_with(tandem_routing::Settings {
+            sweep_interval: std::time::Duration::from_secs(60),
+            session_poll_interval: std::time::Duration::from_secs(60),
+            ..tandem_routing::Settings::default()
+        })
+        .await;
+        super::an_offer_made_elsewhere_reaches_the_desk_at_once(&rig).await;
+        rig.stop().await;
+    }
 }
 
 macro_rules! both {
