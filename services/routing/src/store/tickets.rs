@@ -2264,14 +2264,14 @@ impl Store {
         updates: PositionUpdates,
         eta: EtaSettings,
     ) -> RoutingResult<usize> {
-        let mut tx = Tx::write(self.db()).await?;
+        // Read without locks (on SQLite without the writer lock): offers keep claiming these
+        // tickets meanwhile, and most rounds find nothing to publish.
+        let mut tx = Tx::read(self.db()).await?;
         let Some(queue) = load_queue(&mut tx, tenant, queue_id).await? else {
             tx.commit().await?;
             return Ok(0);
         };
         let ageing = queue.spec.weights.ageing_per_second / 1e6;
-        // No locks: offers keep claiming these tickets meanwhile; a ticket that moves on before
-        // the check-and-set below is left out.
         let rows: Vec<WaitingRow> = tx
             .fetch_all(
                 "SELECT id, conversation_id, static_priority, enqueued_at, skills, language, \
@@ -2323,10 +2323,12 @@ impl Store {
                 changes.push((row, position, eta_s));
             }
         }
+        tx.commit().await?;
         if changes.is_empty() {
-            tx.commit().await?;
             return Ok(0);
         }
+        // A ticket that moved on since the read is left out by the check-and-set below.
+        let mut tx = Tx::write(self.db()).await?;
         if tx.is_postgres() {
             // Take only tickets no one else holds (an offer or an answer is changing them):
             // never wait, never deadlock; the rest are looked at next round.
