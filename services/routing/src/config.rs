@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 use tandem_platform::config::{ConfigError, Validate, join};
 
 use crate::domain::queue::check_queue_id;
-use crate::store::EtaSettings;
+use crate::store::{EtaSettings, PositionUpdates};
+
+/// The most waiting tickets per queue a position round checks.
+const MAX_POSITION_SCAN: usize = 10_000;
 
 /// Routing settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,6 +43,15 @@ pub struct Settings {
     pub session_poll_interval: Duration,
     /// Waiting tickets one assignment transaction claims and offers (1 to 256).
     pub offer_batch: usize,
+    /// Minimum time between two `HandoffPositionUpdated` of one waiting ticket.
+    #[serde(with = "humantime_serde")]
+    pub position_update_interval: Duration,
+    /// ETA change that is published even when the position stayed the same.
+    #[serde(with = "humantime_serde")]
+    pub position_eta_delta: Duration,
+    /// Waiting tickets per queue (nearest to service first) whose position is checked per round
+    /// (1 to 10,000).
+    pub position_scan_limit: usize,
 }
 
 impl Default for Settings {
@@ -56,6 +68,9 @@ impl Default for Settings {
             stats_interval: Duration::from_secs(5),
             session_poll_interval: Duration::from_millis(250),
             offer_batch: 32,
+            position_update_interval: Duration::from_secs(5),
+            position_eta_delta: Duration::from_secs(15),
+            position_scan_limit: 200,
         }
     }
 }
@@ -66,6 +81,15 @@ impl Settings {
         EtaSettings {
             window: self.eta_window,
             default_seconds_per_position: self.default_seconds_per_position,
+        }
+    }
+
+    /// The position-update part.
+    pub fn position_updates(&self) -> PositionUpdates {
+        PositionUpdates {
+            interval: self.position_update_interval,
+            eta_delta: self.position_eta_delta,
+            scan_limit: self.position_scan_limit,
         }
     }
 
@@ -90,6 +114,7 @@ impl Validate for Settings {
             ("eta_window", self.eta_window),
             ("stats_interval", self.stats_interval),
             ("session_poll_interval", self.session_poll_interval),
+            ("position_update_interval", self.position_update_interval),
         ] {
             if value.is_zero() {
                 errors.push(ConfigError::new(join(path, key), "must be positive"));
@@ -105,6 +130,12 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 join(path, "offer_batch"),
                 format!("must be 1 to {}", crate::store::MAX_OFFER_BATCH),
+            ));
+        }
+        if !(1..=MAX_POSITION_SCAN).contains(&self.position_scan_limit) {
+            errors.push(ConfigError::new(
+                join(path, "position_scan_limit"),
+                format!("must be 1 to {MAX_POSITION_SCAN}"),
             ));
         }
         if self.default_seconds_per_position == 0 {

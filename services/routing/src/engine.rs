@@ -1,6 +1,6 @@
 //! The assignment engine: turns queued tickets into offers, expires offers, applies overflow
-//! and presence rules, reports queue statistics, and tells desk sessions when their offers
-//! changed.
+//! and presence rules, reports queue statistics and waiting tickets' position changes, and tells
+//! desk sessions when their offers changed.
 //!
 //! Every decision is made by the store inside a transaction (see [`crate::store`]); the engine
 //! only decides *when* to try. It drains a queue when a ticket arrives, an offer is declined or
@@ -200,12 +200,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs the sweep and the statistics reports until `shutdown`.
+    /// Runs the sweep, the statistics reports and the position updates until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(self.settings.sweep_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stats = tokio::time::interval(self.settings.stats_interval);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Twice per update interval, so a ticket due for an update waits at most half an
+        // interval past it.
+        let mut positions = tokio::time::interval(
+            (self.settings.position_update_interval / 2).max(std::time::Duration::from_millis(50)),
+        );
+        positions.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -221,6 +227,15 @@ impl Engine {
                         .await;
                     if let Err(error) = reported {
                         tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "queue statistics failed");
+                    }
+                }
+                _ = positions.tick() => {
+                    let reported = self
+                        .store
+                        .report_positions(self.now(), self.settings.position_updates(), self.settings.eta())
+                        .await;
+                    if let Err(error) = reported {
+                        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "queue position updates failed");
                     }
                 }
             }

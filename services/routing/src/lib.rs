@@ -81,6 +81,11 @@ impl Service for Routing {
             RunOptions::new(DURABLE),
             ctx.shutdown.clone(),
         ));
+        ctx.tracker.spawn(adapters::wakeups::run(
+            Arc::clone(&engine),
+            ctx.bus.clone(),
+            ctx.shutdown.clone(),
+        ));
         ctx.tracker.spawn(engine.run(ctx.shutdown.clone()));
         Ok(())
     }

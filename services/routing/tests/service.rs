@@ -43,6 +43,7 @@ enum Keep {
 
 struct Rig {
     bus: Bus,
+    database: DatabaseConfig,
     bus_config: BusConfig,
     url: String,
     stop: CancellationToken,
@@ -64,6 +65,15 @@ fn tenant() -> TenantId {
 
 impl Rig {
     async fn production() -> Self {
+        Self::production_with(tandem_routing::Settings {
+            sweep_interval: Duration::from_millis(100),
+            position_update_interval: Duration::from_millis(200),
+            ..tandem_routing::Settings::default()
+        })
+        .await
+    }
+
+    async fn production_with(settings: tandem_routing::Settings) -> Self {
         let pg = tandem_testkit::Postgres::start().await.unwrap();
         let nats = tandem_testkit::NatsServer::start().await.unwrap();
         let url = pg.fresh_database().await.unwrap();
@@ -77,7 +87,14 @@ impl Rig {
             schema: "routing".into(),
             ..DatabaseConfig::default()
         };
-        Self::start(database, bus_config, None, Keep::Servers(pg, nats)).await
+        Self::start(
+            database,
+            bus_config,
+            None,
+            settings,
+            Keep::Servers(pg, nats),
+        )
+        .await
     }
 
     async fn standalone() -> Self {
@@ -93,27 +110,37 @@ impl Rig {
             kind: BusKind::Memory,
             ..BusConfig::default()
         };
-        Self::start(database, bus_config, Some(MemoryBus::new()), Keep::Dir(dir)).await
+        let settings = tandem_routing::Settings {
+            sweep_interval: Duration::from_millis(100),
+            position_update_interval: Duration::from_millis(200),
+            ..tandem_routing::Settings::default()
+        };
+        Self::start(
+            database,
+            bus_config,
+            Some(MemoryBus::new()),
+            settings,
+            Keep::Dir(dir),
+        )
+        .await
     }
 
     async fn start(
         database: DatabaseConfig,
         bus_config: BusConfig,
         memory: Option<MemoryBus>,
+        settings: tandem_routing::Settings,
         keep: Keep,
     ) -> Self {
         let cfg = ServiceConfig {
             auth: auth(),
-            database,
+            database: database.clone(),
             bus: bus_config.clone(),
             outbox: OutboxConfig {
                 poll_interval: Duration::from_millis(50),
                 ..OutboxConfig::default()
             },
-            service: tandem_routing::Settings {
-                sweep_interval: Duration::from_millis(100),
-                ..tandem_routing::Settings::default()
-            },
+            service: settings,
             ..ServiceConfig::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -135,6 +162,7 @@ impl Rig {
         bus.ensure_streams().await.unwrap();
         let rig = Self {
             bus,
+            database,
             bus_config,
             url,
             stop,
@@ -582,23 +610,31 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
             .code(),
         Code::NotFound
     );
-    assert_eq!(
-        admin
-            .upsert_queue(pb::UpsertQueueRequest {
-                queue: Some(pb::Queue {
-                    id: "billing".into(),
-                    business_hours: Some(pb::BusinessHours {
-                        timezone: "Mars/Olympus".into(),
-                        ..pb::BusinessHours::default()
-                    }),
-                    ..pb::Queue::default()
-                }),
-            })
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
+    let zoned = |zone: &str| pb::UpsertQueueRequest {
+        queue: Some(pb::Queue {
+            id: "billing".into(),
+            business_hours: Some(pb::BusinessHours {
+                timezone: zone.into(),
+                ..pb::BusinessHours::default()
+            }),
+            ..pb::Queue::default()
+        }),
+    };
+    let refused = admin.upsert_queue(zoned("Mars/Olympus")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("business_hours.timezone"),
+        "{}",
+        refused.message()
     );
+    let stored = admin
+        .upsert_queue(zoned("Asia/Shanghai"))
+        .await
+        .unwrap()
+        .into_inner()
+        .queue
+        .unwrap();
+    assert_eq!(stored.business_hours.unwrap().timezone, "Asia/Shanghai");
     assert_eq!(
         admin
             .list_agents(pb::ListAgentsRequest {
@@ -722,6 +758,269 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
     assert_eq!(error.code, i32::from(pb::SessionErrorCode::Protocol));
 }
 
+async fn waiting_customers_hear_their_position_move(rig: &Rig) {
+    use prost::Message as _;
+    let spec = ConsumerSpec::new("test-positions", &ROUTING, &rig.bus_config)
+        .event::<pb::HandoffPositionUpdated>();
+    let mut positions = rig.bus.consumer(&spec).await.unwrap();
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("dan", 1, 5)),
+        })
+        .await
+        .unwrap();
+    // Three customers wait while nobody is online: places 1, 2, 3 (in HandoffQueued).
+    for i in 1..=3 {
+        rig.publish(handoff_event(&format!("p-{i}"), &format!("pconv-{i}")))
+            .await;
+        wait_for_state(&mut admin, &format!("p-{i}"), pb::TicketState::Queued).await;
+    }
+    // Dan comes online and is offered the first: the other two move up one place each.
+    let mut dan = rig.client("dan", &[Role::Agent]).await;
+    dan.set_presence(pb::SetPresenceRequest {
+        agent_id: String::new(),
+        presence: pb::Presence::Online.into(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_for_state(&mut admin, "p-1", pb::TicketState::Offered).await;
+    let mut moved = Vec::new();
+    while moved.len() < 2 {
+        let event = next_event(&mut positions).await;
+        let update = pb::HandoffPositionUpdated::decode(&event.payload[..]).unwrap();
+        assert_eq!(update.queue_id, "default");
+        assert_eq!(
+            update.conversation_id,
+            update.handoff_id.replace("p-", "pconv-")
+        );
+        assert!(update.eta_seconds > 0);
+        // Each ticket moves up by one place (its first update, once per interval).
+        let expected = if update.handoff_id == "p-2" { 1 } else { 2 };
+        assert_eq!(update.position, expected, "{update:?}");
+        assert!(!moved.iter().any(|(id, _)| *id == update.handoff_id));
+        moved.push((update.handoff_id, update.position));
+    }
+    moved.sort();
+    assert_eq!(moved, [("p-2".to_owned(), 1), ("p-3".to_owned(), 2)]);
+    let position = admin
+        .get_queue_position(pb::GetQueuePositionRequest {
+            key: Some(pb::get_queue_position_request::Key::ConversationId(
+                "pconv-3".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(position.position, 2);
+}
+
+async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    let spec = ConsumerSpec::new("test-presence", &ROUTING, &rig.bus_config)
+        .event::<pb::AgentPresenceChanged>();
+    let mut presence = rig.bus.consumer(&spec).await.unwrap();
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("eve", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let mut eve = rig.client("eve", &[Role::Agent]).await;
+    let hello = |resume: &str| {
+        Command::Hello(pb::SessionHello {
+            client_version: "test/1".into(),
+            resume_session_id: resume.into(),
+            presence: pb::Presence::Online.into(),
+        })
+    };
+    let welcome_of = |response: pb::AgentSessionResponse| match response.event {
+        Some(Event::Welcome(welcome)) => welcome,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    let mut desk = Desk::open(&mut eve).await;
+    desk.send("h", hello("")).await;
+    let first = welcome_of(desk.next().await).session_id;
+    rig.publish(handoff_event("r-1", "rconv-1")).await;
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected an offer");
+    };
+    let went_online = next_event(&mut presence).await;
+    assert_eq!(
+        went_online.type_name,
+        "tandem.routing.v1.AgentPresenceChanged"
+    );
+
+    // The connection drops; the desk reconnects with its session id.
+    drop(desk);
+    let mut desk = Desk::open(&mut eve).await;
+    desk.send("h2", hello(&first)).await;
+    assert_eq!(welcome_of(desk.next().await).session_id, first, "resumed");
+    // The pending offer comes again, once.
+    let Some(Event::Offer(again)) = desk.next().await.event else {
+        panic!("expected the pending offer again");
+    };
+    assert_eq!(again.id, offer.id);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), desk.rx.message())
+            .await
+            .is_err(),
+        "nothing else is pushed"
+    );
+    desk.send(
+        "a",
+        Command::Accept(pb::SessionAccept {
+            offer_id: offer.id.clone(),
+        }),
+    )
+    .await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    let agent = admin
+        .get_agent(pb::GetAgentRequest {
+            agent_id: "eve".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert_eq!(agent.presence, i32::from(pb::Presence::Online));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), presence.next())
+            .await
+            .is_err(),
+        "no presence change around the reconnect"
+    );
+
+    // An unknown id opens a new session, which replaces the resumed one.
+    let mut other = Desk::open(&mut eve).await;
+    other.send("h3", hello("not-a-session")).await;
+    let fresh = welcome_of(other.next().await).session_id;
+    assert_ne!(fresh, first);
+    assert_ne!(fresh, "not-a-session");
+    let Some(Event::Error(error)) = desk.next().await.event else {
+        panic!("expected the resumed session to be replaced");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::Superseded));
+    // A malformed id is refused.
+    let mut bad = Desk::open(&mut eve).await;
+    bad.send("h4", hello(&"x".repeat(200))).await;
+    let Some(Event::Error(error)) = bad.next().await.event else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, i32::from(pb::SessionErrorCode::InvalidArgument));
+}
+
+/// Another replica (here the test, writing through its own store to the same database) offers a
+/// conversation to an agent whose desk is connected to the service: the desk hears of it at
+/// once through the bus, not at its next poll (a minute here), and likewise of the offer's
+/// expiry.
+async fn an_offer_made_elsewhere_reaches_the_desk_at_once(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    use prost::Message as _;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("fay", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let mut fay = rig.client("fay", &[Role::Agent]).await;
+    let mut desk = Desk::open(&mut fay).await;
+    desk.send(
+        "h",
+        Command::Hello(pb::SessionHello {
+            presence: pb::Presence::Online.into(),
+            ..pb::SessionHello::default()
+        }),
+    )
+    .await;
+    assert!(matches!(desk.next().await.event, Some(Event::Welcome(_))));
+
+    let db = tandem_platform::db::Db::connect(&rig.database)
+        .await
+        .unwrap();
+    let other = tandem_routing::store::Store::new(
+        db,
+        tandem_platform::outbox::OutboxWaker::default(),
+        "default",
+    );
+    let now = chrono::Utc::now();
+    let package = HandoffPackage {
+        handoff_id: "x-1".into(),
+        conversation_id: "xconv-1".into(),
+        summary: vec!["offered by another replica".into()],
+        ..HandoffPackage::default()
+    };
+    let new = tandem_routing::store::NewTicket {
+        handoff_id: "x-1".into(),
+        conversation_id: "xconv-1".into(),
+        scenario_id: "refunds".into(),
+        queue_id: String::new(),
+        priority: 50,
+        vip: false,
+        severity: 0.0,
+        skills: Vec::new(),
+        language: 1,
+        trigger_received_at: None,
+        requested_at: now,
+        package: package.encode_to_vec(),
+    };
+    let eta = tandem_routing::Settings::default().eta();
+    other
+        .enqueue(&tenant(), &new, None, eta, now)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let batch = other
+        .offer_queued(&tenant(), "default", 8, now)
+        .await
+        .unwrap();
+    assert_eq!(batch.offered.len(), 1);
+    let offer_id = batch.offered[0].1.id.clone();
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected the offer");
+    };
+    assert_eq!(offer.id, offer_id);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "woken through the bus, not by the poll"
+    );
+    // The other replica expires it: the desk hears that at once too.
+    other
+        .expire_offers(now + chrono::Duration::seconds(60), 10, 0)
+        .await
+        .unwrap();
+    let Some(Event::OfferRevoked(revoked)) = desk.next().await.event else {
+        panic!("expected the revocation");
+    };
+    assert_eq!(revoked.offer_id, offer_id);
+    assert_eq!(revoked.reason, i32::from(pb::OfferRevokedReason::Timeout));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+mod replicas {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offer_made_elsewhere_reaches_the_desk_at_once() {
+        // Neither the sweep nor the desk's poll would find the offer within the test.
+        let rig = super::Rig::production_with(tandem_routing::Settings {
+            sweep_interval: std::time::Duration::from_secs(60),
+            session_poll_interval: std::time::Duration::from_secs(60),
+            ..tandem_routing::Settings::default()
+        })
+        .await;
+        super::an_offer_made_elsewhere_reaches_the_desk_at_once(&rig).await;
+        rig.stop().await;
+    }
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => {
         mod production {
@@ -749,5 +1048,7 @@ macro_rules! both {
 
 both!(
     a_handoff_reaches_the_desk_once_and_is_assigned,
-    bad_input_gets_precise_codes
+    bad_input_gets_precise_codes,
+    waiting_customers_hear_their_position_move,
+    a_desk_resumes_its_session_after_a_reconnect
 );

@@ -22,8 +22,8 @@ use tandem_routing::domain::queue::{
 use tandem_routing::domain::ticket::{Disposition, TicketState};
 use tandem_routing::error::RoutingError;
 use tandem_routing::store::{
-    AgentFilter, EtaSettings, NewTicket, OfferOutcome, PresenceReason, Store, TransferKind,
-    TransferTarget,
+    AgentFilter, EtaSettings, NewTicket, OfferOutcome, PositionUpdates, PresenceReason, Store,
+    TransferKind, TransferTarget,
 };
 
 #[allow(
@@ -83,6 +83,8 @@ fn t0() -> DateTime<Utc> {
 fn secs(n: i64) -> chrono::Duration {
     chrono::Duration::seconds(n)
 }
+
+const GRACE: Duration = Duration::from_secs(10);
 
 const ETA: EtaSettings = EtaSettings {
     window: Duration::from_secs(900),
@@ -938,20 +940,22 @@ async fn presence_loss_returns_offers_to_the_queue(store: Store) {
     online(&store, "ann", &[], 2).await;
     enqueue(&store, &handoff("h1", "c1"), t0()).await;
     offer(&store, "h1", t0()).await;
-    let (agent, _) = store
-        .open_session(&t, "ann", "s1", None, t0())
+    let opened = store
+        .open_session(&t, "ann", "s1", None, None, GRACE, t0())
         .await
         .unwrap();
-    assert_eq!(agent.presence, Presence::Online);
+    assert_eq!(opened.agent.presence, Presence::Online);
+    assert_eq!((opened.session_id.as_str(), opened.resumed), ("s1", false));
+    let epoch = opened.epoch;
     assert!(
         store
-            .heartbeat(&t, "ann", "s1", t0() + secs(5))
+            .heartbeat(&t, "ann", "s1", epoch, t0() + secs(5))
             .await
             .unwrap()
     );
     assert!(
         !store
-            .heartbeat(&t, "ann", "other", t0() + secs(5))
+            .heartbeat(&t, "ann", "other", epoch, t0() + secs(5))
             .await
             .unwrap()
     );
@@ -973,7 +977,7 @@ async fn presence_loss_returns_offers_to_the_queue(store: Store) {
     assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
     // The stream ends: OFFLINE once the grace period is over.
     store
-        .close_session(&t, "ann", "s1", t0() + secs(41))
+        .close_session(&t, "ann", "s1", epoch, t0() + secs(41))
         .await
         .unwrap();
     assert!(
@@ -1252,6 +1256,481 @@ async fn batched_offers_spread_respect_capacity_and_assign_once(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+/// The HandoffPositionUpdated payloads in the outbox, in order: (handoff, position, eta).
+async fn position_updates(store: &Store) -> Vec<(String, i32, i32)> {
+    use prost::Message as _;
+    let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
+    let name = "tandem.routing.v1.HandoffPositionUpdated";
+    let payloads: Vec<Vec<u8>> = match store.db() {
+        Db::Postgres(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
+    }
+    .unwrap();
+    payloads
+        .iter()
+        .map(|p| {
+            let e = tandem_proto::pb::routing::v1::HandoffPositionUpdated::decode(p.as_slice())
+                .unwrap();
+            assert_eq!(e.queue_id, "default");
+            assert!(e.conversation_id.starts_with('c'));
+            (e.handoff_id, e.position, e.eta_seconds)
+        })
+        .collect()
+}
+
+/// Waiting customers hear when their place moves: the first position travels in HandoffQueued,
+/// changes of position (tickets ahead assigned) or of the ETA beyond the threshold are
+/// published as HandoffPositionUpdated, at most once per interval per ticket, once across
+/// replicas running the same round.
+async fn position_changes_are_published_once_per_interval(store: Store) {
+    let t = tenant();
+    for i in 1..=3 {
+        let at = t0() + chrono::Duration::milliseconds(i);
+        enqueue(&store, &handoff(&format!("h{i}"), &format!("c{i}")), at).await;
+    }
+    let updates = PositionUpdates {
+        interval: Duration::from_secs(5),
+        eta_delta: Duration::from_secs(40),
+        scan_limit: 100,
+    };
+    // Nothing moved, and the enqueue's position is too recent anyway.
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(1), updates, ETA)
+            .await
+            .unwrap(),
+        0
+    );
+    // Two agents come online (nothing offered yet): ETAs halve, positions stay. Only moves
+    // beyond 40 s are published: h1 60 -> 30 is not, h2 120 -> 60 and h3 180 -> 90 are.
+    online(&store, "ann", &[], 1).await;
+    online(&store, "bob", &[], 1).await;
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(6), updates, ETA)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        position_updates(&store).await,
+        [("h2".to_owned(), 2, 60), ("h3".to_owned(), 3, 90)]
+    );
+    // h1 is offered and accepted: the others move up, but not before their interval is over.
+    let (offer_id, agent) = offer(&store, "h1", t0() + secs(7)).await;
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(7))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(8), updates, ETA)
+            .await
+            .unwrap(),
+        0
+    );
+    // Two replicas run the same round: each change is published once.
+    let (a, b) = tokio::join!(
+        store.report_positions(t0() + secs(12), updates, ETA),
+        store.report_positions(t0() + secs(12), updates, ETA)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 2);
+    let published = position_updates(&store).await;
+    assert_eq!(published.len(), 4);
+    let mut moved: Vec<(String, i32)> = published[2..]
+        .iter()
+        .map(|(id, position, _)| (id.clone(), *position))
+        .collect();
+    moved.sort();
+    assert_eq!(moved, [("h2".to_owned(), 1), ("h3".to_owned(), 2)]);
+    // Nothing changes: nothing is published, however often the round runs.
+    for at in [13, 18, 30] {
+        assert_eq!(
+            store
+                .report_positions(t0() + secs(at), updates, ETA)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+    // A scan limit of one looks at the first waiting ticket only.
+    let (offer_id, agent) = offer(&store, "h2", t0() + secs(31)).await;
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(31))
+        .await
+        .unwrap();
+    enqueue(&store, &handoff("h4", "c4"), t0() + secs(31)).await;
+    let first_only = PositionUpdates {
+        scan_limit: 1,
+        ..updates
+    };
+    assert_eq!(
+        store
+            .report_positions(t0() + secs(40), first_only, ETA)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(position_updates(&store).await.last().unwrap().0, "h3");
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 4);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// Business hours in IANA zones: Europe/Berlin on the day clocks go forward (a fixed +01:00
+/// would open an hour late), Asia/Shanghai on a weekday and a holiday; an unknown zone is
+/// refused naming the field and nothing is stored.
+async fn business_hours_in_iana_zones(store: Store) {
+    let t = tenant();
+    let queue = |id: &str, zone: &str, days: std::ops::RangeInclusive<u32>, close: u32| {
+        let mut spec = QueueSpec::open(id);
+        spec.hours = BusinessHours {
+            timezone: zone.into(),
+            windows: days
+                .map(|day| WeeklyWindow {
+                    day,
+                    start_minute: 9 * 60,
+                    end_minute: close * 60,
+                })
+                .collect(),
+            holidays: vec!["2026-10-01".into()],
+        };
+        spec
+    };
+    store
+        .upsert_queue(&t, &queue("berlin", "Europe/Berlin", 1..=7, 17), t0())
+        .await
+        .unwrap();
+    store
+        .upsert_queue(&t, &queue("shanghai", "Asia/Shanghai", 1..=5, 18), t0())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.queue(&t, "berlin").await.unwrap().spec.hours.timezone,
+        "Europe/Berlin"
+    );
+    let refused = store
+        .upsert_queue(&t, &queue("mars", "Mars/Olympus", 1..=5, 18), t0())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, RoutingError::InvalidArgument(m) if m.contains("queue.business_hours.timezone")),
+        "{refused}"
+    );
+    assert!(matches!(
+        store.queue(&t, "mars").await,
+        Err(RoutingError::NotFound(_))
+    ));
+    let at = |m, d, h, min| Utc.with_ymd_and_hms(2026, m, d, h, min, 0).unwrap();
+    let cases = [
+        // Sunday 2026-03-29, summer time from 02:00: 06:59 UTC is 08:59, 07:00 UTC is 09:00.
+        ("berlin", at(3, 29, 6, 59), TicketState::Returned),
+        ("berlin", at(3, 29, 7, 0), TicketState::Queued),
+        // The Saturday before, winter time: 07:30 UTC is 08:30, 08:00 UTC is 09:00.
+        ("berlin", at(3, 28, 7, 30), TicketState::Returned),
+        ("berlin", at(3, 28, 8, 0), TicketState::Queued),
+        // Monday 2026-09-28 in Shanghai (UTC+8): 00:30 UTC is 08:30, 01:30 UTC is 09:30,
+        // 10:00 UTC is 18:00.
+        ("shanghai", at(9, 28, 0, 30), TicketState::Returned),
+        ("shanghai", at(9, 28, 1, 30), TicketState::Queued),
+        ("shanghai", at(9, 28, 10, 0), TicketState::Returned),
+        // National Day, a Thursday, 10:00 local.
+        ("shanghai", at(10, 1, 2, 0), TicketState::Returned),
+    ];
+    for (i, (queue_id, when, expected)) in cases.into_iter().enumerate() {
+        let id = format!("tz-{i}");
+        let mut new = handoff(&id, &format!("tz-conv-{i}"));
+        new.queue_id = queue_id.into();
+        new.requested_at = when;
+        enqueue(&store, &new, when).await;
+        let ticket = store.ticket(&t, &id).await.unwrap();
+        assert_eq!(ticket.queue_id, queue_id);
+        assert_eq!(ticket.state, expected, "{queue_id} at {when}");
+    }
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 5);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 3);
+}
+
+/// A desk reconnecting within the grace period with its session's id resumes it: same id, no
+/// presence change, the pending offer still there, the older stream of the id replaced (its
+/// heartbeat and its end no longer count). An unknown, expired or other agent's id opens a new
+/// session.
+async fn sessions_resume_within_the_grace_period(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    online(&store, "bob", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (offer_id, agent) = offer(&store, "h1", t0()).await;
+    let presence_events = events(&store, "tandem.routing.v1.AgentPresenceChanged").await;
+    let first = store
+        .open_session(&t, &agent, "s1", None, Some(Presence::Online), GRACE, t0())
+        .await
+        .unwrap();
+    assert_eq!((first.session_id.as_str(), first.resumed), ("s1", false));
+    store
+        .close_session(&t, &agent, "s1", first.epoch, t0() + secs(1))
+        .await
+        .unwrap();
+    assert_eq!(store.current_session(&t, &agent).await.unwrap(), None);
+
+    // Back within the grace period: the same session, still online, the offer still pending.
+    let resumed = store
+        .open_session(
+            &t,
+            &agent,
+            "s2",
+            Some("s1"),
+            Some(Presence::Online),
+            GRACE,
+            t0() + secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!((resumed.session_id.as_str(), resumed.resumed), ("s1", true));
+    assert_eq!(resumed.replaced, None);
+    assert!(resumed.epoch > first.epoch);
+    assert_eq!(resumed.agent.presence, Presence::Online);
+    assert_eq!(
+        store.current_session(&t, &agent).await.unwrap().as_deref(),
+        Some("s1")
+    );
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AgentPresenceChanged").await,
+        presence_events,
+        "no presence flap"
+    );
+    let pending = store.pending_offers(&t, &agent).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0.id, offer_id);
+    // The grace period of the old end does not apply any more.
+    assert!(
+        store
+            .sweep_sessions(t0() + secs(20), Duration::from_secs(30), GRACE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The first stream's heartbeat and end no longer count; the resumed stream's do.
+    assert!(
+        !store
+            .heartbeat(&t, &agent, "s1", first.epoch, t0() + secs(21))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .heartbeat(&t, &agent, "s1", resumed.epoch, t0() + secs(21))
+            .await
+            .unwrap()
+    );
+    store
+        .close_session(&t, &agent, "s1", first.epoch, t0() + secs(21))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.current_session(&t, &agent).await.unwrap().as_deref(),
+        Some("s1")
+    );
+
+    // Resuming a session whose stream has not ended yet (the server did not notice the drop)
+    // replaces that stream.
+    let again = store
+        .open_session(&t, &agent, "s3", Some("s1"), None, GRACE, t0() + secs(22))
+        .await
+        .unwrap();
+    assert_eq!((again.session_id.as_str(), again.resumed), ("s1", true));
+    assert_eq!(again.replaced.as_deref(), Some("s1"));
+    store
+        .close_session(&t, &agent, "s1", again.epoch, t0() + secs(23))
+        .await
+        .unwrap();
+
+    // Too late (the grace period is over, even before the sweep ran): a new session.
+    let late = store
+        .open_session(&t, &agent, "s4", Some("s1"), None, GRACE, t0() + secs(34))
+        .await
+        .unwrap();
+    assert_eq!((late.session_id.as_str(), late.resumed), ("s4", false));
+    // Unknown, and another agent's session: new sessions too.
+    let unknown = store
+        .open_session(&t, &agent, "s5", Some("nope"), None, GRACE, t0() + secs(35))
+        .await
+        .unwrap();
+    assert_eq!(
+        (unknown.session_id.as_str(), unknown.resumed),
+        ("s5", false)
+    );
+    assert_eq!(unknown.replaced.as_deref(), Some("s4"));
+    let other = if agent == "ann" { "bob" } else { "ann" };
+    let theirs = store
+        .open_session(&t, other, "b1", None, None, GRACE, t0() + secs(35))
+        .await
+        .unwrap();
+    store
+        .close_session(&t, other, "b1", theirs.epoch, t0() + secs(36))
+        .await
+        .unwrap();
+    let stolen = store
+        .open_session(&t, &agent, "s6", Some("b1"), None, GRACE, t0() + secs(37))
+        .await
+        .unwrap();
+    assert_eq!((stolen.session_id.as_str(), stolen.resumed), ("s6", false));
+    // Once the agent went offline, its last session cannot be resumed.
+    store
+        .close_session(&t, &agent, "s6", stolen.epoch, t0() + secs(38))
+        .await
+        .unwrap();
+    let swept = store
+        .sweep_sessions(t0() + secs(49), Duration::from_secs(30), GRACE)
+        .await
+        .unwrap();
+    assert!(
+        swept
+            .iter()
+            .any(|(_, a)| a.profile.id == agent && a.presence == Presence::Offline)
+    );
+    let gone = store
+        .open_session(&t, &agent, "s7", Some("s6"), None, GRACE, t0() + secs(49))
+        .await
+        .unwrap();
+    assert_eq!((gone.session_id.as_str(), gone.resumed), ("s7", false));
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// Desks accept their offers while the same agents' presence flips between ONLINE and AWAY (each
+/// flip to AWAY expires their pending offers), offers expire and batches keep offering. Every
+/// transaction that touches an agent's offers locks the agent row first, so PostgreSQL never
+/// has to abort one of them as a deadlock: no call fails other than with the offer's own fate
+/// (expired, taken), and the invariants hold.
+async fn accepts_and_presence_flips_never_deadlock(store: Store) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const AGENTS: usize = 6;
+    const TICKETS: usize = 150;
+    const FLIPS: usize = 30;
+    for i in 0..AGENTS {
+        online(&store, &format!("agent-{i}"), &[], 3).await;
+    }
+    for i in 0..TICKETS {
+        enqueue(
+            &store,
+            &handoff(&format!("h{i:03}"), &format!("c{i:03}")),
+            t0(),
+        )
+        .await;
+    }
+    let store = Arc::new(store);
+    let done = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let at = t0() + secs(1);
+    let mut tasks: Vec<tokio::task::JoinHandle<Vec<String>>> = Vec::new();
+    // Two routers keep offering until the flips are over.
+    for _ in 0..2 {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Err(e) = store.offer_queued(&tenant(), "default", 8, at).await {
+                    errors.push(format!("offer batch: {e:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            errors
+        }));
+    }
+    // Offers also expire under them (and missed offers set agents AWAY).
+    {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                if let Err(e) = store.expire_offers(at + secs(60), 5, 3).await {
+                    errors.push(format!("expire: {e:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            errors
+        }));
+    }
+    let mut flippers = Vec::new();
+    for i in 0..AGENTS {
+        let agent = format!("agent-{i}");
+        // The desk accepts whatever it has and wraps every third up.
+        let (store_, done_, accepted_) =
+            (Arc::clone(&store), Arc::clone(&done), Arc::clone(&accepted));
+        let desk_agent = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let (store, agent) = (store_, desk_agent);
+            let mut errors = Vec::new();
+            while !done_.load(Ordering::Relaxed) {
+                let pending = match store.pending_offers(&tenant(), &agent).await {
+                    Ok(pending) => pending,
+                    Err(e) => {
+                        errors.push(format!("pending offers: {e:?}"));
+                        continue;
+                    }
+                };
+                for (offer, ticket) in pending {
+                    match store.accept(&tenant(), &agent, &offer.id, at).await {
+                        Ok(_) => {
+                            if accepted_.fetch_add(1, Ordering::Relaxed) % 3 == 0
+                                && let Err(e) = store
+                                    .complete(
+                                        &tenant(),
+                                        &ticket.id,
+                                        Some(&agent),
+                                        Disposition::Resolved,
+                                        at,
+                                    )
+                                    .await
+                            {
+                                errors.push(format!("complete: {e:?}"));
+                            }
+                        }
+                        // The offer's own fate: a flip to AWAY or the expiry got there first.
+                        Err(RoutingError::OfferExpired(_) | RoutingError::OfferTaken(_)) => {}
+                        Err(e) => errors.push(format!("accept: {e:?}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            errors
+        }));
+        // Its presence flips meanwhile.
+        let store = Arc::clone(&store);
+        flippers.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for round in 0..FLIPS {
+                let to = if round % 2 == 0 {
+                    Presence::Away
+                } else {
+                    Presence::Online
+                };
+                if let Err(e) = store
+                    .set_presence(&tenant(), &agent, to, PresenceReason::Manual, "", at)
+                    .await
+                {
+                    errors.push(format!("presence: {e:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for flipper in flippers {
+        errors.extend(flipper.await.unwrap());
+    }
+    done.store(true, Ordering::Relaxed);
+    for task in tasks {
+        errors.extend(task.await.unwrap());
+    }
+    assert_eq!(errors, Vec::<String>::new());
+    assert!(
+        accepted.load(Ordering::Relaxed) > 0,
+        "accepts went through while presence flipped"
+    );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -1289,4 +1768,16 @@ both_engines!(
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,
+    position_changes_are_published_once_per_interval,
+    business_hours_in_iana_zones,
+    sessions_resume_within_the_grace_period,
 );
+
+// Lock ordering matters only where rows are locked: PostgreSQL (SQLite has one writer).
+mod postgres_locking {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accepts_and_presence_flips_never_deadlock() {
+        let (store, _keep) = super::postgres().await;
+        super::accepts_and_presence_flips_never_deadlock(store).await;
+    }
+}

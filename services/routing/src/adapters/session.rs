@@ -1,7 +1,12 @@
 //! The agent desk's live session (`AgentSession`).
 //!
 //! The client opens with `hello`; routing records the session (replacing any other of the same
-//! agent), answers `welcome` and pushes the agent's pending offers. From then on the session
+//! agent), answers `welcome` and pushes the agent's pending offers. A `hello` whose
+//! `resume_session_id` names the agent's session that is still open or ended less than
+//! `session_grace` ago resumes it: the welcome carries that id, presence stays as it is and the
+//! pending offers are sent once on the new stream. Any other id (unknown, expired, another
+//! agent's) opens a new session, as a `hello` without one does; the welcome's session id tells
+//! the desk which happened. From then on the session
 //! pushes what the database says: a new pending offer (preceded by a transfer note when the
 //! conversation was transferred), and a revocation when an offer it showed stops being pending
 //! for any reason other than this session's own answer. It wakes when this process changes the
@@ -19,7 +24,7 @@ use tonic::{Status, Streaming};
 
 use super::convert;
 use crate::domain::agent::Presence;
-use crate::domain::check_len;
+use crate::domain::{check_id, check_len};
 use crate::engine::Engine;
 use crate::error::{RoutingError, RoutingResult};
 use crate::store::{OfferState, PresenceReason};
@@ -54,6 +59,8 @@ struct Session {
     tenant: TenantId,
     agent_id: String,
     session_id: String,
+    /// This stream's epoch of the session (another stream may resume the same id).
+    epoch: i64,
     out: Outbound,
     /// Offers shown to the desk and still believed pending.
     shown: HashMap<String, ()>,
@@ -230,7 +237,13 @@ impl Session {
             Some(Command::Heartbeat(_)) => {
                 match engine
                     .store
-                    .heartbeat(&self.tenant, &self.agent_id, &self.session_id, now)
+                    .heartbeat(
+                        &self.tenant,
+                        &self.agent_id,
+                        &self.session_id,
+                        self.epoch,
+                        now,
+                    )
                     .await
                 {
                     Ok(true) => Ok(None),
@@ -306,6 +319,12 @@ impl Session {
     }
 }
 
+/// Whether the stream `epoch` of session `mine` was replaced: another session is open, or a
+/// newer stream resumed this one.
+fn replaced(current: Option<&str>, current_epoch: i64, mine: &str, epoch: i64) -> bool {
+    current.is_some_and(|current| current != mine || current_epoch != epoch)
+}
+
 /// Runs one session until the client ends the stream, the session is replaced, or shutdown.
 pub async fn run(
     engine: Arc<Engine>,
@@ -350,19 +369,42 @@ pub async fn run(
             return;
         }
     };
-    let session_id = uuid::Uuid::now_v7().to_string();
+    let resume = hello.resume_session_id.as_str();
+    if !resume.is_empty()
+        && let Err(error) = check_id("resume_session_id", resume)
+    {
+        let _ = out
+            .send(Ok(pb::AgentSessionResponse {
+                in_reply_to: request_id,
+                event: Some(error_event(error_code(&error), error.to_string())),
+            }))
+            .await;
+        return;
+    }
+    let new_session_id = uuid::Uuid::now_v7().to_string();
     let signal = engine.hub.subscribe(&tenant, &agent_id);
     let opened = engine
         .store
-        .open_session(&tenant, &agent_id, &session_id, presence, engine.now())
+        .open_session(
+            &tenant,
+            &agent_id,
+            &new_session_id,
+            Some(resume).filter(|r| !r.is_empty()),
+            presence,
+            engine.settings.session_grace,
+            engine.now(),
+        )
         .await;
-    let agent = match opened {
-        Ok((agent, previous)) => {
-            if previous.is_some() {
-                // Wake the session this one replaces, so it notices at once.
+    let (agent, session_id, epoch) = match opened {
+        Ok(opened) => {
+            if opened.replaced.is_some() {
+                // Wake the stream this one replaces, so it notices at once.
                 engine.hub.notify(&tenant, &agent_id);
             }
-            agent
+            if !resume.is_empty() && !opened.resumed {
+                tracing::debug!(agent = %agent_id, "session to resume unknown or expired, opened a new one");
+            }
+            (opened.agent, opened.session_id, opened.epoch)
         }
         Err(error) => {
             let _ = out
@@ -387,6 +429,7 @@ pub async fn run(
         tenant: tenant.clone(),
         agent_id: agent_id.clone(),
         session_id: session_id.clone(),
+        epoch,
         out,
         shown: HashMap::new(),
     };
@@ -416,12 +459,15 @@ pub async fn run(
             break;
         }
         match engine.store.session_version(&tenant, &agent_id).await {
-            Ok(Some((_, version))) if polled && synced.as_ref() == Some(&version) => continue,
-            Ok(Some((current, version))) => {
-                if current
-                    .as_ref()
-                    .is_some_and(|current| *current != session_id)
-                {
+            Ok(Some((current, current_epoch, version)))
+                if polled
+                    && synced.as_ref() == Some(&version)
+                    && !replaced(current.as_deref(), current_epoch, &session_id, epoch) =>
+            {
+                continue;
+            }
+            Ok(Some((current, current_epoch, version))) => {
+                if replaced(current.as_deref(), current_epoch, &session_id, epoch) {
                     superseded = true;
                     session
                         .send(
@@ -453,7 +499,7 @@ pub async fn run(
     if !superseded
         && let Err(error) = engine
             .store
-            .close_session(&tenant, &agent_id, &session_id, engine.now())
+            .close_session(&tenant, &agent_id, &session_id, epoch, engine.now())
             .await
     {
         tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "cannot record the session's end");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike as _, NaiveDate, Timelike as _, Utc};
+use chrono::{DateTime, Datelike as _, NaiveDate, NaiveDateTime, Timelike as _, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::agent::{SkillRequirement, check_level, check_skill_name};
@@ -42,7 +42,8 @@ pub struct WeeklyWindow {
 /// When a queue is staffed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusinessHours {
-    /// The zone as given: `UTC`, `+08:00`, `UTC-05:30`, or empty for UTC.
+    /// The zone as given: an IANA name (`Asia/Shanghai`, `Europe/Berlin`, with its daylight
+    /// saving rules), a fixed offset (`UTC`, `+08:00`, `UTC-05:30`), or empty for UTC.
     pub timezone: String,
     /// Opening windows; none means always open.
     pub windows: Vec<WeeklyWindow>,
@@ -264,12 +265,41 @@ pub fn parse_utc_offset(zone: &str) -> Option<i32> {
     Some(sign * (hours * 60 + minutes))
 }
 
+/// A queue's time zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Zone {
+    /// A fixed offset, minutes east of UTC.
+    Fixed(i32),
+    /// An IANA zone, whose offset follows its daylight saving rules.
+    Iana(chrono_tz::Tz),
+}
+
+impl Zone {
+    /// Parses a fixed offset (see [`parse_utc_offset`]) or an IANA zone name such as
+    /// `Asia/Shanghai` (case as in the IANA database).
+    pub fn parse(zone: &str) -> Option<Self> {
+        if let Some(minutes) = parse_utc_offset(zone) {
+            return Some(Zone::Fixed(minutes));
+        }
+        zone.trim().parse::<chrono_tz::Tz>().ok().map(Zone::Iana)
+    }
+
+    /// The local wall-clock time at `at`.
+    pub fn local(self, at: DateTime<Utc>) -> NaiveDateTime {
+        match self {
+            Zone::Fixed(minutes) => at.naive_utc() + chrono::Duration::minutes(i64::from(minutes)),
+            Zone::Iana(tz) => at.with_timezone(&tz).naive_local(),
+        }
+    }
+}
+
 impl BusinessHours {
     /// Checks the zone, windows and holidays.
     pub fn validate(&self) -> Result<(), RoutingError> {
-        if parse_utc_offset(&self.timezone).is_none() {
+        if Zone::parse(&self.timezone).is_none() {
             return Err(invalid(format!(
-                "queue.business_hours.timezone {:?} is not a fixed UTC offset such as \"+08:00\" or \"UTC\"",
+                "queue.business_hours.timezone {:?} is neither an IANA time zone such as \
+                 \"Asia/Shanghai\" nor a fixed UTC offset such as \"+08:00\" or \"UTC\"",
                 self.timezone
             )));
         }
@@ -308,10 +338,13 @@ impl BusinessHours {
         Ok(())
     }
 
-    /// Returns whether `at` falls in an opening window and not on a holiday, in local time.
+    /// Returns whether `at` falls in an opening window and not on a holiday, in local time. In
+    /// an IANA zone the windows follow the wall clock across daylight saving changes (a window
+    /// in the hour skipped in spring does not open that day).
     pub fn is_open(&self, at: DateTime<Utc>) -> bool {
-        let offset = parse_utc_offset(&self.timezone).unwrap_or(0);
-        let local = at.naive_utc() + chrono::Duration::minutes(i64::from(offset));
+        let local = Zone::parse(&self.timezone)
+            .unwrap_or(Zone::Fixed(0))
+            .local(at);
         let date = local.date().format("%Y-%m-%d").to_string();
         if self.holidays.contains(&date) {
             return false;
@@ -395,6 +428,107 @@ mod tests {
         assert!(q.validate().unwrap_err().to_string().contains("itself"));
         let mut q = QueueSpec::open("billing");
         q.hours.timezone = "Europe/Paris".into();
-        assert!(q.validate().unwrap_err().to_string().contains("timezone"));
+        assert!(q.validate().is_ok());
+        for unknown in ["Mars/Olympus", "Europe/Pariss", "+25:00", "Berlin"] {
+            q.hours.timezone = unknown.into();
+            let error = q.validate().unwrap_err();
+            assert!(matches!(error, RoutingError::InvalidArgument(_)));
+            assert!(
+                error.to_string().contains("queue.business_hours.timezone"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn iana_zones_parse_beside_fixed_offsets() {
+        assert_eq!(Zone::parse("+08:00"), Some(Zone::Fixed(480)));
+        assert_eq!(Zone::parse(""), Some(Zone::Fixed(0)));
+        assert_eq!(
+            Zone::parse("Asia/Shanghai"),
+            Some(Zone::Iana(chrono_tz::Asia::Shanghai))
+        );
+        assert_eq!(
+            Zone::parse(" Europe/Berlin "),
+            Some(Zone::Iana(chrono_tz::Europe::Berlin))
+        );
+        assert_eq!(Zone::parse("Mars/Olympus"), None);
+    }
+
+    #[test]
+    fn europe_berlin_hours_follow_daylight_saving() {
+        // Every day 09:00-17:00 Berlin time, plus Sunday 02:00-03:00 (skipped on 2026-03-29).
+        let mut windows: Vec<WeeklyWindow> = (1..=7)
+            .map(|day| WeeklyWindow {
+                day,
+                start_minute: 9 * 60,
+                end_minute: 17 * 60,
+            })
+            .collect();
+        windows.push(WeeklyWindow {
+            day: 7,
+            start_minute: 2 * 60,
+            end_minute: 3 * 60,
+        });
+        let hours = BusinessHours {
+            timezone: "Europe/Berlin".into(),
+            windows,
+            holidays: Vec::new(),
+        };
+        assert!(hours.validate().is_ok());
+        let at = |m, d, h, min| Utc.with_ymd_and_hms(2026, m, d, h, min, 0).unwrap();
+        // Saturday 2026-03-28, CET (UTC+1): 07:30 UTC = 08:30, 08:30 UTC = 09:30.
+        assert!(!hours.is_open(at(3, 28, 7, 30)));
+        assert!(hours.is_open(at(3, 28, 8, 30)));
+        // Sunday 2026-03-29 clocks go from 02:00 CET to 03:00 CEST (UTC+2): 07:00 UTC is 09:00,
+        // open (a fixed +01:00 would say 08:00); 06:59 UTC is 08:59; 15:00 UTC is 17:00.
+        assert!(hours.is_open(at(3, 29, 7, 0)));
+        assert!(!hours.is_open(at(3, 29, 6, 59)));
+        assert!(hours.is_open(at(3, 29, 14, 59)));
+        assert!(!hours.is_open(at(3, 29, 15, 0)));
+        // The skipped hour: 00:59 UTC is 01:59 CET, 01:00 UTC is already 03:00 CEST.
+        assert!(!hours.is_open(at(3, 29, 0, 59)));
+        assert!(!hours.is_open(at(3, 29, 1, 0)));
+        // A week earlier (CET) the 02:00-03:00 window opens: 01:30 UTC is 02:30.
+        assert!(hours.is_open(at(3, 22, 1, 30)));
+        // Sunday 2026-10-25 back to CET: 07:30 UTC is 08:30, 08:00 UTC is 09:00.
+        assert!(!hours.is_open(at(10, 25, 7, 30)));
+        assert!(hours.is_open(at(10, 25, 8, 0)));
+        let fixed = BusinessHours {
+            timezone: "+01:00".into(),
+            ..hours
+        };
+        assert!(
+            !fixed.is_open(at(3, 29, 7, 0)),
+            "a fixed offset ignores summer time"
+        );
+    }
+
+    #[test]
+    fn asia_shanghai_opening_hours_and_holidays() {
+        // Monday to Friday 09:00-18:00 China Standard Time (UTC+8, no daylight saving).
+        let hours = BusinessHours {
+            timezone: "Asia/Shanghai".into(),
+            windows: (1..=5)
+                .map(|day| WeeklyWindow {
+                    day,
+                    start_minute: 9 * 60,
+                    end_minute: 18 * 60,
+                })
+                .collect(),
+            holidays: vec!["2026-10-01".into()],
+        };
+        assert!(hours.validate().is_ok());
+        // Monday 2026-09-28: 01:30 UTC = 09:30, 00:30 UTC = 08:30, 10:00 UTC = 18:00.
+        assert!(hours.is_open(Utc.with_ymd_and_hms(2026, 9, 28, 1, 30, 0).unwrap()));
+        assert!(!hours.is_open(Utc.with_ymd_and_hms(2026, 9, 28, 0, 30, 0).unwrap()));
+        assert!(!hours.is_open(Utc.with_ymd_and_hms(2026, 9, 28, 10, 0, 0).unwrap()));
+        // Sunday 16:30 UTC is Monday 00:30 in Shanghai: closed; Sunday 23:00 UTC is 07:00.
+        assert!(!hours.is_open(Utc.with_ymd_and_hms(2026, 9, 27, 23, 0, 0).unwrap()));
+        // National Day (local date 2026-10-01, a Thursday), even at 10:00 local.
+        assert!(!hours.is_open(Utc.with_ymd_and_hms(2026, 10, 1, 2, 0, 0).unwrap()));
+        // Wednesday 2026-09-30 16:30 UTC is already 00:30 on the holiday.
+        assert!(!hours.is_open(Utc.with_ymd_and_hms(2026, 9, 30, 16, 30, 0).unwrap()));
+        assert!(hours.is_open(Utc.with_ymd_and_hms(2026, 10, 2, 2, 0, 0).unwrap()));
     }
 }

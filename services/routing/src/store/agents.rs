@@ -13,6 +13,30 @@ use crate::error::{RoutingError, RoutingResult};
 /// Why presence changed (the event's reason).
 pub type PresenceReason = pb::PresenceChangeReason;
 
+/// A desk session opened or resumed ([`Store::open_session`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionOpened {
+    /// The agent after the open (and its presence change, if any).
+    pub agent: Agent,
+    /// The session's id: the resumed one, or the new one.
+    pub session_id: String,
+    /// Opens and resumes of the agent's sessions so far: tells this stream from an older one
+    /// holding the same session id.
+    pub epoch: i64,
+    /// Whether an existing session was resumed.
+    pub resumed: bool,
+    /// The session that was open when this one opened (the same id when resumed from a stream
+    /// that had not ended yet), whose stream is now replaced.
+    pub replaced: Option<String>,
+}
+
+/// An agent's session columns: (session, last session, when it ended, epoch).
+type SessionRow = (Option<String>, Option<String>, Option<i64>, i64);
+
+/// The session and offers version of an agent: (session, epoch, updated_at, load, assigned,
+/// pending offers, newest pending offer id).
+type VersionRow = (Option<String>, i64, i64, i64, i64, i64, String);
+
 /// Filters of `ListAgents`.
 #[derive(Clone, Debug, Default)]
 pub struct AgentFilter {
@@ -274,29 +298,54 @@ impl Store {
     }
 
     /// Opens a desk session: records it (replacing any other), counts it as a heartbeat and, if
-    /// asked, changes presence. Returns the agent and the session it replaced.
+    /// asked, changes presence.
+    ///
+    /// With `resume` naming the agent's session that is still open, or the one that ended less
+    /// than `grace` ago (before the agent went offline), that session is resumed: it keeps its
+    /// id, presence stays as it is (no event) and the stream still holding the id, if any, is
+    /// replaced. Any other `resume` (unknown, expired, another agent's) opens `new_session_id`
+    /// like no `resume` at all; the caller tells which by [`SessionOpened::resumed`].
+    #[allow(clippy::too_many_arguments, reason = "the request and its context")]
     pub async fn open_session(
         &self,
         tenant: &TenantId,
         id: &str,
-        session_id: &str,
+        new_session_id: &str,
+        resume: Option<&str>,
         presence: Option<Presence>,
+        grace: std::time::Duration,
         now: DateTime<Utc>,
-    ) -> RoutingResult<(Agent, Option<String>)> {
+    ) -> RoutingResult<SessionOpened> {
         let mut tx = Tx::write(self.db()).await?;
         let agent = load_agent(&mut tx, tenant, id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("agent {id} is not registered")))?;
-        let previous: Option<(Option<String>,)> = tx
+        let row: Option<SessionRow> = tx
             .fetch_optional(
-                "SELECT session_id FROM routing_agents WHERE tenant = $1 AND id = $2",
+                "SELECT session_id, last_session_id, session_closed_at, session_epoch \
+                 FROM routing_agents WHERE tenant = $1 AND id = $2",
                 args![tenant.as_str(), id],
             )
             .await?;
+        let (current, last, closed_at, epoch) =
+            row.ok_or_else(|| RoutingError::NotFound(format!("agent {id} is not registered")))?;
+        let grace_since = micros(now) - i64::try_from(grace.as_micros()).unwrap_or(i64::MAX);
+        let resumed = resume.filter(|r| !r.is_empty()).is_some_and(|r| {
+            current.as_deref() == Some(r)
+                || (current.is_none()
+                    && last.as_deref() == Some(r)
+                    && closed_at.is_some_and(|at| at > grace_since))
+        });
+        let session_id = match resume {
+            Some(r) if resumed => r.to_owned(),
+            _ => new_session_id.to_owned(),
+        };
+        let epoch = epoch + 1;
         tx.execute(
-            "UPDATE routing_agents SET session_id = $3, session_closed_at = NULL, \
-             last_heartbeat_at = $4, updated_at = $4 WHERE tenant = $1 AND id = $2",
-            args![tenant.as_str(), id, session_id, micros(now)],
+            "UPDATE routing_agents SET session_id = $3, session_epoch = $4, \
+             session_closed_at = NULL, last_session_id = NULL, last_heartbeat_at = $5, \
+             updated_at = $5 WHERE tenant = $1 AND id = $2",
+            args![tenant.as_str(), id, session_id.as_str(), epoch, micros(now)],
         )
         .await?;
         let mut out = Vec::new();
@@ -322,23 +371,31 @@ impl Store {
         if !out.is_empty() {
             self.wake_outbox();
         }
-        Ok((agent, previous.and_then(|(s,)| s)))
+        Ok(SessionOpened {
+            agent,
+            session_id,
+            epoch,
+            resumed,
+            replaced: current,
+        })
     }
 
-    /// Records a heartbeat; returns false when another session replaced this one.
+    /// Records a heartbeat of the stream `epoch` of a session; returns false when another
+    /// session (or another stream resuming this one) replaced it.
     pub async fn heartbeat(
         &self,
         tenant: &TenantId,
         id: &str,
         session_id: &str,
+        epoch: i64,
         now: DateTime<Utc>,
     ) -> RoutingResult<bool> {
         let mut tx = Tx::write(self.db()).await?;
         let n = tx
             .execute(
                 "UPDATE routing_agents SET last_heartbeat_at = $4 \
-                 WHERE tenant = $1 AND id = $2 AND session_id = $3",
-                args![tenant.as_str(), id, session_id, micros(now)],
+                 WHERE tenant = $1 AND id = $2 AND session_id = $3 AND session_epoch = $5",
+                args![tenant.as_str(), id, session_id, micros(now), epoch],
             )
             .await?;
         tx.commit().await?;
@@ -362,19 +419,20 @@ impl Store {
         Ok(row.and_then(|(s,)| s))
     }
 
-    /// The agent's current session and a version of its offers, in one cheap read: the version
-    /// changes whenever an offer of the agent is made, answered, expired or revoked (each of
-    /// those changes the agent's load and `updated_at`, and the newest pending offer or their
-    /// number), so a desk session that polls can skip its full sync while it stays the same.
+    /// The agent's current session, the stream holding it (its epoch) and a version of its
+    /// offers, in one cheap read: the version changes whenever an offer of the agent is made,
+    /// answered, expired or revoked (each of those changes the agent's load and `updated_at`,
+    /// and the newest pending offer or their number), so a desk session that polls can skip its
+    /// full sync while it stays the same.
     pub async fn session_version(
         &self,
         tenant: &TenantId,
         id: &str,
-    ) -> RoutingResult<Option<(Option<String>, super::OffersVersion)>> {
+    ) -> RoutingResult<Option<(Option<String>, i64, super::OffersVersion)>> {
         let mut tx = Tx::read(self.db()).await?;
-        let row: Option<(Option<String>, i64, i64, i64, i64, String)> = tx
+        let row: Option<VersionRow> = tx
             .fetch_optional(
-                "SELECT a.session_id, a.updated_at, a.active_load, a.assigned, \
+                "SELECT a.session_id, a.session_epoch, a.updated_at, a.active_load, a.assigned, \
                  (SELECT COUNT(*) FROM routing_offers o WHERE o.tenant = a.tenant \
                   AND o.agent_id = a.id AND o.state = 'pending'), \
                  (SELECT COALESCE(MAX(o.id), '') FROM routing_offers o WHERE o.tenant = a.tenant \
@@ -384,27 +442,30 @@ impl Store {
             )
             .await?;
         tx.commit().await?;
-        Ok(
-            row.map(|(session, updated, load, assigned, pending, newest)| {
-                (session, (updated, load, assigned, pending, newest))
-            }),
-        )
+        Ok(row.map(
+            |(session, epoch, updated, load, assigned, pending, newest)| {
+                (session, epoch, (updated, load, assigned, pending, newest))
+            },
+        ))
     }
 
-    /// Marks a session closed (the stream ended); the agent goes offline after the grace period
-    /// unless a new session opens.
+    /// Marks the stream `epoch` of a session closed (it ended); the agent goes offline after
+    /// the grace period unless a session opens or this one is resumed. Nothing happens when
+    /// another stream holds the session by then.
     pub async fn close_session(
         &self,
         tenant: &TenantId,
         id: &str,
         session_id: &str,
+        epoch: i64,
         now: DateTime<Utc>,
     ) -> RoutingResult<()> {
         let mut tx = Tx::write(self.db()).await?;
         tx.execute(
-            "UPDATE routing_agents SET session_id = NULL, session_closed_at = $4 \
-             WHERE tenant = $1 AND id = $2 AND session_id = $3",
-            args![tenant.as_str(), id, session_id, micros(now)],
+            "UPDATE routing_agents SET last_session_id = session_id, session_id = NULL, \
+             session_closed_at = $4 WHERE tenant = $1 AND id = $2 AND session_id = $3 \
+             AND session_epoch = $5",
+            args![tenant.as_str(), id, session_id, micros(now), epoch],
         )
         .await?;
         tx.commit().await?;

@@ -297,3 +297,24 @@ pub(crate) fn queue_stats(
     };
     RawEvent::at(tenant, &event, Some(stats.queue_id.clone()), at)
 }
+
+/// A waiting ticket's position or ETA changed.
+pub(crate) fn position_updated(
+    tenant: &TenantId,
+    handoff_id: &str,
+    conversation_id: &str,
+    queue_id: &str,
+    position: i32,
+    eta_seconds: i32,
+    at: DateTime<Utc>,
+) -> RawEvent {
+    let event = pb::HandoffPositionUpdated {
+        handoff_id: handoff_id.to_owned(),
+        conversation_id: conversation_id.to_owned(),
+        queue_id: queue_id.to_owned(),
+        position,
+        eta_seconds,
+        occurred_at: Some(ts(at)),
+    };
+    RawEvent::at(tenant, &event, Some(conversation_id.to_owned()), at)
+}

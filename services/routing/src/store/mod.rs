@@ -31,12 +31,12 @@ use crate::domain::agent::{Agent, AgentProfile, Presence, Skill, SkillRequiremen
 use crate::domain::ticket::{Disposition, TicketState};
 use crate::error::{RoutingError, RoutingResult};
 
-pub use agents::{AgentFilter, PresenceReason};
+pub use agents::{AgentFilter, PresenceReason, SessionOpened};
 pub use queues::QueueRecord;
 pub use tickets::{
     Accepted, Completed, EnqueueOutcome, EtaSettings, MAX_OFFER_BATCH, NewTicket, OfferBatch,
-    OfferOutcome, OfferRecord, OfferState, PositionView, QueueStatsView, TicketRecord,
-    TransferKind, TransferTarget, Unassigned,
+    OfferOutcome, OfferRecord, OfferState, PositionUpdates, PositionView, QueueStatsView,
+    TicketRecord, TransferKind, TransferTarget, Unassigned,
 };
 
 /// A version of an agent's offers: (updated_at, load, assigned, pending offers, newest pending

@@ -8,7 +8,7 @@ use tandem_proto::pb::routing::v1 as pb;
 
 use super::agents::{PresenceReason, change_presence, load_agent, online_agents};
 use super::queues::{QueueRecord, all_queues, load_queue, resolve_queue};
-use super::sql::{Tx, args, claiming, locking};
+use super::sql::{Arg, Tx, args, claiming, locking};
 use super::{
     Store, events, from_json, micros, opt_time, parse_disposition, parse_state, skills_json, time,
 };
@@ -443,6 +443,33 @@ fn candidates(agents: &[Agent]) -> Vec<Candidate> {
         .collect()
 }
 
+/// Locks agent rows in id order before any offer or ticket row of the transaction (PostgreSQL;
+/// on SQLite the writer lock taken at `BEGIN IMMEDIATE` covers it). `ids` is a sub-select of
+/// the agent ids over the parameters `args` (`$1` is the tenant).
+///
+/// Every transaction that changes an agent's offers takes the agent row first: presence changes
+/// (which expire the agent's offers), accept, decline, expiry, completion, transfer and the
+/// customer leaving. Two of them that meet on an offer or a ticket have then already met on its
+/// agent and run one after the other, so no lock cycle can form and PostgreSQL never has to
+/// abort one as a deadlock. Offer batches lock waiting tickets (`SKIP LOCKED`, never waiting)
+/// and then agents in id order; the tickets they hold have no offers yet.
+async fn lock_agents_first(tx: &mut Tx, ids: &str, args: Vec<Arg>) -> RoutingResult<()> {
+    if !tx.is_postgres() {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({ids}) ORDER BY id FOR UPDATE"
+    );
+    let _: Vec<(String,)> = tx.fetch_all_text(&sql, args).await?;
+    Ok(())
+}
+
+/// The agents of a ticket: the one holding it and the one of its pending offer.
+const AGENTS_OF_TICKET: &str = "SELECT assigned_agent_id FROM routing_tickets \
+     WHERE tenant = $1 AND id = $2 \
+     UNION SELECT agent_id FROM routing_offers \
+     WHERE tenant = $1 AND ticket_id = $2 AND state = 'pending'";
+
 /// Reserves one unit of the agent's capacity; false when it is full or not online.
 async fn reserve(
     tx: &mut Tx,
@@ -699,6 +726,55 @@ pub struct EtaSettings {
     pub default_seconds_per_position: u64,
 }
 
+/// How waiting tickets' position changes are published ([`Store::report_positions`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PositionUpdates {
+    /// Minimum time between two updates of one ticket.
+    pub interval: std::time::Duration,
+    /// ETA change published even when the position stayed the same.
+    pub eta_delta: std::time::Duration,
+    /// Waiting tickets per queue, nearest to service first, checked per round.
+    pub scan_limit: usize,
+}
+
+/// Records the position and ETA just published for a waiting ticket.
+async fn record_reported(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket_id: &str,
+    position: i64,
+    eta_seconds: i32,
+    now: DateTime<Utc>,
+) -> RoutingResult<()> {
+    tx.execute(
+        "UPDATE routing_tickets SET reported_position = $3, reported_eta = $4, \
+         position_reported_at = $5 WHERE tenant = $1 AND id = $2",
+        args![
+            tenant.as_str(),
+            ticket_id,
+            position,
+            eta_seconds,
+            micros(now)
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A waiting ticket as the position rounds read it.
+#[derive(sqlx::FromRow)]
+struct WaitingRow {
+    id: String,
+    conversation_id: String,
+    static_priority: f64,
+    enqueued_at: i64,
+    skills: String,
+    language: i64,
+    reported_position: Option<i64>,
+    reported_eta: Option<i64>,
+    position_reported_at: Option<i64>,
+}
+
 impl Store {
     /// Enqueues a handoff, idempotently by handoff id: a known id returns its ticket and writes
     /// nothing. With `dedup` (consumer, event id) the inbox claim is part of the transaction;
@@ -808,6 +884,9 @@ impl Store {
                 let (_, available) = agents_for(&agents, &ticket.skills, ticket.language);
                 let eta_s =
                     eta_seconds(position, rate, available, eta.default_seconds_per_position);
+                // The first position travels in HandoffQueued; later changes are compared
+                // with it.
+                record_reported(&mut tx, tenant, &ticket.id, position, eta_s, now).await?;
                 events::queued(
                     tenant,
                     &ticket,
@@ -1182,6 +1261,15 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<Accepted> {
         let mut tx = Tx::write(self.db()).await?;
+        // The accepting agent and, for a warm transfer, the agent handing over, in id order.
+        lock_agents_first(
+            &mut tx,
+            "SELECT CAST($2 AS TEXT) UNION SELECT t.assigned_agent_id FROM routing_offers o \
+             JOIN routing_tickets t ON t.tenant = o.tenant AND t.id = o.ticket_id \
+             WHERE o.tenant = $1 AND o.id = $3 AND o.kind = 'transfer' AND o.state = 'pending'",
+            args![tenant.as_str(), agent_id, offer_id],
+        )
+        .await?;
         let offer = load_offer(&mut tx, tenant, offer_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("offer {offer_id} not found")))?;
@@ -1306,6 +1394,12 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<TicketRecord> {
         let mut tx = Tx::write(self.db()).await?;
+        lock_agents_first(
+            &mut tx,
+            "SELECT CAST($2 AS TEXT)",
+            args![tenant.as_str(), agent_id],
+        )
+        .await?;
         let offer = load_offer(&mut tx, tenant, offer_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("offer {offer_id} not found")))?;
@@ -1336,20 +1430,26 @@ impl Store {
         missed_before_away: u32,
     ) -> RoutingResult<Vec<(TenantId, OfferRecord)>> {
         let mut tx = Tx::read(self.db()).await?;
-        let due: Vec<(String, String)> = tx
+        let due: Vec<(String, String, String)> = tx
             .fetch_all(
-                "SELECT tenant, id FROM routing_offers WHERE state = 'pending' AND expires_at <= $1 \
-                 ORDER BY expires_at LIMIT $2",
+                "SELECT tenant, id, agent_id FROM routing_offers WHERE state = 'pending' \
+                 AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
                 args![micros(now), i64::try_from(limit).unwrap_or(i64::MAX)],
             )
             .await?;
         tx.commit().await?;
         let mut expired = Vec::new();
-        for (tenant, id) in due {
+        for (tenant, id, agent_id) in due {
             let Ok(tenant) = TenantId::new(tenant) else {
                 continue;
             };
             let mut tx = Tx::write(self.db()).await?;
+            lock_agents_first(
+                &mut tx,
+                "SELECT CAST($2 AS TEXT)",
+                args![tenant.as_str(), agent_id],
+            )
+            .await?;
             let Some(offer) = load_offer(&mut tx, &tenant, &id, true).await? else {
                 continue;
             };
@@ -1408,6 +1508,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<(Completed, Vec<OfferRecord>)> {
         let mut tx = Tx::write(self.db()).await?;
+        lock_agents_first(&mut tx, AGENTS_OF_TICKET, args![tenant.as_str(), ticket_id]).await?;
         let ticket = load_ticket(&mut tx, tenant, ticket_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("ticket {ticket_id} not found")))?;
@@ -1480,6 +1581,16 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<(TicketRecord, Option<OfferRecord>, String)> {
         let mut tx = Tx::write(self.db()).await?;
+        let named = match target {
+            TransferTarget::Agent(agent) => Some(agent.as_str()),
+            TransferTarget::Queue(_) => None,
+        };
+        lock_agents_first(
+            &mut tx,
+            &format!("{AGENTS_OF_TICKET} UNION SELECT CAST($3 AS TEXT)"),
+            args![tenant.as_str(), ticket_id, named],
+        )
+        .await?;
         let ticket = load_ticket(&mut tx, tenant, ticket_id, true)
             .await?
             .ok_or_else(|| RoutingError::NotFound(format!("ticket {ticket_id} not found")))?;
@@ -1675,6 +1786,22 @@ impl Store {
             && !tx.claim(consumer, event_id).await?
         {
             return Ok(Unassigned::default());
+        }
+        match handoff_id {
+            Some(id) => {
+                lock_agents_first(&mut tx, AGENTS_OF_TICKET, args![tenant.as_str(), id]).await?;
+            }
+            None => {
+                lock_agents_first(
+                    &mut tx,
+                    "SELECT assigned_agent_id FROM routing_tickets WHERE tenant = $1 \
+                     AND conversation_id = $2 AND state IN ('queued', 'offered', 'assigned') \
+                     UNION SELECT agent_id FROM routing_offers WHERE tenant = $1 \
+                     AND conversation_id = $2 AND state = 'pending'",
+                    args![tenant.as_str(), conversation_id],
+                )
+                .await?;
+            }
         }
         let row: Option<TicketRow> = match handoff_id {
             Some(id) => {
@@ -1879,6 +2006,7 @@ impl Store {
                                 service_rate(&mut tx, &tenant, target, eta.window, now).await?;
                             let eta_s =
                                 eta_seconds(position, rate, 0, eta.default_seconds_per_position);
+                            record_reported(&mut tx, &tenant, &id, position, eta_s, now).await?;
                             tx.enqueue(&[events::queued(
                                 &tenant,
                                 &moved,
@@ -2101,6 +2229,166 @@ impl Store {
             self.wake_outbox();
         }
         Ok(reported)
+    }
+
+    /// Publishes `HandoffPositionUpdated` for waiting tickets whose position changed, or whose
+    /// ETA moved by more than `updates.eta_delta`, since the last position published for them
+    /// (by `HandoffQueued` or an earlier update), at most once per `updates.interval` per
+    /// ticket. Each queue's round reads at most `updates.scan_limit` waiting tickets, nearest
+    /// to service first. The last published position is stored with the ticket and replaced by
+    /// a check-and-set, so replicas running the same round publish a change once. Returns how
+    /// many updates were published.
+    pub async fn report_positions(
+        &self,
+        now: DateTime<Utc>,
+        updates: PositionUpdates,
+        eta: EtaSettings,
+    ) -> RoutingResult<usize> {
+        let mut published = 0;
+        for (tenant, queue_id) in self.waiting_queues().await? {
+            published += self
+                .report_queue_positions(&tenant, &queue_id, now, updates, eta)
+                .await?;
+        }
+        if published > 0 {
+            self.wake_outbox();
+        }
+        Ok(published)
+    }
+
+    async fn report_queue_positions(
+        &self,
+        tenant: &TenantId,
+        queue_id: &str,
+        now: DateTime<Utc>,
+        updates: PositionUpdates,
+        eta: EtaSettings,
+    ) -> RoutingResult<usize> {
+        // Read without locks (on SQLite without the writer lock): offers keep claiming these
+        // tickets meanwhile, and most rounds find nothing to publish.
+        let mut tx = Tx::read(self.db()).await?;
+        let Some(queue) = load_queue(&mut tx, tenant, queue_id).await? else {
+            tx.commit().await?;
+            return Ok(0);
+        };
+        let ageing = queue.spec.weights.ageing_per_second / 1e6;
+        let rows: Vec<WaitingRow> = tx
+            .fetch_all(
+                "SELECT id, conversation_id, static_priority, enqueued_at, skills, language, \
+                 reported_position, reported_eta, position_reported_at FROM routing_tickets \
+                 WHERE tenant = $1 AND queue_id = $2 AND state = 'queued' \
+                 ORDER BY (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) DESC, \
+                 enqueued_at, id LIMIT $4",
+                args![
+                    tenant.as_str(),
+                    queue_id,
+                    ageing,
+                    i64::try_from(updates.scan_limit.max(1)).unwrap_or(i64::MAX)
+                ],
+            )
+            .await?;
+        let cutoff = micros(now) - i64::try_from(updates.interval.as_micros()).unwrap_or(i64::MAX);
+        let due = |row: &WaitingRow| row.position_reported_at.is_none_or(|at| at <= cutoff);
+        if !rows.iter().any(due) {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let rate = service_rate(&mut tx, tenant, queue_id, eta.window, now).await?;
+        let agents = online_agents(&mut tx, tenant).await?;
+        let delta = i64::try_from(updates.eta_delta.as_secs()).unwrap_or(i64::MAX);
+        // (row, position, eta) of every ticket to update.
+        let mut changes: Vec<(&WaitingRow, i64, i32)> = Vec::new();
+        let mut position = 0;
+        let mut previous: Option<(f64, i64)> = None;
+        for (i, row) in rows.iter().enumerate() {
+            // 1 + the tickets strictly ahead in service order (ties share a place), as
+            // `GetQueuePosition` counts.
+            let key = row.static_priority - ageing * row.enqueued_at as f64;
+            if previous != Some((key, row.enqueued_at)) {
+                position = i64::try_from(i).unwrap_or(i64::MAX) + 1;
+                previous = Some((key, row.enqueued_at));
+            }
+            if !due(row) {
+                continue;
+            }
+            let skills: Vec<SkillRequirement> = from_json("ticket skills", &row.skills)?;
+            let language = i32::try_from(row.language).unwrap_or(0);
+            let (_, available) = agents_for(&agents, &skills, language);
+            let eta_s = eta_seconds(position, rate, available, eta.default_seconds_per_position);
+            let moved = row.reported_position != Some(position);
+            let eta_moved = row
+                .reported_eta
+                .is_none_or(|last| (i64::from(eta_s) - last).abs() > delta);
+            if moved || eta_moved {
+                changes.push((row, position, eta_s));
+            }
+        }
+        tx.commit().await?;
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        // A ticket that moved on since the read is left out by the check-and-set below.
+        let mut tx = Tx::write(self.db()).await?;
+        if tx.is_postgres() {
+            // Take only tickets no one else holds (an offer or an answer is changing them):
+            // never wait, never deadlock; the rest are looked at next round.
+            let claim = format!(
+                "SELECT id FROM routing_tickets WHERE tenant = $1 AND state = 'queued' \
+                 AND id IN ({}) FOR UPDATE SKIP LOCKED",
+                placeholders(2, changes.len(), 1)
+            );
+            let mut claim_args = args![tenant.as_str()];
+            for (row, _, _) in &changes {
+                claim_args.push(row.id.as_str().into());
+            }
+            let held: Vec<(String,)> = tx.fetch_all_text(&claim, claim_args).await?;
+            changes.retain(|(row, _, _)| held.iter().any(|(id,)| *id == row.id));
+            if changes.is_empty() {
+                tx.commit().await?;
+                return Ok(0);
+            }
+        }
+        let mut positions = String::from("CASE id");
+        let mut etas = String::from("CASE id");
+        for n in 0..changes.len() {
+            let p = 4 + n * 3;
+            positions.push_str(&format!(" WHEN ${p} THEN ${}", p + 1));
+            etas.push_str(&format!(" WHEN ${p} THEN ${}", p + 2));
+        }
+        positions.push_str(" END");
+        etas.push_str(" END");
+        let update = format!(
+            "UPDATE routing_tickets SET reported_position = {positions}, reported_eta = {etas}, \
+             position_reported_at = $2 WHERE tenant = $1 AND state = 'queued' \
+             AND (position_reported_at IS NULL OR position_reported_at <= $3) \
+             AND id IN ({}) RETURNING id",
+            placeholders(4, changes.len(), 3)
+        );
+        let mut update_args = args![tenant.as_str(), micros(now), cutoff];
+        for (row, position, eta_s) in &changes {
+            update_args.push(row.id.as_str().into());
+            update_args.push((*position).into());
+            update_args.push((*eta_s).into());
+        }
+        let updated: Vec<(String,)> = tx.fetch_all_text(&update, update_args).await?;
+        let out: Vec<RawEvent> = changes
+            .iter()
+            .filter(|(row, _, _)| updated.iter().any(|(id,)| *id == row.id))
+            .map(|(row, position, eta_s)| {
+                events::position_updated(
+                    tenant,
+                    &row.id,
+                    &row.conversation_id,
+                    queue_id,
+                    i32::try_from(*position).unwrap_or(i32::MAX),
+                    *eta_s,
+                    now,
+                )
+            })
+            .collect();
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        Ok(out.len())
     }
 }
 
