@@ -534,11 +534,11 @@ async fn main() {
     println!("event ingest: {count} events of {conversations} conversations, {rate:.0} events/s");
 
     let sample: Vec<FeedbackRecord> = (0..50_000).map(|i| feedback(i, conversations)).collect();
-    let stored = ingest_feedback(&store, sample.clone(), 500, 1).await;
+    let stored = ingest_feedback(&store, sample.clone(), 500, 2).await;
     let baseline_db = database(&pg).await;
     let baseline = raw_insert(&baseline_db, &sample, 500).await;
     println!(
-        "feedback ingest, store batch path (500 records per transaction, one writer): {} records, {stored:.0} records/s; raw multi-row INSERT of the same rows {baseline:.0} rows/s; ratio {:.3} ({:.1} % of the raw rate)",
+        "feedback ingest, store batch path (500 records per transaction, two writers): {} records, {stored:.0} records/s; raw multi-row INSERT of the same rows {baseline:.0} rows/s; ratio {:.3} ({:.1} % of the raw rate)",
         sample.len(),
         stored / baseline,
         100.0 * stored / baseline

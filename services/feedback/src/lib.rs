@@ -61,6 +61,8 @@ pub struct Settings {
     /// batch is full; 0 stores what is queued at once.
     #[serde(with = "humantime_serde")]
     pub submit_linger: Duration,
+    /// Feedback batches written at the same time.
+    pub submit_writers: usize,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             consumer_batch: 256,
             submit_batch: 512,
             submit_linger: Duration::from_millis(1),
+            submit_writers: 2,
         }
     }
 }
@@ -100,6 +103,12 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 join(path, "submit_batch"),
                 "must be 1..4096",
+            ));
+        }
+        if !(1..=16).contains(&self.submit_writers) {
+            errors.push(ConfigError::new(
+                join(path, "submit_writers"),
+                "must be 1..16",
             ));
         }
         if self.submit_linger > Duration::from_millis(100) {
@@ -135,6 +144,12 @@ impl Service for Feedback {
                 max_batch: settings.submit_batch,
                 linger: settings.submit_linger,
                 queue: settings.submit_batch * 16,
+                // SQLite has one writer at a time anyway.
+                writers: if matches!(ctx.db, tandem_platform::db::Db::Sqlite(_)) {
+                    1
+                } else {
+                    settings.submit_writers
+                },
             },
             ctx.shutdown.clone(),
         );

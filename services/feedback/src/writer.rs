@@ -1,11 +1,15 @@
 //! Group commit of submitted feedback.
 //!
 //! Each `SubmitFeedback` call queues its record on a bounded channel and waits for its own
-//! answer. One writer task takes what is queued (up to `max_batch` records, waiting at most
-//! `linger` for more once it holds one) and stores it in one transaction: one multi-row insert
+//! answer. A writer takes what is queued (up to `max_batch` records, waiting at most `linger`
+//! for more once it holds one) and stores it in one transaction: one multi-row insert
 //! per tenant with `ON CONFLICT DO NOTHING` on the client id, one rollup update for the batch,
 //! one outbox insert. Then it answers every caller with its own outcome: new, or a replay of the
-//! stored record (a duplicate inside the batch replays the first one).
+//! stored record (a duplicate inside the batch replays the first one). `writers` writers take
+//! turns at the queue, so one batch is gathered and written while another commits; their
+//! rollup rows are updated in key order, so concurrent batches wait for each other there but
+//! never deadlock, and the database's unique client id decides between two batches that carry
+//! the same record.
 //!
 //! A caller is answered only after the commit, so an acknowledged record is never lost: if the
 //! writer dies mid-batch, the transaction rolls back and the callers get `Unavailable`, which a
@@ -35,6 +39,8 @@ pub struct WriterOptions {
     pub linger: Duration,
     /// Records that may wait in the queue; callers beyond it wait for room.
     pub queue: usize,
+    /// Batches written at the same time.
+    pub writers: usize,
 }
 
 impl Default for WriterOptions {
@@ -43,6 +49,7 @@ impl Default for WriterOptions {
             max_batch: 512,
             linger: Duration::from_millis(1),
             queue: 8192,
+            writers: 2,
         }
     }
 }
@@ -72,8 +79,9 @@ pub struct FeedbackWriter {
 const RETRIES: usize = 3;
 
 impl FeedbackWriter {
-    /// Creates the writer: the handle, and the task to spawn, which stores batches until every
-    /// handle is dropped or `shutdown` is cancelled, then stores what is queued and returns.
+    /// Creates the writer: the handle, and the task to spawn, which stores batches (with
+    /// `writers` writers) until every handle is dropped or `shutdown` is cancelled, then stores
+    /// what is queued and returns.
     pub fn new(
         store: Store,
         options: WriterOptions,
@@ -81,7 +89,30 @@ impl FeedbackWriter {
         shutdown: CancellationToken,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (queue, jobs) = mpsc::channel(options.queue.max(1));
-        let task = run(store, options, event, jobs, shutdown);
+        let jobs = std::sync::Arc::new(tokio::sync::Mutex::new(jobs));
+        let writers: Vec<_> = (0..options.writers.max(1))
+            .map(|_| {
+                run(
+                    store.clone(),
+                    options,
+                    std::sync::Arc::clone(&event),
+                    std::sync::Arc::clone(&jobs),
+                    shutdown.clone(),
+                )
+            })
+            .collect();
+        // Dropping the task (an abort, or the runtime shutting down) stops every writer.
+        let task = async move {
+            let mut set = tokio::task::JoinSet::new();
+            for writer in writers {
+                set.spawn(writer);
+            }
+            while let Some(done) = set.join_next().await {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a feedback writer failed");
+                }
+            }
+        };
         (Self { queue }, task)
     }
 
@@ -112,42 +143,57 @@ async fn run(
     store: Store,
     options: WriterOptions,
     event: std::sync::Arc<EventMaker>,
-    mut jobs: mpsc::Receiver<Job>,
+    jobs: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     shutdown: CancellationToken,
 ) {
-    let max_batch = options.max_batch.max(1);
     loop {
-        let first = tokio::select! {
-            biased;
-            job = jobs.recv() => job,
-            () = shutdown.cancelled() => {
-                // Refuse new work and store what is queued.
-                jobs.close();
-                jobs.recv().await
-            }
+        // One writer gathers at a time; the others write or commit meanwhile.
+        let batch = {
+            let mut jobs = jobs.lock().await;
+            gather(&mut jobs, options, &shutdown).await
         };
-        let Some(first) = first else {
+        let Some(batch) = batch else {
             return;
         };
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + options.linger;
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if options.linger.is_zero() || shutdown.is_cancelled() {
-                        break;
-                    }
-                    match tokio::time::timeout_at(deadline, jobs.recv()).await {
-                        Ok(Some(job)) => batch.push(job),
-                        Ok(None) | Err(_) => break,
-                    }
+        write(&store, &*event, batch).await;
+    }
+}
+
+/// Takes the next batch from the queue; `None` once the queue is closed and empty.
+async fn gather(
+    jobs: &mut mpsc::Receiver<Job>,
+    options: WriterOptions,
+    shutdown: &CancellationToken,
+) -> Option<Vec<Job>> {
+    let max_batch = options.max_batch.max(1);
+    let first = tokio::select! {
+        biased;
+        job = jobs.recv() => job,
+        () = shutdown.cancelled() => {
+            // Refuse new work and store what is queued.
+            jobs.close();
+            jobs.recv().await
+        }
+    };
+    let first = first?;
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + options.linger;
+    while batch.len() < max_batch {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if options.linger.is_zero() || shutdown.is_cancelled() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                    Ok(Some(job)) => batch.push(job),
+                    Ok(None) | Err(_) => break,
                 }
             }
         }
-        write(&store, &*event, batch).await;
     }
+    Some(batch)
 }
 
 /// Stores one batch and answers its callers.

@@ -152,6 +152,7 @@ async fn concurrent_submissions_count_each_client_id_once(db: Db) {
             max_batch: 16,
             linger: Duration::from_millis(5),
             queue: 1024,
+            writers: 2,
         },
     );
     // 60 client ids, each submitted three times at once: replays meet in one batch and
@@ -219,6 +220,7 @@ async fn a_bad_record_fails_alone(db: Db) {
             max_batch: 64,
             linger: Duration::from_millis(20),
             queue: 1024,
+            writers: 2,
         },
     );
     // Invalid submissions are refused with their field named; the others are stored.
@@ -270,6 +272,7 @@ async fn a_bad_record_fails_alone(db: Db) {
             max_batch: 64,
             linger: Duration::from_millis(50),
             queue: 1024,
+            writers: 2,
         },
         event,
         CancellationToken::new(),
@@ -320,6 +323,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_acknowledged(db: Db) {
         max_batch: 8,
         linger: Duration::from_millis(2),
         queue: 1024,
+        writers: 2,
     };
     let (first, writer) = app(&db, options);
     let answered = Arc::new(AtomicUsize::new(0));

@@ -99,6 +99,7 @@ fn settings() -> Settings {
         consumer_batch: 64,
         submit_batch: 64,
         submit_linger: Duration::from_millis(1),
+        submit_writers: 2,
     }
 }
 

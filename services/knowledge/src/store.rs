@@ -434,23 +434,33 @@ impl Store {
         if external_ids.is_empty() {
             return Ok(out);
         }
-        let rows: Vec<(String, i64, Vec<u8>)> = on_db!(&self.db, pool => {
-            let mut q = QueryBuilder::new(
-                "SELECT external_id, revision, body FROM knowledge_articles WHERE tenant = ",
-            );
-            q.push_bind(t).push(" AND external_id IN (");
-            let mut list = q.separated(", ");
-            for id in external_ids {
-                list.push_bind(id);
+        // The partial index's predicate is repeated so that a generic plan can use the index.
+        // PostgreSQL gets the ids as one array: with hundreds of parameters in an IN list its
+        // generic plan scans every article of the tenant and rebuilds the list for each row.
+        const LOOKUP: &str = "SELECT external_id, revision, body FROM knowledge_articles \
+             WHERE tenant = $1 AND external_id <> '' AND external_id";
+        let rows: Vec<(String, i64, Vec<u8>)> = match &self.db {
+            Db::Postgres(pool) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("{LOOKUP} = ANY($2)")))
+                    .bind(t)
+                    .bind(external_ids)
+                    .fetch_all(pool)
+                    .await?
             }
-            q.push(")");
-            q.build()
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
-        });
+            Db::Sqlite(pool) => {
+                let mut q = QueryBuilder::new(
+                    "SELECT external_id, revision, body FROM knowledge_articles WHERE tenant = ",
+                );
+                q.push_bind(t)
+                    .push(" AND external_id <> '' AND external_id IN (");
+                let mut list = q.separated(", ");
+                for id in external_ids {
+                    list.push_bind(id);
+                }
+                q.push(")");
+                q.build_query_as().fetch_all(pool).await?
+            }
+        };
         let mut articles = Vec::with_capacity(rows.len());
         for (external_id, revision, body) in rows {
             let article: pb::Article = decode("article", &body)?;

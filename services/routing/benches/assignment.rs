@@ -268,7 +268,14 @@ fn ticket(i: usize, round: &str) -> NewTicket {
         language: 1,
         trigger_received_at: None,
         requested_at: Utc::now(),
-        package: vec![0; 2_000],
+        // A real package of about 2 KB: desks receive it decoded with every offer.
+        package: prost::Message::encode_to_vec(&tandem_proto::pb::dialog::v1::HandoffPackage {
+            handoff_id: format!("{round}-h{i}"),
+            conversation_id: format!("{round}-c{i}"),
+            scenario_id: "s".into(),
+            summary: vec!["The customer asks where the refund of order 12345 is.".repeat(36)],
+            ..Default::default()
+        }),
     }
 }
 
