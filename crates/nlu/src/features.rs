@@ -480,6 +480,39 @@ impl Vectoriser {
         known as f32 / words.len() as f32
     }
 
+    /// Returns the share of the words and the share of the character n-grams of a normalised
+    /// text that are in the vocabulary and accepted by `known` (a filter on feature indices).
+    /// As in [`Self::word_coverage`], a share is 0 for a text without words or n-grams, and 1
+    /// when the block is off.
+    pub fn coverage_where(&self, text: &str, known: impl Fn(u32) -> bool) -> (f32, f32) {
+        let share = |k: usize, n: usize| if n == 0 { 0.0 } else { k as f32 / n as f32 };
+        let word_share = if !self.config.word_ngrams.is_on() || self.config.word_ngrams.min > 1 {
+            1.0
+        } else {
+            let words = feature_words(&self.config, text);
+            let known_words = words
+                .iter()
+                .filter(|w| self.word_terms.get(w.as_ref()).is_some_and(|&i| known(i)))
+                .count();
+            share(known_words, words.len())
+        };
+        if !self.config.latin_char_ngrams.is_on() && !self.config.han_char_ngrams.is_on() {
+            return (word_share, 1.0);
+        }
+        let (mut grams, mut known_grams) = (0_usize, 0_usize);
+        let config = FeatureConfig {
+            word_ngrams: NgramRange::off(),
+            ..self.config.clone()
+        };
+        visit_terms(&config, text, |_, term| {
+            grams += 1;
+            if self.char_terms.get(term).is_some_and(|&i| known(i)) {
+                known_grams += 1;
+            }
+        });
+        (word_share, share(known_grams, grams))
+    }
+
     /// Returns the features of a normalised text.
     pub fn transform(&self, text: &str) -> SparseVector {
         let mut out = SparseVector::default();
