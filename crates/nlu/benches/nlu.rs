@@ -264,8 +264,15 @@ fn out_of_scope(data: &Path, train: &[LabelledText], test: &[LabelledText]) {
         ),
     ];
     println!(
-        "{:<42} {:>9} {:>10} {:>10} {:>10} {:>9} {:>7}",
-        "threshold rule", "threshold", "in-scope", "accepted", "OOS rec.", "by cover.", "train"
+        "{:<42} {:>9} {:>10} {:>10} {:>10} {:>9} {:>7} {:>7}",
+        "threshold rule",
+        "threshold",
+        "in-scope",
+        "accepted",
+        "OOS rec.",
+        "by cover.",
+        "AUROC",
+        "train"
     );
     for (name, rule, detector) in rules {
         let options = TrainingOptions {
@@ -281,11 +288,17 @@ fn out_of_scope(data: &Path, train: &[LabelledText], test: &[LabelledText]) {
         let model = TextClassifier::train(&in_scope, oos_examples, &options).unwrap();
         let training = started.elapsed();
         let mut by_coverage = 0;
+        let mut scores = (Vec::new(), Vec::new());
         let outcomes: Vec<ScopeOutcome> = test
             .iter()
             .map(|e| {
                 let prediction = model.predict(&e.text);
                 let in_scope = !is_held(&e.label);
+                if in_scope {
+                    scores.0.push(prediction.scope_score);
+                } else {
+                    scores.1.push(prediction.scope_score);
+                }
                 if prediction.out_of_scope
                     && prediction.scope_score >= model.out_of_scope_threshold()
                 {
@@ -300,19 +313,47 @@ fn out_of_scope(data: &Path, train: &[LabelledText], test: &[LabelledText]) {
             .collect();
         let e = evaluate_out_of_scope(&outcomes);
         println!(
-            "{name:<42} {:>9.3} {:>9.2}% {:>9.2}% {:>9.2}% {by_coverage:>9} {:>6.1}s",
+            "{name:<42} {:>9.3} {:>9.2}% {:>9.2}% {:>9.2}% {by_coverage:>9} {:>7.4} {:>6.1}s",
             model.out_of_scope_threshold(),
             100.0 * e.in_scope_accuracy,
             100.0 * e.in_scope_acceptance,
             100.0 * e.out_of_scope_recall,
+            auroc(&scores.0, &scores.1),
             training.as_secs_f64(),
         );
     }
     println!(
         "(in-scope = accepted with the right intent; accepted = not rejected; by cover. = rejected \
-         only for low word coverage; train = training time, detector included; the threshold \
-         applies to the detector's in-scope probability, or to the calibrated confidence)"
+         only for low word coverage; AUROC = chance that an in-scope test text scores above an \
+         out-of-scope one, threshold-free; train = training time, detector included; the \
+         threshold applies to the detector's in-scope probability, or to the calibrated \
+         confidence)"
     );
+}
+
+/// Area under the ROC curve: the chance that a score from `higher` exceeds one from `lower`
+/// (ties count half).
+fn auroc(higher: &[f32], lower: &[f32]) -> f64 {
+    let mut all: Vec<(f32, bool)> = higher
+        .iter()
+        .map(|&s| (s, true))
+        .chain(lower.iter().map(|&s| (s, false)))
+        .collect();
+    all.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    // Sum of the (tie-averaged, 1-based) ranks of the `higher` scores.
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i;
+        while j < all.len() && all[j].0 == all[i].0 {
+            j += 1;
+        }
+        let rank = (i + j + 1) as f64 / 2.0;
+        rank_sum += rank * all[i..j].iter().filter(|(_, h)| *h).count() as f64;
+        i = j;
+    }
+    let (n, m) = (higher.len() as f64, lower.len() as f64);
+    (rank_sum - n * (n + 1.0) / 2.0) / (n * m).max(1.0)
 }
 
 fn waimai(data: &Path) {

@@ -400,18 +400,21 @@ impl TextClassifier {
         self.detector.as_ref()
     }
 
-    /// Returns the uncalibrated scores (logits) of every label for a normalised text.
-    fn logits(&self, normalised: &str) -> Vec<f32> {
+    /// Returns the uncalibrated scores (logits) of every label for a normalised text, and the
+    /// text's word and character n-gram coverage.
+    fn logits(&self, normalised: &str) -> (Vec<f32>, (f32, f32)) {
         let mut row = SparseVector::default();
-        self.vectoriser.transform_into(normalised, &mut row);
+        let coverage = self
+            .vectoriser
+            .transform_with_coverage(normalised, &mut row);
         let mut logits = vec![0.0; self.labels.len()];
         self.model.logits(&row.indices, &row.values, &mut logits);
-        logits
+        (logits, coverage)
     }
 
     /// Returns the calibrated probability of every label for a normalised text.
     pub fn probabilities(&self, normalised: &str) -> Vec<f32> {
-        let logits = self.logits(normalised);
+        let (logits, _) = self.logits(normalised);
         let mut probabilities = vec![0.0; self.labels.len()];
         softmax(&logits, self.temperature, &mut probabilities);
         probabilities
@@ -419,18 +422,17 @@ impl TextClassifier {
 
     /// Classifies a normalised text, returning the `top` best labels.
     pub fn predict_normalised(&self, normalised: &str, top: usize) -> Prediction {
-        let logits = self.logits(normalised);
+        let (logits, coverage) = self.logits(normalised);
+        let word_coverage = coverage.0;
         let mut probabilities = vec![0.0; self.labels.len()];
-        let (word_coverage, scope_score) = match &self.detector {
+        let scope_score = match &self.detector {
             Some(detector) => {
-                let coverage = self.vectoriser.coverage_where(normalised, |_| true);
                 let inputs = scope_inputs(&logits, self.temperature, coverage, &mut probabilities);
-                (coverage.0, detector.in_scope_probability(&inputs))
+                detector.in_scope_probability(&inputs)
             }
             None => {
                 softmax(&logits, self.temperature, &mut probabilities);
-                let confidence = probabilities[argmax(&probabilities)];
-                (self.vectoriser.word_coverage(normalised), confidence)
+                probabilities[argmax(&probabilities)]
             }
         };
         let mut order: Vec<usize> = (0..probabilities.len()).collect();

@@ -35,7 +35,8 @@ pub struct ScopeDetectorOptions {
     /// Groups the intents are dealt into; one extra model is trained per group (0 switches the
     /// detector off: the calibrated confidence alone decides).
     pub groups: usize,
-    /// L-BFGS iterations of each group's model (trained from zero).
+    /// Most L-BFGS iterations of each group's model (trained from zero; on BANKING77 they
+    /// converge after about 40, and the detector learned after 30 is as good, after 12 worse).
     pub iterations: u32,
     /// Fewest intents for a detector; with fewer, the calibrated confidence alone decides.
     pub min_intents: usize,
@@ -50,7 +51,7 @@ impl Default for ScopeDetectorOptions {
     fn default() -> Self {
         Self {
             groups: 3,
-            iterations: 20,
+            iterations: 30,
             min_intents: 4,
             min_examples: 1000,
         }
