@@ -9,13 +9,20 @@
 //! one, and keeps that temperature and threshold. Out-of-scope examples, when given, only ever
 //! tune the threshold.
 //!
-//! A prediction is out of scope when its calibrated confidence is below the threshold, or when
-//! fewer than `min_word_coverage` of its words are known to the model: with a few examples per
-//! intent, one shared word (吗, "good") can make unrelated text look confident, and the coverage
-//! check catches that.
+//! From four intents and 1,000 examples up (by default), a learned out-of-scope detector
+//! ([`crate::scope`]) is trained from pseudo out-of-scope examples: models trained without a
+//! group of intents score that group's examples. Its probability that a text is in scope is the
+//! prediction's scope score, and the threshold rule is applied to it on the held-out examples.
+//! Without a detector, the scope score is the calibrated confidence.
+//!
+//! A prediction is out of scope when its scope score is below the threshold, or when fewer than
+//! `min_word_coverage` of its words are known to the model: with a few examples per intent, one
+//! shared word (吗, "good") can make unrelated text look confident, and the coverage check
+//! catches that.
 //!
 //! Stored models start with the bytes `TNLU`, then the format version (`u16`, little endian),
-//! then the model in postcard encoding.
+//! then the model in postcard encoding. Version 2 added the detector; version 1 models still
+//! load, and keep deciding by the calibrated confidence.
 
 use std::time::Instant;
 
@@ -28,11 +35,16 @@ use crate::error::{NluError, NluResult};
 use crate::eval::{Evaluation, evaluate};
 use crate::features::{FeatureConfig, SparseMatrix, SparseVector, Vectoriser};
 use crate::linear::{FitReport, LinearModel, LinearOptions, fit_softmax};
+use crate::scope::{
+    ScopeDetector, ScopeDetectorOptions, ScopeInputs, ScopeTrainingSet, fit_detector, scope_inputs,
+};
 
 /// The first bytes of a stored model.
 const MAGIC: &[u8; 4] = b"TNLU";
 /// The version of the stored format this build writes and reads.
-pub const MODEL_FORMAT_VERSION: u16 = 1;
+pub const MODEL_FORMAT_VERSION: u16 = 2;
+/// The oldest stored format this build still reads (version 1 has no out-of-scope detector).
+pub const OLDEST_MODEL_FORMAT_VERSION: u16 = 1;
 
 /// How to train a [`TextClassifier`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +62,8 @@ pub struct TrainingOptions {
     pub refit_on_all: bool,
     /// How the out-of-scope threshold is chosen.
     pub threshold: ThresholdRule,
+    /// The learned out-of-scope detector.
+    pub out_of_scope_detector: ScopeDetectorOptions,
     /// A text with a smaller share of known words is out of scope whatever its confidence
     /// (0 switches this off).
     pub min_word_coverage: f32,
@@ -64,6 +78,7 @@ impl Default for TrainingOptions {
             seed: 42,
             refit_on_all: true,
             threshold: ThresholdRule::Auto,
+            out_of_scope_detector: ScopeDetectorOptions::default(),
             min_word_coverage: 0.4,
         }
     }
@@ -108,7 +123,10 @@ pub struct Prediction {
     pub confidence: f32,
     /// Share of the text's words the model knows, in `[0, 1]`.
     pub word_coverage: f32,
-    /// True when the confidence is below the model's out-of-scope threshold, or the word
+    /// How likely the text is in scope, in `[0, 1]`: the out-of-scope detector's probability, or
+    /// the confidence for a model without a detector. The threshold applies to it.
+    pub scope_score: f32,
+    /// True when the scope score is below the model's out-of-scope threshold, or the word
     /// coverage below its minimum.
     pub out_of_scope: bool,
     /// Entropy of the calibrated distribution divided by its maximum, in `[0, 1]`: 0 when one
@@ -137,6 +155,34 @@ pub struct TextClassifier {
     threshold: f32,
     min_word_coverage: f32,
     summary: TrainingSummary,
+    detector: Option<ScopeDetector>,
+}
+
+/// The stored form of version 1: the same model without a detector.
+#[derive(Serialize, Deserialize)]
+struct StoredV1 {
+    labels: Vec<String>,
+    vectoriser: Vectoriser,
+    model: LinearModel,
+    temperature: f32,
+    threshold: f32,
+    min_word_coverage: f32,
+    summary: TrainingSummary,
+}
+
+impl From<StoredV1> for TextClassifier {
+    fn from(v1: StoredV1) -> Self {
+        Self {
+            labels: v1.labels,
+            vectoriser: v1.vectoriser,
+            model: v1.model,
+            temperature: v1.temperature,
+            threshold: v1.threshold,
+            min_word_coverage: v1.min_word_coverage,
+            summary: v1.summary,
+            detector: None,
+        }
+    }
 }
 
 impl TextClassifier {
@@ -149,6 +195,7 @@ impl TextClassifier {
     ) -> NluResult<Self> {
         let started = Instant::now();
         options.threshold.validate()?;
+        options.out_of_scope_detector.validate()?;
         if !(0.0..=1.0).contains(&options.min_word_coverage) {
             return Err(NluError::InvalidArgument(
                 "min_word_coverage must be in [0, 1]".into(),
@@ -205,6 +252,7 @@ impl TextClassifier {
         let mut calibration_fit = None;
         let mut held_out_accuracy = None;
         let mut start = None;
+        let mut detector = None;
         if calibration_possible {
             let fit_x = x.select(&fit_rows);
             let fit_y: Vec<u32> = fit_rows.iter().map(|&i| y[i]).collect();
@@ -215,28 +263,52 @@ impl TextClassifier {
             let held_y: Vec<usize> = held_rows.iter().map(|&i| y[i] as usize).collect();
             let held_logits = all_logits(&first, &held_x);
             temperature = fit_temperature(&held_logits, &held_y);
+            let mut probabilities = vec![0.0; classes];
+            let inputs_of = |logits: &[f32], text: &str, probabilities: &mut [f32]| {
+                let coverage = vectoriser.coverage_where(text, |_| true);
+                scope_inputs(logits, temperature, coverage, probabilities)
+            };
+            let held_inputs: Vec<ScopeInputs> = held_logits
+                .iter()
+                .zip(&held_rows)
+                .map(|(logits, &r)| inputs_of(logits, &texts[r], &mut probabilities))
+                .collect();
+            detector = fit_detector(
+                &ScopeTrainingSet {
+                    vectoriser: &vectoriser,
+                    texts: &texts,
+                    x: &x,
+                    y: &y,
+                    intents: classes,
+                    fit_rows: &fit_rows,
+                    held_rows: &held_rows,
+                    held_inputs: &held_inputs,
+                    linear: &options.linear,
+                    seed: options.seed,
+                },
+                options.out_of_scope_detector,
+            )?;
+            let score = |inputs: &ScopeInputs| match &detector {
+                Some(detector) => detector.in_scope_probability(inputs),
+                None => inputs.values[0],
+            };
             let oos_texts: Vec<String> = out_of_scope.iter().map(|t| normalise(t)).collect();
             let oos_refs: Vec<&str> = oos_texts.iter().map(String::as_str).collect();
             let oos_logits = all_logits(&first, &vectoriser.transform_all(&oos_refs));
-            let mut probabilities = vec![0.0; classes];
             let mut held_out = Vec::with_capacity(held_logits.len() + oos_logits.len());
             let mut right = 0;
-            for (logits, &label) in held_logits.iter().zip(&held_y) {
-                softmax(logits, temperature, &mut probabilities);
-                let best = argmax(&probabilities);
-                right += usize::from(best == label);
+            for (inputs, &label) in held_inputs.iter().zip(&held_y) {
+                right += usize::from(inputs.best == label);
                 held_out.push(HeldOut {
-                    confidence: probabilities[best],
-                    correct: best == label,
+                    confidence: score(inputs),
+                    correct: inputs.best == label,
                     in_scope: true,
                 });
             }
             held_out_accuracy = Some(right as f64 / held_y.len() as f64);
-            for logits in &oos_logits {
-                softmax(logits, temperature, &mut probabilities);
-                let best = argmax(&probabilities);
+            for (logits, text) in oos_logits.iter().zip(&oos_texts) {
                 held_out.push(HeldOut {
-                    confidence: probabilities[best],
+                    confidence: score(&inputs_of(logits, text, &mut probabilities)),
                     correct: false,
                     in_scope: false,
                 });
@@ -276,6 +348,7 @@ impl TextClassifier {
             threshold,
             min_word_coverage,
             summary,
+            detector,
         })
     }
 
@@ -289,7 +362,7 @@ impl TextClassifier {
         self.temperature
     }
 
-    /// Returns the out-of-scope threshold on the calibrated confidence.
+    /// Returns the out-of-scope threshold on the scope score ([`Prediction::scope_score`]).
     pub fn out_of_scope_threshold(&self) -> f32 {
         self.threshold
     }
@@ -322,12 +395,26 @@ impl TextClassifier {
         &self.summary
     }
 
-    /// Returns the calibrated probability of every label for a normalised text.
-    pub fn probabilities(&self, normalised: &str) -> Vec<f32> {
+    /// Returns the learned out-of-scope detector, when the model has one.
+    pub fn out_of_scope_detector(&self) -> Option<&ScopeDetector> {
+        self.detector.as_ref()
+    }
+
+    /// Returns the uncalibrated scores (logits) of every label for a normalised text, and the
+    /// text's word and character n-gram coverage.
+    fn logits(&self, normalised: &str) -> (Vec<f32>, (f32, f32)) {
         let mut row = SparseVector::default();
-        self.vectoriser.transform_into(normalised, &mut row);
+        let coverage = self
+            .vectoriser
+            .transform_with_coverage(normalised, &mut row);
         let mut logits = vec![0.0; self.labels.len()];
         self.model.logits(&row.indices, &row.values, &mut logits);
+        (logits, coverage)
+    }
+
+    /// Returns the calibrated probability of every label for a normalised text.
+    pub fn probabilities(&self, normalised: &str) -> Vec<f32> {
+        let (logits, _) = self.logits(normalised);
         let mut probabilities = vec![0.0; self.labels.len()];
         softmax(&logits, self.temperature, &mut probabilities);
         probabilities
@@ -335,7 +422,19 @@ impl TextClassifier {
 
     /// Classifies a normalised text, returning the `top` best labels.
     pub fn predict_normalised(&self, normalised: &str, top: usize) -> Prediction {
-        let probabilities = self.probabilities(normalised);
+        let (logits, coverage) = self.logits(normalised);
+        let word_coverage = coverage.0;
+        let mut probabilities = vec![0.0; self.labels.len()];
+        let scope_score = match &self.detector {
+            Some(detector) => {
+                let inputs = scope_inputs(&logits, self.temperature, coverage, &mut probabilities);
+                detector.in_scope_probability(&inputs)
+            }
+            None => {
+                softmax(&logits, self.temperature, &mut probabilities);
+                probabilities[argmax(&probabilities)]
+            }
+        };
         let mut order: Vec<usize> = (0..probabilities.len()).collect();
         let top = top.clamp(1, order.len());
         order.select_nth_unstable_by(top - 1, |&a, &b| {
@@ -357,12 +456,12 @@ impl TextClassifier {
             .map(|&p| -p * p.ln())
             .sum();
         let spread = (entropy / (probabilities.len() as f32).ln()).clamp(0.0, 1.0);
-        let word_coverage = self.vectoriser.word_coverage(normalised);
-        let out_of_scope = confidence < self.threshold || word_coverage < self.min_word_coverage;
+        let out_of_scope = scope_score < self.threshold || word_coverage < self.min_word_coverage;
         Prediction {
             ranked,
             confidence,
             word_coverage,
+            scope_score,
             out_of_scope,
             spread,
         }
@@ -409,14 +508,16 @@ impl TextClassifier {
             [a, b, payload @ ..] => (u16::from_le_bytes([*a, *b]), payload),
             _ => return Err(NluError::InvalidModel("truncated header".to_owned())),
         };
-        if version != MODEL_FORMAT_VERSION {
-            return Err(NluError::UnsupportedModelVersion {
-                found: version,
-                supported: MODEL_FORMAT_VERSION,
-            });
-        }
-        let model: Self = postcard::from_bytes(payload)
-            .map_err(|error| NluError::InvalidModel(format!("cannot decode: {error}")))?;
+        let model: Self = match version {
+            MODEL_FORMAT_VERSION => decode(version, payload)?,
+            1 => decode::<StoredV1>(version, payload)?.into(),
+            _ => {
+                return Err(NluError::UnsupportedModelVersion {
+                    found: version,
+                    supported: MODEL_FORMAT_VERSION,
+                });
+            }
+        };
         model.check()?;
         Ok(model)
     }
@@ -445,7 +546,24 @@ impl TextClassifier {
                 "thresholds must lie in [0, 1]".to_owned(),
             ));
         }
+        if let Some(detector) = &self.detector {
+            detector.check(self.labels.len())?;
+        }
         Ok(())
+    }
+}
+
+/// Decodes a whole payload: bytes left over mean a damaged model or another version's layout.
+fn decode<'a, T: Deserialize<'a>>(version: u16, payload: &'a [u8]) -> NluResult<T> {
+    match postcard::take_from_bytes(payload) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => Err(NluError::InvalidModel(format!(
+            "cannot decode version {version}: {} bytes left over",
+            rest.len()
+        ))),
+        Err(error) => Err(NluError::InvalidModel(format!(
+            "cannot decode version {version}: {error}"
+        ))),
     }
 }
 
@@ -468,4 +586,87 @@ fn argmax(values: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn examples() -> Vec<LabelledText> {
+        let mut out = Vec::new();
+        for (label, words) in [
+            ("refund", ["refund", "money back", "return money"]),
+            (
+                "track",
+                ["where is my parcel", "track order", "delivery status"],
+            ),
+            (
+                "cancel",
+                ["cancel order", "stop my order", "cancel purchase"],
+            ),
+            (
+                "invoice",
+                ["send invoice", "need a receipt", "invoice copy"],
+            ),
+        ] {
+            for (i, text) in words.iter().enumerate() {
+                for suffix in ["please", "now", "today", "asap"] {
+                    out.push(LabelledText::new(format!("{text} {suffix} {i}"), label));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn reads_version_1_models_without_a_detector() {
+        let options = TrainingOptions {
+            out_of_scope_detector: ScopeDetectorOptions {
+                groups: 0,
+                ..ScopeDetectorOptions::default()
+            },
+            ..TrainingOptions::default()
+        };
+        let model = TextClassifier::train(&examples(), &[], &options).unwrap();
+        assert!(model.out_of_scope_detector().is_none());
+        let v1 = StoredV1 {
+            labels: model.labels.clone(),
+            vectoriser: model.vectoriser.clone(),
+            model: model.model.clone(),
+            temperature: model.temperature,
+            threshold: model.threshold,
+            min_word_coverage: model.min_word_coverage,
+            summary: model.summary.clone(),
+        };
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1_u16.to_le_bytes());
+        let bytes = postcard::to_extend(&v1, bytes).unwrap();
+        let loaded = TextClassifier::from_bytes(&bytes).unwrap();
+        assert_eq!(loaded, model);
+        let prediction = loaded.predict("refund please");
+        assert_eq!(prediction.scope_score, prediction.confidence);
+        // A version 2 model with a detector is not read as version 1.
+        let mut detector_model = TextClassifier::train(
+            &examples(),
+            &[],
+            &TrainingOptions {
+                out_of_scope_detector: ScopeDetectorOptions {
+                    min_examples: 0,
+                    ..ScopeDetectorOptions::default()
+                },
+                ..TrainingOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(detector_model.out_of_scope_detector().is_some());
+        detector_model.summary.training_ms = 0;
+        let mut v2_as_v1 = detector_model.to_bytes().unwrap();
+        v2_as_v1[4..6].copy_from_slice(&1_u16.to_le_bytes());
+        assert!(matches!(
+            TextClassifier::from_bytes(&v2_as_v1),
+            Err(NluError::InvalidModel(_))
+        ));
+    }
 }

@@ -198,6 +198,7 @@ mod tests {
                 .collect(),
             confidence: probabilities[0],
             word_coverage: 1.0,
+            scope_score: probabilities[0],
             out_of_scope: false,
             spread: 0.1,
         }

@@ -13,11 +13,13 @@ pub enum NluError {
     #[error("invalid model: {0}")]
     InvalidModel(String),
     /// A stored model was written by a newer or older, incompatible format.
-    #[error("unsupported model format version {found} (this build reads version {supported})")]
+    #[error(
+        "unsupported model format version {found} (this build reads versions 1 to {supported})"
+    )]
     UnsupportedModelVersion {
         /// The version in the stored model.
         found: u16,
-        /// The version this build reads and writes.
+        /// The newest version this build reads (and the one it writes).
         supported: u16,
     },
     /// A CSV file is malformed.

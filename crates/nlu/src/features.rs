@@ -123,6 +123,9 @@ impl FeatureConfig {
 /// Which block a term belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Block {
+    /// A single word (a word 1-gram).
+    Unigram,
+    /// A word n-gram of two words or more.
     Word,
     Char,
 }
@@ -163,7 +166,7 @@ fn visit_terms(config: &FeatureConfig, text: &str, mut visit: impl FnMut(Block, 
                     break;
                 }
                 if n == 1 {
-                    visit(Block::Word, &kept[first]);
+                    visit(Block::Unigram, &kept[first]);
                 } else {
                     joined.clear();
                     for (i, word) in kept[first..first + n].iter().enumerate() {
@@ -333,7 +336,7 @@ impl Vectoriser {
         for (doc, text) in (0_u32..).zip(texts) {
             visit_terms(&config, text, |block, term| {
                 let table = match block {
-                    Block::Word => &mut word_df,
+                    Block::Unigram | Block::Word => &mut word_df,
                     Block::Char => &mut char_df,
                 };
                 match table.get_mut(term) {
@@ -414,14 +417,29 @@ impl Vectoriser {
 
     /// Writes the features of a normalised text into `out`.
     pub fn transform_into(&self, text: &str, out: &mut SparseVector) {
+        self.transform_with_coverage(text, out);
+    }
+
+    /// Writes the features of a normalised text into `out`, and returns its coverage as
+    /// [`Self::coverage_where`] does with every feature known, in the same pass.
+    pub fn transform_with_coverage(&self, text: &str, out: &mut SparseVector) -> (f32, f32) {
         out.indices.clear();
         out.values.clear();
+        // (known, seen) single words and character n-grams
+        let mut word_counts = (0_usize, 0_usize);
+        let mut gram_counts = (0_usize, 0_usize);
         visit_terms(&self.config, text, |block, term| {
-            let table = match block {
-                Block::Word => &self.word_terms,
-                Block::Char => &self.char_terms,
+            let (table, counts) = match block {
+                Block::Unigram => (&self.word_terms, Some(&mut word_counts)),
+                Block::Word => (&self.word_terms, None),
+                Block::Char => (&self.char_terms, Some(&mut gram_counts)),
             };
-            if let Some(&index) = table.get(term) {
+            let found = table.get(term);
+            if let Some(counts) = counts {
+                counts.0 += usize::from(found.is_some());
+                counts.1 += 1;
+            }
+            if let Some(&index) = found {
                 out.indices.push(index);
             }
         });
@@ -461,6 +479,25 @@ impl Vectoriser {
                 block.iter_mut().for_each(|v| *v *= scale);
             }
         }
+        let share = |(known, seen): (usize, usize)| {
+            if seen == 0 {
+                0.0
+            } else {
+                known as f32 / seen as f32
+            }
+        };
+        let word_share = if !self.config.word_ngrams.is_on() || self.config.word_ngrams.min > 1 {
+            1.0
+        } else {
+            share(word_counts)
+        };
+        let char_share =
+            if !self.config.latin_char_ngrams.is_on() && !self.config.han_char_ngrams.is_on() {
+                1.0
+            } else {
+                share(gram_counts)
+            };
+        (word_share, char_share)
     }
 
     /// Returns the share of the words of a normalised text that are in the vocabulary (0 for a
@@ -478,6 +515,39 @@ impl Vectoriser {
             .filter(|w| self.word_terms.contains_key(w.as_ref()))
             .count();
         known as f32 / words.len() as f32
+    }
+
+    /// Returns the share of the words and the share of the character n-grams of a normalised
+    /// text that are in the vocabulary and accepted by `known` (a filter on feature indices).
+    /// As in [`Self::word_coverage`], a share is 0 for a text without words or n-grams, and 1
+    /// when the block is off.
+    pub fn coverage_where(&self, text: &str, known: impl Fn(u32) -> bool) -> (f32, f32) {
+        let share = |k: usize, n: usize| if n == 0 { 0.0 } else { k as f32 / n as f32 };
+        let word_share = if !self.config.word_ngrams.is_on() || self.config.word_ngrams.min > 1 {
+            1.0
+        } else {
+            let words = feature_words(&self.config, text);
+            let known_words = words
+                .iter()
+                .filter(|w| self.word_terms.get(w.as_ref()).is_some_and(|&i| known(i)))
+                .count();
+            share(known_words, words.len())
+        };
+        if !self.config.latin_char_ngrams.is_on() && !self.config.han_char_ngrams.is_on() {
+            return (word_share, 1.0);
+        }
+        let (mut grams, mut known_grams) = (0_usize, 0_usize);
+        let config = FeatureConfig {
+            word_ngrams: NgramRange::off(),
+            ..self.config.clone()
+        };
+        visit_terms(&config, text, |_, term| {
+            grams += 1;
+            if self.char_terms.get(term).is_some_and(|&i| known(i)) {
+                known_grams += 1;
+            }
+        });
+        (word_share, share(known_grams, grams))
     }
 
     /// Returns the features of a normalised text.
@@ -554,6 +624,19 @@ mod tests {
         assert!(vectoriser.transform("zzz qqq").indices.len() < 3);
         assert!((vectoriser.word_coverage("lost card zzz qqq") - 0.5).abs() < 1e-6);
         assert_eq!(vectoriser.word_coverage("!!"), 0.0);
+        for text in ["lost card zzz qqq", "!!", "card", "退款 card"] {
+            let mut out = SparseVector::default();
+            let coverage = vectoriser.transform_with_coverage(text, &mut out);
+            assert_eq!(out, vectoriser.transform(text));
+            assert_eq!(
+                coverage,
+                vectoriser.coverage_where(text, |_| true),
+                "{text}"
+            );
+            assert_eq!(coverage.0, vectoriser.word_coverage(text), "{text}");
+        }
+        let (words, chars) = vectoriser.coverage_where("lost card", |_| false);
+        assert_eq!((words, chars), (0.0, 0.0));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - `features`: TF-IDF [`Vectoriser`] over word and character n-grams ([`FeatureConfig`]).
 //! - `linear`: softmax regression trained by L-BFGS ([`fit_softmax`], [`LinearOptions`]).
 //! - `calibration`: temperature scaling and out-of-scope threshold rules ([`ThresholdRule`]).
+//! - `scope`: the learned out-of-scope detector ([`ScopeDetector`]), trained on pseudo
+//!   out-of-scope examples from the training set.
 //! - `classifier`: [`TextClassifier`] (train, predict, evaluate, store with a format version).
 //! - `eval`: accuracy, macro-F1, per-class scores, confusions, out-of-scope figures.
 //! - `sentiment`: the built-in lexicon scorer ([`score_sentiment`]) and [`sentiment_trend`].
@@ -35,12 +37,14 @@ mod eval;
 mod features;
 mod hashing;
 mod linear;
+mod scope;
 mod sentiment;
 
 pub use analyser::{Analyzer, TurnAnalysis};
 pub use calibration::{HeldOut, ThresholdRule, fit_temperature, softmax, tune_threshold};
 pub use classifier::{
-    MODEL_FORMAT_VERSION, Prediction, ScoredLabel, TextClassifier, TrainingOptions, TrainingSummary,
+    MODEL_FORMAT_VERSION, OLDEST_MODEL_FORMAT_VERSION, Prediction, ScoredLabel, TextClassifier,
+    TrainingOptions, TrainingSummary,
 };
 pub use complexity::{
     Complexity, ComplexityFactor, ComplexityFactorKind, ComplexityWeights, ConversationSignals,
@@ -60,6 +64,7 @@ pub use eval::{
 };
 pub use features::{FeatureConfig, NgramRange, SparseMatrix, SparseVector, Vectoriser};
 pub use linear::{FitReport, LinearModel, LinearOptions, Loss, fit_softmax};
+pub use scope::{SCOPE_FEATURES, ScopeDetector, ScopeDetectorOptions};
 pub use sentiment::{
     Emotion, Sentiment, SentimentCue, SentimentTrend, TrendOptions, score_sentiment,
     sentiment_trend,

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use tandem_nlu::{
     Analyzer, ConversationSignals, Emotion, EntityValue, LabelledText, MODEL_FORMAT_VERSION,
-    NluError, TextClassifier, TrainingOptions,
+    NluError, ScopeDetectorOptions, TextClassifier, TrainingOptions,
 };
 use tandem_text::Language;
 
@@ -151,6 +151,58 @@ fn rejects_unrelated_text_as_out_of_scope() {
     }
     let threshold = MODEL.out_of_scope_threshold();
     assert!(threshold > 0.0 && threshold < 1.0, "{threshold}");
+}
+
+#[test]
+fn learns_an_out_of_scope_detector_from_pseudo_out_of_scope_examples() {
+    // The default needs 1,000 examples; the small set gets the confidence threshold.
+    assert!(MODEL.out_of_scope_detector().is_none());
+    let options = TrainingOptions {
+        out_of_scope_detector: ScopeDetectorOptions {
+            min_examples: 0,
+            ..ScopeDetectorOptions::default()
+        },
+        ..TrainingOptions::default()
+    };
+    let model = TextClassifier::train(&examples(), &[], &options).unwrap();
+    let detector = model.out_of_scope_detector().unwrap();
+    assert_eq!(detector.groups, 3);
+    // Every example of a left-out group is pseudo out of scope once.
+    assert_eq!(detector.pseudo_out_of_scope, EXAMPLES.len());
+    assert!(detector.pseudo_in_scope > 0);
+    for text in ["where is my order", "我要退款", "今天股市行情怎么样", "!!"] {
+        let prediction = model.predict(text);
+        assert!(
+            (0.0..=1.0).contains(&prediction.scope_score),
+            "{prediction:?}"
+        );
+        assert_eq!(
+            prediction.out_of_scope,
+            prediction.scope_score < model.out_of_scope_threshold()
+                || prediction.word_coverage < model.min_word_coverage()
+        );
+    }
+    for text in ["what is the capital of mongolia", "明天北京会下雪吗"] {
+        assert!(model.predict(text).out_of_scope, "{text}");
+    }
+    let loaded = TextClassifier::from_bytes(&model.to_bytes().unwrap()).unwrap();
+    assert_eq!(&loaded, &model);
+    let again = TextClassifier::train(&examples(), &[], &options).unwrap();
+    for text in ["where is my order", "我要退款", "random words"] {
+        assert_eq!(again.predict(text), model.predict(text));
+    }
+    assert_eq!(again.out_of_scope_detector(), model.out_of_scope_detector());
+    let one_group = TrainingOptions {
+        out_of_scope_detector: ScopeDetectorOptions {
+            groups: 1,
+            ..ScopeDetectorOptions::default()
+        },
+        ..TrainingOptions::default()
+    };
+    assert!(matches!(
+        TextClassifier::train(&examples(), &[], &one_group),
+        Err(NluError::InvalidArgument(_))
+    ));
 }
 
 #[test]
