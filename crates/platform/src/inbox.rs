@@ -72,12 +72,28 @@ pub async fn prune(db: &Db, keep: std::time::Duration) -> Result<u64, sqlx::Erro
 }
 
 /// Records that `consumer` handles each of `event_ids`; returns those it had not handled yet.
+///
+/// The ids travel as one array, so the statement is the same for every batch size.
 pub async fn claim_batch_pg(
     conn: &mut PgConnection,
     consumer: &str,
     event_ids: &[&str],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    claim_batch::<sqlx::Postgres>(conn, consumer, event_ids).await
+    if event_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let fresh: HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO tandem_inbox (consumer, event_id) SELECT $1, id FROM UNNEST($2::text[]) AS id \
+         ON CONFLICT DO NOTHING RETURNING event_id",
+    )
+    .bind(consumer)
+    .bind(event_ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    count_duplicates(consumer, event_ids.len() - fresh.len());
+    Ok(fresh)
 }
 
 /// Records that `consumer` handles each of `event_ids`; returns those it had not handled yet.
@@ -86,29 +102,11 @@ pub async fn claim_batch_sqlite(
     consumer: &str,
     event_ids: &[&str],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    claim_batch::<sqlx::Sqlite>(conn, consumer, event_ids).await
-}
-
-/// `INSERT … ON CONFLICT DO NOTHING RETURNING` is the same statement on both engines.
-async fn claim_batch<DB>(
-    conn: &mut DB::Connection,
-    consumer: &str,
-    event_ids: &[&str],
-) -> Result<HashSet<String>, sqlx::Error>
-where
-    DB: sqlx::Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    for<'r> (String,): sqlx::FromRow<'r, DB::Row>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-    DB::Arguments: sqlx::IntoArguments<DB>,
-{
     if event_ids.is_empty() {
         return Ok(HashSet::new());
     }
     let mut builder =
-        sqlx::QueryBuilder::<DB>::new("INSERT INTO tandem_inbox (consumer, event_id) ");
+        sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO tandem_inbox (consumer, event_id) ");
     builder.push_values(event_ids, |mut row, id| {
         row.push_bind(consumer).push_bind(*id);
     });

@@ -105,6 +105,42 @@ fn next(has_more: bool, next_offset: i64) -> Option<common::PageResponse> {
 
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
+/// Sends a watcher up to `limit` stored messages after sequence `after`, raising `high` to the
+/// last one sent. Returns false when the watch must end (the reader left, or the store failed
+/// and the error was sent).
+async fn send_stored(
+    tx: &tokio::sync::mpsc::Sender<Result<pb::WatchConversationResponse, Status>>,
+    app: &App,
+    tenant: &tandem_proto::ids::TenantId,
+    conversation_id: &str,
+    after: i64,
+    limit: i64,
+    high: &mut i64,
+) -> bool {
+    let messages = match app.messages(tenant, conversation_id, after, limit).await {
+        Ok(messages) => messages,
+        Err(e) => {
+            let _ = tx.send(Err(st(&e))).await;
+            return false;
+        }
+    };
+    for m in messages {
+        *high = (*high).max(m.sequence);
+        let update = pb::ConversationUpdate {
+            cursor: m.sequence.to_string(),
+            occurred_at: m.created_at,
+            update: Some(pb::conversation_update::Update::MessagePosted(m)),
+        };
+        let response = pb::WatchConversationResponse {
+            update: Some(update),
+        };
+        if tx.send(Ok(response)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 #[tonic::async_trait]
 impl DialogService for DialogGrpc {
     async fn start_conversation(
@@ -234,29 +270,10 @@ impl DialogService for DialogGrpc {
         let app = Arc::clone(&self.app);
         tokio::spawn(async move {
             let mut high = resume.unwrap_or(conversation.message_count);
-            if let Some(after) = resume {
-                let replay = match app.messages(&tenant, &conversation.id, after, 10_000).await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        let _ = tx.send(Err(st(&e))).await;
-                        return;
-                    }
-                };
-                for m in replay {
-                    high = high.max(m.sequence);
-                    let u = pb::ConversationUpdate {
-                        cursor: m.sequence.to_string(),
-                        occurred_at: m.created_at,
-                        update: Some(pb::conversation_update::Update::MessagePosted(m)),
-                    };
-                    if tx
-                        .send(Ok(pb::WatchConversationResponse { update: Some(u) }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+            if let Some(after) = resume
+                && !send_stored(&tx, &app, &tenant, &conversation.id, after, 10_000, &mut high).await
+            {
+                return;
             }
             // Suggestions already sent: a replica's own updates also come back through the bus.
             let mut suggestions = std::collections::VecDeque::with_capacity(SEEN_SUGGESTIONS);
@@ -285,30 +302,11 @@ impl DialogService for DialogGrpc {
                         // before this message comes from the store, so the watcher never skips
                         // a message.
                         if m.sequence > high + 1 {
-                            let missing = match app
-                                .messages(&tenant, &conversation.id, high, m.sequence - high - 1)
-                                .await
+                            let missing = m.sequence - high - 1;
+                            let (id, from) = (&conversation.id, high);
+                            if !send_stored(&tx, &app, &tenant, id, from, missing, &mut high).await
                             {
-                                Ok(missing) => missing,
-                                Err(e) => {
-                                    let _ = tx.send(Err(st(&e))).await;
-                                    return;
-                                }
-                            };
-                            for m in missing {
-                                high = high.max(m.sequence);
-                                let u = pb::ConversationUpdate {
-                                    cursor: m.sequence.to_string(),
-                                    occurred_at: m.created_at,
-                                    update: Some(pb::conversation_update::Update::MessagePosted(m)),
-                                };
-                                if tx
-                                    .send(Ok(pb::WatchConversationResponse { update: Some(u) }))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
+                                return;
                             }
                         }
                         high = m.sequence;

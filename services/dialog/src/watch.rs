@@ -10,7 +10,6 @@
 //!
 //! On the in-process bus there is only one replica, so there is nothing to subscribe to.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tandem_platform::bus::{Bus, RawEvent};
@@ -53,15 +52,7 @@ pub async fn relay_from_replicas(
                     }
                 },
             };
-            let mut headers = BTreeMap::new();
-            if let Some(map) = &message.headers {
-                for (name, values) in map.iter() {
-                    if let Some(value) = values.first() {
-                        headers.insert(name.to_string(), value.to_string());
-                    }
-                }
-            }
-            match RawEvent::from_parts(message.subject.as_str(), headers, message.payload) {
+            match RawEvent::from_nats(message) {
                 Ok(event) => relay(&app, &event),
                 Err(error) => tracing::debug!(%error, "ignoring a malformed update"),
             }

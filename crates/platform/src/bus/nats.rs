@@ -177,15 +177,8 @@ impl NatsConsumer {
                 .map(|info| info.delivered.max(1) as u64)
                 .unwrap_or(1);
             let (message, acker) = message.split();
-            let mut headers = BTreeMap::new();
-            if let Some(map) = &message.headers {
-                for (name, values) in map.iter() {
-                    if let Some(value) = values.first() {
-                        headers.insert(name.to_string(), value.to_string());
-                    }
-                }
-            }
-            match RawEvent::from_parts(message.subject.as_str(), headers, message.payload) {
+            let subject = message.subject.clone();
+            match RawEvent::from_nats(message) {
                 Ok(event) => {
                     return Ok(Delivery {
                         event,
@@ -194,10 +187,26 @@ impl NatsConsumer {
                     });
                 }
                 Err(error) => {
-                    tracing::error!(%error, subject = %message.subject, "dropping malformed event");
+                    tracing::error!(%error, %subject, "dropping malformed event");
                     let _ = acker.ack_with(jetstream::AckKind::Term).await;
                 }
             }
         }
+    }
+}
+
+impl RawEvent {
+    /// Reads an event from a NATS message: its subject, its headers (the first value of each)
+    /// and its payload. Core subscriptions (not only this bus's consumers) use it too.
+    pub fn from_nats(message: async_nats::Message) -> Result<Self, BusError> {
+        let mut headers = BTreeMap::new();
+        if let Some(map) = &message.headers {
+            for (name, values) in map.iter() {
+                if let Some(value) = values.first() {
+                    headers.insert(name.to_string(), value.to_string());
+                }
+            }
+        }
+        Self::from_parts(message.subject.as_str(), headers, message.payload)
     }
 }

@@ -9,7 +9,6 @@
 //! (`service.session_poll_interval`) stays the fallback. With the in-process bus (standalone,
 //! one process) the engine already wakes its sessions itself, so there is nothing to do.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,15 +60,7 @@ pub async fn run(engine: Arc<Engine>, bus: Bus, shutdown: CancellationToken) {
             tracing::warn!("offer wake-ups ended; desk sessions rely on their poll");
             return;
         };
-        let mut headers = BTreeMap::new();
-        if let Some(map) = &message.headers {
-            for (name, values) in map.iter() {
-                if let Some(value) = values.first() {
-                    headers.insert(name.to_string(), value.to_string());
-                }
-            }
-        }
-        match RawEvent::from_parts(message.subject.as_str(), headers, message.payload) {
+        match RawEvent::from_nats(message) {
             Ok(event) => wake(&engine, &event),
             Err(error) => tracing::debug!(%error, "ignoring a malformed offer event"),
         }
