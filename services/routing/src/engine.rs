@@ -158,6 +158,23 @@ pub struct Engine {
     pub hub: SessionHub,
     /// The accept batcher, started on first use (it needs the runtime).
     accepts: OnceLock<AcceptBatcher>,
+    /// Queues being drained in this process, with whether another pass was asked for.
+    draining: Mutex<HashMap<(String, String), bool>>,
+}
+
+/// Ends a drain's claim on its queue when the drain fails (or its task is dropped).
+struct DrainGuard<'a> {
+    engine: &'a Engine,
+    key: &'a (String, String),
+    armed: bool,
+}
+
+impl Drop for DrainGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.engine.draining().remove(self.key);
+        }
+    }
 }
 
 /// Passes in a row without an offer (only lost races) after which a drain stops; the sweep
@@ -173,6 +190,7 @@ impl Engine {
             clock,
             hub: SessionHub::default(),
             accepts: OnceLock::new(),
+            draining: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,7 +232,53 @@ impl Engine {
     /// Offers a queue's waiting tickets, best first, to the best eligible agents until no agent
     /// can take more, in batches of `offer_batch` tickets per transaction. Returns how many
     /// offers were made.
+    ///
+    /// One drain of a queue runs at a time in this process: a drain asked for while one runs
+    /// only tells it to pass over the queue once more when it is done, and returns 0 at once.
+    /// Many triggers at one moment (a hundred desks going online) then cost one drain, not a
+    /// hundred transactions queueing for the same agent rows and holding the pool's
+    /// connections while they wait. Other replicas drain the same queue beside it; their
+    /// claims skip each other's tickets.
     pub async fn drain_queue(&self, tenant: &TenantId, queue_id: &str) -> RoutingResult<usize> {
+        let key = (tenant.to_string(), queue_id.to_owned());
+        {
+            let mut running = self.draining();
+            if let Some(again) = running.get_mut(&key) {
+                *again = true;
+                return Ok(0);
+            }
+            running.insert(key.clone(), false);
+        }
+        let mut guard = DrainGuard {
+            engine: self,
+            key: &key,
+            armed: true,
+        };
+        let mut offered = 0;
+        loop {
+            offered += self.drain_pass(tenant, queue_id).await?;
+            // Checked and released under one lock, so no request for another pass is lost.
+            let mut running = self.draining();
+            match running.get_mut(&key) {
+                Some(again) if *again => *again = false,
+                _ => {
+                    running.remove(&key);
+                    guard.armed = false;
+                    break;
+                }
+            }
+        }
+        Ok(offered)
+    }
+
+    fn draining(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), bool>> {
+        self.draining
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One pass of [`Engine::drain_queue`].
+    async fn drain_pass(&self, tenant: &TenantId, queue_id: &str) -> RoutingResult<usize> {
         let batch = self.settings.offer_batch.max(1);
         let mut offered = 0;
         let mut idle_passes = 0;

@@ -1162,12 +1162,11 @@ impl Store {
             return Ok(OfferBatch::default());
         }
         let agents = online_agents(&mut tx, tenant).await?;
-        let mut pool = candidates(&agents);
+        let base = candidates(&agents);
         let salt = Some(uuid::Uuid::now_v7().as_u128() as u64);
-        // (ticket index, agent index) of every planned offer.
-        let mut plan: Vec<(usize, usize)> = Vec::new();
-        for (i, ticket) in tickets.iter().enumerate() {
-            let declined: Vec<String> = if ticket.attempts > 0 {
+        let mut declined: Vec<Vec<String>> = Vec::with_capacity(tickets.len());
+        for ticket in &tickets {
+            declined.push(if ticket.attempts > 0 {
                 let rows: Vec<(String,)> = tx
                     .fetch_all(
                         "SELECT DISTINCT agent_id FROM routing_offers WHERE tenant = $1 \
@@ -1178,22 +1177,81 @@ impl Store {
                 rows.into_iter().map(|(id,)| id).collect()
             } else {
                 Vec::new()
-            };
-            let need = Need {
-                skills: &ticket.skills,
-                language: ticket.language,
-                declined: &declined,
-                only_agent: ticket.target_agent_id.as_deref(),
-                excluded: ticket.excluded_agent_id.as_deref(),
-            };
-            let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
-                .first()
-                .map(|c| c.id.clone());
-            if let Some(best) = best
-                && let Some(at) = pool.iter().position(|c| c.id == best)
-            {
-                pool[at].load += 1;
-                plan.push((i, at));
+            });
+        }
+        // Plan in memory, then lock the chosen agents on PostgreSQL with SKIP LOCKED: this
+        // transaction already holds its claimed tickets, so it must never wait for an agent
+        // row. (A claim can also hold a ticket that another replica offered a moment before,
+        // since PostgreSQL keeps the lock of a row it rechecked and skipped; an accept holding
+        // that offer's agent and waiting for that ticket would otherwise close a cycle.)
+        // Agents another transaction holds (an accept, a presence change, another batch) are
+        // left out and the tickets planned for them are planned again over the others, at most
+        // three times; what is still planned for an agent not held is dropped as contended.
+        let mut held: Vec<String> = Vec::new();
+        let mut skipped: Vec<String> = Vec::new();
+        let mut pool: Vec<Candidate>;
+        // (ticket index, agent index) of every planned offer.
+        let mut plan: Vec<(usize, usize)>;
+        let mut round = 0;
+        loop {
+            pool = base.clone();
+            for candidate in &mut pool {
+                if skipped.contains(&candidate.id) {
+                    candidate.load = candidate.capacity;
+                }
+            }
+            plan = Vec::new();
+            for (i, ticket) in tickets.iter().enumerate() {
+                let need = Need {
+                    skills: &ticket.skills,
+                    language: ticket.language,
+                    declined: &declined[i],
+                    only_agent: ticket.target_agent_id.as_deref(),
+                    excluded: ticket.excluded_agent_id.as_deref(),
+                };
+                let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
+                    .first()
+                    .map(|c| c.id.clone());
+                if let Some(best) = best
+                    && let Some(at) = pool.iter().position(|c| c.id == best)
+                {
+                    pool[at].load += 1;
+                    plan.push((i, at));
+                }
+            }
+            if !tx.is_postgres() {
+                break;
+            }
+            let mut to_lock: Vec<&str> = plan
+                .iter()
+                .map(|&(_, at)| pool[at].id.as_str())
+                .filter(|id| !held.iter().any(|h| h == id))
+                .collect();
+            to_lock.sort_unstable();
+            to_lock.dedup();
+            if to_lock.is_empty() {
+                break;
+            }
+            let lock = format!(
+                "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({}) \
+                 ORDER BY id FOR UPDATE SKIP LOCKED",
+                placeholders(2, to_lock.len(), 1)
+            );
+            let mut lock_args = args![tenant.as_str()];
+            lock_args.extend(to_lock.iter().map(|id| Arg::from(*id)));
+            let locked: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args).await?;
+            let mut missed = false;
+            for id in to_lock {
+                if locked.iter().any(|(l,)| l == id) {
+                    held.push(id.to_owned());
+                } else {
+                    skipped.push(id.to_owned());
+                    missed = true;
+                }
+            }
+            round += 1;
+            if !missed || round >= 3 {
+                break;
             }
         }
         if plan.is_empty() {
@@ -1202,29 +1260,32 @@ impl Store {
                 ..OfferBatch::default()
             });
         }
-        // Units wanted per agent, in id order (the order every batch locks agents in).
+        // Units wanted per agent held (every planned agent on SQLite), in id order.
+        let postgres = tx.is_postgres();
         let mut wanted: Vec<(String, i64)> = Vec::new();
         for &(_, at) in &plan {
-            match wanted.iter_mut().find(|(id, _)| *id == pool[at].id) {
+            let id = &pool[at].id;
+            if postgres && !held.contains(id) {
+                continue;
+            }
+            match wanted.iter_mut().find(|(w, _)| w == id) {
                 Some((_, n)) => *n += 1,
-                None => wanted.push((pool[at].id.clone(), 1)),
+                None => wanted.push((id.clone(), 1)),
             }
         }
         wanted.sort();
+        if wanted.is_empty() {
+            return Ok(OfferBatch {
+                claimed,
+                offered: Vec::new(),
+                contended: plan.len(),
+            });
+        }
         let ids_list = placeholders(3, wanted.len(), 2);
         let mut lock_args = args![tenant.as_str(), micros(now)];
         for (id, n) in &wanted {
             lock_args.push(id.into());
             lock_args.push((*n).into());
-        }
-        if tx.is_postgres() {
-            // Lock the chosen agents in id order before changing them: concurrent batches then
-            // wait for each other in one order and never deadlock.
-            let lock = format!(
-                "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({ids_list}) \
-                 ORDER BY id FOR UPDATE"
-            );
-            let _: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args.clone()).await?;
         }
         let units = case_of(3, wanted.len());
         let reserve = format!(
