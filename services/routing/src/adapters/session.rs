@@ -76,7 +76,7 @@ struct Session {
 /// What the session loop acts on next.
 enum Step {
     Command(pb::AgentSessionRequest),
-    Accepted(AcceptDone),
+    Accepted(Box<AcceptDone>),
     Wake,
     Poll,
 }
@@ -492,14 +492,14 @@ pub async fn run(
                 Ok(Some(request)) => Step::Command(request),
                 Ok(None) | Err(_) => break,
             },
-            Some(done) = accepting.next(), if !accepting.is_empty() => Step::Accepted(done),
+            Some(done) = accepting.next(), if !accepting.is_empty() => Step::Accepted(Box::new(done)),
             () = signal.notified() => Step::Wake,
             _ = poll.tick() => Step::Poll,
         };
         let polled = match step {
             Step::Accepted(done) => {
                 session.answering.remove(&done.offer_id);
-                if !session.answer_accept(done).await {
+                if !session.answer_accept(*done).await {
                     break;
                 }
                 continue;

@@ -211,9 +211,9 @@ impl Tx {
 
     fn conn(&mut self) -> Conn<'_> {
         match self {
-            Tx::Pg(tx) => Conn::Pg(&mut **tx),
-            Tx::PgReads(conn) => Conn::Pg(&mut **conn),
-            Tx::Sqlite(tx) => Conn::Sqlite(&mut **tx),
+            Tx::Pg(tx) => Conn::Pg(tx),
+            Tx::PgReads(conn) => Conn::Pg(conn),
+            Tx::Sqlite(tx) => Conn::Sqlite(tx),
         }
     }
 
