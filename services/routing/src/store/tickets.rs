@@ -536,8 +536,8 @@ fn candidates(agents: &[Agent]) -> Vec<Candidate> {
 /// (which expire the agent's offers), accept, decline, expiry, completion, transfer and the
 /// customer leaving. Two of them that meet on an offer or a ticket have then already met on its
 /// agent and run one after the other, so no lock cycle can form and PostgreSQL never has to
-/// abort one as a deadlock. Offer batches lock waiting tickets (`SKIP LOCKED`, never waiting)
-/// and then agents in id order; the tickets they hold have no offers yet.
+/// abort one as a deadlock. Offer batches lock waiting tickets and then their agents, both with
+/// `SKIP LOCKED`, so they never wait for a row while holding tickets.
 async fn lock_agents_first(tx: &mut Tx, ids: &str, args: Vec<Arg>) -> RoutingResult<()> {
     if !tx.is_postgres() {
         return Ok(());
@@ -1121,7 +1121,8 @@ impl Store {
     /// memory (the load each planned offer adds is counted, so one batch spreads over agents;
     /// equally good agents are ordered by a random salt per batch, so concurrent batches spread
     /// too), and written with a handful of statements whatever the batch size: the chosen agents
-    /// are locked in id order (no lock cycles between batches), their units reserved by one
+    /// are locked with `SKIP LOCKED` (the batch never waits; tickets planned for an agent held
+    /// elsewhere are planned again over the others), their units reserved by one
     /// conditional `UPDATE … WHERE active_load + n <= capacity RETURNING id`, the offers
     /// inserted in one multi-row `INSERT`, the tickets moved to OFFERED by one conditional
     /// `UPDATE`, and every `HandoffOffered` written to the outbox at once. An agent whose
