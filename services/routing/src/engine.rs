@@ -8,16 +8,16 @@
 //! `sweep_interval` so work left by another replica or a lost trigger is picked up.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::{DateTime, Utc};
 use tandem_proto::ids::TenantId;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::error::RoutingResult;
-use crate::store::Store;
+use crate::error::{RoutingError, RoutingResult};
+use crate::store::{AcceptRequest, Accepted, MAX_ACCEPT_BATCH, Store};
 
 /// The time source (a port, so tests can move time).
 pub trait Clock: Send + Sync + 'static {
@@ -72,6 +72,80 @@ impl SessionHub {
     }
 }
 
+/// One accept waiting for the batcher.
+struct AcceptJob {
+    tenant: TenantId,
+    request: AcceptRequest,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<RoutingResult<Accepted>>,
+}
+
+/// Group commit of the accepts of this process: desk sessions hand their accepts to one task,
+/// which takes everything waiting (up to [`MAX_ACCEPT_BATCH`]) and answers it with one
+/// transaction per tenant ([`Store::accept_many`]). While a batch commits the next one gathers,
+/// so the number of transactions follows the database's pace, not the number of accepts. An
+/// accept that finds the task idle is sent at once: nothing waits for a batch to fill.
+struct AcceptBatcher {
+    jobs: mpsc::UnboundedSender<AcceptJob>,
+}
+
+impl AcceptBatcher {
+    fn start(store: Store) -> Self {
+        let (jobs, mut waiting) = mpsc::unbounded_channel::<AcceptJob>();
+        tokio::spawn(async move {
+            while let Some(first) = waiting.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_ACCEPT_BATCH {
+                    match waiting.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let mut by_tenant: Vec<(TenantId, Vec<AcceptJob>)> = Vec::new();
+                for job in batch {
+                    match by_tenant.iter_mut().find(|(t, _)| *t == job.tenant) {
+                        Some((_, jobs)) => jobs.push(job),
+                        None => by_tenant.push((job.tenant.clone(), vec![job])),
+                    }
+                }
+                for (tenant, jobs) in by_tenant {
+                    answer(&store, &tenant, jobs).await;
+                }
+            }
+        });
+        Self { jobs }
+    }
+}
+
+/// Answers one tenant's accepts: as one batch, or one by one when the batch as a whole failed
+/// (then each request gets its own answer, e.g. the constraint it broke).
+async fn answer(store: &Store, tenant: &TenantId, jobs: Vec<AcceptJob>) {
+    let requests: Vec<AcceptRequest> = jobs.iter().map(|j| j.request.clone()).collect();
+    // One time for the batch: the latest of the requests' (each was taken when it arrived).
+    let now = jobs.iter().map(|j| j.now).max().unwrap_or_else(Utc::now);
+    match store.accept_many(tenant, &requests, now).await {
+        Ok(results) => {
+            for (job, result) in jobs.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(error) => {
+            tracing::debug!(error = %tandem_platform::error::DisplayChain(&error), size = jobs.len(), "accept batch failed, answering one by one");
+            for job in jobs {
+                let result = store
+                    .accept(
+                        tenant,
+                        &job.request.agent_id,
+                        &job.request.offer_id,
+                        job.now,
+                    )
+                    .await;
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+}
+
 /// The engine, shared by the gRPC service, the consumers and the background loop.
 pub struct Engine {
     /// The repository.
@@ -82,6 +156,25 @@ pub struct Engine {
     pub clock: Arc<dyn Clock>,
     /// Session wake-ups.
     pub hub: SessionHub,
+    /// The accept batcher, started on first use (it needs the runtime).
+    accepts: OnceLock<AcceptBatcher>,
+    /// Queues being drained in this process, with whether another pass was asked for.
+    draining: Mutex<HashMap<(String, String), bool>>,
+}
+
+/// Ends a drain's claim on its queue when the drain fails (or its task is dropped).
+struct DrainGuard<'a> {
+    engine: &'a Engine,
+    key: &'a (String, String),
+    armed: bool,
+}
+
+impl Drop for DrainGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.engine.draining().remove(self.key);
+        }
+    }
 }
 
 /// Passes in a row without an offer (only lost races) after which a drain stops; the sweep
@@ -96,7 +189,39 @@ impl Engine {
             settings,
             clock,
             hub: SessionHub::default(),
+            accepts: OnceLock::new(),
+            draining: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Accepts an offer for `agent_id` through this process's accept batcher (group commit with
+    /// the other accepts waiting); the answer is the one [`Store::accept`] would give.
+    pub async fn accept(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+        offer_id: &str,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Accepted> {
+        let (reply, answer) = oneshot::channel();
+        let job = AcceptJob {
+            tenant: tenant.clone(),
+            request: AcceptRequest {
+                agent_id: agent_id.to_owned(),
+                offer_id: offer_id.to_owned(),
+            },
+            now,
+            reply,
+        };
+        let batcher = self
+            .accepts
+            .get_or_init(|| AcceptBatcher::start(self.store.clone()));
+        if batcher.jobs.send(job).is_err() {
+            return Err(RoutingError::Conflict("the accept batcher stopped".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(RoutingError::Conflict("the accept batcher stopped".into())))
     }
 
     /// Returns the current time.
@@ -107,7 +232,53 @@ impl Engine {
     /// Offers a queue's waiting tickets, best first, to the best eligible agents until no agent
     /// can take more, in batches of `offer_batch` tickets per transaction. Returns how many
     /// offers were made.
+    ///
+    /// One drain of a queue runs at a time in this process: a drain asked for while one runs
+    /// only tells it to pass over the queue once more when it is done, and returns 0 at once.
+    /// Many triggers at one moment (a hundred desks going online) then cost one drain, not a
+    /// hundred transactions queueing for the same agent rows and holding the pool's
+    /// connections while they wait. Other replicas drain the same queue beside it; their
+    /// claims skip each other's tickets.
     pub async fn drain_queue(&self, tenant: &TenantId, queue_id: &str) -> RoutingResult<usize> {
+        let key = (tenant.to_string(), queue_id.to_owned());
+        {
+            let mut running = self.draining();
+            if let Some(again) = running.get_mut(&key) {
+                *again = true;
+                return Ok(0);
+            }
+            running.insert(key.clone(), false);
+        }
+        let mut guard = DrainGuard {
+            engine: self,
+            key: &key,
+            armed: true,
+        };
+        let mut offered = 0;
+        loop {
+            offered += self.drain_pass(tenant, queue_id).await?;
+            // Checked and released under one lock, so no request for another pass is lost.
+            let mut running = self.draining();
+            match running.get_mut(&key) {
+                Some(again) if *again => *again = false,
+                _ => {
+                    running.remove(&key);
+                    guard.armed = false;
+                    break;
+                }
+            }
+        }
+        Ok(offered)
+    }
+
+    fn draining(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), bool>> {
+        self.draining
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One pass of [`Engine::drain_queue`].
+    async fn drain_pass(&self, tenant: &TenantId, queue_id: &str) -> RoutingResult<usize> {
         let batch = self.settings.offer_batch.max(1);
         let mut offered = 0;
         let mut idle_passes = 0;

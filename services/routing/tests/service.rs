@@ -1006,6 +1006,121 @@ async fn an_offer_made_elsewhere_reaches_the_desk_at_once(rig: &Rig) {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// A desk that answers many offers at once gets every answer: the accepts it sends in a row
+/// are committed together by the accept batcher and each is confirmed (or refused) under its
+/// own request id; a command sent after them acts after them.
+async fn a_desk_accepts_many_offers_at_once(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    const OFFERS: usize = 6;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("ann", 10, 5)),
+        })
+        .await
+        .unwrap();
+    let mut ann = rig.client("ann", &[Role::Agent]).await;
+    let mut desk = Desk::open(&mut ann).await;
+    desk.send(
+        "h",
+        Command::Hello(pb::SessionHello {
+            client_version: "test/1".into(),
+            resume_session_id: String::new(),
+            presence: pb::Presence::Online.into(),
+        }),
+    )
+    .await;
+    assert!(matches!(desk.next().await.event, Some(Event::Welcome(_))));
+    for i in 0..OFFERS {
+        rig.publish(handoff_event(&format!("h-{i}"), &format!("conv-{i}")))
+            .await;
+    }
+    let mut offers = Vec::new();
+    while offers.len() < OFFERS {
+        match desk.next().await.event {
+            Some(Event::Offer(offer)) => offers.push(offer),
+            other => panic!("expected offers, got {other:?}"),
+        }
+    }
+    for offer in &offers {
+        desk.send(
+            &format!("accept-{}", offer.handoff_id),
+            Command::Accept(pb::SessionAccept {
+                offer_id: offer.id.clone(),
+            }),
+        )
+        .await;
+    }
+    desk.send(
+        "again",
+        Command::Accept(pb::SessionAccept {
+            offer_id: offers[0].id.clone(),
+        }),
+    )
+    .await;
+    desk.send(
+        "unknown",
+        Command::Accept(pb::SessionAccept {
+            offer_id: "no-such-offer".into(),
+        }),
+    )
+    .await;
+    // Ann goes away right after: the accepts before it still count.
+    desk.send(
+        "away",
+        Command::SetPresence(pb::SessionSetPresence {
+            presence: pb::Presence::Away.into(),
+            reason: String::new(),
+        }),
+    )
+    .await;
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < OFFERS + 2 {
+        let answer = desk.next().await;
+        assert!(
+            answers
+                .insert(answer.in_reply_to.clone(), answer.event)
+                .is_none(),
+            "one answer per request"
+        );
+    }
+    for offer in &offers {
+        let Some(Some(Event::AssignmentConfirmed(done))) =
+            answers.get(&format!("accept-{}", offer.handoff_id))
+        else {
+            panic!("no confirmation for {}: {answers:?}", offer.handoff_id);
+        };
+        let ticket = done.ticket.as_ref().unwrap();
+        assert_eq!(ticket.id, offer.handoff_id);
+        assert_eq!(ticket.assigned_agent_id, "ann");
+        assert_eq!(ticket.state, i32::from(pb::TicketState::Assigned));
+    }
+    let Some(Some(Event::Error(again))) = answers.get("again") else {
+        panic!("expected an error for the second accept: {answers:?}");
+    };
+    assert_eq!(again.code, i32::from(pb::SessionErrorCode::OfferTaken));
+    let Some(Some(Event::Error(unknown))) = answers.get("unknown") else {
+        panic!("expected an error for the unknown offer: {answers:?}");
+    };
+    assert_eq!(unknown.code, i32::from(pb::SessionErrorCode::NotFound));
+    for offer in &offers {
+        let found = ticket(&mut admin, &offer.handoff_id).await;
+        assert_eq!(found.state, i32::from(pb::TicketState::Assigned));
+    }
+    let found = admin
+        .get_agent(pb::GetAgentRequest {
+            agent_id: "ann".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert_eq!(found.presence, i32::from(pb::Presence::Away));
+    assert_eq!(found.active_assignments, OFFERS as i32);
+}
+
 mod replicas {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_offer_made_elsewhere_reaches_the_desk_at_once() {
@@ -1050,5 +1165,6 @@ both!(
     a_handoff_reaches_the_desk_once_and_is_assigned,
     bad_input_gets_precise_codes,
     waiting_customers_hear_their_position_move,
-    a_desk_resumes_its_session_after_a_reconnect
+    a_desk_resumes_its_session_after_a_reconnect,
+    a_desk_accepts_many_offers_at_once
 );

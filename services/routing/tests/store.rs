@@ -22,8 +22,8 @@ use tandem_routing::domain::queue::{
 use tandem_routing::domain::ticket::{Disposition, TicketState};
 use tandem_routing::error::RoutingError;
 use tandem_routing::store::{
-    AgentFilter, EtaSettings, NewTicket, OfferOutcome, PositionUpdates, PresenceReason, Store,
-    TransferKind, TransferTarget,
+    AcceptRequest, AgentFilter, EtaSettings, NewTicket, OfferOutcome, PositionUpdates,
+    PresenceReason, Store, TransferKind, TransferTarget,
 };
 
 #[allow(
@@ -39,19 +39,23 @@ enum Keep {
 async fn postgres() -> (Store, Keep) {
     let pg = tandem_testkit::shared_postgres().await;
     let url = pg.fresh_database().await.unwrap();
-    let db = Db::connect(&DatabaseConfig {
-        url: Secret::new(url),
-        schema: "routing".into(),
-        max_connections: 16,
-        ..DatabaseConfig::default()
-    })
-    .await
-    .unwrap();
+    let db = postgres_pool(&url).await;
     db.migrate(Some(Routing::migrations())).await.unwrap();
     (
         Store::new(db, OutboxWaker::default(), "default"),
         Keep::Postgres,
     )
+}
+
+async fn postgres_pool(url: &str) -> Db {
+    Db::connect(&DatabaseConfig {
+        url: Secret::new(url.to_owned()),
+        schema: "routing".into(),
+        max_connections: 16,
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap()
 }
 
 async fn sqlite() -> (Store, Keep) {
@@ -1731,6 +1735,298 @@ async fn accepts_and_presence_flips_never_deadlock(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+fn request(agent: &str, offer: &str) -> AcceptRequest {
+    AcceptRequest {
+        agent_id: agent.into(),
+        offer_id: offer.into(),
+    }
+}
+
+fn another(agent: &str) -> &'static str {
+    ["ann", "bob", "cat"]
+        .into_iter()
+        .find(|a| *a != agent)
+        .unwrap()
+}
+
+/// One batch of accepts answers every request on its own: valid offers are assigned together,
+/// an expired one is expired (its ticket queued again), someone else's, an unknown, a declined
+/// and a repeated one fail alone, and a warm transfer's offer takes the single path; the
+/// records returned equal what the database holds.
+async fn batched_accepts_answer_each_request_on_its_own(store: Store) {
+    let t = tenant();
+    for name in ["ann", "bob", "cat"] {
+        online(&store, name, &[], 5).await;
+    }
+    for i in 1..=6 {
+        enqueue(&store, &handoff(&format!("h{i}"), &format!("c{i}")), t0()).await;
+    }
+    // h1 is offered first and expires (30 s) before the batch; the others are offered later.
+    let (o1, a1) = offer(&store, "h1", t0()).await;
+    let (o2, a2) = offer(&store, "h2", t0() + secs(20)).await;
+    let (o3, a3) = offer(&store, "h3", t0() + secs(20)).await;
+    let (o4, a4) = offer(&store, "h4", t0() + secs(20)).await;
+    let (o5, a5) = offer(&store, "h5", t0() + secs(20)).await;
+    let (o6, a6) = offer(&store, "h6", t0() + secs(20)).await;
+    store.accept(&t, &a6, &o6, t0() + secs(20)).await.unwrap();
+    let target = another(&a6);
+    let (_, warm, _) = store
+        .transfer(
+            &t,
+            "h6",
+            Some(&a6),
+            TransferKind::Warm,
+            &TransferTarget::Agent(target.into()),
+            "",
+            t0() + secs(21),
+        )
+        .await
+        .unwrap();
+    let warm = warm.unwrap();
+    store
+        .decline(&t, &a5, &o5, "busy", t0() + secs(22))
+        .await
+        .unwrap();
+
+    let requests = vec![
+        request(&a1, &o1),
+        request(&a2, &o2),
+        request(another(&a3), &o3),
+        request(&a4, &o4),
+        request(&a2, &o2),
+        request(&a5, &o5),
+        request(&a1, "no-such-offer"),
+        request(target, &warm.id),
+    ];
+    let at = t0() + secs(35);
+    let results = store.accept_many(&t, &requests, at).await.unwrap();
+    assert_eq!(results.len(), requests.len());
+    assert!(
+        matches!(&results[0], Err(RoutingError::OfferExpired(id)) if *id == o1),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(&results[2], Err(RoutingError::NotYours(_))),
+        "{:?}",
+        results[2]
+    );
+    assert!(
+        matches!(&results[4], Err(RoutingError::OfferTaken(_))),
+        "{:?}",
+        results[4]
+    );
+    assert!(
+        matches!(&results[5], Err(RoutingError::OfferTaken(_))),
+        "{:?}",
+        results[5]
+    );
+    assert!(
+        matches!(&results[6], Err(RoutingError::NotFound(_))),
+        "{:?}",
+        results[6]
+    );
+    for (i, (ticket, agent)) in [(1, ("h2", &a2)), (3, ("h4", &a4))] {
+        let done = results[i].as_ref().unwrap();
+        assert_eq!(done.ticket.state, TicketState::Assigned);
+        assert_eq!(
+            done.ticket.assigned_agent_id.as_deref(),
+            Some(agent.as_str())
+        );
+        assert_eq!(
+            done.offer.state,
+            tandem_routing::store::OfferState::Accepted
+        );
+        assert_eq!(done.previous_agent, None);
+        assert_eq!(
+            done.ticket,
+            store.ticket(&t, ticket).await.unwrap(),
+            "the returned ticket is the stored one"
+        );
+        assert_eq!(
+            done.offer,
+            store.offer(&t, &done.offer.id).await.unwrap(),
+            "the returned offer is the stored one"
+        );
+    }
+    let moved = results[7].as_ref().unwrap();
+    assert_eq!(moved.previous_agent.as_deref(), Some(a6.as_str()));
+    assert_eq!(moved.ticket.assigned_agent_id.as_deref(), Some(target));
+
+    // The expired offer's ticket is waiting again; the foreign request left o3 pending.
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Queued
+    );
+    assert_eq!(
+        store.ticket(&t, "h3").await.unwrap().state,
+        TicketState::Offered
+    );
+    assert_eq!(
+        store.ticket(&t, "h5").await.unwrap().state,
+        TicketState::Queued
+    );
+    let late = store
+        .accept_many(&t, &[request(&a3, &o3)], t0() + secs(36))
+        .await
+        .unwrap();
+    assert_eq!(
+        late[0]
+            .as_ref()
+            .unwrap()
+            .ticket
+            .assigned_agent_id
+            .as_deref(),
+        Some(a3.as_str())
+    );
+    for (name, count) in [
+        // h6 by the single accept, h2 and h4 in the batch, h6 again by the warm transfer, h3.
+        ("HandoffAssigned", 5),
+        ("HandoffTimedOut", 1),
+        ("HandoffDeclined", 1),
+    ] {
+        assert_eq!(
+            events(&store, &format!("tandem.routing.v1.{name}")).await,
+            count,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_assignments WHERE ended_at IS NULL"
+        )
+        .await,
+        4
+    );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+    assert!(store.accept_many(&t, &[], at).await.unwrap().is_empty());
+}
+
+/// Accept batches racing over the same offers, from several tasks on one store or (PostgreSQL)
+/// from separate connection pools standing in for replicas: every offer is accepted exactly
+/// once, every other request for it fails alone (taken, or not the agent's), and the
+/// invariants hold.
+async fn concurrent_accept_batches_assign_once(stores: Vec<Store>) {
+    const AGENTS: usize = 6;
+    const TICKETS: usize = 48;
+    const TASKS: usize = 4;
+    let store = stores[0].clone();
+    let t = tenant();
+    for i in 0..AGENTS {
+        online(&store, &format!("agent-{i:02}"), &[], 10).await;
+    }
+    for i in 0..TICKETS {
+        enqueue(
+            &store,
+            &handoff(&format!("h{i:03}"), &format!("c{i:03}")),
+            t0(),
+        )
+        .await;
+    }
+    let mut offers = Vec::new();
+    while offers.len() < TICKETS {
+        let batch = store
+            .offer_queued(&t, "default", 16, t0() + secs(1))
+            .await
+            .unwrap();
+        assert!(
+            !batch.offered.is_empty(),
+            "the agents have room for every ticket"
+        );
+        offers.extend(batch.offered.into_iter().map(|(_, o)| (o.id, o.agent_id)));
+    }
+    let offers = Arc::new(offers);
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = stores[task % stores.len()].clone();
+        let offers = Arc::clone(&offers);
+        tasks.push(tokio::spawn(async move {
+            let t = tenant();
+            let mut won = Vec::new();
+            let mut lost = 0;
+            // Each task asks for every offer twice over in its own order and batch sizes; one
+            // in five of its requests names the wrong agent.
+            let mut order: Vec<usize> = (0..offers.len()).collect();
+            order.rotate_left(task * 11 % offers.len());
+            let size = 3 + task * 4;
+            for (n, chunk) in order.chunks(size).enumerate() {
+                let requests: Vec<AcceptRequest> = chunk
+                    .iter()
+                    .map(|&i| {
+                        let (offer, agent) = &offers[i];
+                        if (i + n + task).is_multiple_of(5) {
+                            request("agent-99", offer)
+                        } else {
+                            request(agent, offer)
+                        }
+                    })
+                    .collect();
+                let results = loop {
+                    match store.accept_many(&t, &requests, t0() + secs(2)).await {
+                        Err(e) if e.is_conflict() => continue,
+                        other => break other.unwrap(),
+                    }
+                };
+                for (request, result) in requests.iter().zip(results) {
+                    match result {
+                        Ok(done) => won.push(done.offer.id.clone()),
+                        Err(RoutingError::OfferTaken(_)) => lost += 1,
+                        Err(RoutingError::NotYours(_)) => {
+                            assert_eq!(request.agent_id, "agent-99");
+                        }
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            (won, lost)
+        }));
+    }
+    let mut won = Vec::new();
+    for task in tasks {
+        won.extend(task.await.unwrap().0);
+    }
+    let accepted = won.len();
+    won.sort();
+    won.dedup();
+    assert_eq!(won.len(), accepted, "no offer was accepted twice");
+    // An offer that every task named with the wrong agent stays pending; accept the rest.
+    let mut missing = Vec::new();
+    for (offer, agent) in offers.iter() {
+        if won.binary_search(offer).is_err() {
+            missing.push(request(agent, offer));
+        }
+    }
+    for result in store
+        .accept_many(&t, &missing, t0() + secs(3))
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+    assert_eq!(
+        scalar(&store, "SELECT COUNT(*) FROM routing_assignments").await,
+        TICKETS as i64
+    );
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_tickets WHERE state = 'assigned'"
+        )
+        .await,
+        TICKETS as i64
+    );
+    assert_eq!(
+        events(&store, "tandem.routing.v1.HandoffAssigned").await,
+        TICKETS as i64
+    );
+}
+
+async fn accept_batches_race_on_one_store(store: Store) {
+    concurrent_accept_batches_assign_once(vec![store]).await;
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -1771,6 +2067,8 @@ both_engines!(
     position_changes_are_published_once_per_interval,
     business_hours_in_iana_zones,
     sessions_resume_within_the_grace_period,
+    batched_accepts_answer_each_request_on_its_own,
+    accept_batches_race_on_one_store,
 );
 
 // Lock ordering matters only where rows are locked: PostgreSQL (SQLite has one writer).
@@ -1779,5 +2077,26 @@ mod postgres_locking {
     async fn accepts_and_presence_flips_never_deadlock() {
         let (store, _keep) = super::postgres().await;
         super::accepts_and_presence_flips_never_deadlock(store).await;
+    }
+
+    /// Two connection pools on one database stand in for two replicas batching accepts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accept_batches_of_two_replicas_assign_once() {
+        let pg = tandem_testkit::shared_postgres().await;
+        let url = pg.fresh_database().await.unwrap();
+        let first = super::postgres_pool(&url).await;
+        first
+            .migrate(Some(
+                <super::Routing as tandem_platform::runtime::Service>::migrations(),
+            ))
+            .await
+            .unwrap();
+        let first = super::Store::new(first, super::OutboxWaker::default(), "default");
+        let second = super::Store::new(
+            super::postgres_pool(&url).await,
+            super::OutboxWaker::default(),
+            "default",
+        );
+        super::concurrent_accept_batches_assign_once(vec![first, second]).await;
     }
 }

@@ -13,8 +13,12 @@
 //! agent's offers and also polls, so offers made by other replicas arrive too. The stream
 //! ending is a session drop: the agent goes offline after the grace period.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::routing::v1 as pb;
@@ -27,7 +31,7 @@ use crate::domain::agent::Presence;
 use crate::domain::{check_id, check_len};
 use crate::engine::Engine;
 use crate::error::{RoutingError, RoutingResult};
-use crate::store::{OfferState, PresenceReason};
+use crate::store::{DeskView, OfferState, PresenceReason};
 
 type Outbound = mpsc::Sender<Result<pb::AgentSessionResponse, Status>>;
 
@@ -64,6 +68,24 @@ struct Session {
     out: Outbound,
     /// Offers shown to the desk and still believed pending.
     shown: HashMap<String, ()>,
+    /// Offers whose accept is with the batcher: they leave `shown` when it answers, not when a
+    /// sync finds them no longer pending.
+    answering: HashSet<String>,
+}
+
+/// What the session loop acts on next.
+enum Step {
+    Command(pb::AgentSessionRequest),
+    Accepted(Box<AcceptDone>),
+    Wake,
+    Poll,
+}
+
+/// An accept the batcher answered.
+struct AcceptDone {
+    request_id: String,
+    offer_id: String,
+    result: RoutingResult<crate::store::Accepted>,
 }
 
 impl Session {
@@ -89,17 +111,20 @@ impl Session {
             .await
     }
 
-    /// Pushes new pending offers and revocations of shown ones.
-    async fn sync(&mut self) -> RoutingResult<bool> {
-        let pending = self
-            .engine
-            .store
-            .pending_offers(&self.tenant, &self.agent_id)
-            .await?;
+    /// Pushes new pending offers and revocations of shown ones, from a [`DeskView`] read with
+    /// `known` = the offers shown (so only new offers' tickets were read).
+    async fn sync(&mut self, view: DeskView) -> RoutingResult<bool> {
+        let pending = view.pending;
         for (offer, ticket) in &pending {
             if self.shown.contains_key(&offer.id) {
                 continue;
             }
+            let Some(ticket) = ticket else {
+                return Err(RoutingError::Corrupt(format!(
+                    "ticket {} of offer {} vanished",
+                    offer.ticket_id, offer.id
+                )));
+            };
             if let Some(from) = &ticket.transfer_from {
                 let note = pb::TransferNote {
                     from_agent_id: from.clone(),
@@ -128,6 +153,7 @@ impl Session {
         let gone: Vec<String> = self
             .shown
             .keys()
+            .filter(|id| !self.answering.contains(*id))
             .filter(|id| !pending.iter().any(|(o, _)| &o.id == *id))
             .cloned()
             .collect();
@@ -155,6 +181,49 @@ impl Session {
         Ok(true)
     }
 
+    /// Answers an accept once the batcher did it: the assignment confirmation, or the error.
+    /// Returns false when the stream is gone.
+    async fn answer_accept(&mut self, done: AcceptDone) -> bool {
+        let AcceptDone {
+            request_id,
+            offer_id,
+            result,
+        } = done;
+        let engine = Arc::clone(&self.engine);
+        let now = engine.now();
+        let result = match result {
+            Ok(done) => {
+                self.shown.remove(&done.offer.id);
+                if let Some(previous) = &done.previous_agent {
+                    engine.hub.notify(&self.tenant, previous);
+                }
+                convert::package(&done.ticket).and_then(|package| {
+                    convert::ticket_pb(&done.ticket, done.ageing_per_second, now, true).map(
+                        |ticket| {
+                            pb::agent_session_response::Event::AssignmentConfirmed(
+                                pb::AssignmentConfirmed {
+                                    ticket: Some(ticket),
+                                    package: Some(package),
+                                },
+                            )
+                        },
+                    )
+                })
+            }
+            Err(error) => {
+                if matches!(error, RoutingError::OfferExpired(_)) {
+                    self.shown.remove(&offer_id);
+                    engine.drain_later(&self.tenant, None);
+                }
+                Err(error)
+            }
+        };
+        match result {
+            Ok(event) => self.send(&request_id, event).await,
+            Err(error) => self.fail(&request_id, &error).await,
+        }
+    }
+
     /// Handles one command; returns false when the session must end.
     async fn handle(&mut self, request: pb::AgentSessionRequest) -> bool {
         use pb::agent_session_request::Command;
@@ -177,44 +246,11 @@ impl Session {
             None => Err(RoutingError::InvalidArgument(
                 "the message has no command".into(),
             )),
-            Some(Command::Accept(accept)) => {
-                match engine
-                    .store
-                    .accept(&self.tenant, &self.agent_id, &accept.offer_id, now)
-                    .await
-                {
-                    Ok(done) => {
-                        self.shown.remove(&done.offer.id);
-                        if let Some(previous) = &done.previous_agent {
-                            engine.hub.notify(&self.tenant, previous);
-                        }
-                        let package = convert::package(&done.ticket);
-                        let ageing = engine
-                            .store
-                            .queue(&self.tenant, &done.ticket.queue_id)
-                            .await
-                            .map(|q| q.spec.weights.ageing_per_second)
-                            .unwrap_or(0.0);
-                        match (package, convert::ticket_pb(&done.ticket, ageing, now, true)) {
-                            (Ok(package), Ok(ticket)) => Ok(Some(
-                                pb::agent_session_response::Event::AssignmentConfirmed(
-                                    pb::AssignmentConfirmed {
-                                        ticket: Some(ticket),
-                                        package: Some(package),
-                                    },
-                                ),
-                            )),
-                            (Err(e), _) | (_, Err(e)) => Err(e),
-                        }
-                    }
-                    Err(error) => {
-                        if matches!(error, RoutingError::OfferExpired(_)) {
-                            self.shown.remove(&accept.offer_id);
-                            engine.drain_later(&self.tenant, None);
-                        }
-                        Err(error)
-                    }
-                }
+            Some(Command::Accept(_)) => {
+                // Accepts are answered through the batcher (see `run`); never reached.
+                Err(RoutingError::InvalidArgument(
+                    "accept handled elsewhere".into(),
+                ))
             }
             Some(Command::Decline(decline)) => match check_len("reason", &decline.reason, 200) {
                 Err(error) => Err(error),
@@ -432,6 +468,7 @@ pub async fn run(
         epoch,
         out,
         shown: HashMap::new(),
+        answering: HashSet::new(),
     };
     if !session.send(&request_id, welcome).await {
         return;
@@ -445,29 +482,87 @@ pub async fn run(
     let mut superseded = false;
     // The offers' version at the last full sync; a poll that finds it unchanged skips the sync.
     let mut synced: Option<crate::store::OffersVersion> = None;
-    loop {
-        let (keep, polled) = tokio::select! {
+    // Accepts handed to the batcher and not answered yet. A desk may send many accepts in a
+    // row; they commit together and are answered as they complete.
+    let mut accepting: FuturesUnordered<BoxFuture<'static, AcceptDone>> = FuturesUnordered::new();
+    'session: loop {
+        let step = tokio::select! {
             () = shutdown.cancelled() => break,
             message = inbound.message() => match message {
-                Ok(Some(request)) => (session.handle(request).await, false),
-                Ok(None) | Err(_) => (false, false),
+                Ok(Some(request)) => Step::Command(request),
+                Ok(None) | Err(_) => break,
             },
-            () = signal.notified() => (true, false),
-            _ = poll.tick() => (true, true),
+            Some(done) = accepting.next(), if !accepting.is_empty() => Step::Accepted(Box::new(done)),
+            () = signal.notified() => Step::Wake,
+            _ = poll.tick() => Step::Poll,
         };
-        if !keep {
-            break;
-        }
-        match engine.store.session_version(&tenant, &agent_id).await {
-            Ok(Some((current, current_epoch, version)))
-                if polled
-                    && synced.as_ref() == Some(&version)
-                    && !replaced(current.as_deref(), current_epoch, &session_id, epoch) =>
-            {
+        let polled = match step {
+            Step::Accepted(done) => {
+                session.answering.remove(&done.offer_id);
+                if !session.answer_accept(*done).await {
+                    break;
+                }
                 continue;
             }
-            Ok(Some((current, current_epoch, version))) => {
-                if replaced(current.as_deref(), current_epoch, &session_id, epoch) {
+            Step::Command(pb::AgentSessionRequest {
+                request_id,
+                command: Some(pb::agent_session_request::Command::Accept(accept)),
+            }) => {
+                let engine = Arc::clone(&engine);
+                let tenant = tenant.clone();
+                let agent_id = agent_id.clone();
+                session.answering.insert(accept.offer_id.clone());
+                accepting.push(Box::pin(async move {
+                    let now = engine.now();
+                    let result = engine
+                        .accept(&tenant, &agent_id, &accept.offer_id, now)
+                        .await;
+                    AcceptDone {
+                        request_id,
+                        offer_id: accept.offer_id,
+                        result,
+                    }
+                }));
+                continue;
+            }
+            Step::Command(request) => {
+                // Any other command acts after this session's accepts are answered, in the
+                // order the desk sent them.
+                while let Some(done) = accepting.next().await {
+                    session.answering.remove(&done.offer_id);
+                    if !session.answer_accept(done).await {
+                        break 'session;
+                    }
+                }
+                if !session.handle(request).await {
+                    break;
+                }
+                false
+            }
+            Step::Wake => false,
+            Step::Poll => true,
+        };
+        if polled {
+            match engine.store.session_version(&tenant, &agent_id).await {
+                Ok(Some((current, current_epoch, version)))
+                    if synced.as_ref() == Some(&version)
+                        && !replaced(current.as_deref(), current_epoch, &session_id, epoch) =>
+                {
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session check failed");
+                }
+            }
+        }
+        let view = engine
+            .store
+            .desk_view(&tenant, &agent_id, |id| session.shown.contains_key(id))
+            .await;
+        match view {
+            Ok(Some(view)) => {
+                if replaced(view.session_id.as_deref(), view.epoch, &session_id, epoch) {
                     superseded = true;
                     session
                         .send(
@@ -480,16 +575,17 @@ pub async fn run(
                         .await;
                     break;
                 }
-                synced = Some(version);
+                synced = Some(view.version.clone());
+                match session.sync(view).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(error) => {
+                        synced = None;
+                        tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session sync failed");
+                    }
+                }
             }
             Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session check failed");
-            }
-        }
-        match session.sync().await {
-            Ok(true) => {}
-            Ok(false) => break,
             Err(error) => {
                 synced = None;
                 tracing::warn!(error = %tandem_platform::error::DisplayChain(&error), "session sync failed");

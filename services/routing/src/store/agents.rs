@@ -35,7 +35,16 @@ type SessionRow = (Option<String>, Option<String>, Option<i64>, i64);
 
 /// The session and offers version of an agent: (session, epoch, updated_at, load, assigned,
 /// pending offers, newest pending offer id).
-type VersionRow = (Option<String>, i64, i64, i64, i64, i64, String);
+pub(crate) type VersionRow = (Option<String>, i64, i64, i64, i64, i64, String);
+
+/// An agent's session, stream epoch and offers' version ([`super::OffersVersion`]); `$1` the
+/// tenant, `$2` the agent.
+pub(crate) const SESSION_VERSION: &str = "SELECT a.session_id, a.session_epoch, a.updated_at, a.active_load, a.assigned, \
+     (SELECT COUNT(*) FROM routing_offers o WHERE o.tenant = a.tenant \
+      AND o.agent_id = a.id AND o.state = 'pending'), \
+     (SELECT COALESCE(MAX(o.id), '') FROM routing_offers o WHERE o.tenant = a.tenant \
+      AND o.agent_id = a.id AND o.state = 'pending') \
+     FROM routing_agents a WHERE a.tenant = $1 AND a.id = $2";
 
 /// Filters of `ListAgents`.
 #[derive(Clone, Debug, Default)]
@@ -218,7 +227,7 @@ impl Store {
 
     /// Returns one agent.
     pub async fn agent(&self, tenant: &TenantId, id: &str) -> RoutingResult<Agent> {
-        let mut tx = Tx::read(self.db()).await?;
+        let mut tx = Tx::reads(self.db()).await?;
         let agent = load_agent(&mut tx, tenant, id, false).await?;
         tx.commit().await?;
         agent.ok_or_else(|| RoutingError::NotFound(format!("agent {id} not found")))
@@ -429,17 +438,9 @@ impl Store {
         tenant: &TenantId,
         id: &str,
     ) -> RoutingResult<Option<(Option<String>, i64, super::OffersVersion)>> {
-        let mut tx = Tx::read(self.db()).await?;
+        let mut tx = Tx::reads(self.db()).await?;
         let row: Option<VersionRow> = tx
-            .fetch_optional(
-                "SELECT a.session_id, a.session_epoch, a.updated_at, a.active_load, a.assigned, \
-                 (SELECT COUNT(*) FROM routing_offers o WHERE o.tenant = a.tenant \
-                  AND o.agent_id = a.id AND o.state = 'pending'), \
-                 (SELECT COALESCE(MAX(o.id), '') FROM routing_offers o WHERE o.tenant = a.tenant \
-                  AND o.agent_id = a.id AND o.state = 'pending') \
-                 FROM routing_agents a WHERE a.tenant = $1 AND a.id = $2",
-                args![tenant.as_str(), id],
-            )
+            .fetch_optional(SESSION_VERSION, args![tenant.as_str(), id])
             .await?;
         tx.commit().await?;
         Ok(row.map(

@@ -34,9 +34,9 @@ use crate::error::{RoutingError, RoutingResult};
 pub use agents::{AgentFilter, PresenceReason, SessionOpened};
 pub use queues::QueueRecord;
 pub use tickets::{
-    Accepted, Completed, EnqueueOutcome, EtaSettings, MAX_OFFER_BATCH, NewTicket, OfferBatch,
-    OfferOutcome, OfferRecord, OfferState, PositionUpdates, PositionView, QueueStatsView,
-    TicketRecord, TransferKind, TransferTarget, Unassigned,
+    AcceptRequest, Accepted, Completed, DeskView, EnqueueOutcome, EtaSettings, MAX_ACCEPT_BATCH,
+    MAX_OFFER_BATCH, NewTicket, OfferBatch, OfferOutcome, OfferRecord, OfferState, PositionUpdates,
+    PositionView, QueueStatsView, TicketRecord, TransferKind, TransferTarget, Unassigned,
 };
 
 /// A version of an agent's offers: (updated_at, load, assigned, pending offers, newest pending

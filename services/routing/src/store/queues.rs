@@ -239,7 +239,7 @@ impl Store {
 
     /// Returns one queue.
     pub async fn queue(&self, tenant: &TenantId, id: &str) -> RoutingResult<QueueRecord> {
-        let mut tx = Tx::read(self.db()).await?;
+        let mut tx = Tx::reads(self.db()).await?;
         let queue = load_queue(&mut tx, tenant, id).await?;
         tx.commit().await?;
         queue.ok_or_else(|| RoutingError::NotFound(format!("queue {id} not found")))

@@ -3,9 +3,10 @@
 //! whichever engine the service uses. The few differences are explicit: PostgreSQL locks rows
 //! with `FOR UPDATE [SKIP LOCKED]`; SQLite has one writer at a time, taken at `BEGIN IMMEDIATE`.
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{FromRow, Postgres, Sqlite, Transaction};
+use sqlx::{FromRow, PgConnection, Postgres, Sqlite, SqliteConnection, Transaction};
 
 use tandem_platform::bus::RawEvent;
 use tandem_platform::db::Db;
@@ -173,10 +174,18 @@ impl<T> AnyRow for T where
 {
 }
 
-/// A transaction on either engine.
+/// A transaction on either engine (or, for reads on PostgreSQL, a plain connection).
 pub(crate) enum Tx {
     Pg(Transaction<'static, Postgres>),
+    /// PostgreSQL statements without `BEGIN`/`COMMIT`, each its own snapshot ([`Tx::reads`]).
+    PgReads(PoolConnection<Postgres>),
     Sqlite(Transaction<'static, Sqlite>),
+}
+
+/// The connection under a [`Tx`].
+enum Conn<'a> {
+    Pg(&'a mut PgConnection),
+    Sqlite(&'a mut SqliteConnection),
 }
 
 impl Tx {
@@ -187,6 +196,25 @@ impl Tx {
             Db::Postgres(pool) => Tx::Pg(pool.begin().await?),
             Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
         })
+    }
+
+    /// Reads without a transaction on PostgreSQL: each statement runs on its own (what a
+    /// READ COMMITTED transaction gives a series of reads anyway) and the `BEGIN` and `COMMIT`
+    /// round trips are saved. On SQLite, a read transaction as [`Tx::read`]. Only for reads
+    /// whose statements need not see one snapshot.
+    pub(crate) async fn reads(db: &Db) -> Result<Self, sqlx::Error> {
+        Ok(match db {
+            Db::Postgres(pool) => Tx::PgReads(pool.acquire().await?),
+            Db::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
+        })
+    }
+
+    fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Tx::Pg(tx) => Conn::Pg(tx),
+            Tx::PgReads(conn) => Conn::Pg(conn),
+            Tx::Sqlite(tx) => Conn::Sqlite(tx),
+        }
     }
 
     /// Begins a transaction that only reads.
@@ -204,13 +232,13 @@ impl Tx {
         args: Vec<Arg>,
     ) -> Result<u64, sqlx::Error> {
         let sql = sql.into();
-        Ok(match self {
-            Tx::Pg(tx) => bind_all!(sqlx::query(sql.pg()), args)
-                .execute(&mut **tx)
+        Ok(match self.conn() {
+            Conn::Pg(tx) => bind_all!(sqlx::query(sql.pg()), args)
+                .execute(tx)
                 .await?
                 .rows_affected(),
-            Tx::Sqlite(tx) => bind_all!(sqlx::query(sql.sqlite()), args)
-                .execute(&mut **tx)
+            Conn::Sqlite(tx) => bind_all!(sqlx::query(sql.sqlite()), args)
+                .execute(tx)
                 .await?
                 .rows_affected(),
         })
@@ -224,13 +252,13 @@ impl Tx {
         text: &str,
         args: Vec<Arg>,
     ) -> Result<u64, sqlx::Error> {
-        Ok(match self {
-            Tx::Pg(tx) => bind_all!(sqlx::query(sqlx::AssertSqlSafe(text.to_owned())), args)
-                .execute(&mut **tx)
+        Ok(match self.conn() {
+            Conn::Pg(tx) => bind_all!(sqlx::query(sqlx::AssertSqlSafe(text.to_owned())), args)
+                .execute(tx)
                 .await?
                 .rows_affected(),
-            Tx::Sqlite(tx) => bind_all!(sqlx::query(sqlx::AssertSqlSafe(text.to_owned())), args)
-                .execute(&mut **tx)
+            Conn::Sqlite(tx) => bind_all!(sqlx::query(sqlx::AssertSqlSafe(text.to_owned())), args)
+                .execute(tx)
                 .await?
                 .rows_affected(),
         })
@@ -242,21 +270,21 @@ impl Tx {
         text: &str,
         args: Vec<Arg>,
     ) -> Result<Vec<T>, sqlx::Error> {
-        match self {
-            Tx::Pg(tx) => {
+        match self.conn() {
+            Conn::Pg(tx) => {
                 bind_all!(
                     sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(text.to_owned())),
                     args
                 )
-                .fetch_all(&mut **tx)
+                .fetch_all(tx)
                 .await
             }
-            Tx::Sqlite(tx) => {
+            Conn::Sqlite(tx) => {
                 bind_all!(
                     sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(text.to_owned())),
                     args
                 )
-                .fetch_all(&mut **tx)
+                .fetch_all(tx)
                 .await
             }
         }
@@ -264,7 +292,7 @@ impl Tx {
 
     /// Whether this transaction runs on PostgreSQL.
     pub(crate) fn is_postgres(&self) -> bool {
-        matches!(self, Tx::Pg(_))
+        matches!(self, Tx::Pg(_) | Tx::PgReads(_))
     }
 
     /// Returns every row.
@@ -274,15 +302,15 @@ impl Tx {
         args: Vec<Arg>,
     ) -> Result<Vec<T>, sqlx::Error> {
         let sql = sql.into();
-        match self {
-            Tx::Pg(tx) => {
+        match self.conn() {
+            Conn::Pg(tx) => {
                 bind_all!(sqlx::query_as::<_, T>(sql.pg()), args)
-                    .fetch_all(&mut **tx)
+                    .fetch_all(tx)
                     .await
             }
-            Tx::Sqlite(tx) => {
+            Conn::Sqlite(tx) => {
                 bind_all!(sqlx::query_as::<_, T>(sql.sqlite()), args)
-                    .fetch_all(&mut **tx)
+                    .fetch_all(tx)
                     .await
             }
         }
@@ -295,15 +323,15 @@ impl Tx {
         args: Vec<Arg>,
     ) -> Result<Option<T>, sqlx::Error> {
         let sql = sql.into();
-        match self {
-            Tx::Pg(tx) => {
+        match self.conn() {
+            Conn::Pg(tx) => {
                 bind_all!(sqlx::query_as::<_, T>(sql.pg()), args)
-                    .fetch_optional(&mut **tx)
+                    .fetch_optional(tx)
                     .await
             }
-            Tx::Sqlite(tx) => {
+            Conn::Sqlite(tx) => {
                 bind_all!(sqlx::query_as::<_, T>(sql.sqlite()), args)
-                    .fetch_optional(&mut **tx)
+                    .fetch_optional(tx)
                     .await
             }
         }
@@ -321,9 +349,9 @@ impl Tx {
 
     /// Writes events to the outbox in this transaction.
     pub(crate) async fn enqueue(&mut self, events: &[RawEvent]) -> Result<(), sqlx::Error> {
-        match self {
-            Tx::Pg(tx) => outbox::enqueue_pg(tx, events).await,
-            Tx::Sqlite(tx) => outbox::enqueue_sqlite(tx, events).await,
+        match self.conn() {
+            Conn::Pg(tx) => outbox::enqueue_pg(tx, events).await,
+            Conn::Sqlite(tx) => outbox::enqueue_sqlite(tx, events).await,
         }
     }
 
@@ -333,9 +361,9 @@ impl Tx {
         consumer: &str,
         event_id: &str,
     ) -> Result<bool, sqlx::Error> {
-        match self {
-            Tx::Pg(tx) => inbox::claim_pg(tx, consumer, event_id).await,
-            Tx::Sqlite(tx) => inbox::claim_sqlite(tx, consumer, event_id).await,
+        match self.conn() {
+            Conn::Pg(tx) => inbox::claim_pg(tx, consumer, event_id).await,
+            Conn::Sqlite(tx) => inbox::claim_sqlite(tx, consumer, event_id).await,
         }
     }
 
@@ -343,6 +371,7 @@ impl Tx {
     pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Tx::Pg(tx) => tx.commit().await,
+            Tx::PgReads(_) => Ok(()),
             Tx::Sqlite(tx) => tx.commit().await,
         }
     }

@@ -1,6 +1,8 @@
 //! Tickets, offers and assignments: enqueue, offer, accept, decline, expire, complete,
 //! transfer, abandon, overflow, position and statistics.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use tandem_platform::bus::RawEvent;
 use tandem_proto::ids::TenantId;
@@ -333,7 +335,22 @@ pub struct Accepted {
     pub offer: OfferRecord,
     /// For a warm transfer: the agent who handed the conversation over.
     pub previous_agent: Option<String>,
+    /// The ageing weight (per second) of the offer's queue, for the ticket's effective priority
+    /// in the confirmation (0 when the queue is gone).
+    pub ageing_per_second: f64,
 }
+
+/// One accept answered by [`Store::accept_many`]: `agent_id` accepts its offer `offer_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptRequest {
+    /// The accepting agent.
+    pub agent_id: String,
+    /// The offer.
+    pub offer_id: String,
+}
+
+/// The most accepts one [`Store::accept_many`] transaction answers.
+pub const MAX_ACCEPT_BATCH: usize = 128;
 
 /// A finished assignment.
 #[derive(Clone, Debug, PartialEq)]
@@ -372,6 +389,74 @@ pub struct PositionView {
 
 /// Live statistics of a queue, with the scenarios routed to it.
 pub type QueueStatsView = (pb::QueueStats, Vec<String>);
+
+/// What [`Store::desk_view`] read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeskView {
+    /// The agent's open session, if any.
+    pub session_id: Option<String>,
+    /// The stream epoch of that session.
+    pub epoch: i64,
+    /// The version of the agent's offers.
+    pub version: super::OffersVersion,
+    /// The pending offers, oldest first; the ticket is read only for offers the desk does not
+    /// know yet.
+    pub pending: Vec<(OfferRecord, Option<TicketRecord>)>,
+}
+
+/// An agent's pending offers, oldest first, with the tickets of those `known` does not name
+/// (one statement for the offers, one for all the tickets wanted).
+async fn pending_with_tickets(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    agent_id: &str,
+    known: impl Fn(&str) -> bool,
+) -> RoutingResult<Vec<(OfferRecord, Option<TicketRecord>)>> {
+    let rows: Vec<OfferRow> = tx
+        .fetch_all(
+            offer_select!(
+                "tenant = $1 AND agent_id = $2 AND state = 'pending' ORDER BY offered_at, id"
+            ),
+            args![tenant.as_str(), agent_id],
+        )
+        .await?;
+    let offers = rows
+        .into_iter()
+        .map(OfferRow::into_record)
+        .collect::<RoutingResult<Vec<_>>>()?;
+    let mut wanted: Vec<&str> = offers
+        .iter()
+        .filter(|o| !known(&o.id))
+        .map(|o| o.ticket_id.as_str())
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut tickets: HashMap<String, TicketRecord> = HashMap::new();
+    if !wanted.is_empty() {
+        let sql = format!(
+            "{}tenant = $1 AND id IN ({})",
+            ticket_select!(""),
+            placeholders(2, wanted.len(), 1)
+        );
+        let mut list = args![tenant.as_str()];
+        list.extend(wanted.iter().map(|id| Arg::from(*id)));
+        for row in tx.fetch_all_text::<TicketRow>(&sql, list).await? {
+            let ticket = row.into_record()?;
+            tickets.insert(ticket.id.clone(), ticket);
+        }
+    }
+    Ok(offers
+        .into_iter()
+        .map(|offer| {
+            let ticket = if known(&offer.id) {
+                None
+            } else {
+                tickets.get(&offer.ticket_id).cloned()
+            };
+            (offer, ticket)
+        })
+        .collect())
+}
 
 fn uuid() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -451,8 +536,8 @@ fn candidates(agents: &[Agent]) -> Vec<Candidate> {
 /// (which expire the agent's offers), accept, decline, expiry, completion, transfer and the
 /// customer leaving. Two of them that meet on an offer or a ticket have then already met on its
 /// agent and run one after the other, so no lock cycle can form and PostgreSQL never has to
-/// abort one as a deadlock. Offer batches lock waiting tickets (`SKIP LOCKED`, never waiting)
-/// and then agents in id order; the tickets they hold have no offers yet.
+/// abort one as a deadlock. Offer batches lock waiting tickets and then their agents, both with
+/// `SKIP LOCKED`, so they never wait for a row while holding tickets.
 async fn lock_agents_first(tx: &mut Tx, ids: &str, args: Vec<Arg>) -> RoutingResult<()> {
     if !tx.is_postgres() {
         return Ok(());
@@ -1036,7 +1121,8 @@ impl Store {
     /// memory (the load each planned offer adds is counted, so one batch spreads over agents;
     /// equally good agents are ordered by a random salt per batch, so concurrent batches spread
     /// too), and written with a handful of statements whatever the batch size: the chosen agents
-    /// are locked in id order (no lock cycles between batches), their units reserved by one
+    /// are locked with `SKIP LOCKED` (the batch never waits; tickets planned for an agent held
+    /// elsewhere are planned again over the others), their units reserved by one
     /// conditional `UPDATE … WHERE active_load + n <= capacity RETURNING id`, the offers
     /// inserted in one multi-row `INSERT`, the tickets moved to OFFERED by one conditional
     /// `UPDATE`, and every `HandoffOffered` written to the outbox at once. An agent whose
@@ -1077,12 +1163,11 @@ impl Store {
             return Ok(OfferBatch::default());
         }
         let agents = online_agents(&mut tx, tenant).await?;
-        let mut pool = candidates(&agents);
+        let base = candidates(&agents);
         let salt = Some(uuid::Uuid::now_v7().as_u128() as u64);
-        // (ticket index, agent index) of every planned offer.
-        let mut plan: Vec<(usize, usize)> = Vec::new();
-        for (i, ticket) in tickets.iter().enumerate() {
-            let declined: Vec<String> = if ticket.attempts > 0 {
+        let mut declined: Vec<Vec<String>> = Vec::with_capacity(tickets.len());
+        for ticket in &tickets {
+            declined.push(if ticket.attempts > 0 {
                 let rows: Vec<(String,)> = tx
                     .fetch_all(
                         "SELECT DISTINCT agent_id FROM routing_offers WHERE tenant = $1 \
@@ -1093,22 +1178,81 @@ impl Store {
                 rows.into_iter().map(|(id,)| id).collect()
             } else {
                 Vec::new()
-            };
-            let need = Need {
-                skills: &ticket.skills,
-                language: ticket.language,
-                declined: &declined,
-                only_agent: ticket.target_agent_id.as_deref(),
-                excluded: ticket.excluded_agent_id.as_deref(),
-            };
-            let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
-                .first()
-                .map(|c| c.id.clone());
-            if let Some(best) = best
-                && let Some(at) = pool.iter().position(|c| c.id == best)
-            {
-                pool[at].load += 1;
-                plan.push((i, at));
+            });
+        }
+        // Plan in memory, then lock the chosen agents on PostgreSQL with SKIP LOCKED: this
+        // transaction already holds its claimed tickets, so it must never wait for an agent
+        // row. (A claim can also hold a ticket that another replica offered a moment before,
+        // since PostgreSQL keeps the lock of a row it rechecked and skipped; an accept holding
+        // that offer's agent and waiting for that ticket would otherwise close a cycle.)
+        // Agents another transaction holds (an accept, a presence change, another batch) are
+        // left out and the tickets planned for them are planned again over the others, at most
+        // three times; what is still planned for an agent not held is dropped as contended.
+        let mut held: Vec<String> = Vec::new();
+        let mut skipped: Vec<String> = Vec::new();
+        let mut pool: Vec<Candidate>;
+        // (ticket index, agent index) of every planned offer.
+        let mut plan: Vec<(usize, usize)>;
+        let mut round = 0;
+        loop {
+            pool = base.clone();
+            for candidate in &mut pool {
+                if skipped.contains(&candidate.id) {
+                    candidate.load = candidate.capacity;
+                }
+            }
+            plan = Vec::new();
+            for (i, ticket) in tickets.iter().enumerate() {
+                let need = Need {
+                    skills: &ticket.skills,
+                    language: ticket.language,
+                    declined: &declined[i],
+                    only_agent: ticket.target_agent_id.as_deref(),
+                    excluded: ticket.excluded_agent_id.as_deref(),
+                };
+                let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
+                    .first()
+                    .map(|c| c.id.clone());
+                if let Some(best) = best
+                    && let Some(at) = pool.iter().position(|c| c.id == best)
+                {
+                    pool[at].load += 1;
+                    plan.push((i, at));
+                }
+            }
+            if !tx.is_postgres() {
+                break;
+            }
+            let mut to_lock: Vec<&str> = plan
+                .iter()
+                .map(|&(_, at)| pool[at].id.as_str())
+                .filter(|id| !held.iter().any(|h| h == id))
+                .collect();
+            to_lock.sort_unstable();
+            to_lock.dedup();
+            if to_lock.is_empty() {
+                break;
+            }
+            let lock = format!(
+                "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({}) \
+                 ORDER BY id FOR UPDATE SKIP LOCKED",
+                placeholders(2, to_lock.len(), 1)
+            );
+            let mut lock_args = args![tenant.as_str()];
+            lock_args.extend(to_lock.iter().map(|id| Arg::from(*id)));
+            let locked: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args).await?;
+            let mut missed = false;
+            for id in to_lock {
+                if locked.iter().any(|(l,)| l == id) {
+                    held.push(id.to_owned());
+                } else {
+                    skipped.push(id.to_owned());
+                    missed = true;
+                }
+            }
+            round += 1;
+            if !missed || round >= 3 {
+                break;
             }
         }
         if plan.is_empty() {
@@ -1117,29 +1261,32 @@ impl Store {
                 ..OfferBatch::default()
             });
         }
-        // Units wanted per agent, in id order (the order every batch locks agents in).
+        // Units wanted per agent held (every planned agent on SQLite), in id order.
+        let postgres = tx.is_postgres();
         let mut wanted: Vec<(String, i64)> = Vec::new();
         for &(_, at) in &plan {
-            match wanted.iter_mut().find(|(id, _)| *id == pool[at].id) {
+            let id = &pool[at].id;
+            if postgres && !held.contains(id) {
+                continue;
+            }
+            match wanted.iter_mut().find(|(w, _)| w == id) {
                 Some((_, n)) => *n += 1,
-                None => wanted.push((pool[at].id.clone(), 1)),
+                None => wanted.push((id.clone(), 1)),
             }
         }
         wanted.sort();
+        if wanted.is_empty() {
+            return Ok(OfferBatch {
+                claimed,
+                offered: Vec::new(),
+                contended: plan.len(),
+            });
+        }
         let ids_list = placeholders(3, wanted.len(), 2);
         let mut lock_args = args![tenant.as_str(), micros(now)];
         for (id, n) in &wanted {
             lock_args.push(id.into());
             lock_args.push((*n).into());
-        }
-        if tx.is_postgres() {
-            // Lock the chosen agents in id order before changing them: concurrent batches then
-            // wait for each other in one order and never deadlock.
-            let lock = format!(
-                "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({ids_list}) \
-                 ORDER BY id FOR UPDATE"
-            );
-            let _: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args.clone()).await?;
         }
         let units = case_of(3, wanted.len());
         let reserve = format!(
@@ -1372,6 +1519,9 @@ impl Store {
             ..offer
         };
         out.push(events::assigned(tenant, &ticket, &offer, &team, now));
+        let ageing_per_second = load_queue(&mut tx, tenant, &offer.queue_id)
+            .await?
+            .map_or(0.0, |q| q.spec.weights.ageing_per_second);
         tx.enqueue(&out).await?;
         tx.commit().await?;
         self.wake_outbox();
@@ -1379,7 +1529,321 @@ impl Store {
             ticket,
             offer,
             previous_agent,
+            ageing_per_second,
         })
+    }
+
+    /// Accepts many offers in one transaction (group commit of the accepts waiting in this
+    /// process) and answers each request on its own: an offer that expired, was taken, belongs
+    /// to another agent or does not exist fails only its own request. The statements are
+    /// set-based and their number does not grow with the batch: the accepting agents locked in
+    /// id order (with their teams), the routing offers locked, their tickets locked, then one
+    /// conditional `UPDATE` of the offers (`WHERE state = 'pending'`), one multi-row `INSERT`
+    /// of the assignments, one `UPDATE` of the agents, one of the tickets and one outbox insert.
+    /// Offers that pass their deadline are expired one by one in the same transaction, as
+    /// [`Store::accept`] does.
+    ///
+    /// What the batch does not cover goes through [`Store::accept`] after the commit: a warm
+    /// transfer's offer (it also moves the previous agent's assignment), an offer id the batch
+    /// could not find, and a second request for an offer already in the batch (it then gets
+    /// the answer a second accept gets).
+    ///
+    /// The result has one entry per request, in order. An error of the whole call (the
+    /// database failed, a constraint refused the batch) means nothing of the batch committed;
+    /// the caller may then answer the requests one by one.
+    pub async fn accept_many(
+        &self,
+        tenant: &TenantId,
+        requests: &[AcceptRequest],
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Vec<RoutingResult<Accepted>>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The stored precision, so the returned records equal what a reload would give.
+        let now = time(micros(now))?;
+        let mut results: Vec<Option<RoutingResult<Accepted>>> =
+            requests.iter().map(|_| None).collect();
+        // Requests answered after the commit by the single path.
+        let mut single: Vec<usize> = Vec::new();
+        let mut tx = Tx::write(self.db()).await?;
+
+        // The accepting agents, in id order, locked before any offer or ticket row.
+        let mut agent_ids: Vec<&str> = requests.iter().map(|r| r.agent_id.as_str()).collect();
+        agent_ids.sort_unstable();
+        agent_ids.dedup();
+        let mut sql = format!(
+            "SELECT id, team FROM routing_agents WHERE tenant = $1 AND id IN ({}) ORDER BY id",
+            placeholders(2, agent_ids.len(), 1)
+        );
+        if tx.is_postgres() {
+            sql.push_str(" FOR UPDATE");
+        }
+        let mut list = args![tenant.as_str()];
+        list.extend(agent_ids.iter().map(|id| Arg::from(*id)));
+        let teams: HashMap<String, String> = tx
+            .fetch_all_text::<(String, String)>(&sql, list)
+            .await?
+            .into_iter()
+            .collect();
+
+        // The routing offers asked for, locked.
+        let mut offer_ids: Vec<&str> = requests.iter().map(|r| r.offer_id.as_str()).collect();
+        offer_ids.sort_unstable();
+        offer_ids.dedup();
+        let mut sql = format!(
+            "{}tenant = $1 AND kind = 'route' AND id IN ({}) ORDER BY id",
+            offer_select!(""),
+            placeholders(2, offer_ids.len(), 1)
+        );
+        if tx.is_postgres() {
+            sql.push_str(" FOR UPDATE");
+        }
+        let mut list = args![tenant.as_str()];
+        list.extend(offer_ids.iter().map(|id| Arg::from(*id)));
+        let mut offers: HashMap<String, OfferRecord> = HashMap::new();
+        for row in tx.fetch_all_text::<OfferRow>(&sql, list).await? {
+            let offer = row.into_record()?;
+            offers.insert(offer.id.clone(), offer);
+        }
+
+        // Per request: its own fate, or a candidate for the set-based accept.
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut candidates: Vec<usize> = Vec::new();
+        let mut out: Vec<RawEvent> = Vec::new();
+        for (i, request) in requests.iter().enumerate() {
+            let id = request.offer_id.as_str();
+            let Some(offer) = offers.get(id) else {
+                single.push(i);
+                continue;
+            };
+            if offer.agent_id != request.agent_id {
+                results[i] = Some(Err(RoutingError::NotYours(format!(
+                    "offer {id} was made to another agent"
+                ))));
+                continue;
+            }
+            if !seen.insert(id) {
+                single.push(i);
+                continue;
+            }
+            match offer.state {
+                OfferState::Pending => {}
+                OfferState::Expired => {
+                    results[i] = Some(Err(RoutingError::OfferExpired(id.to_owned())));
+                    continue;
+                }
+                _ => {
+                    results[i] = Some(Err(RoutingError::OfferTaken(id.to_owned())));
+                    continue;
+                }
+            }
+            if offer.expires_at <= now {
+                // Expire it here so the ticket moves on at once, then report the expiry.
+                if release_offer(&mut tx, tenant, offer, "expired", None, now).await? {
+                    let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
+                    out.push(events::timed_out(tenant, &ticket, offer, now));
+                }
+                results[i] = Some(Err(RoutingError::OfferExpired(id.to_owned())));
+                continue;
+            }
+            candidates.push(i);
+        }
+
+        // The candidates' tickets, locked; an offer whose ticket is no longer OFFERED is taken.
+        let mut accepted: Vec<(usize, TicketRecord, OfferRecord)> = Vec::new();
+        if !candidates.is_empty() {
+            let mut ticket_ids: Vec<&str> = candidates
+                .iter()
+                .filter_map(|&i| offers.get(&requests[i].offer_id))
+                .map(|o| o.ticket_id.as_str())
+                .collect();
+            ticket_ids.sort_unstable();
+            ticket_ids.dedup();
+            let mut sql = format!(
+                "{}tenant = $1 AND id IN ({}) ORDER BY id",
+                ticket_select!(""),
+                placeholders(2, ticket_ids.len(), 1)
+            );
+            if tx.is_postgres() {
+                sql.push_str(" FOR UPDATE");
+            }
+            let mut list = args![tenant.as_str()];
+            list.extend(ticket_ids.iter().map(|id| Arg::from(*id)));
+            let mut tickets: HashMap<String, TicketRecord> = HashMap::new();
+            for row in tx.fetch_all_text::<TicketRow>(&sql, list).await? {
+                let ticket = row.into_record()?;
+                tickets.insert(ticket.id.clone(), ticket);
+            }
+            for &i in &candidates {
+                let Some(offer) = offers.get(&requests[i].offer_id) else {
+                    continue;
+                };
+                match tickets.remove(&offer.ticket_id) {
+                    None => {
+                        results[i] = Some(Err(RoutingError::Corrupt(format!(
+                            "ticket {} vanished",
+                            offer.ticket_id
+                        ))));
+                    }
+                    Some(ticket) if ticket.state != TicketState::Offered => {
+                        results[i] = Some(Err(RoutingError::OfferTaken(offer.id.clone())));
+                    }
+                    Some(ticket) => accepted.push((i, ticket, offer.clone())),
+                }
+            }
+        }
+
+        let mut ageing: HashMap<String, f64> = HashMap::new();
+        if !accepted.is_empty() {
+            let n = accepted.len();
+            // The offers: only pending ones change; under the locks all of them are.
+            let sql = format!(
+                "UPDATE routing_offers SET state = 'accepted', resolved_at = $2 \
+                 WHERE tenant = $1 AND state = 'pending' AND id IN ({})",
+                placeholders(3, n, 1)
+            );
+            let mut list = args![tenant.as_str(), micros(now)];
+            list.extend(accepted.iter().map(|(_, _, o)| Arg::from(o.id.as_str())));
+            let changed = tx.execute_text(&sql, list).await?;
+            if changed != n as u64 {
+                return Err(RoutingError::Corrupt(format!(
+                    "{} of {n} locked offers were no longer pending",
+                    n as u64 - changed.min(n as u64)
+                )));
+            }
+            // The assignments.
+            let mut sql = String::from(
+                "INSERT INTO routing_assignments (tenant, id, ticket_id, conversation_id, \
+                 agent_id, queue_id, offer_id, assigned_at) VALUES ",
+            );
+            let mut list = args![tenant.as_str(), micros(now)];
+            for (k, (_, ticket, offer)) in accepted.iter().enumerate() {
+                let p = 3 + k * 6;
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "($1, ${}, ${}, ${}, ${}, ${}, ${}, $2)",
+                    p,
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5
+                ));
+                list.extend(args![
+                    uuid(),
+                    ticket.id.as_str(),
+                    ticket.conversation_id.as_str(),
+                    offer.agent_id.as_str(),
+                    offer.queue_id.as_str(),
+                    offer.id.as_str()
+                ]);
+            }
+            tx.execute_text(&sql, list).await?;
+            // The agents: one more assignment per accepted offer.
+            let mut per_agent: Vec<(&str, i64)> = Vec::new();
+            for (_, _, offer) in &accepted {
+                match per_agent.iter_mut().find(|(id, _)| *id == offer.agent_id) {
+                    Some((_, count)) => *count += 1,
+                    None => per_agent.push((offer.agent_id.as_str(), 1)),
+                }
+            }
+            per_agent.sort_unstable();
+            let sql = format!(
+                "UPDATE routing_agents SET assigned = assigned + {}, last_assigned_at = $2, \
+                 missed_offers = 0, updated_at = $2 WHERE tenant = $1 AND id IN ({})",
+                case_of(3, per_agent.len()),
+                placeholders(3, per_agent.len(), 2)
+            );
+            let mut list = args![tenant.as_str(), micros(now)];
+            for (id, count) in &per_agent {
+                list.push((*id).into());
+                list.push((*count).into());
+            }
+            tx.execute_text(&sql, list).await?;
+            // The tickets: ASSIGNED to the accepting agent, in the offer's queue.
+            let mut agent_case = String::from("CASE id");
+            let mut queue_case = String::from("CASE id");
+            for k in 0..n {
+                let p = 3 + k * 3;
+                agent_case.push_str(&format!(" WHEN ${p} THEN ${}", p + 1));
+                queue_case.push_str(&format!(" WHEN ${p} THEN ${}", p + 2));
+            }
+            let sql = format!(
+                "UPDATE routing_tickets SET state = 'assigned', assigned_agent_id = {agent_case} \
+                 END, offered_agent_id = NULL, queue_id = {queue_case} END, assigned_at = $2, \
+                 target_agent_id = NULL, excluded_agent_id = NULL, updated_at = $2 \
+                 WHERE tenant = $1 AND id IN ({})",
+                placeholders(3, n, 3)
+            );
+            let mut list = args![tenant.as_str(), micros(now)];
+            for (_, ticket, offer) in &accepted {
+                list.extend(args![
+                    ticket.id.as_str(),
+                    offer.agent_id.as_str(),
+                    offer.queue_id.as_str()
+                ]);
+            }
+            tx.execute_text(&sql, list).await?;
+            for (_, _, offer) in &accepted {
+                if !ageing.contains_key(&offer.queue_id) {
+                    let weight = load_queue(&mut tx, tenant, &offer.queue_id)
+                        .await?
+                        .map_or(0.0, |q| q.spec.weights.ageing_per_second);
+                    ageing.insert(offer.queue_id.clone(), weight);
+                }
+            }
+        }
+        let mut done: Vec<(usize, Accepted)> = Vec::with_capacity(accepted.len());
+        for (i, ticket, offer) in accepted {
+            let ticket = TicketRecord {
+                state: TicketState::Assigned,
+                assigned_agent_id: Some(offer.agent_id.clone()),
+                offered_agent_id: None,
+                queue_id: offer.queue_id.clone(),
+                assigned_at: Some(now),
+                target_agent_id: None,
+                excluded_agent_id: None,
+                ..ticket
+            };
+            let offer = OfferRecord {
+                state: OfferState::Accepted,
+                ..offer
+            };
+            let team = teams.get(&offer.agent_id).cloned().unwrap_or_default();
+            out.push(events::assigned(tenant, &ticket, &offer, &team, now));
+            let ageing_per_second = ageing.get(&offer.queue_id).copied().unwrap_or(0.0);
+            done.push((
+                i,
+                Accepted {
+                    ticket,
+                    offer,
+                    previous_agent: None,
+                    ageing_per_second,
+                },
+            ));
+        }
+        tx.enqueue(&out).await?;
+        tx.commit().await?;
+        if !out.is_empty() {
+            self.wake_outbox();
+        }
+        for (i, accepted) in done {
+            results[i] = Some(Ok(accepted));
+        }
+        for i in single {
+            let request = &requests[i];
+            results[i] = Some(
+                self.accept(tenant, &request.agent_id, &request.offer_id, now)
+                    .await,
+            );
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(RoutingError::Corrupt("accept not answered".into()))))
+            .collect())
     }
 
     /// Declines an offer: the agent's unit is freed and the ticket goes back to the queue (a
@@ -2029,7 +2493,7 @@ impl Store {
 
     /// Returns one ticket.
     pub async fn ticket(&self, tenant: &TenantId, id: &str) -> RoutingResult<TicketRecord> {
-        let mut tx = Tx::read(self.db()).await?;
+        let mut tx = Tx::reads(self.db()).await?;
         let ticket = load_ticket(&mut tx, tenant, id, false).await?;
         tx.commit().await?;
         ticket.ok_or_else(|| RoutingError::NotFound(format!("ticket {id} not found")))
@@ -2060,7 +2524,7 @@ impl Store {
 
     /// Returns one offer.
     pub async fn offer(&self, tenant: &TenantId, id: &str) -> RoutingResult<OfferRecord> {
-        let mut tx = Tx::read(self.db()).await?;
+        let mut tx = Tx::reads(self.db()).await?;
         let offer = load_offer(&mut tx, tenant, id, false).await?;
         tx.commit().await?;
         offer.ok_or_else(|| RoutingError::NotFound(format!("offer {id} not found")))
@@ -2072,23 +2536,47 @@ impl Store {
         tenant: &TenantId,
         agent_id: &str,
     ) -> RoutingResult<Vec<(OfferRecord, TicketRecord)>> {
-        let mut tx = Tx::read(self.db()).await?;
-        let rows: Vec<OfferRow> = tx
-            .fetch_all(
-                offer_select!(
-                    "tenant = $1 AND agent_id = $2 AND state = 'pending' ORDER BY offered_at, id"
-                ),
+        let mut tx = Tx::reads(self.db()).await?;
+        let pending = pending_with_tickets(&mut tx, tenant, agent_id, |_| false).await?;
+        tx.commit().await?;
+        pending
+            .into_iter()
+            .map(|(offer, ticket)| {
+                ticket.map(|t| (offer.clone(), t)).ok_or_else(|| {
+                    RoutingError::Corrupt(format!("ticket {} vanished", offer.ticket_id))
+                })
+            })
+            .collect()
+    }
+
+    /// What a desk session reads to catch up, in one read: the agent's session and stream
+    /// epoch, its offers' version, and its pending offers, oldest first, each with its ticket
+    /// unless `known(offer id)` says the desk has it already. `None` for an unknown agent.
+    pub async fn desk_view(
+        &self,
+        tenant: &TenantId,
+        agent_id: &str,
+        known: impl Fn(&str) -> bool,
+    ) -> RoutingResult<Option<DeskView>> {
+        let mut tx = Tx::reads(self.db()).await?;
+        let row: Option<super::agents::VersionRow> = tx
+            .fetch_optional(
+                super::agents::SESSION_VERSION,
                 args![tenant.as_str(), agent_id],
             )
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let offer = row.into_record()?;
-            let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
-            out.push((offer, ticket));
-        }
+        let Some((session_id, epoch, updated, load, assigned, count, newest)) = row else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let pending = pending_with_tickets(&mut tx, tenant, agent_id, known).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(Some(DeskView {
+            session_id,
+            epoch,
+            version: (updated, load, assigned, count, newest),
+            pending,
+        }))
     }
 
     /// A waiting ticket's position, ETA and the agents who could take it.
