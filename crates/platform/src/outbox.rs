@@ -58,7 +58,12 @@ pub async fn enqueue_pg(conn: &mut PgConnection, events: &[RawEvent]) -> Result<
                 .collect::<Vec<_>>(),
         )
         .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-        .bind(events.iter().map(RawEvent::headers_json).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(RawEvent::headers_json)
+                .collect::<Vec<_>>(),
+        )
         .bind(
             events
                 .iter()

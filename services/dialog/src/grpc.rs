@@ -271,7 +271,16 @@ impl DialogService for DialogGrpc {
         tokio::spawn(async move {
             let mut high = resume.unwrap_or(conversation.message_count);
             if let Some(after) = resume
-                && !send_stored(&tx, &app, &tenant, &conversation.id, after, 10_000, &mut high).await
+                && !send_stored(
+                    &tx,
+                    &app,
+                    &tenant,
+                    &conversation.id,
+                    after,
+                    10_000,
+                    &mut high,
+                )
+                .await
             {
                 return;
             }

@@ -346,15 +346,25 @@ async fn search_over_grpc(url: &str, which: &str, qs: &Arc<Vec<String>>) -> Vec<
                     ..Default::default()
                 })
                 .await;
-            (t.elapsed(), r.map(|r| !r.into_inner().hits.is_empty()))
+            let elapsed = t.elapsed();
+            (
+                elapsed,
+                r.map(|r| {
+                    let r = r.into_inner();
+                    (!r.hits.is_empty(), r.took_us)
+                }),
+            )
         }));
     }
     let mut over_grpc = Vec::with_capacity(tasks.len());
+    // The service's own time for each answered call (`took_us`: checks, index, hits).
+    let mut in_service = Vec::with_capacity(qs.len());
     let mut refused = std::collections::BTreeMap::<String, usize>::new();
     for t in tasks {
         match t.await.unwrap() {
-            (d, Ok(found)) => {
+            (d, Ok((found, took_us))) => {
                 over_grpc.push(d);
+                in_service.push(Duration::from_micros(u64::try_from(took_us).unwrap_or(0)));
                 hits_found += usize::from(found);
             }
             // An overloaded server sheds calls (RESOURCE_EXHAUSTED): counted, not timed.
@@ -365,6 +375,10 @@ async fn search_over_grpc(url: &str, which: &str, qs: &Arc<Vec<String>>) -> Vec<
     println!(
         "  search on the {which} replica: {} queries, {rate:.0} queries/s offered, {hits_found} with hits, refused {refused:?}",
         qs.len()
+    );
+    row(
+        &format!("  {which} replica: time in the service"),
+        percentiles(in_service),
     );
     over_grpc
 }
