@@ -328,6 +328,25 @@ async fn search_over_grpc(url: &str, which: &str, qs: &Arc<Vec<String>>) -> Vec<
             .await
             .unwrap();
     }
+    // One call in flight: the service's time without other calls competing for the cores.
+    let mut alone = Vec::with_capacity(qs.len());
+    for q in qs.iter() {
+        let r = bot
+            .clone()
+            .search(pb::SearchRequest {
+                query: q.clone(),
+                audience: pb::Audience::Bot as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        alone.push(Duration::from_micros(u64::try_from(r.took_us).unwrap_or(0)));
+    }
+    row(
+        &format!("  {which} replica: in the service, one call at a time"),
+        percentiles(alone),
+    );
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::with_capacity(qs.len());
