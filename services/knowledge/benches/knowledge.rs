@@ -312,32 +312,29 @@ async fn raw_insert(url: &str, docs: &[ArticleDoc]) -> Duration {
     took
 }
 
+/// A search for the bot's audience, as dialog sends it.
+fn bot_query(query: String) -> pb::SearchRequest {
+    pb::SearchRequest {
+        query,
+        audience: pb::Audience::Bot as i32,
+        ..Default::default()
+    }
+}
+
 /// Runs `qs` over gRPC against the replica at `url` at 200 queries/s (open loop), after 200
 /// warm-up queries; returns the latencies of the calls that were answered.
 async fn search_over_grpc(url: &str, which: &str, qs: &Arc<Vec<String>>) -> Vec<Duration> {
     let bot = client(url, "dialog", &[Role::Service]).await.unwrap();
     // Warm up the connection and the index.
     for q in qs.iter().take(200) {
-        let _ = bot
-            .clone()
-            .search(pb::SearchRequest {
-                query: q.clone(),
-                audience: pb::Audience::Bot as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let _ = bot.clone().search(bot_query(q.clone())).await.unwrap();
     }
     // One call in flight: the service's time without other calls competing for the cores.
     let mut alone = Vec::with_capacity(qs.len());
     for q in qs.iter() {
         let r = bot
             .clone()
-            .search(pb::SearchRequest {
-                query: q.clone(),
-                audience: pb::Audience::Bot as i32,
-                ..Default::default()
-            })
+            .search(bot_query(q.clone()))
             .await
             .unwrap()
             .into_inner();
@@ -358,13 +355,7 @@ async fn search_over_grpc(url: &str, which: &str, qs: &Arc<Vec<String>>) -> Vec<
         let q = q.clone();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            let r = c
-                .search(pb::SearchRequest {
-                    query: q,
-                    audience: pb::Audience::Bot as i32,
-                    ..Default::default()
-                })
-                .await;
+            let r = c.search(bot_query(q)).await;
             let elapsed = t.elapsed();
             (
                 elapsed,

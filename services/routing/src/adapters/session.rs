@@ -58,6 +58,16 @@ fn error_event(code: pb::SessionErrorCode, message: String) -> pb::agent_session
     })
 }
 
+/// Answers a request refused before the session is open (the stream then ends).
+async fn refuse(out: &Outbound, in_reply_to: String, error: &RoutingError) {
+    let _ = out
+        .send(Ok(pb::AgentSessionResponse {
+            in_reply_to,
+            event: Some(error_event(error_code(error), error.to_string())),
+        }))
+        .await;
+}
+
 struct Session {
     engine: Arc<Engine>,
     tenant: TenantId,
@@ -396,12 +406,7 @@ pub async fn run(
     let presence = match convert::presence(hello.presence) {
         Ok(p) => p,
         Err(error) => {
-            let _ = out
-                .send(Ok(pb::AgentSessionResponse {
-                    in_reply_to: request_id,
-                    event: Some(error_event(error_code(&error), error.to_string())),
-                }))
-                .await;
+            refuse(&out, request_id, &error).await;
             return;
         }
     };
@@ -409,12 +414,7 @@ pub async fn run(
     if !resume.is_empty()
         && let Err(error) = check_id("resume_session_id", resume)
     {
-        let _ = out
-            .send(Ok(pb::AgentSessionResponse {
-                in_reply_to: request_id,
-                event: Some(error_event(error_code(&error), error.to_string())),
-            }))
-            .await;
+        refuse(&out, request_id, &error).await;
         return;
     }
     let new_session_id = uuid::Uuid::now_v7().to_string();
@@ -443,12 +443,7 @@ pub async fn run(
             (opened.agent, opened.session_id, opened.epoch)
         }
         Err(error) => {
-            let _ = out
-                .send(Ok(pb::AgentSessionResponse {
-                    in_reply_to: request_id,
-                    event: Some(error_event(error_code(&error), error.to_string())),
-                }))
-                .await;
+            refuse(&out, request_id, &error).await;
             return;
         }
     };
