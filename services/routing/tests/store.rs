@@ -449,6 +449,77 @@ async fn enqueue_is_idempotent_by_handoff_id(store: Store) {
     ));
 }
 
+async fn enqueue_and_offer_offers_at_once_only_to_the_first_in_line(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 1).await;
+    let first = store
+        .enqueue_and_offer(&t, &handoff("h1", "c1"), None, ETA, t0())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.created);
+    assert_eq!(
+        first.offered.len(),
+        1,
+        "nobody ahead, ann free: offered at once"
+    );
+    let (ticket, offer) = &first.offered[0];
+    assert_eq!(offer.agent_id, "ann");
+    assert_eq!(ticket.state, TicketState::Offered);
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Offered
+    );
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 1);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 1);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffOffered").await, 1);
+
+    // The same handoff again: its ticket, nothing new.
+    let again = store
+        .enqueue_and_offer(&t, &handoff("h1", "c1"), None, ETA, t0() + secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again.created);
+    assert!(again.offered.is_empty());
+
+    // Ann is full: the next ticket waits.
+    let second = store
+        .enqueue_and_offer(&t, &handoff("h2", "c2"), None, ETA, t0() + secs(2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.offered.is_empty());
+    assert_eq!(
+        store.ticket(&t, "h2").await.unwrap().state,
+        TicketState::Queued
+    );
+
+    // Bob comes online, but h2 waits ahead of h3: h3 is not offered past it.
+    online(&store, "bob", &[], 1).await;
+    let third = store
+        .enqueue_and_offer(&t, &handoff("h3", "c3"), None, ETA, t0() + secs(3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(third.offered.is_empty(), "h2 is first in line");
+    assert_eq!(
+        store.ticket(&t, "h3").await.unwrap().state,
+        TicketState::Queued
+    );
+    let drained = store
+        .offer_queued(&t, "default", 8, t0() + secs(4))
+        .await
+        .unwrap();
+    let offered: Vec<(&str, &str)> = drained
+        .offered
+        .iter()
+        .map(|(ticket, offer)| (ticket.id.as_str(), offer.agent_id.as_str()))
+        .collect();
+    assert_eq!(offered, [("h2", "bob")]);
+    assert!(violations(&store).await.is_empty());
+}
+
 async fn offer_reserves_capacity_and_accept_assigns_exactly_once(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 1).await;
@@ -2052,6 +2123,7 @@ both_engines!(
     agents_register_update_list_and_validate,
     queues_upsert_list_and_delete,
     enqueue_is_idempotent_by_handoff_id,
+    enqueue_and_offer_offers_at_once_only_to_the_first_in_line,
     offer_reserves_capacity_and_accept_assigns_exactly_once,
     skills_levels_and_language_pick_the_agent,
     decline_and_timeout_requeue_and_skip_the_agent,

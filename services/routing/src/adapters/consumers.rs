@@ -138,11 +138,18 @@ impl Handler for DialogEvents {
         if event.type_name == HandoffRequested::TYPE_NAME {
             let envelope = event.decode::<HandoffRequested>()?;
             let new = new_ticket(&envelope.event, envelope.occurred_at).map_err(classify)?;
+            // Offered in the enqueue's own transaction when nobody waits ahead; otherwise
+            // the queue's drain offers it.
             let outcome = engine
                 .store
-                .enqueue(&envelope.tenant, &new, dedup, engine.settings.eta(), now)
+                .enqueue_and_offer(&envelope.tenant, &new, dedup, engine.settings.eta(), now)
                 .await;
             match outcome {
+                Ok(Some(done)) if !done.offered.is_empty() => {
+                    for (_, offer) in &done.offered {
+                        engine.hub.notify(&envelope.tenant, &offer.agent_id);
+                    }
+                }
                 Ok(Some(done)) if done.created => {
                     if let Err(error) = engine
                         .drain_queue(&envelope.tenant, &done.ticket.queue_id)

@@ -135,30 +135,44 @@ pub(crate) async fn resolve_queue(
     default_queue: &str,
     now: DateTime<Utc>,
 ) -> RoutingResult<QueueRecord> {
+    // The candidates in one statement: the named queue, the scenario's and the default one,
+    // whichever exist; the last column tells the scenario's queue.
+    let rows: Vec<(String, String, String, i64, i64, i64)> = tx
+        .fetch_all(
+            "SELECT q.id, q.name, q.definition, q.created_at, q.updated_at, \
+             CAST(CASE WHEN EXISTS (SELECT 1 FROM routing_queue_scenarios s \
+             WHERE s.tenant = q.tenant AND s.scenario_id = $3 AND s.queue_id = q.id) \
+             THEN 1 ELSE 0 END AS BIGINT) \
+             FROM routing_queues q WHERE q.tenant = $1 AND (q.id = $2 OR q.id = $4 OR q.id IN \
+             (SELECT queue_id FROM routing_queue_scenarios WHERE tenant = $1 AND scenario_id = $3))",
+            args![tenant.as_str(), named, scenario_id, default_queue],
+        )
+        .await?;
+    let pick = |wanted: &dyn Fn(&(String, String, String, i64, i64, i64)) -> bool| {
+        rows.iter().find(|row| wanted(row)).map(|row| QueueRow {
+            id: row.0.clone(),
+            name: row.1.clone(),
+            definition: row.2.clone(),
+            created_at: row.3,
+            updated_at: row.4,
+        })
+    };
     if !named.is_empty() {
-        if let Some(queue) = load_queue(tx, tenant, named).await? {
-            return Ok(queue);
+        if let Some(row) = pick(&|row| row.0 == named) {
+            return row.into_record();
         }
         tracing::warn!(
             queue = named,
             "handoff names an unknown queue, routing by scenario"
         );
     }
-    if !scenario_id.is_empty() {
-        let row: Option<(String,)> = tx
-            .fetch_optional(
-                "SELECT queue_id FROM routing_queue_scenarios WHERE tenant = $1 AND scenario_id = $2",
-                args![tenant.as_str(), scenario_id],
-            )
-            .await?;
-        if let Some((queue_id,)) = row
-            && let Some(queue) = load_queue(tx, tenant, &queue_id).await?
-        {
-            return Ok(queue);
-        }
+    if !scenario_id.is_empty()
+        && let Some(row) = pick(&|row| row.5 != 0)
+    {
+        return row.into_record();
     }
-    if let Some(queue) = load_queue(tx, tenant, default_queue).await? {
-        return Ok(queue);
+    if let Some(row) = pick(&|row| row.0 == default_queue) {
+        return row.into_record();
     }
     let spec = QueueSpec::open(default_queue);
     tx.execute(

@@ -83,6 +83,9 @@ pub struct EnqueueOutcome {
     pub ticket: TicketRecord,
     /// False when the handoff id was known: nothing was written.
     pub created: bool,
+    /// The offer made in the same transaction ([`Store::enqueue_and_offer`]), with the ticket
+    /// as it is now (OFFERED); empty when the ticket waits.
+    pub offered: Vec<(TicketRecord, OfferRecord)>,
 }
 
 /// A stored ticket.
@@ -713,6 +716,236 @@ pub(crate) async fn expire_agent_offers(
     Ok(released)
 }
 
+/// Plans and writes offers of claimed (locked) queued `tickets` of `queue` to the best of the
+/// online `agents`, inside `tx`: the offers, the tickets moved to OFFERED, the agents' reserved
+/// units and the `HandoffOffered` events. Commits nothing. Returns the offers made and how many
+/// planned offers were dropped because their agent was held or changed under the plan.
+async fn offer_tickets(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    queue: &QueueRecord,
+    tickets: &[TicketRecord],
+    agents: &[Agent],
+    now: DateTime<Utc>,
+) -> RoutingResult<(Vec<(TicketRecord, OfferRecord)>, usize)> {
+    let base = candidates(agents);
+    let salt = Some(uuid::Uuid::now_v7().as_u128() as u64);
+    let mut declined: Vec<Vec<String>> = Vec::with_capacity(tickets.len());
+    for ticket in tickets {
+        declined.push(if ticket.attempts > 0 {
+            let rows: Vec<(String,)> = tx
+                .fetch_all(
+                    "SELECT DISTINCT agent_id FROM routing_offers WHERE tenant = $1 \
+                         AND ticket_id = $2 AND state IN ('declined', 'expired')",
+                    args![tenant.as_str(), ticket.id.as_str()],
+                )
+                .await?;
+            rows.into_iter().map(|(id,)| id).collect()
+        } else {
+            Vec::new()
+        });
+    }
+    // Plan in memory, then lock the chosen agents on PostgreSQL with SKIP LOCKED: this
+    // transaction already holds its claimed tickets, so it must never wait for an agent
+    // row. (A claim can also hold a ticket that another replica offered a moment before,
+    // since PostgreSQL keeps the lock of a row it rechecked and skipped; an accept holding
+    // that offer's agent and waiting for that ticket would otherwise close a cycle.)
+    // Agents another transaction holds (an accept, a presence change, another batch) are
+    // left out and the tickets planned for them are planned again over the others, at most
+    // three times; what is still planned for an agent not held is dropped as contended.
+    let mut held: Vec<String> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    let mut pool: Vec<Candidate>;
+    // (ticket index, agent index) of every planned offer.
+    let mut plan: Vec<(usize, usize)>;
+    let mut round = 0;
+    loop {
+        pool = base.clone();
+        for candidate in &mut pool {
+            if skipped.contains(&candidate.id) {
+                candidate.load = candidate.capacity;
+            }
+        }
+        plan = Vec::new();
+        for (i, ticket) in tickets.iter().enumerate() {
+            let need = Need {
+                skills: &ticket.skills,
+                language: ticket.language,
+                declined: &declined[i],
+                only_agent: ticket.target_agent_id.as_deref(),
+                excluded: ticket.excluded_agent_id.as_deref(),
+            };
+            let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
+                .first()
+                .map(|c| c.id.clone());
+            if let Some(best) = best
+                && let Some(at) = pool.iter().position(|c| c.id == best)
+            {
+                pool[at].load += 1;
+                plan.push((i, at));
+            }
+        }
+        if !tx.is_postgres() {
+            break;
+        }
+        let mut to_lock: Vec<&str> = plan
+            .iter()
+            .map(|&(_, at)| pool[at].id.as_str())
+            .filter(|id| !held.iter().any(|h| h == id))
+            .collect();
+        to_lock.sort_unstable();
+        to_lock.dedup();
+        if to_lock.is_empty() {
+            break;
+        }
+        let lock = format!(
+            "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({}) \
+                 ORDER BY id FOR UPDATE SKIP LOCKED",
+            placeholders(2, to_lock.len(), 1)
+        );
+        let mut lock_args = args![tenant.as_str()];
+        lock_args.extend(to_lock.iter().map(|id| Arg::from(*id)));
+        let locked: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args).await?;
+        let mut missed = false;
+        for id in to_lock {
+            if locked.iter().any(|(l,)| l == id) {
+                held.push(id.to_owned());
+            } else {
+                skipped.push(id.to_owned());
+                missed = true;
+            }
+        }
+        round += 1;
+        if !missed || round >= 3 {
+            break;
+        }
+    }
+    if plan.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    // Units wanted per agent held (every planned agent on SQLite), in id order.
+    let postgres = tx.is_postgres();
+    let mut wanted: Vec<(String, i64)> = Vec::new();
+    for &(_, at) in &plan {
+        let id = &pool[at].id;
+        if postgres && !held.contains(id) {
+            continue;
+        }
+        match wanted.iter_mut().find(|(w, _)| w == id) {
+            Some((_, n)) => *n += 1,
+            None => wanted.push((id.clone(), 1)),
+        }
+    }
+    wanted.sort();
+    if wanted.is_empty() {
+        return Ok((Vec::new(), plan.len()));
+    }
+    let ids_list = placeholders(3, wanted.len(), 2);
+    let mut lock_args = args![tenant.as_str(), micros(now)];
+    for (id, n) in &wanted {
+        lock_args.push(id.into());
+        lock_args.push((*n).into());
+    }
+    let units = case_of(3, wanted.len());
+    let reserve = format!(
+        "UPDATE routing_agents SET active_load = active_load + {units}, updated_at = $2 \
+             WHERE tenant = $1 AND id IN ({ids_list}) AND presence = 'online' \
+             AND active_load + {units} <= capacity RETURNING id"
+    );
+    let reserved: Vec<(String,)> = tx.fetch_all_text(&reserve, lock_args).await?;
+    let reserved: Vec<String> = reserved.into_iter().map(|(id,)| id).collect();
+    let mut offered: Vec<(TicketRecord, OfferRecord)> = Vec::new();
+    let mut contended = 0;
+    for &(i, at) in &plan {
+        let agent_id = &pool[at].id;
+        if !reserved.contains(agent_id) {
+            contended += 1;
+            continue;
+        }
+        let ticket = &tickets[i];
+        let offer = OfferRecord {
+            id: uuid(),
+            ticket_id: ticket.id.clone(),
+            conversation_id: ticket.conversation_id.clone(),
+            agent_id: agent_id.clone(),
+            queue_id: queue.spec.id.clone(),
+            attempt: ticket.attempts + 1,
+            transfer: false,
+            state: OfferState::Pending,
+            revoke_reason: None,
+            offered_at: now,
+            expires_at: now
+                + chrono::Duration::from_std(queue.spec.offer_timeout).unwrap_or_default(),
+        };
+        let ticket = TicketRecord {
+            state: TicketState::Offered,
+            offered_agent_id: Some(agent_id.clone()),
+            attempts: ticket.attempts + 1,
+            ..ticket.clone()
+        };
+        offered.push((ticket, offer));
+    }
+    if offered.is_empty() {
+        return Ok((offered, contended));
+    }
+    let mut insert = String::from(
+        "INSERT INTO routing_offers (tenant, id, ticket_id, conversation_id, agent_id, \
+             queue_id, attempt, kind, state, offered_at, expires_at) VALUES ",
+    );
+    let mut insert_args = args![tenant.as_str(), queue.spec.id.as_str(), micros(now)];
+    for (n, (_, offer)) in offered.iter().enumerate() {
+        let p = 4 + n * 6;
+        if n > 0 {
+            insert.push_str(", ");
+        }
+        insert.push_str(&format!(
+            "($1, ${}, ${}, ${}, ${}, $2, ${}, 'route', 'pending', $3, ${})",
+            p,
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5
+        ));
+        insert_args.extend(args![
+            offer.id.as_str(),
+            offer.ticket_id.as_str(),
+            offer.conversation_id.as_str(),
+            offer.agent_id.as_str(),
+            offer.attempt,
+            micros(offer.expires_at)
+        ]);
+    }
+    tx.execute_text(&insert, insert_args).await?;
+    let agents_by_ticket = case_of(3, offered.len());
+    let update = format!(
+        "UPDATE routing_tickets SET state = 'offered', offered_agent_id = {agents_by_ticket}, \
+             attempts = attempts + 1, offered_at = $2, updated_at = $2 \
+             WHERE tenant = $1 AND state = 'queued' AND id IN ({})",
+        placeholders(3, offered.len(), 2)
+    );
+    let mut update_args = args![tenant.as_str(), micros(now)];
+    for (ticket, offer) in &offered {
+        update_args.push(ticket.id.as_str().into());
+        update_args.push(offer.agent_id.as_str().into());
+    }
+    let moved = tx.execute_text(&update, update_args).await?;
+    if moved != offered.len() as u64 {
+        // The claimed rows are locked by this transaction; anything else is a bug.
+        return Err(RoutingError::Corrupt(format!(
+            "{} of {} claimed tickets changed state under their lock",
+            offered.len() as u64 - moved.min(offered.len() as u64),
+            offered.len()
+        )));
+    }
+    let out: Vec<RawEvent> = offered
+        .iter()
+        .map(|(ticket, offer)| events::offered(tenant, ticket, offer))
+        .collect();
+    tx.enqueue(&out).await?;
+    Ok((offered, contended))
+}
+
 /// The key queued tickets are served in: effective priority (static part plus ageing), highest
 /// first. `$k` is the queue's ageing per microsecond.
 const ORDER_KEY: &str = "(static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION))";
@@ -745,6 +978,12 @@ async fn position_of(
     Ok(ahead + 1)
 }
 
+/// Assignments per minute over `window`.
+fn rate_per_minute(assigned: i64, window: std::time::Duration) -> f64 {
+    let minutes = (window.as_secs_f64() / 60.0).max(1.0 / 60.0);
+    assigned as f64 / minutes
+}
+
 async fn service_rate(
     tx: &mut Tx,
     tenant: &TenantId,
@@ -760,8 +999,7 @@ async fn service_rate(
             args![tenant.as_str(), queue_id, since],
         )
         .await?;
-    let minutes = (window.as_secs_f64() / 60.0).max(1.0 / 60.0);
-    Ok(assigned as f64 / minutes)
+    Ok(rate_per_minute(assigned, window))
 }
 
 /// Counts online agents meeting the queue's (or ticket's) skills: (online, with spare capacity).
@@ -873,30 +1111,71 @@ impl Store {
         eta: EtaSettings,
         now: DateTime<Utc>,
     ) -> RoutingResult<Option<EnqueueOutcome>> {
+        self.enqueue_with(tenant, new, dedup, eta, now, false).await
+    }
+
+    /// [`Store::enqueue`], and when nobody waits ahead of the new ticket and an eligible agent
+    /// has room, its offer too, in the same transaction: the handoff reaches a desk without a
+    /// second transaction or a drain. Otherwise the ticket waits for the queue's drain, as
+    /// with [`Store::enqueue`].
+    pub async fn enqueue_and_offer(
+        &self,
+        tenant: &TenantId,
+        new: &NewTicket,
+        dedup: Option<(&str, &str)>,
+        eta: EtaSettings,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Option<EnqueueOutcome>> {
+        self.enqueue_with(tenant, new, dedup, eta, now, true).await
+    }
+
+    async fn enqueue_with(
+        &self,
+        tenant: &TenantId,
+        new: &NewTicket,
+        dedup: Option<(&str, &str)>,
+        eta: EtaSettings,
+        now: DateTime<Utc>,
+        offer_now: bool,
+    ) -> RoutingResult<Option<EnqueueOutcome>> {
         let mut tx = Tx::write(self.db()).await?;
         if let Some((consumer, event_id)) = dedup
             && !tx.claim(consumer, event_id).await?
         {
             return Ok(None);
         }
-        if let Some(ticket) = load_ticket(&mut tx, tenant, &new.handoff_id, false).await? {
+        // The ticket of this handoff, if known, and any live ticket of its conversation.
+        let rows: Vec<TicketRow> = tx
+            .fetch_all(
+                ticket_select!(
+                    "tenant = $1 AND (id = $2 OR (conversation_id = $3 \
+                     AND state IN ('queued', 'offered', 'assigned')))"
+                ),
+                args![
+                    tenant.as_str(),
+                    new.handoff_id.as_str(),
+                    new.conversation_id.as_str()
+                ],
+            )
+            .await?;
+        if let Some(at) = rows.iter().position(|row| row.id == new.handoff_id) {
+            let ticket = rows
+                .into_iter()
+                .nth(at)
+                .map(TicketRow::into_record)
+                .transpose()?
+                .ok_or_else(|| RoutingError::Corrupt("ticket row vanished".into()))?;
             tx.commit().await?;
             return Ok(Some(EnqueueOutcome {
                 ticket,
                 created: false,
+                offered: Vec::new(),
             }));
         }
-        let live: Option<(String,)> = tx
-            .fetch_optional(
-                "SELECT id FROM routing_tickets WHERE tenant = $1 AND conversation_id = $2 \
-                 AND state IN ('queued', 'offered', 'assigned')",
-                args![tenant.as_str(), new.conversation_id.as_str()],
-            )
-            .await?;
-        if let Some((other,)) = live {
+        if let Some(other) = rows.first() {
             return Err(RoutingError::AlreadyExists(format!(
-                "conversation {} already has live ticket {other}",
-                new.conversation_id
+                "conversation {} already has live ticket {}",
+                new.conversation_id, other.id
             )));
         }
         let queue = resolve_queue(
@@ -910,82 +1189,164 @@ impl Store {
         .await?;
         let skills = merge_skills(&queue.spec.required_skills, &new.skills);
         let static_part = static_priority(new.priority, new.vip, new.severity, &queue.spec.weights);
-        let returned = if !queue.spec.is_open(now) {
-            Some(ReturnReason::OutOfHours)
-        } else if queue.spec.max_length > 0 {
-            let depth = tx
-                .fetch_i64(
-                    "SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
-                     AND state IN ('queued', 'offered')",
-                    args![tenant.as_str(), queue.spec.id.as_str()],
+        // Position, service rate and (for a bounded queue) depth, read in one statement before
+        // the ticket exists; the position counts the tickets served before it.
+        let mut waiting = None;
+        let returned = if queue.spec.is_open(now) {
+            let ageing = queue.spec.weights.ageing_per_second / 1e6;
+            let own_key = static_part - ageing * micros(now) as f64;
+            let since = micros(now) - i64::try_from(eta.window.as_micros()).unwrap_or(i64::MAX);
+            let depth = if queue.spec.max_length > 0 {
+                "(SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+                 AND state IN ('queued', 'offered'))"
+            } else {
+                "CAST(0 AS BIGINT)"
+            };
+            let sql = format!(
+                "SELECT (SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 \
+                 AND queue_id = $2 AND state = 'queued' AND ( \
+                 (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) > $4 \
+                 OR ((static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) = $4 \
+                 AND enqueued_at < $5))), \
+                 (SELECT COUNT(*) FROM routing_assignments WHERE tenant = $1 AND queue_id = $2 \
+                 AND assigned_at >= $6), {depth}"
+            );
+            let counts: Vec<(i64, i64, i64)> = tx
+                .fetch_all_text(
+                    &sql,
+                    args![
+                        tenant.as_str(),
+                        queue.spec.id.as_str(),
+                        ageing,
+                        own_key,
+                        micros(now),
+                        since
+                    ],
                 )
                 .await?;
-            (depth >= i64::from(queue.spec.max_length)).then_some(ReturnReason::QueueFull)
+            let (ahead, served, depth) = counts.first().copied().unwrap_or_default();
+            if queue.spec.max_length > 0 && depth >= i64::from(queue.spec.max_length) {
+                Some(ReturnReason::QueueFull)
+            } else {
+                waiting = Some((ahead + 1, rate_per_minute(served, eta.window)));
+                None
+            }
         } else {
-            None
+            Some(ReturnReason::OutOfHours)
         };
+        let mut agents = Vec::new();
+        let mut reported = None;
+        if let Some((position, rate)) = waiting {
+            agents = online_agents(&mut tx, tenant).await?;
+            let (_, available) = agents_for(&agents, &skills, new.language);
+            let eta_s = eta_seconds(position, rate, available, eta.default_seconds_per_position);
+            // The first position travels in HandoffQueued; later changes are compared with it.
+            reported = Some((position, eta_s, available));
+        }
         let state = if returned.is_some() {
             TicketState::Returned
         } else {
             TicketState::Queued
         };
+        let row = TicketRow {
+            id: new.handoff_id.clone(),
+            conversation_id: new.conversation_id.clone(),
+            scenario_id: new.scenario_id.clone(),
+            queue_id: queue.spec.id.clone(),
+            state: state.as_str().to_owned(),
+            priority: i64::from(new.priority.clamp(0, 100)),
+            static_priority: static_part,
+            skills: skills_json(&skills)?,
+            language: i64::from(new.language),
+            target_agent_id: None,
+            excluded_agent_id: None,
+            transfer_from: None,
+            transfer_note: None,
+            transfer_kind: None,
+            offered_agent_id: None,
+            assigned_agent_id: None,
+            attempts: 0,
+            overflow_applied: 0,
+            trigger_received_at: new.trigger_received_at.map(micros),
+            requested_at: micros(new.requested_at),
+            enqueued_at: micros(now),
+            queue_entered_at: micros(now),
+            assigned_at: None,
+            ended_at: returned.map(|_| micros(now)),
+            disposition: None,
+            package: new.package.clone(),
+        };
         tx.execute(
             "INSERT INTO routing_tickets (tenant, id, conversation_id, scenario_id, queue_id, \
              state, priority, static_priority, vip, severity, skills, language, \
              trigger_received_at, requested_at, enqueued_at, queue_entered_at, ended_at, \
-             package, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $15, $16, $17, $15)",
+             package, updated_at, reported_position, reported_eta, position_reported_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, \
+             $16, $17, $15, $18, $19, $20)",
             args![
                 tenant.as_str(),
-                new.handoff_id.as_str(),
-                new.conversation_id.as_str(),
-                new.scenario_id.as_str(),
-                queue.spec.id.as_str(),
-                state.as_str(),
-                new.priority.clamp(0, 100),
-                static_part,
+                row.id.as_str(),
+                row.conversation_id.as_str(),
+                row.scenario_id.as_str(),
+                row.queue_id.as_str(),
+                row.state.as_str(),
+                row.priority,
+                row.static_priority,
                 new.vip,
                 new.severity,
-                skills_json(&skills)?,
-                new.language,
-                new.trigger_received_at.map(micros),
-                micros(new.requested_at),
-                micros(now),
-                returned.map(|_| micros(now)),
-                new.package.clone()
+                row.skills.as_str(),
+                row.language,
+                row.trigger_received_at,
+                row.requested_at,
+                row.enqueued_at,
+                row.ended_at,
+                row.package.clone(),
+                reported.map(|(position, _, _)| position),
+                reported.map(|(_, eta_s, _)| i64::from(eta_s)),
+                reported.map(|_| micros(now))
             ],
         )
         .await?;
-        let ticket = must_ticket(&mut tx, tenant, &new.handoff_id).await?;
-        let event = match returned {
-            Some(reason) => {
+        let ticket = row.into_record()?;
+        let mut offered = Vec::new();
+        match (returned, reported) {
+            (Some(reason), _) => {
                 let leave_message = queue.spec.out_of_hours == OutOfHours::LeaveMessage;
-                events::returned(tenant, &ticket, reason, leave_message, now)
+                let event = events::returned(tenant, &ticket, reason, leave_message, now);
+                tx.enqueue(&[event]).await?;
             }
-            None => {
-                let position = position_of(&mut tx, tenant, &ticket, &queue).await?;
-                let rate = service_rate(&mut tx, tenant, &queue.spec.id, eta.window, now).await?;
-                let agents = online_agents(&mut tx, tenant).await?;
-                let (_, available) = agents_for(&agents, &ticket.skills, ticket.language);
-                let eta_s =
-                    eta_seconds(position, rate, available, eta.default_seconds_per_position);
-                // The first position travels in HandoffQueued; later changes are compared
-                // with it.
-                record_reported(&mut tx, tenant, &ticket.id, position, eta_s, now).await?;
-                events::queued(
+            (None, Some((position, eta_s, available))) => {
+                let event = events::queued(
                     tenant,
                     &ticket,
                     i32::try_from(position).unwrap_or(i32::MAX),
                     eta_s,
-                )
+                );
+                tx.enqueue(&[event]).await?;
+                if offer_now && position == 1 && available > 0 {
+                    (offered, _) = offer_tickets(
+                        &mut tx,
+                        tenant,
+                        &queue,
+                        std::slice::from_ref(&ticket),
+                        &agents,
+                        now,
+                    )
+                    .await?;
+                }
             }
-        };
-        tx.enqueue(&[event]).await?;
+            (None, None) => {
+                return Err(RoutingError::Corrupt(
+                    "a queued ticket without a position".into(),
+                ));
+            }
+        }
         tx.commit().await?;
         self.wake_outbox();
         Ok(Some(EnqueueOutcome {
             ticket,
             created: true,
+            offered,
         }))
     }
 
@@ -1163,170 +1524,8 @@ impl Store {
             return Ok(OfferBatch::default());
         }
         let agents = online_agents(&mut tx, tenant).await?;
-        let base = candidates(&agents);
-        let salt = Some(uuid::Uuid::now_v7().as_u128() as u64);
-        let mut declined: Vec<Vec<String>> = Vec::with_capacity(tickets.len());
-        for ticket in &tickets {
-            declined.push(if ticket.attempts > 0 {
-                let rows: Vec<(String,)> = tx
-                    .fetch_all(
-                        "SELECT DISTINCT agent_id FROM routing_offers WHERE tenant = $1 \
-                         AND ticket_id = $2 AND state IN ('declined', 'expired')",
-                        args![tenant.as_str(), ticket.id.as_str()],
-                    )
-                    .await?;
-                rows.into_iter().map(|(id,)| id).collect()
-            } else {
-                Vec::new()
-            });
-        }
-        // Plan in memory, then lock the chosen agents on PostgreSQL with SKIP LOCKED: this
-        // transaction already holds its claimed tickets, so it must never wait for an agent
-        // row. (A claim can also hold a ticket that another replica offered a moment before,
-        // since PostgreSQL keeps the lock of a row it rechecked and skipped; an accept holding
-        // that offer's agent and waiting for that ticket would otherwise close a cycle.)
-        // Agents another transaction holds (an accept, a presence change, another batch) are
-        // left out and the tickets planned for them are planned again over the others, at most
-        // three times; what is still planned for an agent not held is dropped as contended.
-        let mut held: Vec<String> = Vec::new();
-        let mut skipped: Vec<String> = Vec::new();
-        let mut pool: Vec<Candidate>;
-        // (ticket index, agent index) of every planned offer.
-        let mut plan: Vec<(usize, usize)>;
-        let mut round = 0;
-        loop {
-            pool = base.clone();
-            for candidate in &mut pool {
-                if skipped.contains(&candidate.id) {
-                    candidate.load = candidate.capacity;
-                }
-            }
-            plan = Vec::new();
-            for (i, ticket) in tickets.iter().enumerate() {
-                let need = Need {
-                    skills: &ticket.skills,
-                    language: ticket.language,
-                    declined: &declined[i],
-                    only_agent: ticket.target_agent_id.as_deref(),
-                    excluded: ticket.excluded_agent_id.as_deref(),
-                };
-                let best = rank_salted(&pool, &need, queue.spec.strategy, salt)
-                    .first()
-                    .map(|c| c.id.clone());
-                if let Some(best) = best
-                    && let Some(at) = pool.iter().position(|c| c.id == best)
-                {
-                    pool[at].load += 1;
-                    plan.push((i, at));
-                }
-            }
-            if !tx.is_postgres() {
-                break;
-            }
-            let mut to_lock: Vec<&str> = plan
-                .iter()
-                .map(|&(_, at)| pool[at].id.as_str())
-                .filter(|id| !held.iter().any(|h| h == id))
-                .collect();
-            to_lock.sort_unstable();
-            to_lock.dedup();
-            if to_lock.is_empty() {
-                break;
-            }
-            let lock = format!(
-                "SELECT id FROM routing_agents WHERE tenant = $1 AND id IN ({}) \
-                 ORDER BY id FOR UPDATE SKIP LOCKED",
-                placeholders(2, to_lock.len(), 1)
-            );
-            let mut lock_args = args![tenant.as_str()];
-            lock_args.extend(to_lock.iter().map(|id| Arg::from(*id)));
-            let locked: Vec<(String,)> = tx.fetch_all_text(&lock, lock_args).await?;
-            let mut missed = false;
-            for id in to_lock {
-                if locked.iter().any(|(l,)| l == id) {
-                    held.push(id.to_owned());
-                } else {
-                    skipped.push(id.to_owned());
-                    missed = true;
-                }
-            }
-            round += 1;
-            if !missed || round >= 3 {
-                break;
-            }
-        }
-        if plan.is_empty() {
-            return Ok(OfferBatch {
-                claimed,
-                ..OfferBatch::default()
-            });
-        }
-        // Units wanted per agent held (every planned agent on SQLite), in id order.
-        let postgres = tx.is_postgres();
-        let mut wanted: Vec<(String, i64)> = Vec::new();
-        for &(_, at) in &plan {
-            let id = &pool[at].id;
-            if postgres && !held.contains(id) {
-                continue;
-            }
-            match wanted.iter_mut().find(|(w, _)| w == id) {
-                Some((_, n)) => *n += 1,
-                None => wanted.push((id.clone(), 1)),
-            }
-        }
-        wanted.sort();
-        if wanted.is_empty() {
-            return Ok(OfferBatch {
-                claimed,
-                offered: Vec::new(),
-                contended: plan.len(),
-            });
-        }
-        let ids_list = placeholders(3, wanted.len(), 2);
-        let mut lock_args = args![tenant.as_str(), micros(now)];
-        for (id, n) in &wanted {
-            lock_args.push(id.into());
-            lock_args.push((*n).into());
-        }
-        let units = case_of(3, wanted.len());
-        let reserve = format!(
-            "UPDATE routing_agents SET active_load = active_load + {units}, updated_at = $2 \
-             WHERE tenant = $1 AND id IN ({ids_list}) AND presence = 'online' \
-             AND active_load + {units} <= capacity RETURNING id"
-        );
-        let reserved: Vec<(String,)> = tx.fetch_all_text(&reserve, lock_args).await?;
-        let reserved: Vec<String> = reserved.into_iter().map(|(id,)| id).collect();
-        let mut offered: Vec<(TicketRecord, OfferRecord)> = Vec::new();
-        let mut contended = 0;
-        for &(i, at) in &plan {
-            let agent_id = &pool[at].id;
-            if !reserved.contains(agent_id) {
-                contended += 1;
-                continue;
-            }
-            let ticket = &tickets[i];
-            let offer = OfferRecord {
-                id: uuid(),
-                ticket_id: ticket.id.clone(),
-                conversation_id: ticket.conversation_id.clone(),
-                agent_id: agent_id.clone(),
-                queue_id: queue.spec.id.clone(),
-                attempt: ticket.attempts + 1,
-                transfer: false,
-                state: OfferState::Pending,
-                revoke_reason: None,
-                offered_at: now,
-                expires_at: now
-                    + chrono::Duration::from_std(queue.spec.offer_timeout).unwrap_or_default(),
-            };
-            let ticket = TicketRecord {
-                state: TicketState::Offered,
-                offered_agent_id: Some(agent_id.clone()),
-                attempts: ticket.attempts + 1,
-                ..ticket.clone()
-            };
-            offered.push((ticket, offer));
-        }
+        let (offered, contended) =
+            offer_tickets(&mut tx, tenant, &queue, &tickets, &agents, now).await?;
         if offered.is_empty() {
             return Ok(OfferBatch {
                 claimed,
@@ -1334,61 +1533,6 @@ impl Store {
                 contended,
             });
         }
-        let mut insert = String::from(
-            "INSERT INTO routing_offers (tenant, id, ticket_id, conversation_id, agent_id, \
-             queue_id, attempt, kind, state, offered_at, expires_at) VALUES ",
-        );
-        let mut insert_args = args![tenant.as_str(), queue.spec.id.as_str(), micros(now)];
-        for (n, (_, offer)) in offered.iter().enumerate() {
-            let p = 4 + n * 6;
-            if n > 0 {
-                insert.push_str(", ");
-            }
-            insert.push_str(&format!(
-                "($1, ${}, ${}, ${}, ${}, $2, ${}, 'route', 'pending', $3, ${})",
-                p,
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5
-            ));
-            insert_args.extend(args![
-                offer.id.as_str(),
-                offer.ticket_id.as_str(),
-                offer.conversation_id.as_str(),
-                offer.agent_id.as_str(),
-                offer.attempt,
-                micros(offer.expires_at)
-            ]);
-        }
-        tx.execute_text(&insert, insert_args).await?;
-        let agents_by_ticket = case_of(3, offered.len());
-        let update = format!(
-            "UPDATE routing_tickets SET state = 'offered', offered_agent_id = {agents_by_ticket}, \
-             attempts = attempts + 1, offered_at = $2, updated_at = $2 \
-             WHERE tenant = $1 AND state = 'queued' AND id IN ({})",
-            placeholders(3, offered.len(), 2)
-        );
-        let mut update_args = args![tenant.as_str(), micros(now)];
-        for (ticket, offer) in &offered {
-            update_args.push(ticket.id.as_str().into());
-            update_args.push(offer.agent_id.as_str().into());
-        }
-        let moved = tx.execute_text(&update, update_args).await?;
-        if moved != offered.len() as u64 {
-            // The claimed rows are locked by this transaction; anything else is a bug.
-            return Err(RoutingError::Corrupt(format!(
-                "{} of {} claimed tickets changed state under their lock",
-                offered.len() as u64 - moved.min(offered.len() as u64),
-                offered.len()
-            )));
-        }
-        let out: Vec<RawEvent> = offered
-            .iter()
-            .map(|(ticket, offer)| events::offered(tenant, ticket, offer))
-            .collect();
-        tx.enqueue(&out).await?;
         tx.commit().await?;
         self.wake_outbox();
         Ok(OfferBatch {
