@@ -125,6 +125,9 @@ pub(crate) async fn all_queues(tx: &mut Tx) -> RoutingResult<Vec<(TenantId, Queu
     Ok(out)
 }
 
+/// A queue row and whether the handoff's scenario is routed to it (1) or not (0).
+type CandidateRow = (String, String, String, i64, i64, i64);
+
 /// Finds the queue of a handoff: the one it names, else its scenario's, else the default queue,
 /// which is created (always open, no skills) when it does not exist yet.
 pub(crate) async fn resolve_queue(
@@ -137,7 +140,7 @@ pub(crate) async fn resolve_queue(
 ) -> RoutingResult<QueueRecord> {
     // The candidates in one statement: the named queue, the scenario's and the default one,
     // whichever exist; the last column tells the scenario's queue.
-    let rows: Vec<(String, String, String, i64, i64, i64)> = tx
+    let rows: Vec<CandidateRow> = tx
         .fetch_all(
             "SELECT q.id, q.name, q.definition, q.created_at, q.updated_at, \
              CAST(CASE WHEN EXISTS (SELECT 1 FROM routing_queue_scenarios s \
@@ -148,7 +151,7 @@ pub(crate) async fn resolve_queue(
             args![tenant.as_str(), named, scenario_id, default_queue],
         )
         .await?;
-    let pick = |wanted: &dyn Fn(&(String, String, String, i64, i64, i64)) -> bool| {
+    let pick = |wanted: &dyn Fn(&CandidateRow) -> bool| {
         rows.iter().find(|row| wanted(row)).map(|row| QueueRow {
             id: row.0.clone(),
             name: row.1.clone(),
