@@ -60,6 +60,9 @@ fn platform_migrations() -> Migrations {
     }
 }
 
+/// A PostgreSQL connection idle for this long is pinged before it is handed out.
+const PING_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Db {
     /// Connects a pool according to the configuration.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Self, DbError> {
@@ -106,6 +109,19 @@ impl Db {
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .acquire_timeout(cfg.acquire_timeout)
+            // The pool pings every connection it hands out by default: one more round trip
+            // before each transaction. A connection is also pinged when it comes back to the
+            // pool (and dropped if that fails), so one used a moment ago is known to be alive;
+            // only one idle for longer is pinged before use.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(DbError::Unavailable)?;
