@@ -284,13 +284,17 @@ impl OutboxRelay {
     /// publish rolls the claim back. The commit runs off the path of the next batch, whose
     /// claim skips the rows still locked by it, so one read per batch does all the work.
     async fn publish_pending_pg(&self, pool: &sqlx::PgPool) -> Result<usize, OutboxError> {
-        const CLAIMED: &str = "(SELECT seq FROM tandem_outbox WHERE published_at IS NULL \
-             ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+        // `= ANY(ARRAY(…))`, not `IN (…)`: with `IN` the planner joins the claimed batch with
+        // the whole table (a sequential scan, or a sort of every unpublished row), so a round
+        // took time in proportion to the backlog (14–27 ms for 1,000 of 80,000 rows); the array
+        // makes it look the batch up by primary key (under 2 ms).
+        const CLAIMED: &str = "ANY(ARRAY(SELECT seq FROM tandem_outbox WHERE published_at IS NULL \
+             ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) \
              RETURNING seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload";
         let claim = if self.cfg.retention.is_zero() {
-            format!("DELETE FROM tandem_outbox WHERE seq IN {CLAIMED}")
+            format!("DELETE FROM tandem_outbox WHERE seq = {CLAIMED}")
         } else {
-            format!("UPDATE tandem_outbox SET published_at = now() WHERE seq IN {CLAIMED}")
+            format!("UPDATE tandem_outbox SET published_at = now() WHERE seq = {CLAIMED}")
         };
         let mut tx = pool.begin().await?;
         let claimed = sqlx::query(sqlx::AssertSqlSafe(claim))
