@@ -579,23 +579,32 @@ impl App {
         check_client_id("client_message_id", &req.client_message_id)?;
         check_text("text", &req.text)?;
         check_attachments(&req.attachments)?;
+        if req.conversation_id.is_empty() {
+            return Err(DialogError::Invalid("conversation_id is empty".into()));
+        }
         for _ in 0..ATTEMPTS {
-            if let Some(bytes) = self
+            let Some(found) = self
                 .store
-                .request(
+                .conversation_for_request(
                     tenant,
                     &req.conversation_id,
                     "customer",
                     &req.client_message_id,
                 )
                 .await?
-            {
+            else {
+                return Err(DialogError::NotFound(format!(
+                    "conversation {}",
+                    req.conversation_id
+                )));
+            };
+            if let Some(bytes) = found.response {
                 let mut r = pb::PostCustomerMessageResponse::decode(bytes.as_slice())
                     .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
                 r.duplicate = true;
                 return Ok(r);
             }
-            let (mut c, revision) = self.load(tenant, &req.conversation_id).await?;
+            let (mut c, revision) = (found.conversation, found.revision);
             let state = state_of(&c);
             if state == pb::ConversationState::Closed {
                 return Err(DialogError::Precondition(format!(

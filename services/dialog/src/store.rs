@@ -74,6 +74,17 @@ pub struct StoredModel {
     pub bytes: Vec<u8>,
 }
 
+/// A conversation as a new request finds it ([`Store::conversation_for_request`]).
+#[derive(Debug)]
+pub struct ConversationForRequest {
+    /// The conversation.
+    pub conversation: pb::Conversation,
+    /// Its revision, for the optimistic update.
+    pub revision: i64,
+    /// The response recorded for an earlier request with the same client id.
+    pub response: Option<Vec<u8>>,
+}
+
 /// Dialog persistence.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -135,6 +146,34 @@ impl Store {
              AND created_micros >= $3")
             .bind(tenant.as_str()).bind(customer_id).bind(since_micros).fetch_one(pool).await?);
         Ok(n)
+    }
+
+    /// Returns a conversation with its revision and, in the same statement, the recorded
+    /// response of an earlier request with this client id (a retry), if any: what a new
+    /// message needs before its turn, in one round trip. `None` when the conversation does not
+    /// exist.
+    pub async fn conversation_for_request(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        kind: &str,
+        client_id: &str,
+    ) -> Result<Option<ConversationForRequest>, StoreError> {
+        let row: Option<(Vec<u8>, i64, Option<Vec<u8>>)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT c.body, c.revision, (SELECT r.response FROM dialog_requests r \
+             WHERE r.tenant = $1 AND r.conversation_id = $2 AND r.kind = $3 \
+             AND r.client_message_id = $4) \
+             FROM dialog_conversations c WHERE c.tenant = $1 AND c.id = $2")
+            .bind(tenant.as_str()).bind(conversation_id).bind(kind).bind(client_id)
+            .fetch_optional(pool).await?);
+        row.map(|(body, revision, response)| {
+            Ok(ConversationForRequest {
+                conversation: decode("conversation", &body)?,
+                revision,
+                response,
+            })
+        })
+        .transpose()
     }
 
     /// Returns the recorded response of an earlier request.
@@ -487,12 +526,15 @@ impl Store {
                     return Err(StoreError::Conflict);
                 }
             }
-            for m in &change.messages {
-                sqlx::query(
-                    "INSERT INTO dialog_messages (tenant, conversation_id, sequence, id, body) \
-                     VALUES ($1, $2, $3, $4, $5)")
-                    .bind(t).bind(&m.conversation_id).bind(m.sequence).bind(&m.id)
-                    .bind(m.encode_to_vec()).execute(&mut *tx).await?;
+            if !change.messages.is_empty() {
+                // One statement for all of a turn's messages (the customer's and the bot's).
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO dialog_messages (tenant, conversation_id, sequence, id, body) ");
+                insert.push_values(&change.messages, |mut row, m| {
+                    row.push_bind(t).push_bind(&m.conversation_id).push_bind(m.sequence)
+                        .push_bind(&m.id).push_bind(m.encode_to_vec());
+                });
+                insert.build().execute(&mut *tx).await?;
             }
             for tr in &change.traces {
                 sqlx::query(
