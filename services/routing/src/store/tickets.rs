@@ -318,6 +318,28 @@ fn placeholders(first: usize, count: usize, step: usize) -> String {
         .join(", ")
 }
 
+/// The rows of a multi-row `VALUES` list whose rows bind six parameters each, from `$first`:
+/// `row` writes one row, given a function that lists the row's parameters in a range of its
+/// six (`p(0..2)` is `$n, $(n+1)`).
+fn values_rows(
+    count: usize,
+    first: usize,
+    row: impl Fn(&dyn Fn(std::ops::Range<usize>) -> String) -> String,
+) -> String {
+    (0..count)
+        .map(|k| {
+            let base = first + k * 6;
+            row(&|range: std::ops::Range<usize>| {
+                range
+                    .map(|i| format!("${}", base + i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `CASE id WHEN $first THEN $(first+1) WHEN … END` over `count` (key, value) parameter pairs.
 fn case_of(first: usize, count: usize) -> String {
     let mut text = String::from("CASE id");
@@ -893,20 +915,15 @@ async fn offer_tickets(
              queue_id, attempt, kind, state, offered_at, expires_at) VALUES ",
     );
     let mut insert_args = args![tenant.as_str(), queue.spec.id.as_str(), micros(now)];
-    for (n, (_, offer)) in offered.iter().enumerate() {
-        let p = 4 + n * 6;
-        if n > 0 {
-            insert.push_str(", ");
-        }
-        insert.push_str(&format!(
-            "($1, ${}, ${}, ${}, ${}, $2, ${}, 'route', 'pending', $3, ${})",
-            p,
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5
-        ));
+    insert.push_str(&values_rows(offered.len(), 4, |p| {
+        format!(
+            "($1, {}, $2, {}, 'route', 'pending', $3, {})",
+            p(0..4),
+            p(4..5),
+            p(5..6)
+        )
+    }));
+    for (_, offer) in &offered {
         insert_args.extend(args![
             offer.id.as_str(),
             offer.ticket_id.as_str(),
@@ -1862,20 +1879,10 @@ impl Store {
                  agent_id, queue_id, offer_id, assigned_at) VALUES ",
             );
             let mut list = args![tenant.as_str(), micros(now)];
-            for (k, (_, ticket, offer)) in accepted.iter().enumerate() {
-                let p = 3 + k * 6;
-                if k > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "($1, ${}, ${}, ${}, ${}, ${}, ${}, $2)",
-                    p,
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5
-                ));
+            sql.push_str(&values_rows(accepted.len(), 3, |p| {
+                format!("($1, {}, $2)", p(0..6))
+            }));
+            for (_, ticket, offer) in &accepted {
                 list.extend(args![
                     uuid(),
                     ticket.id.as_str(),
@@ -3103,4 +3110,20 @@ async fn end_assignment(
         .map(|a| a.profile.team)
         .unwrap_or_default();
     Ok(Some((agent_id, team, time(assigned_at)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{case_of, placeholders, values_rows};
+
+    #[test]
+    fn statement_fragments_number_their_parameters() {
+        assert_eq!(placeholders(3, 3, 2), "$3, $5, $7");
+        assert_eq!(case_of(3, 2), "CASE id WHEN $3 THEN $4 WHEN $5 THEN $6 END");
+        assert_eq!(
+            values_rows(2, 4, |p| format!("($1, {}, $2, {})", p(0..4), p(4..6))),
+            "($1, $4, $5, $6, $7, $2, $8, $9), ($1, $10, $11, $12, $13, $2, $14, $15)"
+        );
+        assert_eq!(values_rows(0, 3, |p| p(0..6)), "");
+    }
 }
