@@ -52,6 +52,21 @@ pub fn all_tenants<E: Event>() -> String {
     format!("{}.*", E::SUBJECT)
 }
 
+/// Subject prefix of the live conversation updates dialog replicas pass to each other's
+/// watchers (state changes, queue updates, typing): plain NATS, outside every stream, so nothing
+/// is stored or replayed. The tenant is the last token.
+pub const LIVE_UPDATES: &str = "tandem.live.dialog.v1.update";
+
+/// Returns the live-update subject of `tenant` ([`LIVE_UPDATES`]).
+pub fn live_updates_for(tenant: &TenantId) -> String {
+    format!("{LIVE_UPDATES}.{tenant}")
+}
+
+/// Returns the subject filter of every tenant's live updates ([`LIVE_UPDATES`]).
+pub fn live_updates_all() -> String {
+    format!("{LIVE_UPDATES}.*")
+}
+
 /// Splits a full subject into its catalogue entry and tenant, or `None` if it is not one of ours.
 pub fn parse_subject(subject: &str) -> Option<(&'static EventSpec, TenantId)> {
     let (base, tenant) = subject.rsplit_once('.')?;
@@ -227,6 +242,27 @@ mod tests {
         assert_eq!(
             QueueStatsReported::TYPE_NAME,
             QueueStatsReported::full_name()
+        );
+    }
+
+    #[test]
+    fn live_updates_stay_outside_every_stream() {
+        let tenant = TenantId::new("acme").unwrap();
+        let subject = live_updates_for(&tenant);
+        assert_eq!(subject, format!("{LIVE_UPDATES}.acme"));
+        assert_eq!(live_updates_all(), format!("{LIVE_UPDATES}.*"));
+        for stream in STREAMS {
+            let prefix = stream.subjects.trim_end_matches('>');
+            assert!(
+                !subject.starts_with(prefix),
+                "{} stores {subject}",
+                stream.name
+            );
+        }
+        assert!(
+            CATALOGUE
+                .iter()
+                .all(|spec| !spec.subject.starts_with(LIVE_UPDATES))
         );
     }
 

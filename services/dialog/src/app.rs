@@ -193,6 +193,33 @@ pub struct Broadcast {
 #[derive(Debug, Default)]
 pub struct Hub {
     channels: Mutex<HashMap<(TenantId, String), broadcast::Sender<Broadcast>>>,
+    /// Where updates for the other replicas' watchers go, when there are other replicas.
+    forward: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Forward>>,
+}
+
+/// Updates of one conversation for the watchers on other replicas ([`Hub::forward_to`]).
+#[derive(Debug)]
+pub struct Forward {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The conversation.
+    pub conversation_id: String,
+    /// The updates.
+    pub updates: Vec<Broadcast>,
+}
+
+/// Whether an update reaches other replicas only by the live path: messages and suggestions
+/// travel as events through the outbox (and are relayed from there); state changes, queue
+/// updates and typing have no event of their own.
+fn travels_live(update: &pb::ConversationUpdate) -> bool {
+    matches!(
+        update.update,
+        Some(
+            pb::conversation_update::Update::StateChanged(_)
+                | pb::conversation_update::Update::QueueUpdated(_)
+                | pb::conversation_update::Update::Typing(_)
+        )
+    )
 }
 
 impl Hub {
@@ -211,8 +238,36 @@ impl Hub {
             .is_some_and(|tx| tx.receiver_count() > 0)
     }
 
-    /// Publishes updates; drops the channel when nobody listens.
+    /// From now on, hands the updates published here that have no event of their own (state
+    /// changes, queue updates, typing) to `forward`, for the watchers on other replicas. Set
+    /// once; later calls change nothing.
+    pub fn forward_to(&self, forward: tokio::sync::mpsc::UnboundedSender<Forward>) {
+        let _ = self.forward.set(forward);
+    }
+
+    /// Publishes updates made on this replica to its watchers and, when set, forwards those
+    /// with no event of their own to the other replicas ([`Hub::forward_to`]).
     pub fn publish(&self, tenant: &TenantId, id: &str, updates: Vec<Broadcast>) {
+        if let Some(forward) = self.forward.get() {
+            let live: Vec<Broadcast> = updates
+                .iter()
+                .filter(|b| travels_live(&b.update))
+                .cloned()
+                .collect();
+            if !live.is_empty() {
+                let _ = forward.send(Forward {
+                    tenant: tenant.clone(),
+                    conversation_id: id.to_owned(),
+                    updates: live,
+                });
+            }
+        }
+        self.deliver(tenant, id, updates);
+    }
+
+    /// Hands updates to this replica's watchers only (updates that came from other replicas);
+    /// drops the channel when nobody listens.
+    pub fn deliver(&self, tenant: &TenantId, id: &str, updates: Vec<Broadcast>) {
         if updates.is_empty() {
             return;
         }

@@ -8,17 +8,33 @@
 //! through any replica. A copy of an update the watcher already has (this replica's own events
 //! come back this way too) is skipped by the watcher, by message sequence and suggestion id.
 //!
+//! State changes, queue updates and typing have no event of their own. Each replica forwards
+//! those it publishes on a plain NATS subject ([`live_updates_for`]), outside every stream, with
+//! its replica id, the conversation and the view in headers; the others hand them to their
+//! watchers of that conversation. Nothing is stored: a watcher that was not connected learns the
+//! state from `GetConversation` or its replay. Since messages travel through the outbox, a remote
+//! watcher may see a state change a moment before the message that caused it.
+//!
 //! On the in-process bus there is only one replica, so there is nothing to subscribe to.
 
 use std::sync::Arc;
 
+use prost::Message as _;
 use tandem_platform::bus::{Bus, RawEvent};
-use tandem_proto::events::{Event, all_tenants};
+use tandem_proto::events::{Event, all_tenants, live_updates_all, live_updates_for};
+use tandem_proto::ids::TenantId;
 use tandem_proto::pb::dialog::v1 as pb;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{App, Broadcast};
+use crate::app::{App, Broadcast, Forward};
+
+/// Header: the replica that sent a live update (its own come back and are skipped).
+const REPLICA: &str = "Tandem-Replica";
+/// Header: the conversation of a live update.
+const CONVERSATION: &str = "Tandem-Conversation";
+/// Header: "1" when only the agent view shows the update.
+const AGENT_ONLY: &str = "Tandem-Agent-Only";
 
 /// Subscribes to the events of every replica and relays them to this replica's watchers until
 /// `shutdown`; a no-op on the in-process bus.
@@ -40,6 +56,22 @@ pub async fn relay_from_replicas(
         .subscribe(all_tenants::<pb::SuggestionCreated>())
         .await?;
     let mut incoming = messages.merge(suggestions);
+    let live = client.subscribe(live_updates_all()).await?;
+    let replica = uuid::Uuid::now_v7().to_string();
+    let (forward, forwarded) = tokio::sync::mpsc::unbounded_channel();
+    app.hub.forward_to(forward);
+    tracker.spawn(send_live(
+        client.clone(),
+        replica.clone(),
+        forwarded,
+        shutdown.clone(),
+    ));
+    tracker.spawn(receive_live(
+        live,
+        replica,
+        Arc::clone(&app),
+        shutdown.clone(),
+    ));
     tracker.spawn(async move {
         loop {
             let message = tokio::select! {
@@ -107,5 +139,91 @@ fn relay(app: &App, event: &RawEvent) {
         }
         _ => return,
     };
-    app.hub.publish(tenant, &conversation, vec![broadcast]);
+    app.hub.deliver(tenant, &conversation, vec![broadcast]);
+}
+
+/// Publishes this replica's live updates for the other replicas until `shutdown`.
+async fn send_live(
+    client: async_nats::Client,
+    replica: String,
+    mut forwarded: tokio::sync::mpsc::UnboundedReceiver<Forward>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            () = shutdown.cancelled() => return,
+            batch = forwarded.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
+        let subject = live_updates_for(&batch.tenant);
+        for b in batch.updates {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(REPLICA, replica.as_str());
+            headers.insert(CONVERSATION, batch.conversation_id.as_str());
+            headers.insert(AGENT_ONLY, if b.agent_only { "1" } else { "0" });
+            let payload = b.update.encode_to_vec();
+            if let Err(error) = client
+                .publish_with_headers(subject.clone(), headers, payload.into())
+                .await
+            {
+                // Best effort, like the updates themselves: a watcher elsewhere misses one.
+                tracing::debug!(%error, "cannot send a live update to the other replicas");
+            }
+        }
+    }
+}
+
+/// Hands the other replicas' live updates to this replica's watchers until `shutdown`.
+async fn receive_live(
+    mut live: async_nats::Subscriber,
+    replica: String,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            m = live.next() => match m {
+                Some(m) => m,
+                None => {
+                    tracing::warn!("the subscription to other replicas' live updates ended");
+                    return;
+                }
+            },
+        };
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        if header(REPLICA).as_deref() == Some(replica.as_str()) {
+            continue;
+        }
+        let Some(conversation) = header(CONVERSATION) else {
+            continue;
+        };
+        let Some(tenant) = message
+            .subject
+            .rsplit_once('.')
+            .and_then(|(_, t)| TenantId::new(t).ok())
+        else {
+            continue;
+        };
+        if !app.hub.watched(&tenant, &conversation) {
+            continue;
+        }
+        let Ok(update) = pb::ConversationUpdate::decode(message.payload.as_ref()) else {
+            tracing::debug!("ignoring a malformed live update");
+            continue;
+        };
+        let broadcast = Broadcast {
+            update,
+            agent_only: header(AGENT_ONLY).as_deref() == Some("1"),
+        };
+        app.hub.deliver(&tenant, &conversation, vec![broadcast]);
+    }
 }

@@ -1,5 +1,6 @@
 //! Two dialog replicas on one PostgreSQL database and one nats-server (testkit): a watcher
-//! connected to either replica sees, live and once each, the messages written through both.
+//! connected to either replica sees, live and once each, the messages written through both, and
+//! the state changes and typing made through the other.
 
 #![allow(clippy::unwrap_used)]
 
@@ -181,6 +182,110 @@ async fn a_watcher_sees_the_messages_written_through_another_replica() {
     say(&mut cb, &conv.id, "m2").await;
     assert_eq!(sequences(&mut on_a, 2).await, [3, 4]);
     assert_eq!(sequences(&mut on_b, 2).await, [3, 4]);
+
+    drop((on_a, on_b));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The state changes and typing a watcher receives until `quiet` passes without one, skipping
+/// messages.
+async fn live_updates(
+    w: &mut Streaming<pb::WatchConversationResponse>,
+    want: usize,
+) -> Vec<pb::conversation_update::Update> {
+    let mut out = Vec::new();
+    loop {
+        let wait = if out.len() < want {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(1_500)
+        };
+        match tokio::time::timeout(wait, w.message()).await {
+            Err(_) => return out,
+            Ok(m) => match m.unwrap().unwrap().update.unwrap().update.unwrap() {
+                pb::conversation_update::Update::MessagePosted(_) => {}
+                other => out.push(other),
+            },
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() {
+    let pg = tandem_testkit::Postgres::start().await.unwrap();
+    let nats = tandem_testkit::NatsServer::start().await.unwrap();
+    let database = pg.fresh_database().await.unwrap();
+    let a = Replica::start(&database, &nats.url()).await;
+    let b = Replica::start(&database, &nats.url()).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let conv = ca
+        .start_conversation(pb::StartConversationRequest {
+            customer: Some(common::Customer {
+                id: "cust-2".into(),
+                ..Default::default()
+            }),
+            client_conversation_id: "k2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    let mut on_a = watch(&mut ca, &conv.id).await;
+    let mut on_b = watch(&mut cb, &conv.id).await;
+
+    // Typing through A reaches B's watcher; A's watcher has it once (its own does not come
+    // back).
+    ca.set_typing(pb::SetTypingRequest {
+        conversation_id: conv.id.clone(),
+        typing: true,
+    })
+    .await
+    .unwrap();
+    for w in [&mut on_b, &mut on_a] {
+        let got = live_updates(w, 1).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        let pb::conversation_update::Update::Typing(t) = &got[0] else {
+            panic!("expected typing, got {got:?}");
+        };
+        assert!(t.typing);
+        assert_eq!(t.sender_kind, pb::SenderKind::Customer as i32);
+    }
+
+    // A handoff through A: B's watcher sees the conversation move to QUEUED, once.
+    ca.post_customer_message(pb::PostCustomerMessageRequest {
+        conversation_id: conv.id.clone(),
+        client_message_id: "m1".into(),
+        text: "转人工".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let queued = |got: &[pb::conversation_update::Update]| {
+        got.iter()
+            .filter(|u| {
+                matches!(u, pb::conversation_update::Update::StateChanged(s)
+                    if s.to_state == pb::ConversationState::Queued as i32)
+            })
+            .count()
+    };
+    assert_eq!(queued(&live_updates(&mut on_b, 1).await), 1);
+    assert_eq!(queued(&live_updates(&mut on_a, 1).await), 1);
+
+    // And the other way round: typing through B reaches A.
+    cb.set_typing(pb::SetTypingRequest {
+        conversation_id: conv.id.clone(),
+        typing: false,
+    })
+    .await
+    .unwrap();
+    let got = live_updates(&mut on_a, 1).await;
+    assert!(
+        matches!(got.as_slice(), [pb::conversation_update::Update::Typing(t)] if !t.typing),
+        "{got:?}"
+    );
 
     drop((on_a, on_b));
     a.stop().await;
