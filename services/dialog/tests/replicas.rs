@@ -147,30 +147,68 @@ async fn say(c: &mut Client, conv: &str, id: &str) {
     .unwrap();
 }
 
+/// Two replicas on throwaway servers, one conversation started through the first, and a
+/// watcher of it on each.
+struct Pair {
+    _servers: (tandem_testkit::Postgres, tandem_testkit::NatsServer),
+    a: Replica,
+    b: Replica,
+    ca: Client,
+    cb: Client,
+    conv: pb::Conversation,
+    on_a: Streaming<pb::WatchConversationResponse>,
+    on_b: Streaming<pb::WatchConversationResponse>,
+}
+
+impl Pair {
+    async fn start() -> Self {
+        let pg = tandem_testkit::Postgres::start().await.unwrap();
+        let nats = tandem_testkit::NatsServer::start().await.unwrap();
+        let database = pg.fresh_database().await.unwrap();
+        let a = Replica::start(&database, &nats.url()).await;
+        let b = Replica::start(&database, &nats.url()).await;
+        let (mut ca, mut cb) = (a.client().await, b.client().await);
+        let conv = ca
+            .start_conversation(pb::StartConversationRequest {
+                customer: Some(common::Customer {
+                    id: "cust-1".into(),
+                    ..Default::default()
+                }),
+                client_conversation_id: "k1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation
+            .unwrap();
+        let on_a = watch(&mut ca, &conv.id).await;
+        let on_b = watch(&mut cb, &conv.id).await;
+        Self {
+            _servers: (pg, nats),
+            a,
+            b,
+            ca,
+            cb,
+            conv,
+            on_a,
+            on_b,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_the_messages_written_through_another_replica() {
-    let pg = tandem_testkit::Postgres::start().await.unwrap();
-    let nats = tandem_testkit::NatsServer::start().await.unwrap();
-    let database = pg.fresh_database().await.unwrap();
-    let a = Replica::start(&database, &nats.url()).await;
-    let b = Replica::start(&database, &nats.url()).await;
-    let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let conv = ca
-        .start_conversation(pb::StartConversationRequest {
-            customer: Some(common::Customer {
-                id: "cust-1".into(),
-                ..Default::default()
-            }),
-            client_conversation_id: "k1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
-    let mut on_a = watch(&mut ca, &conv.id).await;
-    let mut on_b = watch(&mut cb, &conv.id).await;
+    let Pair {
+        _servers,
+        a,
+        b,
+        mut ca,
+        mut cb,
+        conv,
+        mut on_a,
+        mut on_b,
+    } = Pair::start().await;
 
     // Written through A: B's watcher sees the customer message and the bot's reply live; A's
     // watcher sees them once, though its own updates also come back through the bus.
@@ -213,28 +251,16 @@ async fn live_updates(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() {
-    let pg = tandem_testkit::Postgres::start().await.unwrap();
-    let nats = tandem_testkit::NatsServer::start().await.unwrap();
-    let database = pg.fresh_database().await.unwrap();
-    let a = Replica::start(&database, &nats.url()).await;
-    let b = Replica::start(&database, &nats.url()).await;
-    let (mut ca, mut cb) = (a.client().await, b.client().await);
-    let conv = ca
-        .start_conversation(pb::StartConversationRequest {
-            customer: Some(common::Customer {
-                id: "cust-2".into(),
-                ..Default::default()
-            }),
-            client_conversation_id: "k2".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
-    let mut on_a = watch(&mut ca, &conv.id).await;
-    let mut on_b = watch(&mut cb, &conv.id).await;
+    let Pair {
+        _servers,
+        a,
+        b,
+        mut ca,
+        mut cb,
+        conv,
+        mut on_a,
+        mut on_b,
+    } = Pair::start().await;
 
     // Typing through A reaches B's watcher; A's watcher has it once (its own does not come
     // back).
