@@ -113,11 +113,15 @@ async fn watch(c: &mut Client, id: &str) -> Streaming<pb::WatchConversationRespo
     .into_inner()
 }
 
-/// The sequences of the messages a watcher receives until `quiet` passes without one.
-async fn sequences(w: &mut Streaming<pb::WatchConversationResponse>, want: usize) -> Vec<i64> {
+/// What `pick` keeps of the updates a watcher receives: it waits long for `want` of them, then
+/// a while longer for any more (a duplicate).
+async fn collect<T>(
+    w: &mut Streaming<pb::WatchConversationResponse>,
+    want: usize,
+    pick: impl Fn(pb::ConversationUpdate) -> Option<T>,
+) -> Vec<T> {
     let mut out = Vec::new();
     loop {
-        // Wait long for the expected ones, then a while longer for any duplicate.
         let wait = if out.len() < want {
             Duration::from_secs(10)
         } else {
@@ -125,15 +129,21 @@ async fn sequences(w: &mut Streaming<pb::WatchConversationResponse>, want: usize
         };
         match tokio::time::timeout(wait, w.message()).await {
             Err(_) => return out,
-            Ok(m) => {
-                let u = m.unwrap().unwrap().update.unwrap();
-                if let Some(pb::conversation_update::Update::MessagePosted(m)) = u.update {
-                    assert_eq!(u.cursor, m.sequence.to_string());
-                    out.push(m.sequence);
-                }
-            }
+            Ok(m) => out.extend(pick(m.unwrap().unwrap().update.unwrap())),
         }
     }
+}
+
+/// The sequences of the messages a watcher receives.
+async fn sequences(w: &mut Streaming<pb::WatchConversationResponse>, want: usize) -> Vec<i64> {
+    collect(w, want, |u| match u.update {
+        Some(pb::conversation_update::Update::MessagePosted(m)) => {
+            assert_eq!(u.cursor, m.sequence.to_string());
+            Some(m.sequence)
+        }
+        _ => None,
+    })
+    .await
 }
 
 async fn say(c: &mut Client, conv: &str, id: &str) {
@@ -199,78 +209,49 @@ impl Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_the_messages_written_through_another_replica() {
-    let Pair {
-        _servers,
-        a,
-        b,
-        mut ca,
-        mut cb,
-        conv,
-        mut on_a,
-        mut on_b,
-    } = Pair::start().await;
+    let mut p = Pair::start().await;
 
     // Written through A: B's watcher sees the customer message and the bot's reply live; A's
     // watcher sees them once, though its own updates also come back through the bus.
-    say(&mut ca, &conv.id, "m1").await;
-    assert_eq!(sequences(&mut on_b, 2).await, [1, 2]);
-    assert_eq!(sequences(&mut on_a, 2).await, [1, 2]);
+    say(&mut p.ca, &p.conv.id, "m1").await;
+    assert_eq!(sequences(&mut p.on_b, 2).await, [1, 2]);
+    assert_eq!(sequences(&mut p.on_a, 2).await, [1, 2]);
 
     // And the other way round.
-    say(&mut cb, &conv.id, "m2").await;
-    assert_eq!(sequences(&mut on_a, 2).await, [3, 4]);
-    assert_eq!(sequences(&mut on_b, 2).await, [3, 4]);
+    say(&mut p.cb, &p.conv.id, "m2").await;
+    assert_eq!(sequences(&mut p.on_a, 2).await, [3, 4]);
+    assert_eq!(sequences(&mut p.on_b, 2).await, [3, 4]);
 
-    drop((on_a, on_b));
-    a.stop().await;
-    b.stop().await;
+    drop((p.on_a, p.on_b));
+    p.a.stop().await;
+    p.b.stop().await;
 }
 
-/// The state changes and typing a watcher receives until `quiet` passes without one, skipping
-/// messages.
+/// The updates other than messages (state changes, queue updates, typing) a watcher receives.
 async fn live_updates(
     w: &mut Streaming<pb::WatchConversationResponse>,
     want: usize,
 ) -> Vec<pb::conversation_update::Update> {
-    let mut out = Vec::new();
-    loop {
-        let wait = if out.len() < want {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_millis(1_500)
-        };
-        match tokio::time::timeout(wait, w.message()).await {
-            Err(_) => return out,
-            Ok(m) => match m.unwrap().unwrap().update.unwrap().update.unwrap() {
-                pb::conversation_update::Update::MessagePosted(_) => {}
-                other => out.push(other),
-            },
-        }
-    }
+    collect(w, want, |u| match u.update.unwrap() {
+        pb::conversation_update::Update::MessagePosted(_) => None,
+        other => Some(other),
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() {
-    let Pair {
-        _servers,
-        a,
-        b,
-        mut ca,
-        mut cb,
-        conv,
-        mut on_a,
-        mut on_b,
-    } = Pair::start().await;
+    let mut p = Pair::start().await;
 
     // Typing through A reaches B's watcher; A's watcher has it once (its own does not come
     // back).
-    ca.set_typing(pb::SetTypingRequest {
-        conversation_id: conv.id.clone(),
+    p.ca.set_typing(pb::SetTypingRequest {
+        conversation_id: p.conv.id.clone(),
         typing: true,
     })
     .await
     .unwrap();
-    for w in [&mut on_b, &mut on_a] {
+    for w in [&mut p.on_b, &mut p.on_a] {
         let got = live_updates(w, 1).await;
         assert_eq!(got.len(), 1, "{got:?}");
         let pb::conversation_update::Update::Typing(t) = &got[0] else {
@@ -281,8 +262,8 @@ async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() 
     }
 
     // A handoff through A: B's watcher sees the conversation move to QUEUED, once.
-    ca.post_customer_message(pb::PostCustomerMessageRequest {
-        conversation_id: conv.id.clone(),
+    p.ca.post_customer_message(pb::PostCustomerMessageRequest {
+        conversation_id: p.conv.id.clone(),
         client_message_id: "m1".into(),
         text: "转人工".into(),
         ..Default::default()
@@ -297,23 +278,23 @@ async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() 
             })
             .count()
     };
-    assert_eq!(queued(&live_updates(&mut on_b, 1).await), 1);
-    assert_eq!(queued(&live_updates(&mut on_a, 1).await), 1);
+    assert_eq!(queued(&live_updates(&mut p.on_b, 1).await), 1);
+    assert_eq!(queued(&live_updates(&mut p.on_a, 1).await), 1);
 
     // And the other way round: typing through B reaches A.
-    cb.set_typing(pb::SetTypingRequest {
-        conversation_id: conv.id.clone(),
+    p.cb.set_typing(pb::SetTypingRequest {
+        conversation_id: p.conv.id.clone(),
         typing: false,
     })
     .await
     .unwrap();
-    let got = live_updates(&mut on_a, 1).await;
+    let got = live_updates(&mut p.on_a, 1).await;
     assert!(
         matches!(got.as_slice(), [pb::conversation_update::Update::Typing(t)] if !t.typing),
         "{got:?}"
     );
 
-    drop((on_a, on_b));
-    a.stop().await;
-    b.stop().await;
+    drop((p.on_a, p.on_b));
+    p.a.stop().await;
+    p.b.stop().await;
 }
