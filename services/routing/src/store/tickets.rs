@@ -88,6 +88,19 @@ pub struct EnqueueOutcome {
     pub offered: Vec<(TicketRecord, OfferRecord)>,
 }
 
+/// How a new ticket enters its queue.
+enum Entry {
+    /// Created RETURNED: the queue is closed or full.
+    Returned(ReturnReason),
+    /// Created QUEUED, `position` in line, with the online agents read for its ETA.
+    Waiting {
+        position: i64,
+        eta_seconds: i32,
+        available: i64,
+        agents: Vec<Agent>,
+    },
+}
+
 /// A stored ticket.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TicketRecord {
@@ -967,6 +980,15 @@ async fn offer_tickets(
 /// first. `$k` is the queue's ageing per microsecond.
 const ORDER_KEY: &str = "(static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION))";
 
+/// Counts the queued tickets of queue `$2` served before a ticket whose order key is `$4` and
+/// enqueue time `$5` (`$3`: the queue's ageing per microsecond; `$6`: the ticket itself, not
+/// counted).
+const AHEAD: &str = "SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
+     AND state = 'queued' AND id <> $6 AND ( \
+     (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) > $4 \
+     OR ((static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) = $4 \
+         AND enqueued_at < $5))";
+
 async fn position_of(
     tx: &mut Tx,
     tenant: &TenantId,
@@ -977,11 +999,7 @@ async fn position_of(
     let own_key = ticket.static_priority - ageing * micros(ticket.enqueued_at) as f64;
     let ahead = tx
         .fetch_i64(
-            "SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 AND queue_id = $2 \
-             AND state = 'queued' AND id <> $6 AND ( \
-             (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) > $4 \
-             OR ((static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) = $4 \
-                 AND enqueued_at < $5))",
+            AHEAD,
             args![
                 tenant.as_str(),
                 ticket.queue_id.as_str(),
@@ -1208,8 +1226,7 @@ impl Store {
         let static_part = static_priority(new.priority, new.vip, new.severity, &queue.spec.weights);
         // Position, service rate and (for a bounded queue) depth, read in one statement before
         // the ticket exists; the position counts the tickets served before it.
-        let mut waiting = None;
-        let returned = if queue.spec.is_open(now) {
+        let entry = if queue.spec.is_open(now) {
             let ageing = queue.spec.weights.ageing_per_second / 1e6;
             let own_key = static_part - ageing * micros(now) as f64;
             let since = micros(now) - i64::try_from(eta.window.as_micros()).unwrap_or(i64::MAX);
@@ -1220,13 +1237,8 @@ impl Store {
                 "CAST(0 AS BIGINT)"
             };
             let sql = format!(
-                "SELECT (SELECT COUNT(*) FROM routing_tickets WHERE tenant = $1 \
-                 AND queue_id = $2 AND state = 'queued' AND ( \
-                 (static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) > $4 \
-                 OR ((static_priority - $3 * CAST(enqueued_at AS DOUBLE PRECISION)) = $4 \
-                 AND enqueued_at < $5))), \
-                 (SELECT COUNT(*) FROM routing_assignments WHERE tenant = $1 AND queue_id = $2 \
-                 AND assigned_at >= $6), {depth}"
+                "SELECT ({AHEAD}), (SELECT COUNT(*) FROM routing_assignments WHERE tenant = $1 \
+                 AND queue_id = $2 AND assigned_at >= $7), {depth}"
             );
             let counts: Vec<(i64, i64, i64)> = tx
                 .fetch_all_text(
@@ -1237,33 +1249,46 @@ impl Store {
                         ageing,
                         own_key,
                         micros(now),
+                        new.handoff_id.as_str(),
                         since
                     ],
                 )
                 .await?;
             let (ahead, served, depth) = counts.first().copied().unwrap_or_default();
             if queue.spec.max_length > 0 && depth >= i64::from(queue.spec.max_length) {
-                Some(ReturnReason::QueueFull)
+                Entry::Returned(ReturnReason::QueueFull)
             } else {
-                waiting = Some((ahead + 1, rate_per_minute(served, eta.window)));
-                None
+                let position = ahead + 1;
+                let agents = online_agents(&mut tx, tenant).await?;
+                let (_, available) = agents_for(&agents, &skills, new.language);
+                let rate = rate_per_minute(served, eta.window);
+                Entry::Waiting {
+                    position,
+                    eta_seconds: eta_seconds(
+                        position,
+                        rate,
+                        available,
+                        eta.default_seconds_per_position,
+                    ),
+                    available,
+                    agents,
+                }
             }
         } else {
-            Some(ReturnReason::OutOfHours)
+            Entry::Returned(ReturnReason::OutOfHours)
         };
-        let mut agents = Vec::new();
-        let mut reported = None;
-        if let Some((position, rate)) = waiting {
-            agents = online_agents(&mut tx, tenant).await?;
-            let (_, available) = agents_for(&agents, &skills, new.language);
-            let eta_s = eta_seconds(position, rate, available, eta.default_seconds_per_position);
-            // The first position travels in HandoffQueued; later changes are compared with it.
-            reported = Some((position, eta_s, available));
-        }
-        let state = if returned.is_some() {
-            TicketState::Returned
-        } else {
-            TicketState::Queued
+        // The first position travels in HandoffQueued; later changes are compared with it.
+        let reported = match &entry {
+            Entry::Waiting {
+                position,
+                eta_seconds,
+                ..
+            } => Some((*position, *eta_seconds)),
+            Entry::Returned(_) => None,
+        };
+        let state = match entry {
+            Entry::Returned(_) => TicketState::Returned,
+            Entry::Waiting { .. } => TicketState::Queued,
         };
         let row = TicketRow {
             id: new.handoff_id.clone(),
@@ -1289,7 +1314,7 @@ impl Store {
             enqueued_at: micros(now),
             queue_entered_at: micros(now),
             assigned_at: None,
-            ended_at: returned.map(|_| micros(now)),
+            ended_at: (state == TicketState::Returned).then_some(micros(now)),
             disposition: None,
             package: new.package.clone(),
         };
@@ -1318,26 +1343,31 @@ impl Store {
                 row.enqueued_at,
                 row.ended_at,
                 row.package.clone(),
-                reported.map(|(position, _, _)| position),
-                reported.map(|(_, eta_s, _)| i64::from(eta_s)),
+                reported.map(|(position, _)| position),
+                reported.map(|(_, eta_s)| i64::from(eta_s)),
                 reported.map(|_| micros(now))
             ],
         )
         .await?;
         let ticket = row.into_record()?;
         let mut offered = Vec::new();
-        match (returned, reported) {
-            (Some(reason), _) => {
+        match entry {
+            Entry::Returned(reason) => {
                 let leave_message = queue.spec.out_of_hours == OutOfHours::LeaveMessage;
                 let event = events::returned(tenant, &ticket, reason, leave_message, now);
                 tx.enqueue(&[event]).await?;
             }
-            (None, Some((position, eta_s, available))) => {
+            Entry::Waiting {
+                position,
+                eta_seconds,
+                available,
+                agents,
+            } => {
                 let event = events::queued(
                     tenant,
                     &ticket,
                     i32::try_from(position).unwrap_or(i32::MAX),
-                    eta_s,
+                    eta_seconds,
                 );
                 tx.enqueue(&[event]).await?;
                 if offer_now && position == 1 && available > 0 {
@@ -1351,11 +1381,6 @@ impl Store {
                     )
                     .await?;
                 }
-            }
-            (None, None) => {
-                return Err(RoutingError::Corrupt(
-                    "a queued ticket without a position".into(),
-                ));
             }
         }
         tx.commit().await?;
