@@ -180,6 +180,14 @@ fn is_zh(c: &pb::Conversation) -> bool {
     c.language != common::Language::En as i32
 }
 
+/// Refuses an empty conversation id.
+fn check_conversation_id(id: &str) -> DialogResult<()> {
+    if id.is_empty() {
+        return Err(DialogError::Invalid("conversation_id is empty".into()));
+    }
+    Ok(())
+}
+
 /// One update and whether only the agent view sees it.
 #[derive(Debug, Clone)]
 pub struct Broadcast {
@@ -374,9 +382,7 @@ impl App {
     }
 
     async fn load(&self, tenant: &TenantId, id: &str) -> DialogResult<(pb::Conversation, i64)> {
-        if id.is_empty() {
-            return Err(DialogError::Invalid("conversation_id is empty".into()));
-        }
+        check_conversation_id(id)?;
         self.store
             .conversation(tenant, id)
             .await?
@@ -634,9 +640,7 @@ impl App {
         check_client_id("client_message_id", &req.client_message_id)?;
         check_text("text", &req.text)?;
         check_attachments(&req.attachments)?;
-        if req.conversation_id.is_empty() {
-            return Err(DialogError::Invalid("conversation_id is empty".into()));
-        }
+        check_conversation_id(&req.conversation_id)?;
         for _ in 0..ATTEMPTS {
             let Some(found) = self
                 .store
