@@ -32,6 +32,11 @@ pub const MAX_TEXT_CHARS: usize = 4_000;
 /// Longest idempotency key, in characters.
 pub const MAX_CLIENT_ID_CHARS: usize = 128;
 const ATTEMPTS: usize = 4;
+/// How many of a conversation's last bot turns a new turn reads: the sentiment trend, the
+/// fallbacks in a row and the handoff package (intents tried, sentiment trajectory, entities and
+/// articles) all come from them, so a turn costs the same in a long conversation as in a short
+/// one.
+const RECENT_TURNS: i64 = 50;
 
 /// Why a use case failed.
 #[derive(Debug, thiserror::Error)]
@@ -851,15 +856,19 @@ impl App {
     ) -> DialogResult<TurnOutput> {
         let tenant = input.tenant;
         let mut c = input.conversation.clone();
-        let history = self.store.traces(tenant, &c.id, 0, 1_000).await?;
+        let history = self
+            .store
+            .recent_traces(tenant, &c.id, RECENT_TURNS)
+            .await?;
+        // Turns are numbered from 0 without gaps, so the next one follows the last.
+        let turn_index = history.last().map_or(0, |t| t.turn_index.saturating_add(1));
         if input.reopened {
-            c.reopened_at_turn = i32::try_from(history.len()).unwrap_or(i32::MAX);
+            c.reopened_at_turn = turn_index;
         }
         // The sentiment trend and the fallbacks in a row count the turns since the last reopen:
         // a resolution ends the matter the earlier turns were about.
-        let since_reopen = &history[usize::try_from(c.reopened_at_turn)
-            .unwrap_or(0)
-            .min(history.len())..];
+        let since_reopen =
+            &history[history.partition_point(|t| t.turn_index < c.reopened_at_turn)..];
         let tn = self.tenant_nlu(tenant).await?;
         let signals = ConversationSignals {
             previous_sentiment: since_reopen
@@ -942,7 +951,8 @@ impl App {
             fallbacks: i32::try_from(signals.consecutive_fallbacks)
                 .unwrap_or(i32::MAX)
                 .saturating_add(i32::from(out_of_scope)),
-            bot_turns: i32::try_from(history.len()).unwrap_or(i32::MAX),
+            // Like the trend and the fallbacks, the turn limit counts since the last reopen.
+            bot_turns: turn_index.saturating_sub(c.reopened_at_turn).max(0),
             customer_tier: c.customer.as_ref().map_or(0, |x| x.tier),
             queue_eta_seconds: None,
             within_business_hours: None,
@@ -988,7 +998,6 @@ impl App {
         let mut messages = Vec::new();
         let mut suggestion = None;
         let mut handoff = None;
-        let turn_index = i32::try_from(history.len()).unwrap_or(i32::MAX);
         let entities = nlu::entities(&message.text, &message.id, &a);
         let sentiment = nlu::sentiment(&a);
         let scores: Vec<pb::IntentScore> = a
@@ -1572,7 +1581,10 @@ impl App {
             .find(|m| m.sender_kind == pb::SenderKind::Customer as i32)
             .map(|m| m.text)
             .unwrap_or_default();
-        let traces = self.store.traces(tenant, conversation_id, 0, 1_000).await?;
+        let traces = self
+            .store
+            .recent_traces(tenant, conversation_id, RECENT_TURNS)
+            .await?;
         let intent = traces
             .iter()
             .rev()

@@ -244,6 +244,27 @@ impl Store {
         rows.iter().map(|b| decode("trace", b)).collect()
     }
 
+    /// Returns a conversation's last `limit` decision traces, in turn order: what a turn reads
+    /// of the conversation's past, so its cost does not grow with the conversation.
+    pub async fn recent_traces(
+        &self,
+        tenant: &TenantId,
+        conversation_id: &str,
+        limit: i64,
+    ) -> Result<Vec<pb::DecisionTrace>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_traces WHERE tenant = $1 AND conversation_id = $2 \
+             ORDER BY turn_index DESC LIMIT $3")
+            .bind(tenant.as_str()).bind(conversation_id).bind(limit)
+            .fetch_all(pool).await?);
+        let mut out = rows
+            .iter()
+            .map(|b| decode("trace", b))
+            .collect::<Result<Vec<pb::DecisionTrace>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     /// Returns one trace by its id or by the customer message it answered.
     pub async fn trace(
         &self,

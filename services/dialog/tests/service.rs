@@ -112,6 +112,7 @@ both!(
     policy_updates_from_events_drive_the_bot,
     bad_input_is_refused_and_nothing_written,
     the_sentiment_trend_starts_again_after_a_reopen,
+    a_long_conversation_keeps_numbering_its_turns,
 );
 
 /// The repeat-contact window of the tests that count earlier conversations.
@@ -1164,5 +1165,68 @@ async fn the_sentiment_trend_starts_again_after_a_reopen(rig: impl Future<Output
         "slope {} expected {expected}",
         second_after.sentiment_trend
     );
+    rig.stop().await;
+}
+
+/// A turn reads only the conversation's last turns; numbering, reopening and the trace list
+/// still cover the whole conversation, and the bot-turn limit counts from the last reopen.
+async fn a_long_conversation_keeps_numbering_its_turns(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    train(&rig, "acme").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let conv = start(&mut c, "k-long", common::Language::Zh).await;
+    // Four matters of 15 turns each, 60 in all: more than a turn reads back, and more in all
+    // than the default policy's 20 bot turns before a handoff, but fewer within each matter.
+    const ROUNDS: i32 = 4;
+    const PER_ROUND: i32 = 15;
+    for round in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            let turn = round * PER_ROUND + i;
+            let r = say(&mut c, &conv.id, &format!("m{turn}"), "快递到哪里了").await;
+            assert_eq!(action(&r), pb::BotAction::Answer, "turn {turn}: {r:?}");
+            assert_eq!(trace_of(&mut c, &r).await.turn_index, turn);
+        }
+        c.resolve_conversation(pb::ResolveConversationRequest {
+            conversation_id: conv.id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let got = c
+        .get_conversation(pb::GetConversationRequest {
+            conversation_id: conv.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(
+        (got.reopen_count, got.reopened_at_turn),
+        (ROUNDS - 1, (ROUNDS - 1) * PER_ROUND)
+    );
+
+    let mut indices = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_decision_traces(pb::ListDecisionTracesRequest {
+                conversation_id: conv.id.clone(),
+                page: Some(common::PageRequest {
+                    page_size: 25,
+                    page_token: token.clone(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        indices.extend(page.traces.iter().map(|t| t.turn_index));
+        token = page.page.map(|p| p.next_page_token).unwrap_or_default();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(indices, (0..ROUNDS * PER_ROUND).collect::<Vec<_>>());
     rig.stop().await;
 }
