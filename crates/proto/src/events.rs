@@ -67,6 +67,21 @@ pub fn live_updates_all() -> String {
     format!("{LIVE_UPDATES}.*")
 }
 
+/// Subject prefix of the desk wake-ups routing replicas pass to each other: "this agent's offers
+/// or session changed, read them again". Plain NATS like [`LIVE_UPDATES`]; the tenant is the last
+/// token and the agent travels in a header.
+pub const DESK_WAKEUPS: &str = "tandem.live.routing.v1.desk";
+
+/// Returns the desk wake-up subject of `tenant` ([`DESK_WAKEUPS`]).
+pub fn desk_wakeups_for(tenant: &TenantId) -> String {
+    format!("{DESK_WAKEUPS}.{tenant}")
+}
+
+/// Returns the subject filter of every tenant's desk wake-ups ([`DESK_WAKEUPS`]).
+pub fn desk_wakeups_all() -> String {
+    format!("{DESK_WAKEUPS}.*")
+}
+
 /// Splits a full subject into its catalogue entry and tenant, or `None` if it is not one of ours.
 pub fn parse_subject(subject: &str) -> Option<(&'static EventSpec, TenantId)> {
     let (base, tenant) = subject.rsplit_once('.')?;
@@ -246,24 +261,30 @@ mod tests {
     }
 
     #[test]
-    fn live_updates_stay_outside_every_stream() {
+    fn live_subjects_stay_outside_every_stream() {
         let tenant = TenantId::new("acme").unwrap();
-        let subject = live_updates_for(&tenant);
-        assert_eq!(subject, format!("{LIVE_UPDATES}.acme"));
+        assert_eq!(live_updates_for(&tenant), format!("{LIVE_UPDATES}.acme"));
         assert_eq!(live_updates_all(), format!("{LIVE_UPDATES}.*"));
-        for stream in STREAMS {
-            let prefix = stream.subjects.trim_end_matches('>');
+        assert_eq!(desk_wakeups_for(&tenant), format!("{DESK_WAKEUPS}.acme"));
+        assert_eq!(desk_wakeups_all(), format!("{DESK_WAKEUPS}.*"));
+        for (prefix, subject) in [
+            (LIVE_UPDATES, live_updates_for(&tenant)),
+            (DESK_WAKEUPS, desk_wakeups_for(&tenant)),
+        ] {
+            for stream in STREAMS {
+                let stored = stream.subjects.trim_end_matches('>');
+                assert!(
+                    !subject.starts_with(stored),
+                    "{} stores {subject}",
+                    stream.name
+                );
+            }
             assert!(
-                !subject.starts_with(prefix),
-                "{} stores {subject}",
-                stream.name
+                CATALOGUE
+                    .iter()
+                    .all(|spec| !spec.subject.starts_with(prefix))
             );
         }
-        assert!(
-            CATALOGUE
-                .iter()
-                .all(|spec| !spec.subject.starts_with(LIVE_UPDATES))
-        );
     }
 
     #[test]

@@ -38,7 +38,8 @@ pub struct Settings {
     /// Minimum time between two statistics reports of one queue.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
-    /// How often a desk session looks for offers made by other replicas.
+    /// How often a desk session reads its offers without being woken (the fallback for a
+    /// wake-up lost between replicas).
     #[serde(with = "humantime_serde")]
     pub session_poll_interval: Duration,
     /// Waiting tickets one assignment transaction claims and offers (1 to 256).
@@ -66,7 +67,7 @@ impl Default for Settings {
             eta_window: Duration::from_secs(15 * 60),
             default_seconds_per_position: 60,
             stats_interval: Duration::from_secs(5),
-            session_poll_interval: Duration::from_millis(250),
+            session_poll_interval: Duration::from_secs(2),
             offer_batch: 32,
             position_update_interval: Duration::from_secs(5),
             position_eta_delta: Duration::from_secs(15),

@@ -35,15 +35,27 @@ impl Clock for SystemClock {
     }
 }
 
-/// Wakes the desk sessions of agents whose offers changed (in this process; sessions also poll
-/// for changes made by other replicas).
+/// Wakes the desk sessions of agents whose offers changed. Sessions connected to this process
+/// are woken at once; with a forwarder set ([`SessionHub::forward_to`]) every wake-up is also
+/// passed on to the other replicas (`adapters::wakeups`), whose sessions would otherwise learn of
+/// the change only at their next poll.
 #[derive(Clone, Default)]
 pub struct SessionHub {
     agents: Arc<Mutex<Signals>>,
+    forward: Arc<OnceLock<mpsc::UnboundedSender<DeskWakeup>>>,
 }
 
 /// One wake-up signal per (tenant, agent).
 type Signals = HashMap<(String, String), Arc<Notify>>;
+
+/// A wake-up for an agent's desk, passed between replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeskWakeup {
+    /// The agent's tenant.
+    pub tenant: TenantId,
+    /// The agent.
+    pub agent_id: String,
+}
 
 impl SessionHub {
     /// Returns the signal of an agent's session.
@@ -59,8 +71,25 @@ impl SessionHub {
         )
     }
 
-    /// Wakes an agent's session, if it has one here.
+    /// Passes every later [`SessionHub::notify`] on to `forward` as well; the first call wins.
+    pub fn forward_to(&self, forward: mpsc::UnboundedSender<DeskWakeup>) {
+        let _ = self.forward.set(forward);
+    }
+
+    /// Wakes an agent's session, here and, through the forwarder, on the other replicas.
     pub fn notify(&self, tenant: &TenantId, agent_id: &str) {
+        self.notify_local(tenant, agent_id);
+        if let Some(forward) = self.forward.get() {
+            let _ = forward.send(DeskWakeup {
+                tenant: tenant.clone(),
+                agent_id: agent_id.to_owned(),
+            });
+        }
+    }
+
+    /// Wakes an agent's session if it is connected here, and tells no other replica: for
+    /// wake-ups that came from them.
+    pub fn notify_local(&self, tenant: &TenantId, agent_id: &str) {
         let agents = self
             .agents
             .lock()
