@@ -21,8 +21,9 @@
 //! catches that.
 //!
 //! Stored models start with the bytes `TNLU`, then the format version (`u16`, little endian),
-//! then the model in postcard encoding. Version 2 added the detector; version 1 models still
-//! load, and keep deciding by the calibrated confidence.
+//! then the model in postcard encoding. Version 2 added the detector, version 3 its prototype
+//! input. Version 2 models still load and decide as before (the prototype input weighs
+//! nothing); version 1 models load too, and keep deciding by the calibrated confidence.
 
 use std::time::Instant;
 
@@ -35,14 +36,16 @@ use crate::error::{NluError, NluResult};
 use crate::eval::{Evaluation, evaluate};
 use crate::features::{FeatureConfig, SparseMatrix, SparseVector, Vectoriser};
 use crate::linear::{FitReport, LinearModel, LinearOptions, fit_softmax};
+use crate::prototypes::Prototypes;
 use crate::scope::{
-    ScopeDetector, ScopeDetectorOptions, ScopeInputs, ScopeTrainingSet, fit_detector, scope_inputs,
+    ScopeDetector, ScopeDetectorOptions, ScopeDetectorV2, ScopeInputs, ScopeTrainingSet,
+    fit_detector, scope_inputs,
 };
 
 /// The first bytes of a stored model.
 const MAGIC: &[u8; 4] = b"TNLU";
 /// The version of the stored format this build writes and reads.
-pub const MODEL_FORMAT_VERSION: u16 = 2;
+pub const MODEL_FORMAT_VERSION: u16 = 3;
 /// The oldest stored format this build still reads (version 1 has no out-of-scope detector).
 pub const OLDEST_MODEL_FORMAT_VERSION: u16 = 1;
 
@@ -170,6 +173,34 @@ struct StoredV1 {
     summary: TrainingSummary,
 }
 
+/// The stored form of version 2: the detector without the prototype input.
+#[derive(Serialize, Deserialize)]
+struct StoredV2 {
+    labels: Vec<String>,
+    vectoriser: Vectoriser,
+    model: LinearModel,
+    temperature: f32,
+    threshold: f32,
+    min_word_coverage: f32,
+    summary: TrainingSummary,
+    detector: Option<ScopeDetectorV2>,
+}
+
+impl From<StoredV2> for TextClassifier {
+    fn from(v2: StoredV2) -> Self {
+        Self {
+            labels: v2.labels,
+            vectoriser: v2.vectoriser,
+            model: v2.model,
+            temperature: v2.temperature,
+            threshold: v2.threshold,
+            min_word_coverage: v2.min_word_coverage,
+            summary: v2.summary,
+            detector: v2.detector.map(ScopeDetector::from),
+        }
+    }
+}
+
 impl From<StoredV1> for TextClassifier {
     fn from(v1: StoredV1) -> Self {
         Self {
@@ -263,10 +294,14 @@ impl TextClassifier {
             let held_y: Vec<usize> = held_rows.iter().map(|&i| y[i] as usize).collect();
             let held_logits = all_logits(&first, &held_x);
             temperature = fit_temperature(&held_logits, &held_y);
+            let fit_labels: Vec<usize> = fit_y.iter().map(|&l| l as usize).collect();
+            let first_prototypes =
+                Prototypes::fit(&all_logits(&first, &fit_x), &fit_labels, classes);
             let mut probabilities = vec![0.0; classes];
             let inputs_of = |logits: &[f32], text: &str, probabilities: &mut [f32]| {
                 let coverage = vectoriser.coverage_where(text, |_| true);
-                scope_inputs(logits, temperature, coverage, probabilities)
+                let similarity = first_prototypes.similarity(logits);
+                scope_inputs(logits, temperature, coverage, similarity, probabilities)
             };
             let held_inputs: Vec<ScopeInputs> = held_logits
                 .iter()
@@ -325,6 +360,12 @@ impl TextClassifier {
             }
             start => fit_softmax(&x, &y, features, classes, &options.linear, start.as_ref())?,
         };
+        if let Some(detector) = detector.as_mut() {
+            // The prototypes of the model that will be used, from its own training examples,
+            // as the detector's training used each model's own.
+            let labels: Vec<usize> = y.iter().map(|&l| l as usize).collect();
+            detector.set_prototypes(Prototypes::fit(&all_logits(&model, &x), &labels, classes));
+        }
         let summary = TrainingSummary {
             examples: examples.len(),
             out_of_scope_examples: out_of_scope.len(),
@@ -427,7 +468,14 @@ impl TextClassifier {
         let mut probabilities = vec![0.0; self.labels.len()];
         let scope_score = match &self.detector {
             Some(detector) => {
-                let inputs = scope_inputs(&logits, self.temperature, coverage, &mut probabilities);
+                let similarity = detector.prototype_similarity(&logits);
+                let inputs = scope_inputs(
+                    &logits,
+                    self.temperature,
+                    coverage,
+                    similarity,
+                    &mut probabilities,
+                );
                 detector.in_scope_probability(&inputs)
             }
             None => {
@@ -510,6 +558,7 @@ impl TextClassifier {
         };
         let model: Self = match version {
             MODEL_FORMAT_VERSION => decode(version, payload)?,
+            2 => decode::<StoredV2>(version, payload)?.into(),
             1 => decode::<StoredV1>(version, payload)?.into(),
             _ => {
                 return Err(NluError::UnsupportedModelVersion {
@@ -668,5 +717,65 @@ mod tests {
             TextClassifier::from_bytes(&v2_as_v1),
             Err(NluError::InvalidModel(_))
         ));
+    }
+
+    #[test]
+    fn reads_version_2_models_whose_detector_has_no_prototype_input() {
+        let model = TextClassifier::train(
+            &examples(),
+            &[],
+            &TrainingOptions {
+                out_of_scope_detector: ScopeDetectorOptions {
+                    min_examples: 0,
+                    ..ScopeDetectorOptions::default()
+                },
+                ..TrainingOptions::default()
+            },
+        )
+        .unwrap();
+        let detector = model.out_of_scope_detector().unwrap();
+        assert!(!detector.prototypes().is_empty());
+        let v2 = StoredV2 {
+            labels: model.labels.clone(),
+            vectoriser: model.vectoriser.clone(),
+            model: model.model.clone(),
+            temperature: model.temperature,
+            threshold: model.threshold,
+            min_word_coverage: model.min_word_coverage,
+            summary: model.summary.clone(),
+            detector: Some(detector.to_v2()),
+        };
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&2_u16.to_le_bytes());
+        let bytes = postcard::to_extend(&v2, bytes).unwrap();
+        let loaded = TextClassifier::from_bytes(&bytes).unwrap();
+        let widened = loaded.out_of_scope_detector().unwrap();
+        assert!(widened.prototypes().is_empty());
+        // Narrowing the widened detector gives back what was stored.
+        assert_eq!(
+            postcard::to_allocvec(&widened.to_v2()).unwrap(),
+            postcard::to_allocvec(&detector.to_v2()).unwrap()
+        );
+        for text in [
+            "refund please now",
+            "track order today",
+            "what is the weather",
+        ] {
+            let (a, b) = (model.predict(text), loaded.predict(text));
+            assert_eq!(a.ranked, b.ranked, "{text}");
+            assert!((0.0..=1.0).contains(&b.scope_score), "{text}: {b:?}");
+        }
+        // The current format is not read as version 2.
+        let mut current = model.to_bytes().unwrap();
+        current[4..6].copy_from_slice(&2_u16.to_le_bytes());
+        assert!(matches!(
+            TextClassifier::from_bytes(&current),
+            Err(NluError::InvalidModel(_))
+        ));
+        // And it round-trips.
+        assert_eq!(
+            TextClassifier::from_bytes(&model.to_bytes().unwrap()).unwrap(),
+            model
+        );
     }
 }

@@ -37,6 +37,7 @@ mod eval;
 mod features;
 mod hashing;
 mod linear;
+mod prototypes;
 mod scope;
 mod sentiment;
 
@@ -64,6 +65,7 @@ pub use eval::{
 };
 pub use features::{FeatureConfig, NgramRange, SparseMatrix, SparseVector, Vectoriser};
 pub use linear::{FitReport, LinearModel, LinearOptions, Loss, fit_softmax};
+pub use prototypes::{PROTOTYPES_PER_INTENT, Prototypes};
 pub use scope::{SCOPE_FEATURES, ScopeDetector, ScopeDetectorOptions};
 pub use sentiment::{
     Emotion, Sentiment, SentimentCue, SentimentTrend, TrendOptions, score_sentiment,

@@ -1,10 +1,11 @@
 //! The learned out-of-scope detector.
 //!
-//! A small logistic regression over eight numbers that describe how the intent model reacts to a
+//! A small logistic regression over nine numbers that describe how the intent model reacts to a
 //! text ([`SCOPE_FEATURES`]): the calibrated top probability, the margin between the two best,
 //! the normalised entropy, the top logit, the energy (log-sum-exp of the logits), the word and
-//! character n-gram coverage, and how strongly the predicted intent attracted out-of-scope text
-//! during training.
+//! character n-gram coverage, the cosine of the logits to the nearest intent prototype
+//! ([`Prototypes`]), and how strongly the predicted intent attracted out-of-scope text during
+//! training.
 //!
 //! It is trained with pseudo out-of-scope examples made from the training set alone. The
 //! intents are dealt into a few groups; for each group a model is trained without it, on the
@@ -22,9 +23,13 @@ use crate::dataset::SplitMix64;
 use crate::error::{NluError, NluResult};
 use crate::features::{SparseMatrix, Vectoriser};
 use crate::linear::{LinearOptions, fit_softmax};
+use crate::prototypes::Prototypes;
 
 /// Number of inputs of the detector.
-pub const SCOPE_FEATURES: usize = 8;
+pub const SCOPE_FEATURES: usize = 9;
+
+/// Number of inputs of the detector of stored models of format 2 (without the prototypes).
+const SCOPE_FEATURES_V2: usize = 8;
 
 /// Ridge penalty of the detector's logistic regression (on standardised inputs).
 const RIDGE: f64 = 1e-3;
@@ -90,6 +95,45 @@ pub struct ScopeDetector {
     pub pseudo_in_scope: usize,
     /// Groups the intents were dealt into.
     pub groups: usize,
+    /// The intent prototypes of the model the detector serves.
+    prototypes: Prototypes,
+}
+
+/// The detector as stored by models of format 2: no prototype input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ScopeDetectorV2 {
+    mean: [f32; SCOPE_FEATURES_V2],
+    scale: [f32; SCOPE_FEATURES_V2],
+    weights: [f32; SCOPE_FEATURES_V2],
+    bias: f32,
+    attraction: Vec<f32>,
+    pseudo_out_of_scope: usize,
+    pseudo_in_scope: usize,
+    groups: usize,
+}
+
+impl From<ScopeDetectorV2> for ScopeDetector {
+    /// The same decisions: the prototype input gets a weight of 0.
+    fn from(v2: ScopeDetectorV2) -> Self {
+        let widen = |values: [f32; SCOPE_FEATURES_V2], prototype: f32| {
+            let mut out = [0.0; SCOPE_FEATURES];
+            out[..PROTOTYPE].copy_from_slice(&values[..PROTOTYPE]);
+            out[PROTOTYPE] = prototype;
+            out[ATTRACTION] = values[SCOPE_FEATURES_V2 - 1];
+            out
+        };
+        Self {
+            mean: widen(v2.mean, 0.0),
+            scale: widen(v2.scale, 1.0),
+            weights: widen(v2.weights, 0.0),
+            bias: v2.bias,
+            attraction: v2.attraction,
+            pseudo_out_of_scope: v2.pseudo_out_of_scope,
+            pseudo_in_scope: v2.pseudo_in_scope,
+            groups: v2.groups,
+            prototypes: Prototypes::fit(&[], &[], 0),
+        }
+    }
 }
 
 /// What the detector reads from one prediction.
@@ -101,16 +145,20 @@ pub(crate) struct ScopeInputs {
     pub values: [f32; SCOPE_FEATURES],
 }
 
+/// Index of the prototype similarity among the inputs.
+const PROTOTYPE: usize = SCOPE_FEATURES - 2;
+
 /// Index of the attraction among the inputs.
 const ATTRACTION: usize = SCOPE_FEATURES - 1;
 
-/// Computes the inputs from raw `logits`, the `temperature` and the coverage of the text.
-/// `probabilities` is scratch space of the same length as `logits`; it holds the calibrated
-/// probabilities afterwards.
+/// Computes the inputs from raw `logits`, the `temperature`, the coverage of the text and the
+/// logits' similarity to the model's prototypes. `probabilities` is scratch space of the same
+/// length as `logits`; it holds the calibrated probabilities afterwards.
 pub(crate) fn scope_inputs(
     logits: &[f32],
     temperature: f32,
     coverage: (f32, f32),
+    prototype: f32,
     probabilities: &mut [f32],
 ) -> ScopeInputs {
     softmax(logits, temperature, probabilities);
@@ -148,12 +196,28 @@ pub(crate) fn scope_inputs(
             energy,
             coverage.0,
             coverage.1,
+            prototype,
             0.0,
         ],
     }
 }
 
 impl ScopeDetector {
+    /// Returns the cosine of `logits` to the nearest prototype of the model's intents.
+    pub(crate) fn prototype_similarity(&self, logits: &[f32]) -> f32 {
+        self.prototypes.similarity(logits)
+    }
+
+    /// Sets the prototypes of the model the detector serves.
+    pub(crate) fn set_prototypes(&mut self, prototypes: Prototypes) {
+        self.prototypes = prototypes;
+    }
+
+    /// Returns the prototypes of the model's intents.
+    pub fn prototypes(&self) -> &Prototypes {
+        &self.prototypes
+    }
+
     /// Returns the probability that a text is in scope.
     pub(crate) fn in_scope_probability(&self, inputs: &ScopeInputs) -> f32 {
         let mut values = inputs.values;
@@ -180,7 +244,7 @@ impl ScopeDetector {
                 "the out-of-scope detector does not fit the model".to_owned(),
             ));
         }
-        Ok(())
+        self.prototypes.check(intents)
     }
 }
 
@@ -198,13 +262,15 @@ pub(crate) struct ScopeTrainingSet<'a> {
     pub fit_rows: &'a [usize],
     /// Rows held out from it.
     pub held_rows: &'a [usize],
-    /// Inputs of the held-out rows under the calibration model, in `held_rows` order.
+    /// Inputs of the held-out rows under the calibration model (with its prototypes), in
+    /// `held_rows` order.
     pub held_inputs: &'a [ScopeInputs],
     pub linear: &'a LinearOptions,
     pub seed: u64,
 }
 
 /// Trains the detector; `None` when the set is too small to make pseudo out-of-scope examples.
+/// Its prototypes are left empty: the caller sets those of the final model.
 pub(crate) fn fit_detector(
     set: &ScopeTrainingSet<'_>,
     options: ScopeDetectorOptions,
@@ -254,6 +320,16 @@ pub(crate) fn fit_detector(
             ..set.linear.clone()
         };
         let (model, _) = fit_softmax(&gx, &gy, features, kept.len(), &options, None)?;
+        let own_logits: Vec<Vec<f32>> = (0..gx.rows())
+            .map(|r| {
+                let (indices, values) = gx.row(r);
+                let mut out = vec![0.0; model.classes()];
+                model.logits(indices, values, &mut out);
+                out
+            })
+            .collect();
+        let own_labels: Vec<usize> = gy.iter().map(|&l| l as usize).collect();
+        let prototypes = Prototypes::fit(&own_logits, &own_labels, model.classes());
         let mut known = vec![false; features];
         for r in 0..gx.rows() {
             for &j in gx.row(r).0 {
@@ -287,14 +363,28 @@ pub(crate) fn fit_detector(
                 .coverage_where(&set.texts[r], |i| known[i as usize])
         };
         for ((&r, row), &label) in in_scope.iter().zip(&held_logits).zip(&held_labels) {
-            let inputs = scope_inputs(row, temperature, coverage(r), &mut probabilities);
+            let similarity = prototypes.similarity(row);
+            let inputs = scope_inputs(
+                row,
+                temperature,
+                coverage(r),
+                similarity,
+                &mut probabilities,
+            );
             if inputs.best == label {
                 rows.push((inputs.values, false, group, kept[inputs.best]));
             }
         }
         for r in (0..set.y.len()).filter(|&r| group_of[set.y[r] as usize] == group) {
             row_logits(r, &mut logits);
-            let inputs = scope_inputs(&logits, temperature, coverage(r), &mut probabilities);
+            let similarity = prototypes.similarity(&logits);
+            let inputs = scope_inputs(
+                &logits,
+                temperature,
+                coverage(r),
+                similarity,
+                &mut probabilities,
+            );
             attracted[kept[inputs.best]] += 1;
             rows.push((inputs.values, true, group, kept[inputs.best]));
         }
@@ -354,6 +444,7 @@ pub(crate) fn fit_detector(
         pseudo_out_of_scope,
         pseudo_in_scope,
         groups,
+        prototypes: Prototypes::fit(&[], &[], 0),
     }))
 }
 
@@ -467,6 +558,29 @@ fn solve<const D: usize>(mut a: [[f64; D]; D], mut b: [f64; D]) -> [f64; D] {
 }
 
 #[cfg(test)]
+impl ScopeDetector {
+    /// The detector as a format-2 model stored it: the prototype input left out.
+    pub(crate) fn to_v2(&self) -> ScopeDetectorV2 {
+        let narrow = |values: [f32; SCOPE_FEATURES]| {
+            let mut out = [0.0; SCOPE_FEATURES_V2];
+            out[..PROTOTYPE].copy_from_slice(&values[..PROTOTYPE]);
+            out[SCOPE_FEATURES_V2 - 1] = values[ATTRACTION];
+            out
+        };
+        ScopeDetectorV2 {
+            mean: narrow(self.mean),
+            scale: narrow(self.scale),
+            weights: narrow(self.weights),
+            bias: self.bias,
+            attraction: self.attraction.clone(),
+            pseudo_out_of_scope: self.pseudo_out_of_scope,
+            pseudo_in_scope: self.pseudo_in_scope,
+            groups: self.groups,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -494,8 +608,8 @@ mod tests {
     #[test]
     fn inputs_follow_the_logits() {
         let mut probabilities = vec![0.0; 3];
-        let sharp = scope_inputs(&[5.0, 0.0, -1.0], 1.0, (1.0, 0.9), &mut probabilities);
-        let flat = scope_inputs(&[0.1, 0.0, 0.05], 1.0, (0.5, 0.4), &mut probabilities);
+        let sharp = scope_inputs(&[5.0, 0.0, -1.0], 1.0, (1.0, 0.9), 0.9, &mut probabilities);
+        let flat = scope_inputs(&[0.1, 0.0, 0.05], 1.0, (0.5, 0.4), 0.3, &mut probabilities);
         assert_eq!(sharp.best, 0);
         assert!(sharp.values[0] > flat.values[0]);
         assert!(sharp.values[1] > flat.values[1]);
@@ -503,6 +617,10 @@ mod tests {
         assert!((sharp.values[3] - 5.0).abs() < 1e-6);
         assert!(sharp.values[4] >= sharp.values[3]);
         assert_eq!((flat.values[5], flat.values[6]), (0.5, 0.4));
+        assert_eq!(
+            (sharp.values[PROTOTYPE], flat.values[PROTOTYPE]),
+            (0.9, 0.3)
+        );
         let solved = solve([[2.0, 1.0], [1.0, 3.0]], [3.0, 5.0]);
         assert!((solved[0] - 0.8).abs() < 1e-12 && (solved[1] - 1.4).abs() < 1e-12);
     }
