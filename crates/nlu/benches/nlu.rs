@@ -38,6 +38,16 @@ fn main() {
         load_average()
     );
     tandem_text::warm_up();
+    // `NLU_BENCH_ONLY=oos` runs the out-of-scope section alone; with
+    // `NLU_OOS_VALIDATION_SEED=n` it runs on a validation split of the training file instead of
+    // the test file (how settings are chosen, never on the test set).
+    if std::env::var("NLU_BENCH_ONLY").as_deref() == Ok("oos") {
+        match read_banking(&data) {
+            Some((train, test)) => out_of_scope(&data, &train, &test),
+            None => skip("BANKING77", &data.join("banking77")),
+        }
+        return;
+    }
     match banking(&data) {
         Some((train, test, model)) => {
             latency(&test, &model);
@@ -63,13 +73,18 @@ fn skip(what: &str, path: &Path) {
     );
 }
 
-fn banking(data: &Path) -> Option<(Vec<LabelledText>, Vec<LabelledText>, TextClassifier)> {
+fn read_banking(data: &Path) -> Option<(Vec<LabelledText>, Vec<LabelledText>)> {
     let dir = data.join("banking77");
     if !dir.join("train.csv").exists() || !dir.join("test.csv").exists() {
         return None;
     }
     let train = read_labelled_csv(&dir.join("train.csv"), ColumnOrder::TextLabel).unwrap();
     let test = read_labelled_csv(&dir.join("test.csv"), ColumnOrder::TextLabel).unwrap();
+    Some((train, test))
+}
+
+fn banking(data: &Path) -> Option<(Vec<LabelledText>, Vec<LabelledText>, TextClassifier)> {
+    let (train, test) = read_banking(data)?;
     println!(
         "\n## BANKING77 (official split: {} train, {} test)",
         train.len(),
@@ -214,6 +229,29 @@ fn out_of_scope(data: &Path, train: &[LabelledText], test: &[LabelledText]) {
         .take(10)
         .collect();
     let is_held = |label: &str| held.contains(&label);
+    // Validation: the in-scope training examples split 80/20, the held-out intents' training
+    // examples as the out-of-scope texts; the test file is not read.
+    let validation_seed = std::env::var("NLU_OOS_VALIDATION_SEED")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let (train, test): (Vec<LabelledText>, Vec<LabelledText>) = match validation_seed {
+        None => (train.to_vec(), test.to_vec()),
+        Some(seed) => {
+            let in_scope: Vec<&LabelledText> =
+                train.iter().filter(|e| !is_held(&e.label)).collect();
+            let labels: Vec<&str> = in_scope.iter().map(|e| e.label.as_str()).collect();
+            let (fit, held_rows) = stratified_split(&labels, 0.8, seed);
+            let fit = fit.iter().map(|&i| in_scope[i].clone()).collect();
+            let validation = held_rows
+                .iter()
+                .map(|&i| in_scope[i].clone())
+                .chain(train.iter().filter(|e| is_held(&e.label)).cloned())
+                .collect();
+            println!("\n(validation split, seed {seed}: the test file is not used)");
+            (fit, validation)
+        }
+    };
+    let (train, test) = (train.as_slice(), test.as_slice());
     let in_scope: Vec<LabelledText> = train
         .iter()
         .filter(|e| !is_held(&e.label))
@@ -276,6 +314,11 @@ fn out_of_scope(data: &Path, train: &[LabelledText], test: &[LabelledText]) {
         "train"
     );
     for (name, rule, detector) in rules {
+        // The balanced rules tune on the held-out intents' training examples, which are the
+        // validation's out-of-scope texts.
+        if validation_seed.is_some() && rule == ThresholdRule::Balanced {
+            continue;
+        }
         let options = TrainingOptions {
             threshold: rule,
             out_of_scope_detector: detector,
