@@ -20,9 +20,9 @@
 use std::sync::Arc;
 
 use prost::Message as _;
+use tandem_platform::bus::nats::{header, subject_tenant};
 use tandem_platform::bus::{Bus, RawEvent};
 use tandem_proto::events::{Event, all_tenants, live_updates_all, live_updates_for};
-use tandem_proto::ids::TenantId;
 use tandem_proto::pb::dialog::v1 as pb;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -193,24 +193,13 @@ async fn receive_live(
                 }
             },
         };
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        if header(REPLICA).as_deref() == Some(replica.as_str()) {
+        if header(&message, REPLICA).as_deref() == Some(replica.as_str()) {
             continue;
         }
-        let Some(conversation) = header(CONVERSATION) else {
-            continue;
-        };
-        let Some(tenant) = message
-            .subject
-            .rsplit_once('.')
-            .and_then(|(_, t)| TenantId::new(t).ok())
-        else {
+        let (Some(conversation), Some(tenant)) = (
+            header(&message, CONVERSATION),
+            subject_tenant(&message.subject),
+        ) else {
             continue;
         };
         if !app.hub.watched(&tenant, &conversation) {
@@ -222,7 +211,7 @@ async fn receive_live(
         };
         let broadcast = Broadcast {
             update,
-            agent_only: header(AGENT_ONLY).as_deref() == Some("1"),
+            agent_only: header(&message, AGENT_ONLY).as_deref() == Some("1"),
         };
         app.hub.deliver(&tenant, &conversation, vec![broadcast]);
     }

@@ -210,3 +210,48 @@ impl RawEvent {
         Self::from_parts(message.subject.as_str(), headers, message.payload)
     }
 }
+
+/// Returns a header of a plain NATS message (the ones replicas pass to each other outside every
+/// stream), if it is there.
+pub fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(name))
+        .map(|value| value.as_str().to_owned())
+}
+
+/// Returns the tenant of a subject whose last token is the tenant, if it is a valid one.
+pub fn subject_tenant(subject: &str) -> Option<tandem_proto::ids::TenantId> {
+    subject
+        .rsplit_once('.')
+        .and_then(|(_, tenant)| tandem_proto::ids::TenantId::new(tenant).ok())
+}
+
+#[cfg(test)]
+mod plain_message_tests {
+    use super::*;
+
+    #[test]
+    fn headers_and_tenant_of_a_plain_message() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Tandem-Agent", "fay");
+        let message = async_nats::Message {
+            subject: "tandem.live.routing.v1.desk.acme".into(),
+            reply: None,
+            payload: bytes::Bytes::new(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        assert_eq!(header(&message, "Tandem-Agent").as_deref(), Some("fay"));
+        assert_eq!(header(&message, "Tandem-Replica"), None);
+        assert_eq!(
+            subject_tenant(&message.subject).map(|t| t.to_string()),
+            Some("acme".to_owned())
+        );
+        assert_eq!(subject_tenant("no-dots"), None);
+        assert_eq!(subject_tenant("a.b.NOT A TENANT"), None);
+    }
+}

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use tandem_platform::bus::nats::{header, subject_tenant};
 use tandem_platform::bus::{Bus, RawEvent};
 use tandem_proto::events::{
     DESK_WAKEUPS, Event as _, all_tenants, desk_wakeups_all, desk_wakeups_for,
 };
-use tandem_proto::ids::TenantId;
 use tandem_proto::pb::routing::v1::{HandoffOffered, HandoffTimedOut};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -126,23 +126,10 @@ async fn send(
 
 /// Wakes the local session named in another replica's wake-up.
 fn receive(engine: &Engine, replica: &str, message: &async_nats::Message) {
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-    if header(REPLICA).as_deref() == Some(replica) {
+    if header(message, REPLICA).as_deref() == Some(replica) {
         return;
     }
-    let Some(agent) = header(AGENT) else {
-        return;
-    };
-    let Some(tenant) = message
-        .subject
-        .rsplit_once('.')
-        .and_then(|(_, t)| TenantId::new(t).ok())
+    let (Some(agent), Some(tenant)) = (header(message, AGENT), subject_tenant(&message.subject))
     else {
         return;
     };
