@@ -541,18 +541,22 @@ async fn explicit_request_hands_off_once_with_the_package(rig: impl Future<Outpu
     rig.stop().await;
 }
 
+/// Reads a conversation.
+async fn conversation(c: &mut Client, id: &str) -> pb::Conversation {
+    c.get_conversation(pb::GetConversationRequest {
+        conversation_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .conversation
+    .unwrap()
+}
+
 async fn wait_state(c: &mut Client, id: &str, state: pb::ConversationState) -> pb::Conversation {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let conv = c
-            .get_conversation(pb::GetConversationRequest {
-                conversation_id: id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .conversation
-            .unwrap();
+        let conv = conversation(c, id).await;
         if conv.state == state as i32 {
             return conv;
         }
@@ -647,15 +651,7 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
     .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let got = c
-            .get_conversation(pb::GetConversationRequest {
-                conversation_id: conv.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .conversation
-            .unwrap();
+        let got = conversation(&mut c, &conv.id).await;
         if let Some(q) = got.queue {
             assert_eq!(q.position, 2);
             break;
@@ -1003,15 +999,7 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         .into_inner()
         .messages;
     assert!(msgs.is_empty());
-    let got = c
-        .get_conversation(pb::GetConversationRequest {
-            conversation_id: conv.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
+    let got = conversation(&mut c, &conv.id).await;
     assert_eq!(got.message_count, 0);
     rig.stop().await;
 }
@@ -1075,15 +1063,7 @@ async fn repeat_contacts_count_the_customers_recent_conversations(rig: impl Futu
     let again = start_for(&mut c, "cust-r", "r2").await;
     assert!(!again.created);
     assert_eq!(counted(&again), 1);
-    let stored = c
-        .get_conversation(pb::GetConversationRequest {
-            conversation_id: third.conversation.as_ref().unwrap().id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
+    let stored = conversation(&mut c, &third.conversation.as_ref().unwrap().id).await;
     assert_eq!(stored.repeat_contacts, 2);
 
     // Every turn of the conversation feeds it to the complexity score.
@@ -1143,15 +1123,7 @@ async fn the_sentiment_trend_starts_again_after_a_reopen(rig: impl Future<Output
     let first_after = trace_of(&mut c, &reopened).await;
     assert_eq!(first_after.turn_index, 1);
     assert_eq!(first_after.sentiment_trend, 0.0, "{first_after:?}");
-    let got = c
-        .get_conversation(pb::GetConversationRequest {
-            conversation_id: conv.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
+    let got = conversation(&mut c, &conv.id).await;
     assert_eq!((got.reopen_count, got.reopened_at_turn), (1, 1));
 
     // The next turn's trend is over the turns since the reopen only: two points, so the slope is
@@ -1193,15 +1165,7 @@ async fn a_long_conversation_keeps_numbering_its_turns(rig: impl Future<Output =
         .await
         .unwrap();
     }
-    let got = c
-        .get_conversation(pb::GetConversationRequest {
-            conversation_id: conv.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
+    let got = conversation(&mut c, &conv.id).await;
     assert_eq!(
         (got.reopen_count, got.reopened_at_turn),
         (ROUNDS - 1, (ROUNDS - 1) * PER_ROUND)
