@@ -34,7 +34,7 @@ use crate::calibration::{HeldOut, ThresholdRule, fit_temperature, softmax, tune_
 use crate::dataset::{LabelledText, stratified_split};
 use crate::error::{NluError, NluResult};
 use crate::eval::{Evaluation, evaluate};
-use crate::features::{FeatureConfig, SparseMatrix, SparseVector, Vectoriser};
+use crate::features::{FeatureConfig, SparseVector, Vectoriser};
 use crate::linear::{FitReport, LinearModel, LinearOptions, fit_softmax};
 use crate::prototypes::Prototypes;
 use crate::scope::{
@@ -292,11 +292,10 @@ impl TextClassifier {
             calibration_fit = Some(report);
             let held_x = x.select(&held_rows);
             let held_y: Vec<usize> = held_rows.iter().map(|&i| y[i] as usize).collect();
-            let held_logits = all_logits(&first, &held_x);
+            let held_logits = first.all_logits(&held_x);
             temperature = fit_temperature(&held_logits, &held_y);
             let fit_labels: Vec<usize> = fit_y.iter().map(|&l| l as usize).collect();
-            let first_prototypes =
-                Prototypes::fit(&all_logits(&first, &fit_x), &fit_labels, classes);
+            let first_prototypes = Prototypes::fit(&first.all_logits(&fit_x), &fit_labels, classes);
             let mut probabilities = vec![0.0; classes];
             let inputs_of = |logits: &[f32], text: &str, probabilities: &mut [f32]| {
                 let coverage = vectoriser.coverage_where(text, |_| true);
@@ -329,7 +328,7 @@ impl TextClassifier {
             };
             let oos_texts: Vec<String> = out_of_scope.iter().map(|t| normalise(t)).collect();
             let oos_refs: Vec<&str> = oos_texts.iter().map(String::as_str).collect();
-            let oos_logits = all_logits(&first, &vectoriser.transform_all(&oos_refs));
+            let oos_logits = first.all_logits(&vectoriser.transform_all(&oos_refs));
             let mut held_out = Vec::with_capacity(held_logits.len() + oos_logits.len());
             let mut right = 0;
             for (inputs, &label) in held_inputs.iter().zip(&held_y) {
@@ -364,7 +363,7 @@ impl TextClassifier {
             // The prototypes of the model that will be used, from its own training examples,
             // as the detector's training used each model's own.
             let labels: Vec<usize> = y.iter().map(|&l| l as usize).collect();
-            detector.set_prototypes(Prototypes::fit(&all_logits(&model, &x), &labels, classes));
+            detector.set_prototypes(Prototypes::fit(&model.all_logits(&x), &labels, classes));
         }
         let summary = TrainingSummary {
             examples: examples.len(),
@@ -614,17 +613,6 @@ fn decode<'a, T: Deserialize<'a>>(version: u16, payload: &'a [u8]) -> NluResult<
             "cannot decode version {version}: {error}"
         ))),
     }
-}
-
-fn all_logits(model: &LinearModel, x: &SparseMatrix) -> Vec<Vec<f32>> {
-    (0..x.rows())
-        .map(|i| {
-            let (indices, values) = x.row(i);
-            let mut logits = vec![0.0; model.classes()];
-            model.logits(indices, values, &mut logits);
-            logits
-        })
-        .collect()
 }
 
 fn argmax(values: &[f32]) -> usize {

@@ -42,6 +42,18 @@ impl LinearModel {
         self.features
     }
 
+    /// Returns the class scores of every row of `x`.
+    pub fn all_logits(&self, x: &SparseMatrix) -> Vec<Vec<f32>> {
+        (0..x.rows())
+            .map(|i| {
+                let (indices, values) = x.row(i);
+                let mut logits = vec![0.0; self.classes];
+                self.logits(indices, values, &mut logits);
+                logits
+            })
+            .collect()
+    }
+
     /// Writes the class scores of a sparse row into `out` (length = classes).
     pub fn logits(&self, indices: &[u32], values: &[f32], out: &mut [f32]) {
         out.copy_from_slice(&self.bias);

@@ -19,8 +19,8 @@ pub const PROTOTYPES_PER_INTENT: usize = 4;
 /// Rounds of k-means.
 const ROUNDS: usize = 10;
 
-/// The prototypes of a model's intents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The prototypes of a model's intents (none by default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Prototypes {
     /// The length of one prototype: the model's number of intents.
     dimension: usize,

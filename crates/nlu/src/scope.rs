@@ -131,7 +131,7 @@ impl From<ScopeDetectorV2> for ScopeDetector {
             pseudo_out_of_scope: v2.pseudo_out_of_scope,
             pseudo_in_scope: v2.pseudo_in_scope,
             groups: v2.groups,
-            prototypes: Prototypes::fit(&[], &[], 0),
+            prototypes: Prototypes::default(),
         }
     }
 }
@@ -320,16 +320,8 @@ pub(crate) fn fit_detector(
             ..set.linear.clone()
         };
         let (model, _) = fit_softmax(&gx, &gy, features, kept.len(), &options, None)?;
-        let own_logits: Vec<Vec<f32>> = (0..gx.rows())
-            .map(|r| {
-                let (indices, values) = gx.row(r);
-                let mut out = vec![0.0; model.classes()];
-                model.logits(indices, values, &mut out);
-                out
-            })
-            .collect();
         let own_labels: Vec<usize> = gy.iter().map(|&l| l as usize).collect();
-        let prototypes = Prototypes::fit(&own_logits, &own_labels, model.classes());
+        let prototypes = Prototypes::fit(&model.all_logits(&gx), &own_labels, model.classes());
         let mut known = vec![false; features];
         for r in 0..gx.rows() {
             for &j in gx.row(r).0 {
@@ -444,7 +436,7 @@ pub(crate) fn fit_detector(
         pseudo_out_of_scope,
         pseudo_in_scope,
         groups,
-        prototypes: Prototypes::fit(&[], &[], 0),
+        prototypes: Prototypes::default(),
     }))
 }
 

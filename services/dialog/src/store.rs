@@ -102,6 +102,14 @@ fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Resu
     M::decode(bytes).map_err(|e| StoreError::Corrupt(what, e))
 }
 
+/// Decodes rows read newest first, returning them oldest first.
+fn oldest_first<M: prost::Message + Default>(
+    what: &'static str,
+    rows: &[Vec<u8>],
+) -> Result<Vec<M>, StoreError> {
+    rows.iter().rev().map(|b| decode(what, b)).collect()
+}
+
 impl Store {
     /// Wraps a migrated database.
     pub fn new(db: Db) -> Self {
@@ -220,12 +228,7 @@ impl Store {
              ORDER BY sequence DESC LIMIT $3")
             .bind(tenant.as_str()).bind(conversation_id).bind(count)
             .fetch_all(pool).await?);
-        let mut out: Vec<pb::Message> = rows
-            .iter()
-            .map(|b| decode("message", b))
-            .collect::<Result<_, _>>()?;
-        out.reverse();
-        Ok(out)
+        oldest_first("message", &rows)
     }
 
     /// Returns a conversation's decision traces from `offset`, in turn order.
@@ -257,12 +260,7 @@ impl Store {
              ORDER BY turn_index DESC LIMIT $3")
             .bind(tenant.as_str()).bind(conversation_id).bind(limit)
             .fetch_all(pool).await?);
-        let mut out = rows
-            .iter()
-            .map(|b| decode("trace", b))
-            .collect::<Result<Vec<pb::DecisionTrace>, _>>()?;
-        out.reverse();
-        Ok(out)
+        oldest_first("trace", &rows)
     }
 
     /// Returns one trace by its id or by the customer message it answered.
