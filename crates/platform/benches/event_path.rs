@@ -311,7 +311,15 @@ struct TandemPath {
     stop: CancellationToken,
 }
 
-async fn tandem_path(nats_url: &str, db_url: String, durable: &str) -> TandemPath {
+/// The plain NATS subject the bench's relays pass wake-ups on.
+const WAKEUPS: &str = "tandem.live.outbox.v1.wake.bench";
+
+async fn tandem_path(
+    nats_url: &str,
+    db_url: String,
+    durable: &str,
+    poll_interval: Duration,
+) -> TandemPath {
     let bus_cfg = BusConfig {
         nats_url: nats_url.to_owned(),
         ..BusConfig::default()
@@ -332,10 +340,11 @@ async fn tandem_path(nats_url: &str, db_url: String, durable: &str) -> TandemPat
         bus.clone(),
         OutboxConfig {
             batch_size: 1000,
-            poll_interval: Duration::from_millis(env_or("BENCH_POLL_MS", 100)),
+            poll_interval,
             ..OutboxConfig::default()
         },
-    );
+    )
+    .with_wakeups(WAKEUPS);
     let waker = relay.waker();
     tokio::spawn(relay.run(stop.clone()));
     let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3).unwrap()));
@@ -390,7 +399,7 @@ async fn tandem_latency(
     rate: u64,
     seconds: u64,
 ) -> (Histogram<u64>, Histogram<u64>) {
-    let path = tandem_path(nats_url, db_url, "bench-latency").await;
+    let path = tandem_path(nats_url, db_url, "bench-latency", bench_poll()).await;
     let tenant = TenantId::new("bench").unwrap();
     let total = rate * seconds;
     let mut commit = Histogram::<u64>::new(3).unwrap();
@@ -419,8 +428,68 @@ async fn tandem_latency(
     )
 }
 
+fn bench_poll() -> Duration {
+    Duration::from_millis(env_or("BENCH_POLL_MS", 100))
+}
+
+/// Events committed on a replica whose relay stands by while another replica's relay is
+/// elected, both with the default poll; the standby passes its wake-ups on when `wakeups`.
+async fn standby_latency(
+    nats_url: &str,
+    db_url: String,
+    wakeups: bool,
+    rate: u64,
+    seconds: u64,
+) -> Histogram<u64> {
+    let durable = if wakeups {
+        "standby-woken"
+    } else {
+        "standby-polled"
+    };
+    let poll = OutboxConfig::default().poll_interval;
+    let path = tandem_path(nats_url, db_url.clone(), durable, poll).await;
+    while !path.waker.is_relaying() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let bus_cfg = BusConfig {
+        nats_url: nats_url.to_owned(),
+        ..BusConfig::default()
+    };
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(db_url),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    let standby = OutboxRelay::new(
+        db.clone(),
+        Bus::connect(&bus_cfg, None).await.unwrap(),
+        OutboxConfig::default(),
+    );
+    let standby = if wakeups {
+        standby.with_wakeups(WAKEUPS)
+    } else {
+        standby
+    };
+    let waker = standby.waker();
+    tokio::spawn(standby.run(path.stop.clone()));
+    let tenant = TenantId::new("bench").unwrap();
+    let total = rate * seconds;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for i in 0..total {
+        tick.tick().await;
+        let event = RawEvent::new(&tenant, &sample_event(i), Some(format!("conv-{}", i % 500)));
+        enqueue(&db, std::slice::from_ref(&event)).await;
+        waker.wake();
+    }
+    wait_handled(&path, total).await;
+    assert!(!waker.is_relaying(), "the second relay stood by");
+    path.stop.cancel();
+    path.hist.lock().unwrap().clone()
+}
+
 async fn tandem_throughput(nats_url: &str, db_url: String, total: u64) -> f64 {
-    let path = Arc::new(tandem_path(nats_url, db_url, "bench-throughput").await);
+    let path = Arc::new(tandem_path(nats_url, db_url, "bench-throughput", bench_poll()).await);
     let tenant = TenantId::new("bench").unwrap();
     let started = Instant::now();
     let writers = 4;
@@ -481,7 +550,16 @@ fn main() {
         let raw_pg = raw_with_commits_latency(&client, pg.fresh_database().await.unwrap(), rate, seconds).await;
         let (ours, received) = tandem_latency(&nats.url(), pg.fresh_database().await.unwrap(), rate, seconds).await;
         let raw_tp = raw_throughput(&client, total).await;
+        // Each phase's consumer reads its stream from the beginning: the throughput phase must
+        // not count the latency phase's events, so the stream is emptied between phases.
+        let events = jetstream::new(client.clone());
+        events.get_stream(DIALOG.name).await.unwrap().purge().await.unwrap();
         let our_tp = tandem_throughput(&nats.url(), pg.fresh_database().await.unwrap(), total).await;
+        let standby_rate = env_or("BENCH_STANDBY_RATE", 200);
+        events.get_stream(DIALOG.name).await.unwrap().purge().await.unwrap();
+        let polled = standby_latency(&nats.url(), pg.fresh_database().await.unwrap(), false, standby_rate, seconds).await;
+        events.get_stream(DIALOG.name).await.unwrap().purge().await.unwrap();
+        let woken = standby_latency(&nats.url(), pg.fresh_database().await.unwrap(), true, standby_rate, seconds).await;
 
         println!("{:<46} {:>10} {:>10} {:>10} {:>12}", "path", "p50 µs", "p99 µs", "max µs", "events/s");
         println!(
@@ -527,5 +605,26 @@ fn main() {
             micros(&ours, 0.99) / micros(&raw_pg, 0.99),
         );
         println!("goals: p99 ≤ 2.00× raw; ≥ 20000 events/s sustained");
+        println!(
+            "\nevents committed on a standby replica (another replica's relay elected, default {} ms poll), {standby_rate} events/s:",
+            OutboxConfig::default().poll_interval.as_millis()
+        );
+        println!("{:<46} {:>10} {:>10} {:>10}", "path", "p50 µs", "p99 µs", "max µs");
+        for (name, hist) in [
+            ("standby commit → relay's poll → inbox", &polled),
+            ("standby commit → wake-up over NATS → inbox", &woken),
+        ] {
+            println!(
+                "{:<46} {:>10.0} {:>10.0} {:>10.0}",
+                name,
+                micros(hist, 0.5),
+                micros(hist, 0.99),
+                hist.max() as f64
+            );
+        }
+        println!(
+            "ratio, woken / polled: p50 {:.3}×",
+            micros(&woken, 0.5) / micros(&polled, 0.5)
+        );
     });
 }

@@ -12,9 +12,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use sqlx::{PgConnection, QueryBuilder, Row as _, SqliteConnection};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -91,13 +93,44 @@ pub async fn enqueue_sqlite(
 }
 
 /// Tells the relay that new rows were committed, so it publishes without waiting for its poll.
+///
+/// With PostgreSQL one replica of a service relays for all of them. A waker whose own process
+/// does not hold the relay (see [`OutboxRelay::with_wakeups`]) passes the wake-up on over plain
+/// NATS to the replica that does; without that, events committed on the standby replicas waited
+/// for the relay's poll.
 #[derive(Clone, Default)]
-pub struct OutboxWaker(Arc<Notify>);
+pub struct OutboxWaker {
+    local: Arc<Notify>,
+    remote: Option<Arc<RemoteWakeups>>,
+}
+
+/// The state a waker shares with its relay when wake-ups cross replicas.
+#[derive(Default)]
+struct RemoteWakeups {
+    /// Whether this process's relay holds the election.
+    relaying: AtomicBool,
+    /// Set when a wake-up must be passed on; the relay's forwarder sends one message per
+    /// notification, so wake-ups that arrive while it sends coalesce into the next message.
+    forward: Notify,
+}
 
 impl OutboxWaker {
     /// Wakes the relay.
     pub fn wake(&self) {
-        self.0.notify_one();
+        self.local.notify_one();
+        if let Some(remote) = &self.remote
+            && !remote.relaying.load(Ordering::Acquire)
+        {
+            remote.forward.notify_one();
+        }
+    }
+
+    /// Whether this process's relay publishes: always with SQLite (one process), with
+    /// PostgreSQL while it holds the election. A waker of no relay reports `false`.
+    pub fn is_relaying(&self) -> bool {
+        self.remote
+            .as_ref()
+            .is_some_and(|remote| remote.relaying.load(Ordering::Acquire))
     }
 }
 
@@ -134,6 +167,11 @@ pub struct OutboxRelay {
     bus: Bus,
     cfg: OutboxConfig,
     waker: OutboxWaker,
+    /// What the relay shares with its waker.
+    shared: Arc<RemoteWakeups>,
+    /// The plain NATS subject on which the replicas of the service pass wake-ups to the one
+    /// that relays.
+    wakeups: Option<String>,
     /// Rows published whose deletion is still running; the next rounds skip them, so deletion
     /// stays off the path of the next events.
     settling: Arc<std::sync::Mutex<HashSet<i64>>>,
@@ -146,11 +184,17 @@ const SETTLE_CONCURRENCY: usize = 4;
 impl OutboxRelay {
     /// Creates a relay for a service's database.
     pub fn new(db: Db, bus: Bus, cfg: OutboxConfig) -> Self {
+        let shared = Arc::new(RemoteWakeups::default());
         Self {
             db,
             bus,
             cfg,
-            waker: OutboxWaker::default(),
+            waker: OutboxWaker {
+                local: Arc::default(),
+                remote: Some(Arc::clone(&shared)),
+            },
+            shared,
+            wakeups: None,
             settling: Arc::default(),
             settle_slots: Arc::new(Semaphore::new(SETTLE_CONCURRENCY)),
         }
@@ -161,10 +205,66 @@ impl OutboxRelay {
         self.waker.clone()
     }
 
+    /// Passes wake-ups between the replicas of a service on the plain NATS `subject`: a replica
+    /// that does not hold the relay sends its wake-ups there, the one that does listens. It
+    /// applies with PostgreSQL and NATS, where several replicas share one outbox.
+    pub fn with_wakeups(mut self, subject: impl Into<String>) -> Self {
+        self.wakeups = Some(subject.into());
+        self
+    }
+
     /// Relays until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        tokio::join!(
+            self.elect_and_relay(&shutdown),
+            self.pass_wakeups(&shutdown)
+        );
+    }
+
+    /// Sends this replica's wake-ups to the relaying one and wakes this one's relay with those
+    /// of the others, until `shutdown`. Lost messages cost only latency: the poll still runs.
+    async fn pass_wakeups(&self, shutdown: &CancellationToken) {
+        let (Some(subject), Bus::Nats(nats), Db::Postgres(_)) =
+            (&self.wakeups, &self.bus, &self.db)
+        else {
+            return;
+        };
+        let client = nats.client();
+        let mut incoming = match client.subscribe(subject.clone()).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::warn!(%error, "outbox wake-ups from other replicas are off; the relay polls");
+                return;
+            }
+        };
+        let receive = async {
+            while let Some(_wakeup) = incoming.next().await {
+                self.waker.local.notify_one();
+            }
+        };
+        let forward = async {
+            loop {
+                self.shared.forward.notified().await;
+                if let Err(error) = client.publish(subject.clone(), bytes::Bytes::new()).await {
+                    tracing::debug!(%error, "cannot pass an outbox wake-up on");
+                }
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = receive => tracing::warn!("outbox wake-up subscription ended; the relay polls"),
+            () = forward => {}
+        }
+    }
+
+    async fn elect_and_relay(&self, shutdown: &CancellationToken) {
+        let relaying = &self.shared.relaying;
         match self.db.clone() {
-            Db::Sqlite(_) => self.relay_loop(&shutdown).await,
+            Db::Sqlite(_) => {
+                relaying.store(true, Ordering::Release);
+                self.relay_loop(shutdown).await;
+                relaying.store(false, Ordering::Release);
+            }
             Db::Postgres(pool) => {
                 // Hold a dedicated session for the advisory lock while relaying.
                 while !shutdown.is_cancelled() {
@@ -179,9 +279,11 @@ impl OutboxRelay {
                             match locked {
                                 Ok(true) => {
                                     tracing::info!("outbox relay elected");
+                                    relaying.store(true, Ordering::Release);
                                     let lost = self
-                                        .relay_while_session_lives(&mut session, &shutdown)
+                                        .relay_while_session_lives(&mut session, shutdown)
                                         .await;
+                                    relaying.store(false, Ordering::Release);
                                     let _ = sqlx::query(
                                         "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
                                     )
@@ -266,7 +368,7 @@ impl OutboxRelay {
         }
         tokio::select! {
             () = shutdown.cancelled() => false,
-            () = self.waker.0.notified() => true,
+            () = self.waker.local.notified() => true,
             () = tokio::time::sleep(wait) => true,
         }
     }

@@ -82,7 +82,8 @@ pub async fn prepare<S: Service>(
     bus.ensure_streams()
         .await
         .with_context(|| format!("{}: cannot create the event streams", S::NAME))?;
-    let relay = OutboxRelay::new(db.clone(), bus.clone(), cfg.outbox.clone());
+    let relay = OutboxRelay::new(db.clone(), bus.clone(), cfg.outbox.clone())
+        .with_wakeups(tandem_proto::events::outbox_wakeups_for(S::NAME));
     let waker = relay.waker();
     tracker.spawn(relay.run(shutdown.clone()));
     Ok((db, bus, waker))

@@ -675,3 +675,126 @@ macro_rules! bus_contract_tests {
 
 bus_contract_tests!(nats_jetstream, Rig::nats().await);
 bus_contract_tests!(in_process, Rig::memory().await);
+
+// ---------------------------------------------------------------------------------------------
+// Replicas sharing one PostgreSQL outbox: one relay is elected, the others stand by.
+
+const WAKEUPS: &str = "tandem.live.outbox.v1.wake.bus-test";
+
+/// A replica's relay: its own broker connection, the shared database.
+async fn replica_relay(rig: &Rig, poll_interval: Duration) -> OutboxRelay {
+    let bus = Bus::connect(&rig.cfg, None).await.unwrap();
+    let cfg = OutboxConfig {
+        poll_interval,
+        ..OutboxConfig::default()
+    };
+    OutboxRelay::new(rig.db.clone(), bus, cfg).with_wakeups(WAKEUPS)
+}
+
+async fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs the effects consumer on the rig's bus until `stop`.
+async fn apply_effects(rig: &Rig, durable: &str, tracker: &TaskTracker, stop: &CancellationToken) {
+    let handler = Effects {
+        db: rig.db.clone(),
+        fail_after_commit: Arc::default(),
+    };
+    let consumer = rig.bus.consumer(&rig.spec(durable)).await.unwrap();
+    tracker.spawn(runner::run(
+        consumer,
+        handler,
+        RunOptions::new(durable),
+        stop.clone(),
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_wakes_the_elected_relay() {
+    let rig = Rig::nats().await;
+    let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+    apply_effects(&rig, "standby-wakeups", &tracker, &stop).await;
+    // A poll far longer than the test: only a wake-up can get the events out in time.
+    let poll = Duration::from_secs(120);
+    let elected = replica_relay(&rig, poll).await;
+    let elected_waker = elected.waker();
+    tracker.spawn(elected.run(stop.clone()));
+    wait_until(
+        "the first relay is elected",
+        Duration::from_secs(10),
+        || elected_waker.is_relaying(),
+    )
+    .await;
+    let standby = replica_relay(&rig, poll).await;
+    let standby_waker = standby.waker();
+    tracker.spawn(standby.run(stop.clone()));
+
+    // Rounds of commits on the standby replica, each woken there only.
+    for round in 0..3 {
+        let events: Vec<RawEvent> = (0..5).map(|i| posted("standby", round * 5 + i)).collect();
+        rig.enqueue(&events).await;
+        standby_waker.wake();
+        let want = (round as usize + 1) * 5;
+        let effects = wait_for_effects(&rig, want, Duration::from_secs(20)).await;
+        assert_eq!(effects.len(), want, "round {round} was published");
+    }
+    assert!(elected_waker.is_relaying());
+    assert!(!standby_waker.is_relaying());
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_when_the_elected_one_stops() {
+    let rig = Rig::nats().await;
+    let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+    apply_effects(&rig, "relay-takeover", &tracker, &stop).await;
+    let poll = Duration::from_millis(50);
+    let first = replica_relay(&rig, poll).await;
+    let first_waker = first.waker();
+    let first_stop = CancellationToken::new();
+    let first_run = tokio::spawn(first.run(first_stop.clone()));
+    wait_until(
+        "the first relay is elected",
+        Duration::from_secs(10),
+        || first_waker.is_relaying(),
+    )
+    .await;
+    let second = replica_relay(&rig, poll).await;
+    let second_waker = second.waker();
+    tracker.spawn(second.run(stop.clone()));
+
+    let before: Vec<RawEvent> = (0..10).map(|i| posted("takeover", i)).collect();
+    rig.enqueue(&before).await;
+    second_waker.wake();
+    assert_eq!(
+        wait_for_effects(&rig, 10, Duration::from_secs(20))
+            .await
+            .len(),
+        10
+    );
+    assert!(!second_waker.is_relaying(), "one relay at a time");
+
+    first_stop.cancel();
+    first_run.await.unwrap();
+    assert!(!first_waker.is_relaying());
+    wait_until("the standby takes over", Duration::from_secs(20), || {
+        second_waker.is_relaying()
+    })
+    .await;
+    let after: Vec<RawEvent> = (10..20).map(|i| posted("takeover", i)).collect();
+    rig.enqueue(&after).await;
+    second_waker.wake();
+    let effects = wait_for_effects(&rig, 20, Duration::from_secs(20)).await;
+    let all: Vec<RawEvent> = before.into_iter().chain(after).collect();
+    assert_exactly_once(&effects, &all);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}

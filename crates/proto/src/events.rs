@@ -82,6 +82,16 @@ pub fn desk_wakeups_all() -> String {
     format!("{DESK_WAKEUPS}.*")
 }
 
+/// Subject prefix of the outbox wake-ups: a replica that committed events while another replica
+/// of its service holds the outbox relay tells that one to publish them now. Plain NATS like
+/// [`LIVE_UPDATES`]; the service's name is the last token.
+pub const OUTBOX_WAKEUPS: &str = "tandem.live.outbox.v1.wake";
+
+/// Returns the outbox wake-up subject of `service` ([`OUTBOX_WAKEUPS`]).
+pub fn outbox_wakeups_for(service: &str) -> String {
+    format!("{OUTBOX_WAKEUPS}.{service}")
+}
+
 /// Splits a full subject into its catalogue entry and tenant, or `None` if it is not one of ours.
 pub fn parse_subject(subject: &str) -> Option<(&'static EventSpec, TenantId)> {
     let (base, tenant) = subject.rsplit_once('.')?;
@@ -267,9 +277,14 @@ mod tests {
         assert_eq!(live_updates_all(), format!("{LIVE_UPDATES}.*"));
         assert_eq!(desk_wakeups_for(&tenant), format!("{DESK_WAKEUPS}.acme"));
         assert_eq!(desk_wakeups_all(), format!("{DESK_WAKEUPS}.*"));
+        assert_eq!(
+            outbox_wakeups_for("dialog"),
+            format!("{OUTBOX_WAKEUPS}.dialog")
+        );
         for (prefix, subject) in [
             (LIVE_UPDATES, live_updates_for(&tenant)),
             (DESK_WAKEUPS, desk_wakeups_for(&tenant)),
+            (OUTBOX_WAKEUPS, outbox_wakeups_for("dialog")),
         ] {
             for stream in STREAMS {
                 let stored = stream.subjects.trim_end_matches('>');
