@@ -176,6 +176,16 @@ pub struct OutboxRelay {
     /// stays off the path of the next events.
     settling: Arc<std::sync::Mutex<HashSet<i64>>>,
     settle_slots: Arc<Semaphore>,
+    /// PostgreSQL: the claim of the batch after the one being published, started when that
+    /// one was full (a backlog), so claiming and publishing overlap.
+    next_claim: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Claim, OutboxError>>>>,
+}
+
+/// A batch claimed on PostgreSQL: the rows, deleted (or marked) by a transaction that stays
+/// open until they are published.
+struct Claim {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    rows: Vec<Row>,
 }
 
 /// Deletions of published rows that may run at once.
@@ -197,6 +207,7 @@ impl OutboxRelay {
             wakeups: None,
             settling: Arc::default(),
             settle_slots: Arc::new(Semaphore::new(SETTLE_CONCURRENCY)),
+            next_claim: std::sync::Mutex::default(),
         }
     }
 
@@ -284,6 +295,7 @@ impl OutboxRelay {
                                         .relay_while_session_lives(&mut session, shutdown)
                                         .await;
                                     relaying.store(false, Ordering::Release);
+                                    self.give_back_next_claim().await;
                                     let _ = sqlx::query(
                                         "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
                                     )
@@ -385,45 +397,45 @@ impl OutboxRelay {
     /// open while the events are published, and commit once the broker has them. A failed
     /// publish rolls the claim back. The commit runs off the path of the next batch, whose
     /// claim skips the rows still locked by it, so one read per batch does all the work.
+    ///
+    /// When a batch is full, the next one is claimed while it is published: with a backlog the
+    /// relay was busy all the time, half of it claiming and half publishing. The next batch
+    /// is published only after this one, and given back (rolled back) if this one fails, so
+    /// events still leave in sequence order.
     async fn publish_pending_pg(&self, pool: &sqlx::PgPool) -> Result<usize, OutboxError> {
-        // `= ANY(ARRAY(…))`, not `IN (…)`: with `IN` the planner joins the claimed batch with
-        // the whole table (a sequential scan, or a sort of every unpublished row), so a round
-        // took time in proportion to the backlog (14–27 ms for 1,000 of 80,000 rows); the array
-        // makes it look the batch up by primary key (under 2 ms).
-        const CLAIMED: &str = "ANY(ARRAY(SELECT seq FROM tandem_outbox WHERE published_at IS NULL \
-             ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-             RETURNING seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload";
-        let claim = if self.cfg.retention.is_zero() {
-            format!("DELETE FROM tandem_outbox WHERE seq = {CLAIMED}")
-        } else {
-            format!("UPDATE tandem_outbox SET published_at = now() WHERE seq = {CLAIMED}")
+        let batch_size = self.cfg.batch_size;
+        let retention = self.cfg.retention;
+        let started = self.lock_next_claim().take();
+        let Claim { tx, rows } = match started {
+            Some(claim) => claim.await.map_err(|_| OutboxError::Closed)??,
+            None => claim_pg(pool, batch_size, retention).await?,
         };
-        let mut tx = pool.begin().await?;
-        let claimed = sqlx::query(sqlx::AssertSqlSafe(claim))
-            .bind(i64::from(self.cfg.batch_size))
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut rows = claimed
-            .iter()
-            .map(|r| {
-                let occurred_at: DateTime<Utc> = r.try_get("occurred_at")?;
-                row_from(r.try_get("seq")?, r, occurred_at)
-            })
-            .collect::<Result<Vec<Row>, OutboxError>>()?;
         if rows.is_empty() {
             metrics::gauge!(OUTBOX_PENDING).set(0.0);
             return Ok(0);
         }
-        rows.sort_by_key(|row| row.seq);
+        if rows.len() >= batch_size as usize {
+            let pool = pool.clone();
+            *self.lock_next_claim() = Some(tokio::spawn(async move {
+                claim_pg(&pool, batch_size, retention).await
+            }));
+        }
         let events: Vec<RawEvent> = rows.iter().map(|row| row.event.clone()).collect();
-        self.bus.publish_batch(&events).await?;
+        if let Err(error) = self.bus.publish_batch(&events).await {
+            // Rolled back before the next round: a dropped transaction would be rolled back
+            // later, and a claim in between would skip its rows, letting later ones overtake.
+            self.give_back_next_claim().await;
+            if let Err(rollback) = tx.rollback().await {
+                tracing::warn!(error = %rollback, "cannot give back unpublished outbox rows");
+            }
+            return Err(error.into());
+        }
         metrics::counter!(OUTBOX_PUBLISHED_TOTAL).increment(rows.len() as u64);
 
         let permit = Arc::clone(&self.settle_slots)
             .acquire_owned()
             .await
             .map_err(|_| OutboxError::Closed)?;
-        let retention = self.cfg.retention;
         let pool = pool.clone();
         tokio::spawn(async move {
             if let Err(error) = tx.commit().await {
@@ -439,6 +451,27 @@ impl OutboxRelay {
             drop(permit);
         });
         Ok(rows.len())
+    }
+
+    fn lock_next_claim(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<tokio::task::JoinHandle<Result<Claim, OutboxError>>>>
+    {
+        self.next_claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Rolls back a claim started ahead, if any: its rows must not leave before those of a
+    /// batch that failed, nor be held by a relay that is no longer elected.
+    async fn give_back_next_claim(&self) {
+        let started = self.lock_next_claim().take();
+        if let Some(claim) = started
+            && let Ok(Ok(Claim { tx, .. })) = claim.await
+            && let Err(error) = tx.rollback().await
+        {
+            tracing::warn!(%error, "cannot give back outbox rows claimed ahead");
+        }
     }
 
     /// SQLite (one writer, the standalone mode): read, publish, then delete off the path of
@@ -530,6 +563,42 @@ impl OutboxRelay {
             Db::Sqlite(pool) => sqlx::query_scalar(COUNT).fetch_one(pool).await?,
         })
     }
+}
+
+/// Claims the next `batch_size` unpublished rows in sequence order, skipping those locked by
+/// claims still open, by deleting them (or, with a `retention`, marking them) in a transaction
+/// that the caller commits once they are published.
+async fn claim_pg(
+    pool: &sqlx::PgPool,
+    batch_size: u32,
+    retention: Duration,
+) -> Result<Claim, OutboxError> {
+    // `= ANY(ARRAY(…))`, not `IN (…)`: with `IN` the planner joins the claimed batch with the
+    // whole table (a sequential scan, or a sort of every unpublished row), so a round took time
+    // in proportion to the backlog (14–27 ms for 1,000 of 80,000 rows); the array makes it look
+    // the batch up by primary key (under 2 ms).
+    const CLAIMED: &str = "ANY(ARRAY(SELECT seq FROM tandem_outbox WHERE published_at IS NULL \
+         ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+         RETURNING seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload";
+    let claim = if retention.is_zero() {
+        format!("DELETE FROM tandem_outbox WHERE seq = {CLAIMED}")
+    } else {
+        format!("UPDATE tandem_outbox SET published_at = now() WHERE seq = {CLAIMED}")
+    };
+    let mut tx = pool.begin().await?;
+    let claimed = sqlx::query(sqlx::AssertSqlSafe(claim))
+        .bind(i64::from(batch_size))
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut rows = claimed
+        .iter()
+        .map(|r| {
+            let occurred_at: DateTime<Utc> = r.try_get("occurred_at")?;
+            row_from(r.try_get("seq")?, r, occurred_at)
+        })
+        .collect::<Result<Vec<Row>, OutboxError>>()?;
+    rows.sort_by_key(|row| row.seq);
+    Ok(Claim { tx, rows })
 }
 
 /// Deletes (or marks, with a retention) published SQLite rows.

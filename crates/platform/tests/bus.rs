@@ -798,3 +798,30 @@ async fn a_standby_relay_takes_over_when_the_elected_one_stops() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// A batch that cannot be published holds back the batches after it, even the one the relay
+/// claimed while publishing it. Made with an event no stream captures, last in its batch, so
+/// that the broker refuses it after storing the others, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_holds_back_the_next_one_already_claimed() {
+    let rig = Rig::nats().await;
+    let batch = 1000;
+    let mut events: Vec<RawEvent> = (0..3 * i64::from(batch))
+        .map(|i| posted("held", i))
+        .collect();
+    events[batch as usize - 1].subject = "tandem.nowhere.v1.event.acme".to_owned();
+    for chunk in events.chunks(500) {
+        rig.enqueue(chunk).await;
+    }
+    let relay = rig.relay(batch);
+    for round in 0..3 {
+        let result = relay.publish_pending().await;
+        assert!(result.is_err(), "round {round}: {result:?}");
+    }
+    relay.settled().await;
+    assert_eq!(
+        relay.pending().await.unwrap(),
+        events.len() as i64,
+        "nothing after the failing batch was published"
+    );
+}
