@@ -14,7 +14,7 @@ use tandem_platform::bus::runner::{self, Handler, HandlerError, RunOptions};
 use tandem_platform::bus::{Bus, ConsumerSpec, RawEvent};
 use tandem_platform::config::{BusConfig, DatabaseConfig, OutboxConfig, Secret};
 use tandem_platform::db::Db;
-use tandem_platform::outbox::OutboxRelay;
+use tandem_platform::outbox::{OutboxRelay, OutboxWaker};
 use tandem_platform::{inbox, outbox};
 use tandem_proto::events::DIALOG;
 use tandem_proto::ids::TenantId;
@@ -699,6 +699,22 @@ async fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
     }
 }
 
+/// Starts a replica's relay until `stop` and waits until it is elected.
+async fn elected_relay(
+    rig: &Rig,
+    poll: Duration,
+    stop: &CancellationToken,
+) -> (OutboxWaker, tokio::task::JoinHandle<()>) {
+    let relay = replica_relay(rig, poll).await;
+    let waker = relay.waker();
+    let run = tokio::spawn(relay.run(stop.clone()));
+    wait_until("the relay is elected", Duration::from_secs(10), || {
+        waker.is_relaying()
+    })
+    .await;
+    (waker, run)
+}
+
 /// Runs the effects consumer on the rig's bus until `stop`.
 async fn apply_effects(rig: &Rig, durable: &str, tracker: &TaskTracker, stop: &CancellationToken) {
     let handler = Effects {
@@ -721,15 +737,7 @@ async fn a_standby_replica_wakes_the_elected_relay() {
     apply_effects(&rig, "standby-wakeups", &tracker, &stop).await;
     // A poll far longer than the test: only a wake-up can get the events out in time.
     let poll = Duration::from_secs(120);
-    let elected = replica_relay(&rig, poll).await;
-    let elected_waker = elected.waker();
-    tracker.spawn(elected.run(stop.clone()));
-    wait_until(
-        "the first relay is elected",
-        Duration::from_secs(10),
-        || elected_waker.is_relaying(),
-    )
-    .await;
+    let (elected_waker, elected) = elected_relay(&rig, poll, &stop).await;
     let standby = replica_relay(&rig, poll).await;
     let standby_waker = standby.waker();
     tracker.spawn(standby.run(stop.clone()));
@@ -746,6 +754,7 @@ async fn a_standby_replica_wakes_the_elected_relay() {
     assert!(elected_waker.is_relaying());
     assert!(!standby_waker.is_relaying());
     stop.cancel();
+    elected.await.unwrap();
     tracker.close();
     tracker.wait().await;
 }
@@ -756,16 +765,8 @@ async fn a_standby_relay_takes_over_when_the_elected_one_stops() {
     let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
     apply_effects(&rig, "relay-takeover", &tracker, &stop).await;
     let poll = Duration::from_millis(50);
-    let first = replica_relay(&rig, poll).await;
-    let first_waker = first.waker();
     let first_stop = CancellationToken::new();
-    let first_run = tokio::spawn(first.run(first_stop.clone()));
-    wait_until(
-        "the first relay is elected",
-        Duration::from_secs(10),
-        || first_waker.is_relaying(),
-    )
-    .await;
+    let (first_waker, first_run) = elected_relay(&rig, poll, &first_stop).await;
     let second = replica_relay(&rig, poll).await;
     let second_waker = second.waker();
     tracker.spawn(second.run(stop.clone()));
