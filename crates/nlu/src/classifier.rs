@@ -685,18 +685,7 @@ mod tests {
         let prediction = loaded.predict("refund please");
         assert_eq!(prediction.scope_score, prediction.confidence);
         // A version 2 model with a detector is not read as version 1.
-        let mut detector_model = TextClassifier::train(
-            &examples(),
-            &[],
-            &TrainingOptions {
-                out_of_scope_detector: ScopeDetectorOptions {
-                    min_examples: 0,
-                    ..ScopeDetectorOptions::default()
-                },
-                ..TrainingOptions::default()
-            },
-        )
-        .unwrap();
+        let mut detector_model = with_detector();
         assert!(detector_model.out_of_scope_detector().is_some());
         detector_model.summary.training_ms = 0;
         let mut v2_as_v1 = detector_model.to_bytes().unwrap();
@@ -707,9 +696,9 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn reads_version_2_models_whose_detector_has_no_prototype_input() {
-        let model = TextClassifier::train(
+    /// A model of [`examples`] with an out-of-scope detector, however few they are.
+    fn with_detector() -> TextClassifier {
+        TextClassifier::train(
             &examples(),
             &[],
             &TrainingOptions {
@@ -720,7 +709,12 @@ mod tests {
                 ..TrainingOptions::default()
             },
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn reads_version_2_models_whose_detector_has_no_prototype_input() {
+        let model = with_detector();
         let detector = model.out_of_scope_detector().unwrap();
         assert!(!detector.prototypes().is_empty());
         let v2 = StoredV2 {

@@ -101,12 +101,13 @@ pub async fn enqueue_sqlite(
 #[derive(Clone, Default)]
 pub struct OutboxWaker {
     local: Arc<Notify>,
-    remote: Option<Arc<RemoteWakeups>>,
+    shared: Arc<RelayState>,
 }
 
-/// The state a waker shares with its relay when wake-ups cross replicas.
+/// What a waker shares with its relay: whether the relay is elected, and the wake-ups to pass
+/// to the replica that is. A waker made without a relay has its own, never elected.
 #[derive(Default)]
-struct RemoteWakeups {
+struct RelayState {
     /// Whether this process's relay holds the election.
     relaying: AtomicBool,
     /// Set when a wake-up must be passed on; the relay's forwarder sends one message per
@@ -118,19 +119,15 @@ impl OutboxWaker {
     /// Wakes the relay.
     pub fn wake(&self) {
         self.local.notify_one();
-        if let Some(remote) = &self.remote
-            && !remote.relaying.load(Ordering::Acquire)
-        {
-            remote.forward.notify_one();
+        if !self.is_relaying() {
+            self.shared.forward.notify_one();
         }
     }
 
     /// Whether this process's relay publishes: always with SQLite (one process), with
     /// PostgreSQL while it holds the election. A waker of no relay reports `false`.
     pub fn is_relaying(&self) -> bool {
-        self.remote
-            .as_ref()
-            .is_some_and(|remote| remote.relaying.load(Ordering::Acquire))
+        self.shared.relaying.load(Ordering::Acquire)
     }
 }
 
@@ -167,8 +164,6 @@ pub struct OutboxRelay {
     bus: Bus,
     cfg: OutboxConfig,
     waker: OutboxWaker,
-    /// What the relay shares with its waker.
-    shared: Arc<RemoteWakeups>,
     /// The plain NATS subject on which the replicas of the service pass wake-ups to the one
     /// that relays.
     wakeups: Option<String>,
@@ -194,16 +189,11 @@ const SETTLE_CONCURRENCY: usize = 4;
 impl OutboxRelay {
     /// Creates a relay for a service's database.
     pub fn new(db: Db, bus: Bus, cfg: OutboxConfig) -> Self {
-        let shared = Arc::new(RemoteWakeups::default());
         Self {
             db,
             bus,
             cfg,
-            waker: OutboxWaker {
-                local: Arc::default(),
-                remote: Some(Arc::clone(&shared)),
-            },
-            shared,
+            waker: OutboxWaker::default(),
             wakeups: None,
             settling: Arc::default(),
             settle_slots: Arc::new(Semaphore::new(SETTLE_CONCURRENCY)),
@@ -255,7 +245,7 @@ impl OutboxRelay {
         };
         let forward = async {
             loop {
-                self.shared.forward.notified().await;
+                self.waker.shared.forward.notified().await;
                 if let Err(error) = client.publish(subject.clone(), bytes::Bytes::new()).await {
                     tracing::debug!(%error, "cannot pass an outbox wake-up on");
                 }
@@ -269,7 +259,7 @@ impl OutboxRelay {
     }
 
     async fn elect_and_relay(&self, shutdown: &CancellationToken) {
-        let relaying = &self.shared.relaying;
+        let relaying = &self.waker.shared.relaying;
         match self.db.clone() {
             Db::Sqlite(_) => {
                 relaying.store(true, Ordering::Release);
