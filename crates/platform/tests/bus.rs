@@ -17,10 +17,11 @@ use tandem_platform::db::Db;
 use tandem_platform::outbox::{OutboxRelay, OutboxWaker};
 use tandem_platform::{inbox, outbox};
 use tandem_proto::events::DIALOG;
+use tandem_proto::headers;
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::dialog::v1::{HandoffRequested, Message, MessagePosted};
 use tandem_proto::pb::routing::v1::HandoffQueued;
-use tandem_testkit::{NatsServer, Postgres};
+use tandem_testkit::{NatsServer, Postgres, TcpLink};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -824,5 +825,78 @@ async fn a_batch_that_fails_holds_back_the_next_one_already_claimed() {
         relay.pending().await.unwrap(),
         events.len() as i64,
         "nothing after the failing batch was published"
+    );
+}
+
+/// A connection that breaks in the middle of a batch loses what was in the socket, while the
+/// client sends what it had not written yet once it has reconnected. The events sent after the
+/// reconnection must not be stored ahead of the lost ones: the stream keeps the outbox's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_broken_mid_batch_keeps_the_stream_in_order() {
+    let rig = Rig::nats().await;
+    let Broker::Nats { server, .. } = &rig.broker else {
+        unreachable!("a NATS rig")
+    };
+    let link = TcpLink::start(([127, 0, 0, 1], server.port()).into())
+        .await
+        .unwrap();
+    let cfg = BusConfig {
+        nats_url: link.url("nats"),
+        ..rig.cfg.clone()
+    };
+    let bus = Bus::connect(&cfg, None).await.unwrap();
+    // One batch of 32 MiB, far more than the socket buffers hold: when the link breaks, part
+    // of the batch is lost in the sockets and part is still waiting in the client.
+    let batch = 1000;
+    let events: Vec<RawEvent> = (0..i64::from(batch))
+        .map(|i| RawEvent {
+            payload: bytes::Bytes::from(vec![b'x'; 32 * 1024]),
+            ..posted("cut", i)
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        rig.enqueue(chunk).await;
+    }
+    let relay = OutboxRelay::new(
+        rig.db.clone(),
+        bus,
+        OutboxConfig {
+            batch_size: batch,
+            ..OutboxConfig::default()
+        },
+    );
+    link.break_after(4 << 20);
+    let first = relay.publish_pending().await;
+    assert_eq!(link.breaks(), 1, "the link broke during the batch");
+    assert!(
+        first.is_err(),
+        "a batch cut short is not confirmed: {first:?}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while relay.pending().await.unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the batch went out");
+        let _ = relay.publish_pending().await;
+    }
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(DIALOG.name)
+        .await
+        .unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut stored = Vec::new();
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        let id = message.headers.get(headers::MSG_ID).unwrap().to_string();
+        if !stored.contains(&id) {
+            stored.push(id);
+        }
+    }
+    let sent: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(stored.len(), sent.len(), "every event stored once");
+    let first_out_of_place = stored.iter().zip(&sent).position(|(s, e)| s != e);
+    assert_eq!(
+        first_out_of_place, None,
+        "the stream holds the events in the outbox's order"
     );
 }

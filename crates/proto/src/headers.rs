@@ -5,6 +5,9 @@
 
 /// The event's unique id (UUIDv7). JetStream de-duplicates on it within the stream's window.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// Set by the relay on every event of a batch after the first one bound for the same stream:
+/// the broker stores the event only if the stream's last message is the one named here.
+pub const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// The fully qualified protobuf type of the payload, e.g. `tandem.routing.v1.HandoffAssigned`.
 pub const EVENT_TYPE: &str = "Tandem-Event-Type";
 /// The tenant the event belongs to; also the last token of the subject.

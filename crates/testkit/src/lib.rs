@@ -1,6 +1,7 @@
 //! Throwaway servers for Tandem's tests: a JetStream-enabled [`NatsServer`] and a
 //! [`Postgres`] cluster, each on a free loopback port with its data in a temp dir, with fault
-//! control (`stop`, `kill`, `restart` on the same port and data) for crash tests.
+//! control (`stop`, `kill`, `restart` on the same port and data) for crash tests, and a
+//! [`TcpLink`] to put in front of either when a test needs a connection to break mid-stream.
 //!
 //! ```no_run
 //! # async fn t() -> anyhow::Result<()> {
@@ -49,6 +50,7 @@
 //! `stop`, `kill`, `restart` and `Drop` first *disarm* the watchdog (SIGKILL it), so it never
 //! deletes data that a restart needs; `Drop` then kills the server and removes the dir itself.
 
+mod link;
 mod nats;
 mod postgres;
 mod process;
@@ -57,6 +59,7 @@ use std::path::PathBuf;
 
 use tokio::sync::OnceCell;
 
+pub use link::TcpLink;
 pub use nats::{
     MIN_NATS_VERSION, NatsServer, NatsVersion, check_nats_server, find_nats_server,
     parse_nats_version,

@@ -1,13 +1,14 @@
 //! The NATS JetStream adapter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt as _;
 use tandem_proto::events::STREAMS;
+use tandem_proto::headers::EXPECTED_LAST_MSG_ID;
 
-use super::{Acker, BusError, ConsumerSpec, Delivery, RawEvent};
+use super::{Acker, BusError, ConsumerSpec, Delivery, RawEvent, subject_matches};
 use crate::config::BusConfig;
 
 /// A connection to NATS with a JetStream context.
@@ -77,12 +78,30 @@ impl NatsBus {
     }
 
     /// Publishes in order; returns when every event is stored (duplicates count as stored).
+    ///
+    /// The batch is sent without waiting for each acknowledgement, so its order has to survive
+    /// a broken connection: the messages still in the socket are lost, while those the client
+    /// had not written yet go out after it reconnects. Every event after the first of its
+    /// stream therefore names the previous one as the stream's expected last message, and the
+    /// broker refuses it if that one is missing. A refused event fails the batch, and the
+    /// caller publishes it again from the start (the events already stored are acknowledged as
+    /// duplicates, which leave the stream's last message unchanged). This requires the caller
+    /// to be the only publisher of the stream while the batch is sent, as a service's elected
+    /// outbox relay is; another publisher makes batches fail, never reorders them.
     pub async fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
         let mut acks = Vec::with_capacity(events.len());
+        let mut last_of_stream: HashMap<&str, &str> = HashMap::new();
         for event in events {
             let mut headers = async_nats::HeaderMap::new();
             for (name, value) in event.header_pairs() {
                 headers.insert(name, value.as_str());
+            }
+            if let Some(stream) = STREAMS
+                .iter()
+                .find(|stream| subject_matches(stream.subjects, &event.subject))
+                && let Some(previous) = last_of_stream.insert(stream.name, &event.id)
+            {
+                headers.insert(EXPECTED_LAST_MSG_ID, previous);
             }
             let ack = self
                 .jetstream
