@@ -900,3 +900,55 @@ async fn a_connection_broken_mid_batch_keeps_the_stream_in_order() {
         "the stream holds the events in the outbox's order"
     );
 }
+
+/// An operator deletes a service's durable consumer on the server: the service's consumer opens
+/// it again and goes on, and the events it reads again are applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_durable_consumer_is_opened_again() {
+    let rig = Rig::nats().await;
+    let Broker::Nats { server, .. } = &rig.broker else {
+        unreachable!("a NATS rig")
+    };
+    let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+    apply_effects(&rig, "deleted", &tracker, &stop).await;
+    let before: Vec<RawEvent> = (0..5).map(|i| posted("deleted", i)).collect();
+    rig.bus.publish_batch(&before).await.unwrap();
+    wait_for_effects(&rig, 5, Duration::from_secs(20)).await;
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(DIALOG.name)
+        .await
+        .unwrap();
+    stream.delete_consumer("deleted").await.unwrap();
+    let after: Vec<RawEvent> = (5..10).map(|i| posted("deleted", i)).collect();
+    rig.bus.publish_batch(&after).await.unwrap();
+    let effects = wait_for_effects(&rig, 10, Duration::from_secs(30)).await;
+    // Whatever the re-created consumer delivers again must be skipped, not applied twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all: Vec<RawEvent> = before.into_iter().chain(after).collect();
+    assert_eq!(effects.len(), 10);
+    assert_exactly_once(&rig.effects().await, &all);
+    stream.consumer_info("deleted").await.unwrap();
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// A batch larger than the publishes the client lets wait for an acknowledgement (4,096) goes
+/// out whole, instead of waiting forever for a free slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_acknowledgements_in_flight_goes_out() {
+    let rig = Rig::nats().await;
+    let events: Vec<RawEvent> = (0..5000).map(|i| posted("large", i)).collect();
+    for chunk in events.chunks(1000) {
+        rig.enqueue(chunk).await;
+    }
+    let relay = rig.relay(10_000);
+    let published = tokio::time::timeout(Duration::from_secs(60), relay.publish_pending())
+        .await
+        .expect("the batch did not wait forever")
+        .unwrap();
+    assert_eq!(published, 5000);
+    assert_eq!(relay.pending().await.unwrap(), 0);
+}

@@ -19,6 +19,10 @@ pub struct NatsBus {
     cfg: BusConfig,
 }
 
+/// Publishes whose acknowledgement has not arrived, at most: the client makes a further publish
+/// wait for a free slot, so a batch waits for its acknowledgements this many at a time.
+const ACKS_IN_FLIGHT: usize = 4096;
+
 fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
@@ -40,7 +44,7 @@ impl NatsBus {
     pub fn from_client(client: async_nats::Client, cfg: &BusConfig) -> Self {
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
-            .max_ack_inflight(4096)
+            .max_ack_inflight(ACKS_IN_FLIGHT)
             .build(client.clone());
         Self {
             client,
@@ -89,72 +93,43 @@ impl NatsBus {
     /// to be the only publisher of the stream while the batch is sent, as a service's elected
     /// outbox relay is; another publisher makes batches fail, never reorders them.
     pub async fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
-        let mut acks = Vec::with_capacity(events.len());
         let mut last_of_stream: HashMap<&str, &str> = HashMap::new();
-        for event in events {
-            let mut headers = async_nats::HeaderMap::new();
-            for (name, value) in event.header_pairs() {
-                headers.insert(name, value.as_str());
+        for window in events.chunks(ACKS_IN_FLIGHT) {
+            let mut acks = Vec::with_capacity(window.len());
+            for event in window {
+                let mut headers = async_nats::HeaderMap::new();
+                for (name, value) in event.header_pairs() {
+                    headers.insert(name, value.as_str());
+                }
+                if let Some(stream) = STREAMS
+                    .iter()
+                    .find(|stream| subject_matches(stream.subjects, &event.subject))
+                    && let Some(previous) = last_of_stream.insert(stream.name, &event.id)
+                {
+                    headers.insert(EXPECTED_LAST_MSG_ID, previous);
+                }
+                let ack = self
+                    .jetstream
+                    .publish_with_headers(event.subject.clone(), headers, event.payload.clone())
+                    .await
+                    .map_err(unavailable)?;
+                acks.push(ack);
             }
-            if let Some(stream) = STREAMS
-                .iter()
-                .find(|stream| subject_matches(stream.subjects, &event.subject))
-                && let Some(previous) = last_of_stream.insert(stream.name, &event.id)
-            {
-                headers.insert(EXPECTED_LAST_MSG_ID, previous);
+            for ack in acks {
+                ack.await.map_err(unavailable)?;
             }
-            let ack = self
-                .jetstream
-                .publish_with_headers(event.subject.clone(), headers, event.payload.clone())
-                .await
-                .map_err(unavailable)?;
-            acks.push(ack);
-        }
-        for ack in acks {
-            ack.await.map_err(unavailable)?;
         }
         Ok(())
     }
 
     /// Gets or creates the durable pull consumer and starts its message stream.
     pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<NatsConsumer, BusError> {
-        let stream = self
-            .jetstream
-            .get_stream(spec.stream.name)
-            .await
-            .map_err(unavailable)?;
-        let config = consumer::pull::Config {
-            durable_name: Some(spec.durable.clone()),
-            description: Some(format!("tandem consumer {}", spec.durable)),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: spec.ack_wait,
-            max_deliver: spec.max_deliver,
-            filter_subjects: spec.filter_subjects.clone(),
-            max_ack_pending: spec.max_ack_pending,
-            backoff: spec.backoff.clone(),
-            ..Default::default()
-        };
-        // An existing durable keeps its delivery state; its settings are brought up to date.
-        let consumer: consumer::PullConsumer = match stream
-            .get_consumer::<consumer::pull::Config>(&spec.durable)
-            .await
-        {
-            Ok(_) => stream.update_consumer(config).await.map_err(unavailable)?,
-            Err(_) => stream
-                .get_or_create_consumer(&spec.durable, config)
-                .await
-                .map_err(unavailable)?,
-        };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(256)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(unavailable)?;
-        Ok(NatsConsumer { messages })
+        let messages = open(&self.jetstream, spec).await?;
+        Ok(NatsConsumer {
+            messages,
+            jetstream: self.jetstream.clone(),
+            spec: spec.clone(),
+        })
     }
 
     /// Flushes pending publishes, waiting at most two seconds: with the server unreachable a
@@ -171,9 +146,56 @@ impl NatsBus {
     }
 }
 
-/// A JetStream pull consumer's message stream.
+/// Gets or creates the durable pull consumer `spec` describes and starts its message stream.
+async fn open(
+    jetstream: &jetstream::Context,
+    spec: &ConsumerSpec,
+) -> Result<consumer::pull::Stream, BusError> {
+    let stream = jetstream
+        .get_stream(spec.stream.name)
+        .await
+        .map_err(unavailable)?;
+    let config = consumer::pull::Config {
+        durable_name: Some(spec.durable.clone()),
+        description: Some(format!("tandem consumer {}", spec.durable)),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        max_deliver: spec.max_deliver,
+        filter_subjects: spec.filter_subjects.clone(),
+        max_ack_pending: spec.max_ack_pending,
+        backoff: spec.backoff.clone(),
+        ..Default::default()
+    };
+    // An existing durable keeps its delivery state; its settings are brought up to date.
+    let consumer: consumer::PullConsumer = match stream
+        .get_consumer::<consumer::pull::Config>(&spec.durable)
+        .await
+    {
+        Ok(_) => stream.update_consumer(config).await.map_err(unavailable)?,
+        Err(_) => stream
+            .get_or_create_consumer(&spec.durable, config)
+            .await
+            .map_err(unavailable)?,
+    };
+    consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(unavailable)
+}
+
+/// A JetStream pull consumer's message stream. When the stream ends (the durable consumer was
+/// deleted on the server, or the server refused further pulls), it opens the consumer again,
+/// creating it if it is gone, so a service's consumer never stops while the service runs. A
+/// re-created durable starts from the stream's first event; the inbox skips those applied.
 pub struct NatsConsumer {
     messages: consumer::pull::Stream,
+    jetstream: jetstream::Context,
+    spec: ConsumerSpec,
 }
 
 impl NatsConsumer {
@@ -181,7 +203,10 @@ impl NatsConsumer {
     pub async fn next(&mut self) -> Result<Delivery, BusError> {
         loop {
             let message = match self.messages.next().await {
-                None => return Err(BusError::Closed),
+                None => {
+                    self.reopen().await;
+                    continue;
+                }
                 Some(Err(e)) => {
                     // Missed heartbeats and similar are transient: the stream keeps going. The
                     // pause keeps a persistent failure (server gone) from spinning.
@@ -208,6 +233,25 @@ impl NatsConsumer {
                 Err(error) => {
                     tracing::error!(%error, %subject, "dropping malformed event");
                     let _ = acker.ack_with(jetstream::AckKind::Term).await;
+                }
+            }
+        }
+    }
+
+    /// Opens the consumer again, retrying with a growing pause until it works.
+    async fn reopen(&mut self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tracing::warn!(consumer = %self.spec.durable, "consumer stream ended, opening it again");
+            match open(&self.jetstream, &self.spec).await {
+                Ok(messages) => {
+                    self.messages = messages;
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(consumer = %self.spec.durable, %error, "cannot open consumer");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
         }
