@@ -71,6 +71,32 @@ pub async fn prune(db: &Db, keep: std::time::Duration) -> Result<u64, sqlx::Erro
     })
 }
 
+/// How often [`prune_until`] deletes old claims.
+pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Keeps the inbox from growing without end: every `every`, deletes the claims older than
+/// `keep`, until `shutdown`. `keep` must outlast every redelivery of an event, so a service
+/// keeps claims a day longer than its stream keeps events (a durable consumer created again
+/// reads the stream from its first event).
+pub async fn prune_until(
+    db: Db,
+    keep: std::time::Duration,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match prune(&db, keep).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "old inbox claims deleted"),
+            Err(error) => tracing::warn!(%error, "cannot delete old inbox claims"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Records that `consumer` handles each of `event_ids`; returns those it had not handled yet.
 ///
 /// The ids travel as one array, so the statement is the same for every batch size.

@@ -22,6 +22,7 @@ use crate::bus::memory::MemoryBus;
 use crate::config::{BusConfig, GrpcConfig, ServiceConfig, Validate};
 use crate::db::{Db, Migrations};
 use crate::grpc::GrpcServer;
+use crate::inbox;
 use crate::outbox::{OutboxRelay, OutboxWaker};
 
 /// What a service gets to wire itself.
@@ -63,7 +64,8 @@ pub trait Service {
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
-/// Opens the database, migrates, connects the bus and starts the outbox relay of one service.
+/// Opens the database, migrates, connects the bus and starts the outbox relay of one service,
+/// and the pruning of its inbox.
 pub async fn prepare<S: Service>(
     cfg: &ServiceConfig<S::Settings>,
     memory_bus: Option<&MemoryBus>,
@@ -86,6 +88,12 @@ pub async fn prepare<S: Service>(
         .with_wakeups(tandem_proto::events::outbox_wakeups_for(S::NAME));
     let waker = relay.waker();
     tracker.spawn(relay.run(shutdown.clone()));
+    tracker.spawn(inbox::prune_until(
+        db.clone(),
+        cfg.bus.max_age + std::time::Duration::from_secs(24 * 3600),
+        inbox::PRUNE_EVERY,
+        shutdown.clone(),
+    ));
     Ok((db, bus, waker))
 }
 

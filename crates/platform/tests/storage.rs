@@ -239,6 +239,45 @@ async fn inbox_prune_keeps_recent_claims(db: Db) {
     let removed = inbox::prune(&db, Duration::from_secs(3600)).await.unwrap();
     assert_eq!(removed, 0);
     assert!(!claim(&db, "c", "recent", true).await);
+
+    // A claim from two hours ago goes at the next round of the service's pruning task.
+    assert!(claim(&db, "c", "old", true).await);
+    let two_hours_ago = chrono::Utc::now() - chrono::Duration::hours(2);
+    match &db {
+        Db::Postgres(pool) => {
+            sqlx::query("UPDATE tandem_inbox SET processed_at = $1 WHERE event_id = 'old'")
+                .bind(two_hours_ago)
+                .execute(pool)
+                .await
+                .map(drop)
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query("UPDATE tandem_inbox SET processed_at = ?1 WHERE event_id = 'old'")
+                .bind(two_hours_ago.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .execute(pool)
+                .await
+                .map(drop)
+        }
+    }
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pruning = tokio::spawn(inbox::prune_until(
+        db.clone(),
+        Duration::from_secs(3600),
+        Duration::from_millis(10),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    pruning.await.unwrap();
+    assert!(
+        claim(&db, "c", "old", false).await,
+        "the old claim was deleted"
+    );
+    assert!(
+        !claim(&db, "c", "recent", false).await,
+        "the recent one kept"
+    );
 }
 
 macro_rules! storage_contract_tests {
