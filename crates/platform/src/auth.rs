@@ -94,9 +94,28 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub iss: String,
-    /// Audience.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Audience. A token may name one or several (a JSON string or array); several are kept
+    /// here separated by spaces. Verification checks the configured audience against each.
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "one_or_several"
+    )]
     pub aud: String,
+}
+
+/// Reads the `aud` claim, a string or an array of strings.
+fn one_or_several<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Audience {
+        One(String),
+        Several(Vec<String>),
+    }
+    Ok(match Audience::deserialize(deserializer)? {
+        Audience::One(one) => one,
+        Audience::Several(several) => several.join(" "),
+    })
 }
 
 /// A verified caller, attached to every authenticated request.
@@ -624,6 +643,47 @@ mod tests {
             .verify(&token)
             .unwrap_err();
         assert!(err.to_string().contains("Expired"), "{err}");
+    }
+
+    #[test]
+    fn tokens_naming_several_audiences_verify() {
+        #[derive(Serialize)]
+        struct ManyAudiences {
+            sub: &'static str,
+            tenant: &'static str,
+            roles: Vec<Role>,
+            exp: u64,
+            iss: String,
+            aud: Vec<String>,
+        }
+        let cfg = dev_config();
+        let key = EncodingKey::from_secret(cfg.hs256_secret.expose().as_bytes());
+        let claims = ManyAudiences {
+            sub: "x",
+            tenant: "acme",
+            roles: vec![Role::Agent],
+            exp: u64::try_from(chrono::Utc::now().timestamp()).unwrap() + 600,
+            iss: cfg.issuer.clone(),
+            aud: vec!["billing".into(), cfg.audience.clone()],
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        let caller = Authenticator::from_config(&cfg)
+            .unwrap()
+            .verify(&token)
+            .unwrap();
+        assert_eq!(caller.tenant.as_str(), "acme");
+
+        let elsewhere = ManyAudiences {
+            aud: vec!["billing".into(), "crm".into()],
+            ..claims
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &elsewhere, &key).unwrap();
+        assert!(
+            Authenticator::from_config(&cfg)
+                .unwrap()
+                .verify(&token)
+                .is_err()
+        );
     }
 
     #[test]

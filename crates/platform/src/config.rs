@@ -299,16 +299,16 @@ impl Validate for GrpcConfig {
                 "must be positive",
             ));
         }
-        if self.concurrency_limit_per_connection == 0 {
+        if !(1..=1_000_000).contains(&self.concurrency_limit_per_connection) {
             errors.push(ConfigError::new(
                 join(path, "concurrency_limit_per_connection"),
-                "must be positive",
+                "must be between 1 and 1000000",
             ));
         }
-        if self.global_concurrency_limit == 0 {
+        if !(1..=1_000_000).contains(&self.global_concurrency_limit) {
             errors.push(ConfigError::new(
                 join(path, "global_concurrency_limit"),
-                "must be positive",
+                "must be between 1 and 1000000",
             ));
         }
         if self.max_concurrent_streams == 0 {
@@ -855,9 +855,18 @@ mod tests {
                 "TANDEM_ROUTING__BUS__STREAM_REPLICAS".to_owned(),
                 "9".to_owned(),
             ),
+            // Large enough to make a semaphore panic if it were accepted.
+            (
+                "TANDEM_ROUTING__GRPC__GLOBAL_CONCURRENCY_LIMIT".to_owned(),
+                "3000000000000000000".to_owned(),
+            ),
         ]);
         let errors = load::<Cfg>("routing", None, &env).unwrap_err().0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"grpc.global_concurrency_limit"),
+            "{paths:?}"
+        );
         assert!(paths.contains(&"grpc.max_message_bytes"), "{paths:?}");
         assert!(paths.contains(&"bus.stream_replicas"), "{paths:?}");
         assert!(paths.contains(&"auth"), "{paths:?}");

@@ -7,9 +7,14 @@
 //! server.serve(listener, shutdown).await?;
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -159,7 +164,6 @@ impl GrpcServer {
 
         let cfg = &self.cfg;
         let mut builder = Server::builder()
-            .timeout(cfg.request_timeout)
             .concurrency_limit_per_connection(cfg.concurrency_limit_per_connection)
             .load_shed(true)
             .max_concurrent_streams(Some(cfg.max_concurrent_streams))
@@ -169,15 +173,12 @@ impl GrpcServer {
         if !cfg.max_connection_age.is_zero() {
             builder = builder.max_connection_age(cfg.max_connection_age);
         }
-        let global_limit = tower::ServiceBuilder::new()
-            .map_result(overload_as_unavailable::<tonic::body::Body>)
-            .load_shed()
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                cfg.global_concurrency_limit,
-            ));
         let router = builder
             .layer(ServerTraceLayer)
-            .layer(global_limit)
+            .layer(CallLimitsLayer::new(
+                cfg.global_concurrency_limit,
+                cfg.request_timeout,
+            ))
             .add_routes(self.routes.routes());
 
         let incoming =
@@ -195,18 +196,148 @@ impl GrpcServer {
     }
 }
 
-/// Answers a call shed by the process-wide concurrency limit with UNAVAILABLE. Left alone, the
-/// `Overloaded` error reaches tonic, which answers RESOURCE_EXHAUSTED ("too many active requests
-/// for the connection"): right for its own per-connection limit, where one caller uses more than
-/// its share, but wrong for overload of the whole process, which clients should back off from
-/// and retry, possibly on another replica.
-fn overload_as_unavailable<B: Default>(
-    result: Result<http::Response<B>, tower::BoxError>,
-) -> Result<http::Response<B>, tower::BoxError> {
-    match result {
-        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => {
-            Ok(tonic::Status::unavailable("server overloaded, retry later").into_http())
+/// The limits every call meets inside the server, after tracing (which then counts the codes
+/// they answer with):
+///
+/// - **Process-wide concurrency.** A call beyond `global_concurrency_limit` calls in progress is
+///   answered UNAVAILABLE at once ("server overloaded, retry later"), never queued: overload of
+///   the whole process is something clients should back off from and retry, possibly on another
+///   replica. (tonic's own per-connection limit answers RESOURCE_EXHAUSTED: there one caller
+///   uses more than its share.) Health checks are never shed, so that an orchestrator does not
+///   restart a replica because it is busy.
+/// - **Deadline.** A call still running after `request_timeout`, or after the caller's
+///   `grpc-timeout` if that is shorter, is dropped and answered DEADLINE_EXCEEDED: its work may
+///   or may not have been done, which CANCELLED would not say.
+#[derive(Clone, Debug)]
+struct CallLimitsLayer {
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl CallLimitsLayer {
+    fn new(concurrency: usize, timeout: Duration) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(concurrency.min(Semaphore::MAX_PERMITS))),
+            timeout,
         }
-        other => other,
+    }
+}
+
+impl<S> tower::Layer<S> for CallLimitsLayer {
+    type Service = CallLimits<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallLimits {
+            inner,
+            permits: self.permits.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The service made by [`CallLimitsLayer`].
+#[derive(Clone, Debug)]
+struct CallLimits<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CallLimits<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let permit = if request.uri().path().starts_with("/grpc.health.") {
+            None
+        } else {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    return Box::pin(std::future::ready(Ok(tonic::Status::unavailable(
+                        "server overloaded, retry later",
+                    )
+                    .into_http())));
+                }
+            }
+        };
+        let limit = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| parse_grpc_timeout(value.as_bytes()))
+            .map_or(self.timeout, |asked| asked.min(self.timeout));
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let _permit = permit;
+            match tokio::time::timeout(limit, call).await {
+                Ok(result) => result,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the call did not finish within its deadline ({} ms)",
+                    limit.as_millis()
+                ))
+                .into_http()),
+            }
+        })
+    }
+}
+
+/// Reads a `grpc-timeout` header value: at most eight digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`). Anything else is ignored, as if the caller had set no deadline.
+fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_values() {
+        assert_eq!(
+            parse_grpc_timeout(b"200m"),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(parse_grpc_timeout(b"1S"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_grpc_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout(b"99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(parse_grpc_timeout(b"5n"), Some(Duration::from_nanos(5)));
+        for bad in [
+            &b""[..],
+            b"m",
+            b"123456789m",
+            b"12x",
+            b"-1S",
+            b"1.5S",
+            b"S1",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

@@ -156,6 +156,7 @@ where
                             .to_owned(),
                         Err(_) => "transport".to_owned(),
                     };
+                    let method = metric_label(method);
                     metrics::counter!(crate::metrics::GRPC_REQUESTS_TOTAL, "method" => method.clone(), "code" => code).increment(1);
                     metrics::histogram!(crate::metrics::GRPC_REQUEST_SECONDS, "method" => method).record(started.elapsed().as_secs_f64());
                 }
@@ -163,6 +164,39 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Every `/<package>.<Service>/<Method>` path of Tandem's contracts.
+static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        let set = <prost_types::FileDescriptorSet as prost::Message>::decode(
+            tandem_proto::FILE_DESCRIPTOR_SET,
+        )
+        .unwrap_or_default();
+        let mut known = std::collections::HashSet::new();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    known.insert(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+        known
+    });
+
+/// The `method` label of a call's metrics: its path when it is one of the contracts' methods,
+/// else `unknown`, so that callers sending made-up paths cannot add series without end.
+fn metric_label(path: String) -> String {
+    if KNOWN_METHODS.contains(&path) {
+        path
+    } else {
+        "unknown".to_owned()
     }
 }
 
@@ -220,6 +254,17 @@ fn percent_decoded_starts_with(encoded: &[u8], prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_label_only_the_contracts_methods() {
+        let known = "/tandem.policy.v1.PolicyService/Decide".to_owned();
+        assert_eq!(metric_label(known.clone()), known);
+        assert_eq!(
+            metric_label("/tandem.policy.v1.PolicyService/Nope".into()),
+            "unknown"
+        );
+        assert_eq!(metric_label("/x.Y/z-1234".into()), "unknown");
+    }
 
     #[test]
     fn decode_failure_text_matches_encoded_and_plain_messages() {
