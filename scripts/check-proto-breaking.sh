@@ -9,15 +9,25 @@ cd "$(dirname "$0")/.."
 BUF="${1:-buf}"
 
 branch="$(git rev-parse --abbrev-ref HEAD 2>/dev/null || echo detached)"
+# A shallow clone may lack the previous commit: fetch it rather than skip the check.
+if [[ -z "${PROTO_BASELINE:-}" && "$(git rev-parse --is-shallow-repository 2>/dev/null)" == "true" ]]; then
+    git fetch -q --deepen=1 2>/dev/null || true
+fi
 if [[ -n "${PROTO_BASELINE:-}" ]]; then
     against="$PROTO_BASELINE"
 elif [[ "$branch" != "main" ]] && git rev-parse --verify -q main >/dev/null; then
     against=".git#branch=main,subdir=proto"
+elif [[ "$branch" != "main" ]] && git rev-parse --verify -q origin/main >/dev/null; then
+    against=".git#ref=origin/main,subdir=proto"
 elif git rev-parse --verify -q HEAD~1 >/dev/null && git cat-file -e HEAD~1:proto 2>/dev/null; then
     against=".git#ref=HEAD~1,subdir=proto"
-else
+elif git rev-parse --verify -q HEAD~1 >/dev/null || [[ -z "${CI:-}" ]]; then
+    # The previous commit has no contracts (they are new), or a local checkout without history.
     echo "proto breaking check: no earlier contracts to compare with"
     exit 0
+else
+    echo "proto breaking check: no baseline in this clone (set PROTO_BASELINE)" >&2
+    exit 1
 fi
 echo "proto breaking check against $against"
 "$BUF" breaking proto --against "$against"
