@@ -19,7 +19,8 @@ For every Tandem service (a Deployment whose container runs `serve <service>`):
   - gRPC startup, readiness (service tandem.<svc>.v1.*Service) and liveness (overall health)
     probes on port 50051, and container ports 50051 and 9090;
   - a preStop sleep, and terminationGracePeriodSeconds >= preStop + 25 and greater than
-    preStop + grpc.not_serving_delay + grpc.drain_timeout (from the mounted TOML and the env);
+    preStop + grpc.not_serving_delay + grpc.drain_timeout (from the mounted TOML and the env)
+    + 9 s of stopping after the drain;
   - TANDEM_* variables only for its own prefix, the database URL from a Secret;
   - bus.stream_replicas no larger than the NATS StatefulSet's replicas;
   - a Service (port 50051, appProtocol kubernetes.io/h2c), a PodDisruptionBudget and a
@@ -39,6 +40,9 @@ import yaml
 GRPC_PORT = 50051
 METRICS_PORT = 9090
 MIN_GRACE_OVER_PRESTOP = 25
+# After the drain a service waits up to 5 s for its background tasks, 2 s for the bus flush and
+# 2 s for its database connections (crates/platform/src/runtime.rs).
+AFTER_DRAIN = 9
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 
 
@@ -219,9 +223,10 @@ def check_tandem_service(where: str, svc: str, doc: dict, c: dict, ctx: dict, r:
     try:
         delay = parse_duration(str(setting("grpc", "not_serving_delay", "0s")))
         drain = parse_duration(str(setting("grpc", "drain_timeout", "20s")))
-        if grace <= prestop + delay + drain:
+        if grace <= prestop + delay + drain + AFTER_DRAIN:
             r.add(where, f"terminationGracePeriodSeconds {grace} <= preStop {prestop} + "
-                         f"not_serving_delay {delay:g} + drain_timeout {drain:g}")
+                         f"not_serving_delay {delay:g} + drain_timeout {drain:g} + "
+                         f"{AFTER_DRAIN} s of stopping after the drain")
     except ValueError as e:
         r.add(where, str(e))
 

@@ -314,7 +314,8 @@ pub async fn serve(
         Some(task) => task.await.context("the demo seeding task panicked")?,
         None => Ok(()),
     };
-    tandem_platform::runtime::wait_for_tasks(&tracker, cfg.grpc.drain_timeout).await;
+    tandem_platform::runtime::wait_for_tasks(&tracker, tandem_platform::runtime::TASKS_STOP_WITHIN)
+        .await;
     if let Err(error) = memory_bus.flush().await {
         tracing::warn!(%error, "bus journal flush failed at shutdown");
     }
