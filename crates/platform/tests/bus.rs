@@ -579,6 +579,16 @@ impl Handler for Ordered {
 }
 
 async fn per_key_order_is_kept(rig: Rig) {
+    per_key_order(rig, RunOptions::new("ordered").attempts_in_lane).await;
+}
+
+/// Events whose first attempt fails are handed back to the broker at once: the later events
+/// of their key wait for them.
+async fn per_key_order_is_kept_when_an_event_is_handed_back(rig: Rig) {
+    per_key_order(rig, 1).await;
+}
+
+async fn per_key_order(rig: Rig, attempts_in_lane: u32) {
     let keys = ["k1", "k2", "k3", "k4"];
     let per_key = 60;
     let mut events = Vec::new();
@@ -606,6 +616,8 @@ async fn per_key_order_is_kept(rig: Rig) {
     let consumer = rig.bus.consumer(&spec).await.unwrap();
     let options = RunOptions {
         lanes: 4,
+        attempts_in_lane,
+        nak_delay: Duration::from_millis(100),
         ..RunOptions::new("ordered")
     };
     tracker.spawn(runner::run(consumer, handler, options, stop.clone()));
@@ -669,6 +681,11 @@ macro_rules! bus_contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn per_key_order_is_kept() {
                 super::per_key_order_is_kept($rig).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn per_key_order_is_kept_when_an_event_is_handed_back() {
+                super::per_key_order_is_kept_when_an_event_is_handed_back($rig).await;
             }
         }
     };

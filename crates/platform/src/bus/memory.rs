@@ -340,6 +340,15 @@ impl MemoryBus {
                         pending.due = Instant::now() + delay;
                     }
                 }
+                Settle::Progress => {
+                    let wait = consumer
+                        .pending
+                        .get(&seq)
+                        .map(|pending| consumer.wait_after(pending.deliveries));
+                    if let (Some(pending), Some(wait)) = (consumer.pending.get_mut(&seq), wait) {
+                        pending.due = Instant::now() + wait;
+                    }
+                }
             }
         }
         self.inner.notify.notify_waiters();
@@ -373,6 +382,7 @@ impl MemoryBus {
 enum Settle {
     Ack,
     Nak(Duration),
+    Progress,
     Term,
 }
 
@@ -511,6 +521,10 @@ impl MemoryAcker {
 
     pub(super) fn nak(self, delay: Duration) {
         self.bus.settle(&self.durable, self.seq, Settle::Nak(delay));
+    }
+
+    pub(super) fn progress(&self) {
+        self.bus.settle(&self.durable, self.seq, Settle::Progress);
     }
 
     pub(super) fn term(self) {

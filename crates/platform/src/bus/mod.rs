@@ -457,6 +457,21 @@ impl Delivery {
         }
     }
 
+    /// Tells the broker the event is still being worked on: its redelivery waits another ack
+    /// wait. The delivery stays open.
+    pub async fn progress(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Nats(acker) => acker
+                .ack_with(async_nats::jetstream::AckKind::Progress)
+                .await
+                .map_err(|e| BusError::Unavailable(e.to_string())),
+            Acker::Memory(acker) => {
+                acker.progress();
+                Ok(())
+            }
+        }
+    }
+
     /// Gives the event up for good (it can never be handled).
     pub async fn term(self) -> Result<(), BusError> {
         match self.acker {

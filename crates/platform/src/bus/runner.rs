@@ -3,16 +3,20 @@
 //! Deliveries are spread over `lanes` workers by their ordering key, so events of one key
 //! (one conversation) are handled one at a time and in order, while different keys proceed in
 //! parallel. A transient failure is retried inside its lane, holding back later events of the
-//! same key, before the event is handed back to the broker; a permanent failure is logged and
-//! the event terminated. Handlers make their effects idempotent with [`crate::inbox`], because
+//! same key, before the event is handed back to the broker; the lane then keeps holding back the
+//! key's later events (unsettled, with progress reports to the broker) until the event comes
+//! back and is handled, or for twice its redelivery delay plus a second when it does not come
+//! back to this lane. A permanent failure is logged and the event terminated. Handlers make their effects idempotent with [`crate::inbox`], because
 //! every delivery may be a redelivery.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -162,6 +166,70 @@ pub async fn run<H: Handler>(
     tracker.wait().await;
 }
 
+/// How often a lane tells the broker that the events it holds back are still being worked on.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// The later events of one key, held back in a lane behind an event of that key which was
+/// handed back to the broker, so that they are handled after it.
+struct Hold {
+    /// The event handed back; when it comes back to this lane it runs first, then the rest.
+    event_id: String,
+    /// When the hold lapses even if the event has not come back here: another replica may
+    /// have received it.
+    until: Instant,
+    /// The held events in arrival order; none of them is settled while held.
+    parked: VecDeque<Delivery>,
+}
+
+impl Hold {
+    /// Adds `delivery`, replacing an earlier delivery of the same event (the broker may have
+    /// delivered it again), whose settlement then goes nowhere.
+    fn park(&mut self, delivery: Delivery) {
+        match self
+            .parked
+            .iter_mut()
+            .find(|held| held.event.id == delivery.event.id)
+        {
+            Some(held) => *held = delivery,
+            None => self.parked.push_back(delivery),
+        }
+    }
+}
+
+/// What became of a delivery handled in a lane.
+enum Handled {
+    /// Acknowledged or terminated.
+    Settled,
+    /// Handed back to the broker, to come again after this delay.
+    HandedBack(Duration),
+}
+
+/// The holds of one lane, by ordering key.
+#[derive(Default)]
+struct Holds(HashMap<String, Hold>);
+
+impl Holds {
+    /// Holds back the events of `key` behind `event_id`, handed back for `delay`, with
+    /// `parked` (later events of the key) behind it.
+    fn hold(&mut self, key: String, event_id: String, delay: Duration, parked: VecDeque<Delivery>) {
+        // Long enough for the redelivery to arrive, short enough not to stall the key for good
+        // when another replica receives it.
+        let until = Instant::now() + delay.saturating_mul(2) + Duration::from_secs(1);
+        self.0.insert(
+            key,
+            Hold {
+                event_id,
+                until,
+                parked,
+            },
+        );
+    }
+
+    fn next_lapse(&self) -> Option<Instant> {
+        self.0.values().map(|hold| hold.until).min()
+    }
+}
+
 async fn lane<H: Handler>(
     mut rx: mpsc::Receiver<Delivery>,
     handler: Arc<H>,
@@ -169,73 +237,152 @@ async fn lane<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let max_batch = options.max_batch.max(1);
-    let mut batch = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    let mut holds = Holds::default();
+    let mut progress_at = Instant::now() + PROGRESS_EVERY;
+    loop {
+        let wake = holds
+            .next_lapse()
+            .map_or(progress_at, |lapse| lapse.min(progress_at));
+        let first = tokio::select! {
+            next = rx.recv() => match next {
+                Some(delivery) => Some(delivery),
+                None => break,
+            },
+            () = tokio::time::sleep_until(wake), if !holds.0.is_empty() => None,
+        };
+        if shutdown.is_cancelled() {
+            // Leave everything unacknowledged: the broker redelivers it to a live replica.
+            holds.0.clear();
+            continue;
+        }
+        let now = Instant::now();
+        if now >= progress_at {
+            for hold in holds.0.values() {
+                for delivery in &hold.parked {
+                    let _ = delivery.progress().await;
+                }
+            }
+            progress_at = now + PROGRESS_EVERY;
+        }
+        let lapsed: Vec<String> = holds
+            .0
+            .iter()
+            .filter(|(_, hold)| hold.until <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in lapsed {
+            if let Some(hold) = holds.0.remove(&key) {
+                run_in_order(key, hold.parked, &mut holds, &*handler, &options, &shutdown).await;
             }
         }
-        if shutdown.is_cancelled() {
-            // Leave them unacknowledged: the broker redelivers them to a live replica.
-            batch.clear();
+        let Some(first) = first else { continue };
+
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut next = Some(first);
+        while let Some(delivery) = next.take() {
+            match delivery.event.ordering_key.clone() {
+                Some(key) if holds.0.contains_key(&key) => {
+                    let Some(hold) = holds.0.get_mut(&key) else {
+                        continue;
+                    };
+                    if hold.event_id == delivery.event.id {
+                        // The event the key waited for is back: it runs, then those behind it.
+                        let mut sequence =
+                            holds.0.remove(&key).map(|h| h.parked).unwrap_or_default();
+                        sequence.push_front(delivery);
+                        run_in_order(key, sequence, &mut holds, &*handler, &options, &shutdown)
+                            .await;
+                    } else {
+                        hold.park(delivery);
+                    }
+                }
+                _ => batch.push(delivery),
+            }
+            if batch.len() < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
             continue;
         }
         let span = tracing::info_span!("event.handle_batch", consumer = %options.name, events = batch.len());
         if let Some(first) = batch.first() {
             crate::propagation::set_parent_from(&span, &first.event.headers);
         }
-        handle_batch(std::mem::take(&mut batch), &*handler, &options, &shutdown)
+        handle_batch(batch, &mut holds, &*handler, &options, &shutdown)
             .instrument(span)
             .await;
     }
 }
 
-async fn handle_batch<H: Handler>(
-    batch: Vec<Delivery>,
+/// Handles the events of one key one by one, in order, until one is handed back: that one is
+/// then held, with the rest parked behind it.
+async fn run_in_order<H: Handler>(
+    key: String,
+    mut sequence: VecDeque<Delivery>,
+    holds: &mut Holds,
     handler: &H,
     options: &RunOptions,
     shutdown: &CancellationToken,
 ) {
-    if batch.len() == 1 {
-        for delivery in batch {
-            handle_one(delivery, handler, options, shutdown).await;
+    while let Some(delivery) = sequence.pop_front() {
+        let event_id = delivery.event.id.clone();
+        if let Handled::HandedBack(delay) = handle_one(delivery, handler, options, shutdown).await {
+            holds.hold(key, event_id, delay, sequence);
+            return;
         }
-        return;
     }
-    let events: Vec<RawEvent> = batch.iter().map(|d| d.event.clone()).collect();
-    let mut delay = options.retry_delay;
-    let mut attempt = 1;
-    loop {
-        match handler.handle_batch(&events).await {
-            Ok(()) => {
-                record_lag(&events, options);
-                let acks = batch.into_iter().map(Delivery::ack);
-                for result in futures::future::join_all(acks).await {
-                    if let Err(error) = result {
-                        tracing::warn!(%error, "ack failed; the event will be redelivered and skipped by the inbox");
+}
+
+async fn handle_batch<H: Handler>(
+    batch: Vec<Delivery>,
+    holds: &mut Holds,
+    handler: &H,
+    options: &RunOptions,
+    shutdown: &CancellationToken,
+) {
+    if batch.len() > 1 {
+        let events: Vec<RawEvent> = batch.iter().map(|d| d.event.clone()).collect();
+        let mut delay = options.retry_delay;
+        let mut attempt = 1;
+        loop {
+            match handler.handle_batch(&events).await {
+                Ok(()) => {
+                    record_lag(&events, options);
+                    let acks = batch.into_iter().map(Delivery::ack);
+                    for result in futures::future::join_all(acks).await {
+                        if let Err(error) = result {
+                            tracing::warn!(%error, "ack failed; the event will be redelivered and skipped by the inbox");
+                        }
                     }
+                    metrics::counter!(EVENTS_HANDLED_TOTAL, "consumer" => options.name.clone(), "outcome" => "ok").increment(events.len() as u64);
+                    return;
                 }
-                metrics::counter!(EVENTS_HANDLED_TOTAL, "consumer" => options.name.clone(), "outcome" => "ok").increment(events.len() as u64);
-                return;
-            }
-            Err(HandlerError::Transient(reason))
-                if attempt < options.attempts_in_lane && !shutdown.is_cancelled() =>
-            {
-                tracing::debug!(%reason, attempt, "transient batch failure, retrying");
-                tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2);
-                attempt += 1;
-            }
-            Err(_) => {
-                // Isolate the failing event: handle the rest one by one, in order.
-                for delivery in batch {
-                    handle_one(delivery, handler, options, shutdown).await;
+                Err(HandlerError::Transient(reason))
+                    if attempt < options.attempts_in_lane && !shutdown.is_cancelled() =>
+                {
+                    tracing::debug!(%reason, attempt, "transient batch failure, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2);
+                    attempt += 1;
                 }
-                return;
+                // Isolate the failing event: handle the events one by one, in order.
+                Err(_) => break,
             }
+        }
+    }
+    for delivery in batch {
+        let key = delivery.event.ordering_key.clone();
+        if let Some(hold) = key.as_ref().and_then(|key| holds.0.get_mut(key)) {
+            // An earlier event of its key in this batch was handed back.
+            hold.park(delivery);
+            continue;
+        }
+        let event_id = delivery.event.id.clone();
+        if let (Handled::HandedBack(delay), Some(key)) =
+            (handle_one(delivery, handler, options, shutdown).await, key)
+        {
+            holds.hold(key, event_id, delay, VecDeque::new());
         }
     }
 }
@@ -254,23 +401,23 @@ async fn handle_one<H: Handler>(
     handler: &H,
     options: &RunOptions,
     shutdown: &CancellationToken,
-) {
+) -> Handled {
     let mut delay = options.retry_delay;
     let mut attempt = 1;
     loop {
         let result = handler.handle(&delivery.event).await;
-        let outcome = match result {
+        let (outcome, handled) = match result {
             Ok(()) => {
                 record_lag(std::slice::from_ref(&delivery.event), options);
                 if let Err(error) = delivery.ack().await {
                     tracing::warn!(%error, "ack failed; the event will be redelivered and skipped by the inbox");
                 }
-                "ok"
+                ("ok", Handled::Settled)
             }
             Err(HandlerError::Permanent(reason)) => {
                 tracing::error!(%reason, "event cannot be handled, terminating it");
                 let _ = delivery.term().await;
-                "rejected"
+                ("rejected", Handled::Settled)
             }
             Err(HandlerError::Transient(reason))
                 if attempt < options.attempts_in_lane && !shutdown.is_cancelled() =>
@@ -290,10 +437,10 @@ async fn handle_one<H: Handler>(
                     .min(options.max_nak_delay);
                 tracing::warn!(%reason, attempt, delivery = delivery.attempt, delay_ms = delay.as_millis() as u64, "transient failure, handing the event back");
                 let _ = delivery.nak(delay).await;
-                "retry"
+                ("retry", Handled::HandedBack(delay))
             }
         };
         metrics::counter!(EVENTS_HANDLED_TOTAL, "consumer" => options.name.clone(), "outcome" => outcome).increment(1);
-        return;
+        return handled;
     }
 }
