@@ -114,6 +114,10 @@ pub async fn serve_with<S: Service>(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Unreadable or malformed key files stop the start before any connection is made.
+    let auth = Arc::new(
+        Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?,
+    );
     let tracker = TaskTracker::new();
     // A dependency that is down can make start-up wait; a shutdown request still ends it.
     let prepared = tokio::select! {
@@ -126,9 +130,6 @@ pub async fn serve_with<S: Service>(
         }
     };
     let (db, bus, outbox) = prepared;
-    let auth = Arc::new(
-        Authenticator::from_config(&cfg.auth).context("cannot load token verification keys")?,
-    );
     let mut server = GrpcServer::new(&cfg.grpc);
     S::start(
         StartContext {
