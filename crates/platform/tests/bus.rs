@@ -969,3 +969,53 @@ async fn a_batch_larger_than_the_acknowledgements_in_flight_goes_out() {
     assert_eq!(published, 5000);
     assert_eq!(relay.pending().await.unwrap(), 0);
 }
+
+/// The in-process bus keeps messages for its retention's max age, in memory and in its journal,
+/// and de-duplicates within its retention's window.
+#[tokio::test]
+async fn the_in_process_bus_drops_messages_past_their_age() {
+    use tandem_platform::bus::memory::Retention;
+
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("bus.db");
+    let bus = MemoryBus::open(&journal).await.unwrap();
+    bus.set_retention(Retention {
+        max_age: Duration::from_millis(300),
+        duplicate_window: Duration::from_millis(100),
+    });
+    let old: Vec<RawEvent> = (0..3).map(|i| posted("aged", i)).collect();
+    bus.publish_batch(&old).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past the duplicate window the same id is stored again, as JetStream would.
+    let new = vec![posted("aged", 3), old[0].clone()];
+    bus.publish_batch(&new).await.unwrap();
+    bus.flush().await.unwrap();
+
+    let want = vec![new[0].id.clone(), new[1].id.clone()];
+    assert_eq!(
+        delivered(&bus, "aged").await,
+        want,
+        "only the young messages"
+    );
+    drop(bus);
+    let reopened = MemoryBus::open(&journal).await.unwrap();
+    assert_eq!(
+        delivered(&reopened, "fresh").await,
+        want,
+        "the journal dropped them too"
+    );
+}
+
+/// The ids a new durable consumer of the dialog stream receives, until none comes for 300 ms.
+async fn delivered(bus: &MemoryBus, durable: &str) -> Vec<String> {
+    let spec = ConsumerSpec::new(durable, &DIALOG, &BusConfig::default()).event::<MessagePosted>();
+    let mut consumer = bus.consumer(&spec).unwrap();
+    let mut ids = Vec::new();
+    while let Ok(Ok(delivery)) =
+        tokio::time::timeout(Duration::from_millis(300), consumer.next()).await
+    {
+        ids.push(delivery.event.id.clone());
+        delivery.ack().await.unwrap();
+    }
+    ids
+}

@@ -11,7 +11,9 @@
 //! journal is read back and every event a durable consumer had not acknowledged is delivered
 //! again, so a crash of the standalone process loses no event that left an outbox. (A lost
 //! acknowledgement only causes a redelivery, which the consumers' inbox absorbs.)
-//! [`MemoryBus::new`] is the same bus without a journal.
+//! [`MemoryBus::new`] is the same bus without a journal. Messages are kept for
+//! [`Retention::max_age`] (and at most a million per stream); set it from the bus configuration
+//! with [`MemoryBus::set_retention`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
@@ -47,8 +49,29 @@ struct Inner {
     publishing: tokio::sync::Mutex<()>,
 }
 
+/// How long the streams keep messages and remember ids for de-duplication, as `bus.max_age` and
+/// `bus.duplicate_window` do for JetStream.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Messages older than this are dropped.
+    pub max_age: Duration,
+    /// A message id seen within this window is dropped as a duplicate.
+    pub duplicate_window: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let defaults = crate::config::BusConfig::default();
+        Self {
+            max_age: defaults.max_age,
+            duplicate_window: defaults.duplicate_window,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
+    retention: Retention,
     streams: HashMap<&'static str, StreamState>,
     consumers: HashMap<String, ConsumerState>,
     /// Acknowledgements read from the journal, claimed by a durable when it reconnects.
@@ -63,10 +86,50 @@ struct StreamState {
     name: &'static str,
     subjects: &'static str,
     messages: BTreeMap<u64, Arc<RawEvent>>,
+    /// When each message was stored (milliseconds since the epoch), in sequence order.
+    stored_at: VecDeque<(u64, i64)>,
     next_seq: u64,
     seen: HashMap<String, Instant>,
     seen_order: VecDeque<(Instant, String)>,
     duplicate_window: Duration,
+}
+
+impl State {
+    fn apply(&mut self, retention: Retention) {
+        self.retention = retention;
+        for stream in self.streams.values_mut() {
+            stream.duplicate_window = retention.duplicate_window;
+        }
+        self.trim(now_millis());
+    }
+
+    /// Drops the messages past the age or count limit, and records the trim for the journal.
+    fn trim(&mut self, now_ms: i64) {
+        let max_age_ms = i64::try_from(self.retention.max_age.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms.saturating_sub(max_age_ms);
+        for stream in self.streams.values_mut() {
+            let mut trimmed = false;
+            while let Some(&(seq, at)) = stream.stored_at.front() {
+                if at >= cutoff && stream.messages.len() <= MAX_MESSAGES_PER_STREAM {
+                    break;
+                }
+                stream.stored_at.pop_front();
+                stream.messages.remove(&seq);
+                trimmed = true;
+            }
+            if trimmed {
+                let below = stream
+                    .messages
+                    .first_key_value()
+                    .map_or(stream.next_seq, |(seq, _)| *seq);
+                self.trimmed_below.insert(stream.name, below);
+            }
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 struct Pending {
@@ -124,6 +187,19 @@ impl MemoryBus {
                 .await
                 .map_err(journal_error)?;
         }
+        // Journals written before messages carried their store time: theirs count from now.
+        let has_stored_at: bool = sqlx::query_scalar(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('bus_log') WHERE name = 'stored_at'",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(journal_error)?;
+        if !has_stored_at {
+            sqlx::query("ALTER TABLE bus_log ADD COLUMN stored_at INTEGER NOT NULL DEFAULT 0")
+                .execute(&pool)
+                .await
+                .map_err(journal_error)?;
+        }
         let bus = Self {
             inner: Arc::new(Inner {
                 journal: Some(pool.clone()),
@@ -132,7 +208,7 @@ impl MemoryBus {
         };
         bus.ensure_streams();
         let rows = sqlx::query(
-            "SELECT stream, seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload \
+            "SELECT stream, seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload, stored_at \
              FROM bus_log ORDER BY stream, seq",
         )
         .fetch_all(&pool)
@@ -145,6 +221,7 @@ impl MemoryBus {
         {
             let mut state = bus.lock();
             let now = Instant::now();
+            let loaded_at = now_millis();
             for row in rows {
                 let stream_name: String = row.try_get("stream").map_err(journal_error)?;
                 let Some(stream) = state.streams.values_mut().find(|s| *s.name == *stream_name)
@@ -155,10 +232,14 @@ impl MemoryBus {
                     .unwrap_or(0);
                 let event = event_from_row(&row)
                     .map_err(|e| BusError::Malformed(format!("bus journal: {e}")))?;
+                let stored_at: i64 = row.try_get("stored_at").map_err(journal_error)?;
                 stream.seen.insert(event.id.clone(), now);
                 stream.seen_order.push_back((now, event.id.clone()));
                 stream.next_seq = stream.next_seq.max(seq + 1);
                 stream.messages.insert(seq, Arc::new(event));
+                stream
+                    .stored_at
+                    .push_back((seq, if stored_at > 0 { stored_at } else { loaded_at }));
             }
             for row in acks {
                 let durable: String = row.try_get("durable").map_err(journal_error)?;
@@ -166,6 +247,7 @@ impl MemoryBus {
                     .unwrap_or(0);
                 state.restored_acks.entry(durable).or_default().insert(seq);
             }
+            state.trim(loaded_at);
         }
         tokio::spawn(flush_acks_periodically(Arc::downgrade(&bus.inner)));
         Ok(bus)
@@ -195,12 +277,21 @@ impl MemoryBus {
                     name: spec.name,
                     subjects: spec.subjects,
                     messages: BTreeMap::new(),
+                    stored_at: VecDeque::new(),
                     next_seq: 1,
                     seen: HashMap::new(),
                     seen_order: VecDeque::new(),
-                    duplicate_window: Duration::from_secs(120),
+                    duplicate_window: Retention::default().duplicate_window,
                 });
         }
+        let retention = state.retention;
+        state.apply(retention);
+    }
+
+    /// Sets how long messages and de-duplication ids are kept (from `bus.max_age` and
+    /// `bus.duplicate_window`); older messages go at once, from memory and from the journal.
+    pub fn set_retention(&self, retention: Retention) {
+        self.lock().apply(retention);
     }
 
     /// Stores events in order; an id seen within the window is dropped. With a journal, returns
@@ -242,14 +333,14 @@ impl MemoryBus {
         if accepted.is_empty() {
             return Ok(());
         }
+        let stored_at = now_millis();
         if let Some(journal) = &self.inner.journal {
-            write_events(journal, &accepted)
+            write_events(journal, &accepted, stored_at)
                 .await
                 .map_err(|e| BusError::Unavailable(format!("bus journal: {e}")))?;
         }
         {
             let mut state = self.lock();
-            let mut trims = Vec::new();
             for (name, seq, event) in &accepted {
                 let Some(stream) = state.streams.get_mut(name) else {
                     continue;
@@ -258,16 +349,9 @@ impl MemoryBus {
                 stream.seen_order.push_back((now, event.id.clone()));
                 stream.next_seq = stream.next_seq.max(seq + 1);
                 stream.messages.insert(*seq, Arc::new((*event).clone()));
-                while stream.messages.len() > MAX_MESSAGES_PER_STREAM {
-                    stream.messages.pop_first();
-                }
-                if let Some((first, _)) = stream.messages.first_key_value() {
-                    trims.push((stream.name, *first));
-                }
+                stream.stored_at.push_back((*seq, stored_at));
             }
-            for (name, first) in trims {
-                state.trimmed_below.insert(name, first);
-            }
+            state.trim(stored_at);
         }
         self.inner.notify.notify_waiters();
         Ok(())
@@ -544,17 +628,19 @@ const JOURNAL_SCHEMA: &[&str] = &[
 async fn write_events(
     journal: &SqlitePool,
     events: &[(&'static str, u64, &RawEvent)],
+    stored_at: i64,
 ) -> Result<(), sqlx::Error> {
     let mut tx = journal.begin().await?;
-    // SQLite allows 32,766 bound parameters per statement; 10 per row.
-    for chunk in events.chunks(3000) {
+    // SQLite allows 32,766 bound parameters per statement; 11 per row.
+    for chunk in events.chunks(2900) {
         let mut builder = QueryBuilder::new(
-            "INSERT OR IGNORE INTO bus_log (stream, seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload) ",
+            "INSERT OR IGNORE INTO bus_log (stream, seq, event_id, subject, type_name, tenant, ordering_key, occurred_at, headers, payload, stored_at) ",
         );
         builder.push_values(chunk, |mut row, (stream, seq, event)| {
             row.push_bind(*stream)
                 .push_bind(i64::try_from(*seq).unwrap_or(i64::MAX));
             event.push_sqlite_columns(&mut row);
+            row.push_bind(stored_at);
         });
         builder.build().execute(&mut *tx).await?;
     }
