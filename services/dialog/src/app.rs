@@ -62,6 +62,9 @@ pub enum DialogError {
     /// Storage failed.
     #[error("storage failed")]
     Store(#[source] StoreError),
+    /// An invariant does not hold (a bug); the detail is logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<StoreError> for DialogError {
@@ -81,7 +84,7 @@ impl ServiceError for DialogError {
             Self::Precondition(_) | Self::Training(_) => ErrorCode::FailedPrecondition,
             Self::Denied(_) => ErrorCode::PermissionDenied,
             Self::Aborted => ErrorCode::Aborted,
-            Self::Store(_) => ErrorCode::Internal,
+            Self::Store(_) | Self::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -140,6 +143,16 @@ fn check_len(field: &str, text: &str, max: usize) -> DialogResult<()> {
     if n > max {
         return Err(DialogError::Invalid(format!(
             "{field} has {n} characters, more than {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an enum value this version does not know (zero, unspecified, is accepted).
+fn check_enum<E: TryFrom<i32>>(field: &str, value: i32) -> DialogResult<()> {
+    if E::try_from(value).is_err() {
+        return Err(DialogError::Invalid(format!(
+            "{field} is {value}, not a known value"
         )));
     }
     Ok(())
@@ -242,6 +255,16 @@ impl Hub {
         map.entry((tenant.clone(), id.to_owned()))
             .or_insert_with(|| broadcast::channel(256).0)
             .subscribe()
+    }
+
+    /// Drops a conversation's channel when nobody listens any more (a watch refused after it
+    /// subscribed).
+    pub fn release(&self, tenant: &TenantId, id: &str) {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.clone(), id.to_owned());
+        if map.get(&key).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(&key);
+        }
     }
 
     /// Whether a watcher on this replica follows the conversation.
@@ -483,6 +506,10 @@ impl App {
                 "customer.attributes has more than 50 entries".into(),
             ));
         }
+        check_enum::<common::CustomerTier>("customer.tier", customer.tier)?;
+        check_enum::<common::Language>("customer.language", customer.language)?;
+        check_enum::<common::Channel>("customer.channel", customer.channel)?;
+        check_enum::<common::Channel>("channel", req.channel)?;
         if req.channel != 0 {
             customer.channel = req.channel;
         }
@@ -964,9 +991,11 @@ impl App {
             conversation_id: c.id.clone(),
             message_id: message.id.clone(),
         };
+        // The context is built from checked values and a scenario of this catalogue: a refusal
+        // is a bug, not the caller's doing.
         let decision = catalogue
             .decide(&ctx)
-            .map_err(|e| DialogError::Precondition(format!("policy: {e}")))?
+            .map_err(|e| DialogError::Internal(format!("policy: {e}")))?
             .decision;
         let policy_micros = micros(t1.elapsed());
         if c.scenario_id.is_empty() && !decision.scenario_id.is_empty() {
@@ -1267,21 +1296,8 @@ impl App {
         check_text("text", &req.text)?;
         check_attachments(&req.attachments)?;
         for _ in 0..ATTEMPTS {
-            if let Some(bytes) = self
-                .store
-                .request(
-                    tenant,
-                    &req.conversation_id,
-                    "agent",
-                    &req.client_message_id,
-                )
-                .await?
-            {
-                let mut r = pb::PostAgentMessageResponse::decode(bytes.as_slice())
-                    .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
-                r.duplicate = true;
-                return Ok(r);
-            }
+            // The assignment first: a recorded response is only ever returned to the agent who
+            // holds the conversation, and only when it is that agent's own message.
             let (mut c, revision) = self.load(tenant, &req.conversation_id).await?;
             if state_of(&c) != pb::ConversationState::Agent {
                 return Err(DialogError::Precondition(format!(
@@ -1294,6 +1310,22 @@ impl App {
                     "agent {} is not assigned to conversation {}",
                     actor.id, c.id
                 )));
+            }
+            if let Some(bytes) = self
+                .store
+                .request(tenant, &c.id, "agent", &req.client_message_id)
+                .await?
+            {
+                let mut r = pb::PostAgentMessageResponse::decode(bytes.as_slice())
+                    .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
+                if r.message.as_ref().is_none_or(|m| m.sender_id != actor.id) {
+                    return Err(DialogError::Precondition(format!(
+                        "client_message_id {} was used by another agent in conversation {}",
+                        req.client_message_id, c.id
+                    )));
+                }
+                r.duplicate = true;
+                return Ok(r);
             }
             let at = now();
             let mut m = Self::append(&mut c, pb::SenderKind::Agent, &actor.id, &req.text, at);
@@ -1403,6 +1435,7 @@ impl App {
             };
             let at = now();
             let from = state_of(&c);
+            let agent_changed = t.agent.as_ref().is_some_and(|a| *a != c.assigned_agent_id);
             c.state = t.to as i32;
             c.updated_at = Some(at);
             if let Some(agent) = &t.agent {
@@ -1450,7 +1483,9 @@ impl App {
             }
             let seq = c.message_count;
             let mut b = Vec::new();
-            if from != t.to {
+            // A change of hands within AGENT (a transfer) is reported like a state change, so
+            // watchers learn who owns the conversation now.
+            if from != t.to || agent_changed {
                 b.push(update(
                     seq,
                     pb::conversation_update::Update::StateChanged(pb::StateChange {
@@ -1482,10 +1517,12 @@ impl App {
         Err(DialogError::Aborted)
     }
 
-    /// Closes a conversation (a closed one is returned as it is).
+    /// Closes a conversation (a closed one is returned as it is): the customer's side
+    /// (channel, service), a supervisor or administrator, or the agent assigned to it.
     pub async fn close(
         &self,
         tenant: &TenantId,
+        actor: &Actor,
         req: pb::CloseConversationRequest,
     ) -> DialogResult<pb::Conversation> {
         check_len("note", &req.note, 1_000)?;
@@ -1494,6 +1531,12 @@ impl App {
             .filter(|r| *r != pb::CloseReason::Unspecified)
             .ok_or_else(|| DialogError::Invalid("reason is required".into()))?;
         self.transition(tenant, &req.conversation_id, None, |c| {
+            if actor.agent && !actor.supervisor && c.assigned_agent_id != actor.id {
+                return Err(DialogError::Denied(format!(
+                    "agent {} is not assigned to conversation {}",
+                    actor.id, c.id
+                )));
+            }
             if state_of(c) == pb::ConversationState::Closed {
                 return Ok(None);
             }
@@ -1652,13 +1695,18 @@ impl App {
         .await
     }
 
-    /// Records an agent's review of a suggestion.
+    /// Records an agent's review of a suggestion. A suggestion is reviewed once: the write is
+    /// conditional on it having no review yet, so of two concurrent reviews one wins and the
+    /// other is refused like a late one.
     pub async fn review(
         &self,
         tenant: &TenantId,
         actor: &Actor,
         req: pb::ReviewSuggestionRequest,
     ) -> DialogResult<pb::Suggestion> {
+        if req.suggestion_id.is_empty() {
+            return Err(DialogError::Invalid("suggestion_id is empty".into()));
+        }
         check_len("edited_text", &req.edited_text, MAX_TEXT_CHARS)?;
         check_len("reason", &req.reason, 1_000)?;
         let outcome = pb::SuggestionOutcome::try_from(req.outcome)
@@ -1668,49 +1716,58 @@ impl App {
         if outcome == pb::SuggestionOutcome::Edited {
             check_text("edited_text", &req.edited_text)?;
         }
-        let mut s = self
-            .store
-            .suggestion(tenant, &req.suggestion_id)
-            .await?
-            .ok_or_else(|| DialogError::NotFound(format!("suggestion {}", req.suggestion_id)))?;
-        if s.review.is_some() {
-            return Err(DialogError::Precondition(format!(
-                "suggestion {} was reviewed already",
-                s.id
-            )));
+        for _ in 0..ATTEMPTS {
+            let mut s = self
+                .store
+                .suggestion(tenant, &req.suggestion_id)
+                .await?
+                .ok_or_else(|| {
+                    DialogError::NotFound(format!("suggestion {}", req.suggestion_id))
+                })?;
+            if s.review.is_some() {
+                return Err(DialogError::Precondition(format!(
+                    "suggestion {} was reviewed already",
+                    s.id
+                )));
+            }
+            let (c, _) = self.load(tenant, &s.conversation_id).await?;
+            if actor.agent && !actor.supervisor && c.assigned_agent_id != actor.id {
+                return Err(DialogError::Denied(format!(
+                    "agent {} is not assigned to conversation {}",
+                    actor.id, c.id
+                )));
+            }
+            let at = now();
+            s.review = Some(pb::SuggestionReview {
+                suggestion_id: s.id.clone(),
+                outcome: outcome as i32,
+                edited_text: req.edited_text.clone(),
+                reason: req.reason.clone(),
+                agent_id: actor.id.clone(),
+                reviewed_at: Some(at),
+            });
+            let change = Change {
+                suggestions: vec![s.clone()],
+                events: vec![RawEvent::new(
+                    tenant,
+                    &pb::SuggestionReviewed {
+                        conversation_id: c.id.clone(),
+                        scenario_id: c.scenario_id.clone(),
+                        suggestion: Some(s.clone()),
+                        occurred_at: Some(at),
+                    },
+                    Some(c.id.clone()),
+                )],
+                ..Default::default()
+            };
+            match self.commit(tenant, change).await {
+                Ok(_) => return Ok(s),
+                // Reviewed concurrently: the next read finds the review and refuses.
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let (c, _) = self.load(tenant, &s.conversation_id).await?;
-        if actor.agent && !actor.supervisor && c.assigned_agent_id != actor.id {
-            return Err(DialogError::Denied(format!(
-                "agent {} is not assigned to conversation {}",
-                actor.id, c.id
-            )));
-        }
-        let at = now();
-        s.review = Some(pb::SuggestionReview {
-            suggestion_id: s.id.clone(),
-            outcome: outcome as i32,
-            edited_text: req.edited_text.clone(),
-            reason: req.reason.clone(),
-            agent_id: actor.id.clone(),
-            reviewed_at: Some(at),
-        });
-        let change = Change {
-            suggestions: vec![s.clone()],
-            events: vec![RawEvent::new(
-                tenant,
-                &pb::SuggestionReviewed {
-                    conversation_id: c.id.clone(),
-                    scenario_id: c.scenario_id.clone(),
-                    suggestion: Some(s.clone()),
-                    occurred_at: Some(at),
-                },
-                Some(c.id.clone()),
-            )],
-            ..Default::default()
-        };
-        self.commit(tenant, change).await?;
-        Ok(s)
+        Err(DialogError::Aborted)
     }
 
     // ---------------------------------------------------------------- routing's feedback
@@ -1756,6 +1813,28 @@ impl App {
                             system_text: Some(Texts::agent_joined(zh).into()),
                             reason: "agent assigned".into(),
                             ..Transition::new(pb::ConversationState::Agent)
+                        })
+                    }
+                    // A warm transfer: the target accepted, the conversation changes hands.
+                    RoutingEffect::Assigned(agent)
+                        if state == pb::ConversationState::Agent
+                            && !agent.is_empty()
+                            && *agent != c.assigned_agent_id =>
+                    {
+                        Some(Transition {
+                            agent: Some(agent.clone()),
+                            system_text: Some(Texts::agent_changed(zh).into()),
+                            reason: "transferred to another agent".into(),
+                            ..Transition::new(pb::ConversationState::Agent)
+                        })
+                    }
+                    // A cold transfer: the agent let go, the conversation waits for the next one.
+                    RoutingEffect::Requeued if state == pb::ConversationState::Agent => {
+                        Some(Transition {
+                            agent: Some(String::new()),
+                            system_text: Some(Texts::transferring(zh).into()),
+                            reason: "transferred back to the queue".into(),
+                            ..Transition::new(pb::ConversationState::Queued)
                         })
                     }
                     RoutingEffect::BackToBot { leave_message }
@@ -1911,8 +1990,11 @@ impl Transition {
 pub enum RoutingEffect {
     /// Queued, or the position changed.
     Queued(pb::QueueInfo),
-    /// An agent accepted.
+    /// An agent accepted: the first one, or the target of a warm transfer.
     Assigned(String),
+    /// A cold transfer: the assigned agent let go and the conversation waits in the queue for
+    /// another agent.
+    Requeued,
     /// Back to the bot (returned, abandoned by routing, assignment returned); with
     /// `leave_message` (a queue closed with that behaviour) the customer is offered to leave a
     /// message.

@@ -2,7 +2,9 @@
 //!
 //! Roles: channel integrations (and services) start conversations and post customer messages;
 //! agents post agent messages and review suggestions; every role reads conversations, messages
-//! and traces of its tenant; administrators and supervisors manage models. The tenant always
+//! and traces of its tenant; administrators and supervisors manage models. Among agents, only
+//! the one assigned to a conversation writes in it, types in it, closes it or takes its agent
+//! view (supervisors and administrators may close it and take the agent view). The tenant always
 //! comes from the token, so another tenant's conversation is simply not found.
 
 use std::pin::Pin;
@@ -67,7 +69,9 @@ fn st(e: &DialogError) -> Status {
     status_from(e)
 }
 
-/// Page size 1..=max, 0 meaning 20; offset from the token.
+/// Page size 1..=max, 0 meaning 20; offset from the token. A token so large that the offset
+/// past the page (and the one more row read to tell whether there is a next page) would not fit
+/// an `i64` is refused.
 fn page(p: Option<&common::PageRequest>, max: i32) -> Result<(i64, i64), Status> {
     let size = match p.map_or(0, |p| p.page_size) {
         0 => 20,
@@ -90,7 +94,11 @@ fn page(p: Option<&common::PageRequest>, max: i32) -> Result<(i64, i64), Status>
                 Status::invalid_argument("page.page_token is not a token of this service")
             })?
     };
-    Ok((i64::from(size), offset))
+    let size = i64::from(size);
+    if offset.checked_add(size + 1).is_none() {
+        return Err(Status::invalid_argument("page.page_token is out of range"));
+    }
+    Ok((size, offset))
 }
 
 fn next(has_more: bool, next_offset: i64) -> Option<common::PageResponse> {
@@ -239,20 +247,7 @@ impl DialogService for DialogGrpc {
             .ok()
             .filter(|v| *v != pb::ConversationView::Unspecified)
             .ok_or_else(|| Status::invalid_argument("view is required"))?;
-        let conversation = self
-            .app
-            .get(&tenant, &r.conversation_id)
-            .await
-            .map_err(|e| st(&e))?;
         let agent_view = view == pb::ConversationView::Agent;
-        if agent_view
-            && !actor.supervisor
-            && !(actor.agent && conversation.assigned_agent_id == actor.id)
-        {
-            return Err(Status::permission_denied(
-                "the agent view is for the assigned agent or a supervisor",
-            ));
-        }
         let resume = if r.resume_after.is_empty() {
             None
         } else {
@@ -264,8 +259,30 @@ impl DialogService for DialogGrpc {
                     .ok_or_else(|| Status::invalid_argument("resume_after is not a cursor"))?,
             )
         };
-        // Subscribe first, then replay, so nothing falls between the two.
-        let mut live = self.app.hub.subscribe(&tenant, &conversation.id);
+        // Subscribe first, then read the conversation and replay, so an update committed in
+        // between arrives live (a message already counted by the read is skipped).
+        let mut live = self.app.hub.subscribe(&tenant, &r.conversation_id);
+        let conversation = match self.app.get(&tenant, &r.conversation_id).await {
+            Ok(c)
+                if agent_view
+                    && !actor.supervisor
+                    && !(actor.agent && c.assigned_agent_id == actor.id) =>
+            {
+                Err(Status::permission_denied(
+                    "the agent view is for the assigned agent or a supervisor",
+                ))
+            }
+            Ok(c) => Ok(c),
+            Err(e) => Err(st(&e)),
+        };
+        let conversation = match conversation {
+            Ok(c) => c,
+            Err(status) => {
+                drop(live);
+                self.app.hub.release(&tenant, &r.conversation_id);
+                return Err(status);
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let app = Arc::clone(&self.app);
         tokio::spawn(async move {
@@ -320,6 +337,25 @@ impl DialogService for DialogGrpc {
                         }
                         high = m.sequence;
                     }
+                    // The agent view ends for an agent who no longer holds the conversation (a
+                    // transfer, or its return to the queue or the bot); supervisors keep it.
+                    Some(pb::conversation_update::Update::StateChanged(change))
+                        if agent_view
+                            && !actor.supervisor
+                            && change.assigned_agent_id != actor.id =>
+                    {
+                        let _ = tx
+                            .send(Ok(pb::WatchConversationResponse {
+                                update: Some(b.update.clone()),
+                            }))
+                            .await;
+                        let _ = tx
+                            .send(Err(Status::permission_denied(
+                                "the conversation is no longer assigned to this agent",
+                            )))
+                            .await;
+                        return;
+                    }
                     Some(pb::conversation_update::Update::Suggestion(s)) => {
                         if suggestions.contains(&s.id) {
                             continue;
@@ -354,17 +390,25 @@ impl DialogService for DialogGrpc {
     ) -> Result<Response<pb::SetTypingResponse>, Status> {
         let c = who(&req, EVERYONE)?;
         let (tenant, subject) = (c.tenant.clone(), c.subject.clone());
-        let kind = if c.has(Role::Agent) {
-            pb::SenderKind::Agent
-        } else {
-            pb::SenderKind::Customer
-        };
+        // The channel (or a service relaying it) types for the customer; anyone else types as
+        // an agent, and only the agent assigned to the conversation may.
+        let customer_side = c.has(Role::Channel) || c.has(Role::Service);
         let r = req.get_ref();
         let conversation = self
             .app
             .get(&tenant, &r.conversation_id)
             .await
             .map_err(|e| st(&e))?;
+        let kind = if customer_side {
+            pb::SenderKind::Customer
+        } else if !subject.is_empty() && conversation.assigned_agent_id == subject {
+            pb::SenderKind::Agent
+        } else {
+            return Err(Status::permission_denied(format!(
+                "{subject} is not the agent assigned to conversation {}",
+                conversation.id
+            )));
+        };
         self.app.hub.publish(
             &tenant,
             &conversation.id,
@@ -388,10 +432,11 @@ impl DialogService for DialogGrpc {
         &self,
         req: Request<pb::CloseConversationRequest>,
     ) -> Result<Response<pb::CloseConversationResponse>, Status> {
-        let tenant = who(&req, EVERYONE)?.tenant.clone();
+        let c = who(&req, EVERYONE)?;
+        let (tenant, actor) = (c.tenant.clone(), actor(c));
         let c = self
             .app
-            .close(&tenant, req.into_inner())
+            .close(&tenant, &actor, req.into_inner())
             .await
             .map_err(|e| st(&e))?;
         Ok(Response::new(pb::CloseConversationResponse {
@@ -466,7 +511,7 @@ impl DialogService for DialogGrpc {
         traces.truncate(usize::try_from(size).unwrap_or(usize::MAX));
         Ok(Response::new(pb::ListDecisionTracesResponse {
             traces,
-            page: next(more, offset + size),
+            page: next(more, offset.saturating_add(size)),
         }))
     }
 
@@ -550,7 +595,7 @@ impl ModelService for DialogGrpc {
         versions.truncate(usize::try_from(size).unwrap_or(usize::MAX));
         Ok(Response::new(pb::ListModelVersionsResponse {
             model_versions: versions,
-            page: next(more, offset + size),
+            page: next(more, offset.saturating_add(size)),
         }))
     }
 

@@ -195,6 +195,7 @@ impl Service for Dialog {
             .event::<routing::HandoffAssigned>()
             .event::<routing::HandoffAbandoned>()
             .event::<routing::HandoffReturned>()
+            .event::<routing::HandoffTransferred>()
             .event::<routing::AssignmentCompleted>();
         let consumer = ctx.bus.consumer(&handoffs).await?;
         ctx.tracker.spawn(runner::run(
@@ -296,7 +297,19 @@ impl Handler for Consumers {
                 };
                 (e.conversation_id, e.handoff_id, effect)
             }
+            routing::HandoffTransferred::TYPE_NAME => {
+                // A cold transfer releases the conversation at once: it waits in the queue
+                // again. A warm one changes nothing until the target accepts, which routing
+                // reports as a new `HandoffAssigned`.
+                let e = event.decode::<routing::HandoffTransferred>()?.event;
+                if e.kind != routing::TransferKind::Cold as i32 {
+                    return Ok(());
+                }
+                (e.conversation_id, e.handoff_id, RoutingEffect::Requeued)
+            }
             routing::AssignmentCompleted::TYPE_NAME => {
+                // A TRANSFERRED outcome is left to the event that follows it: the new
+                // `HandoffAssigned` of a warm transfer, or the `HandoffTransferred` of a cold one.
                 let e = event.decode::<routing::AssignmentCompleted>()?.event;
                 let effect = if e.disposition == routing::Disposition::Resolved as i32 {
                     RoutingEffect::Resolved

@@ -414,6 +414,9 @@ impl App {
         tenant: &TenantId,
         id: &str,
     ) -> DialogResult<pb::ModelVersion> {
+        if id.is_empty() {
+            return Err(DialogError::Invalid("model_version_id is empty".into()));
+        }
         Ok(self
             .store()
             .model(tenant, id)

@@ -169,6 +169,25 @@ impl Texts {
         }
     }
 
+    /// Another agent took over the conversation (a warm transfer).
+    pub fn agent_changed(zh: bool) -> &'static str {
+        if zh {
+            "您的会话已转接给另一位人工客服，将为您继续服务。"
+        } else {
+            "Another agent has taken over the conversation."
+        }
+    }
+
+    /// The agent handed the conversation back to the queue for another agent (a cold
+    /// transfer).
+    pub fn transferring(zh: bool) -> &'static str {
+        if zh {
+            "正在为您转接其他人工客服，请稍候。"
+        } else {
+            "I am transferring you to another agent, please wait a moment."
+        }
+    }
+
     /// The conversation is back with the bot.
     pub fn back_to_bot(zh: bool) -> &'static str {
         if zh {

@@ -19,7 +19,8 @@ use tandem_proto::pb::policy::v1 as policy;
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The conversation changed since it was read, or the request was recorded concurrently.
+    /// The conversation changed since it was read, the request was recorded concurrently, or
+    /// the suggestion was reviewed concurrently.
     #[error("the conversation changed concurrently")]
     Conflict,
     /// A stored body does not decode.
@@ -44,7 +45,8 @@ pub struct Change {
     pub messages: Vec<pb::Message>,
     /// Decision traces.
     pub traces: Vec<pb::DecisionTrace>,
-    /// Suggestions to insert or replace.
+    /// Suggestions to insert, or to replace while the stored one has no review; replacing a
+    /// reviewed suggestion fails the change with `Conflict`.
     pub suggestions: Vec<pb::Suggestion>,
     /// Handoff packages.
     pub handoffs: Vec<pb::HandoffPackage>,
@@ -564,11 +566,17 @@ impl Store {
                     .bind(tr.turn_index).bind(tr.encode_to_vec()).execute(&mut *tx).await?;
             }
             for s in &change.suggestions {
-                sqlx::query(
-                    "INSERT INTO dialog_suggestions (tenant, id, conversation_id, body) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, id) DO UPDATE SET body = excluded.body")
+                // A reviewed suggestion is final: writing it again (a second review) fails.
+                let done = sqlx::query(
+                    "INSERT INTO dialog_suggestions (tenant, id, conversation_id, body, reviewed) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, id) DO UPDATE \
+                     SET body = excluded.body, reviewed = excluded.reviewed \
+                     WHERE NOT dialog_suggestions.reviewed")
                     .bind(t).bind(&s.id).bind(&s.conversation_id).bind(s.encode_to_vec())
-                    .execute(&mut *tx).await?;
+                    .bind(s.review.is_some()).execute(&mut *tx).await?;
+                if done.rows_affected() != 1 {
+                    return Err(StoreError::Conflict);
+                }
             }
             for h in &change.handoffs {
                 sqlx::query(

@@ -113,6 +113,9 @@ both!(
     bad_input_is_refused_and_nothing_written,
     the_sentiment_trend_starts_again_after_a_reopen,
     a_long_conversation_keeps_numbering_its_turns,
+    a_transfer_hands_the_conversation_to_the_new_agent,
+    a_suggestion_is_reviewed_once,
+    only_the_assigned_agent_closes_or_types_as_the_agent,
 );
 
 /// The repeat-contact window of the tests that count earlier conversations.
@@ -1001,6 +1004,74 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
     assert!(msgs.is_empty());
     let got = conversation(&mut c, &conv.id).await;
     assert_eq!(got.message_count, 0);
+
+    // Enum values this version does not know are refused at the start, naming the field, and
+    // no conversation is created under the key.
+    let customer = |tier: i32, language: i32, channel: i32| common::Customer {
+        id: "cust-enum".into(),
+        tier,
+        language,
+        channel,
+        ..Default::default()
+    };
+    for (who, channel, field) in [
+        (customer(7, 0, 0), 0, "customer.tier"),
+        (customer(0, 9, 0), 0, "customer.language"),
+        (customer(0, 0, 42), 0, "customer.channel"),
+        (customer(0, 0, 0), 42, "channel"),
+    ] {
+        let err = c
+            .start_conversation(pb::StartConversationRequest {
+                customer: Some(who),
+                channel,
+                client_conversation_id: "k5-enum".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message()
+                .starts_with(&format!("invalid argument: {field} ")),
+            "{err:?}"
+        );
+    }
+    let fresh = start_for(&mut c, "cust-enum", "k5-enum").await;
+    assert!(fresh.created);
+
+    // Page tokens near the top of the range are refused, not overflowed.
+    let huge = common::PageRequest {
+        page_size: 100,
+        page_token: (i64::MAX - 50).to_string(),
+    };
+    let err = c
+        .list_decision_traces(pb::ListDecisionTracesRequest {
+            conversation_id: conv.id.clone(),
+            page: Some(huge.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = m
+        .list_model_versions(pb::ListModelVersionsRequest {
+            page: Some(huge.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // The largest token that fits reads an empty page.
+    let last = c
+        .list_decision_traces(pb::ListDecisionTracesRequest {
+            conversation_id: conv.id.clone(),
+            page: Some(common::PageRequest {
+                page_size: 100,
+                page_token: (i64::MAX - 101).to_string(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(last.traces.is_empty());
     rig.stop().await;
 }
 
@@ -1192,5 +1263,369 @@ async fn a_long_conversation_keeps_numbering_its_turns(rig: impl Future<Output =
         }
     }
     assert_eq!(indices, (0..ROUNDS * PER_ROUND).collect::<Vec<_>>());
+    rig.stop().await;
+}
+
+/// Hands a new conversation off to a human and has routing assign `agent`; returns the
+/// conversation and its handoff id.
+async fn assigned_to(
+    rig: &Rig,
+    c: &mut Client,
+    key: &str,
+    agent: &str,
+) -> (pb::Conversation, String) {
+    let conv = start(c, key, common::Language::Zh).await;
+    let r = say(c, &conv.id, "h1", "转人工").await;
+    assert_eq!(action(&r), pb::BotAction::Handoff, "{r:?}");
+    let handoff_id = r.bot_turn.unwrap().handoff.unwrap().handoff_id;
+    rig.publish(
+        "acme",
+        &routing::HandoffAssigned {
+            handoff_id: handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: agent.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let owned = wait_state(c, &conv.id, pb::ConversationState::Agent).await;
+    assert_eq!(owned.assigned_agent_id, agent);
+    (owned, handoff_id)
+}
+
+/// Waits until the conversation is in `state` with `agent` assigned.
+async fn wait_owner(c: &mut Client, id: &str, state: pb::ConversationState, agent: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let conv = conversation(c, id).await;
+        if conv.state == state as i32 && conv.assigned_agent_id == agent {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "conversation stayed {:?} with {:?}",
+            conv.state,
+            conv.assigned_agent_id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn post_as(agent: &mut Client, conv: &str, id: &str) -> Result<pb::Message, tonic::Status> {
+    agent
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.into(),
+            client_message_id: id.into(),
+            text: "hello from the agent".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().message.unwrap())
+}
+
+async fn agent_view(
+    agent: &mut Client,
+    conv: &str,
+) -> Result<tonic::Streaming<pb::WatchConversationResponse>, tonic::Status> {
+    agent
+        .watch_conversation(pb::WatchConversationRequest {
+            conversation_id: conv.into(),
+            view: pb::ConversationView::Agent as i32,
+            resume_after: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Routing's transfers move the conversation: a warm one (the old assignment ends as
+/// TRANSFERRED and the target's `HandoffAssigned` follows) hands it to the new agent at once, a
+/// cold one puts it back in the queue until the next agent is assigned.
+async fn a_transfer_hands_the_conversation_to_the_new_agent(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let (conv, handoff_id) = assigned_to(&rig, &mut c, "k-transfer", "a-1").await;
+    let mut a1 = rig.client("acme", "a-1", &[Role::Agent]).await;
+    let mut a2 = rig.client("acme", "a-2", &[Role::Agent]).await;
+    let mut a3 = rig.client("acme", "a-3", &[Role::Agent]).await;
+    let first = post_as(&mut a1, &conv.id, "a1-1").await.unwrap();
+    // Only the assigned agent gets a recorded message back, as a duplicate: another agent
+    // reusing its id is refused before the look-up.
+    let err = post_as(&mut a2, &conv.id, "a1-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let again = a1
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.id.clone(),
+            client_message_id: "a1-1".into(),
+            text: "hello from the agent".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.message.unwrap().id, first.id);
+    let mut watch = c
+        .watch_conversation(pb::WatchConversationRequest {
+            conversation_id: conv.id.clone(),
+            view: pb::ConversationView::Customer as i32,
+            resume_after: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut old_view = agent_view(&mut a1, &conv.id).await.unwrap();
+
+    // Warm transfer to a-2, as routing reports it.
+    let completed = |agent: &str| routing::AssignmentCompleted {
+        handoff_id: handoff_id.clone(),
+        conversation_id: conv.id.clone(),
+        agent_id: agent.into(),
+        disposition: routing::Disposition::Transferred as i32,
+        ..Default::default()
+    };
+    rig.publish("acme", &completed("a-1")).await;
+    rig.publish(
+        "acme",
+        &routing::HandoffAssigned {
+            handoff_id: handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: "a-2".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_owner(&mut c, &conv.id, pb::ConversationState::Agent, "a-2").await;
+    // Watchers learn of the new owner.
+    let change = loop {
+        let u = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .update
+            .unwrap();
+        if let Some(pb::conversation_update::Update::StateChanged(s)) = u.update {
+            break s;
+        }
+    };
+    assert_eq!(change.assigned_agent_id, "a-2");
+    assert_eq!(change.to_state, pb::ConversationState::Agent as i32);
+    // The old agent's open agent view ends after telling of the change.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(5), old_view.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the old agent's view ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    // The old agent may no longer write nor take the agent view; the new one may.
+    let err = post_as(&mut a1, &conv.id, "a1-2").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = agent_view(&mut a1, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // The new agent reusing the old agent's id does not get the old agent's message.
+    let err = post_as(&mut a2, &conv.id, "a1-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let posted = post_as(&mut a2, &conv.id, "a2-1").await.unwrap();
+    assert_eq!(posted.sender_id, "a-2");
+    agent_view(&mut a2, &conv.id).await.unwrap();
+
+    // Cold transfer from a-2: back in the queue with nobody assigned, then a-3 takes it.
+    rig.publish("acme", &completed("a-2")).await;
+    rig.publish(
+        "acme",
+        &routing::HandoffTransferred {
+            handoff_id: handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            kind: routing::TransferKind::Cold as i32,
+            from_agent_id: "a-2".into(),
+            target: Some(routing::TransferTarget {
+                target: Some(routing::transfer_target::Target::QueueId("general".into())),
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_owner(&mut c, &conv.id, pb::ConversationState::Queued, "").await;
+    let err = post_as(&mut a2, &conv.id, "a2-2").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // The customer waits for the next agent: the bot stays silent.
+    let waiting = say(&mut c, &conv.id, "h2", "还在吗").await;
+    assert!(waiting.bot_turn.is_none());
+    rig.publish(
+        "acme",
+        &routing::HandoffAssigned {
+            handoff_id: handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: "a-3".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_owner(&mut c, &conv.id, pb::ConversationState::Agent, "a-3").await;
+    let err = post_as(&mut a2, &conv.id, "a2-3").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    post_as(&mut a3, &conv.id, "a3-1").await.unwrap();
+    drop(watch);
+    rig.stop().await;
+}
+
+/// Concurrent reviews of one suggestion: one wins, the others are refused, and one
+/// `SuggestionReviewed` is published. Empty ids are refused as bad input.
+async fn a_suggestion_is_reviewed_once(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut events = rig.dialog_events("test-review-once").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let (conv, _) = assigned_to(&rig, &mut c, "k-review", "a-1").await;
+    let mut suggest = async |id: &str| {
+        let turn = say(&mut c, &conv.id, id, "where is my parcel").await;
+        assert_eq!(action(&turn), pb::BotAction::Suggest, "{turn:?}");
+        turn.bot_turn.unwrap().suggestion.unwrap()
+    };
+    let s1 = suggest("s1").await;
+    let s2 = suggest("s2").await;
+    let review = |id: &str| pb::ReviewSuggestionRequest {
+        suggestion_id: id.into(),
+        outcome: pb::SuggestionOutcome::Rejected as i32,
+        reason: "not for this customer".into(),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut agent = rig.client("acme", "a-1", &[Role::Agent]).await;
+        let req = review(&s1.id);
+        tasks.push(tokio::spawn(
+            async move { agent.review_suggestion(req).await },
+        ));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    // A later review is the marker: every event of the race comes before it.
+    let mut agent = rig.client("acme", "a-1", &[Role::Agent]).await;
+    agent.review_suggestion(review(&s2.id)).await.unwrap();
+    let mut reviews_of_s1 = 0;
+    loop {
+        let e: pb::SuggestionReviewed = next_event(&mut events).await;
+        let id = e.suggestion.unwrap().id;
+        if id == s2.id {
+            break;
+        }
+        assert_eq!(id, s1.id);
+        reviews_of_s1 += 1;
+    }
+    assert_eq!(reviews_of_s1, 1);
+
+    let err = agent.review_suggestion(review("")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = rig
+        .models("acme")
+        .await
+        .get_model_version(pb::GetModelVersionRequest {
+            model_version_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    rig.stop().await;
+}
+
+async fn close_as(c: &mut Client, conv: &str) -> Result<pb::Conversation, tonic::Status> {
+    c.close_conversation(pb::CloseConversationRequest {
+        conversation_id: conv.into(),
+        reason: pb::CloseReason::Resolved as i32,
+        note: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner().conversation.unwrap())
+}
+
+async fn type_as(c: &mut Client, conv: &str) -> Result<(), tonic::Status> {
+    c.set_typing(pb::SetTypingRequest {
+        conversation_id: conv.into(),
+        typing: true,
+    })
+    .await
+    .map(drop)
+}
+
+/// The next typing update a watcher gets.
+async fn next_typing(w: &mut tonic::Streaming<pb::WatchConversationResponse>) -> pb::Typing {
+    loop {
+        let u = tokio::time::timeout(Duration::from_secs(5), w.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .update
+            .unwrap();
+        if let Some(pb::conversation_update::Update::Typing(t)) = u.update {
+            return t;
+        }
+    }
+}
+
+/// Closing and typing as the agent are for the agent assigned to the conversation; the
+/// customer's side types as the customer, and supervisors may close but type only when assigned.
+async fn only_the_assigned_agent_closes_or_types_as_the_agent(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let (conv, _) = assigned_to(&rig, &mut c, "k-close", "a-1").await;
+    let mut a1 = rig.client("acme", "a-1", &[Role::Agent]).await;
+    let mut a2 = rig.client("acme", "a-2", &[Role::Agent]).await;
+    let mut sup = rig.client("acme", "sup-1", &[Role::Supervisor]).await;
+    let mut watch = c
+        .watch_conversation(pb::WatchConversationRequest {
+            conversation_id: conv.id.clone(),
+            view: pb::ConversationView::Customer as i32,
+            resume_after: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Another agent neither types nor closes; a supervisor not assigned does not type.
+    let err = type_as(&mut a2, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = type_as(&mut sup, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = close_as(&mut a2, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        conversation(&mut c, &conv.id).await.state,
+        pb::ConversationState::Agent as i32
+    );
+
+    // The assigned agent types as the agent, the channel as the customer.
+    type_as(&mut a1, &conv.id).await.unwrap();
+    let typing = next_typing(&mut watch).await;
+    assert_eq!(
+        (typing.sender_kind, typing.sender_id.as_str()),
+        (pb::SenderKind::Agent as i32, "a-1")
+    );
+    type_as(&mut c, &conv.id).await.unwrap();
+    let typing = next_typing(&mut watch).await;
+    assert_eq!(typing.sender_kind, pb::SenderKind::Customer as i32);
+
+    // The assigned agent closes it.
+    let closed = close_as(&mut a1, &conv.id).await.unwrap();
+    assert_eq!(closed.state, pb::ConversationState::Closed as i32);
+    drop(watch);
+
+    // An agent may not close a conversation the bot holds; a supervisor may.
+    let bot = start(&mut c, "k-close-bot", common::Language::En).await;
+    let err = close_as(&mut a2, &bot.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let closed = close_as(&mut sup, &bot.id).await.unwrap();
+    assert_eq!(closed.state, pb::ConversationState::Closed as i32);
     rig.stop().await;
 }
