@@ -162,10 +162,17 @@ fn section_errors<T: DeserializeOwned + Validate>(
             .and_then(|c| c.try_deserialize::<T>());
         match single {
             Ok(_) => parsed.push(name),
-            Err(e) => errors.push(ConfigError::new(
-                name.clone(),
-                strip_config_noise(&e.to_string()),
-            )),
+            Err(e) => {
+                let broken_keys = key_errors::<T>(defaults, name, &sections[name]);
+                if broken_keys.is_empty() {
+                    errors.push(ConfigError::new(
+                        name.clone(),
+                        strip_config_noise(&e.to_string()),
+                    ));
+                } else {
+                    errors.extend(broken_keys);
+                }
+            }
         }
     }
     if errors.is_empty() {
@@ -188,6 +195,34 @@ fn section_errors<T: DeserializeOwned + Validate>(
                 .into_iter()
                 .filter(|e| !broken.iter().any(|b| section_of(&e.path) == b)),
         );
+    }
+    errors
+}
+
+/// Deserialises each key of a broken section over the defaults on its own, so that every broken
+/// key of it is reported. Empty when the section is not a table, or no key fails alone (the
+/// section's own error then stands).
+fn key_errors<T: DeserializeOwned>(
+    defaults: &Config,
+    section: &str,
+    value: &config::Value,
+) -> Vec<ConfigError> {
+    let Ok(keys) = value.clone().into_table() else {
+        return Vec::new();
+    };
+    let mut names: Vec<&String> = keys.keys().collect();
+    names.sort();
+    let mut errors = Vec::new();
+    for key in names {
+        let path = format!("{section}.{key}");
+        let single = Config::builder()
+            .add_source(defaults.clone())
+            .set_override(path.as_str(), keys[key].clone())
+            .and_then(|b| b.build())
+            .and_then(|c| c.try_deserialize::<T>());
+        if let Err(e) = single {
+            errors.push(ConfigError::new(path, strip_config_noise(&e.to_string())));
+        }
     }
     errors
 }
@@ -809,14 +844,25 @@ mod tests {
         let file = dir.path().join("bad.toml");
         std::fs::write(
             &file,
-            "[grpc]\nlisten_addr = \"nowhere\"\n[bus]\nmax_ack_pending = \"many\"\n[nonsense]\nx = 1\n",
+            "[grpc]\nlisten_addr = \"nowhere\"\nrequest_timeout = \"soon\"\n\
+             [bus]\nmax_ack_pending = \"many\"\n[nonsense]\nx = 1\n",
         )
         .unwrap();
         let errors = load::<Cfg>("routing", Some(&file), &dev_env())
             .unwrap_err()
             .0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["bus", "grpc", "nonsense"], "{errors:?}");
+        // Every broken key, two of them in one section.
+        assert_eq!(
+            paths,
+            [
+                "bus.max_ack_pending",
+                "grpc.listen_addr",
+                "grpc.request_timeout",
+                "nonsense"
+            ],
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -835,7 +881,7 @@ mod tests {
         assert_eq!(
             paths,
             [
-                "bus",
+                "bus.max_ack_pending",
                 "nonsense",
                 "grpc.max_message_bytes",
                 "outbox.batch_size"
@@ -882,7 +928,7 @@ mod tests {
         );
         let errors = load::<Cfg>("routing", None, &env).unwrap_err().0;
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].path, "grpc");
+        assert_eq!(errors[0].path, "grpc.listen_address");
         assert!(errors[0].message.contains("listen_address"), "{errors:?}");
     }
 
