@@ -15,7 +15,7 @@ use tandem_nlu::{Analyzer, ConversationSignals, TurnAnalysis};
 use tandem_platform::bus::RawEvent;
 use tandem_platform::error::{ErrorCode, ServiceError};
 use tandem_platform::outbox::OutboxWaker;
-use tandem_policy_client::Catalogue;
+use tandem_policy_client::{Catalogue, Entry};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::dialog::v1 as pb;
@@ -115,9 +115,14 @@ pub fn check_text(field: &str, text: &str) -> DialogResult<()> {
             "{field} has {n} characters, more than {MAX_TEXT_CHARS}"
         )));
     }
+    reject_controls(field, text, true)
+}
+
+/// Refuses control characters; with `breaks`, line breaks and tabs are allowed.
+fn reject_controls(field: &str, text: &str, breaks: bool) -> DialogResult<()> {
     if let Some(c) = text
         .chars()
-        .find(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        .find(|c| c.is_control() && !(breaks && matches!(c, '\n' | '\r' | '\t')))
     {
         return Err(DialogError::Invalid(format!(
             "{field} contains the control character U+{:04X}",
@@ -125,6 +130,38 @@ pub fn check_text(field: &str, text: &str) -> DialogResult<()> {
         )));
     }
     Ok(())
+}
+
+/// Checks an optional free text (a note, a reason): at most `max` characters, no control
+/// characters other than line breaks and tabs.
+fn check_note(field: &str, text: &str, max: usize) -> DialogResult<()> {
+    check_len(field, text, max)?;
+    reject_controls(field, text, true)
+}
+
+/// Checks an optional one-line value (a name, an id, an address): at most `max` characters, no
+/// control characters at all.
+fn check_line(field: &str, text: &str, max: usize) -> DialogResult<()> {
+    check_len(field, text, max)?;
+    reject_controls(field, text, false)
+}
+
+/// Checks a media type: `type/subtype`, each 1..=127 characters of letters, digits and
+/// `!#$&^_.+-` starting with a letter or digit (RFC 6838), without parameters.
+fn check_media_type(field: &str, media_type: &str) -> DialogResult<()> {
+    let part = |p: &str| {
+        (1..=127).contains(&p.len())
+            && p.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "!#$&^_.+-".contains(c))
+    };
+    match media_type.split_once('/') {
+        Some((t, sub)) if part(t) && part(sub) => Ok(()),
+        _ => Err(DialogError::Invalid(format!(
+            "{field} must be a media type like image/png, got {:?}",
+            media_type.chars().take(64).collect::<String>()
+        ))),
+    }
 }
 
 /// Checks an idempotency key.
@@ -166,8 +203,9 @@ fn check_attachments(attachments: &[pb::Attachment]) -> DialogResult<()> {
         )));
     }
     for (i, a) in attachments.iter().enumerate() {
-        check_len(&format!("attachments[{i}].file_name"), &a.file_name, 255)?;
-        check_len(&format!("attachments[{i}].url"), &a.url, 2_048)?;
+        check_line(&format!("attachments[{i}].file_name"), &a.file_name, 255)?;
+        check_media_type(&format!("attachments[{i}].media_type"), &a.media_type)?;
+        check_line(&format!("attachments[{i}].url"), &a.url, 2_048)?;
         if a.size_bytes < 0 {
             return Err(DialogError::Invalid(format!(
                 "attachments[{i}].size_bytes is negative"
@@ -499,8 +537,8 @@ impl App {
             .customer
             .ok_or_else(|| DialogError::Invalid("customer is required".into()))?;
         check_client_id("customer.id", &customer.id)?;
-        check_len("customer.display_name", &customer.display_name, 200)?;
-        check_len("scenario_hint", &req.scenario_hint, 64)?;
+        check_line("customer.display_name", &customer.display_name, 200)?;
+        check_line("scenario_hint", &req.scenario_hint, 64)?;
         if customer.attributes.len() > 50 {
             return Err(DialogError::Invalid(
                 "customer.attributes has more than 50 entries".into(),
@@ -525,10 +563,23 @@ impl App {
         }
         let at = now();
         let repeat_contacts = self.repeat_contacts(tenant, &customer.id, &at).await?;
+        // A hint naming no scenario of the tenant is dropped: the conversation keeps no scenario
+        // until the policy resolves one, and the knowledge search is not filtered on it.
+        let scenario_id = if req.scenario_hint.is_empty()
+            || self
+                .catalogue(tenant)
+                .await?
+                .get(&req.scenario_hint)
+                .is_none()
+        {
+            String::new()
+        } else {
+            req.scenario_hint.clone()
+        };
         let conversation = pb::Conversation {
             id: new_id(),
             repeat_contacts,
-            scenario_id: req.scenario_hint.clone(),
+            scenario_id,
             state: pb::ConversationState::Bot as i32,
             created_at: Some(at),
             updated_at: Some(at),
@@ -942,11 +993,12 @@ impl App {
         };
         let agent_owns = state_of(&c) == pb::ConversationState::Agent;
         let catalogue = self.catalogue(tenant).await?;
-        let scenario = if !c.scenario_id.is_empty() && catalogue.get(&c.scenario_id).is_some() {
-            c.scenario_id.clone()
-        } else {
-            String::new()
-        };
+        // A scenario the tenant no longer has (deleted, or stored by an older version) is
+        // forgotten: the turn is resolved afresh and the knowledge search is not filtered on it.
+        if !c.scenario_id.is_empty() && catalogue.get(&c.scenario_id).is_none() {
+            c.scenario_id.clear();
+        }
+        let scenario = c.scenario_id.clone();
         let t1 = Instant::now();
         // The scenario's own phrases: "get me a human" and topics the bot must not handle.
         let phrase = |phrases: &[String]| {
@@ -998,8 +1050,13 @@ impl App {
             .map_err(|e| DialogError::Internal(format!("policy: {e}")))?
             .decision;
         let policy_micros = micros(t1.elapsed());
-        if c.scenario_id.is_empty() && !decision.scenario_id.is_empty() {
-            c.scenario_id.clone_from(&decision.scenario_id);
+        // The conversation keeps the scenario the policy resolved from the intent; a turn that
+        // fell back to the default scenario leaves it unset, so a later turn with a recognised
+        // intent still finds its scenario.
+        if c.scenario_id.is_empty()
+            && let Some(id) = entry.and_then(|e| claimed_scenario(e, &ctx.intent))
+        {
+            c.scenario_id = id.to_owned();
         }
         let mut action = policy::DecisionAction::try_from(decision.action)
             .unwrap_or(policy::DecisionAction::Fallback);
@@ -1525,7 +1582,7 @@ impl App {
         actor: &Actor,
         req: pb::CloseConversationRequest,
     ) -> DialogResult<pb::Conversation> {
-        check_len("note", &req.note, 1_000)?;
+        check_note("note", &req.note, 1_000)?;
         let reason = pb::CloseReason::try_from(req.reason)
             .ok()
             .filter(|r| *r != pb::CloseReason::Unspecified)
@@ -1540,27 +1597,70 @@ impl App {
             if state_of(c) == pb::ConversationState::Closed {
                 return Ok(None);
             }
-            Ok(Some(Transition {
-                to: pb::ConversationState::Closed,
-                reason: req.note.clone(),
-                close_reason: reason,
-                events: Box::new(move |c, from, at| {
-                    let e = pb::ConversationClosed {
-                        conversation_id: c.id.clone(),
-                        scenario_id: c.scenario_id.clone(),
-                        reason: reason as i32,
-                        final_state: from as i32,
-                        handoff_id: c.handoff_id.clone(),
-                        agent_id: c.assigned_agent_id.clone(),
-                        test: c.test,
-                        occurred_at: Some(at),
-                    };
-                    vec![ev(e)]
-                }),
-                ..Transition::new(pb::ConversationState::Closed)
-            }))
+            Ok(Some(close_transition(reason, req.note.clone())))
         })
         .await
+    }
+
+    /// One round of the idle sweep: closes up to `limit` conversations without activity (no
+    /// message, no state change) for longer than `idle_after`, oldest first, through the same
+    /// transition as `CloseConversation`. A BOT conversation closes for inactivity
+    /// (`ABANDONED`), a RESOLVED one as resolved (`RESOLVED`); QUEUED and AGENT ones, where a
+    /// human is involved, are left alone. Safe on every replica at once: a conversation closed
+    /// meanwhile, or active again, is skipped, and one that keeps changing under the sweep is left
+    /// for the next round.
+    pub async fn close_idle(&self, idle_after: Duration, limit: i64) -> DialogResult<Sweep> {
+        let cutoff = crate::store::timestamp_micros(&now())
+            .saturating_sub(i64::try_from(idle_after.as_micros()).unwrap_or(i64::MAX));
+        let idle = self
+            .store
+            .idle_conversations(
+                &[pb::ConversationState::Bot, pb::ConversationState::Resolved],
+                cutoff,
+                limit,
+            )
+            .await?;
+        let mut sweep = Sweep {
+            found: idle.len(),
+            closed: 0,
+        };
+        for (tenant, id) in idle {
+            let Ok(tenant) = TenantId::new(&tenant) else {
+                tracing::warn!(tenant = %tenant, conversation = %id,
+                    "idle conversation of an invalid tenant id left open");
+                continue;
+            };
+            // Whether the last attempt of the transition closed the conversation (rather than
+            // finding it closed or active again).
+            let closing = std::sync::atomic::AtomicBool::new(false);
+            let result = self
+                .transition(&tenant, &id, None, |c| {
+                    let reason = match state_of(c) {
+                        pb::ConversationState::Bot => pb::CloseReason::Abandoned,
+                        pb::ConversationState::Resolved => pb::CloseReason::Resolved,
+                        // A human is involved, or it is closed already.
+                        _ => pb::CloseReason::Unspecified,
+                    };
+                    let last = c
+                        .updated_at
+                        .as_ref()
+                        .map_or(0, crate::store::timestamp_micros);
+                    let close = reason != pb::CloseReason::Unspecified && last < cutoff;
+                    closing.store(close, std::sync::atomic::Ordering::Relaxed);
+                    Ok(close.then(|| close_transition(reason, "closed for inactivity".into())))
+                })
+                .await;
+            match result {
+                Ok(_) if closing.load(std::sync::atomic::Ordering::Relaxed) => sweep.closed += 1,
+                Ok(_) | Err(DialogError::NotFound(_)) => {}
+                Err(DialogError::Aborted) => {
+                    tracing::debug!(tenant = %tenant, conversation = %id,
+                        "idle conversation kept changing; left for the next round");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sweep)
     }
 
     /// Cancels a pending handoff (QUEUED → BOT).
@@ -1569,7 +1669,7 @@ impl App {
         tenant: &TenantId,
         req: pb::CancelHandoffRequest,
     ) -> DialogResult<pb::Conversation> {
-        check_len("reason", &req.reason, 500)?;
+        check_note("reason", &req.reason, 500)?;
         self.transition(tenant, &req.conversation_id, None, |c| {
             if state_of(c) != pb::ConversationState::Queued {
                 return Err(DialogError::Precondition(format!(
@@ -1601,17 +1701,32 @@ impl App {
         .await
     }
 
-    /// What a resolution event reports: the customer's first question, the agents' answers and
-    /// the conversation's last recognised intent.
+    /// What a resolution event reports: the customer's first question, the agents' answers, the
+    /// article versions the bot's answers cited (both from the last 200 messages) and the
+    /// conversation's last recognised intent.
     async fn resolution_facts(
         &self,
         tenant: &TenantId,
         conversation_id: &str,
     ) -> DialogResult<ResolutionFacts> {
-        let answers: Vec<String> = self
+        let recent = self
             .store
             .last_messages(tenant, conversation_id, 200)
-            .await?
+            .await?;
+        let mut articles: Vec<common::ArticleRef> = Vec::new();
+        for a in recent
+            .iter()
+            .filter(|m| m.sender_kind == pb::SenderKind::Bot as i32)
+            .flat_map(|m| m.cited_articles.iter())
+        {
+            if !articles
+                .iter()
+                .any(|x| x.article_id == a.article_id && x.version == a.version)
+            {
+                articles.push(a.clone());
+            }
+        }
+        let answers: Vec<String> = recent
             .into_iter()
             .filter(|m| m.sender_kind == pb::SenderKind::Agent as i32)
             .map(|m| m.text)
@@ -1637,6 +1752,8 @@ impl App {
             question,
             answers,
             intent,
+            articles,
+            team: String::new(),
         })
     }
 
@@ -1647,7 +1764,7 @@ impl App {
         actor: &Actor,
         req: pb::ResolveConversationRequest,
     ) -> DialogResult<pb::Conversation> {
-        check_len("note", &req.note, 1_000)?;
+        check_note("note", &req.note, 1_000)?;
         let (c, _) = self.load(tenant, &req.conversation_id).await?;
         let facts = self.resolution_facts(tenant, &c.id).await?;
         let actor = actor.clone();
@@ -1707,8 +1824,8 @@ impl App {
         if req.suggestion_id.is_empty() {
             return Err(DialogError::Invalid("suggestion_id is empty".into()));
         }
-        check_len("edited_text", &req.edited_text, MAX_TEXT_CHARS)?;
-        check_len("reason", &req.reason, 1_000)?;
+        check_note("edited_text", &req.edited_text, MAX_TEXT_CHARS)?;
+        check_note("reason", &req.reason, 1_000)?;
         let outcome = pb::SuggestionOutcome::try_from(req.outcome)
             .ok()
             .filter(|o| *o != pb::SuggestionOutcome::Unspecified)
@@ -1784,11 +1901,16 @@ impl App {
         // A resolution by the agent is reported like one through `ResolveConversation`, so
         // knowledge can mine it and analytics can count it.
         let facts = match effect {
-            RoutingEffect::Resolved => match self.resolution_facts(tenant, conversation_id).await {
-                Ok(facts) => Some(facts),
-                Err(DialogError::NotFound(_)) => return Ok(()),
-                Err(e) => return Err(e),
-            },
+            RoutingEffect::Resolved { ref team } => {
+                match self.resolution_facts(tenant, conversation_id).await {
+                    Ok(facts) => Some(ResolutionFacts {
+                        team: team.clone(),
+                        ..facts
+                    }),
+                    Err(DialogError::NotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
             _ => None,
         };
         let result = self
@@ -1857,7 +1979,7 @@ impl App {
                             ..Transition::new(pb::ConversationState::Bot)
                         })
                     }
-                    RoutingEffect::Resolved if state == pb::ConversationState::Agent => {
+                    RoutingEffect::Resolved { .. } if state == pb::ConversationState::Agent => {
                         let facts = facts.clone().unwrap_or_default();
                         let agent_id = c.assigned_agent_id.clone();
                         Some(Transition {
@@ -1950,6 +2072,38 @@ impl App {
     }
 }
 
+/// What one round of the idle sweep did ([`App::close_idle`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Idle conversations found.
+    pub found: usize,
+    /// Of those, closed by this round.
+    pub closed: usize,
+}
+
+/// The transition to CLOSED with its `ConversationClosed` event; `note` is the state change's
+/// reason shown to watchers.
+fn close_transition(reason: pb::CloseReason, note: String) -> Transition {
+    Transition {
+        reason: note,
+        close_reason: reason,
+        events: Box::new(move |c, from, at| {
+            let e = pb::ConversationClosed {
+                conversation_id: c.id.clone(),
+                scenario_id: c.scenario_id.clone(),
+                reason: reason as i32,
+                final_state: from as i32,
+                handoff_id: c.handoff_id.clone(),
+                agent_id: c.assigned_agent_id.clone(),
+                test: c.test,
+                occurred_at: Some(at),
+            };
+            vec![ev(e)]
+        }),
+        ..Transition::new(pb::ConversationState::Closed)
+    }
+}
+
 /// Builds a boxed event constructor.
 fn ev<E: tandem_proto::events::Event>(e: E) -> EventFn {
     Box::new(move |tenant, c| RawEvent::new(tenant, &e, Some(c.id.clone())))
@@ -2003,7 +2157,10 @@ pub enum RoutingEffect {
         leave_message: bool,
     },
     /// The agent resolved it.
-    Resolved,
+    Resolved {
+        /// The agent's team, as routing reports it.
+        team: String,
+    },
 }
 
 /// Whether a prediction the classifier rejects is really torn between two known intents (the
@@ -2019,6 +2176,13 @@ fn ambiguous(p: &tandem_nlu::Prediction, model: Option<&tandem_nlu::TextClassifi
         }
         _ => false,
     }
+}
+
+/// The scenario a turn was resolved to when it claims the turn's intent: a scenario of the
+/// tenant, not the fallback the catalogue uses when no scenario claims the intent.
+fn claimed_scenario<'a>(entry: &'a Entry, intent: &str) -> Option<&'a str> {
+    (!intent.is_empty() && entry.engine.intents.iter().any(|i| i == intent))
+        .then_some(entry.wire.id.as_str())
 }
 
 fn micros(d: Duration) -> i64 {
@@ -2043,49 +2207,43 @@ struct PackageInput<'a> {
     received_at: prost_types::Timestamp,
 }
 
-/// The observed value and threshold of the rule that fired.
+/// The observed values and thresholds of the rule that fired, by its id (the policy engine's
+/// `RuleId` names): each rule reports the numbers it compared. `human_first` fires on the
+/// scenario's strategy alone and reports none; rules that never hand off report none either.
 fn trigger_numbers(
     rule: &str,
     ctx: &policy::DecisionContext,
     th: Option<&policy::Thresholds>,
 ) -> (HashMap<String, f64>, HashMap<String, f64>) {
-    let mut values = HashMap::new();
-    let mut thresholds = HashMap::new();
     let th = th.cloned().unwrap_or_default();
-    let mut put = |k: &str, v: f64, t: Option<f64>| {
-        values.insert(k.to_owned(), v);
-        if let Some(t) = t {
-            thresholds.insert(k.to_owned(), t);
-        }
-    };
-    match rule {
-        r if r.contains("drop") || r.contains("swing") => {
-            put("sentiment_drop", ctx.sentiment_drop, th.sentiment_drop);
-        }
-        r if r.contains("sentiment") => put("sentiment", ctx.sentiment, th.negative_sentiment),
-        r if r.contains("confidence") => put(
-            "intent_confidence",
-            ctx.intent_confidence,
-            th.min_intent_confidence,
-        ),
-        r if r.contains("fallback") => put(
+    let flag = |on: bool| if on { 1.0 } else { 0.0 };
+    let (key, value, threshold) = match rule {
+        "explicit_request" => ("human_requested", flag(ctx.human_requested), Some(1.0)),
+        "sensitive_topic" => ("sensitive_topic", flag(ctx.sensitive_topic), Some(1.0)),
+        "negative_sentiment" => ("sentiment", ctx.sentiment, th.negative_sentiment),
+        "sentiment_drop" => ("sentiment_drop", ctx.sentiment_drop, th.sentiment_drop),
+        "max_fallbacks" => (
             "fallbacks",
             f64::from(ctx.fallbacks),
             th.max_fallbacks.map(f64::from),
         ),
-        r if r.contains("complexity") => put("complexity", ctx.complexity, th.max_complexity),
-        r if r.contains("turn") => put(
+        "max_complexity" => ("complexity", ctx.complexity, th.max_complexity),
+        "max_bot_turns" => (
             "bot_turns",
             f64::from(ctx.bot_turns),
             th.max_bot_turns.map(f64::from),
         ),
-        r if r.contains("human") || r.contains("explicit") => put(
-            "human_requested",
-            if ctx.human_requested { 1.0 } else { 0.0 },
-            Some(1.0),
+        "min_intent_confidence" | "clarify_confidence" => (
+            "intent_confidence",
+            ctx.intent_confidence,
+            th.min_intent_confidence,
         ),
-        _ => {}
-    }
+        _ => return (HashMap::new(), HashMap::new()),
+    };
+    let values = HashMap::from([(key.to_owned(), value)]);
+    let thresholds = threshold
+        .map(|t| HashMap::from([(key.to_owned(), t)]))
+        .unwrap_or_default();
     (values, thresholds)
 }
 
@@ -2212,6 +2370,8 @@ fn build_package(p: PackageInput<'_>) -> pb::HandoffPackage {
             values,
             thresholds,
         }),
+        // The policy's decision names only the first rule that fired (its rule order), not the
+        // others that would have fired too.
         other_triggers: Vec::new(),
         scenario_id: p.c.scenario_id.clone(),
         tier: d.tier,
@@ -2249,6 +2409,10 @@ struct ResolutionFacts {
     question: String,
     answers: Vec<String>,
     intent: String,
+    /// Article versions cited by the bot's answers, first citation first.
+    articles: Vec<common::ArticleRef>,
+    /// The resolving agent's team, when routing reported it.
+    team: String,
 }
 
 impl ResolutionFacts {
@@ -2265,12 +2429,16 @@ impl ResolutionFacts {
             scenario_id: c.scenario_id.clone(),
             resolved_by: by as i32,
             agent_id,
-            team: String::new(),
+            team: if by == common::HandlerKind::Agent {
+                self.team.clone()
+            } else {
+                String::new()
+            },
             handoff_id: c.handoff_id.clone(),
             intent: self.intent.clone(),
             customer_question: self.question.chars().take(MAX_TEXT_CHARS).collect(),
             agent_answers: self.answers[n.saturating_sub(5)..].to_vec(),
-            articles_used: Vec::new(),
+            articles_used: self.articles.clone(),
             language: c.language,
             channel: c.channel,
             reopen_count: c.reopen_count,

@@ -41,6 +41,7 @@ use tandem_proto::pb::dialog::v1::dialog_service_server::DialogServiceServer;
 use tandem_proto::pb::dialog::v1::model_service_server::ModelServiceServer;
 use tandem_proto::pb::policy::v1::PolicyUpdated;
 use tandem_proto::pb::routing::v1 as routing;
+use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::app::{App, AppOptions, DialogError, RoutingEffect};
@@ -75,6 +76,12 @@ pub struct Settings {
     /// `repeat_contacts` complexity signal); zero turns the look-up off.
     #[serde(with = "humantime_serde")]
     pub repeat_contact_window: Duration,
+    /// How long a conversation with the bot (BOT) or a resolved one (RESOLVED) may stay without
+    /// activity before it is closed (`CLOSE_REASON_ABANDONED`, or `CLOSE_REASON_RESOLVED` for a
+    /// resolved one); conversations waiting for or held by a human are never closed this way.
+    /// Zero turns the sweep off.
+    #[serde(with = "humantime_serde")]
+    pub idle_close_after: Duration,
 }
 
 impl Default for Settings {
@@ -86,6 +93,7 @@ impl Default for Settings {
             knowledge_min_score: 4.0,
             knowledge_limit: 3,
             repeat_contact_window: Duration::from_secs(7 * 86_400),
+            idle_close_after: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -132,6 +140,15 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.repeat_contact_window"),
                 "must be at most 366days",
+            ));
+        }
+        if !self.idle_close_after.is_zero()
+            && (self.idle_close_after < Duration::from_secs(1)
+                || self.idle_close_after > Duration::from_secs(366 * 86_400))
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.idle_close_after"),
+                "must be 0s (off) or between 1s and 366days",
             ));
         }
     }
@@ -201,13 +218,63 @@ impl Service for Dialog {
         ctx.tracker.spawn(runner::run(
             consumer,
             Consumers {
-                app,
+                app: Arc::clone(&app),
                 name: "dialog-handoffs",
             },
             RunOptions::new("dialog-handoffs"),
             ctx.shutdown.clone(),
         ));
+        if !settings.idle_close_after.is_zero() {
+            ctx.tracker.spawn(sweep_idle(
+                app,
+                settings.idle_close_after,
+                ctx.shutdown.clone(),
+            ));
+        }
         Ok(())
+    }
+}
+
+/// Conversations closed per sweep round at most; a full round is followed by the next at once.
+const SWEEP_BATCH: i64 = 200;
+
+/// Closes idle conversations until `shutdown`: every tenth of `idle_after` (between 100 ms and
+/// one minute), each round closes the conversations idle for longer than `idle_after`. Every
+/// replica sweeps; a conversation closed by another replica, or active again, is skipped.
+async fn sweep_idle(app: Arc<App>, idle_after: Duration, shutdown: CancellationToken) {
+    let period = (idle_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        loop {
+            let round = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = app.close_idle(idle_after, SWEEP_BATCH) => r,
+            };
+            match round {
+                Ok(sweep) => {
+                    if sweep.closed > 0 {
+                        tracing::info!(closed = sweep.closed, "closed idle conversations");
+                    }
+                    // Another round at once only while full rounds keep closing: a round whose
+                    // conversations were all skipped waits for the next tick.
+                    if sweep.closed == 0
+                        || sweep.found < usize::try_from(SWEEP_BATCH).unwrap_or(usize::MAX)
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
+                        "idle sweep failed");
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -312,7 +379,7 @@ impl Handler for Consumers {
                 // `HandoffAssigned` of a warm transfer, or the `HandoffTransferred` of a cold one.
                 let e = event.decode::<routing::AssignmentCompleted>()?.event;
                 let effect = if e.disposition == routing::Disposition::Resolved as i32 {
-                    RoutingEffect::Resolved
+                    RoutingEffect::Resolved { team: e.team }
                 } else if e.disposition == routing::Disposition::ReturnToBot as i32 {
                     RoutingEffect::BackToBot {
                         leave_message: false,
@@ -331,5 +398,39 @@ impl Handler for Consumers {
             .on_routing(tenant, claim, &conversation, &handoff, effect)
             .await
             .map_err(|e| transient(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(settings: &Settings) -> Vec<String> {
+        let mut errors = Vec::new();
+        settings.validate("service", &mut errors);
+        errors.into_iter().map(|e| e.path).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn idle_close_after_is_off_or_between_one_second_and_a_year() {
+        assert!(problems(&Settings::default()).is_empty());
+        for (value, ok) in [
+            (Duration::ZERO, true),
+            (Duration::from_secs(1), true),
+            (Duration::from_secs(366 * 86_400), true),
+            (Duration::from_millis(999), false),
+            (Duration::from_secs(366 * 86_400 + 1), false),
+        ] {
+            let settings = Settings {
+                idle_close_after: value,
+                ..Settings::default()
+            };
+            let want: Vec<String> = if ok {
+                Vec::new()
+            } else {
+                vec!["service.idle_close_after".into()]
+            };
+            assert_eq!(problems(&settings), want, "{value:?}");
+        }
     }
 }

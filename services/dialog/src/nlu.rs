@@ -23,7 +23,8 @@ fn emotion(e: tandem_nlu::Emotion) -> common::Emotion {
         E::Anxiety => common::Emotion::Anxiety,
         E::Satisfaction => common::Emotion::Joy,
         E::Disappointment => common::Emotion::Sadness,
-        E::Confusion | E::Neutral => common::Emotion::Unspecified,
+        E::Confusion => common::Emotion::Confusion,
+        E::Neutral => common::Emotion::Unspecified,
     }
 }
 

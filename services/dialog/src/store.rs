@@ -100,6 +100,15 @@ pub fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
         .saturating_add(i64::from(t.nanos) / 1_000)
 }
 
+/// The last activity of a conversation (its last message or state change), in microseconds
+/// since the Unix epoch: what the idle sweep compares.
+fn activity_micros(c: &pb::Conversation) -> i64 {
+    c.updated_at
+        .as_ref()
+        .or(c.created_at.as_ref())
+        .map_or(0, timestamp_micros)
+}
+
 fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|e| StoreError::Corrupt(what, e))
 }
@@ -231,6 +240,26 @@ impl Store {
             .bind(tenant.as_str()).bind(conversation_id).bind(count)
             .fetch_all(pool).await?);
         oldest_first("message", &rows)
+    }
+
+    /// Returns `(tenant, id)` of up to `limit` conversations of any tenant in one of `states`
+    /// whose last activity is before `before_micros` (microseconds since the Unix epoch), least
+    /// recently active first.
+    pub async fn idle_conversations(
+        &self,
+        states: &[pb::ConversationState],
+        before_micros: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for state in states {
+            let rows: Vec<(String, String)> = on_db!(&self.db, pool => sqlx::query_as(
+                "SELECT tenant, id FROM dialog_conversations WHERE state = $1 \
+                 AND updated_micros < $2 ORDER BY updated_micros LIMIT $3")
+                .bind(*state as i32).bind(before_micros).bind(limit).fetch_all(pool).await?);
+            out.extend(rows);
+        }
+        Ok(out)
     }
 
     /// Returns a conversation's decision traces from `offset`, in turn order.
@@ -516,11 +545,12 @@ impl Store {
                 let done = sqlx::query(
                     "INSERT INTO dialog_conversations \
                      (tenant, id, client_conversation_id, state, revision, body, customer_id, \
-                      created_micros) \
-                     VALUES ($1, $2, $3, $4, 1, $5, $6, $7) ON CONFLICT DO NOTHING")
+                      created_micros, updated_micros) \
+                     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8) ON CONFLICT DO NOTHING")
                     .bind(t).bind(&c.id).bind(&c.client_conversation_id).bind(c.state)
                     .bind(c.encode_to_vec()).bind(customer)
                     .bind(c.created_at.as_ref().map_or(0, timestamp_micros))
+                    .bind(activity_micros(c))
                     .execute(&mut *tx).await?;
                 if done.rows_affected() != 1 {
                     return Err(StoreError::Conflict);
@@ -528,9 +558,10 @@ impl Store {
             }
             if let Some((c, revision)) = &change.update {
                 let done = sqlx::query(
-                    "UPDATE dialog_conversations SET state = $1, revision = revision + 1, body = $2 \
-                     WHERE tenant = $3 AND id = $4 AND revision = $5")
-                    .bind(c.state).bind(c.encode_to_vec()).bind(t).bind(&c.id).bind(*revision)
+                    "UPDATE dialog_conversations SET state = $1, revision = revision + 1, body = $2, \
+                     updated_micros = $3 WHERE tenant = $4 AND id = $5 AND revision = $6")
+                    .bind(c.state).bind(c.encode_to_vec()).bind(activity_micros(c)).bind(t)
+                    .bind(&c.id).bind(*revision)
                     .execute(&mut *tx).await?;
                 if done.rows_affected() != 1 {
                     return Err(StoreError::Conflict);

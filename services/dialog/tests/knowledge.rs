@@ -321,6 +321,14 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
         )
         .await
         .unwrap();
+    let mut resolutions = dialog_rig
+        .bus
+        .consumer(
+            &ConsumerSpec::new("test-resolved", &DIALOG, &dialog_rig.bus_config)
+                .event::<pb::ConversationResolved>(),
+        )
+        .await
+        .unwrap();
     let mut c = dialog(&dialog_rig).await;
 
     // English and Chinese questions answered from the articles, cited.
@@ -352,6 +360,27 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
         seen.contains(&(zh_conv.id.clone(), Some(zh_article.clone()))),
         "{seen:?}"
     );
+
+    // Without a scenario hint, and with no scenario of the tenant claiming the intent, the turn
+    // is decided by the fallback policy; the search is not filtered on that fallback, so the
+    // article answers and the conversation keeps no scenario.
+    let bare = c
+        .start_conversation(pb::StartConversationRequest {
+            customer: Some(common::Customer {
+                id: "cust-bare".into(),
+                ..Default::default()
+            }),
+            client_conversation_id: "bare".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    let r = say(&mut c, &bare.id, "m1", "how do I get a refund").await;
+    assert_cited(&mut c, &r, &en_article, ARTICLE_EN).await;
+    assert_eq!(trace(&mut c, &r).await.scenario_id, "");
 
     // A question the knowledge base cannot answer: the intent's stored answer, no citation.
     let other = say(&mut c, &conv.id, "m2", "where is my parcel").await;
@@ -414,6 +443,43 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
         s.articles.first().map(|a| a.article_id.as_str()),
         Some(en_article.as_str())
     );
+
+    // The agent resolves it: the resolution lists the article versions the bot's answers cited
+    // and names the agent's team.
+    dialog_rig
+        .bus
+        .publish_batch(&[tandem_platform::bus::RawEvent::new(
+            &TenantId::new("acme").unwrap(),
+            &routing::AssignmentCompleted {
+                handoff_id: package.handoff_id.clone(),
+                conversation_id: conv.id.clone(),
+                agent_id: "a-1".into(),
+                team: "returns".into(),
+                disposition: routing::Disposition::Resolved as i32,
+                ..Default::default()
+            },
+            None,
+        )])
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), resolutions.next())
+        .await
+        .expect("no ConversationResolved within 10 s")
+        .unwrap();
+    let resolved = delivery
+        .event
+        .decode::<pb::ConversationResolved>()
+        .unwrap()
+        .event;
+    delivery.ack().await.unwrap();
+    assert_eq!(resolved.conversation_id, conv.id);
+    assert_eq!(resolved.team, "returns");
+    let used: Vec<(&str, i32)> = resolved
+        .articles_used
+        .iter()
+        .map(|a| (a.article_id.as_str(), a.version))
+        .collect();
+    assert_eq!(used, vec![(en_article.as_str(), 1)]);
 
     // Knowledge stopped: the turn still answers, with the stored answer, and says why.
     knowledge.stop().await;

@@ -1,6 +1,7 @@
 //! Two dialog replicas on one PostgreSQL database and one nats-server (testkit): a watcher
 //! connected to either replica sees, live and once each, the messages written through both, and
-//! the state changes and typing made through the other.
+//! the state changes and typing made through the other; both sweeping idle conversations close
+//! each one once.
 
 #![allow(clippy::unwrap_used)]
 
@@ -29,7 +30,7 @@ struct Replica {
 }
 
 impl Replica {
-    async fn start(database: &str, nats: &str) -> Self {
+    async fn start(database: &str, nats: &str, settings: Settings) -> Self {
         let cfg = ServiceConfig {
             auth: auth(),
             database: DatabaseConfig {
@@ -46,7 +47,7 @@ impl Replica {
                 poll_interval: Duration::from_millis(50),
                 ..OutboxConfig::default()
             },
-            service: Settings::default(),
+            service: settings,
             ..ServiceConfig::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -172,11 +173,15 @@ struct Pair {
 
 impl Pair {
     async fn start() -> Self {
+        Self::start_with(Settings::default()).await
+    }
+
+    async fn start_with(settings: Settings) -> Self {
         let pg = tandem_testkit::Postgres::start().await.unwrap();
         let nats = tandem_testkit::NatsServer::start().await.unwrap();
         let database = pg.fresh_database().await.unwrap();
-        let a = Replica::start(&database, &nats.url()).await;
-        let b = Replica::start(&database, &nats.url()).await;
+        let a = Replica::start(&database, &nats.url(), settings.clone()).await;
+        let b = Replica::start(&database, &nats.url(), settings).await;
         let (mut ca, mut cb) = (a.client().await, b.client().await);
         let conv = ca
             .start_conversation(pb::StartConversationRequest {
@@ -293,6 +298,42 @@ async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() 
         matches!(got.as_slice(), [pb::conversation_update::Update::Typing(t)] if !t.typing),
         "{got:?}"
     );
+
+    drop((p.on_a, p.on_b));
+    p.a.stop().await;
+    p.b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_replicas_sweep_and_an_idle_conversation_closes_once() {
+    let mut p = Pair::start_with(Settings {
+        idle_close_after: Duration::from_secs(1),
+        ..Settings::default()
+    })
+    .await;
+    // Both replicas sweep the same database: whichever closes the conversation first, each
+    // watcher sees it closed exactly once.
+    let closed = |got: &[pb::conversation_update::Update]| {
+        got.iter()
+            .filter(|u| {
+                matches!(u, pb::conversation_update::Update::StateChanged(s)
+                    if s.to_state == pb::ConversationState::Closed as i32)
+            })
+            .count()
+    };
+    assert_eq!(closed(&live_updates(&mut p.on_a, 1).await), 1);
+    assert_eq!(closed(&live_updates(&mut p.on_b, 1).await), 1);
+    let conv =
+        p.cb.get_conversation(pb::GetConversationRequest {
+            conversation_id: p.conv.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(conv.state, pb::ConversationState::Closed as i32);
+    assert_eq!(conv.close_reason, pb::CloseReason::Abandoned as i32);
 
     drop((p.on_a, p.on_b));
     p.a.stop().await;

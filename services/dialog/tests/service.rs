@@ -116,6 +116,8 @@ both!(
     a_transfer_hands_the_conversation_to_the_new_agent,
     a_suggestion_is_reviewed_once,
     only_the_assigned_agent_closes_or_types_as_the_agent,
+    a_fallback_turn_leaves_the_scenario_unset,
+    resolutions_report_the_team_and_confusion_is_an_emotion,
 );
 
 /// The repeat-contact window of the tests that count earlier conversations.
@@ -481,6 +483,17 @@ async fn explicit_request_hands_off_once_with_the_package(rig: impl Future<Outpu
     assert_eq!(
         trigger.reason,
         common::HandoffReason::ExplicitRequest as i32
+    );
+    assert_eq!(trigger.rule_id, "explicit_request");
+    let numbers = |m: &std::collections::HashMap<String, f64>| {
+        let mut v: Vec<(String, f64)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    assert_eq!(numbers(&trigger.values), [("human_requested".into(), 1.0)]);
+    assert_eq!(
+        numbers(&trigger.thresholds),
+        [("human_requested".into(), 1.0)]
     );
     assert_eq!(
         package.customer.as_ref().unwrap().tier,
@@ -868,10 +881,15 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
             assert_eq!(trace.scenario_id, "refunds");
             assert_eq!(bt.action, pb::BotAction::Handoff as i32);
             let package = bt.handoff.unwrap();
+            let trigger = package.trigger.clone().unwrap();
             assert_eq!(
-                package.trigger.unwrap().reason,
+                trigger.reason,
                 common::HandoffReason::PolicyHumanFirst as i32
             );
+            // The strategy alone fired it: no observed number to report.
+            assert_eq!(trigger.rule_id, "human_first");
+            assert!(trigger.values.is_empty(), "{trigger:?}");
+            assert!(trigger.thresholds.is_empty(), "{trigger:?}");
             assert_eq!(package.queue_id, "refunds-queue");
             assert_eq!(package.priority, 70);
             assert_eq!(package.policy_version, 3);
@@ -883,10 +901,12 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
                 .unwrap()
                 .handoff
                 .expect("sensitive topic hands off");
-            assert_eq!(
-                package.trigger.unwrap().reason,
-                common::HandoffReason::SensitiveTopic as i32
-            );
+            let trigger = package.trigger.clone().unwrap();
+            assert_eq!(trigger.reason, common::HandoffReason::SensitiveTopic as i32);
+            assert_eq!(trigger.rule_id, "sensitive_topic");
+            assert_eq!(trigger.values.get("sensitive_topic"), Some(&1.0));
+            assert_eq!(trigger.thresholds.get("sensitive_topic"), Some(&1.0));
+            assert_eq!(trigger.values.len(), 1, "{trigger:?}");
             assert_eq!(package.scenario_id, "deliveries");
             break;
         }
@@ -1038,6 +1058,146 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
     }
     let fresh = start_for(&mut c, "cust-enum", "k5-enum").await;
     assert!(fresh.created);
+
+    // Control characters are refused in the customer's name and the scenario hint, naming the
+    // field, and no conversation is created under the key.
+    let refused = |err: tonic::Status, field: &str| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message()
+                .starts_with(&format!("invalid argument: {field} ")),
+            "{field}: {err:?}"
+        );
+    };
+    for (name, hint, field) in [
+        ("bell\u{7}", "", "customer.display_name"),
+        ("王\n小明", "", "customer.display_name"),
+        ("王小明", "orders\u{0}", "scenario_hint"),
+        ("王小明", "orders\t", "scenario_hint"),
+    ] {
+        let err = c
+            .start_conversation(pb::StartConversationRequest {
+                customer: Some(common::Customer {
+                    id: "cust-ctl".into(),
+                    display_name: name.into(),
+                    ..Default::default()
+                }),
+                scenario_hint: hint.into(),
+                client_conversation_id: "k5-ctl".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        refused(err, field);
+    }
+    assert!(start_for(&mut c, "cust-ctl", "k5-ctl").await.created);
+
+    // Attachments: a media type that is not `type/subtype`, or a control character in the file
+    // name, is refused and nothing is posted; a good one is accepted.
+    let attachment = |name: &str, media_type: &str| pb::Attachment {
+        file_name: name.into(),
+        media_type: media_type.into(),
+        size_bytes: 10,
+        url: "https://files.example/a".into(),
+    };
+    let target = start_for(&mut c, "cust-att", "k5-att")
+        .await
+        .conversation
+        .unwrap();
+    for (a, field) in [
+        (attachment("a.png", ""), "attachments[0].media_type"),
+        (attachment("a.png", "png"), "attachments[0].media_type"),
+        (attachment("a.png", "image/"), "attachments[0].media_type"),
+        (
+            attachment("a.png", "image/png\r"),
+            "attachments[0].media_type",
+        ),
+        (
+            attachment("a.png", "image png/x"),
+            "attachments[0].media_type",
+        ),
+        (
+            attachment("a\u{1b}.png", "image/png"),
+            "attachments[0].file_name",
+        ),
+    ] {
+        let err = c
+            .post_customer_message(pb::PostCustomerMessageRequest {
+                conversation_id: target.id.clone(),
+                client_message_id: "att".into(),
+                text: "see the photo".into(),
+                attachments: vec![a],
+            })
+            .await
+            .unwrap_err();
+        refused(err, field);
+    }
+    assert_eq!(conversation(&mut c, &target.id).await.message_count, 0);
+    let ok = c
+        .post_customer_message(pb::PostCustomerMessageRequest {
+            conversation_id: target.id.clone(),
+            client_message_id: "att".into(),
+            text: "see the photo".into(),
+            attachments: vec![attachment("a.png", "image/png")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.message.unwrap().attachments[0].media_type, "image/png");
+
+    // A close note, a cancel reason and a review reason with control characters are refused,
+    // naming the field, and change nothing.
+    let queued = start_for(&mut c, "cust-q", "k5-q")
+        .await
+        .conversation
+        .unwrap();
+    let r = say(&mut c, &queued.id, "m1", "转人工").await;
+    assert_eq!(r.state, pb::ConversationState::Queued as i32, "{r:?}");
+    let err = c
+        .close_conversation(pb::CloseConversationRequest {
+            conversation_id: queued.id.clone(),
+            reason: pb::CloseReason::CustomerLeft as i32,
+            note: "left\u{8}".into(),
+        })
+        .await
+        .unwrap_err();
+    refused(err, "note");
+    let err = c
+        .cancel_handoff(pb::CancelHandoffRequest {
+            conversation_id: queued.id.clone(),
+            handoff_id: String::new(),
+            reason: "never mind\u{7f}".into(),
+        })
+        .await
+        .unwrap_err();
+    refused(err, "reason");
+    assert_eq!(
+        conversation(&mut c, &queued.id).await.state,
+        pb::ConversationState::Queued as i32
+    );
+    let err = agent
+        .review_suggestion(pb::ReviewSuggestionRequest {
+            suggestion_id: "s-1".into(),
+            outcome: pb::SuggestionOutcome::Rejected as i32,
+            reason: "wrong\u{0}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(err, "reason");
+    // Line breaks and tabs are fine in a note.
+    let closed = c
+        .close_conversation(pb::CloseConversationRequest {
+            conversation_id: queued.id.clone(),
+            reason: pb::CloseReason::CustomerLeft as i32,
+            note: "left:\n\tno answer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(closed.state, pb::ConversationState::Closed as i32);
 
     // Page tokens near the top of the range are refused, not overflowed.
     let huge = common::PageRequest {
@@ -1627,5 +1787,303 @@ async fn only_the_assigned_agent_closes_or_types_as_the_agent(rig: impl Future<O
     assert_eq!(err.code(), Code::PermissionDenied);
     let closed = close_as(&mut sup, &bot.id).await.unwrap();
     assert_eq!(closed.state, pb::ConversationState::Closed as i32);
+    rig.stop().await;
+}
+
+/// Starts a conversation with a scenario hint.
+async fn start_hinted(c: &mut Client, key: &str, hint: &str) -> pb::Conversation {
+    c.start_conversation(pb::StartConversationRequest {
+        customer: Some(common::Customer {
+            id: format!("cust-{key}"),
+            language: common::Language::Zh as i32,
+            ..Default::default()
+        }),
+        scenario_hint: hint.into(),
+        client_conversation_id: key.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .conversation
+    .unwrap()
+}
+
+/// The policy's decision of a turn.
+async fn decision_of(c: &mut Client, r: &pb::PostCustomerMessageResponse) -> policy::Decision {
+    trace_of(c, r).await.policy_decision.unwrap()
+}
+
+/// Words the trained model does not know: the turn goes to the fallback scenario.
+const GIBBERISH: &str = "xyzzy plugh frobnicate";
+
+/// A conversation keeps only a scenario the policy resolved from a recognised intent: a turn
+/// decided by the fallback scenario, or a hint naming no scenario of the tenant, leaves it unset,
+/// so a later turn still goes to the scenario claiming its intent.
+async fn a_fallback_turn_leaves_the_scenario_unset(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    train(&rig, "acme").await;
+    // The tenant has its own default scenario (the fallback) and one claiming refunds.
+    for (id, intents, version) in [
+        ("default", vec![], 5),
+        ("refunds", vec!["refund".into()], 3),
+    ] {
+        rig.publish(
+            "acme",
+            &policy::PolicyUpdated {
+                scenario_id: id.into(),
+                version,
+                scenario: Some(policy::Scenario {
+                    id: id.into(),
+                    intents,
+                    tier: policy::Tier::Standard as i32,
+                    strategy: policy::Strategy::BotFirst as i32,
+                    version,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    // Wait until both scenarios decide turns.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        let probe = start(&mut c, &format!("k-probe-{n}"), common::Language::Zh).await;
+        let fallback = say(&mut c, &probe.id, "m1", GIBBERISH).await;
+        let probe = start(&mut c, &format!("k-probe-r{n}"), common::Language::Zh).await;
+        let refund = say(&mut c, &probe.id, "m1", "我要退款").await;
+        let (f, r) = (
+            decision_of(&mut c, &fallback).await,
+            decision_of(&mut c, &refund).await,
+        );
+        if (f.scenario_id.as_str(), f.policy_version) == ("default", 5)
+            && (r.scenario_id.as_str(), r.policy_version) == ("refunds", 3)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policies never applied: {f:?} {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A turn decided by the fallback leaves the conversation without a scenario.
+    let conv = start(&mut c, "k-scenario", common::Language::Zh).await;
+    let first = say(&mut c, &conv.id, "m1", GIBBERISH).await;
+    assert_eq!(decision_of(&mut c, &first).await.scenario_id, "default");
+    assert_eq!(trace_of(&mut c, &first).await.scenario_id, "");
+    assert_eq!(conversation(&mut c, &conv.id).await.scenario_id, "");
+    // The next turn with a recognised intent goes to the scenario claiming it, which the
+    // conversation then keeps.
+    let second = say(&mut c, &conv.id, "m2", "我要退款").await;
+    assert_eq!(action(&second), pb::BotAction::Answer, "{second:?}");
+    assert_eq!(decision_of(&mut c, &second).await.scenario_id, "refunds");
+    assert_eq!(conversation(&mut c, &conv.id).await.scenario_id, "refunds");
+    let third = say(&mut c, &conv.id, "m3", GIBBERISH).await;
+    assert_eq!(decision_of(&mut c, &third).await.scenario_id, "refunds");
+
+    // A hint naming no scenario of the tenant is not kept; a known one is.
+    let unknown = start_hinted(&mut c, "k-hint-unknown", "no-such-scenario").await;
+    assert_eq!(unknown.scenario_id, "");
+    let r = say(&mut c, &unknown.id, "m1", "我要退款").await;
+    assert_eq!(decision_of(&mut c, &r).await.scenario_id, "refunds");
+    assert_eq!(
+        conversation(&mut c, &unknown.id).await.scenario_id,
+        "refunds"
+    );
+    let known = start_hinted(&mut c, "k-hint-known", "refunds").await;
+    assert_eq!(known.scenario_id, "refunds");
+    rig.stop().await;
+}
+
+/// The idle time after which the sweep closes a conversation, in the sweep test.
+const IDLE: Duration = Duration::from_secs(1);
+
+fn idle_settings() -> Settings {
+    Settings {
+        idle_close_after: IDLE,
+        ..Settings::default()
+    }
+}
+
+mod idle_sweep {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn production() {
+        super::idle_conversations_with_the_bot_are_closed(super::Rig::production_with(
+            super::idle_settings(),
+        ))
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn standalone() {
+        super::idle_conversations_with_the_bot_are_closed(super::Rig::standalone_with(
+            super::idle_settings(),
+        ))
+        .await;
+    }
+}
+
+/// The idle sweep closes BOT conversations for inactivity and RESOLVED ones as resolved, like
+/// `CloseConversation` (event, watchers); a conversation kept active, or waiting for a human,
+/// stays open.
+async fn idle_conversations_with_the_bot_are_closed(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let spec = ConsumerSpec::new("test-closed", &DIALOG, &rig.0.bus_config)
+        .event::<pb::ConversationClosed>();
+    let mut closed_events = rig.0.bus.consumer(&spec).await.unwrap();
+    // A model, so the active conversation's questions are answered rather than handed off after
+    // a few fallbacks.
+    train(&rig, "acme").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let idle = start(&mut c, "k-idle", common::Language::Zh).await;
+    say(&mut c, &idle.id, "m1", "你好").await;
+    let mut watch = c
+        .watch_conversation(pb::WatchConversationRequest {
+            conversation_id: idle.id.clone(),
+            view: pb::ConversationView::Customer as i32,
+            resume_after: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resolved = start(&mut c, "k-resolved", common::Language::Zh).await;
+    c.resolve_conversation(pb::ResolveConversationRequest {
+        conversation_id: resolved.id.clone(),
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+    let queued = start(&mut c, "k-queued", common::Language::Zh).await;
+    let r = say(&mut c, &queued.id, "m1", "转人工").await;
+    assert_eq!(r.state, pb::ConversationState::Queued as i32, "{r:?}");
+    let active = start(&mut c, "k-active", common::Language::Zh).await;
+
+    // The active conversation gets a message every 200 ms until the idle one is closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let r = say(&mut c, &active.id, &format!("a{n}"), "快递到哪里了").await;
+        assert_eq!(action(&r), pb::BotAction::Answer, "{r:?}");
+        if conversation(&mut c, &idle.id).await.state == pb::ConversationState::Closed as i32 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never swept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = conversation(&mut c, &idle.id).await;
+    assert_eq!(got.close_reason, pb::CloseReason::Abandoned as i32);
+    assert!(got.closed_at.is_some());
+    assert_eq!(
+        conversation(&mut c, &active.id).await.state,
+        pb::ConversationState::Bot as i32
+    );
+    let got = wait_state(&mut c, &resolved.id, pb::ConversationState::Closed).await;
+    assert_eq!(got.close_reason, pb::CloseReason::Resolved as i32);
+
+    // The watcher saw the state change.
+    loop {
+        let u = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .update
+            .unwrap();
+        if let Some(pb::conversation_update::Update::StateChanged(s)) = u.update {
+            assert_eq!(s.from_state, pb::ConversationState::Bot as i32);
+            assert_eq!(s.to_state, pb::ConversationState::Closed as i32);
+            assert_eq!(s.reason, "closed for inactivity");
+            break;
+        }
+    }
+    drop(watch);
+    // One event per closed conversation.
+    let mut events = Vec::new();
+    for _ in 0..2 {
+        let e: pb::ConversationClosed = next_event(&mut closed_events).await;
+        events.push((e.conversation_id, e.reason, e.final_state));
+    }
+    events.sort();
+    let mut want = vec![
+        (
+            idle.id.clone(),
+            pb::CloseReason::Abandoned as i32,
+            pb::ConversationState::Bot as i32,
+        ),
+        (
+            resolved.id.clone(),
+            pb::CloseReason::Resolved as i32,
+            pb::ConversationState::Resolved as i32,
+        ),
+    ];
+    want.sort();
+    assert_eq!(events, want);
+
+    // The conversation waiting for a human stays, however long it waits; a closed one takes no
+    // more messages.
+    tokio::time::sleep(IDLE + Duration::from_millis(500)).await;
+    assert_eq!(
+        conversation(&mut c, &queued.id).await.state,
+        pb::ConversationState::Queued as i32
+    );
+    let err = c
+        .post_customer_message(pb::PostCustomerMessageRequest {
+            conversation_id: idle.id.clone(),
+            client_message_id: "m2".into(),
+            text: "还在吗".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    rig.stop().await;
+}
+
+/// `ConversationResolved` names the resolving agent's team as routing reports it, and a confused
+/// customer's turn carries the confusion emotion.
+async fn resolutions_report_the_team_and_confusion_is_an_emotion(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let spec = ConsumerSpec::new("test-resolved", &DIALOG, &rig.0.bus_config)
+        .event::<pb::ConversationResolved>();
+    let mut resolved = rig.0.bus.consumer(&spec).await.unwrap();
+    train(&rig, "acme").await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+
+    let conv = start(&mut c, "k-confused", common::Language::En).await;
+    let r = say(&mut c, &conv.id, "m1", "I am confused, this makes no sense").await;
+    let emotions: Vec<i32> = trace_of(&mut c, &r)
+        .await
+        .sentiment
+        .unwrap()
+        .emotions
+        .iter()
+        .map(|e| e.emotion)
+        .collect();
+    assert_eq!(emotions, [common::Emotion::Confusion as i32]);
+
+    let (conv, handoff_id) = assigned_to(&rig, &mut c, "k-team", "a-1").await;
+    rig.publish(
+        "acme",
+        &routing::AssignmentCompleted {
+            handoff_id,
+            conversation_id: conv.id.clone(),
+            agent_id: "a-1".into(),
+            team: "billing".into(),
+            disposition: routing::Disposition::Resolved as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let e: pb::ConversationResolved = next_event(&mut resolved).await;
+    assert_eq!(e.conversation_id, conv.id);
+    assert_eq!(e.resolved_by, common::HandlerKind::Agent as i32);
+    assert_eq!((e.agent_id.as_str(), e.team.as_str()), ("a-1", "billing"));
+    // No bot answer cited an article.
+    assert!(e.articles_used.is_empty(), "{e:?}");
     rig.stop().await;
 }
