@@ -1416,16 +1416,7 @@ impl App {
                         agent_id: actor.id.clone(),
                         reviewed_at: Some(at),
                     });
-                    change.events.push(RawEvent::new(
-                        tenant,
-                        &pb::SuggestionReviewed {
-                            conversation_id: c.id.clone(),
-                            scenario_id: c.scenario_id.clone(),
-                            suggestion: Some(s.clone()),
-                            occurred_at: Some(at),
-                        },
-                        Some(c.id.clone()),
-                    ));
+                    change.events.push(suggestion_reviewed(tenant, &c, &s, at));
                     change.suggestions.push(s);
                 }
             }
@@ -1865,16 +1856,7 @@ impl App {
             });
             let change = Change {
                 suggestions: vec![s.clone()],
-                events: vec![RawEvent::new(
-                    tenant,
-                    &pb::SuggestionReviewed {
-                        conversation_id: c.id.clone(),
-                        scenario_id: c.scenario_id.clone(),
-                        suggestion: Some(s.clone()),
-                        occurred_at: Some(at),
-                    },
-                    Some(c.id.clone()),
-                )],
+                events: vec![suggestion_reviewed(tenant, &c, &s, at)],
                 ..Default::default()
             };
             match self.commit(tenant, change).await {
@@ -2446,4 +2428,23 @@ impl ResolutionFacts {
             occurred_at: Some(at),
         }
     }
+}
+
+/// The `SuggestionReviewed` event of suggestion `s` of conversation `c`, reviewed at `at`.
+fn suggestion_reviewed(
+    tenant: &TenantId,
+    c: &pb::Conversation,
+    s: &pb::Suggestion,
+    at: prost_types::Timestamp,
+) -> RawEvent {
+    RawEvent::new(
+        tenant,
+        &pb::SuggestionReviewed {
+            conversation_id: c.id.clone(),
+            scenario_id: c.scenario_id.clone(),
+            suggestion: Some(s.clone()),
+            occurred_at: Some(at),
+        },
+        Some(c.id.clone()),
+    )
 }
