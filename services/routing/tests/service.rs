@@ -620,13 +620,16 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
             ..pb::Queue::default()
         }),
     };
-    let refused = admin.upsert_queue(zoned("Mars/Olympus")).await.unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(
-        refused.message().contains("business_hours.timezone"),
-        "{}",
-        refused.message()
-    );
+    // A malformed offset with a multi-byte character is refused, not a panic in the handler.
+    for zone in ["Mars/Olympus", "+1é1"] {
+        let refused = admin.upsert_queue(zoned(zone)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{zone}");
+        assert!(
+            refused.message().contains("business_hours.timezone"),
+            "{}",
+            refused.message()
+        );
+    }
     let stored = admin
         .upsert_queue(zoned("Asia/Shanghai"))
         .await
@@ -917,6 +920,103 @@ async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
     assert_eq!(error.code, i32::from(pb::SessionErrorCode::InvalidArgument));
 }
 
+/// Asserts that the desk gets nothing for a while.
+async fn quiet(desk: &mut Desk) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), desk.rx.message())
+            .await
+            .is_err(),
+        "nothing else is pushed"
+    );
+}
+
+/// The desk drops while its accept commits, before it reads the confirmation: the stream it
+/// opens next (resumed or new) is told of the assignment, once; after the wrap-up, no longer.
+async fn a_desk_that_dropped_during_an_accept_sees_the_assignment(rig: &Rig) {
+    use pb::agent_session_request::Command;
+    use pb::agent_session_response::Event;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    admin
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("fay", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let mut fay = rig.client("fay", &[Role::Agent]).await;
+    let hello = |resume: &str| {
+        Command::Hello(pb::SessionHello {
+            client_version: "test/1".into(),
+            resume_session_id: resume.into(),
+            presence: pb::Presence::Online.into(),
+        })
+    };
+    let welcome_of = |response: pb::AgentSessionResponse| match response.event {
+        Some(Event::Welcome(welcome)) => welcome,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    let confirmed_of = |response: pb::AgentSessionResponse| match response.event {
+        Some(Event::AssignmentConfirmed(confirmed)) => {
+            assert_eq!(response.in_reply_to, "", "a push");
+            confirmed
+        }
+        other => panic!("expected the assignment, got {other:?}"),
+    };
+    let mut desk = Desk::open(&mut fay).await;
+    desk.send("h", hello("")).await;
+    let session = welcome_of(desk.next().await).session_id;
+    rig.publish(handoff_event("d-1", "dconv-1")).await;
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected an offer");
+    };
+    desk.send(
+        "a",
+        Command::Accept(pb::SessionAccept {
+            offer_id: offer.id.clone(),
+        }),
+    )
+    .await;
+    wait_for_state(&mut admin, "d-1", pb::TicketState::Assigned).await;
+    // The connection drops with the confirmation unread.
+    drop(desk);
+
+    // Resumed: the assignment is shown, once.
+    let mut desk = Desk::open(&mut fay).await;
+    desk.send("h2", hello(&session)).await;
+    assert_eq!(welcome_of(desk.next().await).session_id, session);
+    let confirmed = confirmed_of(desk.next().await);
+    let ticket = confirmed.ticket.unwrap();
+    assert_eq!(
+        (ticket.id.as_str(), ticket.assigned_agent_id.as_str()),
+        ("d-1", "fay")
+    );
+    assert_eq!(ticket.state, i32::from(pb::TicketState::Assigned));
+    assert_eq!(confirmed.package.unwrap().conversation_id, "dconv-1");
+    quiet(&mut desk).await;
+    drop(desk);
+
+    // A new session shows it too, and the wrap-up ends it.
+    let mut desk = Desk::open(&mut fay).await;
+    desk.send("h3", hello("")).await;
+    assert_ne!(welcome_of(desk.next().await).session_id, session);
+    assert_eq!(confirmed_of(desk.next().await).ticket.unwrap().id, "d-1");
+    quiet(&mut desk).await;
+    desk.send(
+        "w",
+        Command::WrapUp(pb::SessionWrapUp {
+            ticket_id: "d-1".into(),
+            disposition: pb::Disposition::Resolved.into(),
+            notes: String::new(),
+        }),
+    )
+    .await;
+    wait_for_state(&mut admin, "d-1", pb::TicketState::Completed).await;
+    drop(desk);
+    let mut desk = Desk::open(&mut fay).await;
+    desk.send("h4", hello("")).await;
+    welcome_of(desk.next().await);
+    quiet(&mut desk).await;
+}
+
 /// Another replica (here the test, writing through its own store to the same database) offers a
 /// conversation to an agent whose desk is connected to the service: the desk hears of it at
 /// once through the bus, not at its next poll (a minute here), and likewise of the offer's
@@ -1121,6 +1221,64 @@ async fn a_desk_accepts_many_offers_at_once(rig: &Rig) {
     assert_eq!(found.active_assignments, OFFERS as i32);
 }
 
+/// Two managers update different fields of one agent at the same moment, many times over: each
+/// update's mask is applied to the row as stored, so neither overwrites the other's field.
+async fn concurrent_agent_updates_keep_both_fields(rig: &Rig) {
+    let mut first = rig.client("admin", &[Role::Admin]).await;
+    let mut second = rig.client("admin", &[Role::Admin]).await;
+    first
+        .register_agent(pb::RegisterAgentRequest {
+            agent: Some(agent("ann", 2, 5)),
+        })
+        .await
+        .unwrap();
+    let update = |field: &str, agent: pb::Agent| pb::UpdateAgentRequest {
+        agent: Some(agent),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec![field.into()],
+        }),
+    };
+    for round in 0..30 {
+        let name = format!("Ann {round}");
+        let team = format!("team-{round}");
+        let renamed = update(
+            "display_name",
+            pb::Agent {
+                id: "ann".into(),
+                display_name: name.clone(),
+                ..pb::Agent::default()
+            },
+        );
+        let moved = update(
+            "team",
+            pb::Agent {
+                id: "ann".into(),
+                team: team.clone(),
+                ..pb::Agent::default()
+            },
+        );
+        let (renamed, moved) =
+            tokio::join!(first.update_agent(renamed), second.update_agent(moved));
+        renamed.unwrap();
+        moved.unwrap();
+        let stored = first
+            .get_agent(pb::GetAgentRequest {
+                agent_id: "ann".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agent
+            .unwrap();
+        assert_eq!(
+            (stored.display_name.as_str(), stored.team.as_str()),
+            (name.as_str(), team.as_str()),
+            "round {round}"
+        );
+        assert_eq!(stored.max_concurrent, 2);
+    }
+}
+
 mod replicas {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_offer_made_elsewhere_reaches_the_desk_at_once() {
@@ -1166,5 +1324,7 @@ both!(
     bad_input_gets_precise_codes,
     waiting_customers_hear_their_position_move,
     a_desk_resumes_its_session_after_a_reconnect,
-    a_desk_accepts_many_offers_at_once
+    a_desk_accepts_many_offers_at_once,
+    concurrent_agent_updates_keep_both_fields,
+    a_desk_that_dropped_during_an_accept_sees_the_assignment
 );

@@ -969,6 +969,98 @@ async fn transfers_move_the_assignment(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+fn skill_names(skills: &[SkillRequirement]) -> Vec<String> {
+    let mut names: Vec<String> = skills.iter().map(|s| s.name.clone()).collect();
+    names.sort();
+    names
+}
+
+/// A transfer takes the target queue's skill requirements and leaves the old queue's behind; a
+/// transfer to a named agent drops the queue's requirement (the handoff's own skills stay).
+async fn transfers_take_the_target_queues_skills(store: Store) {
+    let t = tenant();
+    let needs = |name: &str| SkillRequirement {
+        name: name.into(),
+        min_level: 3,
+    };
+    let mut billing = QueueSpec::open("default");
+    billing.required_skills = vec![needs("billing")];
+    store.upsert_queue(&t, &billing, t0()).await.unwrap();
+    let mut tech = QueueSpec::open("tech");
+    tech.required_skills = vec![needs("tech")];
+    store.upsert_queue(&t, &tech, t0()).await.unwrap();
+    online(&store, "bill", &[("billing", 5), ("vip", 5)], 2).await;
+    online(&store, "tess", &[("tech", 5), ("vip", 5)], 2).await;
+    online(&store, "nina", &[("vip", 5)], 2).await;
+    let mut new = handoff("h1", "c1");
+    new.skills = vec![needs("vip")];
+    enqueue(&store, &new, t0()).await;
+    let (offer_id, agent) = offer(&store, "h1", t0()).await;
+    assert_eq!(agent, "bill");
+    store.accept(&t, &agent, &offer_id, t0()).await.unwrap();
+
+    // Cold to a queue: its skill, not billing, is needed now.
+    let (ticket, _, _) = store
+        .transfer(
+            &t,
+            "h1",
+            Some("bill"),
+            TransferKind::Cold,
+            &TransferTarget::Queue("tech".into()),
+            "",
+            t0() + secs(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(skill_names(&ticket.skills), ["tech", "vip"]);
+    let (offer_id, agent) = offer(&store, "h1", t0() + secs(1)).await;
+    assert_eq!(agent, "tess");
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(1))
+        .await
+        .unwrap();
+
+    // Warm to a queue: once accepted there, the ticket needs that queue's skills.
+    let (_, warm, _) = store
+        .transfer(
+            &t,
+            "h1",
+            Some("tess"),
+            TransferKind::Warm,
+            &TransferTarget::Queue("default".into()),
+            "",
+            t0() + secs(2),
+        )
+        .await
+        .unwrap();
+    let warm = warm.unwrap();
+    assert_eq!(warm.agent_id, "bill");
+    let accepted = store
+        .accept(&t, "bill", &warm.id, t0() + secs(2))
+        .await
+        .unwrap();
+    assert_eq!(accepted.ticket.queue_id, "default");
+    assert_eq!(skill_names(&accepted.ticket.skills), ["billing", "vip"]);
+
+    // Cold to a named agent without the queue's skill.
+    let (ticket, _, _) = store
+        .transfer(
+            &t,
+            "h1",
+            Some("bill"),
+            TransferKind::Cold,
+            &TransferTarget::Agent("nina".into()),
+            "",
+            t0() + secs(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(skill_names(&ticket.skills), ["vip"]);
+    let (_, agent) = offer(&store, "h1", t0() + secs(3)).await;
+    assert_eq!(agent, "nina");
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 async fn customers_who_leave_or_cancel_free_everything(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 2).await;
@@ -1076,6 +1168,102 @@ async fn presence_loss_returns_offers_to_the_queue(store: Store) {
         .unwrap();
     assert_eq!(changed[0].1.presence, Presence::Offline);
     assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// The session sweep lists lost sessions without locks; an agent who sends a heartbeat or opens a
+/// new session between that list and the sweep taking its row keeps its presence. PostgreSQL
+/// only: the test holds the agents' rows so the sweep waits, and changes them meanwhile.
+async fn a_session_sweep_spares_agents_who_came_back(store: Store) {
+    let t = tenant();
+    let timeout = Duration::from_secs(30);
+    online(&store, "ann", &[], 2).await;
+    online(&store, "bob", &[], 2).await;
+    store
+        .open_session(&t, "ann", "s-ann", None, None, GRACE, t0())
+        .await
+        .unwrap();
+    let bob = store
+        .open_session(&t, "bob", "s-bob", None, None, GRACE, t0())
+        .await
+        .unwrap();
+    store
+        .close_session(&t, "bob", "s-bob", bob.epoch, t0())
+        .await
+        .unwrap();
+    // Ann has been silent past the timeout, Bob's session closed past the grace period.
+    let now = t0() + secs(60);
+    let Db::Postgres(pool) = store.db() else {
+        panic!("PostgreSQL only");
+    };
+    let mut held = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM routing_agents WHERE tenant = $1 ORDER BY id FOR UPDATE")
+        .bind(t.as_str())
+        .fetch_all(&mut *held)
+        .await
+        .unwrap();
+    let sweep = tokio::spawn({
+        let store = store.clone();
+        async move { store.sweep_sessions(now, timeout, GRACE).await }
+    });
+    // The sweep has listed both agents once it waits for a row lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep never waited for the agents"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Ann's heartbeat and Bob's new session (as the store writes them) commit first.
+    sqlx::query("UPDATE routing_agents SET last_heartbeat_at = $1 WHERE id = 'ann'")
+        .bind(now.timestamp_micros())
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE routing_agents SET session_id = 's-bob-2', session_epoch = session_epoch + 1, \
+         session_closed_at = NULL, last_session_id = NULL, last_heartbeat_at = $1 \
+         WHERE id = 'bob'",
+    )
+    .bind(now.timestamp_micros())
+    .execute(&mut *held)
+    .await
+    .unwrap();
+    held.commit().await.unwrap();
+    let changed = tokio::time::timeout(Duration::from_secs(10), sweep)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        changed.is_empty(),
+        "{:?}",
+        changed
+            .iter()
+            .map(|(_, a)| (a.profile.id.clone(), a.presence))
+            .collect::<Vec<_>>()
+    );
+    for id in ["ann", "bob"] {
+        assert_eq!(
+            store.agent(&t, id).await.unwrap().presence,
+            Presence::Online,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AgentPresenceChanged").await,
+        2
+    );
 }
 
 /// Many tasks route the same tickets to the same agents at once, accept, decline and complete;
@@ -2132,6 +2320,7 @@ both_engines!(
     out_of_hours_and_full_queues_return_to_the_bot,
     overflow_widens_skills_then_moves_the_ticket,
     transfers_move_the_assignment,
+    transfers_take_the_target_queues_skills,
     customers_who_leave_or_cancel_free_everything,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
@@ -2149,6 +2338,12 @@ mod postgres_locking {
     async fn accepts_and_presence_flips_never_deadlock() {
         let (store, _keep) = super::postgres().await;
         super::accepts_and_presence_flips_never_deadlock(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_sweep_spares_agents_who_came_back() {
+        let (store, _keep) = super::postgres().await;
+        super::a_session_sweep_spares_agents_who_came_back(store).await;
     }
 
     /// Two connection pools on one database stand in for two replicas batching accepts.

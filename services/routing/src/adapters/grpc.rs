@@ -150,11 +150,8 @@ impl RoutingService for RoutingGrpc {
         let request = request.into_inner();
         let update = request.agent.ok_or_else(|| invalid("agent is required"))?;
         check_id("agent.id", &update.id)?;
-        let current = self.engine.store.agent(&caller.tenant, &update.id).await?;
         let wanted = convert::agent_profile(&update);
-        let mut profile = current.profile.clone();
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
-        let all = paths.is_empty();
         for path in &paths {
             if !matches!(
                 path.as_str(),
@@ -163,26 +160,35 @@ impl RoutingService for RoutingGrpc {
                 return Err(invalid(format!("update_mask path {path:?} is not writable")).into());
             }
         }
-        let wants = |field: &str| all || paths.iter().any(|p| p == field);
-        if wants("display_name") {
-            profile.display_name = wanted.display_name;
-        }
-        if wants("skills") {
-            profile.skills = wanted.skills;
-        }
-        if wants("languages") {
-            profile.languages = wanted.languages;
-        }
-        if wants("team") {
-            profile.team = wanted.team;
-        }
-        if wants("max_concurrent") {
-            profile.capacity = wanted.capacity;
-        }
-        let stored = self
+        let all = paths.is_empty();
+        let wants = move |field: &str| all || paths.iter().any(|p| p == field);
+        // The mask is applied by the store to the row it holds locked, so a concurrent update
+        // of other fields is never overwritten with what this request read before it.
+        let (current, stored) = self
             .engine
             .store
-            .update_agent(&caller.tenant, &profile, self.engine.now())
+            .change_agent(
+                &caller.tenant,
+                &update.id,
+                move |profile| {
+                    if wants("display_name") {
+                        profile.display_name = wanted.display_name;
+                    }
+                    if wants("skills") {
+                        profile.skills = wanted.skills;
+                    }
+                    if wants("languages") {
+                        profile.languages = wanted.languages;
+                    }
+                    if wants("team") {
+                        profile.team = wanted.team;
+                    }
+                    if wants("max_concurrent") {
+                        profile.capacity = wanted.capacity;
+                    }
+                },
+                self.engine.now(),
+            )
             .await?;
         if stored.profile.capacity > current.profile.capacity {
             self.engine.drain_later(&caller.tenant, None);

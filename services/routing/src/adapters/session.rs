@@ -1,7 +1,8 @@
 //! The agent desk's live session (`AgentSession`).
 //!
 //! The client opens with `hello`; routing records the session (replacing any other of the same
-//! agent), answers `welcome` and pushes the agent's pending offers. A `hello` whose
+//! agent), answers `welcome` and pushes the agent's active assignments (`assignment_confirmed`,
+//! so a desk that dropped during an accept still learns of the conversation) and pending offers. A `hello` whose
 //! `resume_session_id` names the agent's session that is still open or ended less than
 //! `session_grace` ago resumes it: the welcome carries that id, presence stays as it is and the
 //! pending offers are sent once on the new stream. Any other id (unknown, expired, another
@@ -81,6 +82,9 @@ struct Session {
     /// Offers whose accept is with the batcher: they leave `shown` when it answers, not when a
     /// sync finds them no longer pending.
     answering: HashSet<String>,
+    /// Tickets whose assignment to this agent the desk was told of (an `AssignmentConfirmed`)
+    /// and which are still assigned.
+    confirmed: HashSet<String>,
 }
 
 /// What the session loop acts on next.
@@ -89,6 +93,22 @@ enum Step {
     Accepted(Box<AcceptDone>),
     Wake,
     Poll,
+}
+
+/// The `AssignmentConfirmed` event of an assigned ticket.
+fn confirmation(
+    ticket: &crate::store::TicketRecord,
+    ageing_per_second: f64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> RoutingResult<pb::agent_session_response::Event> {
+    let package = convert::package(ticket)?;
+    let ticket = convert::ticket_pb(ticket, ageing_per_second, now, true)?;
+    Ok(pb::agent_session_response::Event::AssignmentConfirmed(
+        pb::AssignmentConfirmed {
+            ticket: Some(ticket),
+            package: Some(package),
+        },
+    ))
 }
 
 /// An accept the batcher answered.
@@ -121,12 +141,50 @@ impl Session {
             .await
     }
 
-    /// Pushes new pending offers and revocations of shown ones, from a [`DeskView`] read with
-    /// `known` = the offers shown (so only new offers' tickets were read).
+    /// Whether the desk knows of the assignment of `ticket_id` by accepting `offer_id`: it was
+    /// confirmed on this stream, or this stream's accept of it is still being answered.
+    fn knows_assignment(&self, ticket_id: &str, offer_id: &str) -> bool {
+        self.confirmed.contains(ticket_id) || self.answering.contains(offer_id)
+    }
+
+    /// Pushes assignments the desk was not told of, new pending offers and revocations of shown
+    /// ones, from a [`DeskView`] read with `known` = the offers shown and the assignments known
+    /// (so only new offers' and assignments' tickets were read).
+    ///
+    /// Assignments come first: a new stream (a reconnect, a resume) learns this way of the
+    /// conversations it holds, including one whose accept committed while the previous stream
+    /// was dropping and so never got its confirmation.
     async fn sync(&mut self, view: DeskView) -> RoutingResult<bool> {
+        let assigned = view.assigned;
+        self.confirmed
+            .retain(|ticket| assigned.iter().any(|(id, _, _)| id == ticket));
+        let now = self.engine.now();
+        for (ticket_id, offer_id, ticket) in &assigned {
+            if self.knows_assignment(ticket_id, offer_id) {
+                continue;
+            }
+            let Some(ticket) = ticket else {
+                return Err(RoutingError::Corrupt(format!(
+                    "ticket {ticket_id} of an assignment vanished"
+                )));
+            };
+            // An assigned ticket waits no longer, so its queue's ageing weight does not count.
+            if !self.send("", confirmation(ticket, 0.0, now)?).await {
+                return Ok(false);
+            }
+            self.confirmed.insert(ticket_id.clone());
+        }
         let pending = view.pending;
         for (offer, ticket) in &pending {
             if self.shown.contains_key(&offer.id) {
+                continue;
+            }
+            // Read pending just before its accept committed (the two reads are separate
+            // statements): the assignment above stands for it.
+            if assigned
+                .iter()
+                .any(|(_, accepted, _)| *accepted == offer.id)
+            {
                 continue;
             }
             let Some(ticket) = ticket else {
@@ -207,18 +265,11 @@ impl Session {
                 if let Some(previous) = &done.previous_agent {
                     engine.hub.notify(&self.tenant, previous);
                 }
-                convert::package(&done.ticket).and_then(|package| {
-                    convert::ticket_pb(&done.ticket, done.ageing_per_second, now, true).map(
-                        |ticket| {
-                            pb::agent_session_response::Event::AssignmentConfirmed(
-                                pb::AssignmentConfirmed {
-                                    ticket: Some(ticket),
-                                    package: Some(package),
-                                },
-                            )
-                        },
-                    )
-                })
+                let event = confirmation(&done.ticket, done.ageing_per_second, now);
+                if event.is_ok() {
+                    self.confirmed.insert(done.ticket.id.clone());
+                }
+                event
             }
             Err(error) => {
                 if matches!(error, RoutingError::OfferExpired(_)) {
@@ -464,6 +515,7 @@ pub async fn run(
         out,
         shown: HashMap::new(),
         answering: HashSet::new(),
+        confirmed: HashSet::new(),
     };
     if !session.send(&request_id, welcome).await {
         return;
@@ -553,7 +605,12 @@ pub async fn run(
         }
         let view = engine
             .store
-            .desk_view(&tenant, &agent_id, |id| session.shown.contains_key(id))
+            .desk_view(
+                &tenant,
+                &agent_id,
+                |id| session.shown.contains_key(id),
+                |ticket, offer| session.knows_assignment(ticket, offer),
+            )
             .await;
         match view {
             Ok(Some(view)) => {

@@ -249,6 +249,11 @@ pub fn parse_utc_offset(zone: &str) -> Option<i32> {
         b'-' => (-1, &rest[1..]),
         _ => return None,
     };
+    // Only ASCII digits and one colon may follow the sign: this also keeps the split below on
+    // a character boundary (a multi-byte character there would make `split_at` panic).
+    if !digits.bytes().all(|b| b.is_ascii_digit() || b == b':') {
+        return None;
+    }
     let (hours, minutes) = match digits.split_once(':') {
         Some((h, m)) => (h, m),
         None if digits.len() == 4 => digits.split_at(2),
@@ -376,6 +381,10 @@ mod tests {
         assert_eq!(parse_utc_offset("+0530"), Some(330));
         assert_eq!(parse_utc_offset("Asia/Shanghai"), None);
         assert_eq!(parse_utc_offset("+25:00"), None);
+        // Non-ASCII or signed parts are refused, not split inside a character.
+        for bad in ["+1é1", "+é", "UTC+0é", "+١٢", "++1", "+1:+5", "+1:2:3"] {
+            assert_eq!(parse_utc_offset(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -429,7 +438,14 @@ mod tests {
         let mut q = QueueSpec::open("billing");
         q.hours.timezone = "Europe/Paris".into();
         assert!(q.validate().is_ok());
-        for unknown in ["Mars/Olympus", "Europe/Pariss", "+25:00", "Berlin"] {
+        for unknown in [
+            "Mars/Olympus",
+            "Europe/Pariss",
+            "+25:00",
+            "Berlin",
+            "+1é1",
+            "+٠٨:٠٠",
+        ] {
             q.hours.timezone = unknown.into();
             let error = q.validate().unwrap_err();
             assert!(matches!(error, RoutingError::InvalidArgument(_)));

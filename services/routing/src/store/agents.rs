@@ -193,10 +193,35 @@ impl Store {
         now: DateTime<Utc>,
     ) -> RoutingResult<Agent> {
         profile.validate()?;
+        let replacement = profile.clone();
+        let (_, agent) = self
+            .change_agent(tenant, &profile.id, move |p| *p = replacement, now)
+            .await?;
+        Ok(agent)
+    }
+
+    /// Changes an agent's profile with `change`, applied to the profile as stored, on the row
+    /// locked in the write transaction (`FOR UPDATE` on PostgreSQL; SQLite's one writer), so
+    /// concurrent changes of different fields all survive. The id cannot change; capacity may
+    /// not drop below the units in use. Returns the agent before and after.
+    pub async fn change_agent<F>(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        change: F,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<(Agent, Agent)>
+    where
+        F: FnOnce(&mut AgentProfile) + Send,
+    {
         let mut tx = Tx::write(self.db()).await?;
-        let current = load_agent(&mut tx, tenant, &profile.id, true)
+        let current = load_agent(&mut tx, tenant, id, true)
             .await?
-            .ok_or_else(|| RoutingError::NotFound(format!("agent {} not found", profile.id)))?;
+            .ok_or_else(|| RoutingError::NotFound(format!("agent {id} not found")))?;
+        let mut profile = current.profile.clone();
+        change(&mut profile);
+        profile.id = id.to_owned();
+        profile.validate()?;
         if profile.capacity < current.load {
             return Err(RoutingError::FailedPrecondition(format!(
                 "agent {} holds {} offers and conversations; max_concurrent cannot go below that",
@@ -222,7 +247,7 @@ impl Store {
             .await?
             .ok_or_else(|| RoutingError::Corrupt("updated agent vanished".into()))?;
         tx.commit().await?;
-        Ok(agent)
+        Ok((current, agent))
     }
 
     /// Returns one agent.
@@ -506,13 +531,34 @@ impl Store {
             let Some(agent) = load_agent(&mut tx, &tenant, &id, true).await? else {
                 continue;
             };
-            let to = if closed {
+            // The list above took no locks: since then the agent may have opened or resumed a
+            // session or sent a heartbeat. The condition is checked again on the locked row and
+            // an agent that no longer meets it is left alone.
+            let still_lost = if closed {
                 tx.execute(
                     "UPDATE routing_agents SET session_closed_at = NULL \
-                     WHERE tenant = $1 AND id = $2 AND session_id IS NULL",
-                    args![tenant.as_str(), id.as_str()],
+                     WHERE tenant = $1 AND id = $2 AND session_id IS NULL \
+                     AND session_closed_at IS NOT NULL AND session_closed_at < $3",
+                    args![tenant.as_str(), id.as_str(), closed_since],
                 )
-                .await?;
+                .await?
+                    == 1
+            } else {
+                let row: Option<(String,)> = tx
+                    .fetch_optional(
+                        "SELECT id FROM routing_agents WHERE tenant = $1 AND id = $2 \
+                         AND session_id IS NOT NULL AND presence = 'online' \
+                         AND last_heartbeat_at < $3",
+                        args![tenant.as_str(), id.as_str(), silent_since],
+                    )
+                    .await?;
+                row.is_some()
+            };
+            if !still_lost {
+                tx.commit().await?;
+                continue;
+            }
+            let to = if closed {
                 Presence::Offline
             } else {
                 Presence::Away

@@ -440,6 +440,9 @@ pub struct DeskView {
     /// The pending offers, oldest first; the ticket is read only for offers the desk does not
     /// know yet.
     pub pending: Vec<(OfferRecord, Option<TicketRecord>)>,
+    /// The agent's active assignments, oldest first, as (ticket id, id of the offer accepted,
+    /// ticket); the ticket is read only for assignments the desk does not know yet.
+    pub assigned: Vec<(String, String, Option<TicketRecord>)>,
 }
 
 /// An agent's pending offers, oldest first, with the tickets of those `known` does not name
@@ -492,6 +495,56 @@ async fn pending_with_tickets(
                 tickets.get(&offer.ticket_id).cloned()
             };
             (offer, ticket)
+        })
+        .collect())
+}
+
+/// An agent's active assignments, oldest first, as (ticket id, offer id, ticket), with the
+/// tickets of those `known(ticket id, offer id)` does not name (one statement for the
+/// assignments, one for all the tickets wanted).
+async fn assigned_with_tickets(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    agent_id: &str,
+    known: impl Fn(&str, &str) -> bool,
+) -> RoutingResult<Vec<(String, String, Option<TicketRecord>)>> {
+    let rows: Vec<(String, String)> = tx
+        .fetch_all(
+            "SELECT ticket_id, offer_id FROM routing_assignments WHERE tenant = $1 \
+             AND agent_id = $2 AND ended_at IS NULL ORDER BY assigned_at, id",
+            args![tenant.as_str(), agent_id],
+        )
+        .await?;
+    let mut wanted: Vec<&str> = rows
+        .iter()
+        .filter(|(ticket, offer)| !known(ticket, offer))
+        .map(|(ticket, _)| ticket.as_str())
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut tickets: HashMap<String, TicketRecord> = HashMap::new();
+    if !wanted.is_empty() {
+        let sql = format!(
+            "{}tenant = $1 AND id IN ({})",
+            ticket_select!(""),
+            placeholders(2, wanted.len(), 1)
+        );
+        let mut list = args![tenant.as_str()];
+        list.extend(wanted.iter().map(|id| Arg::from(*id)));
+        for row in tx.fetch_all_text::<TicketRow>(&sql, list).await? {
+            let ticket = row.into_record()?;
+            tickets.insert(ticket.id.clone(), ticket);
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(ticket_id, offer_id)| {
+            let ticket = if known(&ticket_id, &offer_id) {
+                None
+            } else {
+                tickets.get(&ticket_id).cloned()
+            };
+            (ticket_id, offer_id, ticket)
         })
         .collect())
 }
@@ -1073,6 +1126,22 @@ fn merge_skills(queue: &[SkillRequirement], ticket: &[SkillRequirement]) -> Vec<
         }
     }
     merged
+}
+
+/// The skills a ticket needs after it moves from a queue requiring `from` to one requiring `to`
+/// (none for a transfer to a named agent): the requirements of the queue it leaves are taken
+/// off, those the handoff asked for stay, and the new queue's are added.
+fn moved_skills(
+    ticket: &[SkillRequirement],
+    from: &[SkillRequirement],
+    to: &[SkillRequirement],
+) -> Vec<SkillRequirement> {
+    let own: Vec<SkillRequirement> = ticket
+        .iter()
+        .filter(|s| !from.iter().any(|q| q.name == s.name))
+        .cloned()
+        .collect();
+    merge_skills(to, &own)
 }
 
 /// ETA settings the store needs.
@@ -1657,6 +1726,24 @@ impl Store {
                     now,
                 ));
                 previous_agent = Some(from);
+            }
+            // A warm transfer to another queue moves the ticket there: its skills follow, so a
+            // later cold transfer or requeue does not keep the first queue's requirements.
+            if offer.queue_id != ticket.queue_id {
+                let from_skills = load_queue(&mut tx, tenant, &ticket.queue_id)
+                    .await?
+                    .map(|q| q.spec.required_skills)
+                    .unwrap_or_default();
+                let to_skills = load_queue(&mut tx, tenant, &offer.queue_id)
+                    .await?
+                    .map(|q| q.spec.required_skills)
+                    .unwrap_or_default();
+                let skills = moved_skills(&ticket.skills, &from_skills, &to_skills);
+                tx.execute(
+                    "UPDATE routing_tickets SET skills = $3 WHERE tenant = $1 AND id = $2",
+                    args![tenant.as_str(), ticket.id.as_str(), skills_json(&skills)?],
+                )
+                .await?;
             }
         } else if ticket.state != TicketState::Offered {
             return Err(RoutingError::OfferTaken(offer_id.to_owned()));
@@ -2248,7 +2335,14 @@ impl Store {
                 "ticket {ticket_id} is assigned to another agent"
             )));
         }
-        let (queue_id, only_agent) = match target {
+        // The skills a cold transfer leaves on the ticket: the current queue's requirements are
+        // taken off (as an overflow move does) and the target queue's added; a named agent was
+        // chosen by a person, so no queue's requirement applies to them.
+        let current_skills = load_queue(&mut tx, tenant, &ticket.queue_id)
+            .await?
+            .map(|q| q.spec.required_skills)
+            .unwrap_or_default();
+        let (queue_id, only_agent, cold_skills) = match target {
             TransferTarget::Agent(agent) => {
                 if *agent == from {
                     return Err(RoutingError::InvalidArgument(
@@ -2258,13 +2352,19 @@ impl Store {
                 if load_agent(&mut tx, tenant, agent, false).await?.is_none() {
                     return Err(RoutingError::NotFound(format!("agent {agent} not found")));
                 }
-                (ticket.queue_id.clone(), Some(agent.clone()))
+                let skills = moved_skills(&ticket.skills, &current_skills, &[]);
+                (ticket.queue_id.clone(), Some(agent.clone()), skills)
             }
             TransferTarget::Queue(queue) => {
-                if load_queue(&mut tx, tenant, queue).await?.is_none() {
+                let Some(target_queue) = load_queue(&mut tx, tenant, queue).await? else {
                     return Err(RoutingError::NotFound(format!("queue {queue} not found")));
-                }
-                (queue.clone(), None)
+                };
+                let skills = moved_skills(
+                    &ticket.skills,
+                    &current_skills,
+                    &target_queue.spec.required_skills,
+                );
+                (queue.clone(), None, skills)
             }
         };
         if pending_offer_of_ticket(&mut tx, tenant, ticket_id)
@@ -2299,7 +2399,7 @@ impl Store {
                      assigned_agent_id = NULL, assigned_at = NULL, target_agent_id = $4, \
                      excluded_agent_id = $5, transfer_from = $5, transfer_note = $6, \
                      transfer_kind = 'cold', queue_entered_at = $7, overflow_applied = 0, \
-                     updated_at = $7 WHERE tenant = $1 AND id = $2",
+                     skills = $8, updated_at = $7 WHERE tenant = $1 AND id = $2",
                     args![
                         tenant.as_str(),
                         ticket_id,
@@ -2307,7 +2407,8 @@ impl Store {
                         only_agent.clone(),
                         from.as_str(),
                         note,
-                        micros(now)
+                        micros(now),
+                        skills_json(&cold_skills)?
                     ],
                 )
                 .await?;
@@ -2615,16 +2716,10 @@ impl Store {
                                 tx.commit().await?;
                                 continue;
                             };
-                            let skills = merge_skills(
+                            let skills = moved_skills(
+                                &ticket.skills,
+                                &queue.spec.required_skills,
                                 &target_queue.spec.required_skills,
-                                &ticket
-                                    .skills
-                                    .iter()
-                                    .filter(|s| {
-                                        !queue.spec.required_skills.iter().any(|q| q.name == s.name)
-                                    })
-                                    .cloned()
-                                    .collect::<Vec<_>>(),
                             );
                             tx.execute(
                                 "UPDATE routing_tickets SET queue_id = $3, skills = $4, \
@@ -2726,13 +2821,16 @@ impl Store {
     }
 
     /// What a desk session reads to catch up, in one read: the agent's session and stream
-    /// epoch, its offers' version, and its pending offers, oldest first, each with its ticket
-    /// unless `known(offer id)` says the desk has it already. `None` for an unknown agent.
+    /// epoch, its offers' version, its pending offers, oldest first, each with its ticket
+    /// unless `known(offer id)` says the desk has it already, and its active assignments, each
+    /// with its ticket unless `known_assignment(ticket id, offer id)` says the desk has it.
+    /// `None` for an unknown agent.
     pub async fn desk_view(
         &self,
         tenant: &TenantId,
         agent_id: &str,
         known: impl Fn(&str) -> bool,
+        known_assignment: impl Fn(&str, &str) -> bool,
     ) -> RoutingResult<Option<DeskView>> {
         let mut tx = Tx::reads(self.db()).await?;
         let row: Option<super::agents::VersionRow> = tx
@@ -2746,12 +2844,14 @@ impl Store {
             return Ok(None);
         };
         let pending = pending_with_tickets(&mut tx, tenant, agent_id, known).await?;
+        let active = assigned_with_tickets(&mut tx, tenant, agent_id, known_assignment).await?;
         tx.commit().await?;
         Ok(Some(DeskView {
             session_id,
             epoch,
             version: (updated, load, assigned, count, newest),
             pending,
+            assigned: active,
         }))
     }
 
