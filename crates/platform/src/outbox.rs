@@ -174,6 +174,10 @@ pub struct OutboxRelay {
     /// PostgreSQL: the claim of the batch after the one being published, started when that
     /// one was full (a backlog), so claiming and publishing overlap.
     next_claim: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Claim, OutboxError>>>>,
+    /// Set when a publish failed (or at start, when another relay may have left a batch half
+    /// stored): the next batch may hold events the broker already has, so it is sent one by
+    /// one. Cleared by the first batch that goes out whole.
+    resending: AtomicBool,
 }
 
 /// A batch claimed on PostgreSQL: the rows, deleted (or marked) by a transaction that stays
@@ -198,6 +202,7 @@ impl OutboxRelay {
             settling: Arc::default(),
             settle_slots: Arc::new(Semaphore::new(SETTLE_CONCURRENCY)),
             next_claim: std::sync::Mutex::default(),
+            resending: AtomicBool::new(true),
         }
     }
 
@@ -280,6 +285,8 @@ impl OutboxRelay {
                             match locked {
                                 Ok(true) => {
                                     tracing::info!("outbox relay elected");
+                                    // The relay before may have left a batch half stored.
+                                    self.resending.store(true, Ordering::Relaxed);
                                     relaying.store(true, Ordering::Release);
                                     let lost = self
                                         .relay_while_session_lives(&mut session, shutdown)
@@ -411,7 +418,7 @@ impl OutboxRelay {
             }));
         }
         let events: Vec<RawEvent> = rows.iter().map(|row| row.event.clone()).collect();
-        if let Err(error) = self.bus.publish_batch(&events).await {
+        if let Err(error) = self.publish(&events).await {
             // Rolled back before the next round: a dropped transaction would be rolled back
             // later, and a claim in between would skip its rows, letting later ones overtake.
             self.give_back_next_claim().await;
@@ -441,6 +448,18 @@ impl OutboxRelay {
             drop(permit);
         });
         Ok(rows.len())
+    }
+
+    /// Publishes a claimed batch: pipelined, or one by one while it may hold events the
+    /// broker already stored (after a failed publish, or the first batch of this relay).
+    async fn publish(&self, events: &[RawEvent]) -> Result<(), BusError> {
+        let result = if self.resending.load(Ordering::Relaxed) {
+            self.bus.publish_one_by_one(events).await
+        } else {
+            self.bus.publish_batch(events).await
+        };
+        self.resending.store(result.is_err(), Ordering::Relaxed);
+        result
     }
 
     fn lock_next_claim(
@@ -474,7 +493,7 @@ impl OutboxRelay {
             return Ok(0);
         }
         let events: Vec<RawEvent> = rows.iter().map(|row| row.event.clone()).collect();
-        self.bus.publish_batch(&events).await?;
+        self.publish(&events).await?;
         metrics::counter!(OUTBOX_PUBLISHED_TOTAL).increment(rows.len() as u64);
 
         let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();

@@ -871,9 +871,6 @@ async fn a_connection_broken_mid_batch_keeps_the_stream_in_order() {
             ..posted("cut", i)
         })
         .collect();
-    for chunk in events.chunks(100) {
-        rig.enqueue(chunk).await;
-    }
     let relay = OutboxRelay::new(
         rig.db.clone(),
         bus,
@@ -882,6 +879,13 @@ async fn a_connection_broken_mid_batch_keeps_the_stream_in_order() {
             ..OutboxConfig::default()
         },
     );
+    // A relay's first batch goes out one event at a time; the batch under test is pipelined.
+    let first_of_all = posted("before", 0);
+    rig.enqueue(std::slice::from_ref(&first_of_all)).await;
+    assert_eq!(relay.publish_pending().await.unwrap(), 1);
+    for chunk in events.chunks(100) {
+        rig.enqueue(chunk).await;
+    }
     link.break_after(4 << 20);
     let first = relay.publish_pending().await;
     assert_eq!(link.breaks(), 1, "the link broke during the batch");
@@ -895,21 +899,16 @@ async fn a_connection_broken_mid_batch_keeps_the_stream_in_order() {
         let _ = relay.publish_pending().await;
     }
 
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let mut stream = async_nats::jetstream::new(client)
-        .get_stream(DIALOG.name)
-        .await
-        .unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
     let mut stored = Vec::new();
-    for seq in 1..=last {
-        let message = stream.get_raw_message(seq).await.unwrap();
-        let id = message.headers.get(headers::MSG_ID).unwrap().to_string();
+    for id in stored_ids(server).await {
         if !stored.contains(&id) {
             stored.push(id);
         }
     }
-    let sent: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    let sent: Vec<String> = std::iter::once(&first_of_all)
+        .chain(&events)
+        .map(|e| e.id.clone())
+        .collect();
     assert_eq!(stored.len(), sent.len(), "every event stored once");
     let first_out_of_place = stored.iter().zip(&sent).position(|(s, e)| s != e);
     assert_eq!(
@@ -1018,4 +1017,50 @@ async fn delivered(bus: &MemoryBus, durable: &str) -> Vec<String> {
         delivery.ack().await.unwrap();
     }
     ids
+}
+
+/// A relay taking over may find a batch another relay left half stored, with events committed
+/// since in between: its first batch (one event at a time) still goes out whole, and so do the
+/// pipelined ones after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_left_half_stored_goes_out_whole_from_the_next_relay() {
+    let rig = Rig::nats().await;
+    let events: Vec<RawEvent> = (0..6).map(|i| posted("taken-over", i)).collect();
+    // The relay before stored the 1st and the 3rd of these, then died; the 2nd committed late.
+    rig.bus
+        .publish_batch(&[events[0].clone(), events[2].clone()])
+        .await
+        .unwrap();
+    rig.enqueue(&events[..4]).await;
+    let relay = rig.relay(100);
+    assert_eq!(relay.publish_pending().await.unwrap(), 4);
+    rig.enqueue(&events[4..]).await;
+    assert_eq!(relay.publish_pending().await.unwrap(), 2);
+    assert_eq!(relay.pending().await.unwrap(), 0);
+
+    let Broker::Nats { server, .. } = &rig.broker else {
+        unreachable!("a NATS rig")
+    };
+    let stored = stored_ids(server).await;
+    let order = [0, 2, 1, 3, 4, 5].map(|i| events[i].id.clone());
+    assert_eq!(
+        stored, order,
+        "each event once, the late one after those stored before it"
+    );
+}
+
+/// The event ids the dialog stream holds, in stream order.
+async fn stored_ids(server: &NatsServer) -> Vec<String> {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream(DIALOG.name)
+        .await
+        .unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut stored = Vec::new();
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        stored.push(message.headers.get(headers::MSG_ID).unwrap().to_string());
+    }
+    stored
 }

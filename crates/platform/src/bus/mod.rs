@@ -359,6 +359,16 @@ impl Bus {
         }
     }
 
+    /// Like [`Bus::publish_batch`], but each event is sent only once the one before it is
+    /// stored: slower, and safe for a batch that may hold events already stored (a batch sent
+    /// again after a failure). See [`nats::NatsBus::publish_one_by_one`].
+    pub async fn publish_one_by_one(&self, events: &[RawEvent]) -> Result<(), BusError> {
+        match self {
+            Bus::Nats(bus) => bus.publish_one_by_one(events).await,
+            Bus::Memory(bus) => bus.publish_batch(events).await,
+        }
+    }
+
     /// Opens a durable consumer, creating it if needed.
     pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<Consumer, BusError> {
         spec.validate()?;

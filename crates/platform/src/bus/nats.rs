@@ -87,11 +87,13 @@ impl NatsBus {
     /// a broken connection: the messages still in the socket are lost, while those the client
     /// had not written yet go out after it reconnects. Every event after the first of its
     /// stream therefore names the previous one as the stream's expected last message, and the
-    /// broker refuses it if that one is missing. A refused event fails the batch, and the
-    /// caller publishes it again from the start (the events already stored are acknowledged as
-    /// duplicates, which leave the stream's last message unchanged). This requires the caller
-    /// to be the only publisher of the stream while the batch is sent, as a service's elected
-    /// outbox relay is; another publisher makes batches fail, never reorders them.
+    /// broker refuses it if that one is missing; a refused event fails the batch. This requires
+    /// the caller to be the only publisher of the stream while the batch is sent, as a
+    /// service's elected outbox relay is (another publisher makes batches fail, never reorders
+    /// them), and a batch of events none of which is stored yet: an event already stored is
+    /// acknowledged as a duplicate and leaves the stream's last message as it is, so a fresh
+    /// event after it would be refused. A batch sent again after a failure goes through
+    /// [`NatsBus::publish_one_by_one`].
     pub async fn publish_batch(&self, events: &[RawEvent]) -> Result<(), BusError> {
         let mut last_of_stream: HashMap<&str, &str> = HashMap::new();
         for window in events.chunks(ACKS_IN_FLIGHT) {
@@ -118,6 +120,26 @@ impl NatsBus {
             for ack in acks {
                 ack.await.map_err(unavailable)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Publishes in order, each event only once the one before it is stored: nothing is in
+    /// flight behind a message that may be lost, so a broken connection cannot reorder the
+    /// batch, and events already stored (acknowledged as duplicates) may come anywhere in it.
+    /// One round trip per event: for batches sent again after a failure.
+    pub async fn publish_one_by_one(&self, events: &[RawEvent]) -> Result<(), BusError> {
+        for event in events {
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, value) in event.header_pairs() {
+                headers.insert(name, value.as_str());
+            }
+            self.jetstream
+                .publish_with_headers(event.subject.clone(), headers, event.payload.clone())
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }
