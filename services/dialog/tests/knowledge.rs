@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tandem_dialog::{Dialog, Settings};
 use tandem_knowledge::Knowledge;
 use tandem_platform::auth::Role;
-use tandem_platform::bus::ConsumerSpec;
+use tandem_platform::bus::{Consumer, ConsumerSpec, RawEvent};
 use tandem_platform::testing::{Intercept, ServiceRig};
 use tandem_proto::events::DIALOG;
 use tandem_proto::ids::TenantId;
@@ -63,6 +63,37 @@ async fn dialog(rig: &ServiceRig) -> Client {
 async fn kb(rig: &ServiceRig, subject: &str, role: Role) -> Kb {
     let (channel, intercept) = rig.authorised("acme", subject, &[role]).await;
     KnowledgeServiceClient::with_interceptor(channel, intercept)
+}
+
+/// A consumer of dialog's events of type `E`.
+async fn events_of<E: tandem_proto::events::Event>(rig: &ServiceRig, name: &str) -> Consumer {
+    let spec = ConsumerSpec::new(name, &DIALOG, &rig.bus_config).event::<E>();
+    rig.bus.consumer(&spec).await.unwrap()
+}
+
+/// The next event on `consumer`, acknowledged; it must come within 10 s.
+async fn next_event<E: tandem_proto::events::Event>(consumer: &mut Consumer) -> E {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {} within 10 s", E::TYPE_NAME))
+        .unwrap();
+    let event = delivery.event.decode::<E>().unwrap().event;
+    delivery.ack().await.unwrap();
+    event
+}
+
+/// Publishes an event of tenant `acme` on the bus, as another service does.
+async fn publish_event<E: tandem_proto::events::Event>(rig: &ServiceRig, event: &E) {
+    let raw = RawEvent::new(&TenantId::new("acme").unwrap(), event, None);
+    rig.bus.publish_batch(&[raw]).await.unwrap();
+}
+
+/// The article ids and versions of a list of article references.
+fn versions(articles: &[common::ArticleRef]) -> Vec<(&str, i32)> {
+    articles
+        .iter()
+        .map(|a| (a.article_id.as_str(), a.version))
+        .collect()
 }
 
 /// Trains a refund / delivery model with stored answers in both languages.
@@ -217,22 +248,32 @@ async fn publish(
     }
 }
 
-async fn start(c: &mut Client, key: &str) -> pb::Conversation {
+/// Starts a conversation of customer `cust-{key}` under `key`, the rest of the request from
+/// `rest`.
+async fn open(c: &mut Client, key: &str, rest: pb::StartConversationRequest) -> pb::Conversation {
     c.start_conversation(pb::StartConversationRequest {
         customer: Some(common::Customer {
             id: format!("cust-{key}"),
             ..Default::default()
         }),
-        scenario_hint: "orders".into(),
-        channel: common::Channel::WebChat as i32,
         client_conversation_id: key.into(),
-        ..Default::default()
+        ..rest
     })
     .await
     .unwrap()
     .into_inner()
     .conversation
     .unwrap()
+}
+
+/// Starts a web-chat conversation hinted to the `orders` scenario.
+async fn start(c: &mut Client, key: &str) -> pb::Conversation {
+    let rest = pb::StartConversationRequest {
+        scenario_hint: "orders".into(),
+        channel: common::Channel::WebChat as i32,
+        ..Default::default()
+    };
+    open(c, key, rest).await
 }
 
 async fn say(c: &mut Client, conv: &str, id: &str, text: &str) -> pb::PostCustomerMessageResponse {
@@ -274,12 +315,7 @@ async fn assert_cited(
     let turn = r.bot_turn.as_ref().unwrap();
     assert_eq!(turn.action, pb::BotAction::Answer as i32, "{r:?}");
     assert_eq!(turn.reply_text, text);
-    let cited: Vec<(&str, i32)> = turn
-        .cited_articles
-        .iter()
-        .map(|a| (a.article_id.as_str(), a.version))
-        .collect();
-    assert_eq!(cited, vec![(article, 1)]);
+    assert_eq!(versions(&turn.cited_articles), vec![(article, 1)]);
     assert!(turn.cited_articles[0].score >= Settings::default().knowledge_min_score);
     let t = trace(c, r).await;
     assert_eq!(t.articles, turn.cited_articles);
@@ -313,22 +349,8 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
     let zh_article = publish(&knowledge, common::Language::Zh, "怎么申请退款", ARTICLE_ZH).await;
     let dialog_rig = rig::<Dialog>(d, settings(&knowledge.url)).await;
     train(&dialog_rig).await;
-    let mut events = dialog_rig
-        .bus
-        .consumer(
-            &ConsumerSpec::new("test-bot-replied", &DIALOG, &dialog_rig.bus_config)
-                .event::<pb::BotReplied>(),
-        )
-        .await
-        .unwrap();
-    let mut resolutions = dialog_rig
-        .bus
-        .consumer(
-            &ConsumerSpec::new("test-resolved", &DIALOG, &dialog_rig.bus_config)
-                .event::<pb::ConversationResolved>(),
-        )
-        .await
-        .unwrap();
+    let mut events = events_of::<pb::BotReplied>(&dialog_rig, "test-bot-replied").await;
+    let mut resolutions = events_of::<pb::ConversationResolved>(&dialog_rig, "test-resolved").await;
     let mut c = dialog(&dialog_rig).await;
 
     // English and Chinese questions answered from the articles, cited.
@@ -341,12 +363,7 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
     // BotReplied carries the citation too.
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .expect("no BotReplied within 10 s")
-            .unwrap();
-        let e = delivery.event.decode::<pb::BotReplied>().unwrap().event;
-        delivery.ack().await.unwrap();
+        let e: pb::BotReplied = next_event(&mut events).await;
         seen.push((
             e.conversation_id,
             e.articles.first().map(|a| a.article_id.clone()),
@@ -364,20 +381,7 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
     // Without a scenario hint, and with no scenario of the tenant claiming the intent, the turn
     // is decided by the fallback policy; the search is not filtered on that fallback, so the
     // article answers and the conversation keeps no scenario.
-    let bare = c
-        .start_conversation(pb::StartConversationRequest {
-            customer: Some(common::Customer {
-                id: "cust-bare".into(),
-                ..Default::default()
-            }),
-            client_conversation_id: "bare".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
+    let bare = open(&mut c, "bare", pb::StartConversationRequest::default()).await;
     let r = say(&mut c, &bare.id, "m1", "how do I get a refund").await;
     assert_cited(&mut c, &r, &en_article, ARTICLE_EN).await;
     assert_eq!(trace(&mut c, &r).await.scenario_id, "");
@@ -400,20 +404,16 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
     assert_eq!(used, vec![en_article.as_str()]);
 
     // While an agent owns the conversation the suggestion comes from the article.
-    dialog_rig
-        .bus
-        .publish_batch(&[tandem_platform::bus::RawEvent::new(
-            &TenantId::new("acme").unwrap(),
-            &routing::HandoffAssigned {
-                handoff_id: package.handoff_id.clone(),
-                conversation_id: conv.id.clone(),
-                agent_id: "a-1".into(),
-                ..Default::default()
-            },
-            None,
-        )])
-        .await
-        .unwrap();
+    publish_event(
+        &dialog_rig,
+        &routing::HandoffAssigned {
+            handoff_id: package.handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: "a-1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while c
         .get_conversation(pb::GetConversationRequest {
@@ -446,40 +446,25 @@ async fn answers_cite_published_articles_and_degrade_without_knowledge(d: Deploy
 
     // The agent resolves it: the resolution lists the article versions the bot's answers cited
     // and names the agent's team.
-    dialog_rig
-        .bus
-        .publish_batch(&[tandem_platform::bus::RawEvent::new(
-            &TenantId::new("acme").unwrap(),
-            &routing::AssignmentCompleted {
-                handoff_id: package.handoff_id.clone(),
-                conversation_id: conv.id.clone(),
-                agent_id: "a-1".into(),
-                team: "returns".into(),
-                disposition: routing::Disposition::Resolved as i32,
-                ..Default::default()
-            },
-            None,
-        )])
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(10), resolutions.next())
-        .await
-        .expect("no ConversationResolved within 10 s")
-        .unwrap();
-    let resolved = delivery
-        .event
-        .decode::<pb::ConversationResolved>()
-        .unwrap()
-        .event;
-    delivery.ack().await.unwrap();
+    publish_event(
+        &dialog_rig,
+        &routing::AssignmentCompleted {
+            handoff_id: package.handoff_id.clone(),
+            conversation_id: conv.id.clone(),
+            agent_id: "a-1".into(),
+            team: "returns".into(),
+            disposition: routing::Disposition::Resolved as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let resolved: pb::ConversationResolved = next_event(&mut resolutions).await;
     assert_eq!(resolved.conversation_id, conv.id);
     assert_eq!(resolved.team, "returns");
-    let used: Vec<(&str, i32)> = resolved
-        .articles_used
-        .iter()
-        .map(|a| (a.article_id.as_str(), a.version))
-        .collect();
-    assert_eq!(used, vec![(en_article.as_str(), 1)]);
+    assert_eq!(
+        versions(&resolved.articles_used),
+        vec![(en_article.as_str(), 1)]
+    );
 
     // Knowledge stopped: the turn still answers, with the stored answer, and says why.
     knowledge.stop().await;

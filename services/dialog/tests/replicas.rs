@@ -64,11 +64,9 @@ impl Replica {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let mut c = replica.client().await;
-            if c.get_conversation(pb::GetConversationRequest {
-                conversation_id: "none".into(),
-            })
-            .await
-            .is_err_and(|s| s.code() == tonic::Code::NotFound)
+            if conversation(&mut c, "none")
+                .await
+                .is_err_and(|s| s.code() == tonic::Code::NotFound)
             {
                 return replica;
             }
@@ -101,6 +99,15 @@ impl Replica {
         self.stop.cancel();
         self.server.await.unwrap().unwrap();
     }
+}
+
+/// Reads a conversation.
+async fn conversation(c: &mut Client, id: &str) -> Result<pb::Conversation, tonic::Status> {
+    c.get_conversation(pb::GetConversationRequest {
+        conversation_id: id.into(),
+    })
+    .await
+    .map(|r| r.into_inner().conversation.unwrap())
 }
 
 async fn watch(c: &mut Client, id: &str) -> Streaming<pb::WatchConversationResponse> {
@@ -244,6 +251,16 @@ async fn live_updates(
     .await
 }
 
+/// How many of the updates move the conversation to `state`.
+fn moves_to(got: &[pb::conversation_update::Update], state: pb::ConversationState) -> usize {
+    got.iter()
+        .filter(|u| {
+            matches!(u, pb::conversation_update::Update::StateChanged(s)
+                if s.to_state == state as i32)
+        })
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() {
     let mut p = Pair::start().await;
@@ -275,16 +292,9 @@ async fn a_watcher_sees_state_changes_and_typing_made_through_another_replica() 
     })
     .await
     .unwrap();
-    let queued = |got: &[pb::conversation_update::Update]| {
-        got.iter()
-            .filter(|u| {
-                matches!(u, pb::conversation_update::Update::StateChanged(s)
-                    if s.to_state == pb::ConversationState::Queued as i32)
-            })
-            .count()
-    };
-    assert_eq!(queued(&live_updates(&mut p.on_b, 1).await), 1);
-    assert_eq!(queued(&live_updates(&mut p.on_a, 1).await), 1);
+    let queued = pb::ConversationState::Queued;
+    assert_eq!(moves_to(&live_updates(&mut p.on_b, 1).await, queued), 1);
+    assert_eq!(moves_to(&live_updates(&mut p.on_a, 1).await, queued), 1);
 
     // And the other way round: typing through B reaches A.
     p.cb.set_typing(pb::SetTypingRequest {
@@ -313,25 +323,10 @@ async fn both_replicas_sweep_and_an_idle_conversation_closes_once() {
     .await;
     // Both replicas sweep the same database: whichever closes the conversation first, each
     // watcher sees it closed exactly once.
-    let closed = |got: &[pb::conversation_update::Update]| {
-        got.iter()
-            .filter(|u| {
-                matches!(u, pb::conversation_update::Update::StateChanged(s)
-                    if s.to_state == pb::ConversationState::Closed as i32)
-            })
-            .count()
-    };
-    assert_eq!(closed(&live_updates(&mut p.on_a, 1).await), 1);
-    assert_eq!(closed(&live_updates(&mut p.on_b, 1).await), 1);
-    let conv =
-        p.cb.get_conversation(pb::GetConversationRequest {
-            conversation_id: p.conv.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap();
+    let closed = pb::ConversationState::Closed;
+    assert_eq!(moves_to(&live_updates(&mut p.on_a, 1).await, closed), 1);
+    assert_eq!(moves_to(&live_updates(&mut p.on_b, 1).await, closed), 1);
+    let conv = conversation(&mut p.cb, &p.conv.id).await.unwrap();
     assert_eq!(conv.state, pb::ConversationState::Closed as i32);
     assert_eq!(conv.close_reason, pb::CloseReason::Abandoned as i32);
 

@@ -66,9 +66,43 @@ impl Rig {
         self.0.bus.consumer(&spec).await.unwrap()
     }
 
+    /// A consumer of dialog's events of type `E` alone.
+    async fn events_of<E: tandem_proto::events::Event>(&self, name: &str) -> Consumer {
+        let spec = ConsumerSpec::new(name, &DIALOG, &self.0.bus_config).event::<E>();
+        self.0.bus.consumer(&spec).await.unwrap()
+    }
+
     async fn publish<E: tandem_proto::events::Event>(&self, tenant: &str, event: &E) {
         let raw = RawEvent::new(&TenantId::new(tenant).unwrap(), event, None);
         self.0.bus.publish_batch(&[raw]).await.unwrap();
+    }
+
+    /// Publishes `scenario` at its version, as the policy service does.
+    async fn apply_policy(&self, tenant: &str, scenario: policy::Scenario) {
+        self.publish(
+            tenant,
+            &policy::PolicyUpdated {
+                scenario_id: scenario.id.clone(),
+                version: scenario.version,
+                scenario: Some(scenario),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+
+    /// Routing assigns the handoff of an `acme` conversation to `agent`.
+    async fn assign(&self, handoff_id: &str, conversation_id: &str, agent: &str) {
+        self.publish(
+            "acme",
+            &routing::HandoffAssigned {
+                handoff_id: handoff_id.into(),
+                conversation_id: conversation_id.into(),
+                agent_id: agent.into(),
+                ..Default::default()
+            },
+        )
+        .await;
     }
 
     async fn stop(self) {
@@ -130,23 +164,29 @@ fn repeat_settings() -> Settings {
     }
 }
 
-mod repeat_contacts {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn production() {
-        super::repeat_contacts_count_the_customers_recent_conversations(
-            super::Rig::production_with(super::repeat_settings()),
-        )
-        .await;
-    }
+/// Runs the case `$name` on both deployments with the settings `$settings()`, as the tests
+/// `$module::production` and `$module::standalone`.
+macro_rules! both_with {
+    ($module:ident, $settings:ident, $name:ident) => {
+        mod $module {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn production() {
+                super::$name(super::Rig::production_with(super::$settings())).await;
+            }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn standalone() {
-        super::repeat_contacts_count_the_customers_recent_conversations(
-            super::Rig::standalone_with(super::repeat_settings()),
-        )
-        .await;
-    }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn standalone() {
+                super::$name(super::Rig::standalone_with(super::$settings())).await;
+            }
+        }
+    };
 }
+
+both_with!(
+    repeat_contacts,
+    repeat_settings,
+    repeat_contacts_count_the_customers_recent_conversations
+);
 
 /// Training examples: core phrases with polite prefixes, answers on the first row of each
 /// intent and language.
@@ -251,8 +291,18 @@ async fn train(rig: &Rig, tenant: &str) -> pb::ModelVersion {
     .unwrap()
 }
 
+/// Sends a `StartConversation` request.
+async fn begin(
+    c: &mut Client,
+    req: pb::StartConversationRequest,
+) -> Result<pb::StartConversationResponse, tonic::Status> {
+    c.start_conversation(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 async fn start(c: &mut Client, key: &str, language: common::Language) -> pb::Conversation {
-    c.start_conversation(pb::StartConversationRequest {
+    let req = pb::StartConversationRequest {
         customer: Some(common::Customer {
             id: format!("cust-{key}"),
             display_name: "王小明".into(),
@@ -263,15 +313,17 @@ async fn start(c: &mut Client, key: &str, language: common::Language) -> pb::Con
         channel: common::Channel::WebChat as i32,
         client_conversation_id: key.into(),
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .conversation
-    .unwrap()
+    };
+    begin(c, req).await.unwrap().conversation.unwrap()
 }
 
-async fn say(c: &mut Client, conv: &str, id: &str, text: &str) -> pb::PostCustomerMessageResponse {
+/// Posts a customer message with the client's message id `id`.
+async fn try_say(
+    c: &mut Client,
+    conv: &str,
+    id: &str,
+    text: &str,
+) -> Result<pb::PostCustomerMessageResponse, tonic::Status> {
     c.post_customer_message(pb::PostCustomerMessageRequest {
         conversation_id: conv.into(),
         client_message_id: id.into(),
@@ -279,8 +331,165 @@ async fn say(c: &mut Client, conv: &str, id: &str, text: &str) -> pb::PostCustom
         ..Default::default()
     })
     .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn say(c: &mut Client, conv: &str, id: &str, text: &str) -> pb::PostCustomerMessageResponse {
+    try_say(c, conv, id, text).await.unwrap()
+}
+
+/// The messages of a conversation.
+async fn messages(c: &mut Client, conv: &str) -> Vec<pb::Message> {
+    c.list_messages(pb::ListMessagesRequest {
+        conversation_id: conv.into(),
+        ..Default::default()
+    })
+    .await
     .unwrap()
     .into_inner()
+    .messages
+}
+
+/// One page of a conversation's decision traces.
+async fn traces_page(
+    c: &mut Client,
+    conv: &str,
+    page: Option<common::PageRequest>,
+) -> Result<pb::ListDecisionTracesResponse, tonic::Status> {
+    c.list_decision_traces(pb::ListDecisionTracesRequest {
+        conversation_id: conv.into(),
+        page,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Resolves a conversation from the channel's side.
+async fn resolve(c: &mut Client, conv: &str) {
+    c.resolve_conversation(pb::ResolveConversationRequest {
+        conversation_id: conv.into(),
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+}
+
+/// Watches a conversation in `view`.
+async fn watch_as(
+    c: &mut Client,
+    conv: &str,
+    view: pb::ConversationView,
+) -> Result<tonic::Streaming<pb::WatchConversationResponse>, tonic::Status> {
+    c.watch_conversation(pb::WatchConversationRequest {
+        conversation_id: conv.into(),
+        view: view as i32,
+        resume_after: String::new(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Watches a conversation as the customer sees it.
+async fn watch(c: &mut Client, conv: &str) -> tonic::Streaming<pb::WatchConversationResponse> {
+    watch_as(c, conv, pb::ConversationView::Customer)
+        .await
+        .unwrap()
+}
+
+/// The next update a watcher gets, within 5 s.
+async fn next_update(
+    w: &mut tonic::Streaming<pb::WatchConversationResponse>,
+) -> pb::ConversationUpdate {
+    tokio::time::timeout(Duration::from_secs(5), w.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .update
+        .unwrap()
+}
+
+/// The next update a watcher gets that `pick` keeps, skipping the others.
+async fn next_picked<T>(
+    w: &mut tonic::Streaming<pb::WatchConversationResponse>,
+    pick: impl Fn(pb::conversation_update::Update) -> Option<T>,
+) -> T {
+    loop {
+        if let Some(t) = next_update(w).await.update.and_then(&pick) {
+            return t;
+        }
+    }
+}
+
+/// The next state change a watcher gets.
+async fn next_state_change(
+    w: &mut tonic::Streaming<pb::WatchConversationResponse>,
+) -> pb::StateChange {
+    next_picked(w, |u| match u {
+        pb::conversation_update::Update::StateChanged(s) => Some(s),
+        _ => None,
+    })
+    .await
+}
+
+/// Posts an agent message with the client's message id `id`.
+async fn agent_says(
+    agent: &mut Client,
+    conv: &str,
+    id: &str,
+    text: &str,
+) -> Result<pb::PostAgentMessageResponse, tonic::Status> {
+    agent
+        .post_agent_message(pb::PostAgentMessageRequest {
+            conversation_id: conv.into(),
+            client_message_id: id.into(),
+            text: text.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Closes a conversation for `reason`, with `note`.
+async fn close_with(
+    c: &mut Client,
+    conv: &str,
+    reason: pb::CloseReason,
+    note: &str,
+) -> Result<pb::Conversation, tonic::Status> {
+    c.close_conversation(pb::CloseConversationRequest {
+        conversation_id: conv.into(),
+        reason: reason as i32,
+        note: note.into(),
+    })
+    .await
+    .map(|r| r.into_inner().conversation.unwrap())
+}
+
+/// An agent's review rejecting a suggestion for `reason`.
+fn rejection(suggestion_id: &str, reason: &str) -> pb::ReviewSuggestionRequest {
+    pb::ReviewSuggestionRequest {
+        suggestion_id: suggestion_id.into(),
+        outcome: pb::SuggestionOutcome::Rejected as i32,
+        reason: reason.into(),
+        ..Default::default()
+    }
+}
+
+/// What routing reports when `agent`'s assignment to a handoff ends with `disposition`.
+fn completed(
+    handoff_id: &str,
+    conversation_id: &str,
+    agent: &str,
+    disposition: routing::Disposition,
+) -> routing::AssignmentCompleted {
+    routing::AssignmentCompleted {
+        handoff_id: handoff_id.into(),
+        conversation_id: conversation_id.into(),
+        agent_id: agent.into(),
+        disposition: disposition as i32,
+        ..Default::default()
+    }
 }
 
 fn action(r: &pb::PostCustomerMessageResponse) -> pb::BotAction {
@@ -292,15 +501,16 @@ async fn a_trained_model_changes_what_the_bot_understands(rig: impl Future<Outpu
     let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
     let conv = start(&mut c, "k1", common::Language::Unspecified).await;
     // Same key, same conversation.
-    let again = c
-        .start_conversation(pb::StartConversationRequest {
+    let again = begin(
+        &mut c,
+        pb::StartConversationRequest {
             customer: conv.customer.clone(),
             client_conversation_id: "k1".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await
+    .unwrap();
     assert!(!again.created);
     assert_eq!(again.conversation.unwrap().id, conv.id);
 
@@ -347,15 +557,7 @@ async fn a_trained_model_changes_what_the_bot_understands(rig: impl Future<Outpu
         dup.message.as_ref().unwrap().id,
         en.message.as_ref().unwrap().id
     );
-    let msgs = c
-        .list_messages(pb::ListMessagesRequest {
-            conversation_id: conv.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages;
+    let msgs = messages(&mut c, &conv.id).await;
     assert_eq!(msgs.len(), 6);
     assert_eq!(
         msgs.iter().map(|m| m.sequence).collect::<Vec<_>>(),
@@ -363,17 +565,7 @@ async fn a_trained_model_changes_what_the_bot_understands(rig: impl Future<Outpu
     );
 
     // Decision traces: by id and by message, in turn order.
-    let trace = c
-        .get_decision_trace(pb::GetDecisionTraceRequest {
-            key: Some(pb::get_decision_trace_request::Key::TraceId(
-                zh.bot_turn.as_ref().unwrap().decision_trace_id.clone(),
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .trace
-        .unwrap();
+    let trace = trace_of(&mut c, &zh).await;
     assert_eq!(trace.intent_scores[0].intent, "refund");
     assert_eq!(trace.model_version_id, version.id);
     assert_eq!(
@@ -394,15 +586,7 @@ async fn a_trained_model_changes_what_the_bot_understands(rig: impl Future<Outpu
         .trace
         .unwrap();
     assert_eq!(by_message.intent_scores[0].intent, "delivery");
-    let traces = c
-        .list_decision_traces(pb::ListDecisionTracesRequest {
-            conversation_id: conv.id.clone(),
-            page: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .traces;
+    let traces = traces_page(&mut c, &conv.id, None).await.unwrap().traces;
     assert_eq!(
         traces.iter().map(|t| t.turn_index).collect::<Vec<_>>(),
         [0, 1, 2]
@@ -569,20 +753,30 @@ async fn conversation(c: &mut Client, id: &str) -> pb::Conversation {
     .unwrap()
 }
 
-async fn wait_state(c: &mut Client, id: &str, state: pb::ConversationState) -> pb::Conversation {
+/// Waits up to 10 s until the conversation passes `done`; returns it then.
+async fn wait_until(
+    c: &mut Client,
+    id: &str,
+    done: impl Fn(&pb::Conversation) -> bool,
+) -> pb::Conversation {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let conv = conversation(c, id).await;
-        if conv.state == state as i32 {
+        if done(&conv) {
             return conv;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "conversation stayed {:?}",
-            conv.state
+            "conversation stayed {:?} with {:?}",
+            conv.state,
+            conv.assigned_agent_id
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn wait_state(c: &mut Client, id: &str, state: pb::ConversationState) -> pb::Conversation {
+    wait_until(c, id, |conv| conv.state == state as i32).await
 }
 
 async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
@@ -593,15 +787,7 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
     train(&rig, "acme").await;
     let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
     let conv = start(&mut c, "k3", common::Language::En).await;
-    let mut watch = c
-        .watch_conversation(pb::WatchConversationRequest {
-            conversation_id: conv.id.clone(),
-            view: pb::ConversationView::Customer as i32,
-            resume_after: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut c, &conv.id).await;
     say(
         &mut c,
         &conv.id,
@@ -636,14 +822,7 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
     let mut seen_state = false;
     let mut seen_messages = 0;
     while !(seen_state && seen_messages >= 4) {
-        let u = tokio::time::timeout(Duration::from_secs(5), watch.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .update
-            .unwrap();
-        match u.update.unwrap() {
+        match next_update(&mut watch).await.update.unwrap() {
             pb::conversation_update::Update::StateChanged(s) => {
                 seen_state |= s.to_state == pb::ConversationState::Queued as i32;
             }
@@ -665,38 +844,15 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
         },
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = conversation(&mut c, &conv.id).await;
-        if let Some(q) = got.queue {
-            assert_eq!(q.position, 2);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "queue never shown");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    rig.publish(
-        "acme",
-        &routing::HandoffAssigned {
-            handoff_id: package.handoff_id.clone(),
-            conversation_id: conv.id.clone(),
-            agent_id: "a-1".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let shown = wait_until(&mut c, &conv.id, |got| got.queue.is_some()).await;
+    assert_eq!(shown.queue.unwrap().position, 2);
+    rig.assign(&package.handoff_id, &conv.id, "a-1").await;
     let owned = wait_state(&mut c, &conv.id, pb::ConversationState::Agent).await;
     assert_eq!(owned.assigned_agent_id, "a-1");
 
     // Only the assigned agent may write.
     let mut other = rig.client("acme", "a-2", &[Role::Agent]).await;
-    let err = other
-        .post_agent_message(pb::PostAgentMessageRequest {
-            conversation_id: conv.id.clone(),
-            client_message_id: "x".into(),
-            text: "hello".into(),
-            ..Default::default()
-        })
+    let err = agent_says(&mut other, &conv.id, "x", "hello")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -733,12 +889,7 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
     let turn2 = say(&mut c, &conv.id, "m3b", "when will my refund arrive").await;
     assert_eq!(action(&turn2), pb::BotAction::Suggest);
     let s2 = turn2.bot_turn.unwrap().suggestion.unwrap();
-    let reject = pb::ReviewSuggestionRequest {
-        suggestion_id: s2.id.clone(),
-        outcome: pb::SuggestionOutcome::Rejected as i32,
-        reason: "does not apply to this order".into(),
-        ..Default::default()
-    };
+    let reject = rejection(&s2.id, "does not apply to this order");
     let err = other.review_suggestion(reject.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let reviewed = agent
@@ -761,17 +912,13 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
     assert_eq!(second.suggestion.unwrap().id, s2.id);
 
     // The agent resolves through routing.
-    rig.publish(
-        "acme",
-        &routing::AssignmentCompleted {
-            handoff_id: package.handoff_id.clone(),
-            conversation_id: conv.id.clone(),
-            agent_id: "a-1".into(),
-            disposition: routing::Disposition::Resolved as i32,
-            ..Default::default()
-        },
-    )
-    .await;
+    let resolved = completed(
+        &package.handoff_id,
+        &conv.id,
+        "a-1",
+        routing::Disposition::Resolved,
+    );
+    rig.publish("acme", &resolved).await;
     wait_state(&mut c, &conv.id, pb::ConversationState::Resolved).await;
     drop(watch);
     // A new message reopens it with the bot; closing ends it.
@@ -781,27 +928,11 @@ async fn emotion_swing_hands_off_and_routing_moves_the_conversation(
         "the bot takes the reopened conversation"
     );
     assert_ne!(reopened.state, pb::ConversationState::Resolved as i32);
-    let closed = c
-        .close_conversation(pb::CloseConversationRequest {
-            conversation_id: conv.id.clone(),
-            reason: pb::CloseReason::CustomerLeft as i32,
-            note: String::new(),
-        })
+    let closed = close_with(&mut c, &conv.id, pb::CloseReason::CustomerLeft, "")
         .await
-        .unwrap()
-        .into_inner()
-        .conversation
         .unwrap();
     assert_eq!(closed.state, pb::ConversationState::Closed as i32);
-    let err = c
-        .post_customer_message(pb::PostCustomerMessageRequest {
-            conversation_id: conv.id.clone(),
-            client_message_id: "m5".into(),
-            text: "hello?".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = try_say(&mut c, &conv.id, "m5", "hello?").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     rig.stop().await;
 }
@@ -826,31 +957,17 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
         }),
         ..Default::default()
     };
-    rig.publish(
-        "acme",
-        &policy::PolicyUpdated {
-            scenario_id: "refunds".into(),
-            version: 3,
-            scenario: Some(scenario),
-            ..Default::default()
-        },
-    )
-    .await;
+    rig.apply_policy("acme", scenario).await;
     // Deliveries stay with the bot, except for a topic it must not handle.
-    rig.publish(
+    rig.apply_policy(
         "acme",
-        &policy::PolicyUpdated {
-            scenario_id: "deliveries".into(),
+        policy::Scenario {
+            id: "deliveries".into(),
+            intents: vec!["delivery".into()],
+            tier: policy::Tier::Standard as i32,
+            strategy: policy::Strategy::BotFirst as i32,
             version: 1,
-            scenario: Some(policy::Scenario {
-                id: "deliveries".into(),
-                intents: vec!["delivery".into()],
-                tier: policy::Tier::Standard as i32,
-                strategy: policy::Strategy::BotFirst as i32,
-                version: 1,
-                sensitive_phrases: vec!["律师函".into()],
-                ..Default::default()
-            }),
+            sensitive_phrases: vec!["律师函".into()],
             ..Default::default()
         },
     )
@@ -863,18 +980,8 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
         n += 1;
         let conv = start(&mut c, &format!("k4-{n}"), common::Language::Zh).await;
         let r = say(&mut c, &conv.id, "m1", "我要退款").await;
+        let trace = trace_of(&mut c, &r).await;
         let bt = r.bot_turn.unwrap();
-        let trace = c
-            .get_decision_trace(pb::GetDecisionTraceRequest {
-                key: Some(pb::get_decision_trace_request::Key::TraceId(
-                    bt.decision_trace_id.clone(),
-                )),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .trace
-            .unwrap();
         let decision = trace.policy_decision.unwrap();
         if decision.policy_version == 3 {
             assert_eq!(decision.scenario_id, "refunds");
@@ -930,36 +1037,12 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         ("a".repeat(4_001), "e3"),
         ("bell\u{7}".to_owned(), "e4"),
     ] {
-        let err = c
-            .post_customer_message(pb::PostCustomerMessageRequest {
-                conversation_id: conv.id.clone(),
-                client_message_id: id.into(),
-                text,
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+        let err = try_say(&mut c, &conv.id, id, &text).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     }
-    let err = c
-        .post_customer_message(pb::PostCustomerMessageRequest {
-            conversation_id: conv.id.clone(),
-            client_message_id: String::new(),
-            text: "hi".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = try_say(&mut c, &conv.id, "", "hi").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = c
-        .post_customer_message(pb::PostCustomerMessageRequest {
-            conversation_id: "nope".into(),
-            client_message_id: "x".into(),
-            text: "hi".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = try_say(&mut c, "nope", "x", "hi").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // Another tenant does not see the conversation.
     let mut other = rig.client("globex", "ch-9", &[Role::Channel]).await;
@@ -972,24 +1055,12 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
     assert_eq!(err.code(), Code::NotFound);
     // An agent message while the bot owns the conversation.
     let mut agent = rig.client("acme", "a-1", &[Role::Agent]).await;
-    let err = agent
-        .post_agent_message(pb::PostAgentMessageRequest {
-            conversation_id: conv.id.clone(),
-            client_message_id: "a".into(),
-            text: "hello".into(),
-            ..Default::default()
-        })
+    let err = agent_says(&mut agent, &conv.id, "a", "hello")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     // A channel token cannot post as an agent; an agent cannot train models.
-    let err = c
-        .post_agent_message(pb::PostAgentMessageRequest {
-            conversation_id: conv.id.clone(),
-            client_message_id: "a".into(),
-            text: "hello".into(),
-            ..Default::default()
-        })
+    let err = agent_says(&mut c, &conv.id, "a", "hello")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -1012,21 +1083,20 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
     assert_eq!((up.accepted, up.errors.len()), (1, 1));
     assert_eq!(up.errors[0].row_number, 2);
     // Nothing was written by the refused requests.
-    let msgs = c
-        .list_messages(pb::ListMessagesRequest {
-            conversation_id: conv.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages;
-    assert!(msgs.is_empty());
+    assert!(messages(&mut c, &conv.id).await.is_empty());
     let got = conversation(&mut c, &conv.id).await;
     assert_eq!(got.message_count, 0);
 
     // Enum values this version does not know are refused at the start, naming the field, and
     // no conversation is created under the key.
+    let refused = |err: tonic::Status, field: &str| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message()
+                .starts_with(&format!("invalid argument: {field} ")),
+            "{field}: {err:?}"
+        );
+    };
     let customer = |tier: i32, language: i32, channel: i32| common::Customer {
         id: "cust-enum".into(),
         tier,
@@ -1040,55 +1110,36 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         (customer(0, 0, 42), 0, "customer.channel"),
         (customer(0, 0, 0), 42, "channel"),
     ] {
-        let err = c
-            .start_conversation(pb::StartConversationRequest {
-                customer: Some(who),
-                channel,
-                client_conversation_id: "k5-enum".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(
-            err.message()
-                .starts_with(&format!("invalid argument: {field} ")),
-            "{err:?}"
-        );
+        let req = pb::StartConversationRequest {
+            customer: Some(who),
+            channel,
+            client_conversation_id: "k5-enum".into(),
+            ..Default::default()
+        };
+        refused(begin(&mut c, req).await.unwrap_err(), field);
     }
     let fresh = start_for(&mut c, "cust-enum", "k5-enum").await;
     assert!(fresh.created);
 
     // Control characters are refused in the customer's name and the scenario hint, naming the
     // field, and no conversation is created under the key.
-    let refused = |err: tonic::Status, field: &str| {
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(
-            err.message()
-                .starts_with(&format!("invalid argument: {field} ")),
-            "{field}: {err:?}"
-        );
-    };
     for (name, hint, field) in [
         ("bell\u{7}", "", "customer.display_name"),
         ("王\n小明", "", "customer.display_name"),
         ("王小明", "orders\u{0}", "scenario_hint"),
         ("王小明", "orders\t", "scenario_hint"),
     ] {
-        let err = c
-            .start_conversation(pb::StartConversationRequest {
-                customer: Some(common::Customer {
-                    id: "cust-ctl".into(),
-                    display_name: name.into(),
-                    ..Default::default()
-                }),
-                scenario_hint: hint.into(),
-                client_conversation_id: "k5-ctl".into(),
+        let req = pb::StartConversationRequest {
+            customer: Some(common::Customer {
+                id: "cust-ctl".into(),
+                display_name: name.into(),
                 ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        refused(err, field);
+            }),
+            scenario_hint: hint.into(),
+            client_conversation_id: "k5-ctl".into(),
+            ..Default::default()
+        };
+        refused(begin(&mut c, req).await.unwrap_err(), field);
     }
     assert!(start_for(&mut c, "cust-ctl", "k5-ctl").await.created);
 
@@ -1104,6 +1155,12 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         .await
         .conversation
         .unwrap();
+    let with_photo = |a: pb::Attachment| pb::PostCustomerMessageRequest {
+        conversation_id: target.id.clone(),
+        client_message_id: "att".into(),
+        text: "see the photo".into(),
+        attachments: vec![a],
+    };
     for (a, field) in [
         (attachment("a.png", ""), "attachments[0].media_type"),
         (attachment("a.png", "png"), "attachments[0].media_type"),
@@ -1121,25 +1178,12 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
             "attachments[0].file_name",
         ),
     ] {
-        let err = c
-            .post_customer_message(pb::PostCustomerMessageRequest {
-                conversation_id: target.id.clone(),
-                client_message_id: "att".into(),
-                text: "see the photo".into(),
-                attachments: vec![a],
-            })
-            .await
-            .unwrap_err();
+        let err = c.post_customer_message(with_photo(a)).await.unwrap_err();
         refused(err, field);
     }
     assert_eq!(conversation(&mut c, &target.id).await.message_count, 0);
     let ok = c
-        .post_customer_message(pb::PostCustomerMessageRequest {
-            conversation_id: target.id.clone(),
-            client_message_id: "att".into(),
-            text: "see the photo".into(),
-            attachments: vec![attachment("a.png", "image/png")],
-        })
+        .post_customer_message(with_photo(attachment("a.png", "image/png")))
         .await
         .unwrap()
         .into_inner();
@@ -1153,12 +1197,8 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         .unwrap();
     let r = say(&mut c, &queued.id, "m1", "转人工").await;
     assert_eq!(r.state, pb::ConversationState::Queued as i32, "{r:?}");
-    let err = c
-        .close_conversation(pb::CloseConversationRequest {
-            conversation_id: queued.id.clone(),
-            reason: pb::CloseReason::CustomerLeft as i32,
-            note: "left\u{8}".into(),
-        })
+    let left = pb::CloseReason::CustomerLeft;
+    let err = close_with(&mut c, &queued.id, left, "left\u{8}")
         .await
         .unwrap_err();
     refused(err, "note");
@@ -1176,26 +1216,13 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         pb::ConversationState::Queued as i32
     );
     let err = agent
-        .review_suggestion(pb::ReviewSuggestionRequest {
-            suggestion_id: "s-1".into(),
-            outcome: pb::SuggestionOutcome::Rejected as i32,
-            reason: "wrong\u{0}".into(),
-            ..Default::default()
-        })
+        .review_suggestion(rejection("s-1", "wrong\u{0}"))
         .await
         .unwrap_err();
     refused(err, "reason");
     // Line breaks and tabs are fine in a note.
-    let closed = c
-        .close_conversation(pb::CloseConversationRequest {
-            conversation_id: queued.id.clone(),
-            reason: pb::CloseReason::CustomerLeft as i32,
-            note: "left:\n\tno answer".into(),
-        })
+    let closed = close_with(&mut c, &queued.id, left, "left:\n\tno answer")
         .await
-        .unwrap()
-        .into_inner()
-        .conversation
         .unwrap();
     assert_eq!(closed.state, pb::ConversationState::Closed as i32);
 
@@ -1204,11 +1231,7 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         page_size: 100,
         page_token: (i64::MAX - 50).to_string(),
     };
-    let err = c
-        .list_decision_traces(pb::ListDecisionTracesRequest {
-            conversation_id: conv.id.clone(),
-            page: Some(huge.clone()),
-        })
+    let err = traces_page(&mut c, &conv.id, Some(huge.clone()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -1220,33 +1243,25 @@ async fn bad_input_is_refused_and_nothing_written(rig: impl Future<Output = Rig>
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // The largest token that fits reads an empty page.
-    let last = c
-        .list_decision_traces(pb::ListDecisionTracesRequest {
-            conversation_id: conv.id.clone(),
-            page: Some(common::PageRequest {
-                page_size: 100,
-                page_token: (i64::MAX - 101).to_string(),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let fits = common::PageRequest {
+        page_size: 100,
+        page_token: (i64::MAX - 101).to_string(),
+    };
+    let last = traces_page(&mut c, &conv.id, Some(fits)).await.unwrap();
     assert!(last.traces.is_empty());
     rig.stop().await;
 }
 
 async fn start_for(c: &mut Client, customer: &str, key: &str) -> pb::StartConversationResponse {
-    c.start_conversation(pb::StartConversationRequest {
+    let req = pb::StartConversationRequest {
         customer: Some(common::Customer {
             id: customer.into(),
             ..Default::default()
         }),
         client_conversation_id: key.into(),
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    };
+    begin(c, req).await.unwrap()
 }
 
 async fn trace_of(c: &mut Client, r: &pb::PostCustomerMessageResponse) -> pb::DecisionTrace {
@@ -1342,12 +1357,7 @@ async fn the_sentiment_trend_starts_again_after_a_reopen(rig: impl Future<Output
     let conv = start(&mut c, "k-reopen", common::Language::En).await;
     let happy = say(&mut c, &conv.id, "m1", HAPPY).await;
     assert_ne!(action(&happy), pb::BotAction::Handoff, "{happy:?}");
-    c.resolve_conversation(pb::ResolveConversationRequest {
-        conversation_id: conv.id.clone(),
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    resolve(&mut c, &conv.id).await;
     let reopened = say(&mut c, &conv.id, "m2", UNHAPPY).await;
     assert_ne!(action(&reopened), pb::BotAction::Handoff, "{reopened:?}");
     assert_eq!(reopened.state, pb::ConversationState::Bot as i32);
@@ -1389,12 +1399,7 @@ async fn a_long_conversation_keeps_numbering_its_turns(rig: impl Future<Output =
             assert_eq!(action(&r), pb::BotAction::Answer, "turn {turn}: {r:?}");
             assert_eq!(trace_of(&mut c, &r).await.turn_index, turn);
         }
-        c.resolve_conversation(pb::ResolveConversationRequest {
-            conversation_id: conv.id.clone(),
-            note: String::new(),
-        })
-        .await
-        .unwrap();
+        resolve(&mut c, &conv.id).await;
     }
     let got = conversation(&mut c, &conv.id).await;
     assert_eq!(
@@ -1405,17 +1410,11 @@ async fn a_long_conversation_keeps_numbering_its_turns(rig: impl Future<Output =
     let mut indices = Vec::new();
     let mut token = String::new();
     loop {
-        let page = c
-            .list_decision_traces(pb::ListDecisionTracesRequest {
-                conversation_id: conv.id.clone(),
-                page: Some(common::PageRequest {
-                    page_size: 25,
-                    page_token: token.clone(),
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let request = common::PageRequest {
+            page_size: 25,
+            page_token: token.clone(),
+        };
+        let page = traces_page(&mut c, &conv.id, Some(request)).await.unwrap();
         indices.extend(page.traces.iter().map(|t| t.turn_index));
         token = page.page.map(|p| p.next_page_token).unwrap_or_default();
         if token.is_empty() {
@@ -1438,16 +1437,7 @@ async fn assigned_to(
     let r = say(c, &conv.id, "h1", "转人工").await;
     assert_eq!(action(&r), pb::BotAction::Handoff, "{r:?}");
     let handoff_id = r.bot_turn.unwrap().handoff.unwrap().handoff_id;
-    rig.publish(
-        "acme",
-        &routing::HandoffAssigned {
-            handoff_id: handoff_id.clone(),
-            conversation_id: conv.id.clone(),
-            agent_id: agent.into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    rig.assign(&handoff_id, &conv.id, agent).await;
     let owned = wait_state(c, &conv.id, pb::ConversationState::Agent).await;
     assert_eq!(owned.assigned_agent_id, agent);
     (owned, handoff_id)
@@ -1455,46 +1445,26 @@ async fn assigned_to(
 
 /// Waits until the conversation is in `state` with `agent` assigned.
 async fn wait_owner(c: &mut Client, id: &str, state: pb::ConversationState, agent: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let conv = conversation(c, id).await;
-        if conv.state == state as i32 && conv.assigned_agent_id == agent {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "conversation stayed {:?} with {:?}",
-            conv.state,
-            conv.assigned_agent_id
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(c, id, |conv| {
+        conv.state == state as i32 && conv.assigned_agent_id == agent
+    })
+    .await;
 }
 
+/// The text of the agents' messages in the transfer test.
+const AGENT_TEXT: &str = "hello from the agent";
+
 async fn post_as(agent: &mut Client, conv: &str, id: &str) -> Result<pb::Message, tonic::Status> {
-    agent
-        .post_agent_message(pb::PostAgentMessageRequest {
-            conversation_id: conv.into(),
-            client_message_id: id.into(),
-            text: "hello from the agent".into(),
-            ..Default::default()
-        })
+    agent_says(agent, conv, id, AGENT_TEXT)
         .await
-        .map(|r| r.into_inner().message.unwrap())
+        .map(|r| r.message.unwrap())
 }
 
 async fn agent_view(
     agent: &mut Client,
     conv: &str,
 ) -> Result<tonic::Streaming<pb::WatchConversationResponse>, tonic::Status> {
-    agent
-        .watch_conversation(pb::WatchConversationRequest {
-            conversation_id: conv.into(),
-            view: pb::ConversationView::Agent as i32,
-            resume_after: String::new(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
+    watch_as(agent, conv, pb::ConversationView::Agent).await
 }
 
 /// Routing's transfers move the conversation: a warm one (the old assignment ends as
@@ -1512,62 +1482,28 @@ async fn a_transfer_hands_the_conversation_to_the_new_agent(rig: impl Future<Out
     // reusing its id is refused before the look-up.
     let err = post_as(&mut a2, &conv.id, "a1-1").await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    let again = a1
-        .post_agent_message(pb::PostAgentMessageRequest {
-            conversation_id: conv.id.clone(),
-            client_message_id: "a1-1".into(),
-            text: "hello from the agent".into(),
-            ..Default::default()
-        })
+    let again = agent_says(&mut a1, &conv.id, "a1-1", AGENT_TEXT)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(again.duplicate);
     assert_eq!(again.message.unwrap().id, first.id);
-    let mut watch = c
-        .watch_conversation(pb::WatchConversationRequest {
-            conversation_id: conv.id.clone(),
-            view: pb::ConversationView::Customer as i32,
-            resume_after: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut c, &conv.id).await;
     let mut old_view = agent_view(&mut a1, &conv.id).await.unwrap();
 
     // Warm transfer to a-2, as routing reports it.
-    let completed = |agent: &str| routing::AssignmentCompleted {
-        handoff_id: handoff_id.clone(),
-        conversation_id: conv.id.clone(),
-        agent_id: agent.into(),
-        disposition: routing::Disposition::Transferred as i32,
-        ..Default::default()
+    let transferred = |agent: &str| {
+        completed(
+            &handoff_id,
+            &conv.id,
+            agent,
+            routing::Disposition::Transferred,
+        )
     };
-    rig.publish("acme", &completed("a-1")).await;
-    rig.publish(
-        "acme",
-        &routing::HandoffAssigned {
-            handoff_id: handoff_id.clone(),
-            conversation_id: conv.id.clone(),
-            agent_id: "a-2".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    rig.publish("acme", &transferred("a-1")).await;
+    rig.assign(&handoff_id, &conv.id, "a-2").await;
     wait_owner(&mut c, &conv.id, pb::ConversationState::Agent, "a-2").await;
     // Watchers learn of the new owner.
-    let change = loop {
-        let u = tokio::time::timeout(Duration::from_secs(5), watch.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .update
-            .unwrap();
-        if let Some(pb::conversation_update::Update::StateChanged(s)) = u.update {
-            break s;
-        }
-    };
+    let change = next_state_change(&mut watch).await;
     assert_eq!(change.assigned_agent_id, "a-2");
     assert_eq!(change.to_state, pb::ConversationState::Agent as i32);
     // The old agent's open agent view ends after telling of the change.
@@ -1595,7 +1531,7 @@ async fn a_transfer_hands_the_conversation_to_the_new_agent(rig: impl Future<Out
     agent_view(&mut a2, &conv.id).await.unwrap();
 
     // Cold transfer from a-2: back in the queue with nobody assigned, then a-3 takes it.
-    rig.publish("acme", &completed("a-2")).await;
+    rig.publish("acme", &transferred("a-2")).await;
     rig.publish(
         "acme",
         &routing::HandoffTransferred {
@@ -1616,16 +1552,7 @@ async fn a_transfer_hands_the_conversation_to_the_new_agent(rig: impl Future<Out
     // The customer waits for the next agent: the bot stays silent.
     let waiting = say(&mut c, &conv.id, "h2", "还在吗").await;
     assert!(waiting.bot_turn.is_none());
-    rig.publish(
-        "acme",
-        &routing::HandoffAssigned {
-            handoff_id: handoff_id.clone(),
-            conversation_id: conv.id.clone(),
-            agent_id: "a-3".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    rig.assign(&handoff_id, &conv.id, "a-3").await;
     wait_owner(&mut c, &conv.id, pb::ConversationState::Agent, "a-3").await;
     let err = post_as(&mut a2, &conv.id, "a2-3").await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -1648,12 +1575,7 @@ async fn a_suggestion_is_reviewed_once(rig: impl Future<Output = Rig>) {
     };
     let s1 = suggest("s1").await;
     let s2 = suggest("s2").await;
-    let review = |id: &str| pb::ReviewSuggestionRequest {
-        suggestion_id: id.into(),
-        outcome: pb::SuggestionOutcome::Rejected as i32,
-        reason: "not for this customer".into(),
-        ..Default::default()
-    };
+    let review = |id: &str| rejection(id, "not for this customer");
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut agent = rig.client("acme", "a-1", &[Role::Agent]).await;
@@ -1700,13 +1622,7 @@ async fn a_suggestion_is_reviewed_once(rig: impl Future<Output = Rig>) {
 }
 
 async fn close_as(c: &mut Client, conv: &str) -> Result<pb::Conversation, tonic::Status> {
-    c.close_conversation(pb::CloseConversationRequest {
-        conversation_id: conv.into(),
-        reason: pb::CloseReason::Resolved as i32,
-        note: String::new(),
-    })
-    .await
-    .map(|r| r.into_inner().conversation.unwrap())
+    close_with(c, conv, pb::CloseReason::Resolved, "").await
 }
 
 async fn type_as(c: &mut Client, conv: &str) -> Result<(), tonic::Status> {
@@ -1720,18 +1636,11 @@ async fn type_as(c: &mut Client, conv: &str) -> Result<(), tonic::Status> {
 
 /// The next typing update a watcher gets.
 async fn next_typing(w: &mut tonic::Streaming<pb::WatchConversationResponse>) -> pb::Typing {
-    loop {
-        let u = tokio::time::timeout(Duration::from_secs(5), w.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .update
-            .unwrap();
-        if let Some(pb::conversation_update::Update::Typing(t)) = u.update {
-            return t;
-        }
-    }
+    next_picked(w, |u| match u {
+        pb::conversation_update::Update::Typing(t) => Some(t),
+        _ => None,
+    })
+    .await
 }
 
 /// Closing and typing as the agent are for the agent assigned to the conversation; the
@@ -1743,15 +1652,7 @@ async fn only_the_assigned_agent_closes_or_types_as_the_agent(rig: impl Future<O
     let mut a1 = rig.client("acme", "a-1", &[Role::Agent]).await;
     let mut a2 = rig.client("acme", "a-2", &[Role::Agent]).await;
     let mut sup = rig.client("acme", "sup-1", &[Role::Supervisor]).await;
-    let mut watch = c
-        .watch_conversation(pb::WatchConversationRequest {
-            conversation_id: conv.id.clone(),
-            view: pb::ConversationView::Customer as i32,
-            resume_after: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut c, &conv.id).await;
 
     // Another agent neither types nor closes; a supervisor not assigned does not type.
     let err = type_as(&mut a2, &conv.id).await.unwrap_err();
@@ -1792,7 +1693,7 @@ async fn only_the_assigned_agent_closes_or_types_as_the_agent(rig: impl Future<O
 
 /// Starts a conversation with a scenario hint.
 async fn start_hinted(c: &mut Client, key: &str, hint: &str) -> pb::Conversation {
-    c.start_conversation(pb::StartConversationRequest {
+    let req = pb::StartConversationRequest {
         customer: Some(common::Customer {
             id: format!("cust-{key}"),
             language: common::Language::Zh as i32,
@@ -1801,12 +1702,8 @@ async fn start_hinted(c: &mut Client, key: &str, hint: &str) -> pb::Conversation
         scenario_hint: hint.into(),
         client_conversation_id: key.into(),
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .conversation
-    .unwrap()
+    };
+    begin(c, req).await.unwrap().conversation.unwrap()
 }
 
 /// The policy's decision of a turn.
@@ -1828,19 +1725,14 @@ async fn a_fallback_turn_leaves_the_scenario_unset(rig: impl Future<Output = Rig
         ("default", vec![], 5),
         ("refunds", vec!["refund".into()], 3),
     ] {
-        rig.publish(
+        rig.apply_policy(
             "acme",
-            &policy::PolicyUpdated {
-                scenario_id: id.into(),
+            policy::Scenario {
+                id: id.into(),
+                intents,
+                tier: policy::Tier::Standard as i32,
+                strategy: policy::Strategy::BotFirst as i32,
                 version,
-                scenario: Some(policy::Scenario {
-                    id: id.into(),
-                    intents,
-                    tier: policy::Tier::Standard as i32,
-                    strategy: policy::Strategy::BotFirst as i32,
-                    version,
-                    ..Default::default()
-                }),
                 ..Default::default()
             },
         )
@@ -1909,54 +1801,27 @@ fn idle_settings() -> Settings {
     }
 }
 
-mod idle_sweep {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn production() {
-        super::idle_conversations_with_the_bot_are_closed(super::Rig::production_with(
-            super::idle_settings(),
-        ))
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn standalone() {
-        super::idle_conversations_with_the_bot_are_closed(super::Rig::standalone_with(
-            super::idle_settings(),
-        ))
-        .await;
-    }
-}
+both_with!(
+    idle_sweep,
+    idle_settings,
+    idle_conversations_with_the_bot_are_closed
+);
 
 /// The idle sweep closes BOT conversations for inactivity and RESOLVED ones as resolved, like
 /// `CloseConversation` (event, watchers); a conversation kept active, or waiting for a human,
 /// stays open.
 async fn idle_conversations_with_the_bot_are_closed(rig: impl Future<Output = Rig>) {
     let rig = rig.await;
-    let spec = ConsumerSpec::new("test-closed", &DIALOG, &rig.0.bus_config)
-        .event::<pb::ConversationClosed>();
-    let mut closed_events = rig.0.bus.consumer(&spec).await.unwrap();
+    let mut closed_events = rig.events_of::<pb::ConversationClosed>("test-closed").await;
     // A model, so the active conversation's questions are answered rather than handed off after
     // a few fallbacks.
     train(&rig, "acme").await;
     let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
     let idle = start(&mut c, "k-idle", common::Language::Zh).await;
     say(&mut c, &idle.id, "m1", "你好").await;
-    let mut watch = c
-        .watch_conversation(pb::WatchConversationRequest {
-            conversation_id: idle.id.clone(),
-            view: pb::ConversationView::Customer as i32,
-            resume_after: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut c, &idle.id).await;
     let resolved = start(&mut c, "k-resolved", common::Language::Zh).await;
-    c.resolve_conversation(pb::ResolveConversationRequest {
-        conversation_id: resolved.id.clone(),
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    resolve(&mut c, &resolved.id).await;
     let queued = start(&mut c, "k-queued", common::Language::Zh).await;
     let r = say(&mut c, &queued.id, "m1", "转人工").await;
     assert_eq!(r.state, pb::ConversationState::Queued as i32, "{r:?}");
@@ -1986,21 +1851,10 @@ async fn idle_conversations_with_the_bot_are_closed(rig: impl Future<Output = Ri
     assert_eq!(got.close_reason, pb::CloseReason::Resolved as i32);
 
     // The watcher saw the state change.
-    loop {
-        let u = tokio::time::timeout(Duration::from_secs(5), watch.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .update
-            .unwrap();
-        if let Some(pb::conversation_update::Update::StateChanged(s)) = u.update {
-            assert_eq!(s.from_state, pb::ConversationState::Bot as i32);
-            assert_eq!(s.to_state, pb::ConversationState::Closed as i32);
-            assert_eq!(s.reason, "closed for inactivity");
-            break;
-        }
-    }
+    let s = next_state_change(&mut watch).await;
+    assert_eq!(s.from_state, pb::ConversationState::Bot as i32);
+    assert_eq!(s.to_state, pb::ConversationState::Closed as i32);
+    assert_eq!(s.reason, "closed for inactivity");
     drop(watch);
     // One event per closed conversation.
     let mut events = Vec::new();
@@ -2031,15 +1885,7 @@ async fn idle_conversations_with_the_bot_are_closed(rig: impl Future<Output = Ri
         conversation(&mut c, &queued.id).await.state,
         pb::ConversationState::Queued as i32
     );
-    let err = c
-        .post_customer_message(pb::PostCustomerMessageRequest {
-            conversation_id: idle.id.clone(),
-            client_message_id: "m2".into(),
-            text: "还在吗".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = try_say(&mut c, &idle.id, "m2", "还在吗").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     rig.stop().await;
 }
@@ -2048,9 +1894,9 @@ async fn idle_conversations_with_the_bot_are_closed(rig: impl Future<Output = Ri
 /// customer's turn carries the confusion emotion.
 async fn resolutions_report_the_team_and_confusion_is_an_emotion(rig: impl Future<Output = Rig>) {
     let rig = rig.await;
-    let spec = ConsumerSpec::new("test-resolved", &DIALOG, &rig.0.bus_config)
-        .event::<pb::ConversationResolved>();
-    let mut resolved = rig.0.bus.consumer(&spec).await.unwrap();
+    let mut resolved = rig
+        .events_of::<pb::ConversationResolved>("test-resolved")
+        .await;
     train(&rig, "acme").await;
     let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
 
@@ -2067,18 +1913,11 @@ async fn resolutions_report_the_team_and_confusion_is_an_emotion(rig: impl Futur
     assert_eq!(emotions, [common::Emotion::Confusion as i32]);
 
     let (conv, handoff_id) = assigned_to(&rig, &mut c, "k-team", "a-1").await;
-    rig.publish(
-        "acme",
-        &routing::AssignmentCompleted {
-            handoff_id,
-            conversation_id: conv.id.clone(),
-            agent_id: "a-1".into(),
-            team: "billing".into(),
-            disposition: routing::Disposition::Resolved as i32,
-            ..Default::default()
-        },
-    )
-    .await;
+    let by_billing = routing::AssignmentCompleted {
+        team: "billing".into(),
+        ..completed(&handoff_id, &conv.id, "a-1", routing::Disposition::Resolved)
+    };
+    rig.publish("acme", &by_billing).await;
     let e: pb::ConversationResolved = next_event(&mut resolved).await;
     assert_eq!(e.conversation_id, conv.id);
     assert_eq!(e.resolved_by, common::HandlerKind::Agent as i32);
