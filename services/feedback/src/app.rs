@@ -131,7 +131,11 @@ pub struct FeedbackApp {
     outbox: OutboxWaker,
     cooldown: Duration,
     writer: FeedbackWriter,
+    rule_page: i64,
 }
+
+/// Rules read per page by the evaluation loop.
+pub const RULE_PAGE: i64 = 200;
 
 impl FeedbackApp {
     /// Creates the use cases over a store; `outbox` is woken after commits that wrote events.
@@ -171,8 +175,16 @@ impl FeedbackApp {
             outbox,
             cooldown,
             writer,
+            rule_page: RULE_PAGE,
         };
         (app, task)
+    }
+
+    /// Sets how many rules the evaluation loop reads per page (default [`RULE_PAGE`]).
+    #[must_use]
+    pub fn with_rule_page(mut self, size: i64) -> Self {
+        self.rule_page = size.max(1);
+        self
     }
 
     fn event_maker() -> Arc<EventMaker> {
@@ -670,13 +682,17 @@ impl FeedbackApp {
     pub async fn evaluate_alerts(&self, now: Micros) -> FeedbackResult<(usize, usize)> {
         let mut raised = 0;
         let mut resolved = 0;
-        let mut after = String::new();
+        // Rule ids are unique per tenant only: the cursor is (id, tenant).
+        let mut after = (String::new(), String::new());
         loop {
-            let page = self.store.list_rules(None, "", &after, 200).await?;
-            let Some((_, last)) = page.last() else {
+            let page = self
+                .store
+                .enabled_rules((&after.0, &after.1), self.rule_page)
+                .await?;
+            let Some((tenant, last)) = page.last() else {
                 break;
             };
-            after.clone_from(&last.id);
+            after = (last.id.clone(), tenant.clone());
             for (tenant, rule) in &page {
                 let Ok(tenant) = TenantId::new(tenant.clone()) else {
                     continue;

@@ -609,6 +609,79 @@ async fn alert_rules_raise_once_resolve_with_a_margin_and_cool_down(db: Db) {
     );
 }
 
+async fn alert_rules_of_every_tenant_are_evaluated_across_pages(db: Db) {
+    use tandem_feedback::app::FeedbackApp;
+    use tandem_feedback::domain::alert::AlertRule;
+    use tandem_platform::outbox::OutboxWaker;
+
+    let store = Store::new(db.clone());
+    // One rule per page, so every page boundary falls between tenants sharing a rule id.
+    let app = FeedbackApp::new(
+        store.clone(),
+        OutboxWaker::default(),
+        std::time::Duration::from_secs(3600),
+    )
+    .with_rule_page(1);
+    let now = T0 + 20 * DAY;
+    for name in ["acme", "beta"] {
+        let tenant = tandem_proto::ids::TenantId::new(name).unwrap();
+        for id in ["r1", "r2", "r3"] {
+            app.upsert_rule(
+                &tenant,
+                AlertRule {
+                    id: id.into(),
+                    name: format!("rebooking bot CSAT {id}"),
+                    kind: 1,
+                    scenario_id: "rebooking".into(),
+                    metric: metric::CSAT,
+                    condition: 2,
+                    threshold: 0.8,
+                    window: HOUR,
+                    baseline_window: 0,
+                    min_samples: 3,
+                    severity: 3,
+                    enabled: true,
+                    created_at: 0,
+                    updated_at: 0,
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        }
+        let started = tandem_proto::pb::dialog::v1::ConversationStarted {
+            conversation_id: "live".into(),
+            scenario_id: "rebooking".into(),
+            ..Default::default()
+        };
+        let raw = RawEvent::at(
+            &tenant,
+            &started,
+            Some("live".into()),
+            chrono::DateTime::from_timestamp_micros(now - 10 * 60 * 1_000_000).unwrap(),
+        );
+        store
+            .project("feedback-test", &projected(&[raw]))
+            .await
+            .unwrap();
+        let answers: Vec<(FeedbackRecord, RawEvent)> = (0..3)
+            .map(|i| {
+                let at = now - 5 * 60 * 1_000_000 + i;
+                let mut r = record(&format!("bad-{i}"), "live", Score::Csat(1), at);
+                r.input.subject = 1;
+                let e = event_for(&r);
+                (r, e)
+            })
+            .collect();
+        store.insert_feedback(name, &answers).await.unwrap();
+    }
+    assert_eq!(
+        app.evaluate_alerts(now).await.unwrap(),
+        (6, 0),
+        "every rule of every tenant raises its alert"
+    );
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident) => {
         mod $engine {
@@ -650,6 +723,12 @@ macro_rules! store_contract_tests {
             async fn alert_rules_raise_once_resolve_with_a_margin_and_cool_down() {
                 let (db, _keep) = super::$engine().await;
                 super::alert_rules_raise_once_resolve_with_a_margin_and_cool_down(db).await;
+            }
+
+            #[tokio::test]
+            async fn alert_rules_of_every_tenant_are_evaluated_across_pages() {
+                let (db, _keep) = super::$engine().await;
+                super::alert_rules_of_every_tenant_are_evaluated_across_pages(db).await;
             }
 
             #[tokio::test]

@@ -26,8 +26,9 @@ pub enum Step {
     Hold(RuleState),
     /// Apply the rule's effect.
     Fire(RuleState),
-    /// Restore the baseline.
-    Revert(RuleState, String),
+    /// Restore the baseline (the second field) if the scenario still holds the value the rule
+    /// last wrote (the third, when known).
+    Revert(RuleState, String, Option<String>),
 }
 
 /// Evaluates a rule. `now` and the state's times are µs since the epoch.
@@ -46,6 +47,7 @@ pub fn evaluate(
         last_fired_at: None,
         recovered_since: None,
         baseline: None,
+        applied: None,
     });
     let above = rule.comparison == pb::Comparison::Above as i32;
     let enough = agg.samples >= rule.min_samples.max(1);
@@ -86,8 +88,9 @@ pub fn evaluate(
     }
     state.firing = false;
     state.recovered_since = None;
+    let applied = state.applied.take();
     match state.baseline.take() {
-        Some(baseline) if rule.revert_when_recovered => Step::Revert(state, baseline),
+        Some(baseline) if rule.revert_when_recovered => Step::Revert(state, baseline, applied),
         _ => Step::Hold(state),
     }
 }
@@ -124,6 +127,8 @@ pub struct Change {
     pub record: pb::Adjustment,
     /// The baseline to remember for a later revert.
     pub baseline: Option<String>,
+    /// The value written, in the format of `baseline`, when the change applies.
+    pub applied: Option<String>,
 }
 
 /// Reads a threshold's effective value.
@@ -329,11 +334,36 @@ pub fn fire(rule: &pb::AdjustmentRule, wire: &pb::Scenario, compiled: &engine::S
         }
     };
     let baseline = next.as_ref().and(baseline);
+    let applied = next.as_ref().map(|_| match &rule.effect {
+        Some(pb::adjustment_rule::Effect::SetStrategy(target)) => format!("strategy:{target}"),
+        _ => record.new_value.to_string(),
+    });
     Change {
         next,
         record,
         baseline,
+        applied,
     }
+}
+
+/// Returns whether a scenario still holds `applied`, the value a rule wrote (as stored in its
+/// state), so a revert would not overwrite a change made since.
+pub fn still_applied(
+    rule: &pb::AdjustmentRule,
+    applied: &str,
+    wire: &pb::Scenario,
+    compiled: &engine::Scenario,
+) -> bool {
+    if let Some(strategy) = applied.strip_prefix("strategy:") {
+        return strategy.parse::<i32>() == Ok(wire.strategy);
+    }
+    let (Ok(value), Some(pb::adjustment_rule::Effect::Step(step))) =
+        (applied.parse::<f64>(), &rule.effect)
+    else {
+        return false;
+    };
+    let field = pb::ThresholdField::try_from(step.field).unwrap_or(pb::ThresholdField::Unspecified);
+    read_field(&compiled.thresholds, field).is_some_and(|current| (current - value).abs() < 1e-9)
 }
 
 /// Computes the revert of an episode to `baseline`.
@@ -385,6 +415,7 @@ pub fn revert(
         next,
         record,
         baseline: None,
+        applied: None,
     }
 }
 
@@ -454,7 +485,7 @@ mod tests {
             panic!()
         };
         assert_eq!(s.recovered_since, Some(4 * MIN));
-        let Step::Revert(s, baseline) = evaluate(&r, Some(s), "s", agg(100.0, 3), 14 * MIN, 0.1)
+        let Step::Revert(s, baseline, _) = evaluate(&r, Some(s), "s", agg(100.0, 3), 14 * MIN, 0.1)
         else {
             panic!("did not revert after a full window")
         };

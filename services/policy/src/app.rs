@@ -371,7 +371,10 @@ impl App {
             }
             let write = scenario_write(next, pb::ChangeCause::Manual, actor, false);
             let record = write.record.clone();
-            match self.commit_writes(tenant, &snapshot, vec![write]).await {
+            match self
+                .commit_writes(tenant, &snapshot, vec![write], true)
+                .await
+            {
                 Ok(()) => {
                     return Ok(Upserted {
                         scenario: record.scenario.clone().unwrap_or_default(),
@@ -463,7 +466,10 @@ impl App {
             let mut write = scenario_write(next, pb::ChangeCause::Rollback, actor, false);
             write.record.restored_version = to_version;
             let record = write.record.clone();
-            match self.commit_writes(tenant, &snapshot, vec![write]).await {
+            match self
+                .commit_writes(tenant, &snapshot, vec![write], true)
+                .await
+            {
                 Ok(()) => return Ok((record.scenario.clone().unwrap_or_default(), record)),
                 Err(PolicyError::Store(StoreError::Conflict)) => {}
                 Err(e) => return Err(e),
@@ -548,7 +554,12 @@ impl App {
             next.version = current.version + 1;
             next.updated_at = Some(micros_timestamp(now_micros()));
             let write = scenario_write(next.clone(), cause, actor, deleted);
-            match self.commit_writes(tenant, &snapshot, vec![write]).await {
+            // Pinning keeps the rule states (a revert blocked by the pin is still due); a
+            // deletion drops them.
+            match self
+                .commit_writes(tenant, &snapshot, vec![write], deleted)
+                .await
+            {
                 Ok(()) => return Ok(Some(next)),
                 Err(PolicyError::Store(StoreError::Conflict)) => {}
                 Err(e) => return Err(e),
@@ -610,7 +621,7 @@ impl App {
             if validate_only || writes.is_empty() {
                 return Ok(out);
             }
-            match self.commit_writes(tenant, &snapshot, writes).await {
+            match self.commit_writes(tenant, &snapshot, writes, true).await {
                 Ok(()) => return Ok(out),
                 Err(PolicyError::Store(StoreError::Conflict)) => {}
                 Err(e) => return Err(e),
@@ -621,16 +632,26 @@ impl App {
         ))
     }
 
+    /// Commits scenario writes. With `reset`, the written scenarios' rule states are deleted
+    /// too: a person set their content, so running episodes must neither revert it later to a
+    /// baseline from before nor keep a stale baseline for the next firing.
     async fn commit_writes(
         &self,
         tenant: &TenantId,
         snapshot: &Snapshot,
         writes: Vec<ScenarioWrite>,
+        reset: bool,
     ) -> Result<(), PolicyError> {
         let events = writes.iter().map(|w| updated_event(tenant, w)).collect();
+        let reset_rule_states = if reset {
+            writes.iter().map(|w| w.scenario.id.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let batch = Batch {
             scenarios: writes,
             events,
+            reset_rule_states,
             ..Batch::default()
         };
         self.store
@@ -682,6 +703,19 @@ impl App {
         claim: Option<(String, String)>,
         observations: Vec<Observation>,
     ) -> Result<Committed, PolicyError> {
+        self.observe_at(tenant, claim, observations, now_micros())
+            .await
+    }
+
+    /// [`App::observe`] with the current time given (µs since the epoch), so windows, cooldowns
+    /// and recoveries can be replayed.
+    pub async fn observe_at(
+        &self,
+        tenant: &TenantId,
+        claim: Option<(String, String)>,
+        observations: Vec<Observation>,
+        now: i64,
+    ) -> Result<Committed, PolicyError> {
         for _ in 0..ATTEMPTS {
             let snapshot = self.store.snapshot(tenant).await?;
             let (cat, _) = Catalogue::build(snapshot.scenarios.clone());
@@ -692,7 +726,6 @@ impl App {
             };
             // Scenario states as changed so far within this batch.
             let mut working: HashMap<String, pb::Scenario> = HashMap::new();
-            let now = now_micros();
             for o in &observations {
                 let Some(entry) = cat.get(&o.scenario_id) else {
                     continue;
@@ -731,6 +764,10 @@ impl App {
                         .unwrap_or_else(|| entry.wire.clone());
                     let compiled = scenario_to_engine(&wire, cat.defaults())
                         .unwrap_or_else(|_| entry.engine.clone());
+                    let recovering_since = state.as_ref().and_then(|s| s.recovered_since);
+                    // For a revert: its baseline and the value the rule wrote, to keep if the
+                    // revert is blocked.
+                    let mut reverting = None;
                     let (mut change, mut state) = match adjust::evaluate(
                         &rule,
                         state,
@@ -744,8 +781,19 @@ impl App {
                             continue;
                         }
                         Step::Fire(state) => (adjust::fire(&rule, &wire, &compiled), state),
-                        Step::Revert(state, baseline) => {
-                            (adjust::revert(&rule, &baseline, &wire, &compiled), state)
+                        Step::Revert(state, baseline, applied) => {
+                            if applied
+                                .as_deref()
+                                .is_some_and(|a| !adjust::still_applied(&rule, a, &wire, &compiled))
+                            {
+                                // Changed since the rule wrote it (by another rule, or by a
+                                // person racing this batch): the episode ends, the change stays.
+                                batch.rule_states.push(state);
+                                continue;
+                            }
+                            let change = adjust::revert(&rule, &baseline, &wire, &compiled);
+                            reverting = Some((baseline, applied));
+                            (change, state)
                         }
                     };
                     let signal_name = pb::AdjustmentSignal::try_from(o.signal)
@@ -759,17 +807,46 @@ impl App {
                     change.record.from_version = wire.version;
                     change.record.created_at = Some(micros_timestamp(now));
                     let mut apply = change.next.take();
+                    let mut blocked = false;
                     if apply.is_some() && rule.mode == pb::Mode::Shadow as i32 {
                         change.record.status = pb::AdjustmentStatus::Shadow as i32;
                         apply = None;
                     } else if apply.is_some() && wire.pinned {
                         change.record.status = pb::AdjustmentStatus::BlockedByPin as i32;
                         apply = None;
+                        blocked = true;
+                    }
+                    // Each value stays inside its own guardrails, but the scenario as a whole
+                    // (e.g. the clarify band not above the answer threshold) and the catalogue
+                    // must still validate: an invalid scenario would silently drop out of the
+                    // decisions.
+                    if let Some(next) = &apply {
+                        let before = current_catalogue(&snapshot.scenarios, &working);
+                        let problems = new_problems(&before, &replace(&before, next));
+                        if !problems.is_empty() {
+                            change.record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+                            change.record.explanation = format!(
+                                "{}: not applied, the scenario would not validate: {}",
+                                change.record.explanation,
+                                render(&problems)
+                            );
+                            apply = None;
+                            blocked = true;
+                        }
+                    }
+                    if blocked && let Some((baseline, applied)) = reverting {
+                        // The revert is still due: keep the episode and retry it on the next
+                        // recovered observation.
+                        state.firing = true;
+                        state.recovered_since = Some(recovering_since.unwrap_or(now));
+                        state.baseline = Some(baseline);
+                        state.applied = applied;
                     }
                     if let Some(mut next) = apply {
                         if state.baseline.is_none() {
                             state.baseline = change.baseline.clone();
                         }
+                        state.applied = change.applied.clone();
                         next.version = wire.version + 1;
                         next.updated_at = Some(micros_timestamp(now));
                         change.record.to_version = next.version;
@@ -839,6 +916,27 @@ impl App {
     ) -> Result<Vec<pb::Adjustment>, PolicyError> {
         Ok(self.store.adjustments(tenant, filter).await?)
     }
+}
+
+/// The catalogue as changed so far within an adjustment batch.
+fn current_catalogue(
+    stored: &[pb::Scenario],
+    working: &HashMap<String, pb::Scenario>,
+) -> Vec<pb::Scenario> {
+    stored
+        .iter()
+        .map(|s| working.get(&s.id).unwrap_or(s).clone())
+        .collect()
+}
+
+/// The validation problems of `after` that `before` does not have already, so a catalogue that
+/// was invalid before for other reasons does not block every adjustment.
+fn new_problems(before: &[pb::Scenario], after: &[pb::Scenario]) -> Vec<ValidationError> {
+    let Err(found) = App::validate(after) else {
+        return Vec::new();
+    };
+    let known = App::validate(before).err().unwrap_or_default();
+    found.into_iter().filter(|e| !known.contains(e)).collect()
 }
 
 /// Replaces (or appends) `next` in a catalogue by id.

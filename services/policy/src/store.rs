@@ -69,6 +69,11 @@ pub struct RuleState {
     pub recovered_since: Option<i64>,
     /// The value (or strategy number) before the first firing of the current episode, as text.
     pub baseline: Option<String>,
+    /// The value (or strategy number) this rule last wrote in the current episode, in the format
+    /// of `baseline`. A revert only happens while the scenario still holds it, so a change made
+    /// since by a person or another rule is not overwritten. `None` for states written before
+    /// this was recorded.
+    pub applied: Option<String>,
 }
 
 /// One observed value of a signal.
@@ -93,6 +98,9 @@ pub struct Batch {
     pub adjustments: Vec<pb::Adjustment>,
     /// Rule states to upsert.
     pub rule_states: Vec<RuleState>,
+    /// Scenarios whose rule states are deleted first (a person replaced their content, so the
+    /// episodes of the rules and their baselines no longer apply).
+    pub reset_rule_states: Vec<String>,
     /// Observations to record.
     pub observations: Vec<Observation>,
     /// Events for the outbox.
@@ -266,19 +274,28 @@ impl Store {
                 .bind(t)
                 .bind(&a.id)
                 .bind(&a.scenario_id)
-                .bind(now)
+                // The record's own time: list cursors are built from it.
+                .bind(a.created_at.as_ref().map_or(now, timestamp_micros))
                 .bind(a.encode_to_vec())
                 .execute(&mut *tx)
                 .await?;
+            }
+            for scenario_id in &batch.reset_rule_states {
+                sqlx::query("DELETE FROM policy_rule_states WHERE tenant = $1 AND scenario_id = $2")
+                    .bind(t)
+                    .bind(scenario_id)
+                    .execute(&mut *tx)
+                    .await?;
             }
             for r in &batch.rule_states {
                 sqlx::query(
                     "INSERT INTO policy_rule_states \
                      (tenant, rule_id, scenario_id, firing, last_fired_at, recovered_since, \
-                     baseline) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     baseline, applied) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                      ON CONFLICT (tenant, rule_id, scenario_id) DO UPDATE SET \
                      firing = excluded.firing, last_fired_at = excluded.last_fired_at, \
-                     recovered_since = excluded.recovered_since, baseline = excluded.baseline",
+                     recovered_since = excluded.recovered_since, baseline = excluded.baseline, \
+                     applied = excluded.applied",
                 )
                 .bind(t)
                 .bind(&r.rule_id)
@@ -287,6 +304,7 @@ impl Store {
                 .bind(r.last_fired_at)
                 .bind(r.recovered_since)
                 .bind(&r.baseline)
+                .bind(&r.applied)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -470,7 +488,8 @@ impl Store {
     ) -> Result<Option<RuleState>, StoreError> {
         let row = on_db!(&self.db, pool => {
             sqlx::query(
-                "SELECT firing, last_fired_at, recovered_since, baseline FROM policy_rule_states \
+                "SELECT firing, last_fired_at, recovered_since, baseline, applied \
+                 FROM policy_rule_states \
                  WHERE tenant = $1 AND rule_id = $2 AND scenario_id = $3",
             )
             .bind(tenant.as_str())
@@ -486,6 +505,7 @@ impl Store {
                     last_fired_at: r.try_get(1)?,
                     recovered_since: r.try_get(2)?,
                     baseline: r.try_get(3)?,
+                    applied: r.try_get(4)?,
                 })
             })
             .transpose()?

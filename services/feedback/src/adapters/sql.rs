@@ -1385,6 +1385,30 @@ macro_rules! engine {
                     .collect()
             }
 
+            /// Lists the enabled rules of every tenant, by id and tenant, after `after` (an id and
+            /// a tenant): ids are unique per tenant only, so the cursor needs both.
+            pub async fn enabled_rules(
+                pool: &Pool,
+                (after_id, after_tenant): (&str, &str),
+                limit: i64,
+            ) -> StoreResult<Vec<(String, AlertRule)>> {
+                let rows = sqlx::query(
+                    "SELECT tenant, id, name, kind, scenario_id, metric, cond, threshold, window_us, \
+                     baseline_window_us, min_samples, severity, enabled, created_at, updated_at \
+                     FROM fb_alert_rule WHERE enabled = $1 AND (id > $2 OR (id = $2 AND tenant > $3)) \
+                     ORDER BY id, tenant LIMIT $4",
+                )
+                .bind(true)
+                .bind(after_id)
+                .bind(after_tenant)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("tenant")?, read_rule(row)?)))
+                    .collect()
+            }
+
             const ALERT_COLUMNS: &str = "id, rule_id, kind, scenario_id, metric, observed, threshold, baseline, \
                 window_us, severity, status, explanation, raised_at, acknowledged_at, acknowledged_by, resolved_at";
 
@@ -1840,6 +1864,15 @@ impl Store {
         limit: i64,
     ) -> StoreResult<Vec<(String, AlertRule)>> {
         dispatch!(self, list_rules(tenant, scenario_id, after, limit))
+    }
+
+    /// See [`postgres::enabled_rules`].
+    pub async fn enabled_rules(
+        &self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> StoreResult<Vec<(String, AlertRule)>> {
+        dispatch!(self, enabled_rules(after, limit))
     }
 
     /// See [`postgres::list_alerts`].

@@ -1,0 +1,411 @@
+//! Automatic adjustments through the application layer, with the clock under the test's control
+//! (`App::observe_at`), on PostgreSQL (a throwaway server) and SQLite (a temp dir): whole-scenario
+//! validation of a change, reverts that respect later changes and pins, and adjustment paging.
+
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use tandem_platform::config::{DatabaseConfig, Secret};
+use tandem_platform::db::Db;
+use tandem_platform::outbox::OutboxWaker;
+use tandem_platform::runtime::Service as _;
+use tandem_policy::app::{Actor, App, AppOptions};
+use tandem_policy::document::{Format, parse};
+use tandem_policy::store::{ListFilter, Observation, Store, now_micros, timestamp_micros};
+use tandem_proto::ids::TenantId;
+use tandem_proto::pb::policy::v1 as pb;
+
+/// Keeps the engine's directory alive for the test.
+#[allow(dead_code, reason = "held for its Drop")]
+enum Keep {
+    Postgres,
+    Sqlite(tempfile::TempDir),
+}
+
+async fn postgres() -> (Db, Keep) {
+    let pg = tandem_testkit::shared_postgres().await;
+    let url = pg.fresh_database().await.unwrap();
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        schema: "policy".into(),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    db.migrate(Some(tandem_policy::Policy::migrations()))
+        .await
+        .unwrap();
+    (db, Keep::Postgres)
+}
+
+async fn sqlite() -> (Db, Keep) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("policy.db").display());
+    let db = Db::connect(&DatabaseConfig {
+        url: Secret::new(url),
+        ..DatabaseConfig::default()
+    })
+    .await
+    .unwrap();
+    db.migrate(Some(tandem_policy::Policy::migrations()))
+        .await
+        .unwrap();
+    (db, Keep::Sqlite(dir))
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::postgres()).await }) *
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::sqlite()).await }) *
+        }
+    };
+}
+
+both!(
+    an_adjustment_that_would_invalidate_the_scenario_is_blocked,
+    a_revert_leaves_later_changes_alone,
+    a_revert_blocked_by_a_pin_happens_after_unpinning,
+    adjustments_of_one_batch_page_without_gaps,
+);
+
+const SECOND: i64 = 1_000_000;
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+fn person() -> Actor {
+    Actor {
+        id: "u-1".into(),
+        reason: "test".into(),
+    }
+}
+
+/// An app on `db`, with its catalogue read afresh on every decision, and the `refund` scenario.
+async fn app(db: impl Future<Output = (Db, Keep)>) -> (App, Keep) {
+    let (db, keep) = db.await;
+    let app = App::new(
+        Store::new(db),
+        OutboxWaker::default(),
+        AppOptions {
+            catalogue_ttl: Duration::ZERO,
+            ..AppOptions::default()
+        },
+        None,
+    );
+    app.import(&tenant(), document(20), &person(), false)
+        .await
+        .unwrap();
+    (app, keep)
+}
+
+/// The `refund` scenario with `max_bot_turns` (guardrails leave room around every value).
+fn document(max_bot_turns: i32) -> Vec<pb::Scenario> {
+    let doc = format!(
+        r"
+scenarios:
+  - id: refund
+    intents: [refund_request]
+    intent_priority: 5
+    tier: TIER_STANDARD
+    strategy: STRATEGY_BOT_FIRST
+    thresholds:
+      min_intent_confidence: 0.6
+      clarify_confidence: 0.4
+      max_bot_turns: {max_bot_turns}
+      max_fallbacks: 2
+      sentiment_window_turns: 3
+    guardrails:
+      min_intent_confidence: {{ min: 0.3, max: 0.9 }}
+      clarify_confidence: {{ min: 0.2, max: 0.7 }}
+      max_bot_turns: {{ min: 8, max: 50 }}
+      max_fallbacks: {{ min: 1, max: 5 }}
+      sentiment_window_turns: {{ min: 2, max: 6 }}
+"
+    );
+    parse(Format::Yaml, &doc).unwrap()
+}
+
+/// A live rule on the bot CSAT of `refund` (below 0.7 over a minute) stepping `field` by `delta`.
+async fn rule(app: &App, field: pb::ThresholdField, delta: f64) -> pb::AdjustmentRule {
+    rule_on(app, pb::AdjustmentSignal::BotCsat, field, delta).await
+}
+
+async fn rule_on(
+    app: &App,
+    signal: pb::AdjustmentSignal,
+    field: pb::ThresholdField,
+    delta: f64,
+) -> pb::AdjustmentRule {
+    app.upsert_rule(
+        &tenant(),
+        pb::AdjustmentRule {
+            scenario_id: "refund".into(),
+            signal: signal as i32,
+            comparison: pb::Comparison::Below as i32,
+            threshold: 0.7,
+            window: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            min_samples: 1,
+            cooldown: Some(prost_types::Duration::default()),
+            revert_when_recovered: true,
+            enabled: true,
+            mode: pb::Mode::Live as i32,
+            effect: Some(pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+                field: field as i32,
+                delta,
+            })),
+            ..pb::AdjustmentRule::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Observes `value` of `signal` for `refund` at `at` (µs), with the clock at `at`.
+async fn observe_signal(app: &App, signal: pb::AdjustmentSignal, value: f64, at: i64) {
+    let o = Observation {
+        scenario_id: "refund".into(),
+        signal: signal as i32,
+        value,
+        observed_at: at,
+    };
+    app.observe_at(&tenant(), None, vec![o], at).await.unwrap();
+}
+
+async fn observe(app: &App, value: f64, at: i64) {
+    observe_signal(app, pb::AdjustmentSignal::BotCsat, value, at).await;
+}
+
+async fn refund(app: &App) -> pb::Scenario {
+    app.get(&tenant(), "refund").await.unwrap()
+}
+
+fn thresholds(s: &pb::Scenario) -> pb::Thresholds {
+    s.thresholds.unwrap_or_default()
+}
+
+async fn adjustments(app: &App) -> Vec<pb::Adjustment> {
+    app.adjustments(
+        &tenant(),
+        &ListFilter {
+            scenario_id: "refund".into(),
+            start: 0,
+            end: i64::MAX,
+            cursor: (i64::MAX, String::new()),
+            limit: 100,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// An hour ago, so every time of a test is in the past of the listing's default range.
+fn start() -> i64 {
+    now_micros() - 3_600 * SECOND
+}
+
+async fn an_adjustment_that_would_invalidate_the_scenario_is_blocked(
+    db: impl Future<Output = (Db, Keep)>,
+) {
+    let (app, _keep) = app(db).await;
+    rule(&app, pb::ThresholdField::MinIntentConfidence, -0.15).await;
+    let t0 = start();
+    // 0.6 -> 0.45: still above the clarify band (0.4).
+    observe(&app, 0.5, t0).await;
+    let s = refund(&app).await;
+    assert_eq!(s.version, 2, "{:?}", adjustments(&app).await);
+    let first = thresholds(&s).min_intent_confidence.unwrap();
+    assert!((first - 0.45).abs() < 1e-9, "{first}");
+    // 0.45 -> 0.3 is inside the guardrails (0.3..=0.9) but below clarify_confidence: refused.
+    observe(&app, 0.5, t0 + SECOND).await;
+    let s = refund(&app).await;
+    assert_eq!(s.version, 2, "the invalid step was applied: {s:?}");
+    assert_eq!(thresholds(&s).min_intent_confidence, Some(first));
+    let listed = adjustments(&app).await;
+    assert_eq!(
+        listed[0].status,
+        pb::AdjustmentStatus::BlockedByGuardrail as i32,
+        "{listed:?}"
+    );
+    assert_eq!(listed[0].to_version, 0);
+    assert!(
+        listed[0].explanation.contains("clarify_confidence"),
+        "{}",
+        listed[0].explanation
+    );
+    // The scenario still decides its own turns.
+    let decision = app
+        .decide(
+            &tenant(),
+            &pb::DecisionContext {
+                scenario_id: "refund".into(),
+                intent: "refund_request".into(),
+                intent_confidence: 0.99,
+                within_business_hours: Some(true),
+                queue_eta_seconds: Some(10),
+                ..pb::DecisionContext::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(decision.scenario_id, "refund");
+}
+
+async fn a_revert_leaves_later_changes_alone(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    let raise = rule(&app, pb::ThresholdField::MaxBotTurns, 5.0).await;
+    let t0 = start();
+
+    // A person edits the scenario during an episode: the rule's state goes, and recovery
+    // does not put back the value from before the episode.
+    observe(&app, 0.5, t0).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    let mut edited = refund(&app).await;
+    edited.thresholds.as_mut().unwrap().max_bot_turns = Some(30);
+    app.upsert(&tenant(), edited, 0, &person(), false)
+        .await
+        .unwrap();
+    let state = app
+        .store()
+        .rule_state(&tenant(), &raise.id, "refund")
+        .await
+        .unwrap();
+    assert_eq!(state, None, "a manual upsert keeps the rule state");
+    observe(&app, 0.9, t0 + 10 * SECOND).await;
+    observe(&app, 0.9, t0 + 80 * SECOND).await;
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(30), "{s:?}");
+
+    // A rollback and an import clear the states too.
+    observe(&app, 0.5, t0 + 200 * SECOND).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(35));
+    app.rollback(&tenant(), "refund", 1, &person())
+        .await
+        .unwrap();
+    let state = app
+        .store()
+        .rule_state(&tenant(), &raise.id, "refund")
+        .await
+        .unwrap();
+    assert_eq!(state, None, "a rollback keeps the rule state");
+    observe(&app, 0.5, t0 + 300 * SECOND).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    app.import(&tenant(), document(22), &person(), false)
+        .await
+        .unwrap();
+    let state = app
+        .store()
+        .rule_state(&tenant(), &raise.id, "refund")
+        .await
+        .unwrap();
+    assert_eq!(state, None, "an import keeps the rule state");
+
+    // Another rule moves the same field after this one: this one's revert leaves it alone.
+    observe(&app, 0.5, t0 + 400 * SECOND).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(27));
+    rule_on(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        pb::ThresholdField::MaxBotTurns,
+        -2.0,
+    )
+    .await;
+    observe_signal(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        0.5,
+        t0 + 401 * SECOND,
+    )
+    .await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    observe(&app, 0.9, t0 + 410 * SECOND).await;
+    observe(&app, 0.9, t0 + 480 * SECOND).await;
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
+    let state = app
+        .store()
+        .rule_state(&tenant(), &raise.id, "refund")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!state.firing && state.baseline.is_none(), "{state:?}");
+}
+
+async fn a_revert_blocked_by_a_pin_happens_after_unpinning(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    rule(&app, pb::ThresholdField::MaxBotTurns, 5.0).await;
+    let t0 = start();
+    observe(&app, 0.5, t0).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    app.set_pin(&tenant(), "refund", true, &person())
+        .await
+        .unwrap();
+    observe(&app, 0.9, t0 + 10 * SECOND).await;
+    observe(&app, 0.9, t0 + 80 * SECOND).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    assert_eq!(
+        adjustments(&app).await[0].status,
+        pb::AdjustmentStatus::BlockedByPin as i32
+    );
+    app.set_pin(&tenant(), "refund", false, &person())
+        .await
+        .unwrap();
+    observe(&app, 0.9, t0 + 90 * SECOND).await;
+    let s = refund(&app).await;
+    assert_eq!(
+        thresholds(&s).max_bot_turns,
+        Some(20),
+        "the revert was lost: {s:?}"
+    );
+    assert_eq!(
+        adjustments(&app).await[0].status,
+        pb::AdjustmentStatus::Reverted as i32
+    );
+}
+
+async fn adjustments_of_one_batch_page_without_gaps(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    // Three rules fire on one observation: three adjustments of one commit.
+    rule(&app, pb::ThresholdField::MaxBotTurns, 5.0).await;
+    rule(&app, pb::ThresholdField::MaxFallbacks, 1.0).await;
+    rule(&app, pb::ThresholdField::SentimentWindowTurns, 1.0).await;
+    observe(&app, 0.5, start()).await;
+    assert_eq!(adjustments(&app).await.len(), 3);
+    // Page one by one with the cursor ListAdjustments puts in its page token.
+    let mut seen = Vec::new();
+    let mut cursor = (i64::MAX, String::new());
+    loop {
+        let page = app
+            .adjustments(
+                &tenant(),
+                &ListFilter {
+                    scenario_id: String::new(),
+                    start: 0,
+                    end: now_micros() + 1,
+                    cursor: cursor.clone(),
+                    limit: 1,
+                },
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.last() else {
+            break;
+        };
+        cursor = (
+            last.created_at.as_ref().map_or(0, timestamp_micros),
+            last.id.clone(),
+        );
+        seen.push(last.id.clone());
+    }
+    assert_eq!(seen.len(), 3, "paging skipped adjustments: {seen:?}");
+}
