@@ -11,7 +11,9 @@
 //! - an archived article accepts no change.
 //!
 //! Imports with `publish` and candidate approvals with publish skip the review step: the caller,
-//! who must hold a reviewing role, is recorded as the reviewer.
+//! who must hold a reviewing role, is recorded as the reviewer. What they skip review for is
+//! only their own change: a candidate builds on the published version, never on a newer
+//! unreviewed or rejected one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +59,9 @@ const MAX_CANDIDATE_CHARS: usize = 4_000;
 const MAX_PROVENANCE: usize = 50;
 /// Longest recorded gap query.
 const MAX_GAP_QUERY_CHARS: usize = 200;
+/// How long a gap is kept after it was last seen: the longest window gap reports are meant
+/// for. Older gaps are deleted hourly.
+pub const GAP_RETENTION: Duration = Duration::from_secs(90 * 86_400);
 /// The actor of automatic changes.
 pub const SYSTEM_ACTOR: &str = "system";
 
@@ -98,6 +103,9 @@ impl From<StoreError> for KnowledgeError {
             StoreError::Conflict => {
                 Self::Aborted("the article changed concurrently; read it again and retry".into())
             }
+            StoreError::CandidateNotPending(id) => Self::Aborted(format!(
+                "candidate {id:?} was reviewed or expired concurrently; read it again"
+            )),
             StoreError::DuplicateExternalId(id) => {
                 Self::AlreadyExists(format!("external id {id:?} is already used"))
             }
@@ -278,6 +286,20 @@ pub fn detect_language(text: &str) -> Language {
     if han { Language::Zh } else { Language::En }
 }
 
+/// The fields an import row leaves empty. An existing article keeps its values of these: the
+/// import's defaults are for new articles only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unnamed {
+    /// No scenario: the article's stays (a named one must be the article's).
+    pub scenario: bool,
+    /// No language: the article's stays (a named one must be the article's).
+    pub language: bool,
+    /// No visibility: the current version's stays.
+    pub visibility: bool,
+    /// No tags: the current version's stay.
+    pub tags: bool,
+}
+
 /// A new article.
 #[derive(Debug, Clone, Default)]
 pub struct NewArticle {
@@ -293,6 +315,9 @@ pub struct NewArticle {
     pub tags: Vec<String>,
     /// Content of version 1.
     pub content: Content,
+    /// For an import row matching an existing article: the fields the row left empty (nothing,
+    /// by default).
+    pub unnamed: Unnamed,
 }
 
 impl NewArticle {
@@ -468,6 +493,16 @@ fn status_name(status: i32) -> &'static str {
 
 fn truncate_chars(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
+}
+
+/// A text on one line: runs of whitespace and control characters (line breaks included) become
+/// one space, and the ends are trimmed. Questions are single-line; a customer's question may not
+/// be.
+fn single_line(text: &str) -> String {
+    text.split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Normalises a query for gap grouping: lowercase, single spaces, no control characters.
@@ -1369,6 +1404,15 @@ impl App {
             .await?)
     }
 
+    /// Deletes the gaps not seen for [`GAP_RETENTION`]; returns how many.
+    pub async fn prune_gaps(&self) -> Result<u64, KnowledgeError> {
+        let keep = i64::try_from(GAP_RETENTION.as_micros()).unwrap_or(i64::MAX);
+        Ok(self
+            .store
+            .prune_gaps(now_micros().saturating_sub(keep))
+            .await?)
+    }
+
     /// Mines a human resolution into a candidate (new, or merged into a pending duplicate).
     /// Returns `None` when the event is not minable or was handled before.
     pub async fn mine(
@@ -1378,7 +1422,7 @@ impl App {
         event_id: &str,
         e: &ConversationResolved,
     ) -> Result<Option<(pb::Candidate, bool)>, KnowledgeError> {
-        let question = truncate_chars(e.customer_question.trim(), MAX_CANDIDATE_CHARS);
+        let question = truncate_chars(&single_line(&e.customer_question), MAX_CANDIDATE_CHARS);
         let answers: Vec<&str> = e
             .agent_answers
             .iter()
@@ -1581,10 +1625,12 @@ impl App {
             });
         }
         let c = row.candidate.clone();
+        // A question variant is one line; candidates mined before questions were put on one
+        // line, and edited questions, may span several.
         let question = if r.question.trim().is_empty() {
-            c.question.clone()
+            single_line(&c.question)
         } else {
-            r.question.trim().to_owned()
+            single_line(&r.question)
         };
         let answer = if r.answer.trim().is_empty() {
             c.answer.clone()
@@ -1632,24 +1678,22 @@ impl App {
             }
             Some(article_id) => {
                 let loaded = self.load(tenant, &article_id).await?;
-                let latest = self
-                    .load_version(tenant, &article_id, loaded.article.current_version)
-                    .await?;
-                let mut questions = latest.version.questions.clone();
+                let base = self.candidate_base(tenant, &loaded, entry).await?;
+                let mut questions = base.version.questions.clone();
                 let q = truncate_chars(&question, MAX_QUESTION_CHARS);
                 if !questions.contains(&q) {
                     questions.push(q);
                 }
                 let (answer, action) = if decision == D::Merge {
                     (
-                        latest.version.answer.clone(),
+                        base.version.answer.clone(),
                         pb::AuditAction::CandidateMerged,
                     )
                 } else {
                     (answer, pb::AuditAction::DraftUpdated)
                 };
                 let title = if r.title.trim().is_empty() {
-                    latest.version.title.clone()
+                    base.version.title.clone()
                 } else {
                     r.title.trim().to_owned()
                 };
@@ -1660,8 +1704,8 @@ impl App {
                         answer,
                         change_note: note,
                     },
-                    visibility: 0,
-                    tags: None,
+                    visibility: base.visibility,
+                    tags: Some(base.tags),
                 }
                 .validated()?;
                 self.revision(tenant, actor, &loaded, new, entry, action, &c.id)
@@ -1686,6 +1730,31 @@ impl App {
         })
     }
 
+    /// The version an approved candidate's change to an existing article builds on (title,
+    /// question variants, answer for a merge, visibility and tags): the published version, so
+    /// that content nobody approved (a draft, a version in review, a rejected version) never
+    /// reaches a new version through a candidate. An article with nothing published builds on
+    /// its latest version, as a draft only: publishing it at once would publish that unreviewed
+    /// content, so it is refused.
+    async fn candidate_base(
+        &self,
+        tenant: &TenantId,
+        loaded: &Loaded,
+        entry: Entry,
+    ) -> Result<VersionRow, KnowledgeError> {
+        let a = &loaded.article;
+        if a.published_version > 0 {
+            return self.load_version(tenant, &a.id, a.published_version).await;
+        }
+        if entry == Entry::Publish {
+            return Err(KnowledgeError::FailedPrecondition(format!(
+                "article {:?} has no published version; approve the candidate as a draft",
+                a.id
+            )));
+        }
+        self.load_version(tenant, &a.id, a.current_version).await
+    }
+
     /// Expires candidates not reviewed in time.
     pub async fn expire_candidates(&self) -> Result<u64, KnowledgeError> {
         Ok(self.store.expire_candidates(now_micros()).await?)
@@ -1700,7 +1769,8 @@ fn archived_error(article_id: &str) -> KnowledgeError {
 }
 
 /// Builds the change adding a version to a loaded article whose latest version is `latest` and,
-/// when publishing, whose published version is `previous`.
+/// when publishing, whose published version is `previous`. Unset visibility and tags of `new`
+/// are taken from `previous` when publishing, otherwise from `latest`.
 #[allow(clippy::too_many_arguments)]
 fn revision_of(
     tenant: &TenantId,
@@ -1716,12 +1786,18 @@ fn revision_of(
     let a = &loaded.article;
     let at = now_ts();
     let number = a.current_version + 1;
+    // Unset visibility and tags keep the published version's when publishing (the latest
+    // version may be unreviewed or rejected), otherwise the latest version's.
+    let base = match (&previous, entry) {
+        (Some(published), Entry::Publish) => published,
+        _ => latest,
+    };
     let visibility = if new.visibility == 0 {
-        latest.visibility
+        base.visibility
     } else {
         new.visibility
     };
-    let tags = new.tags.unwrap_or_else(|| latest.tags.clone());
+    let tags = new.tags.unwrap_or_else(|| base.tags.clone());
     let version = pb::ArticleVersion {
         article_id: a.id.clone(),
         version: number,
@@ -1765,7 +1841,9 @@ fn revision_of(
 
 /// Plans an import row for the existing article with its external id: nothing when the content,
 /// visibility and tags are those of the latest version (and, when publishing, that version is
-/// published), otherwise a new version.
+/// published), otherwise a new version. A row naming another scenario or language than the
+/// article's fails (an import does not move articles); a row that names no visibility or no
+/// tags keeps those of the published version when publishing, otherwise of the latest version.
 fn plan_update(
     tenant: &TenantId,
     actor: &Actor,
@@ -1775,11 +1853,50 @@ fn plan_update(
     dry_run: bool,
 ) -> Result<(RowOutcome, Option<Change>), KnowledgeError> {
     let latest = &found.latest;
+    let a = &found.loaded.article;
+    let mut p = Problems::default();
+    if !new.unnamed.scenario && new.scenario_id != a.scenario_id {
+        p.0.push(violation(
+            "scenario_id",
+            format!(
+                "is {:?}, but the article with external id {:?} is in scenario {:?}; an import \
+                 does not move articles",
+                new.scenario_id, a.external_id, a.scenario_id
+            ),
+        ));
+    }
+    if !new.unnamed.language && new.language != a.language {
+        p.0.push(violation(
+            "language",
+            format!(
+                "is {:?}, but the article with external id {:?} is in {:?}; an import does not \
+                 change an article's language",
+                language_code(new.language),
+                a.external_id,
+                language_code(a.language)
+            ),
+        ));
+    }
+    p.done()?;
+    let base = match (&found.published, entry) {
+        (Some(published), Entry::Publish) => published,
+        _ => latest,
+    };
+    let visibility = if new.unnamed.visibility {
+        base.visibility
+    } else {
+        new.visibility
+    };
+    let tags = if new.unnamed.tags {
+        base.tags.clone()
+    } else {
+        new.tags
+    };
     let published_same =
         entry == Entry::Draft || latest.version.status == pb::VersionStatus::Published as i32;
     if new.content.same_as(&latest.version)
-        && latest.visibility == new.visibility
-        && latest.tags == new.tags
+        && latest.visibility == visibility
+        && latest.tags == tags
         && published_same
     {
         return Ok((RowOutcome::Unchanged, None));
@@ -1798,8 +1915,8 @@ fn plan_update(
         found.published.clone(),
         NewVersion {
             content: new.content,
-            visibility: new.visibility,
-            tags: Some(new.tags),
+            visibility,
+            tags: Some(tags),
         },
         entry,
         pb::AuditAction::Imported,
@@ -1992,6 +2109,16 @@ mod tests {
         );
         assert_eq!(duplicate_features("退"), ["退"]);
         assert!(duplicate_similarity("", "x").abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn questions_are_put_on_one_line() {
+        assert_eq!(
+            single_line("  Hello,\nmy parcel\r\n\tis late\u{0}?  "),
+            "Hello, my parcel is late ?"
+        );
+        assert_eq!(single_line("退款\n多久到账"), "退款 多久到账");
+        assert_eq!(single_line(" \n\t "), "");
     }
 
     #[test]

@@ -261,6 +261,7 @@ impl KnowledgeService for KnowledgeGrpc {
                 answer: r.answer,
                 change_note: r.change_note,
             },
+            ..NewArticle::default()
         };
         let (article, version) = self
             .app

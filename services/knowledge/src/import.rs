@@ -19,7 +19,7 @@ use tandem_proto::pb::knowledge::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use crate::app::{Actor, App, Content, Entry, KnowledgeError, NewArticle, RowOutcome};
+use crate::app::{Actor, App, Content, Entry, KnowledgeError, NewArticle, RowOutcome, Unnamed};
 use crate::formats::{self, Parsed, RawRow, RowStream};
 
 /// Largest import chunk.
@@ -286,18 +286,26 @@ fn row_article(
         field: field.to_owned(),
         message,
     };
-    let language = formats::parse_language(&row.language)
-        .map_err(|m| fail("language", m))?
-        .map_or(header.default_language, |l| l as i32);
-    let visibility = formats::parse_visibility(&row.visibility)
-        .map_err(|m| fail("visibility", m))?
-        .map_or(header.default_visibility, |v| v as i32);
-    let scenario_id = if row.scenario_id.trim().is_empty() {
+    let language = formats::parse_language(&row.language).map_err(|m| fail("language", m))?;
+    let visibility =
+        formats::parse_visibility(&row.visibility).map_err(|m| fail("visibility", m))?;
+    // What the row leaves empty: the header's defaults fill it for a new article, an existing
+    // article keeps its own.
+    let unnamed = Unnamed {
+        scenario: row.scenario_id.trim().is_empty(),
+        language: language.is_none(),
+        visibility: visibility.is_none(),
+        tags: row.tags.iter().all(|t| t.trim().is_empty()),
+    };
+    let language = language.map_or(header.default_language, |l| l as i32);
+    let visibility = visibility.map_or(header.default_visibility, |v| v as i32);
+    let scenario_id = if unnamed.scenario {
         header.default_scenario_id.clone()
     } else {
         row.scenario_id
     };
     Ok(NewArticle {
+        unnamed,
         external_id: row.external_id,
         scenario_id,
         language,

@@ -229,8 +229,8 @@ impl Service for Knowledge {
     }
 }
 
-/// Expires candidates not reviewed in time and forgets week-old gap queries of conversations,
-/// hourly.
+/// Expires candidates not reviewed in time, forgets week-old gap queries of conversations and
+/// deletes gaps not seen for [`app::GAP_RETENTION`], hourly.
 async fn expire_candidates(app: Arc<App>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(3_600));
     loop {
@@ -245,6 +245,11 @@ async fn expire_candidates(app: Arc<App>, shutdown: CancellationToken) {
         }
         if let Err(e) = app.prune_gap_links().await {
             tracing::warn!(error = %DisplayChain(&e), "forgetting old gap queries failed");
+        }
+        match app.prune_gaps().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "old gaps deleted"),
+            Err(e) => tracing::warn!(error = %DisplayChain(&e), "deleting old gaps failed"),
         }
     }
 }

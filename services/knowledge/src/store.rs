@@ -3,7 +3,8 @@
 //! Every change to an article goes through [`Store::commit`]: one transaction that checks the
 //! article's revision (optimistic concurrency), writes the article, its tags, the versions whose
 //! status changed or that are new, the audit entries, the change-feed row that replicas index
-//! from, the candidate a review concerns and the outbox events. A conflict or an error rolls
+//! from, the candidate a review concerns (written only while it is still pending, so two reviews
+//! of one candidate cannot both take effect) and the outbox events. A conflict or an error rolls
 //! everything back, so nothing is half written.
 //!
 //! The SQL is written once and expanded for each engine by the `on_db!` and `in_tx!` macros;
@@ -30,6 +31,9 @@ pub enum StoreError {
     /// Another article of the tenant already has this external id.
     #[error("external id {0:?} is already used by another article")]
     DuplicateExternalId(String),
+    /// The candidate is no longer pending: it was reviewed or expired concurrently.
+    #[error("candidate {0:?} is no longer pending")]
+    CandidateNotPending(String),
     /// A stored body does not decode.
     #[error("stored {0} does not decode")]
     Corrupt(&'static str, #[source] prost::DecodeError),
@@ -41,18 +45,15 @@ pub enum StoreError {
 /// Pending candidates a mined question is compared with to find a near duplicate.
 pub const DUPLICATE_SCAN: i64 = 500;
 
-/// Inserts or replaces a candidate row inside a transaction.
-macro_rules! write_candidate {
+/// Inserts a new candidate row inside a transaction.
+macro_rules! insert_candidate {
     ($tx:ident, $tenant:expr, $row:expr) => {{
         let row: &CandidateRow = $row;
         let c = &row.candidate;
         sqlx::query(
             "INSERT INTO knowledge_candidates (tenant, id, status, kind, scenario_id, language, \
              dedup_key, source_count, updated_at, expires_at, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-             ON CONFLICT (tenant, id) DO UPDATE SET status = excluded.status, \
-             kind = excluded.kind, source_count = excluded.source_count, \
-             updated_at = excluded.updated_at, body = excluded.body",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind($tenant)
         .bind(&c.id)
@@ -67,6 +68,32 @@ macro_rules! write_candidate {
         .bind(c.encode_to_vec())
         .execute(&mut *$tx)
         .await?;
+    }};
+}
+
+/// Writes a candidate's new state (a review, or a resolution merged into it) inside a
+/// transaction, only while the stored candidate is still pending; evaluates to whether it was.
+/// A candidate reviewed or expired meanwhile is left as it is: a review is final.
+macro_rules! update_pending_candidate {
+    ($tx:ident, $tenant:expr, $row:expr) => {{
+        let row: &CandidateRow = $row;
+        let c = &row.candidate;
+        sqlx::query(
+            "UPDATE knowledge_candidates SET status = $1, kind = $2, source_count = $3, \
+             updated_at = $4, body = $5 WHERE tenant = $6 AND id = $7 AND status = $8",
+        )
+        .bind(c.status)
+        .bind(c.kind)
+        .bind(c.source_count)
+        .bind(c.updated_at.as_ref().map_or(0, timestamp_micros))
+        .bind(c.encode_to_vec())
+        .bind($tenant)
+        .bind(&c.id)
+        .bind(pb::CandidateStatus::Pending as i32)
+        .execute(&mut *$tx)
+        .await?
+        .rows_affected()
+            == 1
     }};
 }
 
@@ -412,8 +439,11 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                if let Some(c) = &change.candidate {
-                    write_candidate!(tx, t, c);
+                if let Some(c) = &change.candidate
+                    && !update_pending_candidate!(tx, t, c)
+                {
+                    // Reviewed concurrently: nothing of this change is written.
+                    return Err(StoreError::CandidateNotPending(c.candidate.id.clone()));
                 }
                 enqueue(&mut tx, &change.events).await?;
             }
@@ -690,8 +720,10 @@ impl Store {
                 q.build().execute(&mut *tx).await?;
             }
             for c in &kept {
-                if let Some(row) = &c.candidate {
-                    write_candidate!(tx, t, row);
+                if let Some(row) = &c.candidate
+                    && !update_pending_candidate!(tx, t, row)
+                {
+                    return Err(StoreError::CandidateNotPending(row.candidate.id.clone()));
                 }
             }
             let feed: Vec<(&str, &Option<pb::GetArticleResponse>)> = kept
@@ -1164,6 +1196,17 @@ impl Store {
         }))
     }
 
+    /// Deletes the gaps last seen before `before` (µs); returns how many.
+    pub async fn prune_gaps(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query("DELETE FROM knowledge_gaps WHERE last_seen < $1")
+                .bind(before)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
+    }
+
     /// Returns gaps ranked by misses plus fallbacks.
     pub async fn gaps(&self, tenant: &TenantId, f: &GapFilter) -> Result<Vec<pb::Gap>, StoreError> {
         let rows = on_db!(&self.db, pool => {
@@ -1263,8 +1306,9 @@ impl Store {
     /// Records a mined resolution: merges it into the pending candidate of its scenario and
     /// language that `score` rates highest (`None`: not a duplicate; the newest
     /// [`DUPLICATE_SCAN`] pending candidates are compared) or creates one (with
-    /// `created_event`), claiming the event in the inbox. Returns `None` when the event was
-    /// already handled, otherwise the candidate and whether it is new.
+    /// `created_event`; also when the candidate to merge into was reviewed after it was read),
+    /// claiming the event in the inbox. Returns `None` when the event was already handled,
+    /// otherwise the candidate and whether it is new.
     pub async fn mine(
         &self,
         tenant: &TenantId,
@@ -1314,14 +1358,23 @@ impl Store {
                     best = Some((s, row));
                 }
             }
-            let (row, created) = match best {
+            // The merge is written only while the candidate is still pending: a review that
+            // commits after the read above is final, and the resolution then becomes a new
+            // candidate instead of bringing the reviewed one back to pending.
+            let merged = match best {
                 Some((_, mut row)) => {
                     merge(&mut row.candidate);
-                    (row, false)
+                    update_pending_candidate!(tx, t, &row).then_some(row)
                 }
-                None => (fresh.clone(), true),
+                None => None,
             };
-            write_candidate!(tx, t, &row);
+            let (row, created) = match merged {
+                Some(row) => (row, false),
+                None => {
+                    insert_candidate!(tx, t, fresh);
+                    (fresh.clone(), true)
+                }
+            };
             if created {
                 enqueue(&mut tx, &[created_event(&row.candidate)]).await?;
             }
@@ -1330,17 +1383,22 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes a candidate without touching an article.
+    /// Writes a pending candidate's review without touching an article; fails with
+    /// [`StoreError::CandidateNotPending`] (writing nothing) when it is no longer pending.
     pub async fn put_candidate(
         &self,
         tenant: &TenantId,
         c: &CandidateRow,
     ) -> Result<(), StoreError> {
         let t = tenant.as_str();
-        let _: () = in_tx!(&self.db, tx, _enqueue, _claim, _pg => {
-            write_candidate!(tx, t, c);
+        let written: bool = in_tx!(&self.db, tx, _enqueue, _claim, _pg => {
+            update_pending_candidate!(tx, t, c)
         });
-        Ok(())
+        if written {
+            Ok(())
+        } else {
+            Err(StoreError::CandidateNotPending(c.candidate.id.clone()))
+        }
     }
 
     /// Marks pending candidates whose expiry passed as expired; returns how many.

@@ -243,6 +243,7 @@ both!(
     search_filters_highlights_and_gaps,
     a_publish_is_searchable_on_every_replica_within_a_second,
     import_and_export_in_every_format,
+    a_reimport_with_fewer_columns_keeps_the_articles,
     resolutions_are_mined_into_candidates_and_reviewed,
     bot_fallbacks_rank_gaps,
 );
@@ -1297,6 +1298,91 @@ async fn import_and_export_in_every_format(rig: impl Future<Output = Rig>) {
         assert!(errors.is_empty(), "{format:?}: {errors:?}\n{text}");
         assert_eq!((s.rows_read, s.unchanged), (3, 3), "{format:?}\n{text}");
     }
+    rig.stop().await;
+}
+
+/// The article and its published (or latest) version.
+async fn get_article(c: &mut Client, id: &str) -> pb::GetArticleResponse {
+    c.get_article(pb::GetArticleRequest {
+        article_id: id.into(),
+        version: 0,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A row that leaves visibility, tags, scenario or language empty keeps the existing article's
+/// (the header's defaults are for new articles); a row naming another scenario or language than
+/// its article's fails instead of counting as unchanged.
+async fn a_reimport_with_fewer_columns_keeps_the_articles(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut admin = rig.client("acme", "admin-1", &[Role::Admin]).await;
+    let header = |format: pb::ArticleFormat, scenario: &str| pb::ImportHeader {
+        format: format as i32,
+        default_scenario_id: scenario.into(),
+        default_visibility: pb::Visibility::Both as i32,
+        publish: true,
+        ..Default::default()
+    };
+    let full = "{\"external_id\":\"k1\",\"scenario_id\":\"faq\",\"language\":\"en\",\
+                \"visibility\":\"agents\",\"title\":\"Courier hotline\",\
+                \"questions\":[\"courier hotline number\"],\
+                \"answer\":\"Call 555-0100 (staff only).\",\"tags\":[\"internal\",\"courier\"]}\n";
+    let (errors, s) = import(&mut admin, header(pb::ArticleFormat::Jsonl, "faq"), full).await;
+    assert_eq!((s.created, s.failed), (1, 0), "{errors:?}");
+    let id = admin
+        .list_articles(pb::ListArticlesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .articles[0]
+        .id
+        .clone();
+    let check = |a: &pb::Article| {
+        assert_eq!(a.visibility, pb::Visibility::Agents as i32, "{a:?}");
+        assert_eq!(a.tags, ["internal", "courier"], "{a:?}");
+        assert_eq!(a.scenario_id, "faq", "{a:?}");
+    };
+    // The same content without the visibility, tags, scenario and language columns (and
+    // another default scenario): nothing changes.
+    let csv = "external_id,title,questions,answer\n\
+               k1,Courier hotline,courier hotline number,Call 555-0100 (staff only).\n";
+    let (errors, s) = import(&mut admin, header(pb::ArticleFormat::Csv, "other"), csv).await;
+    assert_eq!((s.unchanged, s.updated, s.failed), (1, 0, 0), "{errors:?}");
+    check(&get_article(&mut admin, &id).await.article.unwrap());
+    // New content without those columns: a new version that keeps them.
+    let (errors, s) = import(
+        &mut admin,
+        header(pb::ArticleFormat::Csv, "other"),
+        &csv.replace("555-0100", "555-0199"),
+    )
+    .await;
+    assert_eq!((s.updated, s.failed), (1, 0), "{errors:?}");
+    let out = get_article(&mut admin, &id).await;
+    assert_eq!(out.version.unwrap().version, 2);
+    check(&out.article.unwrap());
+    let mut bot = rig.client("acme", "dialog", &[Role::Service]).await;
+    assert!(
+        search(&mut bot, "courier hotline number", pb::Audience::Bot)
+            .await
+            .hits
+            .is_empty(),
+        "an internal article reached the bot"
+    );
+    // Rows naming another scenario or language fail; the article is left alone.
+    for (text, field) in [
+        (full.replace("\"faq\"", "\"billing\""), "scenario_id"),
+        (full.replace("\"en\"", "\"zh\""), "language"),
+    ] {
+        let (errors, s) = import(&mut admin, header(pb::ArticleFormat::Jsonl, "faq"), &text).await;
+        assert_eq!((s.unchanged, s.updated, s.failed), (0, 0, 1), "{errors:?}");
+        assert_eq!(errors[0].field, field, "{errors:?}");
+        assert!(errors[0].message.contains("k1"), "{errors:?}");
+    }
+    let out = get_article(&mut admin, &id).await;
+    assert_eq!(out.version.unwrap().version, 2);
+    check(&out.article.unwrap());
     rig.stop().await;
 }
 
