@@ -465,27 +465,11 @@ async fn pending_with_tickets(
         .into_iter()
         .map(OfferRow::into_record)
         .collect::<RoutingResult<Vec<_>>>()?;
-    let mut wanted: Vec<&str> = offers
+    let wanted = offers
         .iter()
         .filter(|o| !known(&o.id))
-        .map(|o| o.ticket_id.as_str())
-        .collect();
-    wanted.sort_unstable();
-    wanted.dedup();
-    let mut tickets: HashMap<String, TicketRecord> = HashMap::new();
-    if !wanted.is_empty() {
-        let sql = format!(
-            "{}tenant = $1 AND id IN ({})",
-            ticket_select!(""),
-            placeholders(2, wanted.len(), 1)
-        );
-        let mut list = args![tenant.as_str()];
-        list.extend(wanted.iter().map(|id| Arg::from(*id)));
-        for row in tx.fetch_all_text::<TicketRow>(&sql, list).await? {
-            let ticket = row.into_record()?;
-            tickets.insert(ticket.id.clone(), ticket);
-        }
-    }
+        .map(|o| o.ticket_id.as_str());
+    let tickets = tickets_by_id(tx, tenant, wanted).await?;
     Ok(offers
         .into_iter()
         .map(|offer| {
@@ -497,6 +481,33 @@ async fn pending_with_tickets(
             (offer, ticket)
         })
         .collect())
+}
+
+/// The tickets with the given ids (repeats allowed), by id, in one statement.
+async fn tickets_by_id<'a>(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ids: impl Iterator<Item = &'a str>,
+) -> RoutingResult<HashMap<String, TicketRecord>> {
+    let mut wanted: Vec<&str> = ids.collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut tickets = HashMap::new();
+    if wanted.is_empty() {
+        return Ok(tickets);
+    }
+    let sql = format!(
+        "{}tenant = $1 AND id IN ({})",
+        ticket_select!(""),
+        placeholders(2, wanted.len(), 1)
+    );
+    let mut list = args![tenant.as_str()];
+    list.extend(wanted.iter().map(|id| Arg::from(*id)));
+    for row in tx.fetch_all_text::<TicketRow>(&sql, list).await? {
+        let ticket = row.into_record()?;
+        tickets.insert(ticket.id.clone(), ticket);
+    }
+    Ok(tickets)
 }
 
 /// An agent's active assignments, oldest first, as (ticket id, offer id, ticket), with the
@@ -515,27 +526,11 @@ async fn assigned_with_tickets(
             args![tenant.as_str(), agent_id],
         )
         .await?;
-    let mut wanted: Vec<&str> = rows
+    let wanted = rows
         .iter()
         .filter(|(ticket, offer)| !known(ticket, offer))
-        .map(|(ticket, _)| ticket.as_str())
-        .collect();
-    wanted.sort_unstable();
-    wanted.dedup();
-    let mut tickets: HashMap<String, TicketRecord> = HashMap::new();
-    if !wanted.is_empty() {
-        let sql = format!(
-            "{}tenant = $1 AND id IN ({})",
-            ticket_select!(""),
-            placeholders(2, wanted.len(), 1)
-        );
-        let mut list = args![tenant.as_str()];
-        list.extend(wanted.iter().map(|id| Arg::from(*id)));
-        for row in tx.fetch_all_text::<TicketRow>(&sql, list).await? {
-            let ticket = row.into_record()?;
-            tickets.insert(ticket.id.clone(), ticket);
-        }
-    }
+        .map(|(ticket, _)| ticket.as_str());
+    let tickets = tickets_by_id(tx, tenant, wanted).await?;
     Ok(rows
         .into_iter()
         .map(|(ticket_id, offer_id)| {
