@@ -677,11 +677,11 @@ impl FeedbackApp {
         Ok(alert)
     }
 
-    /// Evaluates every enabled rule of every tenant once; returns the alerts raised and
-    /// resolved.
+    /// Evaluates every enabled rule of every tenant once, after resolving the open alerts no
+    /// enabled rule evaluates any more; returns the alerts raised and resolved.
     pub async fn evaluate_alerts(&self, now: Micros) -> FeedbackResult<(usize, usize)> {
         let mut raised = 0;
-        let mut resolved = 0;
+        let mut resolved = self.resolve_orphaned_alerts(now).await?;
         // Rule ids are unique per tenant only: the cursor is (id, tenant).
         let mut after = (String::new(), String::new());
         loop {
@@ -708,6 +708,55 @@ impl FeedbackApp {
         Ok((raised, resolved))
     }
 
+    /// Resolves the open alerts that no enabled rule evaluates any more (their rule was
+    /// deleted, disabled or re-scoped to another scenario), each with its `AlertResolved`
+    /// event; there is no measurement, so the event carries [`alert::NO_MEASUREMENT`]. Returns
+    /// how many resolved.
+    async fn resolve_orphaned_alerts(&self, now: Micros) -> FeedbackResult<usize> {
+        let mut resolved = 0;
+        let mut after = (String::new(), String::new());
+        loop {
+            let page = self
+                .store
+                .orphaned_alerts((&after.0, &after.1), self.rule_page)
+                .await?;
+            let Some((tenant, last)) = page.last() else {
+                break;
+            };
+            after = (tenant.clone(), last.id.clone());
+            for (tenant, open) in &page {
+                let Ok(tenant) = TenantId::new(tenant.clone()) else {
+                    continue;
+                };
+                let event = pb::AlertResolved {
+                    alert_id: open.id.clone(),
+                    rule_id: open.rule_id.clone(),
+                    kind: open.kind,
+                    scenario_id: open.scenario_id.clone(),
+                    metric: open.metric,
+                    observed_value: alert::NO_MEASUREMENT,
+                    fired_for: Some(duration((now - open.raised_at).max(0))),
+                    occurred_at: Some(timestamp(now)),
+                };
+                let event = RawEvent::at(&tenant, &event, Some(open.scenario_id.clone()), utc(now));
+                if self
+                    .store
+                    .resolve_orphaned(tenant.as_str(), &open.id, now, &event)
+                    .await?
+                {
+                    tracing::info!(
+                        rule = %open.rule_id,
+                        scenario = %open.scenario_id,
+                        "alert resolved: its rule no longer evaluates it"
+                    );
+                    metrics::counter!(ALERTS_RESOLVED_TOTAL).increment(1);
+                    resolved += 1;
+                }
+            }
+        }
+        Ok(resolved)
+    }
+
     async fn evaluate_rule(
         &self,
         tenant: &TenantId,
@@ -716,7 +765,17 @@ impl FeedbackApp {
     ) -> FeedbackResult<(usize, usize)> {
         let window = (now - rule.window, now);
         let scenarios = if rule.scenario_id.is_empty() {
-            self.store.active_scenarios(tenant.as_str(), window).await?
+            // The active scenarios, and those with an open alert: a scenario gone quiet still
+            // has its alert evaluated, and resolved once its window has no data.
+            let mut scenarios = self.store.active_scenarios(tenant.as_str(), window).await?;
+            scenarios.extend(
+                self.store
+                    .open_alert_scenarios(tenant.as_str(), &rule.id)
+                    .await?,
+            );
+            scenarios.sort();
+            scenarios.dedup();
+            scenarios
         } else {
             vec![rule.scenario_id.clone()]
         };

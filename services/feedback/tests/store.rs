@@ -1,7 +1,7 @@
 //! The feedback store's contract, run against PostgreSQL (a throwaway server) and SQLite (a temp
 //! dir) by one macro: feedback idempotency, facts and rollups built from duplicated and
 //! out-of-order events, re-attribution of early feedback, rollup grains, the trust index,
-//! alerts and problem items.
+//! alerts (including those whose rule or scenario went away) and problem items.
 
 #![allow(clippy::unwrap_used)]
 
@@ -682,6 +682,252 @@ async fn alert_rules_of_every_tenant_are_evaluated_across_pages(db: Db) {
     );
 }
 
+/// A CSAT rule for bot answers below 0.8 over the last 3 answers of an hour.
+fn csat_rule(id: &str, scenario_id: &str) -> tandem_feedback::domain::alert::AlertRule {
+    tandem_feedback::domain::alert::AlertRule {
+        id: id.into(),
+        name: format!("bot CSAT {id}"),
+        kind: 1,
+        scenario_id: scenario_id.into(),
+        metric: metric::CSAT,
+        condition: 2,
+        threshold: 0.8,
+        window: HOUR,
+        baseline_window: 0,
+        min_samples: 3,
+        severity: 3,
+        enabled: true,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+/// Starts a conversation of a scenario 10 minutes before `now` with 3 bad bot CSAT answers 5
+/// minutes before `now`.
+async fn bad_bot_csat(store: &Store, scenario: &str, now: Micros) {
+    let conversation = format!("live-{scenario}");
+    let started = tandem_proto::pb::dialog::v1::ConversationStarted {
+        conversation_id: conversation.clone(),
+        scenario_id: scenario.into(),
+        ..Default::default()
+    };
+    let raw = RawEvent::at(
+        &tenant(),
+        &started,
+        Some(conversation.clone()),
+        chrono::DateTime::from_timestamp_micros(now - 10 * 60 * 1_000_000).unwrap(),
+    );
+    store
+        .project("feedback-test", &projected(&[raw]))
+        .await
+        .unwrap();
+    let answers: Vec<(FeedbackRecord, RawEvent)> = (0..3)
+        .map(|i| {
+            let at = now - 5 * 60 * 1_000_000 + i;
+            let id = format!("bad-{scenario}-{i}");
+            let mut r = record(&id, &conversation, Score::Csat(1), at);
+            r.input.subject = 1;
+            let e = event_for(&r);
+            (r, e)
+        })
+        .collect();
+    store
+        .insert_feedback(tenant().as_str(), &answers)
+        .await
+        .unwrap();
+}
+
+/// The `AlertResolved` events in the outbox, in order.
+async fn resolved_events(db: &Db) -> Vec<tandem_proto::pb::feedback::v1::AlertResolved> {
+    use prost::Message as _;
+    let outbox = "SELECT payload FROM tandem_outbox \
+        WHERE type_name = 'tandem.feedback.v1.AlertResolved' ORDER BY seq";
+    let payloads: Vec<Vec<u8>> = match db {
+        Db::Postgres(pool) => sqlx::query_scalar(outbox).fetch_all(pool).await.unwrap(),
+        Db::Sqlite(pool) => sqlx::query_scalar(outbox).fetch_all(pool).await.unwrap(),
+    };
+    payloads
+        .iter()
+        .map(|p| tandem_proto::pb::feedback::v1::AlertResolved::decode(p.as_slice()).unwrap())
+        .collect()
+}
+
+/// (rule, scenario, status) of every alert, sorted.
+async fn alert_states(store: &Store) -> Vec<(String, String, i32)> {
+    let mut states: Vec<(String, String, i32)> = store
+        .list_alerts(
+            tenant().as_str(),
+            &tandem_feedback::adapters::sql::AlertFilter {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.rule_id, a.scenario_id, a.status))
+        .collect();
+    states.sort();
+    states
+}
+
+async fn open_alerts_resolve_when_no_enabled_rule_evaluates_them(db: Db) {
+    use tandem_feedback::app::FeedbackApp;
+    use tandem_platform::outbox::OutboxWaker;
+
+    let store = Store::new(db.clone());
+    // One alert per page, so the sweep pages too.
+    let app = FeedbackApp::new(
+        store.clone(),
+        OutboxWaker::default(),
+        std::time::Duration::from_secs(3600),
+    )
+    .with_rule_page(1);
+    let now = T0 + 20 * DAY;
+    for (id, scenario) in [
+        ("disabled", "rebooking"),
+        ("rescoped", ""),
+        ("kept", ""),
+        ("kept-one", "rebooking"),
+    ] {
+        app.upsert_rule(&tenant(), csat_rule(id, scenario), now)
+            .await
+            .unwrap();
+    }
+    bad_bot_csat(&store, "rebooking", now).await;
+    assert_eq!(app.evaluate_alerts(now).await.unwrap(), (4, 0));
+    // An open alert of a rule that is gone.
+    let gone = StoredAlert {
+        id: "gone-alert".into(),
+        rule_id: "gone".into(),
+        kind: 1,
+        scenario_id: "rebooking".into(),
+        metric: metric::CSAT,
+        observed: 0.2,
+        threshold: 0.8,
+        baseline: 0.0,
+        window: HOUR,
+        severity: 3,
+        status: 1,
+        explanation: "bot CSAT fell".into(),
+        raised_at: now,
+        acknowledged_at: None,
+        acknowledged_by: String::new(),
+        resolved_at: None,
+    };
+    let raised = RawEvent::new(
+        &tenant(),
+        &tandem_proto::pb::feedback::v1::AlertRaised {
+            alert_id: gone.id.clone(),
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(
+        store
+            .raise(tenant().as_str(), &gone, &raised, now - HOUR)
+            .await
+            .unwrap()
+    );
+    app.upsert_rule(
+        &tenant(),
+        tandem_feedback::domain::alert::AlertRule {
+            enabled: false,
+            ..csat_rule("disabled", "rebooking")
+        },
+        now + 1,
+    )
+    .await
+    .unwrap();
+    app.upsert_rule(&tenant(), csat_rule("rescoped", "billing"), now + 1)
+        .await
+        .unwrap();
+    // The CSAT of rebooking is still bad: the rules that still evaluate it keep their alerts.
+    assert_eq!(
+        app.evaluate_alerts(now + 2).await.unwrap(),
+        (0, 3),
+        "the alerts of the disabled, re-scoped and deleted rules resolve"
+    );
+    assert_eq!(
+        app.evaluate_alerts(now + 3).await.unwrap(),
+        (0, 0),
+        "each resolves once"
+    );
+    let r = |rule: &str, status| (rule.to_owned(), "rebooking".to_owned(), status);
+    assert_eq!(
+        alert_states(&store).await,
+        [
+            r("disabled", 3),
+            r("gone", 3),
+            r("kept", 1),
+            r("kept-one", 1),
+            r("rescoped", 3)
+        ]
+    );
+    let mut resolved: Vec<(String, String)> = resolved_events(&db)
+        .await
+        .into_iter()
+        .map(|e| {
+            assert!(e.observed_value.is_nan(), "no measurement: {e:?}");
+            assert_eq!(
+                (e.scenario_id.as_str(), e.kind, e.metric),
+                ("rebooking", 1, metric::CSAT)
+            );
+            (e.rule_id, e.alert_id)
+        })
+        .collect();
+    resolved.sort();
+    let rules: Vec<&str> = resolved.iter().map(|(rule, _)| rule.as_str()).collect();
+    assert_eq!(
+        rules,
+        ["disabled", "gone", "rescoped"],
+        "one AlertResolved per alert"
+    );
+    assert!(resolved.contains(&("gone".to_owned(), "gone-alert".to_owned())));
+}
+
+async fn open_alerts_of_quiet_scenarios_resolve(db: Db) {
+    use tandem_feedback::app::FeedbackApp;
+    use tandem_platform::outbox::OutboxWaker;
+
+    let store = Store::new(db.clone());
+    let app = FeedbackApp::new(
+        store.clone(),
+        OutboxWaker::default(),
+        std::time::Duration::from_secs(3600),
+    );
+    let now = T0 + 20 * DAY;
+    for (id, scenario) in [("every", ""), ("one", "rebooking")] {
+        app.upsert_rule(&tenant(), csat_rule(id, scenario), now)
+            .await
+            .unwrap();
+    }
+    bad_bot_csat(&store, "rebooking", now).await;
+    assert_eq!(app.evaluate_alerts(now).await.unwrap(), (2, 0));
+    assert_eq!(
+        app.evaluate_alerts(now + HOUR / 2).await.unwrap(),
+        (0, 0),
+        "the window still holds the bad answers"
+    );
+    // Nothing happens in rebooking for over an hour: the window has no data at all.
+    let later = now + 2 * HOUR;
+    assert_eq!(
+        app.evaluate_alerts(later).await.unwrap(),
+        (0, 2),
+        "the open alerts of a quiet scenario resolve"
+    );
+    assert_eq!(app.evaluate_alerts(later + 1).await.unwrap(), (0, 0));
+    let r = |rule: &str| (rule.to_owned(), "rebooking".to_owned(), 3);
+    assert_eq!(alert_states(&store).await, [r("every"), r("one")]);
+    let events = resolved_events(&db).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    for e in &events {
+        assert!(e.observed_value.is_nan(), "no measurement: {e:?}");
+        assert_eq!(e.scenario_id, "rebooking");
+        assert_eq!(e.fired_for.as_ref().map(|d| d.seconds), Some(2 * 3600));
+    }
+}
+
 macro_rules! store_contract_tests {
     ($engine:ident) => {
         mod $engine {
@@ -729,6 +975,18 @@ macro_rules! store_contract_tests {
             async fn alert_rules_of_every_tenant_are_evaluated_across_pages() {
                 let (db, _keep) = super::$engine().await;
                 super::alert_rules_of_every_tenant_are_evaluated_across_pages(db).await;
+            }
+
+            #[tokio::test]
+            async fn open_alerts_resolve_when_no_enabled_rule_evaluates_them() {
+                let (db, _keep) = super::$engine().await;
+                super::open_alerts_resolve_when_no_enabled_rule_evaluates_them(db).await;
+            }
+
+            #[tokio::test]
+            async fn open_alerts_of_quiet_scenarios_resolve() {
+                let (db, _keep) = super::$engine().await;
+                super::open_alerts_of_quiet_scenarios_resolve(db).await;
             }
 
             #[tokio::test]

@@ -1412,6 +1412,12 @@ macro_rules! engine {
             const ALERT_COLUMNS: &str = "id, rule_id, kind, scenario_id, metric, observed, threshold, baseline, \
                 window_us, severity, status, explanation, raised_at, acknowledged_at, acknowledged_by, resolved_at";
 
+            /// The condition (on an open alert `a`, with `$4` bound to true) that no enabled
+            /// rule evaluates the alert: its rule is deleted, disabled, or now scoped to another
+            /// scenario (a rule for every scenario still evaluates it).
+            const ORPHANED: &str = "NOT EXISTS (SELECT 1 FROM fb_alert_rule r WHERE r.tenant = a.tenant \
+                AND r.id = a.rule_id AND r.enabled = $4 AND r.scenario_id IN ('', a.scenario_id))";
+
             fn read_alert(row: &<Database as sqlx::Database>::Row) -> StoreResult<StoredAlert> {
                 let int = |name: &str| -> StoreResult<i32> {
                     Ok(i32::try_from(row.try_get::<i64, _>(name)?).unwrap_or_default())
@@ -1593,6 +1599,76 @@ macro_rules! engine {
                 .bind(at)
                 .bind(tenant)
                 .bind(alert_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if updated {
+                    $enqueue(&mut tx, std::slice::from_ref(event)).await?;
+                }
+                tx.commit().await?;
+                Ok(updated)
+            }
+
+            /// Returns the scenarios with an open alert of a rule.
+            pub async fn open_alert_scenarios(
+                pool: &Pool,
+                tenant: &str,
+                rule_id: &str,
+            ) -> StoreResult<Vec<String>> {
+                Ok(sqlx::query_scalar(
+                    "SELECT scenario_id FROM fb_alert WHERE tenant = $1 AND rule_id = $2 \
+                     AND status IN (1, 2) ORDER BY scenario_id",
+                )
+                .bind(tenant)
+                .bind(rule_id)
+                .fetch_all(pool)
+                .await?)
+            }
+
+            /// Lists the open alerts of every tenant that no enabled rule evaluates any more:
+            /// their rule is deleted, disabled, or scoped to another scenario. By tenant and id,
+            /// after `after` (a tenant and an id).
+            pub async fn orphaned_alerts(
+                pool: &Pool,
+                (after_tenant, after_id): (&str, &str),
+                limit: i64,
+            ) -> StoreResult<Vec<(String, StoredAlert)>> {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT tenant, {ALERT_COLUMNS} FROM fb_alert a WHERE status IN (1, 2) \
+                     AND (tenant > $1 OR (tenant = $1 AND id > $2)) AND {ORPHANED} \
+                     ORDER BY tenant, id LIMIT $3"
+                )))
+                .bind(after_tenant)
+                .bind(after_id)
+                .bind(limit)
+                .bind(true)
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("tenant")?, read_alert(row)?)))
+                    .collect()
+            }
+
+            /// Resolves an open alert that no enabled rule evaluates any more (see
+            /// [`orphaned_alerts`]) with its event; the rule is checked again in the update, so
+            /// an alert whose rule came back meanwhile stays open. Returns whether it resolved.
+            pub async fn resolve_orphaned(
+                pool: &Pool,
+                tenant: &str,
+                alert_id: &str,
+                at: Micros,
+                event: &RawEvent,
+            ) -> StoreResult<bool> {
+                let mut tx = pool.begin_with($begin).await?;
+                let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE fb_alert AS a SET status = 3, resolved_at = $1 WHERE tenant = $2 AND id = $3 \
+                     AND status IN (1, 2) AND {ORPHANED}"
+                )))
+                .bind(at)
+                .bind(tenant)
+                .bind(alert_id)
+                .bind(true)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
@@ -1926,6 +2002,35 @@ impl Store {
         event: &RawEvent,
     ) -> StoreResult<bool> {
         dispatch!(self, resolve(tenant, alert_id, at, event))
+    }
+
+    /// See [`postgres::open_alert_scenarios`].
+    pub async fn open_alert_scenarios(
+        &self,
+        tenant: &str,
+        rule_id: &str,
+    ) -> StoreResult<Vec<String>> {
+        dispatch!(self, open_alert_scenarios(tenant, rule_id))
+    }
+
+    /// See [`postgres::orphaned_alerts`].
+    pub async fn orphaned_alerts(
+        &self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> StoreResult<Vec<(String, StoredAlert)>> {
+        dispatch!(self, orphaned_alerts(after, limit))
+    }
+
+    /// See [`postgres::resolve_orphaned`].
+    pub async fn resolve_orphaned(
+        &self,
+        tenant: &str,
+        alert_id: &str,
+        at: Micros,
+        event: &RawEvent,
+    ) -> StoreResult<bool> {
+        dispatch!(self, resolve_orphaned(tenant, alert_id, at, event))
     }
 
     /// See [`postgres::active_scenarios`].

@@ -3,7 +3,9 @@
 //! One problem raises one alert: while an alert of a rule and scenario is open (firing or
 //! acknowledged) no other is raised; it resolves only once the value is back on the good side
 //! of the threshold by a margin (hysteresis), and a resolved alert is not raised again before
-//! a cool-down has passed, so a value that hovers around its threshold does not flap.
+//! a cool-down has passed, so a value that hovers around its threshold does not flap. An open
+//! alert also resolves when its window has no data at all, and (see the evaluation loop) when
+//! its rule is disabled, deleted or re-scoped away from its scenario.
 
 use super::rollup::metric;
 use super::{DAY, FieldError, HOUR, Micros, chars, truncate_chars};
@@ -58,6 +60,11 @@ pub const ALERTABLE: [i32; 7] = [
 /// The share of the threshold (or of the baseline margin) a value must recover by before an
 /// alert resolves.
 pub const HYSTERESIS: f64 = 0.05;
+
+/// The value an alert resolves with when nothing was measured: its window had no data, or its
+/// rule was disabled, deleted or re-scoped. Not a number, so consumers that take the value as a
+/// fresh reading (the policy service ignores non-finite values) do not mistake it for one.
+pub const NO_MEASUREMENT: f64 = f64::NAN;
 
 /// An alert rule.
 #[derive(Clone, Debug, PartialEq)]
@@ -207,7 +214,7 @@ pub enum Decision {
     },
     /// Resolve the open alert.
     Resolve {
-        /// Value when it cleared.
+        /// Value when it cleared; [`NO_MEASUREMENT`] when the window had no data.
         observed: f64,
     },
 }
@@ -231,7 +238,15 @@ pub fn evaluate(
     cooldown: Micros,
 ) -> Decision {
     let Some(obs) = observation else {
-        return Decision::Keep;
+        // No data at all in the window (a scenario gone quiet): nothing is left to breach, so
+        // an open alert resolves, with no measurement to report.
+        return if standing.open {
+            Decision::Resolve {
+                observed: NO_MEASUREMENT,
+            }
+        } else {
+            Decision::Keep
+        };
     };
     if obs.samples < rule.min_samples.max(1) {
         // Too little data says nothing: neither raise nor resolve on it.
@@ -445,6 +460,24 @@ mod tests {
             evaluate(&r, "rebooking", obs(0.1, 5), CLOSED, 0, cooldown),
             Decision::Keep,
             "too few responses"
+        );
+        assert_eq!(
+            evaluate(&r, "rebooking", obs(0.1, 5), OPEN, 0, cooldown),
+            Decision::Keep,
+            "too few responses neither raise nor resolve"
+        );
+    }
+
+    #[test]
+    fn an_open_alert_resolves_when_its_window_has_no_data() {
+        let r = rule();
+        let Decision::Resolve { observed } = evaluate(&r, "rebooking", None, OPEN, 0, HOUR) else {
+            panic!("an open alert of a quiet scenario resolves");
+        };
+        assert!(observed.is_nan(), "nothing was measured: {observed}");
+        assert_eq!(
+            evaluate(&r, "rebooking", None, CLOSED, 0, HOUR),
+            Decision::Keep
         );
     }
 
