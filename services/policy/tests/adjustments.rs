@@ -13,9 +13,15 @@ use tandem_platform::outbox::OutboxWaker;
 use tandem_platform::runtime::Service as _;
 use tandem_policy::app::{Actor, App, AppOptions};
 use tandem_policy::document::{Format, parse};
-use tandem_policy::store::{ListFilter, Observation, Store, now_micros, timestamp_micros};
+use tandem_policy::store::{
+    ListFilter, Observation, RuleState, Store, now_micros, timestamp_micros,
+};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::policy::v1 as pb;
+
+#[path = "support/rules.rs"]
+mod rules;
+use rules::live_rule_below_0_7;
 
 /// Keeps the engine's directory alive for the test.
 #[allow(dead_code, reason = "held for its Drop")]
@@ -24,34 +30,35 @@ enum Keep {
     Sqlite(tempfile::TempDir),
 }
 
+/// Connects to the database of `config` and brings the policy schema up to date.
+async fn migrated(config: DatabaseConfig) -> Db {
+    let db = Db::connect(&config).await.unwrap();
+    db.migrate(Some(tandem_policy::Policy::migrations()))
+        .await
+        .unwrap();
+    db
+}
+
 async fn postgres() -> (Db, Keep) {
     let pg = tandem_testkit::shared_postgres().await;
     let url = pg.fresh_database().await.unwrap();
-    let db = Db::connect(&DatabaseConfig {
+    let db = migrated(DatabaseConfig {
         url: Secret::new(url),
         schema: "policy".into(),
         ..DatabaseConfig::default()
     })
-    .await
-    .unwrap();
-    db.migrate(Some(tandem_policy::Policy::migrations()))
-        .await
-        .unwrap();
+    .await;
     (db, Keep::Postgres)
 }
 
 async fn sqlite() -> (Db, Keep) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("policy.db").display());
-    let db = Db::connect(&DatabaseConfig {
+    let db = migrated(DatabaseConfig {
         url: Secret::new(url),
         ..DatabaseConfig::default()
     })
-    .await
-    .unwrap();
-    db.migrate(Some(tandem_policy::Policy::migrations()))
-        .await
-        .unwrap();
+    .await;
     (db, Keep::Sqlite(dir))
 }
 
@@ -144,31 +151,13 @@ async fn rule_on(
     field: pb::ThresholdField,
     delta: f64,
 ) -> pb::AdjustmentRule {
-    app.upsert_rule(
-        &tenant(),
-        pb::AdjustmentRule {
-            scenario_id: "refund".into(),
-            signal: signal as i32,
-            comparison: pb::Comparison::Below as i32,
-            threshold: 0.7,
-            window: Some(prost_types::Duration {
-                seconds: 60,
-                nanos: 0,
-            }),
-            min_samples: 1,
-            cooldown: Some(prost_types::Duration::default()),
-            revert_when_recovered: true,
-            enabled: true,
-            mode: pb::Mode::Live as i32,
-            effect: Some(pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
-                field: field as i32,
-                delta,
-            })),
-            ..pb::AdjustmentRule::default()
-        },
-    )
-    .await
-    .unwrap()
+    let step = pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+        field: field as i32,
+        delta,
+    });
+    app.upsert_rule(&tenant(), live_rule_below_0_7("refund", signal, 60, step))
+        .await
+        .unwrap()
 }
 
 /// Observes `value` of `signal` for `refund` at `at` (µs), with the clock at `at`.
@@ -192,6 +181,23 @@ async fn refund(app: &App) -> pb::Scenario {
 
 fn thresholds(s: &pb::Scenario) -> pb::Thresholds {
     s.thresholds.unwrap_or_default()
+}
+
+/// The state the rule `rule_id` keeps for `refund`.
+async fn rule_state(app: &App, rule_id: &str) -> Option<RuleState> {
+    app.store()
+        .rule_state(&tenant(), rule_id, "refund")
+        .await
+        .unwrap()
+}
+
+/// Asserts that `change` cleared the state the rule `rule_id` kept for `refund`.
+async fn assert_no_rule_state(app: &App, rule_id: &str, change: &str) {
+    assert_eq!(
+        rule_state(app, rule_id).await,
+        None,
+        "{change} keeps the rule state"
+    );
 }
 
 async fn adjustments(app: &App) -> Vec<pb::Adjustment> {
@@ -275,12 +281,7 @@ async fn a_revert_leaves_later_changes_alone(db: impl Future<Output = (Db, Keep)
     app.upsert(&tenant(), edited, 0, &person(), false)
         .await
         .unwrap();
-    let state = app
-        .store()
-        .rule_state(&tenant(), &raise.id, "refund")
-        .await
-        .unwrap();
-    assert_eq!(state, None, "a manual upsert keeps the rule state");
+    assert_no_rule_state(&app, &raise.id, "a manual upsert").await;
     observe(&app, 0.9, t0 + 10 * SECOND).await;
     observe(&app, 0.9, t0 + 80 * SECOND).await;
     let s = refund(&app).await;
@@ -292,23 +293,13 @@ async fn a_revert_leaves_later_changes_alone(db: impl Future<Output = (Db, Keep)
     app.rollback(&tenant(), "refund", 1, &person())
         .await
         .unwrap();
-    let state = app
-        .store()
-        .rule_state(&tenant(), &raise.id, "refund")
-        .await
-        .unwrap();
-    assert_eq!(state, None, "a rollback keeps the rule state");
+    assert_no_rule_state(&app, &raise.id, "a rollback").await;
     observe(&app, 0.5, t0 + 300 * SECOND).await;
     assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
     app.import(&tenant(), document(22), &person(), false)
         .await
         .unwrap();
-    let state = app
-        .store()
-        .rule_state(&tenant(), &raise.id, "refund")
-        .await
-        .unwrap();
-    assert_eq!(state, None, "an import keeps the rule state");
+    assert_no_rule_state(&app, &raise.id, "an import").await;
 
     // Another rule moves the same field after this one: this one's revert leaves it alone.
     observe(&app, 0.5, t0 + 400 * SECOND).await;
@@ -332,12 +323,7 @@ async fn a_revert_leaves_later_changes_alone(db: impl Future<Output = (Db, Keep)
     observe(&app, 0.9, t0 + 480 * SECOND).await;
     let s = refund(&app).await;
     assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
-    let state = app
-        .store()
-        .rule_state(&tenant(), &raise.id, "refund")
-        .await
-        .unwrap()
-        .unwrap();
+    let state = rule_state(&app, &raise.id).await.unwrap();
     assert!(!state.firing && state.baseline.is_none(), "{state:?}");
 }
 

@@ -20,6 +20,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+#[path = "support/rules.rs"]
+mod rules;
+use rules::live_rule_below_0_7;
+
 type Client = PolicyServiceClient<InterceptedService<Channel, Intercept>>;
 
 /// The policy service running in-process, and what a test needs around it.
@@ -586,27 +590,13 @@ async fn alerts_adjust_within_guardrails_and_pins_and_rollbacks_work(
     let rule = c
         .upsert_adjustment_rule(pb::UpsertAdjustmentRuleRequest {
             rule: Some(pb::AdjustmentRule {
-                scenario_id: target.id.clone(),
                 name: "bot csat low".into(),
-                signal: pb::AdjustmentSignal::BotCsat as i32,
-                comparison: pb::Comparison::Below as i32,
-                threshold: 0.7,
-                window: Some(prost_types::Duration {
-                    seconds: 3_600,
-                    nanos: 0,
-                }),
-                min_samples: 1,
-                effect: Some(pb::adjustment_rule::Effect::SetStrategy(
-                    pb::Strategy::AgentAssist as i32,
-                )),
-                revert_when_recovered: true,
-                cooldown: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-                enabled: true,
-                mode: pb::Mode::Live as i32,
-                ..pb::AdjustmentRule::default()
+                ..live_rule_below_0_7(
+                    &target.id,
+                    pb::AdjustmentSignal::BotCsat,
+                    3_600,
+                    pb::adjustment_rule::Effect::SetStrategy(pb::Strategy::AgentAssist as i32),
+                )
             }),
         })
         .await

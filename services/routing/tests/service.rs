@@ -357,6 +357,61 @@ async fn wait_for_state(client: &mut Client, id: &str, state: pb::TicketState) -
     }
 }
 
+/// Registers `agent` through `client`.
+async fn register(client: &mut Client, agent: pb::Agent) {
+    client
+        .register_agent(pb::RegisterAgentRequest { agent: Some(agent) })
+        .await
+        .unwrap();
+}
+
+/// The agent `id` as the service has it now.
+async fn agent_of(client: &mut Client, id: &str) -> pb::Agent {
+    client
+        .get_agent(pb::GetAgentRequest {
+            agent_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap()
+}
+
+/// A desk's hello, online, resuming the session `resume` (a new session when empty).
+fn hello(resume: &str) -> pb::agent_session_request::Command {
+    pb::agent_session_request::Command::Hello(pb::SessionHello {
+        client_version: "test/1".into(),
+        resume_session_id: resume.into(),
+        presence: pb::Presence::Online.into(),
+    })
+}
+
+/// A desk's accept of the offer `offer_id`.
+fn accept(offer_id: &str) -> pb::agent_session_request::Command {
+    pb::agent_session_request::Command::Accept(pb::SessionAccept {
+        offer_id: offer_id.into(),
+    })
+}
+
+/// The welcome a desk was sent, or a panic.
+fn welcome_of(response: pb::AgentSessionResponse) -> pb::SessionWelcome {
+    match response.event {
+        Some(pb::agent_session_response::Event::Welcome(welcome)) => welcome,
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+/// Asserts that the desk gets nothing for a while.
+async fn quiet(desk: &mut Desk) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), desk.rx.message())
+            .await
+            .is_err(),
+        "nothing else is pushed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 
 async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
@@ -364,23 +419,10 @@ async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
     use pb::agent_session_response::Event;
     let mut events = rig.routing_events("test-routing-events").await;
     let mut admin = rig.client("admin", &[Role::Admin]).await;
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("ann", 2, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("ann", 2, 5)).await;
     let mut ann = rig.client("ann", &[Role::Agent]).await;
     let mut desk = Desk::open(&mut ann).await;
-    desk.send(
-        "h",
-        Command::Hello(pb::SessionHello {
-            client_version: "test/1".into(),
-            resume_session_id: String::new(),
-            presence: pb::Presence::Online.into(),
-        }),
-    )
-    .await;
+    desk.send("h", hello("")).await;
     let welcome = desk.next().await;
     assert_eq!(welcome.in_reply_to, "h");
     let Some(Event::Welcome(welcome)) = welcome.event else {
@@ -407,13 +449,7 @@ async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
     rig.publish(requested).await;
     rig.publish(handoff_event("h-1", "conv-1")).await;
 
-    desk.send(
-        "a",
-        Command::Accept(pb::SessionAccept {
-            offer_id: offer.id.clone(),
-        }),
-    )
-    .await;
+    desk.send("a", accept(&offer.id)).await;
     let confirmed = desk.next().await;
     assert_eq!(confirmed.in_reply_to, "a");
     let Some(Event::AssignmentConfirmed(confirmed)) = confirmed.event else {
@@ -424,11 +460,7 @@ async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
     assert_eq!(assigned.assigned_agent_id, "ann");
     assert!(confirmed.package.is_some());
     // Accepting twice is refused on the session, which stays open.
-    desk.send(
-        "again",
-        Command::Accept(pb::SessionAccept { offer_id: offer.id }),
-    )
-    .await;
+    desk.send("again", accept(&offer.id)).await;
     let again = desk.next().await;
     let Some(Event::Error(error)) = again.event else {
         panic!("expected an error, got {again:?}");
@@ -451,15 +483,7 @@ async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
             "tandem.routing.v1.HandoffAssigned"
         ]
     );
-    let agent = admin
-        .get_agent(pb::GetAgentRequest {
-            agent_id: "ann".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent
-        .unwrap();
+    let agent = agent_of(&mut admin, "ann").await;
     assert_eq!(agent.active_assignments, 1);
 
     desk.send(
@@ -553,12 +577,7 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
         ),
         Code::InvalidArgument
     );
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("bob", 2, 3)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("bob", 2, 3)).await;
     assert_eq!(
         code(
             admin
@@ -669,12 +688,7 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
     );
 
     // Someone else's assignment: FAILED_PRECONDITION.
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("cat", 1, 3)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("cat", 1, 3)).await;
     let mut cat = rig.client("cat", &[Role::Agent]).await;
     cat.set_presence(pb::SetPresenceRequest {
         agent_id: String::new(),
@@ -687,13 +701,7 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
     desk.send("h", Command::Hello(pb::SessionHello::default()))
         .await;
     assert!(matches!(desk.next().await.event, Some(Event::Welcome(_))));
-    desk.send(
-        "x",
-        Command::Accept(pb::SessionAccept {
-            offer_id: "nope".into(),
-        }),
-    )
-    .await;
+    desk.send("x", accept("nope")).await;
     let Some(Event::Error(error)) = desk.next().await.event else {
         panic!("expected an error");
     };
@@ -702,11 +710,7 @@ async fn bad_input_gets_precise_codes(rig: &Rig) {
     let Some(Event::Offer(offer)) = desk.next().await.event else {
         panic!("expected an offer");
     };
-    desk.send(
-        "a",
-        Command::Accept(pb::SessionAccept { offer_id: offer.id }),
-    )
-    .await;
+    desk.send("a", accept(&offer.id)).await;
     assert!(matches!(
         desk.next().await.event,
         Some(Event::AssignmentConfirmed(_))
@@ -767,12 +771,7 @@ async fn waiting_customers_hear_their_position_move(rig: &Rig) {
         .event::<pb::HandoffPositionUpdated>();
     let mut positions = rig.bus.consumer(&spec).await.unwrap();
     let mut admin = rig.client("admin", &[Role::Admin]).await;
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("dan", 1, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("dan", 1, 5)).await;
     // Three customers wait while nobody is online: places 1, 2, 3 (in HandoffQueued).
     for i in 1..=3 {
         rig.publish(handoff_event(&format!("p-{i}"), &format!("pconv-{i}")))
@@ -820,30 +819,13 @@ async fn waiting_customers_hear_their_position_move(rig: &Rig) {
 }
 
 async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
-    use pb::agent_session_request::Command;
     use pb::agent_session_response::Event;
     let spec = ConsumerSpec::new("test-presence", &ROUTING, &rig.bus_config)
         .event::<pb::AgentPresenceChanged>();
     let mut presence = rig.bus.consumer(&spec).await.unwrap();
     let mut admin = rig.client("admin", &[Role::Admin]).await;
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("eve", 2, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("eve", 2, 5)).await;
     let mut eve = rig.client("eve", &[Role::Agent]).await;
-    let hello = |resume: &str| {
-        Command::Hello(pb::SessionHello {
-            client_version: "test/1".into(),
-            resume_session_id: resume.into(),
-            presence: pb::Presence::Online.into(),
-        })
-    };
-    let welcome_of = |response: pb::AgentSessionResponse| match response.event {
-        Some(Event::Welcome(welcome)) => welcome,
-        other => panic!("expected welcome, got {other:?}"),
-    };
     let mut desk = Desk::open(&mut eve).await;
     desk.send("h", hello("")).await;
     let first = welcome_of(desk.next().await).session_id;
@@ -867,32 +849,13 @@ async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
         panic!("expected the pending offer again");
     };
     assert_eq!(again.id, offer.id);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(700), desk.rx.message())
-            .await
-            .is_err(),
-        "nothing else is pushed"
-    );
-    desk.send(
-        "a",
-        Command::Accept(pb::SessionAccept {
-            offer_id: offer.id.clone(),
-        }),
-    )
-    .await;
+    quiet(&mut desk).await;
+    desk.send("a", accept(&offer.id)).await;
     assert!(matches!(
         desk.next().await.event,
         Some(Event::AssignmentConfirmed(_))
     ));
-    let agent = admin
-        .get_agent(pb::GetAgentRequest {
-            agent_id: "eve".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent
-        .unwrap();
+    let agent = agent_of(&mut admin, "eve").await;
     assert_eq!(agent.presence, i32::from(pb::Presence::Online));
     assert!(
         tokio::time::timeout(Duration::from_millis(500), presence.next())
@@ -920,40 +883,14 @@ async fn a_desk_resumes_its_session_after_a_reconnect(rig: &Rig) {
     assert_eq!(error.code, i32::from(pb::SessionErrorCode::InvalidArgument));
 }
 
-/// Asserts that the desk gets nothing for a while.
-async fn quiet(desk: &mut Desk) {
-    assert!(
-        tokio::time::timeout(Duration::from_millis(700), desk.rx.message())
-            .await
-            .is_err(),
-        "nothing else is pushed"
-    );
-}
-
 /// The desk drops while its accept commits, before it reads the confirmation: the stream it
 /// opens next (resumed or new) is told of the assignment, once; after the wrap-up, no longer.
 async fn a_desk_that_dropped_during_an_accept_sees_the_assignment(rig: &Rig) {
     use pb::agent_session_request::Command;
     use pb::agent_session_response::Event;
     let mut admin = rig.client("admin", &[Role::Admin]).await;
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("fay", 2, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("fay", 2, 5)).await;
     let mut fay = rig.client("fay", &[Role::Agent]).await;
-    let hello = |resume: &str| {
-        Command::Hello(pb::SessionHello {
-            client_version: "test/1".into(),
-            resume_session_id: resume.into(),
-            presence: pb::Presence::Online.into(),
-        })
-    };
-    let welcome_of = |response: pb::AgentSessionResponse| match response.event {
-        Some(Event::Welcome(welcome)) => welcome,
-        other => panic!("expected welcome, got {other:?}"),
-    };
     let confirmed_of = |response: pb::AgentSessionResponse| match response.event {
         Some(Event::AssignmentConfirmed(confirmed)) => {
             assert_eq!(response.in_reply_to, "", "a push");
@@ -968,13 +905,7 @@ async fn a_desk_that_dropped_during_an_accept_sees_the_assignment(rig: &Rig) {
     let Some(Event::Offer(offer)) = desk.next().await.event else {
         panic!("expected an offer");
     };
-    desk.send(
-        "a",
-        Command::Accept(pb::SessionAccept {
-            offer_id: offer.id.clone(),
-        }),
-    )
-    .await;
+    desk.send("a", accept(&offer.id)).await;
     wait_for_state(&mut admin, "d-1", pb::TicketState::Assigned).await;
     // The connection drops with the confirmation unread.
     drop(desk);
@@ -1026,12 +957,7 @@ async fn an_offer_made_elsewhere_reaches_the_desk_at_once(rig: &Rig) {
     use pb::agent_session_response::Event;
     use prost::Message as _;
     let mut admin = rig.client("admin", &[Role::Admin]).await;
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("fay", 2, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("fay", 2, 5)).await;
     let mut fay = rig.client("fay", &[Role::Agent]).await;
     let mut desk = Desk::open(&mut fay).await;
     desk.send(
@@ -1114,23 +1040,10 @@ async fn a_desk_accepts_many_offers_at_once(rig: &Rig) {
     use pb::agent_session_response::Event;
     const OFFERS: usize = 6;
     let mut admin = rig.client("admin", &[Role::Admin]).await;
-    admin
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("ann", 10, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut admin, agent("ann", 10, 5)).await;
     let mut ann = rig.client("ann", &[Role::Agent]).await;
     let mut desk = Desk::open(&mut ann).await;
-    desk.send(
-        "h",
-        Command::Hello(pb::SessionHello {
-            client_version: "test/1".into(),
-            resume_session_id: String::new(),
-            presence: pb::Presence::Online.into(),
-        }),
-    )
-    .await;
+    desk.send("h", hello("")).await;
     assert!(matches!(desk.next().await.event, Some(Event::Welcome(_))));
     for i in 0..OFFERS {
         rig.publish(handoff_event(&format!("h-{i}"), &format!("conv-{i}")))
@@ -1144,28 +1057,11 @@ async fn a_desk_accepts_many_offers_at_once(rig: &Rig) {
         }
     }
     for offer in &offers {
-        desk.send(
-            &format!("accept-{}", offer.handoff_id),
-            Command::Accept(pb::SessionAccept {
-                offer_id: offer.id.clone(),
-            }),
-        )
-        .await;
+        desk.send(&format!("accept-{}", offer.handoff_id), accept(&offer.id))
+            .await;
     }
-    desk.send(
-        "again",
-        Command::Accept(pb::SessionAccept {
-            offer_id: offers[0].id.clone(),
-        }),
-    )
-    .await;
-    desk.send(
-        "unknown",
-        Command::Accept(pb::SessionAccept {
-            offer_id: "no-such-offer".into(),
-        }),
-    )
-    .await;
+    desk.send("again", accept(&offers[0].id)).await;
+    desk.send("unknown", accept("no-such-offer")).await;
     // Ann goes away right after: the accepts before it still count.
     desk.send(
         "away",
@@ -1208,15 +1104,7 @@ async fn a_desk_accepts_many_offers_at_once(rig: &Rig) {
         let found = ticket(&mut admin, &offer.handoff_id).await;
         assert_eq!(found.state, i32::from(pb::TicketState::Assigned));
     }
-    let found = admin
-        .get_agent(pb::GetAgentRequest {
-            agent_id: "ann".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent
-        .unwrap();
+    let found = agent_of(&mut admin, "ann").await;
     assert_eq!(found.presence, i32::from(pb::Presence::Away));
     assert_eq!(found.active_assignments, OFFERS as i32);
 }
@@ -1226,12 +1114,7 @@ async fn a_desk_accepts_many_offers_at_once(rig: &Rig) {
 async fn concurrent_agent_updates_keep_both_fields(rig: &Rig) {
     let mut first = rig.client("admin", &[Role::Admin]).await;
     let mut second = rig.client("admin", &[Role::Admin]).await;
-    first
-        .register_agent(pb::RegisterAgentRequest {
-            agent: Some(agent("ann", 2, 5)),
-        })
-        .await
-        .unwrap();
+    register(&mut first, agent("ann", 2, 5)).await;
     let update = |field: &str, agent: pb::Agent| pb::UpdateAgentRequest {
         agent: Some(agent),
         update_mask: Some(prost_types::FieldMask {
@@ -1261,15 +1144,7 @@ async fn concurrent_agent_updates_keep_both_fields(rig: &Rig) {
             tokio::join!(first.update_agent(renamed), second.update_agent(moved));
         renamed.unwrap();
         moved.unwrap();
-        let stored = first
-            .get_agent(pb::GetAgentRequest {
-                agent_id: "ann".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .agent
-            .unwrap();
+        let stored = agent_of(&mut first, "ann").await;
         assert_eq!(
             (stored.display_name.as_str(), stored.team.as_str()),
             (name.as_str(), team.as_str()),

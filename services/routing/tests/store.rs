@@ -22,8 +22,8 @@ use tandem_routing::domain::queue::{
 use tandem_routing::domain::ticket::{Disposition, TicketState};
 use tandem_routing::error::RoutingError;
 use tandem_routing::store::{
-    AcceptRequest, AgentFilter, EtaSettings, NewTicket, OfferOutcome, PositionUpdates,
-    PresenceReason, Store, TransferKind, TransferTarget,
+    AcceptRequest, AgentFilter, EtaSettings, NewTicket, OfferOutcome, OfferRecord, PositionUpdates,
+    PresenceReason, Store, TicketRecord, TransferKind, TransferTarget,
 };
 
 #[allow(
@@ -940,18 +940,15 @@ async fn transfers_move_the_assignment(store: Store) {
     assert_eq!(store.agent(&t, &first).await.unwrap().load, 0);
 
     // Cold to a queue: released at once and queued there, not for the agent who let it go.
-    let (ticket, none, _) = store
-        .transfer(
-            &t,
-            "h1",
-            Some(second),
-            TransferKind::Cold,
-            &TransferTarget::Queue("tier2".into()),
-            "",
-            t0() + secs(3),
-        )
-        .await
-        .unwrap();
+    let (ticket, none, _) = transfer(
+        &store,
+        "h1",
+        second,
+        TransferKind::Cold,
+        TransferTarget::Queue("tier2".into()),
+        t0() + secs(3),
+    )
+    .await;
     assert!(none.is_none());
     assert_eq!(ticket.state, TicketState::Queued);
     assert_eq!(ticket.queue_id, "tier2");
@@ -967,6 +964,21 @@ async fn transfers_move_the_assignment(store: Store) {
         2
     );
     assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// Transfers `ticket` away from `from` without a note, which must succeed: the store's answer.
+async fn transfer(
+    store: &Store,
+    ticket: &str,
+    from: &str,
+    kind: TransferKind,
+    target: TransferTarget,
+    at: DateTime<Utc>,
+) -> (TicketRecord, Option<OfferRecord>, String) {
+    store
+        .transfer(&tenant(), ticket, Some(from), kind, &target, "", at)
+        .await
+        .unwrap()
 }
 
 fn skill_names(skills: &[SkillRequirement]) -> Vec<String> {
@@ -1000,18 +1012,15 @@ async fn transfers_take_the_target_queues_skills(store: Store) {
     store.accept(&t, &agent, &offer_id, t0()).await.unwrap();
 
     // Cold to a queue: its skill, not billing, is needed now.
-    let (ticket, _, _) = store
-        .transfer(
-            &t,
-            "h1",
-            Some("bill"),
-            TransferKind::Cold,
-            &TransferTarget::Queue("tech".into()),
-            "",
-            t0() + secs(1),
-        )
-        .await
-        .unwrap();
+    let (ticket, _, _) = transfer(
+        &store,
+        "h1",
+        "bill",
+        TransferKind::Cold,
+        TransferTarget::Queue("tech".into()),
+        t0() + secs(1),
+    )
+    .await;
     assert_eq!(skill_names(&ticket.skills), ["tech", "vip"]);
     let (offer_id, agent) = offer(&store, "h1", t0() + secs(1)).await;
     assert_eq!(agent, "tess");
@@ -1021,18 +1030,15 @@ async fn transfers_take_the_target_queues_skills(store: Store) {
         .unwrap();
 
     // Warm to a queue: once accepted there, the ticket needs that queue's skills.
-    let (_, warm, _) = store
-        .transfer(
-            &t,
-            "h1",
-            Some("tess"),
-            TransferKind::Warm,
-            &TransferTarget::Queue("default".into()),
-            "",
-            t0() + secs(2),
-        )
-        .await
-        .unwrap();
+    let (_, warm, _) = transfer(
+        &store,
+        "h1",
+        "tess",
+        TransferKind::Warm,
+        TransferTarget::Queue("default".into()),
+        t0() + secs(2),
+    )
+    .await;
     let warm = warm.unwrap();
     assert_eq!(warm.agent_id, "bill");
     let accepted = store
@@ -1043,18 +1049,15 @@ async fn transfers_take_the_target_queues_skills(store: Store) {
     assert_eq!(skill_names(&accepted.ticket.skills), ["billing", "vip"]);
 
     // Cold to a named agent without the queue's skill.
-    let (ticket, _, _) = store
-        .transfer(
-            &t,
-            "h1",
-            Some("bill"),
-            TransferKind::Cold,
-            &TransferTarget::Agent("nina".into()),
-            "",
-            t0() + secs(3),
-        )
-        .await
-        .unwrap();
+    let (ticket, _, _) = transfer(
+        &store,
+        "h1",
+        "bill",
+        TransferKind::Cold,
+        TransferTarget::Agent("nina".into()),
+        t0() + secs(3),
+    )
+    .await;
     assert_eq!(skill_names(&ticket.skills), ["vip"]);
     let (_, agent) = offer(&store, "h1", t0() + secs(3)).await;
     assert_eq!(agent, "nina");
@@ -2029,18 +2032,15 @@ async fn batched_accepts_answer_each_request_on_its_own(store: Store) {
     let (o6, a6) = offer(&store, "h6", t0() + secs(20)).await;
     store.accept(&t, &a6, &o6, t0() + secs(20)).await.unwrap();
     let target = another(&a6);
-    let (_, warm, _) = store
-        .transfer(
-            &t,
-            "h6",
-            Some(&a6),
-            TransferKind::Warm,
-            &TransferTarget::Agent(target.into()),
-            "",
-            t0() + secs(21),
-        )
-        .await
-        .unwrap();
+    let (_, warm, _) = transfer(
+        &store,
+        "h6",
+        &a6,
+        TransferKind::Warm,
+        TransferTarget::Agent(target.into()),
+        t0() + secs(21),
+    )
+    .await;
     let warm = warm.unwrap();
     store
         .decline(&t, &a5, &o5, "busy", t0() + secs(22))
