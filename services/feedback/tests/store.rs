@@ -499,20 +499,8 @@ async fn alert_rules_raise_once_resolve_with_a_margin_and_cool_down(db: Db) {
         .upsert_rule(
             &tenant(),
             AlertRule {
-                id: String::new(),
                 name: "rebooking bot CSAT".into(),
-                kind: 1,
-                scenario_id: "rebooking".into(),
-                metric: metric::CSAT,
-                condition: 2,
-                threshold: 0.8,
-                window: HOUR,
-                baseline_window: 0,
-                min_samples: 3,
-                severity: 3,
-                enabled: true,
-                created_at: 0,
-                updated_at: 0,
+                ..csat_rule("", "rebooking")
             },
             now,
         )
@@ -629,20 +617,8 @@ async fn alert_rules_of_every_tenant_are_evaluated_across_pages(db: Db) {
             app.upsert_rule(
                 &tenant,
                 AlertRule {
-                    id: id.into(),
                     name: format!("rebooking bot CSAT {id}"),
-                    kind: 1,
-                    scenario_id: "rebooking".into(),
-                    metric: metric::CSAT,
-                    condition: 2,
-                    threshold: 0.8,
-                    window: HOUR,
-                    baseline_window: 0,
-                    min_samples: 3,
-                    severity: 3,
-                    enabled: true,
-                    created_at: 0,
-                    updated_at: 0,
+                    ..csat_rule(id, "rebooking")
                 },
                 now,
             )

@@ -1591,18 +1591,33 @@ macro_rules! engine {
                 at: Micros,
                 event: &RawEvent,
             ) -> StoreResult<bool> {
+                resolve_open(pool, tenant, alert_id, at, event, false).await
+            }
+
+            /// Resolves an open alert with its event, only if no enabled rule evaluates it any
+            /// more when `orphaned_only`; one transaction. Returns whether it resolved.
+            async fn resolve_open(
+                pool: &Pool,
+                tenant: &str,
+                alert_id: &str,
+                at: Micros,
+                event: &RawEvent,
+                orphaned_only: bool,
+            ) -> StoreResult<bool> {
+                let condition = if orphaned_only { ORPHANED } else { "TRUE" };
                 let mut tx = pool.begin_with($begin).await?;
-                let updated = sqlx::query(
-                    "UPDATE fb_alert SET status = 3, resolved_at = $1 WHERE tenant = $2 AND id = $3 \
-                     AND status IN (1, 2)",
-                )
-                .bind(at)
-                .bind(tenant)
-                .bind(alert_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
+                let sql = format!(
+                    "UPDATE fb_alert AS a SET status = 3, resolved_at = $1 WHERE tenant = $2 \
+                     AND id = $3 AND status IN (1, 2) AND {condition}"
+                );
+                let mut update = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(at)
+                    .bind(tenant)
+                    .bind(alert_id);
+                if orphaned_only {
+                    update = update.bind(true);
+                }
+                let updated = update.execute(&mut *tx).await?.rows_affected() == 1;
                 if updated {
                     $enqueue(&mut tx, std::slice::from_ref(event)).await?;
                 }
@@ -1660,24 +1675,7 @@ macro_rules! engine {
                 at: Micros,
                 event: &RawEvent,
             ) -> StoreResult<bool> {
-                let mut tx = pool.begin_with($begin).await?;
-                let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE fb_alert AS a SET status = 3, resolved_at = $1 WHERE tenant = $2 AND id = $3 \
-                     AND status IN (1, 2) AND {ORPHANED}"
-                )))
-                .bind(at)
-                .bind(tenant)
-                .bind(alert_id)
-                .bind(true)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
-                if updated {
-                    $enqueue(&mut tx, std::slice::from_ref(event)).await?;
-                }
-                tx.commit().await?;
-                Ok(updated)
+                resolve_open(pool, tenant, alert_id, at, event, true).await
             }
 
             /// Returns the scenarios with conversations in a range.
