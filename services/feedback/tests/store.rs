@@ -598,18 +598,11 @@ async fn alert_rules_raise_once_resolve_with_a_margin_and_cool_down(db: Db) {
 }
 
 async fn alert_rules_of_every_tenant_are_evaluated_across_pages(db: Db) {
-    use tandem_feedback::app::FeedbackApp;
     use tandem_feedback::domain::alert::AlertRule;
-    use tandem_platform::outbox::OutboxWaker;
 
     let store = Store::new(db.clone());
     // One rule per page, so every page boundary falls between tenants sharing a rule id.
-    let app = FeedbackApp::new(
-        store.clone(),
-        OutboxWaker::default(),
-        std::time::Duration::from_secs(3600),
-    )
-    .with_rule_page(1);
+    let app = app_paging_one_rule(&store);
     let now = T0 + 20 * DAY;
     for name in ["acme", "beta"] {
         let tenant = tandem_proto::ids::TenantId::new(name).unwrap();
@@ -748,17 +741,9 @@ async fn alert_states(store: &Store) -> Vec<(String, String, i32)> {
 }
 
 async fn open_alerts_resolve_when_no_enabled_rule_evaluates_them(db: Db) {
-    use tandem_feedback::app::FeedbackApp;
-    use tandem_platform::outbox::OutboxWaker;
-
     let store = Store::new(db.clone());
     // One alert per page, so the sweep pages too.
-    let app = FeedbackApp::new(
-        store.clone(),
-        OutboxWaker::default(),
-        std::time::Duration::from_secs(3600),
-    )
-    .with_rule_page(1);
+    let app = app_paging_one_rule(&store);
     let now = T0 + 20 * DAY;
     for (id, scenario) in [
         ("disabled", "rebooking"),
@@ -976,3 +961,14 @@ macro_rules! store_contract_tests {
 
 store_contract_tests!(postgres);
 store_contract_tests!(sqlite);
+
+/// The feedback app over `store`, reading one alert rule (and one open alert) per page, so that
+/// every page boundary is crossed.
+fn app_paging_one_rule(store: &Store) -> tandem_feedback::app::FeedbackApp {
+    tandem_feedback::app::FeedbackApp::new(
+        store.clone(),
+        tandem_platform::outbox::OutboxWaker::default(),
+        std::time::Duration::from_secs(3600),
+    )
+    .with_rule_page(1)
+}
