@@ -20,6 +20,7 @@ use tandem_proto::ids::TenantId;
 use tandem_proto::pb::common::v1 as common;
 use tandem_proto::pb::dialog::v1 as pb;
 use tandem_proto::pb::policy::v1 as policy;
+use tandem_proto::pb::routing::v1 as routing;
 use tokio::sync::broadcast;
 use tonic::metadata::AsciiMetadataValue;
 
@@ -386,6 +387,8 @@ pub struct AppOptions {
     pub knowledge: Option<Arc<KnowledgeClient>>,
     /// How far back a new conversation counts the customer's earlier ones; zero counts none.
     pub repeat_contact_window: Duration,
+    /// How long a queue's last reported statistics inform policy decisions.
+    pub queue_stats_max_age: Duration,
 }
 
 /// The dialog application.
@@ -397,7 +400,11 @@ pub struct App {
     options: AppOptions,
     nlu: Mutex<HashMap<TenantId, (Instant, Arc<TenantNlu>)>>,
     catalogues: Mutex<HashMap<TenantId, (Instant, Arc<Catalogue>)>>,
+    queues: Mutex<HashMap<TenantId, (Instant, QueueStats)>>,
 }
+
+/// The last statistics reported of each of a tenant's queues.
+type QueueStats = Arc<Vec<routing::QueueStatsReported>>;
 
 /// Data of one customer turn gathered before deciding.
 struct TurnInput<'a> {
@@ -430,6 +437,7 @@ impl App {
             options,
             nlu: Mutex::new(HashMap::new()),
             catalogues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
         }
     }
 
@@ -478,6 +486,24 @@ impl App {
             .unwrap_or_else(|p| p.into_inner())
             .insert(tenant.clone(), (Instant::now(), Arc::clone(&cat)));
         Ok(cat)
+    }
+
+    /// The last statistics reported of each of the tenant's queues, cached like the catalogue.
+    async fn queue_stats(&self, tenant: &TenantId) -> DialogResult<QueueStats> {
+        {
+            let map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, q)) = map.get(tenant)
+                && at.elapsed() < self.options.cache_ttl
+            {
+                return Ok(Arc::clone(q));
+            }
+        }
+        let stats = Arc::new(self.store.queue_stats(tenant).await?);
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), (Instant::now(), Arc::clone(&stats)));
+        Ok(stats)
     }
 
     /// Forgets a tenant's cached catalogue.
@@ -1015,6 +1041,19 @@ impl App {
             .and_then(|e| phrase(&e.wire.sensitive_phrases))
             .is_some();
         let human_requested = a.escalation.human_requested || scenario_human.is_some();
+        // The queue a handoff would wait in, as routing last reported it: its ETA and business
+        // hours let the scenario offer to leave a message instead of a long or closed queue.
+        let queues = self.queue_stats(tenant).await?;
+        let queue = entry.and_then(|e| {
+            let named = e.wire.routing.as_ref().map_or("", |r| r.queue_id.as_str());
+            queue_for(
+                &queues,
+                named,
+                &e.wire.id,
+                std::time::SystemTime::now(),
+                self.options.queue_stats_max_age,
+            )
+        });
         let ctx = policy::DecisionContext {
             scenario_id: scenario,
             intent: if out_of_scope {
@@ -1033,8 +1072,8 @@ impl App {
             // Like the trend and the fallbacks, the turn limit counts since the last reopen.
             bot_turns: turn_index.saturating_sub(c.reopened_at_turn).max(0),
             customer_tier: c.customer.as_ref().map_or(0, |x| x.tier),
-            queue_eta_seconds: None,
-            within_business_hours: None,
+            queue_eta_seconds: queue.map(|q| q.eta_seconds.max(0)),
+            within_business_hours: queue.and_then(|q| q.within_business_hours),
             human_requested,
             sensitive_topic: sensitive,
             agent_owns_conversation: agent_owns,
@@ -1987,6 +2026,32 @@ impl App {
         }
     }
 
+    /// Stores a queue's statistics received in a `QueueStatsReported` event.
+    pub async fn on_queue_stats(
+        &self,
+        tenant: &TenantId,
+        claim: (String, String),
+        stats: routing::QueueStatsReported,
+    ) -> DialogResult<()> {
+        if stats.queue_id.is_empty() || stats.occurred_at.is_none() {
+            return Ok(());
+        }
+        self.commit(
+            tenant,
+            Change {
+                queue_stats: vec![stats],
+                claim: Some(claim),
+                ..Default::default()
+            },
+        )
+        .await?;
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+        Ok(())
+    }
+
     /// Stores a scenario received in a `PolicyUpdated` event.
     pub async fn on_policy(
         &self,
@@ -2162,6 +2227,35 @@ fn ambiguous(p: &tandem_nlu::Prediction, model: Option<&tandem_nlu::TextClassifi
 
 /// The scenario a turn was resolved to when it claims the turn's intent: a scenario of the
 /// tenant, not the fallback the catalogue uses when no scenario claims the intent.
+/// The statistics of the queue a handoff of `scenario` would wait in, chosen as routing chooses
+/// it: the queue the scenario names, else the queue the scenario is routed to, else the default
+/// queue. `None` when that queue has not reported, or its last report is older than `max_age`.
+fn queue_for<'a>(
+    stats: &'a [routing::QueueStatsReported],
+    named: &str,
+    scenario: &str,
+    now: std::time::SystemTime,
+    max_age: Duration,
+) -> Option<&'a routing::QueueStatsReported> {
+    let chosen = stats
+        .iter()
+        .find(|q| !named.is_empty() && q.queue_id == named)
+        .or_else(|| {
+            stats
+                .iter()
+                .find(|q| !scenario.is_empty() && q.scenario_ids.iter().any(|s| s == scenario))
+        })
+        .or_else(|| stats.iter().find(|q| q.default_queue))?;
+    let measured = chosen.occurred_at.and_then(|t| {
+        let secs = u64::try_from(t.seconds).ok()?;
+        let nanos = u32::try_from(t.nanos).ok()?;
+        std::time::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+    })?;
+    // A report from a clock slightly ahead counts as fresh.
+    let age = now.duration_since(measured).unwrap_or_default();
+    (age <= max_age).then_some(chosen)
+}
+
 fn claimed_scenario<'a>(entry: &'a Entry, intent: &str) -> Option<&'a str> {
     (!intent.is_empty() && entry.engine.intents.iter().any(|i| i == intent))
         .then_some(entry.wire.id.as_str())
@@ -2447,4 +2541,78 @@ fn suggestion_reviewed(
         },
         Some(c.id.clone()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn report(
+        queue: &str,
+        scenarios: &[&str],
+        default_queue: bool,
+        age: u64,
+    ) -> routing::QueueStatsReported {
+        routing::QueueStatsReported {
+            queue_id: queue.into(),
+            scenario_ids: scenarios.iter().map(|s| (*s).to_owned()).collect(),
+            default_queue,
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: i64::try_from(NOW - age).unwrap_or_default(),
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn pick<'a>(
+        stats: &'a [routing::QueueStatsReported],
+        named: &str,
+        scenario: &str,
+    ) -> Option<&'a str> {
+        let now = UNIX_EPOCH + Duration::from_secs(NOW);
+        queue_for(stats, named, scenario, now, Duration::from_secs(600))
+            .map(|q| q.queue_id.as_str())
+    }
+
+    #[test]
+    fn the_queue_is_chosen_as_routing_chooses_it() {
+        let stats = [
+            report("billing", &["refunds"], false, 10),
+            report("default", &[], true, 10),
+            report("vip", &[], false, 10),
+        ];
+        assert_eq!(pick(&stats, "vip", "refunds"), Some("vip"));
+        assert_eq!(pick(&stats, "", "refunds"), Some("billing"));
+        // A named queue that has not reported falls back like routing does.
+        assert_eq!(pick(&stats, "gone", "refunds"), Some("billing"));
+        assert_eq!(pick(&stats, "", "orders"), Some("default"));
+        assert_eq!(pick(&stats, "", ""), Some("default"));
+        assert_eq!(pick(&stats[..1], "", "orders"), None);
+        assert_eq!(pick(&[], "vip", "refunds"), None);
+    }
+
+    #[test]
+    fn a_stale_report_counts_as_unknown() {
+        let stats = [
+            report("billing", &["refunds"], false, 601),
+            report("default", &[], true, 0),
+        ];
+        // The scenario's queue is stale: unknown, not another queue's figures.
+        assert_eq!(pick(&stats, "", "refunds"), None);
+        assert_eq!(pick(&stats, "", "orders"), Some("default"));
+        // A report from a clock ahead of this one is fresh.
+        let ahead = [routing::QueueStatsReported {
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: i64::try_from(NOW + 5).unwrap_or_default(),
+                nanos: 0,
+            }),
+            ..report("default", &[], true, 0)
+        }];
+        assert_eq!(pick(&ahead, "", ""), Some("default"));
+    }
 }

@@ -82,6 +82,11 @@ pub struct Settings {
     /// Zero turns the sweep off.
     #[serde(with = "humantime_serde")]
     pub idle_close_after: Duration,
+    /// How long the last statistics routing reported of a queue (its ETA and whether it is
+    /// within business hours) inform the bot's policy decisions; older ones count as unknown.
+    /// Routing reports a queue at least every five minutes.
+    #[serde(with = "humantime_serde")]
+    pub queue_stats_max_age: Duration,
 }
 
 impl Default for Settings {
@@ -94,6 +99,7 @@ impl Default for Settings {
             knowledge_limit: 3,
             repeat_contact_window: Duration::from_secs(7 * 86_400),
             idle_close_after: Duration::from_secs(30 * 60),
+            queue_stats_max_age: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -151,6 +157,14 @@ impl Validate for Settings {
                 "must be 0s (off) or between 1s and 366days",
             ));
         }
+        if self.queue_stats_max_age < Duration::from_secs(10)
+            || self.queue_stats_max_age > Duration::from_secs(86_400)
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.queue_stats_max_age"),
+                "must be between 10s and 1day",
+            ));
+        }
     }
 }
 
@@ -176,6 +190,7 @@ impl Service for Dialog {
                 cache_ttl: settings.cache_ttl,
                 knowledge: knowledge_client(settings)?.map(Arc::new),
                 repeat_contact_window: settings.repeat_contact_window,
+                queue_stats_max_age: settings.queue_stats_max_age,
             },
         ));
         watch::relay_from_replicas(
@@ -222,6 +237,18 @@ impl Service for Dialog {
                 name: "dialog-handoffs",
             },
             RunOptions::new("dialog-handoffs"),
+            ctx.shutdown.clone(),
+        ));
+        let queues = ConsumerSpec::new("dialog-queues", &ROUTING, &ctx.bus_config)
+            .event::<routing::QueueStatsReported>();
+        let consumer = ctx.bus.consumer(&queues).await?;
+        ctx.tracker.spawn(runner::run(
+            consumer,
+            Consumers {
+                app: Arc::clone(&app),
+                name: "dialog-queues",
+            },
+            RunOptions::new("dialog-queues"),
             ctx.shutdown.clone(),
         ));
         if !settings.idle_close_after.is_zero() {
@@ -294,7 +321,7 @@ fn knowledge_client(settings: &Settings) -> anyhow::Result<Option<knowledge::Kno
     )?))
 }
 
-/// Applies policy updates and routing's handoff events.
+/// Applies policy updates, routing's handoff events and its queue statistics.
 struct Consumers {
     app: Arc<App>,
     name: &'static str,
@@ -326,6 +353,14 @@ impl Handler for Consumers {
                 return self
                     .app
                     .on_policy(tenant, claim, e)
+                    .await
+                    .map_err(|e| transient(&e));
+            }
+            routing::QueueStatsReported::TYPE_NAME => {
+                let e = event.decode::<routing::QueueStatsReported>()?.event;
+                return self
+                    .app
+                    .on_queue_stats(tenant, claim, e)
                     .await
                     .map_err(|e| transient(&e));
             }

@@ -15,6 +15,7 @@ use tandem_platform::{in_tx, on_db};
 use tandem_proto::ids::TenantId;
 use tandem_proto::pb::dialog::v1 as pb;
 use tandem_proto::pb::policy::v1 as policy;
+use tandem_proto::pb::routing::v1 as routing;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ pub struct Change {
     pub handoffs: Vec<pb::HandoffPackage>,
     /// Scenarios from `PolicyUpdated` events: `(scenario, version, deleted)`.
     pub policies: Vec<(policy::Scenario, i64, bool)>,
+    /// Queue statistics from `QueueStatsReported` events; an older measurement than the one
+    /// stored is ignored.
+    pub queue_stats: Vec<routing::QueueStatsReported>,
     /// Events for the outbox.
     pub events: Vec<RawEvent>,
     /// `(consumer, event id)` to claim; the change is skipped when already claimed.
@@ -341,6 +345,17 @@ impl Store {
         rows.iter().map(|b| decode("scenario", b)).collect()
     }
 
+    /// Returns the last statistics reported of each of the tenant's queues.
+    pub async fn queue_stats(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<routing::QueueStatsReported>, StoreError> {
+        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
+            "SELECT body FROM dialog_queue_stats WHERE tenant = $1 ORDER BY queue_id")
+            .bind(tenant.as_str()).fetch_all(pool).await?);
+        rows.iter().map(|b| decode("queue statistics", b)).collect()
+    }
+
     /// Adds examples (and intent answers); returns `(accepted, duplicates, total for scenario)`.
     pub async fn add_examples(
         &self,
@@ -623,6 +638,16 @@ impl Store {
                      SET version = excluded.version, deleted = excluded.deleted, body = excluded.body \
                      WHERE dialog_policies.version < excluded.version")
                     .bind(t).bind(&s.id).bind(*version).bind(*deleted).bind(s.encode_to_vec())
+                    .execute(&mut *tx).await?;
+            }
+            for q in &change.queue_stats {
+                let measured = q.occurred_at.as_ref().map_or(0, timestamp_micros);
+                sqlx::query(
+                    "INSERT INTO dialog_queue_stats (tenant, queue_id, measured_micros, body) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, queue_id) DO UPDATE \
+                     SET measured_micros = excluded.measured_micros, body = excluded.body \
+                     WHERE dialog_queue_stats.measured_micros < excluded.measured_micros")
+                    .bind(t).bind(&q.queue_id).bind(measured).bind(q.encode_to_vec())
                     .execute(&mut *tx).await?;
             }
             if !change.events.is_empty() {

@@ -152,6 +152,7 @@ both!(
     only_the_assigned_agent_closes_or_types_as_the_agent,
     a_fallback_turn_leaves_the_scenario_unset,
     resolutions_report_the_team_and_confusion_is_an_emotion,
+    queue_reports_let_the_policy_offer_to_leave_a_message,
 );
 
 /// The repeat-contact window of the tests that count earlier conversations.
@@ -1024,6 +1025,124 @@ async fn policy_updates_from_events_drive_the_bot(rig: impl Future<Output = Rig>
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    rig.stop().await;
+}
+
+/// Routing's queue statistics as of now.
+fn queue_report(queue: &str, eta_seconds: i32, open: bool) -> routing::QueueStatsReported {
+    routing::QueueStatsReported {
+        queue_id: queue.into(),
+        eta_seconds,
+        within_business_hours: Some(open),
+        occurred_at: Some(tandem_dialog::app::now()),
+        ..Default::default()
+    }
+}
+
+/// Starts a conversation in Chinese with a standard-tier customer (`start` has a VIP).
+async fn start_standard(c: &mut Client, key: &str) -> pb::Conversation {
+    let req = pb::StartConversationRequest {
+        customer: Some(common::Customer {
+            id: format!("cust-{key}"),
+            language: common::Language::Zh as i32,
+            tier: common::CustomerTier::Standard as i32,
+            ..Default::default()
+        }),
+        channel: common::Channel::WebChat as i32,
+        client_conversation_id: key.into(),
+        ..Default::default()
+    };
+    begin(c, req).await.unwrap().conversation.unwrap()
+}
+
+/// Posts a turn in a fresh conversation until its decision's rule is `rule` (events reach the
+/// service asynchronously); returns that turn.
+async fn turn_until_rule(
+    c: &mut Client,
+    key: &str,
+    text: &str,
+    rule: &str,
+) -> (pb::PostCustomerMessageResponse, policy::Decision) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        let conv = start_standard(c, &format!("{key}-{n}")).await;
+        let r = say(c, &conv.id, "m1", text).await;
+        let decision = decision_of(c, &r).await;
+        if decision.rule_id == rule {
+            return (r, decision);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rule {rule} never fired: {decision:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unreachable!()
+}
+
+/// The queue's ETA and business hours, as routing reports them, reach the bot's policy
+/// decisions: a long queue turns a non-urgent handoff into an offer to leave a message, a closed
+/// queue turns every handoff into one, and the conversation stays with the bot.
+async fn queue_reports_let_the_policy_offer_to_leave_a_message(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    train(&rig, "acme").await;
+    rig.apply_policy(
+        "acme",
+        policy::Scenario {
+            id: "refunds".into(),
+            intents: vec!["refund".into()],
+            tier: policy::Tier::Complex as i32,
+            strategy: policy::Strategy::HumanFirst as i32,
+            version: 2,
+            thresholds: Some(policy::Thresholds {
+                max_queue_wait: Some(prost_types::Duration {
+                    seconds: 120,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            routing: Some(policy::RoutingTarget {
+                queue_id: "refunds-queue".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    // No report yet: the human-first scenario hands off.
+    let (r, _) = turn_until_rule(&mut c, "q1", "我要退款", "human_first").await;
+    assert_eq!(r.bot_turn.unwrap().action, pb::BotAction::Handoff as i32);
+    // Another queue's long wait changes nothing; this scenario's queue waits 15 minutes.
+    rig.publish("acme", &queue_report("other", 3_600, true))
+        .await;
+    rig.publish("acme", &queue_report("refunds-queue", 900, true))
+        .await;
+    let (r, decision) = turn_until_rule(&mut c, "q2", "我要退款", "max_queue_wait").await;
+    assert_eq!(decision.action, policy::DecisionAction::LeaveMessage as i32);
+    assert_eq!(
+        decision.handoff_reason,
+        common::HandoffReason::PolicyHumanFirst as i32
+    );
+    assert_eq!(r.state, pb::ConversationState::Bot as i32);
+    let bt = r.bot_turn.unwrap();
+    assert_ne!(bt.action, pb::BotAction::Handoff as i32);
+    assert!(bt.handoff.is_none());
+    // An explicit request is urgent: it still reaches the queue despite the wait. It goes to
+    // the default queue, which takes handoffs of scenarios routed nowhere.
+    let default_queue = |eta_seconds, open| routing::QueueStatsReported {
+        default_queue: true,
+        ..queue_report("default", eta_seconds, open)
+    };
+    rig.publish("acme", &default_queue(3_600, true)).await;
+    let conv = start_standard(&mut c, "q3").await;
+    let r = say(&mut c, &conv.id, "m1", "转人工").await;
+    assert_eq!(r.bot_turn.unwrap().action, pb::BotAction::Handoff as i32);
+    // The queue closes: even an explicit request is offered to leave a message.
+    rig.publish("acme", &default_queue(30, false)).await;
+    let (r, decision) = turn_until_rule(&mut c, "q4", "转人工", "outside_business_hours").await;
+    assert_eq!(decision.action, policy::DecisionAction::LeaveMessage as i32);
+    assert_eq!(r.state, pb::ConversationState::Bot as i32);
     rig.stop().await;
 }
 

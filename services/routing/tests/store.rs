@@ -1642,6 +1642,93 @@ async fn position_changes_are_published_once_per_interval(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+/// The queue statistics reported so far, in order.
+async fn stats_reports(store: &Store) -> Vec<tandem_proto::pb::routing::v1::QueueStatsReported> {
+    use prost::Message as _;
+    let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
+    let name = "tandem.routing.v1.QueueStatsReported";
+    let payloads: Vec<Vec<u8>> = match store.db() {
+        Db::Postgres(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
+    }
+    .unwrap();
+    payloads
+        .iter()
+        .map(|p| tandem_proto::pb::routing::v1::QueueStatsReported::decode(p.as_slice()).unwrap())
+        .collect()
+}
+
+/// A queue's statistics are reported when they change, at most once per interval, and again
+/// every five minutes while they do not, so a consumer can tell fresh figures from stale ones.
+/// Each report says whether the queue is within its business hours and whether it is the
+/// default queue.
+async fn queue_stats_are_reported_on_change_and_refreshed_while_unchanged(store: Store) {
+    let t = tenant();
+    let mut billing = QueueSpec::open("billing");
+    billing.scenario_ids = vec!["refunds".into()];
+    // t0 is Monday 10:00 UTC; the queue closes at 10:03.
+    billing.hours = BusinessHours {
+        timezone: "+00:00".into(),
+        windows: vec![WeeklyWindow {
+            day: 1,
+            start_minute: 9 * 60,
+            end_minute: 10 * 60 + 3,
+        }],
+        holidays: Vec::new(),
+    };
+    store.upsert_queue(&t, &billing, t0()).await.unwrap();
+    store
+        .upsert_queue(&t, &QueueSpec::open("default"), t0())
+        .await
+        .unwrap();
+    let interval = Duration::from_secs(5);
+    let report = |at: DateTime<Utc>| {
+        let store = &store;
+        async move { store.report_queue_stats(at, interval, ETA).await.unwrap() }
+    };
+    assert_eq!(report(t0()).await, 2);
+    // Unchanged within five minutes: nothing.
+    assert_eq!(report(t0() + secs(60)).await, 0);
+    // The billing queue closes: reported at once.
+    assert_eq!(report(t0() + secs(181)).await, 1);
+    assert_eq!(report(t0() + secs(182)).await, 0);
+    // Five minutes without a change: each queue is reported again.
+    assert_eq!(report(t0() + secs(301)).await, 1);
+    assert_eq!(report(t0() + secs(400)).await, 0);
+    assert_eq!(report(t0() + secs(482)).await, 1);
+    let seen: Vec<(String, Option<bool>, bool, Vec<String>)> = stats_reports(&store)
+        .await
+        .into_iter()
+        .map(|e| {
+            (
+                e.queue_id,
+                e.within_business_hours,
+                e.default_queue,
+                e.scenario_ids,
+            )
+        })
+        .collect();
+    let billing = |open: bool| {
+        (
+            "billing".to_owned(),
+            Some(open),
+            false,
+            vec!["refunds".to_owned()],
+        )
+    };
+    let default = ("default".to_owned(), Some(true), true, Vec::new());
+    assert_eq!(
+        seen,
+        vec![
+            billing(true),
+            default.clone(),
+            billing(false),
+            default,
+            billing(false)
+        ]
+    );
+}
+
 /// Business hours in IANA zones: Europe/Berlin on the day clocks go forward (a fixed +01:00
 /// would open an hour late), Asia/Shanghai on a weekday and a holiday; an unknown zone is
 /// refused naming the field and nothing is stored.
@@ -2327,6 +2414,7 @@ both_engines!(
     batched_offers_spread_respect_capacity_and_assign_once,
     position_changes_are_published_once_per_interval,
     business_hours_in_iana_zones,
+    queue_stats_are_reported_on_change_and_refreshed_while_unchanged,
     sessions_resume_within_the_grace_period,
     batched_accepts_answer_each_request_on_its_own,
     accept_batches_race_on_one_store,

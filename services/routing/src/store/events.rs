@@ -280,6 +280,7 @@ pub(crate) fn queue_stats(
     tenant: &TenantId,
     stats: &pb::QueueStats,
     scenario_ids: Vec<String>,
+    default_queue: bool,
 ) -> RawEvent {
     let at = stats
         .measured_at
@@ -294,6 +295,8 @@ pub(crate) fn queue_stats(
         service_rate_per_minute: stats.service_rate_per_minute,
         scenario_ids,
         occurred_at: stats.measured_at,
+        within_business_hours: Some(stats.within_business_hours),
+        default_queue,
     };
     RawEvent::at(tenant, &event, Some(stats.queue_id.clone()), at)
 }

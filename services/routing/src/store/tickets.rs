@@ -390,6 +390,9 @@ pub struct AcceptRequest {
 /// The most accepts one [`Store::accept_many`] transaction answers.
 pub const MAX_ACCEPT_BATCH: usize = 128;
 
+/// A queue's statistics are reported again at least this often while they do not change.
+pub const REPORT_UNCHANGED_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A finished assignment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completed {
@@ -2926,7 +2929,9 @@ impl Store {
     }
 
     /// Reports each queue's statistics as an event when they changed since the last report
-    /// and that report is at least `interval` old. The check-and-set on `routing_queue_reports`
+    /// and that report is at least `interval` old, or when the last report is
+    /// [`REPORT_UNCHANGED_EVERY`] old (so consumers can tell fresh figures from stale ones).
+    /// The check-and-set on `routing_queue_reports`
     /// lets replicas share the work without reporting twice. Returns how many were reported.
     pub async fn report_queue_stats(
         &self,
@@ -2938,6 +2943,8 @@ impl Store {
         let queues = all_queues(&mut tx).await?;
         tx.commit().await?;
         let cutoff = micros(now) - i64::try_from(interval.as_micros()).unwrap_or(i64::MAX);
+        let refresh_cutoff = micros(now)
+            - i64::try_from(REPORT_UNCHANGED_EVERY.max(interval).as_micros()).unwrap_or(i64::MAX);
         let mut reported = 0;
         for (tenant, queue) in queues {
             let mut tx = Tx::write(self.db()).await?;
@@ -2965,21 +2972,28 @@ impl Store {
                 || tx
                     .execute(
                         "UPDATE routing_queue_reports SET fingerprint = $3, reported_at = $4 \
-                         WHERE tenant = $1 AND queue_id = $2 AND fingerprint <> $3 \
-                         AND reported_at <= $5",
+                         WHERE tenant = $1 AND queue_id = $2 \
+                         AND ((fingerprint <> $3 AND reported_at <= $5) OR reported_at <= $6)",
                         args![
                             tenant.as_str(),
                             queue.spec.id.as_str(),
                             fingerprint.as_str(),
                             micros(now),
-                            cutoff
+                            cutoff,
+                            refresh_cutoff
                         ],
                     )
                     .await?
                     == 1;
             if report {
-                tx.enqueue(&[events::queue_stats(&tenant, &stats, scenarios)])
-                    .await?;
+                let default_queue = queue.spec.id == self.default_queue;
+                tx.enqueue(&[events::queue_stats(
+                    &tenant,
+                    &stats,
+                    scenarios,
+                    default_queue,
+                )])
+                .await?;
                 reported += 1;
             }
             tx.commit().await?;
