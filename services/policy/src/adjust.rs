@@ -3,15 +3,20 @@
 //! Pure functions over a rule, its per-scenario state and the signal's aggregate over the rule's
 //! window; the application layer reads and writes them in one transaction.
 //!
-//! Hysteresis, so nothing flaps:
-//! - a rule **fires** when the window holds at least `min_samples` observations and their mean
-//!   breaches the threshold, and not more often than once per `cooldown` (a breach that persists
-//!   past the cooldown fires again, stepping further, always inside the guardrails);
-//! - it **recovers** only when the mean is back past the threshold by a margin (a fraction of
-//!   the threshold, default 10 %) and stays there for a full window; values inside the band
-//!   neither fire nor count towards recovery;
+//! Hysteresis, so nothing flaps and nothing repeats:
+//! - a rule **fires** when it enters its condition: the window holds at least `min_samples`
+//!   observations, their value breaches the threshold, and the rule is not already in an episode
+//!   (a firing that has not recovered yet). While the breach persists the rule holds, however many
+//!   reports arrive; it acts again only after it has recovered. A new episode starts at the
+//!   earliest `cooldown` after the previous firing;
+//! - it **recovers** from a reading only when the value is back past the threshold by a margin (a
+//!   fraction of the threshold, default 10 %) and stays there for a full window; values inside the
+//!   band neither fire nor count towards recovery;
+//! - a rule fed by analytics alerts also **recovers when the alert resolves** ([`resolve`]): the
+//!   resolution is the last report that signal sends, so waiting for a further reading would keep
+//!   the change until the next alert;
 //! - on recovery, a rule with `revert_when_recovered` restores the value (or strategy) the
-//!   scenario had before the first firing of the episode.
+//!   scenario had before the firing of the episode.
 
 use tandem_policy_client::strategy_from_wire;
 use tandem_policy_engine as engine;
@@ -65,6 +70,10 @@ pub fn evaluate(
     };
     if breach {
         state.recovered_since = None;
+        if state.firing {
+            // Already in an episode: the change it made stays, and nothing is applied again.
+            return Step::Hold(state);
+        }
         let cooled = state
             .last_fired_at
             .is_none_or(|last| now.saturating_sub(last) >= micros(rule.cooldown.as_ref()));
@@ -86,6 +95,11 @@ pub fn evaluate(
     if now.saturating_sub(since) < micros(rule.window.as_ref()) {
         return Step::Hold(state);
     }
+    end_episode(rule, state)
+}
+
+/// Ends a rule's episode: a revert to the baseline when the rule reverts and has one.
+fn end_episode(rule: &pb::AdjustmentRule, mut state: RuleState) -> Step {
     state.firing = false;
     state.recovered_since = None;
     let applied = state.applied.take();
@@ -93,6 +107,35 @@ pub fn evaluate(
         Some(baseline) if rule.revert_when_recovered => Step::Revert(state, baseline, applied),
         _ => Step::Hold(state),
     }
+}
+
+/// Evaluates a rule when the analytics alert reporting its signal for the scenario resolves,
+/// with the value the alert cleared at (`None` when the alert carries no measurement: its window
+/// had no data, or its alert rule was disabled, deleted or re-scoped).
+///
+/// A rule in an episode recovers at once, without the hysteresis band and without waiting for a
+/// full window (the alert applied its own hysteresis before resolving, and no further reading
+/// follows a resolution), unless the value still breaches the rule's own threshold: then an alert
+/// stricter than the rule has cleared while the rule's condition holds, and the episode goes on.
+/// A rule not in an episode is left as it is.
+pub fn resolve(
+    rule: &pb::AdjustmentRule,
+    state: Option<RuleState>,
+    value: Option<f64>,
+) -> Option<Step> {
+    let state = state.filter(|s| s.firing)?;
+    let above = rule.comparison == pb::Comparison::Above as i32;
+    let still_breached = value.is_some_and(|v| {
+        if above {
+            v > rule.threshold
+        } else {
+            v < rule.threshold
+        }
+    });
+    if still_breached {
+        return None;
+    }
+    Some(end_episode(rule, state))
 }
 
 /// The value a rule compares for a signal. Queue ETA is an instantaneous reading, so its mean over
@@ -129,6 +172,9 @@ pub struct Change {
     pub baseline: Option<String>,
     /// The value written, in the format of `baseline`, when the change applies.
     pub applied: Option<String>,
+    /// True when the scenario already holds the target: nothing would change, so nothing is
+    /// applied, recorded or published.
+    pub unchanged: bool,
 }
 
 /// Reads a threshold's effective value.
@@ -229,6 +275,16 @@ fn field_name(field: pb::ThresholdField) -> &'static str {
     }
 }
 
+/// The outcome of moving a threshold.
+enum Move {
+    /// The scenario with the threshold moved.
+    To(Box<pb::Scenario>),
+    /// The guardrails keep the threshold where it is.
+    Blocked,
+    /// The threshold already holds the target (after rounding, for whole-number fields).
+    Unchanged,
+}
+
 /// Moves a threshold to `target`, clamped to its guardrails.
 fn move_field(
     wire: &pb::Scenario,
@@ -237,13 +293,13 @@ fn move_field(
     target: f64,
     record: &mut pb::Adjustment,
     applied: pb::AdjustmentStatus,
-) -> Option<pb::Scenario> {
+) -> Move {
     let (Some(current), Some((lo, hi))) = (
         read_field(&compiled.thresholds, field),
         bounds(&compiled.guardrails, field),
     ) else {
         record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
-        return None;
+        return Move::Blocked;
     };
     let mut next = target.clamp(lo, hi);
     if is_integral(field) {
@@ -253,12 +309,15 @@ fn move_field(
     record.old_value = current;
     record.new_value = next;
     if (next - current).abs() < 1e-12 {
+        if (lo..=hi).contains(&target) {
+            return Move::Unchanged;
+        }
         record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
         record.explanation = format!(
             "{} stays at {current}: its guardrails {lo}..={hi} allow no further move",
             field_name(field)
         );
-        return None;
+        return Move::Blocked;
     }
     let clamped = (next - target).abs() > 1e-12;
     record.status = if clamped && applied == pb::AdjustmentStatus::Applied {
@@ -277,7 +336,7 @@ fn move_field(
     );
     let mut s = wire.clone();
     write_field(&mut s, field, next);
-    Some(s)
+    Move::To(Box::new(s))
 }
 
 /// Computes what firing `rule` does to a scenario.
@@ -287,6 +346,7 @@ pub fn fire(rule: &pb::AdjustmentRule, wire: &pb::Scenario, compiled: &engine::S
         rule_id: rule.id.clone(),
         ..pb::Adjustment::default()
     };
+    let mut unchanged = false;
     let (next, baseline) = match &rule.effect {
         Some(pb::adjustment_rule::Effect::Step(step)) => {
             let field =
@@ -295,14 +355,21 @@ pub fn fire(rule: &pb::AdjustmentRule, wire: &pb::Scenario, compiled: &engine::S
             record.explanation = "the rule names no known threshold".into();
             let current = read_field(&compiled.thresholds, field);
             let next = current.and_then(|c| {
-                move_field(
+                match move_field(
                     wire,
                     compiled,
                     field,
                     c + step.delta,
                     &mut record,
                     pb::AdjustmentStatus::Applied,
-                )
+                ) {
+                    Move::To(s) => Some(*s),
+                    Move::Blocked => None,
+                    Move::Unchanged => {
+                        unchanged = true;
+                        None
+                    }
+                }
             });
             (next, current.map(|c| c.to_string()))
         }
@@ -311,13 +378,12 @@ pub fn fire(rule: &pb::AdjustmentRule, wire: &pb::Scenario, compiled: &engine::S
             record.new_strategy = *target;
             let allowed = strategy_from_wire(*target)
                 .is_some_and(|s| compiled.guardrails.allowed_strategies.contains(&s));
-            if !allowed || wire.strategy == *target {
+            if wire.strategy == *target {
+                unchanged = true;
+                (None, None)
+            } else if !allowed {
                 record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
-                record.explanation = if allowed {
-                    "the scenario already has this strategy".into()
-                } else {
-                    "the guardrails do not allow this strategy".into()
-                };
+                record.explanation = "the guardrails do not allow this strategy".into();
                 (None, None)
             } else {
                 record.status = pb::AdjustmentStatus::Applied as i32;
@@ -343,6 +409,7 @@ pub fn fire(rule: &pb::AdjustmentRule, wire: &pb::Scenario, compiled: &engine::S
         record,
         baseline,
         applied,
+        unchanged,
     }
 }
 
@@ -366,12 +433,14 @@ pub fn still_applied(
     read_field(&compiled.thresholds, field).is_some_and(|current| (current - value).abs() < 1e-9)
 }
 
-/// Computes the revert of an episode to `baseline`.
+/// Computes the revert of an episode to `baseline`; `why` opens the explanation (e.g. "signal
+/// recovered").
 pub fn revert(
     rule: &pb::AdjustmentRule,
     baseline: &str,
     wire: &pb::Scenario,
     compiled: &engine::Scenario,
+    why: &str,
 ) -> Change {
     let mut record = pb::Adjustment {
         scenario_id: wire.id.clone(),
@@ -379,24 +448,29 @@ pub fn revert(
         status: pb::AdjustmentStatus::Reverted as i32,
         ..pb::Adjustment::default()
     };
+    let mut unchanged = false;
     let next = if let Some(strategy) = baseline.strip_prefix("strategy:") {
         match strategy.parse::<i32>() {
             Ok(target) if target != wire.strategy => {
                 record.old_strategy = wire.strategy;
                 record.new_strategy = target;
-                record.explanation = format!("signal recovered: strategy back to {target}");
+                record.explanation = format!("{why}: strategy back to {target}");
                 let mut s = wire.clone();
                 s.strategy = target;
                 Some(s)
             }
-            _ => None,
+            Ok(_) => {
+                unchanged = true;
+                None
+            }
+            Err(_) => None,
         }
     } else {
         match (baseline.parse::<f64>(), &rule.effect) {
             (Ok(value), Some(pb::adjustment_rule::Effect::Step(step))) => {
                 let field = pb::ThresholdField::try_from(step.field)
                     .unwrap_or(pb::ThresholdField::Unspecified);
-                let next = move_field(
+                let moved = move_field(
                     wire,
                     compiled,
                     field,
@@ -404,9 +478,15 @@ pub fn revert(
                     &mut record,
                     pb::AdjustmentStatus::Reverted,
                 );
-                record.status = pb::AdjustmentStatus::Reverted as i32;
-                record.explanation = format!("signal recovered: {}", record.explanation);
-                next
+                record.explanation = format!("{why}: {}", record.explanation);
+                match moved {
+                    Move::To(s) => Some(*s),
+                    Move::Blocked => None,
+                    Move::Unchanged => {
+                        unchanged = true;
+                        None
+                    }
+                }
             }
             _ => None,
         }
@@ -416,6 +496,7 @@ pub fn revert(
         record,
         baseline: None,
         applied: None,
+        unchanged,
     }
 }
 
@@ -471,7 +552,7 @@ mod tests {
             panic!("did not fire")
         };
         s.baseline = Some("20".into());
-        // Still breaching inside the cooldown: hold.
+        // Still breaching: hold, the episode runs.
         let Step::Hold(s) = evaluate(&r, Some(s), "s", agg(900.0, 3), 2 * MIN, 0.1) else {
             panic!("fired inside the cooldown")
         };
@@ -491,6 +572,112 @@ mod tests {
         };
         assert_eq!(baseline, "20");
         assert!(!s.firing);
+    }
+
+    #[test]
+    fn a_persisting_breach_holds_and_a_new_episode_waits_for_the_cooldown() {
+        let r = rule();
+        let Step::Fire(mut s) = evaluate(&r, None, "s", agg(900.0, 2), 0, 0.1) else {
+            panic!("did not fire")
+        };
+        s.baseline = Some("20".into());
+        // Past the cooldown (5 minutes), still breaching: the episode holds, nothing re-applies.
+        for at in [6 * MIN, 30 * MIN, 120 * MIN] {
+            let Step::Hold(held) = evaluate(&r, Some(s), "s", agg(900.0, 3), at, 0.1) else {
+                panic!("re-applied at {at} while the condition held")
+            };
+            assert!(held.firing);
+            assert_eq!(held.last_fired_at, Some(0));
+            s = held;
+        }
+        // Leaving the condition for a full window reverts.
+        let Step::Hold(s) = evaluate(&r, Some(s), "s", agg(100.0, 3), 121 * MIN, 0.1) else {
+            panic!()
+        };
+        let Step::Revert(s, _, _) = evaluate(&r, Some(s), "s", agg(100.0, 3), 131 * MIN, 0.1)
+        else {
+            panic!("did not revert")
+        };
+        // Entering it again fires (the cooldown since the last firing has passed).
+        assert!(matches!(
+            evaluate(&r, Some(s), "s", agg(900.0, 3), 132 * MIN, 0.1),
+            Step::Fire(_)
+        ));
+        // A new episode waits for the cooldown after the previous firing.
+        let recent = RuleState {
+            firing: false,
+            last_fired_at: Some(130 * MIN),
+            ..evaluate_fresh(&r)
+        };
+        assert!(matches!(
+            evaluate(&r, Some(recent), "s", agg(900.0, 3), 132 * MIN, 0.1),
+            Step::Hold(_)
+        ));
+    }
+
+    fn evaluate_fresh(r: &pb::AdjustmentRule) -> RuleState {
+        let Step::Hold(s) = evaluate(r, None, "s", agg(0.0, 0), 0, 0.1) else {
+            panic!()
+        };
+        s
+    }
+
+    #[test]
+    fn a_resolution_ends_the_episode_unless_its_value_still_breaches() {
+        let mut r = rule();
+        let firing = RuleState {
+            firing: true,
+            last_fired_at: Some(0),
+            baseline: Some("20".into()),
+            applied: Some("25".into()),
+            ..evaluate_fresh(&r)
+        };
+        // Not in an episode: nothing to do.
+        assert_eq!(resolve(&r, None, Some(100.0)), None);
+        assert_eq!(resolve(&r, Some(evaluate_fresh(&r)), Some(100.0)), None);
+        // Still above the threshold (300): the episode goes on.
+        assert_eq!(resolve(&r, Some(firing.clone()), Some(310.0)), None);
+        // Past the threshold, even inside the hysteresis band, or without a value: revert.
+        for value in [Some(290.0), Some(100.0), None] {
+            let Some(Step::Revert(s, baseline, applied)) = resolve(&r, Some(firing.clone()), value)
+            else {
+                panic!("{value:?} did not revert")
+            };
+            assert!(!s.firing && s.baseline.is_none() && s.applied.is_none());
+            assert_eq!((baseline.as_str(), applied.as_deref()), ("20", Some("25")));
+        }
+        // A rule that does not revert only ends its episode.
+        r.revert_when_recovered = false;
+        let Some(Step::Hold(s)) = resolve(&r, Some(firing), None) else {
+            panic!()
+        };
+        assert!(!s.firing);
+    }
+
+    #[test]
+    fn a_change_to_the_value_already_held_is_unchanged() {
+        let mut r = rule();
+        let compiled = engine::default_scenario();
+        let wire = pb::Scenario {
+            id: "s".into(),
+            strategy: pb::Strategy::BotFirst as i32,
+            ..pb::Scenario::default()
+        };
+        r.effect = Some(pb::adjustment_rule::Effect::SetStrategy(
+            pb::Strategy::BotFirst as i32,
+        ));
+        let change = fire(&r, &wire, &compiled);
+        assert!(change.unchanged && change.next.is_none());
+        // A step that rounds back to the current whole number.
+        r.effect = Some(pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+            field: pb::ThresholdField::MaxBotTurns as i32,
+            delta: 0.4,
+        }));
+        assert!(fire(&r, &wire, &compiled).unchanged);
+        // A revert to the value the scenario holds.
+        let current = compiled.thresholds.max_bot_turns.to_string();
+        assert!(revert(&r, &current, &wire, &compiled, "signal recovered").unchanged);
+        assert!(revert(&r, "strategy:2", &wire, &compiled, "signal recovered").unchanged);
     }
 
     #[test]
@@ -514,6 +701,7 @@ mod tests {
             blocked.record.status,
             pb::AdjustmentStatus::BlockedByGuardrail as i32
         );
+        assert!(!blocked.unchanged);
     }
 
     #[test]

@@ -695,8 +695,10 @@ impl App {
         Ok(rule)
     }
 
-    /// Feeds observed signal values and applies the rules they fire, in one transaction with
-    /// the inbox claim of the event that carried them.
+    /// Feeds observed signal values and applies the rules they fire (or the reverts that
+    /// resolutions bring), in one transaction with the inbox claim of the event that carried
+    /// them. Values that are not finite are not stored; a resolution without a value still ends
+    /// the episodes of the rules it concerns.
     pub async fn observe(
         &self,
         tenant: &TenantId,
@@ -721,7 +723,11 @@ impl App {
             let (cat, _) = Catalogue::build(snapshot.scenarios.clone());
             let mut batch = Batch {
                 claim: claim.clone(),
-                observations: observations.clone(),
+                observations: observations
+                    .iter()
+                    .filter(|o| o.value.is_finite())
+                    .cloned()
+                    .collect(),
                 ..Batch::default()
             };
             // Scenario states as changed so far within this batch.
@@ -741,10 +747,11 @@ impl App {
                         .aggregate(tenant, &o.scenario_id, o.signal, since)
                         .await?;
                     // Include this batch's observations of the same series.
-                    for extra in observations
-                        .iter()
-                        .filter(|x| x.scenario_id == o.scenario_id && x.signal == o.signal)
-                    {
+                    for extra in observations.iter().filter(|x| {
+                        x.scenario_id == o.scenario_id
+                            && x.signal == o.signal
+                            && x.value.is_finite()
+                    }) {
                         #[allow(clippy::cast_precision_loss)]
                         let n = agg.samples as f64;
                         agg.mean = (agg.mean * n + extra.value) / (n + 1.0);
@@ -768,14 +775,29 @@ impl App {
                     // For a revert: its baseline and the value the rule wrote, to keep if the
                     // revert is blocked.
                     let mut reverting = None;
-                    let (mut change, mut state) = match adjust::evaluate(
-                        &rule,
-                        state,
-                        &o.scenario_id,
-                        agg,
-                        now,
-                        self.options.hysteresis_margin,
-                    ) {
+                    let step = if o.resolution {
+                        let value = o.value.is_finite().then_some(o.value);
+                        match adjust::resolve(&rule, state, value) {
+                            Some(step) => step,
+                            // Not in an episode, or still breaching: nothing to change.
+                            None => continue,
+                        }
+                    } else {
+                        adjust::evaluate(
+                            &rule,
+                            state,
+                            &o.scenario_id,
+                            agg,
+                            now,
+                            self.options.hysteresis_margin,
+                        )
+                    };
+                    let why = if o.resolution {
+                        "alert resolved"
+                    } else {
+                        "signal recovered"
+                    };
+                    let (mut change, mut state) = match step {
                         Step::Hold(state) => {
                             batch.rule_states.push(state);
                             continue;
@@ -791,18 +813,28 @@ impl App {
                                 batch.rule_states.push(state);
                                 continue;
                             }
-                            let change = adjust::revert(&rule, &baseline, &wire, &compiled);
+                            let change = adjust::revert(&rule, &baseline, &wire, &compiled, why);
                             reverting = Some((baseline, applied));
                             (change, state)
                         }
                     };
+                    if change.unchanged {
+                        // The scenario already holds the target: the episode starts (or ends)
+                        // without an adjustment, a version or an event.
+                        batch.rule_states.push(state);
+                        continue;
+                    }
                     let signal_name = pb::AdjustmentSignal::try_from(o.signal)
                         .map_or("unknown", |s| s.as_str_name());
                     change.record.metrics = HashMap::from([
-                        (signal_name.to_owned(), agg.mean),
                         ("samples".to_owned(), agg.samples as f64),
                         ("threshold".to_owned(), rule.threshold),
                     ]);
+                    // A resolution reports its own value; one without a value reports none.
+                    let value = if o.resolution { o.value } else { agg.mean };
+                    if value.is_finite() {
+                        change.record.metrics.insert(signal_name.to_owned(), value);
+                    }
                     change.record.id = uuid::Uuid::now_v7().to_string();
                     change.record.from_version = wire.version;
                     change.record.created_at = Some(micros_timestamp(now));

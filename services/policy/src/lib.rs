@@ -46,6 +46,12 @@ use crate::store::{Committed, Observation, Store, timestamp_micros};
 pub const GRPC_SERVICES: &[&str] =
     &[tandem_proto::pb::policy::v1::policy_service_server::SERVICE_NAME];
 
+/// Default of [`Settings::adjustment_retention`]: 180 days.
+pub const ADJUSTMENT_RETENTION: Duration = Duration::from_secs(180 * 86_400);
+/// Bounds of [`Settings::adjustment_retention`].
+const ADJUSTMENT_RETENTION_BOUNDS: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(7 * 86_400)..=Duration::from_secs(3_660 * 86_400);
+
 /// Settings of the policy service, under `[service]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -61,6 +67,10 @@ pub struct Settings {
     pub observation_retention: Duration,
     /// Shadow decisions buffered before new ones are dropped (and counted).
     pub shadow_buffer: usize,
+    /// How long adjustment records (`ListAdjustments`) are kept (7 days..=3660 days). Older ones
+    /// are deleted hourly; the scenario versions they caused stay, with their rule and metrics.
+    #[serde(with = "humantime_serde")]
+    pub adjustment_retention: Duration,
 }
 
 impl Default for Settings {
@@ -70,6 +80,7 @@ impl Default for Settings {
             hysteresis_margin: 0.1,
             observation_retention: Duration::from_secs(8 * 86_400),
             shadow_buffer: 10_000,
+            adjustment_retention: ADJUSTMENT_RETENTION,
         }
     }
 }
@@ -92,6 +103,12 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.observation_retention"),
                 "must be at least 7 days, the longest rule window",
+            ));
+        }
+        if !ADJUSTMENT_RETENTION_BOUNDS.contains(&self.adjustment_retention) {
+            errors.push(ConfigError::new(
+                format!("{path}.adjustment_retention"),
+                "must be between 7 days and 3660 days",
             ));
         }
         if self.shadow_buffer == 0 {
@@ -165,9 +182,10 @@ impl Service for Policy {
                 ctx.shutdown.clone(),
             ));
         }
-        ctx.tracker.spawn(prune_observations(
+        ctx.tracker.spawn(prune(
             store,
             settings.observation_retention,
+            settings.adjustment_retention,
             ctx.shutdown.clone(),
         ));
         Ok(())
@@ -208,17 +226,31 @@ async fn write_shadow_decisions(
     }
 }
 
-/// Deletes observations older than the retention, hourly.
-async fn prune_observations(store: Store, keep: Duration, shutdown: CancellationToken) {
+/// Deletes observations and adjustment records older than their retentions, hourly. Every
+/// replica prunes; the deletes are idempotent.
+async fn prune(
+    store: Store,
+    observations: Duration,
+    adjustments: Duration,
+    shutdown: CancellationToken,
+) {
+    let before = |keep: Duration| {
+        store::now_micros().saturating_sub(i64::try_from(keep.as_micros()).unwrap_or(i64::MAX))
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(3_600));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let before = store::now_micros() - i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
-        if let Err(e) = store.prune_observations(before).await {
+        if let Err(e) = store.prune_observations(before(observations)).await {
             tracing::warn!(error = %tandem_platform::error::DisplayChain(&e), "pruning observations failed");
+        }
+        match store.prune_adjustments(before(adjustments)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "old adjustment records deleted"),
+            Err(e) => tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
+                "pruning adjustment records failed"),
         }
     }
 }
@@ -247,14 +279,16 @@ async fn observations(app: &App, event: &RawEvent) -> Result<Vec<Observation>, H
         seconds: event.occurred_at.timestamp(),
         nanos: i32::try_from(event.occurred_at.timestamp_subsec_nanos()).unwrap_or(0),
     });
-    let one = |scenario: &str, signal: Option<pb::AdjustmentSignal>, value: f64| {
+    // A reading needs a finite value; a resolution counts without one (its value is then NaN).
+    let one = |scenario: &str, signal: Option<pb::AdjustmentSignal>, value: f64, resolution| {
         signal
-            .filter(|_| !scenario.is_empty() && value.is_finite())
+            .filter(|_| !scenario.is_empty() && (resolution || value.is_finite()))
             .map(|s| Observation {
                 scenario_id: scenario.to_owned(),
                 signal: s as i32,
-                value,
+                value: if value.is_finite() { value } else { f64::NAN },
                 observed_at: at,
+                resolution,
             })
             .into_iter()
             .collect::<Vec<_>>()
@@ -262,11 +296,11 @@ async fn observations(app: &App, event: &RawEvent) -> Result<Vec<Observation>, H
     Ok(match event.type_name.as_str() {
         AlertRaised::TYPE_NAME => {
             let e = event.decode::<AlertRaised>()?.event;
-            one(&e.scenario_id, signal_of(e.metric), e.observed_value)
+            one(&e.scenario_id, signal_of(e.metric), e.observed_value, false)
         }
         AlertResolved::TYPE_NAME => {
             let e = event.decode::<AlertResolved>()?.event;
-            one(&e.scenario_id, signal_of(e.metric), e.observed_value)
+            one(&e.scenario_id, signal_of(e.metric), e.observed_value, true)
         }
         QueueStatsReported::TYPE_NAME => {
             let e = event.decode::<QueueStatsReported>()?.event;
@@ -293,6 +327,7 @@ async fn observations(app: &App, event: &RawEvent) -> Result<Vec<Observation>, H
                         s,
                         Some(pb::AdjustmentSignal::QueueEta),
                         f64::from(e.eta_seconds),
+                        false,
                     )
                 })
                 .collect()
@@ -320,6 +355,37 @@ impl Handler for Signals {
             Err(e) => Err(HandlerError::Transient(
                 tandem_platform::error::DisplayChain(&e).to_string(),
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn problems(settings: &Settings) -> Vec<String> {
+        let mut errors = Vec::new();
+        settings.validate("service", &mut errors);
+        errors.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn adjustment_retention_is_bounded() {
+        assert!(problems(&Settings::default()).is_empty());
+        assert_eq!(
+            Settings::default().adjustment_retention,
+            Duration::from_secs(180 * 86_400)
+        );
+        for days in [1, 3_661] {
+            let settings = Settings {
+                adjustment_retention: Duration::from_secs(days * 86_400),
+                ..Settings::default()
+            };
+            let found = problems(&settings);
+            assert_eq!(found.len(), 1, "{days} days: {found:?}");
+            assert_eq!(found[0], "service.adjustment_retention");
         }
     }
 }

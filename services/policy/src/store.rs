@@ -87,6 +87,11 @@ pub struct Observation {
     pub value: f64,
     /// When (µs since the epoch).
     pub observed_at: i64,
+    /// True when the value comes with the resolution of the analytics alert that reported the
+    /// signal (`AlertResolved`): besides being a reading, it ends the episodes of the rules on
+    /// the signal (see [`crate::adjust::resolve`]). Its value may be NaN when the alert resolved
+    /// without a measurement; such a value is not stored.
+    pub resolution: bool,
 }
 
 /// Everything one catalogue change writes.
@@ -567,6 +572,19 @@ impl Store {
     pub async fn prune_observations(&self, before: i64) -> Result<u64, StoreError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query("DELETE FROM policy_observations WHERE observed_at < $1")
+                .bind(before)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
+    }
+
+    /// Deletes adjustment records created before `before` (µs), of every tenant. They are a
+    /// history only: what a running episode needs to revert (its baseline and the value it
+    /// wrote) is in its rule state, and each applied change also has its scenario version.
+    pub async fn prune_adjustments(&self, before: i64) -> Result<u64, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query("DELETE FROM policy_adjustments WHERE created_at < $1")
                 .bind(before)
                 .execute(pool)
                 .await?

@@ -1,6 +1,7 @@
 //! Automatic adjustments through the application layer, with the clock under the test's control
 //! (`App::observe_at`), on PostgreSQL (a throwaway server) and SQLite (a temp dir): whole-scenario
-//! validation of a change, reverts that respect later changes and pins, and adjustment paging.
+//! validation of a change, reverts that respect later changes and pins, reverts on resolved
+//! alerts, one application per episode, adjustment paging and the pruning of old adjustments.
 
 #![allow(clippy::unwrap_used)]
 
@@ -80,7 +81,12 @@ both!(
     a_revert_leaves_later_changes_alone,
     a_revert_blocked_by_a_pin_happens_after_unpinning,
     adjustments_of_one_batch_page_without_gaps,
+    a_resolved_alert_reverts_its_rule,
+    a_persisting_breach_applies_once_per_episode,
+    old_adjustments_are_pruned_and_running_episodes_still_revert,
 );
+
+const DAY: i64 = 86_400 * SECOND;
 
 const SECOND: i64 = 1_000_000;
 
@@ -167,8 +173,39 @@ async fn observe_signal(app: &App, signal: pb::AdjustmentSignal, value: f64, at:
         signal: signal as i32,
         value,
         observed_at: at,
+        resolution: false,
     };
     app.observe_at(&tenant(), None, vec![o], at).await.unwrap();
+}
+
+/// The bot CSAT alert of `refund` resolves at `at` (µs) with `value` (NaN: no measurement), as
+/// the `AlertResolved` consumer passes it on.
+async fn resolve(app: &App, value: f64, at: i64) {
+    let o = Observation {
+        scenario_id: "refund".into(),
+        signal: pb::AdjustmentSignal::BotCsat as i32,
+        value,
+        observed_at: at,
+        resolution: true,
+    };
+    app.observe_at(&tenant(), None, vec![o], at).await.unwrap();
+}
+
+/// Events waiting in the outbox (no relay runs in these tests).
+async fn outbox_events(app: &App) -> i64 {
+    tandem_platform::on_db!(app.store().db(), pool => {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tandem_outbox")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    })
+}
+
+async fn versions(app: &App) -> Vec<pb::PolicyVersion> {
+    app.store()
+        .versions(&tenant(), "refund", None, 100)
+        .await
+        .unwrap()
 }
 
 async fn observe(app: &App, value: f64, at: i64) {
@@ -225,6 +262,13 @@ async fn an_adjustment_that_would_invalidate_the_scenario_is_blocked(
 ) {
     let (app, _keep) = app(db).await;
     rule(&app, pb::ThresholdField::MinIntentConfidence, -0.15).await;
+    rule_on(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        pb::ThresholdField::MinIntentConfidence,
+        -0.15,
+    )
+    .await;
     let t0 = start();
     // 0.6 -> 0.45: still above the clarify band (0.4).
     observe(&app, 0.5, t0).await;
@@ -232,8 +276,15 @@ async fn an_adjustment_that_would_invalidate_the_scenario_is_blocked(
     assert_eq!(s.version, 2, "{:?}", adjustments(&app).await);
     let first = thresholds(&s).min_intent_confidence.unwrap();
     assert!((first - 0.45).abs() < 1e-9, "{first}");
-    // 0.45 -> 0.3 is inside the guardrails (0.3..=0.9) but below clarify_confidence: refused.
-    observe(&app, 0.5, t0 + SECOND).await;
+    // The second rule's step, 0.45 -> 0.3, is inside the guardrails (0.3..=0.9) but below
+    // clarify_confidence: refused.
+    observe_signal(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        0.5,
+        t0 + SECOND,
+    )
+    .await;
     let s = refund(&app).await;
     assert_eq!(s.version, 2, "the invalid step was applied: {s:?}");
     assert_eq!(thresholds(&s).min_intent_confidence, Some(first));
@@ -394,4 +445,181 @@ async fn adjustments_of_one_batch_page_without_gaps(db: impl Future<Output = (Db
         seen.push(last.id.clone());
     }
     assert_eq!(seen.len(), 3, "paging skipped adjustments: {seen:?}");
+}
+
+async fn a_resolved_alert_reverts_its_rule(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    // An hour's window: a reading-based recovery could not revert within this test.
+    let step = pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+        field: pb::ThresholdField::MaxBotTurns as i32,
+        delta: 5.0,
+    });
+    let raise = app
+        .upsert_rule(
+            &tenant(),
+            live_rule_below_0_7("refund", pb::AdjustmentSignal::BotCsat, 3_600, step),
+        )
+        .await
+        .unwrap();
+    let t0 = start();
+    let max_bot_turns = |s: pb::Scenario| thresholds(&s).max_bot_turns;
+
+    // The alert is raised, then resolved: the rule reverts at once.
+    observe(&app, 0.5, t0).await;
+    assert_eq!(max_bot_turns(refund(&app).await), Some(25));
+    resolve(&app, 0.9, t0 + 60 * SECOND).await;
+    let s = refund(&app).await;
+    assert_eq!(max_bot_turns(s.clone()), Some(20), "not reverted: {s:?}");
+    assert_eq!(s.version, 3);
+    let latest = adjustments(&app).await.remove(0);
+    assert_eq!(latest.status, pb::AdjustmentStatus::Reverted as i32);
+    assert!(
+        latest.explanation.starts_with("alert resolved"),
+        "{}",
+        latest.explanation
+    );
+    assert_eq!(latest.metrics.get("ADJUSTMENT_SIGNAL_BOT_CSAT"), Some(&0.9));
+
+    // A resolution without a measurement (NaN) reverts too, and is not stored as a reading.
+    observe(&app, 0.5, t0 + 120 * SECOND).await;
+    assert_eq!(max_bot_turns(refund(&app).await), Some(25));
+    resolve(&app, f64::NAN, t0 + 180 * SECOND).await;
+    assert_eq!(max_bot_turns(refund(&app).await), Some(20));
+    let latest = adjustments(&app).await.remove(0);
+    assert_eq!(latest.status, pb::AdjustmentStatus::Reverted as i32);
+    assert!(!latest.metrics.contains_key("ADJUSTMENT_SIGNAL_BOT_CSAT"));
+    let stored = app
+        .store()
+        .aggregate(
+            &tenant(),
+            "refund",
+            pb::AdjustmentSignal::BotCsat as i32,
+            t0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.samples, 3, "{stored:?}");
+
+    // A resolution at a value that still breaches the rule's threshold (a stricter alert
+    // cleared) keeps the change; one at a value past the threshold reverts it, even inside the
+    // hysteresis band (0.7..0.77), which readings would need to leave.
+    observe(&app, 0.5, t0 + 240 * SECOND).await;
+    resolve(&app, 0.65, t0 + 300 * SECOND).await;
+    assert_eq!(max_bot_turns(refund(&app).await), Some(25));
+    assert!(rule_state(&app, &raise.id).await.unwrap().firing);
+    resolve(&app, 0.75, t0 + 360 * SECOND).await;
+    assert_eq!(max_bot_turns(refund(&app).await), Some(20));
+
+    // A resolution when the rule is not in effect changes nothing.
+    let (version, listed) = (refund(&app).await.version, adjustments(&app).await.len());
+    resolve(&app, 0.9, t0 + 420 * SECOND).await;
+    assert_eq!(refund(&app).await.version, version);
+    assert_eq!(adjustments(&app).await.len(), listed);
+}
+
+async fn a_persisting_breach_applies_once_per_episode(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    // Two rules on the queue ETA (above 300 s over a minute, no cooldown): one raises
+    // max_bot_turns by 5, the other asks for the strategy the scenario already has.
+    let on_queue_eta = |effect| pb::AdjustmentRule {
+        comparison: pb::Comparison::Above as i32,
+        threshold: 300.0,
+        ..live_rule_below_0_7("refund", pb::AdjustmentSignal::QueueEta, 60, effect)
+    };
+    for effect in [
+        pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+            field: pb::ThresholdField::MaxBotTurns as i32,
+            delta: 5.0,
+        }),
+        pb::adjustment_rule::Effect::SetStrategy(pb::Strategy::BotFirst as i32),
+    ] {
+        app.upsert_rule(&tenant(), on_queue_eta(effect))
+            .await
+            .unwrap();
+    }
+    let t0 = start();
+    let events = outbox_events(&app).await;
+
+    // Eight reports five seconds apart, all above the trigger: one adjustment, one version,
+    // one PolicyUpdated. The strategy rule changes nothing and records nothing.
+    for i in 0..8 {
+        observe_signal(
+            &app,
+            pb::AdjustmentSignal::QueueEta,
+            600.0,
+            t0 + i * 5 * SECOND,
+        )
+        .await;
+    }
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
+    assert_eq!(s.version, 2, "{:?}", adjustments(&app).await);
+    let listed = adjustments(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].status, pb::AdjustmentStatus::Applied as i32);
+    assert_eq!(versions(&app).await.len(), 2);
+    assert_eq!(outbox_events(&app).await - events, 1);
+
+    // Leaving the condition (a full window below the band) reverts; entering it again applies
+    // once more.
+    observe_signal(
+        &app,
+        pb::AdjustmentSignal::QueueEta,
+        100.0,
+        t0 + 100 * SECOND,
+    )
+    .await;
+    observe_signal(
+        &app,
+        pb::AdjustmentSignal::QueueEta,
+        100.0,
+        t0 + 160 * SECOND,
+    )
+    .await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(20));
+    for i in 0..4 {
+        let at = t0 + 200 * SECOND + i * 5 * SECOND;
+        observe_signal(&app, pb::AdjustmentSignal::QueueEta, 900.0, at).await;
+    }
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
+    assert_eq!(s.version, 4);
+    assert_eq!(adjustments(&app).await.len(), 3);
+    assert_eq!(outbox_events(&app).await - events, 3);
+}
+
+async fn old_adjustments_are_pruned_and_running_episodes_still_revert(
+    db: impl Future<Output = (Db, Keep)>,
+) {
+    let (app, _keep) = app(db).await;
+    rule(&app, pb::ThresholdField::MaxBotTurns, 5.0).await;
+    let recent_rule = rule_on(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        pb::ThresholdField::MaxFallbacks,
+        1.0,
+    )
+    .await;
+    let now = now_micros();
+    // An episode that started 200 days ago and still runs, and a recent one.
+    observe(&app, 0.5, now - 200 * DAY).await;
+    observe_signal(&app, pb::AdjustmentSignal::ContainmentRate, 0.5, now - DAY).await;
+    assert_eq!(adjustments(&app).await.len(), 2);
+
+    // The default retention, 180 days.
+    let keep = i64::try_from(tandem_policy::ADJUSTMENT_RETENTION.as_micros()).unwrap();
+    let deleted = app.store().prune_adjustments(now - keep).await.unwrap();
+    assert_eq!(deleted, 1);
+    let listed = adjustments(&app).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].rule_id, recent_rule.id);
+    // Pruning again deletes nothing (every replica prunes).
+    assert_eq!(app.store().prune_adjustments(now - keep).await.unwrap(), 0);
+
+    // The episode whose record went still reverts: its rule state holds what it needs.
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    resolve(&app, 0.9, now).await;
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(20), "{s:?}");
+    assert_eq!(thresholds(&s).max_fallbacks, Some(3));
 }

@@ -557,6 +557,25 @@ fn alert(scenario: &str, value: f64, id: &str) -> RawEvent {
     e
 }
 
+/// The resolution of the alert `id` at `value` (NaN: without a measurement).
+fn resolved(scenario: &str, value: f64, id: &str) -> RawEvent {
+    let tenant = TenantId::new("acme").unwrap();
+    let mut e = RawEvent::new(
+        &tenant,
+        &AlertResolved {
+            alert_id: id.into(),
+            kind: AlertKind::BotCsatBelowTarget as i32,
+            scenario_id: scenario.into(),
+            metric: MetricName::Csat as i32,
+            observed_value: value,
+            ..AlertResolved::default()
+        },
+        Some(scenario.to_owned()),
+    );
+    e.id = format!("evt-{id}-resolved");
+    e
+}
+
 async fn alerts_adjust_within_guardrails_and_pins_and_rollbacks_work(
     rig: impl Future<Output = Rig>,
 ) {
@@ -638,9 +657,11 @@ async fn alerts_adjust_within_guardrails_and_pins_and_rollbacks_work(
             .contains_key("ADJUSTMENT_SIGNAL_BOT_CSAT")
     );
 
-    // The same event redelivered changes nothing.
+    // The same event redelivered changes nothing, and so does a further alert while the
+    // change is in effect.
     rig.publish(alert(&target.id, 0.5, "a1")).await;
-    // Pin: a further alert is recorded as blocked, not applied.
+    rig.publish(alert(&target.id, 0.4, "a2")).await;
+    // Pin: the revert the resolution of the alert brings is recorded as blocked, not applied.
     c.pin_scenario(pb::PinScenarioRequest {
         scenario_id: target.id.clone(),
         reason: "incident review".into(),
@@ -650,7 +671,7 @@ async fn alerts_adjust_within_guardrails_and_pins_and_rollbacks_work(
     let pinned = next_update(&mut updates).await;
     assert_eq!(pinned.version, 3);
     assert!(pinned.scenario.unwrap().pinned);
-    rig.publish(alert(&target.id, 0.4, "a2")).await;
+    rig.publish(resolved(&target.id, 0.9, "a1")).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let adjustments = loop {
         let listed = c
@@ -671,10 +692,10 @@ async fn alerts_adjust_within_guardrails_and_pins_and_rollbacks_work(
     assert_eq!(
         statuses,
         [
-            pb::AdjustmentStatus::BlockedByGuardrail as i32,
+            pb::AdjustmentStatus::BlockedByPin as i32,
             pb::AdjustmentStatus::Applied as i32
         ],
-        "already at agent assist: the second firing is a no-op (newest first): {adjustments:?}"
+        "one firing, then the revert blocked by the pin (newest first): {adjustments:?}"
     );
     let now = c
         .get_scenario(pb::GetScenarioRequest {
@@ -736,29 +757,36 @@ async fn alerts_adjust_within_guardrails_and_pins_and_rollbacks_work(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Unpin and let the signal recover: with a zero... the window is an hour, so no revert yet;
-    // the resolved alert is recorded as an observation without a change.
+    // Unpin. The resolution of that alert ends the episode without a change (its firing
+    // changed nothing to revert).
     c.unpin_scenario(pb::UnpinScenarioRequest {
         scenario_id: target.id.clone(),
         reason: String::new(),
     })
     .await
     .unwrap();
-    let tenant = TenantId::new("acme").unwrap();
-    rig.publish(RawEvent::new(
-        &tenant,
-        &AlertResolved {
-            alert_id: "a3".into(),
-            scenario_id: target.id.clone(),
-            metric: MetricName::Csat as i32,
-            observed_value: 0.9,
-            ..AlertResolved::default()
-        },
-        None,
-    ))
-    .await;
     let unpinned = next_update(&mut updates).await;
     assert!(!unpinned.scenario.unwrap().pinned);
+    rig.publish(resolved(&target.id, 0.9, "a3")).await;
+
+    // A new alert applies again; its resolution, even without a measurement, reverts at once
+    // (the rule's window is an hour).
+    rig.publish(alert(&target.id, 0.5, "a4")).await;
+    let applied = next_update(&mut updates).await;
+    assert_eq!(applied.version, 6);
+    assert_eq!(applied.cause, pb::ChangeCause::Adjustment as i32);
+    assert_eq!(
+        applied.scenario.unwrap().strategy,
+        pb::Strategy::AgentAssist as i32
+    );
+    rig.publish(resolved(&target.id, f64::NAN, "a4")).await;
+    let reverted = next_update(&mut updates).await;
+    assert_eq!(reverted.version, 7);
+    assert_eq!(reverted.cause, pb::ChangeCause::Adjustment as i32);
+    assert_eq!(
+        reverted.scenario.unwrap().strategy,
+        pb::Strategy::BotFirst as i32
+    );
     rig.stop().await;
 }
 
