@@ -1,8 +1,8 @@
 //! [`SearchIndex`]: the handle the knowledge service holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ use crate::query::{
 };
 use crate::schema::{ArticleDoc, Fields, check_identifier, doc_key};
 use crate::snippet::SnippetMaker;
+#[cfg(any(test, feature = "fault-injection"))]
+use crate::writer::Fault;
 use crate::writer::{Batching, Command, Progress, RebuildCounts, Shared, WriterLoop};
 
 /// Articles sent to the writer thread per message during a rebuild.
@@ -48,13 +50,62 @@ const POST_FILTER_MIN_SHARE: u64 = 4;
 /// [`SearchIndex::wait_visible`], [`SearchIndex::flush`] and [`SearchIndex::rebuild`] from a
 /// blocking context: they wait for commits. `upsert` and `remove` block only while the
 /// writer's queue is full. The handle is `Send + Sync`; share it behind an `Arc`.
+///
+/// When the writer fails (tantivy reports an error, or its thread panics) every later write
+/// fails with [`SearchError::WriterFailed`] and searches keep answering from the last commit,
+/// until [`SearchIndex::recover`] starts a new writer.
 pub struct SearchIndex {
-    reader: IndexReader,
+    /// The tantivy index; replaced by [`SearchIndex::recover`] when no writer can be opened on it.
+    index: Mutex<Index>,
+    /// Where the index lives, to create it anew.
+    storage: Storage,
+    reader: RwLock<IndexReader>,
     fields: Fields,
     config: IndexConfig,
     queue: Mutex<Option<Queue>>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Where an index is stored.
+enum Storage {
+    Ram,
+    Dir(PathBuf),
+}
+
+impl Storage {
+    /// Creates an empty index here, deleting what the directory held.
+    fn create(&self) -> SearchResult<Index> {
+        let (schema, _) = Fields::schema();
+        match self {
+            Self::Ram => Ok(Index::create_in_ram(schema)),
+            Self::Dir(path) => {
+                if path.exists() {
+                    std::fs::remove_dir_all(path).map_err(|e| SearchError::Storage(e.into()))?;
+                }
+                std::fs::create_dir_all(path).map_err(|e| SearchError::Storage(e.into()))?;
+                let directory =
+                    MmapDirectory::open(path).map_err(|e| SearchError::Storage(e.into()))?;
+                Ok(Index::create(
+                    directory,
+                    schema,
+                    tantivy::IndexSettings::default(),
+                )?)
+            }
+        }
+    }
+}
+
+/// What [`SearchIndex::recover`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// The writer was running; nothing was done.
+    Healthy,
+    /// A new writer runs on the index's last commit. Operations not committed by the failed
+    /// writer are lost: apply them again (or rebuild).
+    WriterRestarted,
+    /// No writer could be opened on the index, so an empty index replaced it: rebuild it.
+    IndexRecreated,
 }
 
 /// The sending side of the writer's queue with the last sequence number handed out. Both live
@@ -88,6 +139,10 @@ pub struct IndexStats {
     pub commits: u64,
     /// Upserts ignored because a newer version of the article was already indexed.
     pub stale_upserts: u64,
+    /// Writers started by [`SearchIndex::recover`] after a failure.
+    pub writer_restarts: u64,
+    /// The writer has failed and not been recovered: writes are refused.
+    pub writer_failed: bool,
     /// Searchable documents.
     pub num_docs: u64,
     /// Segments of the searchable index.
@@ -125,7 +180,7 @@ impl SearchIndex {
     pub fn in_ram(config: IndexConfig) -> SearchResult<Self> {
         config.validate()?;
         let (schema, _) = Fields::schema();
-        Self::start(Index::create_in_ram(schema), config)
+        Self::start(Index::create_in_ram(schema), Storage::Ram, config)
     }
 
     /// Opens the index stored in `path`, creating the directory and an empty index if needed.
@@ -139,39 +194,26 @@ impl SearchIndex {
         let directory = MmapDirectory::open(path).map_err(|e| SearchError::Storage(e.into()))?;
         let (schema, _) = Fields::schema();
         let index = Index::open_or_create(directory, schema)?;
-        Self::start(index, config)
+        Self::start(index, Storage::Dir(path.to_owned()), config)
     }
 
-    fn start(index: Index, config: IndexConfig) -> SearchResult<Self> {
+    fn start(index: Index, storage: Storage, config: IndexConfig) -> SearchResult<Self> {
         warm_up();
         let fields = Fields::from_schema(&index.schema())?;
-        index.tokenizers().register(ANALYZER_NAME, mixed_analyzer());
-        let writer: IndexWriter =
-            index.writer_with_num_threads(config.indexing_threads, config.writer_memory_bytes)?;
-        writer.set_merge_policy(Box::new(merge_policy()));
-        let reader = index
-            .reader_builder()
-            .reload_policy(ReloadPolicy::Manual)
-            .try_into()?;
+        let writer = open_writer(&index, &config)?;
+        let reader = open_reader(&index)?;
         let shared = Arc::new(Shared::default());
-        let (sender, receiver) = mpsc::sync_channel(config.queue_capacity);
-        let batching = Batching {
-            commit_interval: config.commit_interval,
-            max_pending_ops: config.max_pending_ops,
-        };
-        let writer_loop = WriterLoop::new(
+        let (sender, thread) = spawn_writer(
             writer,
             IndexReader::clone(&reader),
             fields,
-            Arc::clone(&shared),
-            batching,
-        );
-        let thread = std::thread::Builder::new()
-            .name("search-writer".to_owned())
-            .spawn(move || writer_loop.run(receiver))
-            .map_err(|e| SearchError::WriterFailed(format!("cannot start writer thread: {e}")))?;
+            &shared,
+            &config,
+        )?;
         Ok(Self {
-            reader,
+            index: Mutex::new(index),
+            storage,
+            reader: RwLock::new(reader),
             fields,
             config,
             queue: Mutex::new(Some(Queue {
@@ -181,6 +223,97 @@ impl SearchIndex {
             shared,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// The reader of the current index.
+    fn reader(&self) -> IndexReader {
+        self.reader
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Returns why the writer stopped, while it has failed and is not recovered.
+    pub fn writer_failure(&self) -> Option<String> {
+        let progress = self.shared.lock();
+        progress.stopped.then(|| {
+            progress
+                .failure
+                .clone()
+                .unwrap_or_else(|| "the writer stopped".to_owned())
+        })
+    }
+
+    /// Replaces a failed writer: starts a new writer thread on the index's last commit, or, when
+    /// no writer can be opened on the index, on a new empty index (in the same directory, whose
+    /// content is deleted). When another writer holds the index's lock, nothing is deleted and
+    /// the lock error is returned. Does nothing while the writer runs.
+    ///
+    /// Operations queued to the failed writer and not committed are lost; their sequence numbers
+    /// make [`SearchIndex::wait_visible`] fail. The caller applies them again, or rebuilds the
+    /// index, which [`Recovery::IndexRecreated`] requires. Searches go on during the recovery
+    /// and see the last commit (an empty index once one is recreated). On error the writer stays
+    /// failed and the call may be repeated.
+    pub fn recover(&self) -> SearchResult<Recovery> {
+        let mut queue = lock(&self.queue);
+        let Some(queue) = queue.as_mut() else {
+            return Err(SearchError::Closed);
+        };
+        if !self.shared.lock().stopped {
+            return Ok(Recovery::Healthy);
+        }
+        if let Some(thread) = lock(&self.thread).take() {
+            // A panic is already recorded as the failure.
+            let _ = thread.join();
+        }
+        let mut index = lock(&self.index);
+        let (recovery, writer) = match open_writer(&index, &self.config) {
+            Ok(writer) => {
+                self.reader().reload()?;
+                (Recovery::WriterRestarted, writer)
+            }
+            // Another writer holds the index (another process, or a writer not yet dropped): its
+            // content is not this handle's to delete.
+            Err(
+                error @ SearchError::Storage(tantivy::TantivyError::LockFailure(
+                    tantivy::directory::error::LockError::LockBusy,
+                    _,
+                )),
+            ) => return Err(error),
+            Err(_) => {
+                let fresh = self.storage.create()?;
+                let writer = open_writer(&fresh, &self.config)?;
+                let reader = open_reader(&fresh)?;
+                *index = fresh;
+                *self.reader.write().unwrap_or_else(PoisonError::into_inner) = reader;
+                (Recovery::IndexRecreated, writer)
+            }
+        };
+        let (sender, thread) = spawn_writer(
+            writer,
+            self.reader(),
+            self.fields,
+            &self.shared,
+            &self.config,
+        )?;
+        let last_seq = queue.last_seq;
+        self.shared.update(|p| {
+            if p.visible_seq < last_seq {
+                p.lost.push(p.visible_seq + 1..=last_seq);
+            }
+            p.failure = None;
+            p.stopped = false;
+            p.restarts += 1;
+        });
+        queue.sender = sender;
+        *lock(&self.thread) = Some(thread);
+        Ok(recovery)
+    }
+
+    /// Makes the writer suffer `fault` at its next commit, to test recovery.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.shared.update(|p| p.fault = Some(fault));
     }
 
     /// Returns the configuration the index was opened with.
@@ -261,6 +394,11 @@ impl SearchIndex {
     fn wait_until(&self, seq: u64, deadline: Option<Instant>) -> SearchResult<()> {
         let mut progress = self.shared.lock();
         loop {
+            if progress.is_lost(seq) {
+                return Err(SearchError::WriterFailed(format!(
+                    "operation {seq} was lost when the writer failed"
+                )));
+            }
             if progress.visible_seq >= seq {
                 return Ok(());
             }
@@ -351,17 +489,23 @@ impl SearchIndex {
 
     /// Returns the writer's counters and the size of the searchable index.
     pub fn stats(&self) -> IndexStats {
-        let searcher = self.reader.searcher();
+        let searcher = self.reader().searcher();
+        let progress = self.shared.lock();
         let Progress {
             visible_seq,
             commits,
             stale_upserts,
+            restarts,
+            stopped,
             ..
-        } = *self.shared.lock();
+        } = *progress;
+        drop(progress);
         IndexStats {
             visible_seq,
             commits,
             stale_upserts,
+            writer_restarts: restarts,
+            writer_failed: stopped,
             num_docs: searcher.num_docs(),
             num_segments: searcher.segment_readers().len(),
         }
@@ -383,7 +527,7 @@ impl SearchIndex {
             self.config.max_query_terms,
             self.config.max_limit,
         )?;
-        let searcher = self.reader.searcher();
+        let searcher = self.reader().searcher();
         let strategy = self.strategy_for(&searcher, &prepared.filters)?;
         let classes = TermClasses::of(
             &searcher,
@@ -528,6 +672,44 @@ impl Drop for SearchIndex {
     }
 }
 
+/// Opens a writer on `index` with the configured threads, memory and merge policy.
+fn open_writer(index: &Index, config: &IndexConfig) -> SearchResult<IndexWriter> {
+    index.tokenizers().register(ANALYZER_NAME, mixed_analyzer());
+    let writer: IndexWriter =
+        index.writer_with_num_threads(config.indexing_threads, config.writer_memory_bytes)?;
+    writer.set_merge_policy(Box::new(merge_policy()));
+    Ok(writer)
+}
+
+/// Opens the reader of `index`, reloaded by the writer thread after each commit.
+fn open_reader(index: &Index) -> SearchResult<IndexReader> {
+    Ok(index
+        .reader_builder()
+        .reload_policy(ReloadPolicy::Manual)
+        .try_into()?)
+}
+
+/// Starts the writer thread; returns the sending side of its queue and the thread.
+fn spawn_writer(
+    writer: IndexWriter,
+    reader: IndexReader,
+    fields: Fields,
+    shared: &Arc<Shared>,
+    config: &IndexConfig,
+) -> SearchResult<(SyncSender<Command>, JoinHandle<()>)> {
+    let (sender, receiver) = mpsc::sync_channel(config.queue_capacity);
+    let batching = Batching {
+        commit_interval: config.commit_interval,
+        max_pending_ops: config.max_pending_ops,
+    };
+    let writer_loop = WriterLoop::new(writer, reader, fields, Arc::clone(shared), batching);
+    let thread = std::thread::Builder::new()
+        .name("search-writer".to_owned())
+        .spawn(move || writer_loop.run(receiver))
+        .map_err(|e| SearchError::WriterFailed(format!("cannot start writer thread: {e}")))?;
+    Ok((sender, thread))
+}
+
 /// Rolls a rebuild back unless it reached its commit, e.g. when the input iterator panics or
 /// the caller returns early.
 struct AbortOnDrop {
@@ -546,5 +728,157 @@ impl Drop for AbortOnDrop {
             // If the writer is gone there is nothing left to roll back.
             let _ = sender.send(Command::RebuildAbort);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::query::SearchRequest;
+    use crate::schema::{Audience, Visibility};
+
+    fn article(id: &str, question: &str) -> ArticleDoc {
+        ArticleDoc {
+            tenant: "acme".to_owned(),
+            article_id: id.to_owned(),
+            version: 1,
+            scenario: "general".to_owned(),
+            language: "en".to_owned(),
+            visibility: Visibility::Both,
+            tags: Vec::new(),
+            title: question.to_owned(),
+            questions: vec![question.to_owned()],
+            answer: format!("The answer to {question}."),
+        }
+    }
+
+    fn found(index: &SearchIndex, query: &str) -> Vec<String> {
+        index
+            .search(&SearchRequest::new("acme", query, Audience::Agent))
+            .unwrap()
+            .hits
+            .into_iter()
+            .map(|h| h.article_id)
+            .collect()
+    }
+
+    fn index() -> SearchIndex {
+        SearchIndex::in_ram(IndexConfig {
+            commit_interval: Duration::from_millis(5),
+            ..IndexConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_failed_commit_stops_the_writer_until_it_is_recovered() {
+        let index = index();
+        index.upsert(article("kept", "parcel lockers")).unwrap();
+        index.flush().unwrap();
+        index.inject_fault(Fault::CommitError);
+        let lost = index.upsert(article("lost", "gift wrapping")).unwrap();
+        let err = index
+            .wait_visible(lost, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            matches!(&err, SearchError::WriterFailed(m) if m.contains("injected")),
+            "{err}"
+        );
+        assert!(index.writer_failure().unwrap().contains("injected"));
+        assert!(index.stats().writer_failed);
+        // Writes are refused, searches answer from the last commit.
+        assert!(matches!(
+            index.upsert(article("later", "store pickup")),
+            Err(SearchError::WriterFailed(_))
+        ));
+        assert_eq!(found(&index, "parcel lockers"), ["kept"]);
+
+        assert_eq!(index.recover().unwrap(), Recovery::WriterRestarted);
+        assert_eq!(index.writer_failure(), None);
+        assert_eq!(index.recover().unwrap(), Recovery::Healthy);
+        // The lost operation stays reported as failed; the committed content is there.
+        let err = index
+            .wait_visible(lost, Duration::from_secs(1))
+            .unwrap_err();
+        assert!(
+            matches!(&err, SearchError::WriterFailed(m) if m.contains("lost")),
+            "{err}"
+        );
+        assert_eq!(found(&index, "parcel lockers"), ["kept"]);
+        assert!(found(&index, "gift wrapping").is_empty());
+        // Written again, it is searchable, and so are new writes.
+        index.upsert(article("lost", "gift wrapping")).unwrap();
+        let seq = index.upsert(article("later", "store pickup")).unwrap();
+        index.wait_visible(seq, Duration::from_secs(5)).unwrap();
+        assert_eq!(found(&index, "gift wrapping"), ["lost"]);
+        assert_eq!(found(&index, "store pickup"), ["later"]);
+        let stats = index.stats();
+        assert_eq!((stats.writer_restarts, stats.writer_failed), (1, false));
+        assert_eq!(stats.num_docs, 3);
+        index.close().unwrap();
+    }
+
+    #[test]
+    fn a_panicked_writer_is_reported_and_recovered() {
+        let index = index();
+        index.upsert(article("kept", "parcel lockers")).unwrap();
+        index.flush().unwrap();
+        index.inject_fault(Fault::Panic);
+        index.upsert(article("lost", "gift wrapping")).unwrap();
+        // Reported at once, not after a timeout.
+        let err = index.flush().unwrap_err();
+        assert!(
+            matches!(&err, SearchError::WriterFailed(m) if m.contains("panicked")),
+            "{err}"
+        );
+        assert_eq!(index.recover().unwrap(), Recovery::WriterRestarted);
+        assert_eq!(found(&index, "parcel lockers"), ["kept"]);
+        let report = index
+            .rebuild(vec![
+                article("kept", "parcel lockers"),
+                article("lost", "gift wrapping"),
+            ])
+            .unwrap();
+        assert_eq!(report.indexed, 2);
+        assert_eq!(found(&index, "gift wrapping"), ["lost"]);
+        index.close().unwrap();
+    }
+
+    #[test]
+    fn an_index_locked_by_another_writer_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index");
+        let index = SearchIndex::in_dir(&path, IndexConfig::default()).unwrap();
+        index.upsert(article("kept", "parcel lockers")).unwrap();
+        index.flush().unwrap();
+        index.inject_fault(Fault::CommitError);
+        index.upsert(article("lost", "gift wrapping")).unwrap();
+        assert!(index.flush().is_err());
+        // Another writer holds the directory's lock: the recovery fails and deletes nothing.
+        let other = Index::open_in_dir(&path).unwrap();
+        let held: IndexWriter = other.writer(15_000_000).unwrap();
+        let err = index.recover().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SearchError::Storage(tantivy::TantivyError::LockFailure(
+                    tantivy::directory::error::LockError::LockBusy,
+                    _
+                ))
+            ),
+            "{err:?}"
+        );
+        assert!(index.writer_failure().is_some());
+        assert_eq!(found(&index, "parcel lockers"), ["kept"]);
+        // Once the lock is released, the writer restarts on the last commit.
+        drop(held);
+        assert_eq!(index.recover().unwrap(), Recovery::WriterRestarted);
+        index.upsert(article("lost", "gift wrapping")).unwrap();
+        index.flush().unwrap();
+        assert_eq!(found(&index, "gift wrapping"), ["lost"]);
+        assert_eq!(found(&index, "parcel lockers"), ["kept"]);
+        index.close().unwrap();
     }
 }

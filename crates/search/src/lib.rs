@@ -6,7 +6,9 @@
 //! [`SearchIndex::remove`] as articles are published and archived, and answers searches with
 //! [`SearchIndex::search`]. Writes are applied by one background thread that batches commits;
 //! each write returns a sequence number that [`SearchIndex::wait_visible`] turns into
-//! "searchable now", so an event is acknowledged only once its article can be found.
+//! "searchable now", so an event is acknowledged only once its article can be found. When that
+//! thread fails, [`SearchIndex::writer_failure`] says so and [`SearchIndex::recover`] replaces
+//! it; the feature `fault-injection` adds `SearchIndex::inject_fault` for tests of recovery.
 //!
 //! Modules:
 //! - `analyzer`: the mixed Chinese/English tokenizer ([`mixed_analyzer`], [`analyze`]).
@@ -32,7 +34,9 @@ mod writer;
 pub use analyzer::{ANALYZER_NAME, MixedTokenizer, analyze, mixed_analyzer, warm_up};
 pub use config::{FieldBoosts, FilterStrategy, HighlightStyle, IndexConfig};
 pub use error::{SearchError, SearchResult};
-pub use index::{IndexStats, RebuildReport, SearchIndex};
+pub use index::{IndexStats, RebuildReport, Recovery, SearchIndex};
 pub use query::{SearchHit, SearchRequest, SearchResponse};
 pub use schema::{ArticleDoc, Audience, Visibility};
 pub use snippet::Snippet;
+#[cfg(any(test, feature = "fault-injection"))]
+pub use writer::Fault;

@@ -7,11 +7,17 @@
 //! from then on every operation up to it is visible to searches. A rebuild is one long batch,
 //! committed once at its end, during which the timer does not fire.
 //!
+//! When tantivy reports an error (or the thread panics) the thread records the failure and
+//! stops; operations it had not committed are lost. [`crate::SearchIndex::recover`] starts a new
+//! thread with a new writer on the last commit and remembers the lost sequence numbers, which
+//! [`crate::SearchIndex::wait_visible`] reports as failed.
+//!
 //! Upserts keep the highest version of an article: the thread looks up the version already
 //! indexed (or pending in the current batch) and ignores an older one, so events redelivered out
 //! of order cannot roll an article back.
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -50,6 +56,16 @@ pub(crate) struct RebuildCounts {
     pub superseded: u64,
 }
 
+/// A failure the writer thread is made to suffer at its next commit, to test recovery.
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The commit fails as if tantivy had reported an error.
+    CommitError,
+    /// The writer thread panics.
+    Panic,
+}
+
 /// State the writer thread publishes to searchers and waiters.
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
@@ -58,6 +74,20 @@ pub(crate) struct Progress {
     pub stale_upserts: u64,
     pub failure: Option<String>,
     pub stopped: bool,
+    /// Writers started by [`crate::SearchIndex::recover`] after a failure.
+    pub restarts: u64,
+    /// Sequence numbers queued to writers that failed before committing them, oldest first.
+    pub lost: Vec<RangeInclusive<u64>>,
+    /// The failure to inject at the next commit.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fault: Option<Fault>,
+}
+
+impl Progress {
+    /// Whether the operation with this sequence number was lost in a writer failure.
+    pub fn is_lost(&self, seq: u64) -> bool {
+        self.lost.iter().any(|range| range.contains(&seq))
+    }
 }
 
 /// [`Progress`] with the condition variable that announces its changes.
@@ -74,7 +104,7 @@ impl Shared {
         self.progress.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn update(&self, change: impl FnOnce(&mut Progress)) {
+    pub fn update(&self, change: impl FnOnce(&mut Progress)) {
         change(&mut self.lock());
         self.changed.notify_all();
     }
@@ -131,15 +161,19 @@ impl WriterLoop {
     }
 
     /// Serves commands until every sender is dropped, then commits what is pending and waits for
-    /// merges; records a failure instead if tantivy reports one.
+    /// merges; records a failure instead if tantivy reports one or the thread panics.
     pub fn run(mut self, commands: Receiver<Command>) {
         let shared = Arc::clone(&self.shared);
+        // Dropped before `commands`, so a panic is recorded before the queue closes too.
+        let _panic = PanicGuard {
+            shared: Arc::clone(&shared),
+        };
         let outcome = self.serve(&commands).and_then(|()| self.finish());
         // The failure is published before the queue closes, so a sender that finds the queue
         // closed also finds the reason.
         shared.update(|progress| {
             if let Err(error) = outcome {
-                progress.failure = Some(error_chain(&error));
+                progress.failure.get_or_insert_with(|| error_chain(&error));
             }
             progress.stopped = true;
         });
@@ -236,7 +270,13 @@ impl WriterLoop {
                         let _ = reply.send(Ok(counts));
                     }
                     Err(error) => {
-                        let _ = reply.send(Err(SearchError::WriterFailed(error_chain(&error))));
+                        // Published before the answer, so the caller finds the writer stopped.
+                        let failure = error_chain(&error);
+                        self.shared.update(|p| {
+                            p.failure = Some(failure.clone());
+                            p.stopped = true;
+                        });
+                        let _ = reply.send(Err(SearchError::WriterFailed(failure)));
                         return Err(error);
                     }
                 }
@@ -300,6 +340,8 @@ impl WriterLoop {
     }
 
     fn commit(&mut self) -> tantivy::Result<()> {
+        #[cfg(any(test, feature = "fault-injection"))]
+        self.injected_fault()?;
         self.writer.commit()?;
         self.reader.reload()?;
         self.pending_ops = 0;
@@ -311,6 +353,19 @@ impl WriterLoop {
             p.commits += 1;
         });
         Ok(())
+    }
+
+    /// Suffers the fault injected with [`crate::SearchIndex::inject_fault`], once.
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn injected_fault(&self) -> tantivy::Result<()> {
+        let fault = self.shared.lock().fault.take();
+        match fault {
+            None => Ok(()),
+            Some(Fault::CommitError) => Err(tantivy::TantivyError::InternalError(
+                "injected commit failure".to_owned(),
+            )),
+            Some(Fault::Panic) => panic!("injected writer thread panic"),
+        }
     }
 
     /// Returns the version of the article currently indexed or pending, if any.
@@ -337,6 +392,25 @@ impl WriterLoop {
             }
         }
         Ok(None)
+    }
+}
+
+/// Records a panic of the writer thread as its failure, so that waiters and writers learn that
+/// the writer is gone and [`crate::SearchIndex::recover`] can replace it.
+struct PanicGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.update(|progress| {
+                progress
+                    .failure
+                    .get_or_insert_with(|| "the writer thread panicked".to_owned());
+                progress.stopped = true;
+            });
+        }
     }
 }
 

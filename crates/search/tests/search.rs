@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use tandem_search::{
-    ArticleDoc, Audience, FilterStrategy, HighlightStyle, IndexConfig, SearchError, SearchIndex,
-    SearchRequest, SearchResponse, Visibility,
+    ArticleDoc, Audience, FilterStrategy, HighlightStyle, IndexConfig, Recovery, SearchError,
+    SearchIndex, SearchRequest, SearchResponse, Visibility,
 };
 
 fn article(
@@ -831,4 +831,41 @@ fn a_storage_failure_stops_the_writer_with_its_reason() {
     // What was committed before the failure stays searchable.
     assert_eq!(ids(&search(&index, "refund")), ["refund-en"]);
     assert!(index.close().is_err());
+}
+
+#[test]
+fn a_writer_failed_on_storage_is_recovered_with_a_new_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index");
+    let index = SearchIndex::in_dir(&path, fast_config()).unwrap();
+    index.upsert(refund_en()).unwrap();
+    index.flush().unwrap();
+
+    // The directory goes away: the writer fails, and no writer can be opened on the index.
+    std::fs::remove_dir_all(&path).unwrap();
+    let lost = index.upsert(password_en()).unwrap();
+    assert!(index.wait_visible(lost, Duration::from_secs(10)).is_err());
+    assert!(index.writer_failure().is_some());
+    assert!(index.stats().writer_failed);
+    assert_eq!(index.recover().unwrap(), Recovery::IndexRecreated);
+    assert_eq!(index.writer_failure(), None);
+    assert!(
+        index.wait_visible(lost, Duration::from_secs(1)).is_err(),
+        "still lost"
+    );
+    assert!(
+        search(&index, "refund").hits.is_empty(),
+        "the new index starts empty"
+    );
+
+    // Rebuilt, it takes writes again and keeps them in the directory.
+    index.rebuild([refund_en(), password_en()]).unwrap();
+    let seq = index.upsert(refund_zh()).unwrap();
+    index.wait_visible(seq, Duration::from_secs(10)).unwrap();
+    assert_eq!(ids(&search(&index, "password")), ["password-en"]);
+    assert_eq!(index.stats().num_docs, 3);
+    assert_eq!(index.stats().writer_restarts, 1);
+    index.close().unwrap();
+    let reopened = SearchIndex::in_dir(&path, fast_config()).unwrap();
+    assert_eq!(reopened.stats().num_docs, 3);
 }

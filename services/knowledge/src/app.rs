@@ -1124,9 +1124,10 @@ impl App {
         Ok(change.article)
     }
 
-    /// Imports a chunk of rows: looks up the articles of their external ids with two queries,
-    /// plans each row in memory (a new article, a new version, or nothing when the content is
-    /// unchanged) and writes every change in one transaction with multi-row statements. A row
+    /// Imports a chunk of rows: looks up the articles their external ids name (an article's
+    /// external id or, failing that, its id, which exports write for articles without an
+    /// external id) with two queries, plans each row in memory (a new article, a new version,
+    /// or nothing when the content is unchanged) and writes every change in one transaction with multi-row statements. A row
     /// whose article was created or changed concurrently fails alone; when the transaction
     /// fails as a whole, the changes are written one by one so only the offending rows fail.
     /// Returns each row's outcome, in order. Nothing is written on a dry run.
@@ -1839,9 +1840,10 @@ fn revision_of(
     change
 }
 
-/// Plans an import row for the existing article with its external id: nothing when the content,
-/// visibility and tags are those of the latest version (and, when publishing, that version is
-/// published), otherwise a new version. A row naming another scenario or language than the
+/// Plans an import row for the existing article its external id names (the article's external
+/// id, or its id; see [`Store::import_lookup`]): nothing when the content, visibility and tags
+/// are those of the latest version (and, when publishing, that version is published), otherwise
+/// a new version. A row naming another scenario or language than the
 /// article's fails (an import does not move articles); a row that names no visibility or no
 /// tags keeps those of the published version when publishing, otherwise of the latest version.
 fn plan_update(
@@ -1861,7 +1863,7 @@ fn plan_update(
             format!(
                 "is {:?}, but the article with external id {:?} is in scenario {:?}; an import \
                  does not move articles",
-                new.scenario_id, a.external_id, a.scenario_id
+                new.scenario_id, new.external_id, a.scenario_id
             ),
         ));
     }
@@ -1872,7 +1874,7 @@ fn plan_update(
                 "is {:?}, but the article with external id {:?} is in {:?}; an import does not \
                  change an article's language",
                 language_code(new.language),
-                a.external_id,
+                new.external_id,
                 language_code(a.language)
             ),
         ));

@@ -2,7 +2,10 @@
 //!
 //! Every format carries the same fields: `external_id`, `scenario_id`, `language` (`zh`, `en`
 //! or empty), `visibility` (`bot`, `agents`, `both` or empty), `title`, `questions`, `answer`
-//! and `tags`.
+//! and `tags`. `external_id` is the import key: a row updates the article with that external
+//! id or, when there is none, the article with that id; exports write the article's id there
+//! for an article without an external id (see [`row_of`]), so an export imports back without
+//! duplicates.
 //! - JSON lines: one object per line; `questions` and `tags` are arrays of strings.
 //! - CSV: a header row naming the columns (any order, unknown columns refused); `questions` and
 //!   `tags` are separated by `|`; RFC 4180 quoting.
@@ -645,9 +648,19 @@ impl RowStream {
 }
 
 /// The file row of an article version.
+///
+/// The row's `external_id` is the article's external id or, when it has none, the article's id,
+/// so every exported row names its article: an import of the file into the same tenant matches
+/// the article by its id, and an import into another tenant creates articles whose external id
+/// is that id, which later imports of the same file match.
 pub fn row_of(a: &pb::Article, v: &pb::ArticleVersion) -> RawRow {
+    let external_id = if a.external_id.is_empty() {
+        a.id.clone()
+    } else {
+        a.external_id.clone()
+    };
     RawRow {
-        external_id: a.external_id.clone(),
+        external_id,
         scenario_id: a.scenario_id.clone(),
         language: language_name(a.language).to_owned(),
         visibility: visibility_name(a.visibility).to_owned(),

@@ -15,17 +15,31 @@
 //!
 //! A shared durable bus consumer would deliver each event to one replica only, and an ephemeral
 //! one loses events while a replica restarts; the feed avoids both.
+//!
+//! When the index's writer fails (tantivy reports an error, or the writer thread panics), the
+//! writes it had not committed are lost and it refuses new ones. The next [`Indexer::catch_up`]
+//! (the poller's, or the one after a change on this replica) notices, logs the failure, starts a
+//! new writer ([`SearchIndex::recover`], which replaces the index if no writer can be opened on
+//! it) and rebuilds the index from the database, as at start, so the lost writes are applied
+//! too. A failed attempt is logged and retried with exponential backoff (100 ms doubling to
+//! 30 s); while the writer is down, searches answer from the last commit, the gauge
+//! `tandem_knowledge_index_writer_up` is 0 and, once an attempt has failed, the gRPC health
+//! service reports the knowledge service NOT_SERVING until an attempt succeeds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tandem_platform::error::DisplayChain;
 
 use tandem_proto::pb::common::v1::Language;
 use tandem_proto::pb::knowledge::v1 as pb;
 use tandem_search::{ArticleDoc, SearchIndex, Visibility};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::store::{Store, StoreError};
 
@@ -33,6 +47,33 @@ use crate::store::{Store, StoreError};
 const FEED_BATCH: i64 = 1_000;
 /// Articles read per query during a rebuild.
 const REBUILD_BATCH: i64 = 2_000;
+/// Wait before the second attempt to recover a failed index writer; it doubles per attempt.
+const RECOVERY_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait between attempts to recover a failed index writer.
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Failures of the search index's writer.
+pub const INDEX_WRITER_FAILURES_TOTAL: &str = "tandem_knowledge_index_writer_failures_total";
+/// Recoveries of the search index after a writer failure (new writer and rebuild).
+pub const INDEX_RECOVERIES_TOTAL: &str = "tandem_knowledge_index_recoveries_total";
+/// Whether the search index's writer accepts writes (1) or has failed (0).
+pub const INDEX_WRITER_UP: &str = "tandem_knowledge_index_writer_up";
+
+/// Registers the help texts of the index metrics.
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        INDEX_WRITER_FAILURES_TOTAL,
+        "Failures of the search index writer."
+    );
+    metrics::describe_counter!(
+        INDEX_RECOVERIES_TOTAL,
+        "Search index recoveries after a writer failure (new writer, rebuild from the database)."
+    );
+    metrics::describe_gauge!(
+        INDEX_WRITER_UP,
+        "1 while the search index writer accepts writes, 0 after it failed until it recovers."
+    );
+}
 
 /// Why the index could not be brought up to date.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +87,15 @@ pub enum FreshnessError {
     /// A blocking task failed.
     #[error("index task failed: {0}")]
     Task(String),
+    /// The index's writer failed and the last attempt to recover it failed too; the next
+    /// attempt waits for the backoff.
+    #[error("search index writer failed ({failure}); next recovery attempt in {retry_in:?}")]
+    WriterDown {
+        /// Why the writer stopped.
+        failure: String,
+        /// Time left before the next attempt.
+        retry_in: Duration,
+    },
 }
 
 /// The language code the index stores.
@@ -158,6 +208,39 @@ pub struct Indexer {
     visibility: RwLock<VisibilityMap>,
     /// Rebuilds after falling behind the pruned feed.
     rebuilds: AtomicU64,
+    /// Writer failures noticed.
+    writer_failures: AtomicU64,
+    /// Recoveries after a writer failure.
+    recoveries: AtomicU64,
+    /// Attempts to recover the current writer failure.
+    backoff: std::sync::Mutex<Backoff>,
+    /// Where the state of the index is reported, if anywhere.
+    health: std::sync::Mutex<Option<Health>>,
+}
+
+/// Attempts to recover the current writer failure.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Failed attempts so far; 0 when the writer is running.
+    failed: u32,
+    /// No attempt before this.
+    next_attempt: Option<Instant>,
+}
+
+/// The gRPC health service the index's state is reported to.
+struct Health {
+    reporter: HealthReporter,
+    service: &'static str,
+    shutdown: CancellationToken,
+    /// NOT_SERVING was reported and not taken back yet.
+    down: bool,
+}
+
+/// The wait after `failed` failed attempts: 100 ms, doubling, at most 30 s.
+fn backoff_delay(failed: u32) -> Duration {
+    RECOVERY_BACKOFF_FIRST
+        .saturating_mul(1_u32 << failed.saturating_sub(1).min(16))
+        .min(RECOVERY_BACKOFF_MAX)
 }
 
 impl Indexer {
@@ -165,13 +248,147 @@ impl Indexer {
     /// feed row that the rebuild includes.
     pub async fn start(index: Arc<SearchIndex>, store: Store) -> Result<Self, FreshnessError> {
         let (position, seq, visibility) = rebuild(&index, &store).await?;
+        metrics::gauge!(INDEX_WRITER_UP).set(1.0);
         Ok(Self {
             index,
             store,
             applied: Mutex::new((position, seq)),
             visibility: RwLock::new(visibility),
             rebuilds: AtomicU64::new(0),
+            writer_failures: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+            backoff: std::sync::Mutex::new(Backoff::default()),
+            health: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Reports the index's state as the health of `service`: NOT_SERVING once an attempt to
+    /// recover a failed writer has failed, SERVING again after a recovery (unless `shutdown`
+    /// is cancelled by then).
+    pub fn report_health(
+        &self,
+        reporter: HealthReporter,
+        service: &'static str,
+        shutdown: CancellationToken,
+    ) {
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) = Some(Health {
+            reporter,
+            service,
+            shutdown,
+            down: false,
+        });
+    }
+
+    /// How many writer failures this replica noticed.
+    pub fn writer_failures(&self) -> u64 {
+        self.writer_failures.load(Ordering::Relaxed)
+    }
+
+    /// How many times this replica recovered its index after a writer failure.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(Ordering::Relaxed)
+    }
+
+    /// Sets the health of the service to `serving`, if it is reported and changes.
+    async fn set_health(&self, serving: bool) {
+        let target = {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            match health.as_mut() {
+                Some(h) if h.down == serving && !(serving && h.shutdown.is_cancelled()) => {
+                    h.down = !serving;
+                    Some((h.reporter.clone(), h.service))
+                }
+                _ => None,
+            }
+        };
+        if let Some((reporter, service)) = target {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(service, status).await;
+        }
+    }
+
+    /// Recovers from a writer failure: starts a new writer and rebuilds the index from the
+    /// database, so writes the failed writer lost are applied too. Attempts after a failed one
+    /// wait for the backoff; until then this fails with [`FreshnessError::WriterDown`].
+    async fn recover(&self) -> Result<(), FreshnessError> {
+        let mut applied = self.applied.lock().await;
+        let Some(failure) = self.index.writer_failure() else {
+            // Recovered meanwhile by another caller.
+            return Ok(());
+        };
+        let attempt = {
+            let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+            if backoff.failed == 0 && backoff.next_attempt.is_none() {
+                self.writer_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(INDEX_WRITER_FAILURES_TOTAL).increment(1);
+                metrics::gauge!(INDEX_WRITER_UP).set(0.0);
+                tracing::error!(%failure,
+                    "search index writer failed; starting a new one and rebuilding the index \
+                     from the database");
+            }
+            let now = Instant::now();
+            if let Some(at) = backoff.next_attempt
+                && now < at
+            {
+                return Err(FreshnessError::WriterDown {
+                    failure,
+                    retry_in: at - now,
+                });
+            }
+            // Marks the attempt as started, so the failure is logged once.
+            backoff.next_attempt = Some(now);
+            backoff.failed + 1
+        };
+        let outcome = async {
+            let idx = Arc::clone(&self.index);
+            let recovery = tokio::task::spawn_blocking(move || idx.recover())
+                .await
+                .map_err(|e| FreshnessError::Task(e.to_string()))??;
+            let rebuilt = rebuild(&self.index, &self.store).await?;
+            Ok::<_, FreshnessError>((recovery, rebuilt))
+        }
+        .await;
+        match outcome {
+            Ok((recovery, (position, seq, visibility))) => {
+                *self
+                    .visibility
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = visibility;
+                *applied = (position, seq);
+                drop(applied);
+                *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
+                self.recoveries.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(INDEX_RECOVERIES_TOTAL).increment(1);
+                metrics::gauge!(INDEX_WRITER_UP).set(1.0);
+                tracing::warn!(
+                    attempt,
+                    ?recovery,
+                    position,
+                    "search index recovered: new writer, rebuilt from the database"
+                );
+                self.set_health(true).await;
+                Ok(())
+            }
+            Err(e) => {
+                drop(applied);
+                let retry_in = {
+                    let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+                    backoff.failed = attempt;
+                    let delay = backoff_delay(attempt);
+                    backoff.next_attempt = Some(Instant::now() + delay);
+                    delay
+                };
+                tracing::error!(error = %DisplayChain(&e), attempt,
+                    retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+                    "recovering the search index failed; searches answer from its last commit");
+                self.set_health(false).await;
+                Err(e)
+            }
+        }
     }
 
     /// How many times this replica rebuilt its index after falling behind the pruned feed.
@@ -196,7 +413,24 @@ impl Indexer {
 
     /// Applies every feed row not applied yet and waits until they are searchable (at most
     /// `wait`). Returns the feed position reached.
+    ///
+    /// A failed index writer, found before or while applying, is recovered first (see the
+    /// module documentation), and the rows are applied to the recovered index.
     pub async fn catch_up(&self, wait: Duration) -> Result<i64, FreshnessError> {
+        if self.index.writer_failure().is_some() {
+            self.recover().await?;
+        }
+        match self.apply_changes(wait).await {
+            Err(_) if self.index.writer_failure().is_some() => {
+                self.recover().await?;
+                self.apply_changes(wait).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Applies every feed row not applied yet and waits until they are searchable.
+    async fn apply_changes(&self, wait: Duration) -> Result<i64, FreshnessError> {
         let mut applied = self.applied.lock().await;
         loop {
             let rows = self.store.changes_after(applied.0, FEED_BATCH).await?;
@@ -280,9 +514,15 @@ impl Indexer {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
             }
-            if let Err(e) = self.catch_up(Duration::from_secs(1)).await {
-                tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
-                    "refreshing the search index failed");
+            match self.catch_up(Duration::from_secs(1)).await {
+                Ok(_) => {}
+                // Logged when the attempt failed.
+                Err(e @ FreshnessError::WriterDown { .. }) => {
+                    tracing::debug!(error = %DisplayChain(&e), "search index still down");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %DisplayChain(&e), "refreshing the search index failed");
+                }
             }
         }
     }

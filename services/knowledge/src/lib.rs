@@ -173,7 +173,13 @@ impl Service for Knowledge {
             good_result_score: settings.good_result_score,
             ..IndexConfig::default()
         })?;
+        freshness::describe_metrics();
         let indexer = Arc::new(Indexer::start(Arc::new(index), store.clone()).await?);
+        indexer.report_health(
+            ctx.server.health(),
+            tandem_proto::pb::knowledge::v1::knowledge_service_server::SERVICE_NAME,
+            ctx.shutdown.clone(),
+        );
         let app = Arc::new(App::new(
             store,
             ctx.outbox.clone(),

@@ -452,52 +452,80 @@ impl Store {
         result
     }
 
-    /// Finds the articles with these external ids, with their latest and published versions, in
-    /// two queries.
+    /// Finds the articles that import rows with these keys update, with their latest and
+    /// published versions, in two queries.
+    ///
+    /// A key is first an external id; a key that is no article's external id matches the
+    /// article with that id, which is the key an export writes for an article without an
+    /// external id. The result maps each matched key to its article.
     pub async fn import_lookup(
         &self,
         tenant: &TenantId,
-        external_ids: &[String],
+        keys: &[String],
     ) -> Result<HashMap<String, Existing>, StoreError> {
         let t = tenant.as_str();
         let mut out = HashMap::new();
-        if external_ids.is_empty() {
+        if keys.is_empty() {
             return Ok(out);
         }
         // The partial index's predicate is repeated so that a generic plan can use the index.
-        // PostgreSQL gets the ids as one array: with hundreds of parameters in an IN list its
+        // PostgreSQL gets the keys as one array: with hundreds of parameters in an IN list its
         // generic plan scans every article of the tenant and rebuilds the list for each row.
-        const LOOKUP: &str = "SELECT external_id, revision, body FROM knowledge_articles \
-             WHERE tenant = $1 AND external_id <> '' AND external_id";
-        let rows: Vec<(String, i64, Vec<u8>)> = match &self.db {
+        // The two halves use the external-id index and the primary key.
+        const COLUMNS: &str = "SELECT external_id, article_id, revision, body FROM \
+             knowledge_articles WHERE tenant = ";
+        let rows: Vec<(String, String, i64, Vec<u8>)> = match &self.db {
             Db::Postgres(pool) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(format!("{LOOKUP} = ANY($2)")))
-                    .bind(t)
-                    .bind(external_ids)
-                    .fetch_all(pool)
-                    .await?
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "{COLUMNS}$1 AND external_id <> '' AND external_id = ANY($2) \
+                     UNION ALL {COLUMNS}$1 AND article_id = ANY($2)"
+                )))
+                .bind(t)
+                .bind(keys)
+                .fetch_all(pool)
+                .await?
             }
             Db::Sqlite(pool) => {
-                let mut q = QueryBuilder::new(
-                    "SELECT external_id, revision, body FROM knowledge_articles WHERE tenant = ",
-                );
+                let mut q = QueryBuilder::new(COLUMNS);
                 q.push_bind(t)
-                    .push(" AND external_id <> '' AND external_id IN (");
+                    .push(" AND (external_id <> '' AND external_id IN (");
                 let mut list = q.separated(", ");
-                for id in external_ids {
-                    list.push_bind(id);
+                for key in keys {
+                    list.push_bind(key);
                 }
-                q.push(")");
+                q.push(") OR article_id IN (");
+                let mut list = q.separated(", ");
+                for key in keys {
+                    list.push_bind(key);
+                }
+                q.push("))");
                 q.build_query_as().fetch_all(pool).await?
             }
         };
-        let mut articles = Vec::with_capacity(rows.len());
-        for (external_id, revision, body) in rows {
-            let article: pb::Article = decode("article", &body)?;
-            articles.push((external_id, Loaded { article, revision }));
+        // Each article once, and which key names it: its external id wins over its id.
+        let mut articles: Vec<Loaded> = Vec::with_capacity(rows.len());
+        let wanted_keys: HashSet<&str> = keys.iter().map(String::as_str).collect();
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        for (external_id, article_id, revision, body) in rows {
+            let at = match by_id.get(&article_id) {
+                Some(&at) => at,
+                None => {
+                    let article: pb::Article = decode("article", &body)?;
+                    articles.push(Loaded { article, revision });
+                    by_id.insert(article_id.clone(), articles.len() - 1);
+                    articles.len() - 1
+                }
+            };
+            if !external_id.is_empty() && wanted_keys.contains(external_id.as_str()) {
+                by_key.insert(external_id, at);
+            }
+            if wanted_keys.contains(article_id.as_str()) {
+                by_key.entry(article_id).or_insert(at);
+            }
         }
         let mut wanted: Vec<(&str, i32)> = Vec::with_capacity(articles.len() * 2);
-        for (_, l) in &articles {
+        for l in &articles {
             wanted.push((&l.article.id, l.article.current_version));
             if l.article.published_version > 0
                 && l.article.published_version != l.article.current_version
@@ -550,9 +578,11 @@ impl Store {
                 );
             }
         }
-        for (external_id, loaded) in articles {
+        let mut found: Vec<Option<Existing>> = Vec::with_capacity(articles.len());
+        for loaded in articles {
             let a = &loaded.article;
             let Some(latest) = versions.get(&(a.id.clone(), a.current_version)).cloned() else {
+                found.push(None);
                 continue;
             };
             let published = if a.published_version > 0 {
@@ -560,14 +590,16 @@ impl Store {
             } else {
                 None
             };
-            out.insert(
-                external_id,
-                Existing {
-                    loaded,
-                    latest,
-                    published,
-                },
-            );
+            found.push(Some(Existing {
+                loaded,
+                latest,
+                published,
+            }));
+        }
+        for (key, at) in by_key {
+            if let Some(Some(existing)) = found.get(at) {
+                out.insert(key, existing.clone());
+            }
         }
         Ok(out)
     }

@@ -244,6 +244,7 @@ both!(
     a_publish_is_searchable_on_every_replica_within_a_second,
     import_and_export_in_every_format,
     a_reimport_with_fewer_columns_keeps_the_articles,
+    an_export_without_external_ids_imports_back_without_duplicates,
     resolutions_are_mined_into_candidates_and_reviewed,
     bot_fallbacks_rank_gaps,
 );
@@ -1383,6 +1384,142 @@ async fn a_reimport_with_fewer_columns_keeps_the_articles(rig: impl Future<Outpu
     let out = get_article(&mut admin, &id).await;
     assert_eq!(out.version.unwrap().version, 2);
     check(&out.article.unwrap());
+    rig.stop().await;
+}
+
+/// What an article is, apart from its ids and history: title, questions, answer, tags,
+/// visibility, scenario and language of its published version, sorted by title.
+async fn article_contents(
+    c: &mut Client,
+) -> Vec<(String, Vec<String>, String, Vec<String>, i32, String, i32)> {
+    let articles = c
+        .list_articles(pb::ListArticlesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .articles;
+    let mut out = Vec::new();
+    for a in articles {
+        let got = get_article(c, &a.id).await;
+        let (a, v) = (got.article.unwrap(), got.version.unwrap());
+        assert_eq!(v.version, a.published_version, "{a:?}");
+        out.push((
+            v.title,
+            v.questions,
+            v.answer,
+            a.tags,
+            a.visibility,
+            a.scenario_id,
+            a.language,
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// Articles created through the API have no external id; their export still imports back into
+/// the same tenant without duplicates (twice: nothing changes), and into an empty tenant as the
+/// same articles, which a second import and an import of that tenant's own export leave alone.
+async fn an_export_without_external_ids_imports_back_without_duplicates(
+    rig: impl Future<Output = Rig>,
+) {
+    let rig = rig.await;
+    let with = |mut req: pb::CreateArticleRequest, tags: &[&str], language: Language| {
+        req.tags = tags.iter().map(|t| (*t).to_owned()).collect();
+        req.language = language as i32;
+        req
+    };
+    let created = [
+        with(
+            create(
+                "faq",
+                "Opening hours",
+                &["when are you open", "opening times"],
+                "9 to 5, \"Monday\" to Friday.\nClosed on holidays.",
+                pb::Visibility::Both,
+            ),
+            &["store", "hours"],
+            Language::En,
+        ),
+        with(
+            create(
+                "billing",
+                "Refund time",
+                &["how long does a refund take"],
+                "Three days, staff only.",
+                pb::Visibility::Agents,
+            ),
+            &["internal"],
+            Language::En,
+        ),
+        with(
+            create(
+                "store",
+                "会员积分",
+                &["积分怎么用", "积分有效期"],
+                "积分一年内有效，可抵扣现金。",
+                pb::Visibility::Bot,
+            ),
+            &[],
+            Language::Zh,
+        ),
+    ];
+    for req in created {
+        let a = publish_new(&rig, "acme", req).await;
+        assert!(a.external_id.is_empty(), "{a:?}");
+    }
+    let mut acme = rig.client("acme", "admin-1", &[Role::Admin]).await;
+    let mut globex = rig.client("globex", "admin-1", &[Role::Admin]).await;
+    let original = article_contents(&mut acme).await;
+    assert_eq!(original.len(), 3);
+    let header = |format: pb::ArticleFormat| pb::ImportHeader {
+        format: format as i32,
+        default_scenario_id: "other".into(),
+        publish: true,
+        ..Default::default()
+    };
+    for format in [
+        pb::ArticleFormat::Jsonl,
+        pb::ArticleFormat::Csv,
+        pb::ArticleFormat::Markdown,
+    ] {
+        let text = export(&mut acme, format).await;
+        // Into the same tenant, twice: every row matches its article, nothing changes.
+        for _ in 0..2 {
+            let (errors, s) = import(&mut acme, header(format), &text).await;
+            assert!(errors.is_empty(), "{format:?}: {errors:?}\n{text}");
+            assert_eq!(
+                (s.rows_read, s.created, s.updated, s.unchanged),
+                (3, 0, 0, 3),
+                "{format:?}\n{text}"
+            );
+            assert_eq!(article_contents(&mut acme).await, original, "{format:?}");
+        }
+    }
+    // Into an empty tenant: the same articles, and a second import changes nothing.
+    let text = export(&mut acme, pb::ArticleFormat::Jsonl).await;
+    let (errors, s) = import(&mut globex, header(pb::ArticleFormat::Jsonl), &text).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((s.created, s.updated, s.unchanged), (3, 0, 0));
+    assert_eq!(article_contents(&mut globex).await, original);
+    for format in [
+        pb::ArticleFormat::Jsonl,
+        pb::ArticleFormat::Csv,
+        pb::ArticleFormat::Markdown,
+    ] {
+        let text = export(&mut acme, format).await;
+        let (errors, s) = import(&mut globex, header(format), &text).await;
+        assert!(errors.is_empty(), "{format:?}: {errors:?}");
+        assert_eq!((s.created, s.updated, s.unchanged), (0, 0, 3), "{format:?}");
+        assert_eq!(article_contents(&mut globex).await, original, "{format:?}");
+    }
+    // The other tenant's export names the articles by the same keys: back in the first tenant,
+    // nothing changes.
+    let text = export(&mut globex, pb::ArticleFormat::Csv).await;
+    let (errors, s) = import(&mut acme, header(pb::ArticleFormat::Csv), &text).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((s.created, s.updated, s.unchanged), (0, 0, 3), "{text}");
+    assert_eq!(article_contents(&mut acme).await, original);
     rig.stop().await;
 }
 
