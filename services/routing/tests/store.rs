@@ -14,6 +14,7 @@ use tandem_platform::db::Db;
 use tandem_platform::outbox::OutboxWaker;
 use tandem_platform::runtime::Service as _;
 use tandem_proto::ids::TenantId;
+use tandem_proto::pb::routing::v1 as rpb;
 use tandem_routing::Routing;
 use tandem_routing::domain::agent::{AgentProfile, Presence, Skill, SkillRequirement};
 use tandem_routing::domain::queue::{
@@ -181,6 +182,30 @@ async fn events(store: &Store, type_name: &str) -> i64 {
         }
     }
     .unwrap()
+}
+
+/// The outbox's events of type `E`, in order.
+async fn outbox<E: tandem_proto::events::Event>(store: &Store) -> Vec<E> {
+    let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
+    let payloads: Vec<Vec<u8>> = match store.db() {
+        Db::Postgres(pool) => {
+            sqlx::query_scalar(sql)
+                .bind(E::TYPE_NAME)
+                .fetch_all(pool)
+                .await
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query_scalar(sql)
+                .bind(E::TYPE_NAME)
+                .fetch_all(pool)
+                .await
+        }
+    }
+    .unwrap();
+    payloads
+        .iter()
+        .map(|p| E::decode(p.as_slice()).unwrap())
+        .collect()
 }
 
 async fn scalar(store: &Store, sql: &'static str) -> i64 {
@@ -439,14 +464,118 @@ async fn enqueue_is_idempotent_by_handoff_id(store: Store) {
         .unwrap();
     assert!(redelivered.is_none());
     assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 2);
+}
 
-    // A second live ticket for one conversation is refused.
+/// Live tickets of conversation `c1`: (id, state).
+async fn live_tickets_of_c1(store: &Store) -> Vec<(String, String)> {
+    let sql = "SELECT id, state FROM routing_tickets WHERE conversation_id = 'c1' \
+               AND state IN ('queued', 'offered', 'assigned') ORDER BY id";
+    match store.db() {
+        Db::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await,
+        Db::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await,
+    }
+    .unwrap()
+}
+
+/// A new handoff of a conversation whose earlier handoff still waits (queued or offered)
+/// replaces it: the earlier ticket is returned (its offer revoked, the agent freed) and the new
+/// one queued, so the conversation keeps one live ticket, the one dialog now follows. While an
+/// agent holds the conversation a new handoff is refused. Redeliveries change nothing.
+async fn a_new_handoff_replaces_the_waiting_one_of_its_conversation(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+
+    // Queued: replaced.
+    let second = store
+        .enqueue(&t, &handoff("h2", "c1"), None, ETA, t0() + secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.created);
+    let replaced = second.superseded.unwrap();
+    assert_eq!(replaced.ticket.unwrap().id, "h1");
+    assert!(replaced.revoked.is_empty());
+    assert_eq!(
+        store.ticket(&t, "h1").await.unwrap().state,
+        TicketState::Returned
+    );
+    assert_eq!(
+        live_tickets_of_c1(&store).await,
+        [("h2".to_owned(), "queued".to_owned())]
+    );
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 1);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 2);
+
+    let returned = outbox::<rpb::HandoffReturned>(&store).await;
+    assert_eq!(returned[0].handoff_id, "h1");
+    assert_eq!(returned[0].reason, rpb::ReturnReason::Superseded as i32);
+
+    // The same handoff again, and the replaced one again: nothing changes.
+    for id in ["h2", "h1"] {
+        let again = store
+            .enqueue(&t, &handoff(id, "c1"), None, ETA, t0() + secs(2))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!again.created);
+        assert!(again.superseded.is_none());
+    }
+    assert_eq!(
+        live_tickets_of_c1(&store).await,
+        [("h2".to_owned(), "queued".to_owned())]
+    );
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 1);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 2);
+
+    // Offered: replaced, the offer revoked and the agent's unit freed.
+    let (offer_id, agent) = offer(&store, "h2", t0() + secs(3)).await;
+    assert_eq!(store.agent(&t, &agent).await.unwrap().load, 1);
+    let third = store
+        .enqueue(&t, &handoff("h3", "c1"), None, ETA, t0() + secs(4))
+        .await
+        .unwrap()
+        .unwrap();
+    let replaced = third.superseded.unwrap();
+    assert_eq!(replaced.ticket.unwrap().id, "h2");
+    assert_eq!(replaced.revoked.len(), 1);
+    assert_eq!(replaced.revoked[0].id, offer_id);
+    assert_eq!(replaced.freed_agents, std::slice::from_ref(&agent));
+    assert_eq!(store.agent(&t, &agent).await.unwrap().load, 0);
+    assert_eq!(
+        store.offer(&t, &offer_id).await.unwrap().state,
+        tandem_routing::store::OfferState::Revoked
+    );
+    assert!(store.pending_offers(&t, &agent).await.unwrap().is_empty());
+    assert_eq!(
+        live_tickets_of_c1(&store).await,
+        [("h3".to_owned(), "queued".to_owned())]
+    );
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 2);
+
+    // Assigned: the agent keeps the conversation and the new handoff is refused.
+    let (offer_id, agent) = offer(&store, "h3", t0() + secs(5)).await;
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(5))
+        .await
+        .unwrap();
     assert!(matches!(
         store
-            .enqueue(&t, &handoff("h3", "c1"), None, ETA, t0())
+            .enqueue(&t, &handoff("h4", "c1"), None, ETA, t0() + secs(6))
             .await,
         Err(RoutingError::AlreadyExists(_))
     ));
+    assert!(matches!(
+        store.ticket(&t, "h4").await,
+        Err(RoutingError::NotFound(_))
+    ));
+    assert_eq!(
+        live_tickets_of_c1(&store).await,
+        [("h3".to_owned(), "assigned".to_owned())]
+    );
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 2);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 3);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
 async fn enqueue_and_offer_offers_at_once_only_to_the_first_in_line(store: Store) {
@@ -687,6 +816,8 @@ async fn decline_and_timeout_requeue_and_skip_the_agent(store: Store) {
     assert_eq!(store.ticket(&t, "h1").await.unwrap().attempts, 3);
     assert_eq!(events(&store, "tandem.routing.v1.HandoffDeclined").await, 1);
     assert_eq!(events(&store, "tandem.routing.v1.HandoffTimedOut").await, 1);
+    let lapse = outbox::<rpb::HandoffTimedOut>(&store).await[0].lapse;
+    assert_eq!(lapse, rpb::OfferLapse::Expired as i32);
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
@@ -1105,6 +1236,118 @@ async fn customers_who_leave_or_cancel_free_everything(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+/// Opens a warm transfer of the assigned `ticket` from `from` to `to`; returns the offer id.
+async fn warm_to(store: &Store, ticket: &str, from: &str, to: &str, at: DateTime<Utc>) -> String {
+    let (_, offer, _) = transfer(
+        store,
+        ticket,
+        from,
+        TransferKind::Warm,
+        TransferTarget::Agent(to.into()),
+        at,
+    )
+    .await;
+    offer.unwrap().id
+}
+
+/// Withdrawing a warm transfer's offer (the handoff cancelled, the customer gone, the
+/// assignment completed) is reported with `HandoffTimedOut`, as any offer withdrawn from an
+/// agent, and clears the target's offer and load; the current agent keeps a cancelled
+/// handoff's conversation.
+async fn a_withdrawn_warm_transfer_offer_is_reported(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 3).await;
+    online(&store, "bob", &[], 3).await;
+    let timed_out = "tandem.routing.v1.HandoffTimedOut";
+    let mut withdrawn = 0;
+    for (n, ending) in ["cancel", "close", "complete"].into_iter().enumerate() {
+        let at = t0() + secs(10 * i64::try_from(n).unwrap());
+        let (id, conversation) = (format!("h{n}"), format!("c{n}"));
+        enqueue(&store, &handoff(&id, &conversation), at).await;
+        let (offer_id, holder) = offer(&store, &id, at).await;
+        store.accept(&t, &holder, &offer_id, at).await.unwrap();
+        let target = if holder == "ann" { "bob" } else { "ann" };
+        let target_load = store.agent(&t, target).await.unwrap().load;
+        let warm = warm_to(&store, &id, &holder, target, at + secs(1)).await;
+        assert_eq!(store.pending_offers(&t, target).await.unwrap().len(), 1);
+        let revoked = match ending {
+            "cancel" => {
+                store
+                    .cancel_handoff(&t, &id, None, at + secs(2))
+                    .await
+                    .unwrap()
+                    .revoked
+            }
+            "close" => {
+                store
+                    .close_conversation(&t, &conversation, None, at + secs(2))
+                    .await
+                    .unwrap()
+                    .revoked
+            }
+            _ => {
+                store
+                    .complete(&t, &id, Some(&holder), Disposition::Resolved, at + secs(2))
+                    .await
+                    .unwrap()
+                    .1
+            }
+        };
+        withdrawn += 1;
+        assert_eq!(revoked.len(), 1, "{ending}");
+        assert_eq!(revoked[0].id, warm, "{ending}");
+        assert_eq!(events(&store, timed_out).await, withdrawn, "{ending}");
+        assert_eq!(
+            store.offer(&t, &warm).await.unwrap().state,
+            tandem_routing::store::OfferState::Revoked,
+            "{ending}"
+        );
+        assert!(store.pending_offers(&t, target).await.unwrap().is_empty());
+        assert_eq!(store.agent(&t, target).await.unwrap().load, target_load);
+        let ticket = store.ticket(&t, &id).await.unwrap();
+        assert_eq!(ticket.offered_agent_id, None, "{ending}");
+        if ending == "cancel" {
+            assert_eq!(ticket.state, TicketState::Assigned);
+            assert_eq!(ticket.assigned_agent_id.as_deref(), Some(holder.as_str()));
+        } else {
+            assert_eq!(ticket.state, TicketState::Completed);
+        }
+        assert_eq!(violations(&store).await, Vec::<String>::new());
+    }
+    // The event names the handoff, the withdrawn offer and its agent.
+    let payloads: Vec<Vec<u8>> = {
+        let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
+        match store.db() {
+            Db::Postgres(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(timed_out)
+                    .fetch_all(pool)
+                    .await
+            }
+            Db::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(timed_out)
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .unwrap()
+    };
+    use prost::Message as _;
+    let first =
+        tandem_proto::pb::routing::v1::HandoffTimedOut::decode(payloads[0].as_slice()).unwrap();
+    assert_eq!(first.handoff_id, "h0");
+    assert_eq!(first.conversation_id, "c0");
+    assert!(!first.offer_id.is_empty() && !first.agent_id.is_empty());
+    // Withdrawn, not missed by the target.
+    let lapses: Vec<i32> = outbox::<rpb::HandoffTimedOut>(&store)
+        .await
+        .iter()
+        .map(|e| e.lapse)
+        .collect();
+    assert_eq!(lapses, vec![rpb::OfferLapse::Withdrawn as i32; 3]);
+}
+
 async fn presence_loss_returns_offers_to_the_queue(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 2).await;
@@ -1171,6 +1414,16 @@ async fn presence_loss_returns_offers_to_the_queue(store: Store) {
         .unwrap();
     assert_eq!(changed[0].1.presence, Presence::Offline);
     assert_eq!(violations(&store).await, Vec::<String>::new());
+    // The offers an agent lost by going away were not missed by them.
+    let lapses: Vec<i32> = outbox::<rpb::HandoffTimedOut>(&store)
+        .await
+        .iter()
+        .map(|e| e.lapse)
+        .collect();
+    assert!(
+        lapses.contains(&(rpb::OfferLapse::AgentUnavailable as i32)),
+        "{lapses:?}"
+    );
 }
 
 /// The session sweep lists lost sessions without locks; an agent who sends a heartbeat or opens a
@@ -2369,6 +2622,76 @@ async fn concurrent_accept_batches_assign_once(stores: Vec<Store>) {
     );
 }
 
+/// A queue deleted while handoffs enter it: each handoff either entered first (and the delete
+/// is refused with FAILED_PRECONDITION) or finds the queue gone and goes to the default queue.
+/// No live ticket is ever left in a deleted queue.
+async fn deleting_a_queue_never_strands_a_ticket(store: Store) {
+    let t = tenant();
+    let rounds = if matches!(store.db(), Db::Postgres(_)) {
+        60
+    } else {
+        15
+    };
+    let (mut refused, mut deleted) = (0, 0);
+    for round in 0..rounds {
+        let queue = format!("q{round}");
+        let mut spec = QueueSpec::open(&queue);
+        spec.scenario_ids = vec![format!("s{round}")];
+        store.upsert_queue(&t, &spec, t0()).await.unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(4));
+        let mut tasks = Vec::new();
+        for k in 0..3 {
+            let (store, start, t) = (store.clone(), start.clone(), t.clone());
+            let mut new = handoff(&format!("h{round}-{k}"), &format!("c{round}-{k}"));
+            new.queue_id = queue.clone();
+            new.scenario_id = format!("s{round}");
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                store.enqueue(&t, &new, None, ETA, t0()).await.map(|_| ())
+            }));
+        }
+        let deleting = {
+            let (store, start, t, queue) = (store.clone(), start.clone(), t.clone(), queue.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                store.delete_queue(&t, &queue).await
+            })
+        };
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        match deleting.await.unwrap() {
+            Ok(()) => deleted += 1,
+            Err(RoutingError::FailedPrecondition(_)) => refused += 1,
+            Err(other) => panic!("delete failed: {other}"),
+        }
+        let stranded = scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_tickets t WHERE t.state IN \
+             ('queued', 'offered', 'assigned') AND NOT EXISTS (SELECT 1 FROM routing_queues q \
+             WHERE q.tenant = t.tenant AND q.id = t.queue_id)",
+        )
+        .await;
+        assert_eq!(
+            stranded, 0,
+            "round {round}: live tickets in a deleted queue"
+        );
+        let mut tickets = 0;
+        for k in 0..3 {
+            let ticket = store.ticket(&t, &format!("h{round}-{k}")).await.unwrap();
+            assert!(
+                ticket.queue_id == queue || ticket.queue_id == "default",
+                "round {round}: ticket in {}",
+                ticket.queue_id
+            );
+            tickets += 1;
+        }
+        assert_eq!(tickets, 3);
+    }
+    assert_eq!(refused + deleted, rounds);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 async fn accept_batches_race_on_one_store(store: Store) {
     concurrent_accept_batches_assign_once(vec![store]).await;
 }
@@ -2409,6 +2732,9 @@ both_engines!(
     transfers_move_the_assignment,
     transfers_take_the_target_queues_skills,
     customers_who_leave_or_cancel_free_everything,
+    a_new_handoff_replaces_the_waiting_one_of_its_conversation,
+    a_withdrawn_warm_transfer_offer_is_reported,
+    deleting_a_queue_never_strands_a_ticket,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,

@@ -1,5 +1,8 @@
 //! Consumers of dialog's events (durable `routing-dialog`, shared by the replicas):
-//! - `HandoffRequested` enqueues a ticket, idempotently by handoff id, and drains its queue;
+//! - `HandoffRequested` enqueues a ticket, idempotently by handoff id, and drains its queue; a
+//!   waiting ticket of the conversation under another handoff id is returned and replaced, one
+//!   an agent holds keeps the conversation and the new handoff is refused (both logged and
+//!   counted in [`HANDOFF_CONFLICTS_TOTAL`]);
 //! - `ConversationClosed` abandons a waiting ticket or ends the assignment, freeing the agent;
 //! - `HandoffCancelled` hands a waiting ticket back to the bot.
 //!
@@ -28,6 +31,11 @@ use crate::store::{NewTicket, Unassigned};
 
 /// The durable consumer's name.
 pub const DURABLE: &str = "routing-dialog";
+
+/// Counter of `HandoffRequested` events that met a live ticket of the same conversation under
+/// another handoff id, by `outcome`: `superseded` (the waiting ticket was returned and the new
+/// one queued) or `refused` (an agent holds the conversation; the new handoff was dropped).
+pub const HANDOFF_CONFLICTS_TOTAL: &str = "tandem_routing_handoff_conflicts_total";
 
 /// Handles dialog's events.
 pub struct DialogEvents {
@@ -144,6 +152,19 @@ impl Handler for DialogEvents {
                 .store
                 .enqueue_and_offer(&envelope.tenant, &new, dedup, engine.settings.eta(), now)
                 .await;
+            if let Ok(Some(done)) = &outcome
+                && let Some(superseded) = &done.superseded
+            {
+                let previous = superseded.ticket.as_ref().map_or("", |t| t.id.as_str());
+                tracing::warn!(
+                    handoff = %new.handoff_id,
+                    superseded = %previous,
+                    conversation = %new.conversation_id,
+                    "handoff replaced the waiting ticket of another handoff of the conversation"
+                );
+                metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => "superseded").increment(1);
+                self.after_release(&envelope.tenant, superseded);
+            }
             match outcome {
                 Ok(Some(done)) if !done.offered.is_empty() => {
                     for (_, offer) in &done.offered {
@@ -161,7 +182,14 @@ impl Handler for DialogEvents {
                 }
                 Ok(_) => {}
                 Err(RoutingError::AlreadyExists(reason)) => {
-                    tracing::warn!(%reason, handoff = %new.handoff_id, "handoff ignored");
+                    // The reason names the live ticket that keeps the conversation.
+                    tracing::warn!(
+                        %reason,
+                        handoff = %new.handoff_id,
+                        conversation = %new.conversation_id,
+                        "handoff refused: an agent holds the conversation under another handoff"
+                    );
+                    metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => "refused").increment(1);
                 }
                 Err(error) => return Err(classify(error)),
             }

@@ -104,6 +104,8 @@ pub enum ReturnReason {
     QueueFull,
     /// The customer cancelled.
     Cancelled,
+    /// A newer handoff of the same conversation replaced it.
+    Superseded,
 }
 
 /// The part of the priority fixed at enqueue: base + VIP boost + emotion weight × severity.

@@ -133,10 +133,12 @@ pub(crate) fn declined(
     RawEvent::at(tenant, &event, key(ticket), at)
 }
 
+/// An offer ended without an answer from its agent, for the reason `lapse`.
 pub(crate) fn timed_out(
     tenant: &TenantId,
     ticket: &TicketRecord,
     offer: &OfferRecord,
+    lapse: pb::OfferLapse,
     at: DateTime<Utc>,
 ) -> RawEvent {
     let event = pb::HandoffTimedOut {
@@ -148,6 +150,7 @@ pub(crate) fn timed_out(
         attempt: offer.attempt,
         offered_at: Some(ts(offer.offered_at)),
         occurred_at: Some(ts(at)),
+        lapse: lapse.into(),
     };
     RawEvent::at(tenant, &event, key(ticket), at)
 }
@@ -181,6 +184,7 @@ pub(crate) fn returned(
         ReturnReason::OutOfHours => pb::ReturnReason::OutOfHours,
         ReturnReason::QueueFull => pb::ReturnReason::QueueFull,
         ReturnReason::Cancelled => pb::ReturnReason::Cancelled,
+        ReturnReason::Superseded => pb::ReturnReason::Superseded,
     };
     let event = pb::HandoffReturned {
         handoff_id: ticket.id.clone(),

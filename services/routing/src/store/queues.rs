@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tandem_proto::ids::TenantId;
 
-use super::sql::{Tx, args};
+use super::sql::{Sql, Tx, args, locking};
 use super::{Store, from_json, json, micros, time};
 use crate::domain::agent::SkillRequirement;
 use crate::domain::queue::{
@@ -84,15 +84,55 @@ fn definition(spec: &QueueSpec) -> RoutingResult<String> {
     })
 }
 
+/// The statement reading one queue by (tenant `$1`, id `$2`).
+macro_rules! queue_by_id {
+    () => {
+        "SELECT id, name, definition, created_at, updated_at FROM routing_queues \
+         WHERE tenant = $1 AND id = $2"
+    };
+}
+
+/// The statement reading the queue candidates of a handoff: the named queue (`$2`), the
+/// scenario's (`$3`) and the default one (`$4`), whichever exist; the last column tells the
+/// scenario's queue.
+macro_rules! queue_candidates {
+    () => {
+        "SELECT q.id, q.name, q.definition, q.created_at, q.updated_at, \
+         CAST(CASE WHEN EXISTS (SELECT 1 FROM routing_queue_scenarios s \
+         WHERE s.tenant = q.tenant AND s.scenario_id = $3 AND s.queue_id = q.id) \
+         THEN 1 ELSE 0 END AS BIGINT) \
+         FROM routing_queues q WHERE q.tenant = $1 AND (q.id = $2 OR q.id = $4 OR q.id IN \
+         (SELECT queue_id FROM routing_queue_scenarios WHERE tenant = $1 AND scenario_id = $3))"
+    };
+}
+
 pub(crate) async fn load_queue(
     tx: &mut Tx,
     tenant: &TenantId,
     id: &str,
 ) -> RoutingResult<Option<QueueRecord>> {
     let row: Option<QueueRow> = tx
+        .fetch_optional(queue_by_id!(), args![tenant.as_str(), id])
+        .await?;
+    row.map(QueueRow::into_record).transpose()
+}
+
+/// Loads a queue a ticket is about to enter and holds it there: on PostgreSQL the row is
+/// locked `FOR KEY SHARE` until the transaction ends, so a concurrent [`Store::delete_queue`]
+/// (which locks it `FOR UPDATE`) waits for the ticket and then sees it, or deletes first and
+/// this finds no queue. Updates of the queue's definition do not wait. On SQLite the single
+/// writer serialises them.
+pub(crate) async fn hold_queue(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    id: &str,
+) -> RoutingResult<Option<QueueRecord>> {
+    let row: Option<QueueRow> = tx
         .fetch_optional(
-            "SELECT id, name, definition, created_at, updated_at FROM routing_queues \
-             WHERE tenant = $1 AND id = $2",
+            Sql::Each {
+                pg: concat!(queue_by_id!(), " FOR KEY SHARE"),
+                sqlite: queue_by_id!(),
+            },
             args![tenant.as_str(), id],
         )
         .await?;
@@ -129,7 +169,9 @@ pub(crate) async fn all_queues(tx: &mut Tx) -> RoutingResult<Vec<(TenantId, Queu
 type CandidateRow = (String, String, String, i64, i64, i64);
 
 /// Finds the queue of a handoff: the one it names, else its scenario's, else the default queue,
-/// which is created (always open, no skills) when it does not exist yet.
+/// which is created (always open, no skills) when it does not exist yet. The queue found is
+/// held against deletion until the transaction ends (see [`hold_queue`]); a queue deleted while
+/// this waited for it is passed over as if it did not exist.
 pub(crate) async fn resolve_queue(
     tx: &mut Tx,
     tenant: &TenantId,
@@ -138,16 +180,14 @@ pub(crate) async fn resolve_queue(
     default_queue: &str,
     now: DateTime<Utc>,
 ) -> RoutingResult<QueueRecord> {
-    // The candidates in one statement: the named queue, the scenario's and the default one,
-    // whichever exist; the last column tells the scenario's queue.
+    // The candidates in one statement, held against deletion on PostgreSQL. A candidate that a
+    // delete holds is waited for; once deleted it is not returned.
     let rows: Vec<CandidateRow> = tx
         .fetch_all(
-            "SELECT q.id, q.name, q.definition, q.created_at, q.updated_at, \
-             CAST(CASE WHEN EXISTS (SELECT 1 FROM routing_queue_scenarios s \
-             WHERE s.tenant = q.tenant AND s.scenario_id = $3 AND s.queue_id = q.id) \
-             THEN 1 ELSE 0 END AS BIGINT) \
-             FROM routing_queues q WHERE q.tenant = $1 AND (q.id = $2 OR q.id = $4 OR q.id IN \
-             (SELECT queue_id FROM routing_queue_scenarios WHERE tenant = $1 AND scenario_id = $3))",
+            Sql::Each {
+                pg: concat!(queue_candidates!(), " FOR KEY SHARE OF q"),
+                sqlite: queue_candidates!(),
+            },
             args![tenant.as_str(), named, scenario_id, default_queue],
         )
         .await?;
@@ -178,21 +218,28 @@ pub(crate) async fn resolve_queue(
         return row.into_record();
     }
     let spec = QueueSpec::open(default_queue);
-    tx.execute(
-        "INSERT INTO routing_queues (tenant, id, name, definition, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT DO NOTHING",
-        args![
-            tenant.as_str(),
-            spec.id.as_str(),
-            spec.name.as_str(),
-            definition(&spec)?,
-            micros(now)
-        ],
-    )
-    .await?;
-    load_queue(tx, tenant, default_queue)
-        .await?
-        .ok_or_else(|| RoutingError::Corrupt("default queue vanished".into()))
+    // Created, or found created by another transaction and held; a delete that wins the row
+    // between the two statements leaves nothing to hold, and the queue is created again.
+    for _ in 0..3 {
+        tx.execute(
+            "INSERT INTO routing_queues (tenant, id, name, definition, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT DO NOTHING",
+            args![
+                tenant.as_str(),
+                spec.id.as_str(),
+                spec.name.as_str(),
+                definition(&spec)?,
+                micros(now)
+            ],
+        )
+        .await?;
+        if let Some(queue) = hold_queue(tx, tenant, default_queue).await? {
+            return Ok(queue);
+        }
+    }
+    Err(RoutingError::Conflict(format!(
+        "default queue {default_queue} deleted while a handoff entered it"
+    )))
 }
 
 impl Store {
@@ -291,10 +338,19 @@ impl Store {
         Ok((queues, more))
     }
 
-    /// Deletes a queue without waiting or assigned tickets.
+    /// Deletes a queue without waiting or assigned tickets. The queue row is locked first (on
+    /// PostgreSQL `FOR UPDATE`), so a ticket entering the queue at the same time (which holds
+    /// the row, see [`hold_queue`]) either commits first and is counted here, refusing the
+    /// delete with FAILED_PRECONDITION, or waits and then finds the queue gone.
     pub async fn delete_queue(&self, tenant: &TenantId, id: &str) -> RoutingResult<()> {
         let mut tx = Tx::write(self.db()).await?;
-        if load_queue(&mut tx, tenant, id).await?.is_none() {
+        let found: Option<(String,)> = tx
+            .fetch_optional(
+                locking!("SELECT id FROM routing_queues WHERE tenant = $1 AND id = $2"),
+                args![tenant.as_str(), id],
+            )
+            .await?;
+        if found.is_none() {
             return Err(RoutingError::NotFound(format!("queue {id} not found")));
         }
         let live = tx

@@ -9,7 +9,7 @@ use tandem_proto::ids::TenantId;
 use tandem_proto::pb::routing::v1 as pb;
 
 use super::agents::{PresenceReason, change_presence, load_agent, online_agents};
-use super::queues::{QueueRecord, all_queues, load_queue, resolve_queue};
+use super::queues::{QueueRecord, all_queues, hold_queue, load_queue, resolve_queue};
 use super::sql::{Arg, Tx, args, claiming, locking};
 use super::{
     Store, events, from_json, micros, opt_time, parse_disposition, parse_state, skills_json, time,
@@ -86,6 +86,9 @@ pub struct EnqueueOutcome {
     /// The offer made in the same transaction ([`Store::enqueue_and_offer`]), with the ticket
     /// as it is now (OFFERED); empty when the ticket waits.
     pub offered: Vec<(TicketRecord, OfferRecord)>,
+    /// The waiting ticket of the same conversation under another handoff id that this one
+    /// replaced (RETURNED, its pending offer revoked and the agent's unit freed), if any.
+    pub superseded: Option<Unassigned>,
 }
 
 /// How a new ticket enters its queue.
@@ -795,11 +798,70 @@ pub(crate) async fn expire_agent_offers(
         let offer = row.into_record()?;
         if release_offer(tx, tenant, &offer, "expired", None, now).await? {
             let ticket = must_ticket(tx, tenant, &offer.ticket_id).await?;
-            out.push(events::timed_out(tenant, &ticket, &offer, now));
+            out.push(events::timed_out(
+                tenant,
+                &ticket,
+                &offer,
+                pb::OfferLapse::AgentUnavailable,
+                now,
+            ));
             released.push(offer);
         }
     }
     Ok(released)
+}
+
+/// Why a waiting ticket ends ([`end_waiting_ticket`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WaitingEnd {
+    /// The customer left: ABANDONED.
+    CustomerLeft,
+    /// The customer cancelled: RETURNED.
+    Cancelled,
+    /// A newer handoff of the conversation replaced it: RETURNED.
+    Superseded,
+}
+
+/// Ends a waiting (queued or offered) ticket, locked by the caller after its agents, inside
+/// `tx`: its pending offer is revoked and the agent's unit freed, and the ticket becomes
+/// ABANDONED (the customer left) or RETURNED (cancelled or superseded), its event added to `out`.
+async fn end_waiting_ticket(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket: &TicketRecord,
+    why: WaitingEnd,
+    now: DateTime<Utc>,
+    out: &mut Vec<RawEvent>,
+) -> RoutingResult<Unassigned> {
+    let closed = why == WaitingEnd::CustomerLeft;
+    let mut result = Unassigned::default();
+    if let Some(offer) = pending_offer_of_ticket(tx, tenant, &ticket.id).await? {
+        let reason = if closed { "customer_left" } else { "cancelled" };
+        if release_offer(tx, tenant, &offer, "revoked", Some(reason), now).await? {
+            result.freed_agents.push(offer.agent_id.clone());
+            result.revoked.push(offer);
+        }
+    }
+    let state = if closed { "abandoned" } else { "returned" };
+    tx.execute(
+        "UPDATE routing_tickets SET state = $3, ended_at = $4, offered_agent_id = NULL, \
+         updated_at = $4 WHERE tenant = $1 AND id = $2",
+        args![tenant.as_str(), ticket.id.as_str(), state, micros(now)],
+    )
+    .await?;
+    let done = must_ticket(tx, tenant, &ticket.id).await?;
+    out.push(if closed {
+        events::abandoned(tenant, &done, pb::AbandonReason::CustomerLeft, now)
+    } else {
+        let reason = if why == WaitingEnd::Superseded {
+            ReturnReason::Superseded
+        } else {
+            ReturnReason::Cancelled
+        };
+        events::returned(tenant, &done, reason, false, now)
+    });
+    result.ticket = Some(done);
+    Ok(result)
 }
 
 /// Plans and writes offers of claimed (locked) queued `tickets` of `queue` to the best of the
@@ -1272,13 +1334,47 @@ impl Store {
                 ticket,
                 created: false,
                 offered: Vec::new(),
+                superseded: None,
             }));
         }
+        // Another handoff of the conversation is live. Dialog follows only the conversation's
+        // latest handoff, so a waiting one is replaced by this one; one an agent holds stays
+        // and this handoff is refused.
+        let mut superseded = None;
         if let Some(other) = rows.first() {
-            return Err(RoutingError::AlreadyExists(format!(
-                "conversation {} already has live ticket {}",
-                new.conversation_id, other.id
-            )));
+            let other_id = other.id.clone();
+            lock_agents_first(
+                &mut tx,
+                AGENTS_OF_TICKET,
+                args![tenant.as_str(), other_id.as_str()],
+            )
+            .await?;
+            if let Some(live) = load_ticket(&mut tx, tenant, &other_id, true).await? {
+                match live.state {
+                    TicketState::Queued | TicketState::Offered => {
+                        let mut out = Vec::new();
+                        let ended = end_waiting_ticket(
+                            &mut tx,
+                            tenant,
+                            &live,
+                            WaitingEnd::Superseded,
+                            now,
+                            &mut out,
+                        )
+                        .await?;
+                        tx.enqueue(&out).await?;
+                        superseded = Some(ended);
+                    }
+                    TicketState::Assigned => {
+                        return Err(RoutingError::AlreadyExists(format!(
+                            "conversation {} already has live ticket {} (assigned)",
+                            new.conversation_id, other_id
+                        )));
+                    }
+                    // Ended since it was read: nothing to replace.
+                    _ => {}
+                }
+            }
         }
         let queue = resolve_queue(
             &mut tx,
@@ -1456,6 +1552,7 @@ impl Store {
             ticket,
             created: true,
             offered,
+            superseded,
         }))
     }
 
@@ -1688,7 +1785,13 @@ impl Store {
             let mut out = Vec::new();
             if release_offer(&mut tx, tenant, &offer, "expired", None, now).await? {
                 let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
-                out.push(events::timed_out(tenant, &ticket, &offer, now));
+                out.push(events::timed_out(
+                    tenant,
+                    &ticket,
+                    &offer,
+                    pb::OfferLapse::Expired,
+                    now,
+                ));
             }
             tx.enqueue(&out).await?;
             tx.commit().await?;
@@ -1913,7 +2016,13 @@ impl Store {
                 // Expire it here so the ticket moves on at once, then report the expiry.
                 if release_offer(&mut tx, tenant, offer, "expired", None, now).await? {
                     let ticket = must_ticket(&mut tx, tenant, &offer.ticket_id).await?;
-                    out.push(events::timed_out(tenant, &ticket, offer, now));
+                    out.push(events::timed_out(
+                        tenant,
+                        &ticket,
+                        offer,
+                        pb::OfferLapse::Expired,
+                        now,
+                    ));
                 }
                 results[i] = Some(Err(RoutingError::OfferExpired(id.to_owned())));
                 continue;
@@ -2184,7 +2293,13 @@ impl Store {
                 continue;
             }
             let ticket = must_ticket(&mut tx, &tenant, &offer.ticket_id).await?;
-            let mut out = vec![events::timed_out(&tenant, &ticket, &offer, now)];
+            let mut out = vec![events::timed_out(
+                &tenant,
+                &ticket,
+                &offer,
+                pb::OfferLapse::Expired,
+                now,
+            )];
             tx.execute(
                 "UPDATE routing_agents SET missed_offers = missed_offers + 1 \
                  WHERE tenant = $1 AND id = $2",
@@ -2223,7 +2338,8 @@ impl Store {
     }
 
     /// Ends an assignment (resolved or returned to the bot) and frees the agent's unit. An agent
-    /// caller (`actor`) must own it. A pending warm-transfer offer of the ticket is withdrawn.
+    /// caller (`actor`) must own it. A pending warm-transfer offer of the ticket is withdrawn
+    /// (`HandoffTimedOut`).
     pub async fn complete(
         &self,
         tenant: &TenantId,
@@ -2255,6 +2371,13 @@ impl Store {
         if let Some(offer) = pending_offer_of_ticket(&mut tx, tenant, ticket_id).await?
             && release_offer(&mut tx, tenant, &offer, "revoked", Some("cancelled"), now).await?
         {
+            out.push(events::timed_out(
+                tenant,
+                &ticket,
+                &offer,
+                pb::OfferLapse::Withdrawn,
+                now,
+            ));
             revoked.push(offer);
         }
         let (agent_id, team, assigned_at) =
@@ -2354,7 +2477,7 @@ impl Store {
                 (ticket.queue_id.clone(), Some(agent.clone()), skills)
             }
             TransferTarget::Queue(queue) => {
-                let Some(target_queue) = load_queue(&mut tx, tenant, queue).await? else {
+                let Some(target_queue) = hold_queue(&mut tx, tenant, queue).await? else {
                     return Err(RoutingError::NotFound(format!("queue {queue} not found")));
                 };
                 let skills = moved_skills(
@@ -2499,7 +2622,9 @@ impl Store {
             .await
     }
 
-    /// The customer cancelled the handoff: a waiting ticket is RETURNED to the bot.
+    /// The customer cancelled the handoff: a waiting ticket is RETURNED to the bot; an assigned
+    /// one stays with its agent, and a pending warm-transfer offer of it is withdrawn
+    /// (`HandoffTimedOut`).
     pub async fn cancel_handoff(
         &self,
         tenant: &TenantId,
@@ -2567,20 +2692,33 @@ impl Store {
             tx.commit().await?;
             return Ok(Unassigned::default());
         };
-        let mut result = Unassigned::default();
         let mut out = Vec::new();
-        if let Some(offer) = pending_offer_of_ticket(&mut tx, tenant, &ticket.id).await? {
-            let reason = if closed { "customer_left" } else { "cancelled" };
-            if release_offer(&mut tx, tenant, &offer, "revoked", Some(reason), now).await? {
-                result.freed_agents.push(offer.agent_id.clone());
-                result.revoked.push(offer);
-            }
-        }
         if ticket.state == TicketState::Assigned {
+            let mut result = Unassigned::default();
+            // The pending offer of an assigned ticket is a warm transfer's: it is withdrawn
+            // with `HandoffTimedOut` (lapse WITHDRAWN), so the target's desk and every
+            // subscriber hear of it.
+            if let Some(offer) = pending_offer_of_ticket(&mut tx, tenant, &ticket.id).await? {
+                let reason = if closed { "customer_left" } else { "cancelled" };
+                if release_offer(&mut tx, tenant, &offer, "revoked", Some(reason), now).await? {
+                    out.push(events::timed_out(
+                        tenant,
+                        &ticket,
+                        &offer,
+                        pb::OfferLapse::Withdrawn,
+                        now,
+                    ));
+                    result.freed_agents.push(offer.agent_id.clone());
+                    result.revoked.push(offer);
+                }
+            }
             if !closed {
-                // A cancel after an agent took over changes nothing.
+                // A cancel after an agent took over leaves the assignment alone.
                 tx.enqueue(&out).await?;
                 tx.commit().await?;
+                if !out.is_empty() {
+                    self.wake_outbox();
+                }
                 return Ok(result);
             }
             let (agent, team, assigned_at) =
@@ -2607,22 +2745,17 @@ impl Store {
             ));
             result.freed_agents.push(agent);
             result.ticket = Some(done);
-        } else {
-            let state = if closed { "abandoned" } else { "returned" };
-            tx.execute(
-                "UPDATE routing_tickets SET state = $3, ended_at = $4, offered_agent_id = NULL, \
-                 updated_at = $4 WHERE tenant = $1 AND id = $2",
-                args![tenant.as_str(), ticket.id.as_str(), state, micros(now)],
-            )
-            .await?;
-            let done = must_ticket(&mut tx, tenant, &ticket.id).await?;
-            out.push(if closed {
-                events::abandoned(tenant, &done, pb::AbandonReason::CustomerLeft, now)
-            } else {
-                events::returned(tenant, &done, ReturnReason::Cancelled, false, now)
-            });
-            result.ticket = Some(done);
+            tx.enqueue(&out).await?;
+            tx.commit().await?;
+            self.wake_outbox();
+            return Ok(result);
         }
+        let why = if closed {
+            WaitingEnd::CustomerLeft
+        } else {
+            WaitingEnd::Cancelled
+        };
+        let result = end_waiting_ticket(&mut tx, tenant, &ticket, why, now, &mut out).await?;
         tx.enqueue(&out).await?;
         tx.commit().await?;
         self.wake_outbox();
@@ -2702,7 +2835,7 @@ impl Store {
                             touched.push((tenant.clone(), queue.spec.id.clone()));
                         }
                         OverflowAction::MoveToQueue(target) => {
-                            let Some(target_queue) = load_queue(&mut tx, &tenant, target).await?
+                            let Some(target_queue) = hold_queue(&mut tx, &tenant, target).await?
                             else {
                                 tracing::warn!(queue = %queue.spec.id, target = %target, "overflow target queue does not exist");
                                 tx.execute(
