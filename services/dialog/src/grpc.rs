@@ -113,6 +113,120 @@ fn next(has_more: bool, next_offset: i64) -> Option<common::PageResponse> {
 
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
+/// Sends a watcher the stored messages after `resume`, then the live updates of `conversation`
+/// from `live`, until the client goes away, falls behind or loses the agent view.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the watch's state, moved into its task"
+)]
+async fn relay_updates(
+    mut live: tokio::sync::broadcast::Receiver<crate::app::Broadcast>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::WatchConversationResponse, Status>>,
+    app: Arc<App>,
+    tenant: tandem_proto::ids::TenantId,
+    conversation: pb::Conversation,
+    resume: Option<i64>,
+    agent_view: bool,
+    actor: Actor,
+) {
+    let mut high = resume.unwrap_or(conversation.message_count);
+    if let Some(after) = resume
+        && !send_stored(
+            &tx,
+            &app,
+            &tenant,
+            &conversation.id,
+            after,
+            10_000,
+            &mut high,
+        )
+        .await
+    {
+        return;
+    }
+    // Suggestions already sent: a replica's own updates also come back through the bus.
+    let mut suggestions = std::collections::VecDeque::with_capacity(SEEN_SUGGESTIONS);
+    loop {
+        let received = tokio::select! {
+            r = live.recv() => r,
+            // The client went away while the conversation is quiet.
+            () = tx.closed() => return,
+        };
+        let mut b = match received {
+            Ok(b) => b,
+            Err(RecvError::Lagged(_)) => {
+                let _ = tx
+                    .send(Err(Status::aborted(
+                        "the watcher fell behind; resume from the last cursor",
+                    )))
+                    .await;
+                return;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if b.agent_only && !agent_view {
+            continue;
+        }
+        match &b.update.update {
+            Some(pb::conversation_update::Update::MessagePosted(m)) => {
+                if m.sequence <= high {
+                    continue;
+                }
+                // Updates from two replicas may overtake each other: what is missing
+                // before this message comes from the store, so the watcher never skips
+                // a message.
+                if m.sequence > high + 1 {
+                    let missing = m.sequence - high - 1;
+                    let (id, from) = (&conversation.id, high);
+                    if !send_stored(&tx, &app, &tenant, id, from, missing, &mut high).await {
+                        return;
+                    }
+                }
+                high = m.sequence;
+            }
+            // The agent view ends for an agent who no longer holds the conversation (a
+            // transfer, or its return to the queue or the bot); supervisors keep it.
+            Some(pb::conversation_update::Update::StateChanged(change))
+                if agent_view && !actor.supervisor && change.assigned_agent_id != actor.id =>
+            {
+                let _ = tx
+                    .send(Ok(pb::WatchConversationResponse {
+                        update: Some(b.update.clone()),
+                    }))
+                    .await;
+                let _ = tx
+                    .send(Err(Status::permission_denied(
+                        "the conversation is no longer assigned to this agent",
+                    )))
+                    .await;
+                return;
+            }
+            Some(pb::conversation_update::Update::Suggestion(s)) => {
+                if suggestions.contains(&s.id) {
+                    continue;
+                }
+                if suggestions.len() == SEEN_SUGGESTIONS {
+                    suggestions.pop_front();
+                }
+                suggestions.push_back(s.id.clone());
+            }
+            _ => {}
+        }
+        if b.update.cursor.is_empty() {
+            b.update.cursor = high.to_string();
+        }
+        if tx
+            .send(Ok(pb::WatchConversationResponse {
+                update: Some(b.update),
+            }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 /// Sends a watcher up to `limit` stored messages after sequence `after`, raising `high` to the
 /// last one sent. Returns false when the watch must end (the reader left, or the store failed
 /// and the error was sent).
@@ -261,7 +375,7 @@ impl DialogService for DialogGrpc {
         };
         // Subscribe first, then read the conversation and replay, so an update committed in
         // between arrives live (a message already counted by the read is skipped).
-        let mut live = self.app.hub.subscribe(&tenant, &r.conversation_id);
+        let live = self.app.hub.subscribe(&tenant, &r.conversation_id);
         let conversation = match self.app.get(&tenant, &r.conversation_id).await {
             Ok(c)
                 if agent_view
@@ -272,6 +386,10 @@ impl DialogService for DialogGrpc {
                     "the agent view is for the assigned agent or a supervisor",
                 ))
             }
+            // A cursor past the last message would silently skip the messages up to it.
+            Ok(c) if resume.is_some_and(|after| after > c.message_count) => Err(
+                Status::out_of_range("resume_after is past the conversation's last message"),
+            ),
             Ok(c) => Ok(c),
             Err(e) => Err(st(&e)),
         };
@@ -285,101 +403,26 @@ impl DialogService for DialogGrpc {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let app = Arc::clone(&self.app);
+        let hub = (
+            Arc::clone(&self.app),
+            tenant.clone(),
+            conversation.id.clone(),
+        );
         tokio::spawn(async move {
-            let mut high = resume.unwrap_or(conversation.message_count);
-            if let Some(after) = resume
-                && !send_stored(
-                    &tx,
-                    &app,
-                    &tenant,
-                    &conversation.id,
-                    after,
-                    10_000,
-                    &mut high,
-                )
-                .await
-            {
-                return;
-            }
-            // Suggestions already sent: a replica's own updates also come back through the bus.
-            let mut suggestions = std::collections::VecDeque::with_capacity(SEEN_SUGGESTIONS);
-            loop {
-                let mut b = match live.recv().await {
-                    Ok(b) => b,
-                    Err(RecvError::Lagged(_)) => {
-                        let _ = tx
-                            .send(Err(Status::aborted(
-                                "the watcher fell behind; resume from the last cursor",
-                            )))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                };
-                if b.agent_only && !agent_view {
-                    continue;
-                }
-                match &b.update.update {
-                    Some(pb::conversation_update::Update::MessagePosted(m)) => {
-                        if m.sequence <= high {
-                            continue;
-                        }
-                        // Updates from two replicas may overtake each other: what is missing
-                        // before this message comes from the store, so the watcher never skips
-                        // a message.
-                        if m.sequence > high + 1 {
-                            let missing = m.sequence - high - 1;
-                            let (id, from) = (&conversation.id, high);
-                            if !send_stored(&tx, &app, &tenant, id, from, missing, &mut high).await
-                            {
-                                return;
-                            }
-                        }
-                        high = m.sequence;
-                    }
-                    // The agent view ends for an agent who no longer holds the conversation (a
-                    // transfer, or its return to the queue or the bot); supervisors keep it.
-                    Some(pb::conversation_update::Update::StateChanged(change))
-                        if agent_view
-                            && !actor.supervisor
-                            && change.assigned_agent_id != actor.id =>
-                    {
-                        let _ = tx
-                            .send(Ok(pb::WatchConversationResponse {
-                                update: Some(b.update.clone()),
-                            }))
-                            .await;
-                        let _ = tx
-                            .send(Err(Status::permission_denied(
-                                "the conversation is no longer assigned to this agent",
-                            )))
-                            .await;
-                        return;
-                    }
-                    Some(pb::conversation_update::Update::Suggestion(s)) => {
-                        if suggestions.contains(&s.id) {
-                            continue;
-                        }
-                        if suggestions.len() == SEEN_SUGGESTIONS {
-                            suggestions.pop_front();
-                        }
-                        suggestions.push_back(s.id.clone());
-                    }
-                    _ => {}
-                }
-                if b.update.cursor.is_empty() {
-                    b.update.cursor = high.to_string();
-                }
-                if tx
-                    .send(Ok(pb::WatchConversationResponse {
-                        update: Some(b.update),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+            relay_updates(
+                live,
+                tx,
+                app,
+                tenant,
+                conversation,
+                resume,
+                agent_view,
+                actor,
+            )
+            .await;
+            // The stream ended (the client went away, or it was ended here): the conversation's
+            // channel goes once its last watcher on this replica is gone.
+            hub.0.hub.release(&hub.1, &hub.2);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -636,5 +679,116 @@ impl ModelService for DialogGrpc {
         Ok(Response::new(pb::GetModelVersionResponse {
             model_version: Some(v),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use tandem_platform::config::{DatabaseConfig, Secret};
+    use tandem_platform::db::Db;
+    use tandem_platform::outbox::OutboxWaker;
+    use tandem_platform::runtime::Service as _;
+    use tandem_proto::ids::TenantId;
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+    use crate::app::AppOptions;
+    use crate::store::Store;
+
+    fn as_channel<T>(message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        req.extensions_mut().insert(Caller {
+            tenant: TenantId::new("acme").unwrap(),
+            subject: "web".into(),
+            roles: vec![Role::Channel],
+        });
+        req
+    }
+
+    /// A watch whose client went away leaves nothing behind on the replica, even on a
+    /// conversation that stays quiet; a cursor past the last message is refused.
+    #[tokio::test]
+    async fn a_dropped_watch_releases_its_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("dialog.db").display());
+        let db = Db::connect(&DatabaseConfig {
+            url: Secret::new(url),
+            ..DatabaseConfig::default()
+        })
+        .await
+        .unwrap();
+        db.migrate(Some(crate::Dialog::migrations())).await.unwrap();
+        let app = Arc::new(App::new(
+            Store::new(db),
+            OutboxWaker::default(),
+            AppOptions {
+                cache_ttl: Duration::from_secs(2),
+                knowledge: None,
+                repeat_contact_window: Duration::ZERO,
+                queue_stats_max_age: Duration::from_secs(900),
+            },
+        ));
+        let grpc = DialogGrpc::new(Arc::clone(&app));
+        let started = grpc
+            .start_conversation(as_channel(pb::StartConversationRequest {
+                customer: Some(common::Customer {
+                    id: "c-1".into(),
+                    ..Default::default()
+                }),
+                channel: common::Channel::WebChat as i32,
+                client_conversation_id: "k1".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation
+            .unwrap();
+        let tenant = TenantId::new("acme").unwrap();
+        let watch = |resume_after: &str| {
+            as_channel(pb::WatchConversationRequest {
+                conversation_id: started.id.clone(),
+                view: pb::ConversationView::Customer as i32,
+                resume_after: resume_after.into(),
+            })
+        };
+        let past = grpc.watch_conversation(watch("99")).await.err().unwrap();
+        assert_eq!(past.code(), tonic::Code::OutOfRange);
+        assert!(!app.hub.watched(&tenant, &started.id));
+        let stream = grpc
+            .watch_conversation(watch(""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(app.hub.watched(&tenant, &started.id));
+        drop(stream);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while app.hub.watched(&tenant, &started.id) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watch outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A stream still open keeps receiving.
+        let mut stream = grpc
+            .watch_conversation(watch(""))
+            .await
+            .unwrap()
+            .into_inner();
+        app.hub.publish(
+            &tenant,
+            &started.id,
+            vec![crate::app::Broadcast {
+                update: pb::ConversationUpdate::default(),
+                agent_only: false,
+            }],
+        );
+        let got = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+        assert!(matches!(got, Ok(Some(Ok(_)))), "{got:?}");
     }
 }
