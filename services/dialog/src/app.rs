@@ -54,6 +54,9 @@ pub enum DialogError {
     /// The caller may not do this.
     #[error("{0}")]
     Denied(String),
+    /// The key of the entity to create is taken by another.
+    #[error("{0}")]
+    Conflict(String),
     /// Lost a race too often.
     #[error("the conversation changed concurrently; retry")]
     Aborted,
@@ -84,6 +87,7 @@ impl ServiceError for DialogError {
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Precondition(_) | Self::Training(_) => ErrorCode::FailedPrecondition,
             Self::Denied(_) => ErrorCode::PermissionDenied,
+            Self::Conflict(_) => ErrorCode::AlreadyExists,
             Self::Aborted => ErrorCode::Aborted,
             Self::Store(_) | Self::Internal(_) => ErrorCode::Internal,
         }
@@ -135,7 +139,7 @@ fn reject_controls(field: &str, text: &str, breaks: bool) -> DialogResult<()> {
 
 /// Checks an optional free text (a note, a reason): at most `max` characters, no control
 /// characters other than line breaks and tabs.
-fn check_note(field: &str, text: &str, max: usize) -> DialogResult<()> {
+pub(crate) fn check_note(field: &str, text: &str, max: usize) -> DialogResult<()> {
     check_len(field, text, max)?;
     reject_controls(field, text, true)
 }
@@ -235,6 +239,25 @@ fn state_of(c: &pb::Conversation) -> pb::ConversationState {
 
 fn is_zh(c: &pb::Conversation) -> bool {
     c.language != common::Language::En as i32
+}
+
+/// The answer to a start whose `client_conversation_id` names an existing conversation: that
+/// conversation, unless it belongs to another customer, whose transcript the caller must not get.
+fn replayed(
+    existing: pb::Conversation,
+    customer_id: &str,
+) -> DialogResult<pb::StartConversationResponse> {
+    let owner = existing.customer.as_ref().map_or("", |c| c.id.as_str());
+    if owner != customer_id {
+        return Err(DialogError::Conflict(format!(
+            "client_conversation_id {} belongs to a conversation of another customer",
+            existing.client_conversation_id
+        )));
+    }
+    Ok(pb::StartConversationResponse {
+        conversation: Some(existing),
+        created: false,
+    })
 }
 
 /// Refuses an empty conversation id.
@@ -570,6 +593,15 @@ impl App {
                 "customer.attributes has more than 50 entries".into(),
             ));
         }
+        for (key, value) in &customer.attributes {
+            if key.is_empty() {
+                return Err(DialogError::Invalid(
+                    "customer.attributes has an empty key".into(),
+                ));
+            }
+            check_line("customer.attributes key", key, 64)?;
+            check_note(&format!("customer.attributes[{key}]"), value, 1_000)?;
+        }
         check_enum::<common::CustomerTier>("customer.tier", customer.tier)?;
         check_enum::<common::Language>("customer.language", customer.language)?;
         check_enum::<common::Channel>("customer.channel", customer.channel)?;
@@ -582,10 +614,7 @@ impl App {
             .conversation_by_client_id(tenant, &req.client_conversation_id)
             .await?
         {
-            return Ok(pb::StartConversationResponse {
-                conversation: Some(c),
-                created: false,
-            });
+            return replayed(c, &customer.id);
         }
         let at = now();
         let repeat_contacts = self.repeat_contacts(tenant, &customer.id, &at).await?;
@@ -602,6 +631,7 @@ impl App {
         } else {
             req.scenario_hint.clone()
         };
+        let customer_id = customer.id.clone();
         let conversation = pb::Conversation {
             id: new_id(),
             repeat_contacts,
@@ -643,10 +673,7 @@ impl App {
                     .conversation_by_client_id(tenant, &req.client_conversation_id)
                     .await?
                     .ok_or(DialogError::Aborted)?;
-                Ok(pb::StartConversationResponse {
-                    conversation: Some(existing),
-                    created: false,
-                })
+                replayed(existing, &customer_id)
             }
             Err(e) => Err(e.into()),
         }
@@ -786,6 +813,9 @@ impl App {
             if reopened {
                 c.state = pb::ConversationState::Bot as i32;
                 c.reopen_count = c.reopen_count.saturating_add(1);
+                // The agent who resolved it holds the new matter no more: their view ends, and
+                // they no longer type, close or review as its agent.
+                c.assigned_agent_id.clear();
                 updates.push((
                     pb::ConversationState::Resolved,
                     pb::ConversationState::Bot,
@@ -1392,9 +1422,21 @@ impl App {
         check_text("text", &req.text)?;
         check_attachments(&req.attachments)?;
         for _ in 0..ATTEMPTS {
-            // The assignment first: a recorded response is only ever returned to the agent who
-            // holds the conversation, and only when it is that agent's own message.
             let (mut c, revision) = self.load(tenant, &req.conversation_id).await?;
+            // A retry of the caller's own message gets the response it was given, whatever
+            // happened to the conversation since (resolved, transferred): the message was posted.
+            let recorded = self
+                .store
+                .request(tenant, &c.id, "agent", &req.client_message_id)
+                .await?;
+            if let Some(bytes) = &recorded {
+                let mut r = pb::PostAgentMessageResponse::decode(bytes.as_slice())
+                    .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
+                if r.message.as_ref().is_some_and(|m| m.sender_id == actor.id) {
+                    r.duplicate = true;
+                    return Ok(r);
+                }
+            }
             if state_of(&c) != pb::ConversationState::Agent {
                 return Err(DialogError::Precondition(format!(
                     "conversation {} is not owned by an agent",
@@ -1407,21 +1449,11 @@ impl App {
                     actor.id, c.id
                 )));
             }
-            if let Some(bytes) = self
-                .store
-                .request(tenant, &c.id, "agent", &req.client_message_id)
-                .await?
-            {
-                let mut r = pb::PostAgentMessageResponse::decode(bytes.as_slice())
-                    .map_err(|e| DialogError::Store(StoreError::Corrupt("response", e)))?;
-                if r.message.as_ref().is_none_or(|m| m.sender_id != actor.id) {
-                    return Err(DialogError::Precondition(format!(
-                        "client_message_id {} was used by another agent in conversation {}",
-                        req.client_message_id, c.id
-                    )));
-                }
-                r.duplicate = true;
-                return Ok(r);
+            if recorded.is_some() {
+                return Err(DialogError::Precondition(format!(
+                    "client_message_id {} was used by another agent in conversation {}",
+                    req.client_message_id, c.id
+                )));
             }
             let at = now();
             let mut m = Self::append(&mut c, pb::SenderKind::Agent, &actor.id, &req.text, at);
@@ -1801,10 +1833,14 @@ impl App {
         self.transition(tenant, &req.conversation_id, None, move |c| {
             let by = match state_of(c) {
                 pb::ConversationState::Agent => {
-                    if actor.agent && c.assigned_agent_id != actor.id && !actor.supervisor {
+                    // The assigned agent or a supervisor resolves for the agent; the channel
+                    // resolves only what the bot holds.
+                    let holder = actor.agent && c.assigned_agent_id == actor.id;
+                    if !(actor.supervisor || holder) {
                         return Err(DialogError::Denied(format!(
-                            "agent {} is not assigned to conversation {}",
-                            actor.id, c.id
+                            "conversation {} is held by an agent; only that agent or a \
+                             supervisor resolves it",
+                            c.id
                         )));
                     }
                     common::HandlerKind::Agent

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::app::{Actor, App, DialogError, check_text};
+use crate::app::{Actor, App, DialogError};
 
 const CUSTOMER_SIDE: &[Role] = &[Role::Channel, Role::Service, Role::Admin];
 const EVERYONE: &[Role] = &[
@@ -442,6 +442,12 @@ impl DialogService for DialogGrpc {
             .get(&tenant, &r.conversation_id)
             .await
             .map_err(|e| st(&e))?;
+        if conversation.state == pb::ConversationState::Closed as i32 {
+            return Err(Status::failed_precondition(format!(
+                "conversation {} is closed",
+                conversation.id
+            )));
+        }
         let kind = if customer_side {
             pb::SenderKind::Customer
         } else if !subject.is_empty() && conversation.assigned_agent_id == subject {
@@ -652,9 +658,7 @@ impl ModelService for DialogGrpc {
         if r.model_version_id.is_empty() {
             return Err(Status::invalid_argument("model_version_id is empty"));
         }
-        if !r.reason.is_empty() {
-            check_text("reason", &r.reason).map_err(|e| st(&e))?;
-        }
+        crate::app::check_note("reason", &r.reason, 1_000).map_err(|e| st(&e))?;
         let (v, previous) = self
             .app
             .activate_model(&tenant, &subject, &r.model_version_id)

@@ -147,7 +147,7 @@ impl Texts {
 
     /// The queue position notice.
     pub fn queued(zh: bool, position: i32, eta_seconds: i32) -> String {
-        let minutes = (eta_seconds + 59) / 60;
+        let minutes = eta_seconds.max(0).saturating_add(59) / 60;
         if zh {
             format!(
                 "您前面还有 {} 位客户，预计等待约 {minutes} 分钟。",

@@ -153,6 +153,8 @@ both!(
     a_fallback_turn_leaves_the_scenario_unset,
     resolutions_report_the_team_and_confusion_is_an_emotion,
     queue_reports_let_the_policy_offer_to_leave_a_message,
+    a_resolved_agent_lets_go_of_the_conversation,
+    starts_check_the_customer,
 );
 
 /// The repeat-contact window of the tests that count earlier conversations.
@@ -1807,6 +1809,123 @@ async fn only_the_assigned_agent_closes_or_types_as_the_agent(rig: impl Future<O
     assert_eq!(err.code(), Code::PermissionDenied);
     let closed = close_as(&mut sup, &bot.id).await.unwrap();
     assert_eq!(closed.state, pb::ConversationState::Closed as i32);
+    rig.stop().await;
+}
+
+/// The agent holding a conversation resolves it (not the channel); a retry of the agent's last
+/// message is still answered as a retry; once the customer writes again, the agent who resolved
+/// it no longer acts as its agent; a closed conversation takes no typing.
+async fn a_resolved_agent_lets_go_of_the_conversation(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let (conv, handoff_id) = assigned_to(&rig, &mut c, "k-res", "a-1").await;
+    let mut a1 = rig.client("acme", "a-1", &[Role::Agent]).await;
+    let sent = post_as(&mut a1, &conv.id, "am1").await.unwrap();
+    // The channel does not resolve what an agent holds.
+    let err = c
+        .resolve_conversation(pb::ResolveConversationRequest {
+            conversation_id: conv.id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Routing reports the agent's resolution.
+    rig.publish(
+        "acme",
+        &routing::AssignmentCompleted {
+            handoff_id,
+            conversation_id: conv.id.clone(),
+            agent_id: "a-1".into(),
+            disposition: routing::Disposition::Resolved as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_state(&mut c, &conv.id, pb::ConversationState::Resolved).await;
+    // The agent's desk retries its last message: the same message, as a retry.
+    let again = agent_says(&mut a1, &conv.id, "am1", AGENT_TEXT)
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.unwrap().id, sent.id);
+    // A new message reopens it for the bot: the former agent's rights end with the matter.
+    say(&mut c, &conv.id, "m-again", "你好").await;
+    let reopened = conversation(&mut c, &conv.id).await;
+    assert_eq!(reopened.state, pb::ConversationState::Bot as i32);
+    assert_eq!(reopened.assigned_agent_id, "");
+    let err = type_as(&mut a1, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = close_as(&mut a1, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = agent_view(&mut a1, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Closed: no typing on either side.
+    close_as(&mut c, &conv.id).await.unwrap();
+    let err = type_as(&mut c, &conv.id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    rig.stop().await;
+}
+
+/// A start checks the customer's attributes as the contract bounds them, and a
+/// `client_conversation_id` of another customer's conversation is refused, not answered with
+/// that conversation.
+async fn starts_check_the_customer(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+    let with_attributes = |key: &str, attributes: &[(&str, String)]| pb::StartConversationRequest {
+        customer: Some(common::Customer {
+            id: "cust-a".into(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            ..Default::default()
+        }),
+        client_conversation_id: key.into(),
+        ..Default::default()
+    };
+    for attributes in [
+        vec![("member_since", "x".repeat(1_001))],
+        vec![("bad\u{0}key", "1".to_owned())],
+        vec![("", "1".to_owned())],
+        vec![(&*"k".repeat(65), "1".to_owned())],
+        vec![("note", "bell\u{7}".to_owned())],
+    ] {
+        let err = begin(&mut c, with_attributes("k-attr", &attributes))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{attributes:?}: {err:?}");
+    }
+    let first = begin(
+        &mut c,
+        with_attributes("k-attr", &[("member_since", "2019".to_owned())]),
+    )
+    .await
+    .unwrap();
+    assert!(first.created);
+    // The same customer again: the same conversation.
+    let again = begin(&mut c, with_attributes("k-attr", &[])).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(
+        again.conversation.unwrap().id,
+        first.conversation.unwrap().id
+    );
+    // Another customer with the same key: refused.
+    let err = begin(
+        &mut c,
+        pb::StartConversationRequest {
+            customer: Some(common::Customer {
+                id: "cust-b".into(),
+                ..Default::default()
+            }),
+            client_conversation_id: "k-attr".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     rig.stop().await;
 }
 
