@@ -6,7 +6,9 @@
 //!    `tandem agent` as a customer and an agent would use them;
 //! 2. an agent's resolution is mined into a candidate, approved, becomes searchable, and the bot
 //!    then answers the same question itself, citing the new article;
-//! 3. training a scenario's intents changes what the bot understands.
+//! 3. training a scenario's intents changes what the bot understands;
+//! 4. a conversation the agent resolved in dialog frees the agent in routing: when the customer
+//!    comes back and asks for a human again, the new handoff is queued and reaches an agent.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,13 +19,18 @@ use tandem_platform::auth::Role;
 use tandem_proto::pb::dialog::v1::dialog_service_client::DialogServiceClient;
 use tandem_proto::pb::dialog::v1::model_service_client::ModelServiceClient;
 use tandem_proto::pb::dialog::v1::{
-    BotAction, ExampleFormat, GetDecisionTraceRequest, TrainModelRequest, UploadExamplesRequest,
+    BotAction, ExampleFormat, GetConversationRequest, GetDecisionTraceRequest,
+    ResolveConversationRequest, TrainModelRequest, UploadExamplesRequest,
     get_decision_trace_request,
 };
 use tandem_proto::pb::knowledge::v1::knowledge_service_client::KnowledgeServiceClient;
 use tandem_proto::pb::knowledge::v1::{
     Audience, CandidateDecision, CandidateStatus, ListCandidatesRequest, ReviewCandidateRequest,
     SearchRequest,
+};
+use tandem_proto::pb::routing::v1::routing_service_client::RoutingServiceClient;
+use tandem_proto::pb::routing::v1::{
+    Disposition, GetAgentRequest, GetTicketRequest, TicketState, get_ticket_request,
 };
 
 const STEP: Duration = Duration::from_secs(30);
@@ -324,10 +331,144 @@ async fn training_changes_understanding(d: &Deployment) {
     assert!(turn.reply_text.contains("账单"), "{}: {turn:?}", d.kind);
 }
 
+/// The word after `label` in `line` (`"conversation c-1 (BOT)"`, `"conversation"` → `c-1`),
+/// without the brackets around it.
+fn word_after<'a>(line: &'a str, label: &str) -> &'a str {
+    line.split_whitespace()
+        .skip_while(|w| w.trim_start_matches('(') != label)
+        .nth(1)
+        .map(|w| w.trim_matches(|c| c == '(' || c == ')'))
+        .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+}
+
+/// 4. A conversation resolved in dialog hands off again.
+///
+/// The agent resolves the conversation through dialog (`ResolveConversation`), not through
+/// routing; the customer writes again and asks for a human: the new handoff is queued (the
+/// customer hears the queue position) and reaches the agent, who takes it.
+async fn resolved_in_dialog_then_human_again(d: &Deployment) {
+    let tenant = "e2e-reopen";
+    seed_tenant(d, tenant).await;
+    let mut agent = d.console(
+        "agent-reopen",
+        &["agent", "--agent", "ling"],
+        tenant,
+        "ling",
+        Role::Agent,
+    );
+    agent.expect("online as ling", STEP).await;
+    let mut chat = d.console(
+        "chat-reopen",
+        &["chat", "--language", "en"],
+        tenant,
+        "web",
+        Role::Channel,
+    );
+    let opened = chat.expect("conversation ", STEP).await;
+    let conversation = word_after(&opened, "conversation").to_owned();
+    chat.send("Where is my order 20240115?").await;
+    chat.expect("bot: ", STEP).await;
+    chat.send("talk to a human please").await;
+    chat.expect("state: BOT -> QUEUED", STEP).await;
+    agent.expect("offer ", STEP).await;
+    agent.send("/accept").await;
+    let assigned = agent.expect("assigned: conversation", STEP).await;
+    let first_ticket = word_after(&assigned, "ticket").to_owned();
+    agent.expect("current conversation:", STEP).await;
+    chat.expect("state: QUEUED -> AGENT (agent ling)", STEP)
+        .await;
+
+    // The agent resolves it in dialog.
+    let mut ling = DialogServiceClient::new(
+        d.client(d.endpoints.dialog, tenant, "ling", Role::Agent)
+            .await,
+    );
+    ling.resolve_conversation(ResolveConversationRequest {
+        conversation_id: conversation.clone(),
+        note: "order located".into(),
+    })
+    .await
+    .unwrap();
+    chat.expect("state: AGENT -> RESOLVED", STEP).await;
+
+    // Routing completes the assignment and frees the agent.
+    let routing = RoutingServiceClient::new(
+        d.client(d.endpoints.routing, tenant, "lead", Role::Supervisor)
+            .await,
+    );
+    let done = eventually("routing completes the resolved assignment", STEP, || {
+        let mut routing = routing.clone();
+        let id = first_ticket.clone();
+        async move {
+            let ticket = routing
+                .get_ticket(GetTicketRequest {
+                    key: Some(get_ticket_request::Key::TicketId(id)),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .ticket?;
+            (ticket.state == TicketState::Completed as i32).then_some(ticket)
+        }
+    })
+    .await;
+    assert_eq!(
+        done.disposition,
+        Disposition::Resolved as i32,
+        "{}: {done:?}",
+        d.kind
+    );
+    let ling_now = routing
+        .clone()
+        .get_agent(GetAgentRequest {
+            agent_id: "ling".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap();
+    assert_eq!(ling_now.active_assignments, 0, "{}: {ling_now:?}", d.kind);
+
+    // The customer comes back, then asks for a human again.
+    chat.send("One more question about order 20240115").await;
+    chat.expect("state: RESOLVED -> BOT", STEP).await;
+    chat.send("talk to a human please").await;
+    chat.expect("state: BOT -> QUEUED", STEP).await;
+    chat.expect("queue: position", STEP).await;
+    let offer = agent.expect("offer ", STEP).await;
+    assert!(offer.contains(&conversation), "{}: {offer}", d.kind);
+    agent.send("/accept").await;
+    let assigned = agent.expect("assigned: conversation", STEP).await;
+    assert_ne!(word_after(&assigned, "ticket"), first_ticket, "{}", d.kind);
+    chat.expect("state: QUEUED -> AGENT (agent ling)", STEP)
+        .await;
+    let mut dialog = DialogServiceClient::new(
+        d.client(d.endpoints.dialog, tenant, "lead", Role::Supervisor)
+            .await,
+    );
+    let now = dialog
+        .get_conversation(GetConversationRequest {
+            conversation_id: conversation.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(now.assigned_agent_id, "ling", "{}: {now:?}", d.kind);
+    assert_ne!(now.handoff_id, first_ticket, "{}: {now:?}", d.kind);
+    assert_eq!(now.reopen_count, 1, "{}: {now:?}", d.kind);
+
+    assert!(chat.finish().await.0, "{}: chat failed", d.kind);
+    assert!(agent.finish().await.0, "{}: agent desk failed", d.kind);
+}
+
 async fn all(d: &Deployment) {
     emotion_swing(d).await;
     training_changes_understanding(d).await;
     resolution_becomes_knowledge(d).await;
+    resolved_in_dialog_then_human_again(d).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

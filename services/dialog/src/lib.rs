@@ -87,6 +87,11 @@ pub struct Settings {
     /// Routing reports a queue at least every five minutes.
     #[serde(with = "humantime_serde")]
     pub queue_stats_max_age: Duration,
+    /// How long the response of a customer or agent message is kept for idempotent retries
+    /// (1 hour to 366 days); an hourly task deletes older ones, and a retry arriving later is
+    /// treated as a new message.
+    #[serde(with = "humantime_serde")]
+    pub request_retention: Duration,
 }
 
 impl Default for Settings {
@@ -100,6 +105,7 @@ impl Default for Settings {
             repeat_contact_window: Duration::from_secs(7 * 86_400),
             idle_close_after: Duration::from_secs(30 * 60),
             queue_stats_max_age: Duration::from_secs(15 * 60),
+            request_retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -163,6 +169,14 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.queue_stats_max_age"),
                 "must be between 10s and 1day",
+            ));
+        }
+        if self.request_retention < Duration::from_secs(3_600)
+            || self.request_retention > Duration::from_secs(366 * 86_400)
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.request_retention"),
+                "must be between 1h and 366days",
             ));
         }
     }
@@ -251,6 +265,11 @@ impl Service for Dialog {
             RunOptions::new("dialog-queues"),
             ctx.shutdown.clone(),
         ));
+        ctx.tracker.spawn(prune_requests(
+            app.store().clone(),
+            settings.request_retention,
+            ctx.shutdown.clone(),
+        ));
         if !settings.idle_close_after.is_zero() {
             ctx.tracker.spawn(sweep_idle(
                 app,
@@ -301,6 +320,50 @@ async fn sweep_idle(app: Arc<App>, idle_after: Duration, shutdown: CancellationT
                     break;
                 }
             }
+        }
+    }
+}
+
+/// How often request records past their retention are deleted.
+const PRUNE_PERIOD: Duration = Duration::from_secs(3_600);
+
+/// Request records deleted per statement at most; a full batch is followed by the next at once.
+const PRUNE_BATCH: i64 = 1_000;
+
+/// Deletes the request records older than `retention` until `shutdown`: at start, then every
+/// hour. Every replica prunes; concurrent deletions of the same records are harmless.
+async fn prune_requests(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(PRUNE_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let before = tandem_platform::db::now_micros()
+            .saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let mut deleted = 0_u64;
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = store.prune_requests(before, PRUNE_BATCH) => r,
+            };
+            match batch {
+                Ok(n) => {
+                    deleted += n;
+                    if n < u64::try_from(PRUNE_BATCH).unwrap_or(u64::MAX) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
+                        "pruning request records failed");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "deleted request records past their retention");
         }
     }
 }
@@ -464,6 +527,29 @@ mod tests {
                 Vec::new()
             } else {
                 vec!["service.idle_close_after".into()]
+            };
+            assert_eq!(problems(&settings), want, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn request_retention_is_between_an_hour_and_a_year() {
+        for (value, ok) in [
+            (Duration::from_secs(3_600), true),
+            (Duration::from_secs(7 * 86_400), true),
+            (Duration::from_secs(366 * 86_400), true),
+            (Duration::from_secs(3_599), false),
+            (Duration::ZERO, false),
+            (Duration::from_secs(366 * 86_400 + 1), false),
+        ] {
+            let settings = Settings {
+                request_retention: value,
+                ..Settings::default()
+            };
+            let want: Vec<String> = if ok {
+                Vec::new()
+            } else {
+                vec!["service.request_retention".into()]
             };
             assert_eq!(problems(&settings), want, "{value:?}");
         }

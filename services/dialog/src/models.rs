@@ -4,8 +4,11 @@
 //!
 //! Rows of the text formats may carry an `answer` (CSV: a fifth column): the intent's stored
 //! answer in the row's language, which the bot sends when it answers that intent.
+//!
+//! A leading byte order mark is ignored; a row that cannot be read (a JSON element or line that
+//! is not an object with string `text` and `intent`) is an error of that row, and the other rows
+//! are stored.
 
-use serde::Deserialize;
 use tandem_nlu::{LabelledText, TextClassifier, TrainingOptions, stratified_split};
 use tandem_platform::bus::RawEvent;
 use tandem_proto::ids::TenantId;
@@ -16,18 +19,21 @@ use crate::app::{App, DialogError, DialogResult, now};
 
 const MAX_EXAMPLES: usize = 5_000;
 const MAX_RAW_BYTES: usize = 4 * 1024 * 1024;
+/// Row errors listed in an upload's response at most.
+const MAX_ROW_ERRORS: usize = 1_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, PartialEq)]
 struct RawRow {
     text: String,
     intent: String,
-    #[serde(default)]
     scenario_id: String,
-    #[serde(default)]
     language: String,
-    #[serde(default)]
     answer: String,
 }
+
+/// A row of an upload, or the field at fault (empty for the row itself) and why it could not be
+/// read.
+type ParsedRow = Result<RawRow, (&'static str, String)>;
 
 /// Parses CSV with a header row; fields may be double-quoted with `""` escapes.
 fn parse_csv(raw: &str) -> Result<Vec<Vec<String>>, String> {
@@ -77,8 +83,35 @@ fn language_of(code: &str) -> i32 {
     }
 }
 
-/// Parses `raw` into rows, with per-row errors.
-fn parse_raw(format: pb::ExampleFormat, raw: &str) -> DialogResult<Vec<(i64, RawRow)>> {
+/// Reads one JSON example: an object with string fields `text` and `intent` and optional string
+/// fields `scenario_id`, `language` and `answer` (`null` counts as absent; other fields are
+/// ignored). On error returns the field at fault (empty for the row itself) and why.
+fn json_row(value: serde_json::Value) -> ParsedRow {
+    let serde_json::Value::Object(mut fields) = value else {
+        return Err(("", "must be a JSON object".to_owned()));
+    };
+    let mut field = |name: &'static str, required: bool| match fields.remove(name) {
+        Some(serde_json::Value::String(s)) => Ok(s),
+        None | Some(serde_json::Value::Null) if required => Err((name, "is required".to_owned())),
+        None | Some(serde_json::Value::Null) => Ok(String::new()),
+        Some(_) => Err((name, "must be a string".to_owned())),
+    };
+    Ok(RawRow {
+        text: field("text", true)?,
+        intent: field("intent", true)?,
+        scenario_id: field("scenario_id", false)?,
+        language: field("language", false)?,
+        answer: field("answer", false)?,
+    })
+}
+
+/// Parses `raw` into rows numbered from 1 (CSV: data rows after the header; JSON: array
+/// elements; JSON lines: lines); a row that cannot be read is an error of that row alone. A
+/// leading byte order mark is ignored. Fails when the whole text is unreadable (no CSV header
+/// naming `text` and `intent`, not a JSON array).
+fn parse_raw(format: pb::ExampleFormat, raw: &str) -> DialogResult<Vec<(i64, ParsedRow)>> {
+    let raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
+    let number = |n: usize| i64::try_from(n + 1).unwrap_or(i64::MAX);
     match format {
         pb::ExampleFormat::Csv => {
             let rows = parse_csv(raw).map_err(|e| DialogError::Invalid(format!("raw: {e}")))?;
@@ -104,40 +137,39 @@ fn parse_raw(format: pb::ExampleFormat, raw: &str) -> DialogResult<Vec<(i64, Raw
                 .filter(|(_, r)| !(r.len() == 1 && r[0].trim().is_empty()))
                 .map(|(n, r)| {
                     (
-                        i64::try_from(n + 1).unwrap_or(i64::MAX),
-                        RawRow {
+                        number(n),
+                        Ok(RawRow {
                             text: get(&r, Some(t)),
                             intent: get(&r, Some(i)),
                             scenario_id: get(&r, s),
                             language: get(&r, l),
                             answer: get(&r, a),
-                        },
+                        }),
                     )
                 })
                 .collect())
         }
         pb::ExampleFormat::Json => {
-            let rows: Vec<RawRow> = serde_json::from_str(raw).map_err(|e| {
+            let values: Vec<serde_json::Value> = serde_json::from_str(raw).map_err(|e| {
                 DialogError::Invalid(format!("raw: not a JSON array of examples: {e}"))
             })?;
-            Ok(rows
+            Ok(values
                 .into_iter()
                 .enumerate()
-                .map(|(n, r)| (i64::try_from(n + 1).unwrap_or(i64::MAX), r))
+                .map(|(n, value)| (number(n), json_row(value)))
                 .collect())
         }
-        pb::ExampleFormat::Jsonl => {
-            let mut out = Vec::new();
-            for (n, line) in raw.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let row: RawRow = serde_json::from_str(line)
-                    .map_err(|e| DialogError::Invalid(format!("raw: line {}: {e}", n + 1)))?;
-                out.push((i64::try_from(n + 1).unwrap_or(i64::MAX), row));
-            }
-            Ok(out)
-        }
+        pb::ExampleFormat::Jsonl => Ok(raw
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(n, line)| {
+                let row = serde_json::from_str(line)
+                    .map_err(|e| ("", format!("not valid JSON: {e}")))
+                    .and_then(json_row);
+                (number(n), row)
+            })
+            .collect()),
         pb::ExampleFormat::Unspecified => {
             Err(DialogError::Invalid("format is required with raw".into()))
         }
@@ -223,14 +255,14 @@ impl App {
                 "give either examples or raw with format".into(),
             ));
         }
-        let rows: Vec<(i64, RawRow)> = if req.raw.is_empty() {
+        let rows: Vec<(i64, ParsedRow)> = if req.raw.is_empty() {
             req.examples
                 .iter()
                 .enumerate()
                 .map(|(n, e)| {
                     (
                         i64::try_from(n + 1).unwrap_or(i64::MAX),
-                        RawRow {
+                        Ok(RawRow {
                             text: e.text.clone(),
                             intent: e.intent.clone(),
                             scenario_id: e.scenario_id.clone(),
@@ -240,7 +272,7 @@ impl App {
                                 _ => String::new(),
                             },
                             answer: String::new(),
-                        },
+                        }),
                     )
                 })
                 .collect()
@@ -259,6 +291,15 @@ impl App {
         let mut examples = Vec::new();
         let mut answers = Vec::new();
         for (n, r) in rows {
+            let r = match r {
+                Ok(r) => r,
+                Err((field, message)) => {
+                    if errors.len() < MAX_ROW_ERRORS {
+                        errors.push(row_error(n, field, message));
+                    }
+                    continue;
+                }
+            };
             let text = r.text.trim().to_owned();
             let intent = r.intent.trim().to_owned();
             let scenario = if r.scenario_id.trim().is_empty() {
@@ -283,7 +324,7 @@ impl App {
                 None
             };
             if let Some((field, message)) = bad {
-                if errors.len() < 1_000 {
+                if errors.len() < MAX_ROW_ERRORS {
                     errors.push(row_error(n, field, message));
                 }
                 continue;
@@ -396,7 +437,7 @@ impl App {
                         scenario_ids: v.scenario_ids.clone(),
                         accuracy: m.accuracy,
                         macro_f1: m.macro_f1,
-                        actor,
+                        actor: actor.clone(),
                         occurred_at: Some(at),
                     },
                     None,
@@ -483,5 +524,110 @@ impl App {
         let te = test_idx.iter().map(|&i| examples[i].clone()).collect();
         let model = train(tr).await?;
         Ok((String::new(), evaluate(model, te).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn row(text: &str, intent: &str) -> RawRow {
+        RawRow {
+            text: text.into(),
+            intent: intent.into(),
+            ..RawRow::default()
+        }
+    }
+
+    fn parsed(format: pb::ExampleFormat, raw: &str) -> Vec<(i64, ParsedRow)> {
+        parse_raw(format, raw).unwrap()
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored_in_every_format() {
+        let csv = parsed(
+            pb::ExampleFormat::Csv,
+            "\u{feff}text,intent,language\r\nwhere is my parcel,track,en\r\n",
+        );
+        let want = RawRow {
+            language: "en".into(),
+            ..row("where is my parcel", "track")
+        };
+        assert_eq!(csv, [(1, Ok(want))]);
+        let json = parsed(
+            pb::ExampleFormat::Json,
+            "\u{feff}[{\"text\": \"where is my parcel\", \"intent\": \"track\"}]",
+        );
+        assert_eq!(json, [(1, Ok(row("where is my parcel", "track")))]);
+        let jsonl = parsed(
+            pb::ExampleFormat::Jsonl,
+            "\u{feff}{\"text\": \"where is my parcel\", \"intent\": \"track\"}\n",
+        );
+        assert_eq!(jsonl, [(1, Ok(row("where is my parcel", "track")))]);
+        // Only a leading mark is removed.
+        let inner = parsed(pb::ExampleFormat::Csv, "text,intent\n\u{feff}hi,greet\n");
+        assert_eq!(inner, [(1, Ok(row("\u{feff}hi", "greet")))]);
+    }
+
+    #[test]
+    fn a_bad_json_element_is_an_error_of_that_row() {
+        let raw = r#"[
+            {"text": "refund please", "intent": "refund", "scenario_id": null, "extra": 1},
+            {"text": "no intent"},
+            {"text": "typed", "intent": 5},
+            42,
+            {"text": "answered", "intent": "refund", "language": "en", "answer": "Sure."},
+            {"intent": "refund", "text": ["a"]}
+        ]"#;
+        let rows = parsed(pb::ExampleFormat::Json, raw);
+        assert_eq!(
+            rows,
+            [
+                (1, Ok(row("refund please", "refund"))),
+                (2, Err(("intent", "is required".to_owned()))),
+                (3, Err(("intent", "must be a string".to_owned()))),
+                (4, Err(("", "must be a JSON object".to_owned()))),
+                (
+                    5,
+                    Ok(RawRow {
+                        language: "en".into(),
+                        answer: "Sure.".into(),
+                        ..row("answered", "refund")
+                    })
+                ),
+                (6, Err(("text", "must be a string".to_owned()))),
+            ]
+        );
+        // A text that is not a JSON array at all is refused as a whole.
+        assert!(matches!(
+            parse_raw(pb::ExampleFormat::Json, r#"{"text": "a", "intent": "b"}"#),
+            Err(DialogError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_bad_json_line_is_an_error_of_that_line() {
+        let raw = "{\"text\": \"refund please\", \"intent\": \"refund\"}\n\
+                   {\"text\": \"broken\", \n\
+                   \n\
+                   {\"intent\": \"refund\"}\n\
+                   {\"text\": \"late\", \"intent\": \"track\", \"language\": 7}\n\
+                   {\"text\": \"where is it\", \"intent\": \"track\"}";
+        let rows = parsed(pb::ExampleFormat::Jsonl, raw);
+        assert_eq!(rows.len(), 5, "{rows:?}");
+        assert_eq!(rows[0], (1, Ok(row("refund please", "refund"))));
+        let (n, Err(("", message))) = &rows[1] else {
+            panic!("{:?}", rows[1]);
+        };
+        assert_eq!(*n, 2);
+        assert!(message.starts_with("not valid JSON"), "{message}");
+        assert_eq!(rows[2], (4, Err(("text", "is required".to_owned()))));
+        assert_eq!(
+            rows[3],
+            (5, Err(("language", "must be a string".to_owned())))
+        );
+        assert_eq!(rows[4], (6, Ok(row("where is it", "track"))));
     }
 }

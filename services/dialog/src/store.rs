@@ -125,6 +125,52 @@ fn oldest_first<M: prost::Message + Default>(
     rows.iter().rev().map(|b| decode(what, b)).collect()
 }
 
+/// Decodes a stored model version; its status is the one of the row's `active` column, which
+/// the unique index keeps to one version per tenant (a body written before the index existed
+/// may say ACTIVE for a version that is not).
+fn decode_model(body: &[u8], active: bool) -> Result<pb::ModelVersion, StoreError> {
+    let mut version: pb::ModelVersion = decode("model", body)?;
+    version.status = if active {
+        pb::ModelStatus::Active as i32
+    } else {
+        pb::ModelStatus::Inactive as i32
+    };
+    Ok(version)
+}
+
+/// The first statement of a transaction that writes a tenant's model versions: it serialises
+/// them per tenant. On PostgreSQL a transaction-scoped advisory lock on the tenant; on SQLite a
+/// write that changes nothing, which takes the database's write lock at the start (waiting up to
+/// the busy timeout) rather than upgrading a read transaction later, which fails at once when
+/// another write came in between. `$1` is the tenant.
+fn model_lock(postgres: bool) -> &'static str {
+    if postgres {
+        "SELECT pg_advisory_xact_lock(hashtextextended('dialog_models/' || $1, 0))"
+    } else {
+        "UPDATE dialog_models SET active = active WHERE tenant = $1 AND 1 = 0"
+    }
+}
+
+/// Attempts of a model write before a unique violation (a concurrent write of the tenant took
+/// the version number or the active version) fails it with `Conflict`.
+const MODEL_WRITE_ATTEMPTS: usize = 3;
+
+/// Runs `write` again while it fails on a unique index; `Conflict` when every attempt does.
+/// Writes under [`model_lock`] do not collide; this covers writers that do not take it.
+async fn retry_unique<T, F, Fut>(mut write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    for _ in 0..MODEL_WRITE_ATTEMPTS {
+        match write().await {
+            Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {}
+            other => return other,
+        }
+    }
+    Err(StoreError::Conflict)
+}
+
 impl Store {
     /// Wraps a migrated database.
     pub fn new(db: Db) -> Self {
@@ -213,6 +259,19 @@ impl Store {
             .bind(tenant.as_str()).bind(conversation_id).bind(kind).bind(client_id)
             .fetch_optional(pool).await?);
         Ok(row)
+    }
+
+    /// Deletes up to `limit` request records (the responses kept for idempotent retries)
+    /// created before `before_micros` (microseconds since the Unix epoch), oldest first;
+    /// returns how many. A retry of a deleted request counts as a new request.
+    pub async fn prune_requests(&self, before_micros: i64, limit: i64) -> Result<u64, StoreError> {
+        let deleted = on_db!(&self.db, pool => sqlx::query(
+            "DELETE FROM dialog_requests \
+             WHERE (tenant, conversation_id, kind, client_message_id) IN \
+             (SELECT tenant, conversation_id, kind, client_message_id FROM dialog_requests \
+              WHERE created_micros < $1 ORDER BY created_micros LIMIT $2)")
+            .bind(before_micros).bind(limit).execute(pool).await?.rows_affected());
+        Ok(deleted)
     }
 
     /// Returns up to `limit` messages after `after_sequence`, in order.
@@ -429,61 +488,83 @@ impl Store {
         Ok(row)
     }
 
-    /// Stores a new model version; its number is the next one of the tenant.
+    /// Stores a new model version; its number is the next one of the tenant. Concurrent
+    /// insertions of a tenant take their numbers one after another; `Conflict` when one keeps
+    /// colliding with others on the number.
     pub async fn insert_model(
         &self,
         tenant: &TenantId,
         mut version: pb::ModelVersion,
         bytes: &[u8],
     ) -> Result<pb::ModelVersion, StoreError> {
+        version.status = pb::ModelStatus::Inactive as i32;
+        retry_unique(|| self.try_insert_model(tenant, version.clone(), bytes)).await
+    }
+
+    async fn try_insert_model(
+        &self,
+        tenant: &TenantId,
+        mut version: pb::ModelVersion,
+        bytes: &[u8],
+    ) -> Result<pb::ModelVersion, StoreError> {
         let t = tenant.as_str();
-        on_db!(&self.db, pool => {
-            let mut tx = pool.begin().await?;
+        in_tx!(&self.db, tx, _enqueue, _claim, pg => {
+            sqlx::query(model_lock(pg)).bind(t).execute(&mut *tx).await?;
             let next: i64 = sqlx::query_scalar(
                 "SELECT CAST(COALESCE(MAX(version), 0) + 1 AS BIGINT) FROM dialog_models WHERE tenant = $1")
                 .bind(t).fetch_one(&mut *tx).await?;
             version.version = i32::try_from(next).unwrap_or(i32::MAX);
-            version.status = pb::ModelStatus::Inactive as i32;
             sqlx::query(
                 "INSERT INTO dialog_models (tenant, id, version, active, body, model) \
                  VALUES ($1, $2, $3, $4, $5, $6)")
                 .bind(t).bind(&version.id).bind(version.version).bind(false)
                 .bind(version.encode_to_vec()).bind(bytes).execute(&mut *tx).await?;
-            tx.commit().await?;
         });
         Ok(version)
     }
 
-    /// Makes a version the active one; returns it and the previously active id. The event is
-    /// written in the same transaction.
+    /// Makes a version the active one and every other version of the tenant inactive; returns
+    /// it and the previously active id (its own when it was active already, empty when none
+    /// was). The event is written in the same transaction. Concurrent activations of a tenant
+    /// apply one after another; `Conflict` when one keeps colliding with others.
     pub async fn activate_model(
         &self,
         tenant: &TenantId,
         id: &str,
         activated_at: prost_types::Timestamp,
-        event: impl FnOnce(&pb::ModelVersion, &str) -> RawEvent,
+        event: impl Fn(&pb::ModelVersion, &str) -> RawEvent,
+    ) -> Result<Option<(pb::ModelVersion, String)>, StoreError> {
+        retry_unique(|| self.try_activate_model(tenant, id, activated_at, &event)).await
+    }
+
+    async fn try_activate_model(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        activated_at: prost_types::Timestamp,
+        event: &impl Fn(&pb::ModelVersion, &str) -> RawEvent,
     ) -> Result<Option<(pb::ModelVersion, String)>, StoreError> {
         let t = tenant.as_str();
-        Ok(in_tx!(&self.db, tx, enqueue, _claim => {
-            let row: Option<Vec<u8>> = sqlx::query_scalar(
-                "SELECT body FROM dialog_models WHERE tenant = $1 AND id = $2")
+        Ok(in_tx!(&self.db, tx, enqueue, _claim, pg => {
+            sqlx::query(model_lock(pg)).bind(t).execute(&mut *tx).await?;
+            let row: Option<(Vec<u8>, bool)> = sqlx::query_as(
+                "SELECT body, active FROM dialog_models WHERE tenant = $1 AND id = $2")
                 .bind(t).bind(id).fetch_optional(&mut *tx).await?;
             match row {
                 None => None,
-                Some(row) => {
-                    let mut version: pb::ModelVersion = decode("model", &row)?;
-                    let previous: Option<String> = sqlx::query_scalar(
-                        "SELECT id FROM dialog_models WHERE tenant = $1 AND active")
-                        .bind(t).fetch_optional(&mut *tx).await?;
-                    if let Some(prev) = previous.as_deref().filter(|p| *p != id) {
-                        let body: Vec<u8> = sqlx::query_scalar(
-                            "SELECT body FROM dialog_models WHERE tenant = $1 AND id = $2")
-                            .bind(t).bind(prev).fetch_one(&mut *tx).await?;
-                        let mut old: pb::ModelVersion = decode("model", &body)?;
+                Some((body, was_active)) => {
+                    let mut version: pb::ModelVersion = decode("model", &body)?;
+                    // Every other active version, in one statement: the unique index allows
+                    // one, but rows written before it existed may hold more.
+                    let others: Vec<(String, Vec<u8>)> = sqlx::query_as(
+                        "UPDATE dialog_models SET active = $1 \
+                         WHERE tenant = $2 AND active AND id <> $3 RETURNING id, body")
+                        .bind(false).bind(t).bind(id).fetch_all(&mut *tx).await?;
+                    for (other, body) in &others {
+                        let mut old: pb::ModelVersion = decode("model", body)?;
                         old.status = pb::ModelStatus::Inactive as i32;
-                        sqlx::query("UPDATE dialog_models SET active = $1, body = $2 \
-                                     WHERE tenant = $3 AND id = $4")
-                            .bind(false).bind(old.encode_to_vec()).bind(t).bind(prev)
+                        sqlx::query("UPDATE dialog_models SET body = $1 WHERE tenant = $2 AND id = $3")
+                            .bind(old.encode_to_vec()).bind(t).bind(other)
                             .execute(&mut *tx).await?;
                     }
                     version.status = pb::ModelStatus::Active as i32;
@@ -492,7 +573,11 @@ impl Store {
                                  WHERE tenant = $3 AND id = $4")
                         .bind(true).bind(version.encode_to_vec()).bind(t).bind(id)
                         .execute(&mut *tx).await?;
-                    let previous = previous.unwrap_or_default();
+                    let previous = match others.into_iter().next() {
+                        Some((other, _)) => other,
+                        None if was_active => id.to_owned(),
+                        None => String::new(),
+                    };
                     enqueue(&mut tx, &[event(&version, &previous)]).await?;
                     Some((version, previous))
                 }
@@ -506,12 +591,12 @@ impl Store {
         tenant: &TenantId,
         id: &str,
     ) -> Result<Option<StoredModel>, StoreError> {
-        let row: Option<(Vec<u8>, Vec<u8>)> = on_db!(&self.db, pool => sqlx::query_as(
-            "SELECT body, model FROM dialog_models WHERE tenant = $1 AND id = $2")
+        let row: Option<(Vec<u8>, bool, Vec<u8>)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT body, active, model FROM dialog_models WHERE tenant = $1 AND id = $2")
             .bind(tenant.as_str()).bind(id).fetch_optional(pool).await?);
-        row.map(|(body, bytes)| {
+        row.map(|(body, active, bytes)| {
             Ok(StoredModel {
-                version: decode("model", &body)?,
+                version: decode_model(&body, active)?,
                 bytes,
             })
         })
@@ -525,7 +610,7 @@ impl Store {
             .bind(tenant.as_str()).fetch_optional(pool).await?);
         row.map(|(body, bytes)| {
             Ok(StoredModel {
-                version: decode("model", &body)?,
+                version: decode_model(&body, true)?,
                 bytes,
             })
         })
@@ -539,11 +624,13 @@ impl Store {
         offset: i64,
         limit: i64,
     ) -> Result<Vec<pb::ModelVersion>, StoreError> {
-        let rows: Vec<Vec<u8>> = on_db!(&self.db, pool => sqlx::query_scalar(
-            "SELECT body FROM dialog_models WHERE tenant = $1 ORDER BY version DESC \
+        let rows: Vec<(Vec<u8>, bool)> = on_db!(&self.db, pool => sqlx::query_as(
+            "SELECT body, active FROM dialog_models WHERE tenant = $1 ORDER BY version DESC \
              LIMIT $2 OFFSET $3")
             .bind(tenant.as_str()).bind(limit).bind(offset).fetch_all(pool).await?);
-        rows.iter().map(|b| decode("model", b)).collect()
+        rows.iter()
+            .map(|(b, active)| decode_model(b, *active))
+            .collect()
     }
 
     /// Writes a change in one transaction.
@@ -585,9 +672,10 @@ impl Store {
             if let Some((conversation, kind, client_id, response)) = &change.request {
                 let done = sqlx::query(
                     "INSERT INTO dialog_requests \
-                     (tenant, conversation_id, kind, client_message_id, response) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+                     (tenant, conversation_id, kind, client_message_id, response, created_micros) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING")
                     .bind(t).bind(conversation).bind(*kind).bind(client_id).bind(response)
+                    .bind(tandem_platform::db::now_micros())
                     .execute(&mut *tx).await?;
                 if done.rows_affected() != 1 {
                     return Err(StoreError::Conflict);
@@ -655,5 +743,91 @@ impl Store {
             }
             Committed::Applied
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error: a unique violation or another one.
+    #[derive(Debug, thiserror::Error)]
+    #[error("test database error")]
+    struct Failure {
+        unique: bool,
+    }
+
+    impl sqlx::error::DatabaseError for Failure {
+        fn message(&self) -> &str {
+            "test database error"
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            None
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            if self.unique {
+                sqlx::error::ErrorKind::UniqueViolation
+            } else {
+                sqlx::error::ErrorKind::CheckViolation
+            }
+        }
+    }
+
+    fn failure(unique: bool) -> StoreError {
+        StoreError::Database(sqlx::Error::Database(Box::new(Failure { unique })))
+    }
+
+    #[tokio::test]
+    async fn unique_violations_are_tried_again_then_conflict() {
+        let mut calls = 0;
+        let out = retry_unique(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < MODEL_WRITE_ATTEMPTS {
+                    Err(failure(true))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(out.unwrap(), MODEL_WRITE_ATTEMPTS);
+
+        let mut calls = 0;
+        let out: Result<(), _> = retry_unique(|| {
+            calls += 1;
+            async { Err(failure(true)) }
+        })
+        .await;
+        assert!(matches!(out, Err(StoreError::Conflict)), "{out:?}");
+        assert_eq!(calls, MODEL_WRITE_ATTEMPTS);
+
+        let mut calls = 0;
+        let out: Result<(), _> = retry_unique(|| {
+            calls += 1;
+            async { Err(failure(false)) }
+        })
+        .await;
+        assert!(matches!(out, Err(StoreError::Database(_))), "{out:?}");
+        assert_eq!(calls, 1);
     }
 }

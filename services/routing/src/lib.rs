@@ -28,7 +28,9 @@ use tandem_platform::bus::runner::{self, RunOptions};
 use tandem_platform::db::Migrations;
 use tandem_platform::runtime::{Service, StartContext};
 use tandem_proto::events::DIALOG;
-use tandem_proto::pb::dialog::v1::{ConversationClosed, HandoffCancelled, HandoffRequested};
+use tandem_proto::pb::dialog::v1::{
+    ConversationClosed, ConversationResolved, HandoffCancelled, HandoffRequested,
+};
 use tandem_proto::pb::routing::v1::routing_service_server::RoutingServiceServer;
 use tonic::service::interceptor::InterceptedService;
 
@@ -71,7 +73,8 @@ impl Service for Routing {
         let spec = ConsumerSpec::new(DURABLE, &DIALOG, &ctx.bus_config)
             .event::<HandoffRequested>()
             .event::<ConversationClosed>()
-            .event::<HandoffCancelled>();
+            .event::<HandoffCancelled>()
+            .event::<ConversationResolved>();
         let consumer = ctx.bus.consumer(&spec).await?;
         ctx.tracker.spawn(runner::run(
             consumer,

@@ -2,7 +2,8 @@
 //! nats-server (throwaway servers from the testkit) and the standalone engine (SQLite and the
 //! in-process bus). A handoff published by "dialog" reaches an agent's desk session as an offer
 //! with its package, is accepted and wrapped up; redelivered requests change nothing; a customer
-//! who leaves frees the queue; bad input gets precise codes.
+//! who leaves frees the queue; a conversation the agent resolves in dialog frees the agent;
+//! bad input gets precise codes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,8 +17,12 @@ use tandem_platform::config::{
 };
 use tandem_proto::events::ROUTING;
 use tandem_proto::ids::TenantId;
-use tandem_proto::pb::common::v1::{Customer, CustomerTier, PageRequest, SkillRequirement};
-use tandem_proto::pb::dialog::v1::{ConversationClosed, HandoffPackage, HandoffRequested};
+use tandem_proto::pb::common::v1::{
+    Customer, CustomerTier, HandlerKind, PageRequest, SkillRequirement,
+};
+use tandem_proto::pb::dialog::v1::{
+    ConversationClosed, ConversationResolved, HandoffPackage, HandoffRequested,
+};
 use tandem_proto::pb::routing::v1 as pb;
 use tandem_proto::pb::routing::v1::routing_service_client::RoutingServiceClient;
 use tandem_routing::Routing;
@@ -539,6 +544,105 @@ async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
         .stats;
     assert_eq!(stats.len(), 1, "the default queue, created on first use");
     assert_eq!(stats[0].depth, 0);
+}
+
+/// Dialog's `ConversationResolved` for a conversation an agent holds (the agent resolved it
+/// through dialog, not through routing): the assignment is completed RESOLVED once, the agent's
+/// unit is freed, and the conversation's next handoff is queued and offered to that agent
+/// instead of being refused. Redeliveries and a resolution without a handoff change nothing.
+async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
+    use pb::agent_session_response::Event;
+    use prost::Message as _;
+    let mut events = rig.routing_events("test-resolution-events").await;
+    let mut admin = rig.client("admin", &[Role::Admin]).await;
+    // One unit: the next handoff can reach ann only once the first one's unit is freed.
+    register(&mut admin, agent("ann", 1, 5)).await;
+    let mut ann = rig.client("ann", &[Role::Agent]).await;
+    let mut desk = Desk::open(&mut ann).await;
+    desk.send("h", hello("")).await;
+    welcome_of(desk.next().await);
+    rig.publish(handoff_event("v-1", "vconv-1")).await;
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected an offer");
+    };
+    desk.send("a", accept(&offer.id)).await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
+    }
+    assert_eq!(agent_of(&mut admin, "ann").await.active_assignments, 1);
+
+    // Ann resolves the conversation in dialog.
+    let resolution = ConversationResolved {
+        conversation_id: "vconv-1".into(),
+        scenario_id: "refunds".into(),
+        resolved_by: HandlerKind::Agent.into(),
+        agent_id: "ann".into(),
+        team: "care".into(),
+        handoff_id: "v-1".into(),
+        ..ConversationResolved::default()
+    };
+    let resolved = RawEvent::new(&tenant(), &resolution, Some("vconv-1".into()));
+    rig.publish(resolved.clone()).await;
+    let done = wait_for_state(&mut admin, "v-1", pb::TicketState::Completed).await;
+    assert_eq!(done.disposition, i32::from(pb::Disposition::Resolved));
+    assert_eq!(agent_of(&mut admin, "ann").await.active_assignments, 0);
+    let completed = next_event(&mut events).await;
+    assert_eq!(completed.type_name, "tandem.routing.v1.AssignmentCompleted");
+    let completed = pb::AssignmentCompleted::decode(&completed.payload[..]).unwrap();
+    assert_eq!(
+        (
+            completed.handoff_id.as_str(),
+            completed.agent_id.as_str(),
+            completed.disposition
+        ),
+        ("v-1", "ann", i32::from(pb::Disposition::Resolved))
+    );
+
+    // The same event again, the same resolution as a new event, and a later resolution by the
+    // bot without a handoff: nothing more happens.
+    rig.publish(resolved).await;
+    rig.publish(RawEvent::new(
+        &tenant(),
+        &resolution,
+        Some("vconv-1".into()),
+    ))
+    .await;
+    let by_bot = ConversationResolved {
+        conversation_id: "vconv-1".into(),
+        resolved_by: HandlerKind::Bot.into(),
+        ..ConversationResolved::default()
+    };
+    rig.publish(RawEvent::new(&tenant(), &by_bot, Some("vconv-1".into())))
+        .await;
+
+    // The customer comes back and asks for a human again: a new handoff of the conversation,
+    // handled after those events (same ordering key), is queued and reaches ann.
+    rig.publish(handoff_event("v-2", "vconv-1")).await;
+    let Some(Event::Offer(again)) = desk.next().await.event else {
+        panic!("expected an offer of the new handoff");
+    };
+    assert_eq!(again.handoff_id, "v-2");
+    desk.send("b", accept(&again.id)).await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    // The first event after the completion is the new handoff's: one AssignmentCompleted.
+    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
+    }
+    let first = ticket(&mut admin, "v-1").await;
+    assert_eq!(first.state, i32::from(pb::TicketState::Completed));
+    let second = ticket(&mut admin, "v-2").await;
+    assert_eq!(second.state, i32::from(pb::TicketState::Assigned));
+    assert_eq!(second.assigned_agent_id, "ann");
+    assert_eq!(agent_of(&mut admin, "ann").await.active_assignments, 1);
 }
 
 async fn bad_input_gets_precise_codes(rig: &Rig) {
@@ -1196,6 +1300,7 @@ macro_rules! both {
 
 both!(
     a_handoff_reaches_the_desk_once_and_is_assigned,
+    a_resolution_in_dialog_frees_the_agent,
     bad_input_gets_precise_codes,
     waiting_customers_hear_their_position_move,
     a_desk_resumes_its_session_after_a_reconnect,

@@ -1251,16 +1251,19 @@ async fn warm_to(store: &Store, ticket: &str, from: &str, to: &str, at: DateTime
 }
 
 /// Withdrawing a warm transfer's offer (the handoff cancelled, the customer gone, the
-/// assignment completed) is reported with `HandoffTimedOut`, as any offer withdrawn from an
-/// agent, and clears the target's offer and load; the current agent keeps a cancelled
-/// handoff's conversation.
+/// assignment completed, the conversation resolved in dialog) is reported with
+/// `HandoffTimedOut`, as any offer withdrawn from an agent, and clears the target's offer and
+/// load; the current agent keeps a cancelled handoff's conversation.
 async fn a_withdrawn_warm_transfer_offer_is_reported(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 3).await;
     online(&store, "bob", &[], 3).await;
     let timed_out = "tandem.routing.v1.HandoffTimedOut";
     let mut withdrawn = 0;
-    for (n, ending) in ["cancel", "close", "complete"].into_iter().enumerate() {
+    for (n, ending) in ["cancel", "close", "complete", "resolve"]
+        .into_iter()
+        .enumerate()
+    {
         let at = t0() + secs(10 * i64::try_from(n).unwrap());
         let (id, conversation) = (format!("h{n}"), format!("c{n}"));
         enqueue(&store, &handoff(&id, &conversation), at).await;
@@ -1285,10 +1288,18 @@ async fn a_withdrawn_warm_transfer_offer_is_reported(store: Store) {
                     .unwrap()
                     .revoked
             }
-            _ => {
+            "complete" => {
                 store
                     .complete(&t, &id, Some(&holder), Disposition::Resolved, at + secs(2))
                     .await
+                    .unwrap()
+                    .1
+            }
+            _ => {
+                store
+                    .resolve_handoff(&t, &id, &conversation, None, at + secs(2))
+                    .await
+                    .unwrap()
                     .unwrap()
                     .1
             }
@@ -1345,7 +1356,65 @@ async fn a_withdrawn_warm_transfer_offer_is_reported(store: Store) {
         .iter()
         .map(|e| e.lapse)
         .collect();
-    assert_eq!(lapses, vec![rpb::OfferLapse::Withdrawn as i32; 3]);
+    assert_eq!(lapses, vec![rpb::OfferLapse::Withdrawn as i32; 4]);
+}
+
+/// Dialog's `ConversationResolved` completes the assignment of the handoff it names, RESOLVED,
+/// once: the agent's unit is freed and the conversation can hand off again. A redelivery, a
+/// resolution of a ticket of another conversation, a waiting ticket or one already completed
+/// change nothing.
+async fn a_resolution_in_dialog_completes_the_assignment_once(store: Store) {
+    let t = tenant();
+    let completed = "tandem.routing.v1.AssignmentCompleted";
+    online(&store, "ann", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (offer_id, holder) = offer(&store, "h1", t0()).await;
+    store.accept(&t, &holder, &offer_id, t0()).await.unwrap();
+    enqueue(&store, &handoff("h2", "c2"), t0()).await;
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 1);
+
+    // Named with another conversation, or a waiting ticket: nothing.
+    let claim = |id: &'static str| Some(("routing-dialog", id));
+    let at = t0() + secs(5);
+    let other = store.resolve_handoff(&t, "h1", "c2", claim("e0"), at);
+    assert!(other.await.unwrap().is_none());
+    let waiting = store.resolve_handoff(&t, "h2", "c2", claim("e1"), at);
+    assert!(waiting.await.unwrap().is_none());
+    assert_eq!(
+        store.ticket(&t, "h2").await.unwrap().state,
+        TicketState::Queued
+    );
+    assert_eq!(events(&store, completed).await, 0);
+
+    let (done, revoked) = store
+        .resolve_handoff(&t, "h1", "c1", claim("e2"), at)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked.is_empty());
+    assert_eq!(done.agent_id, "ann");
+    assert_eq!(done.ticket.state, TicketState::Completed);
+    assert_eq!(done.ticket.disposition, Some(Disposition::Resolved));
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+    let reported = outbox::<rpb::AssignmentCompleted>(&store).await;
+    assert_eq!(reported.len(), 1);
+    assert_eq!(reported[0].handoff_id, "h1");
+    assert_eq!(reported[0].disposition, rpb::Disposition::Resolved as i32);
+
+    // The same event again, and the same resolution as another event: nothing.
+    let again = store.resolve_handoff(&t, "h1", "c1", claim("e2"), at + secs(1));
+    assert!(again.await.unwrap().is_none());
+    let later = store.resolve_handoff(&t, "h1", "c1", claim("e3"), at + secs(1));
+    assert!(later.await.unwrap().is_none());
+    assert_eq!(events(&store, completed).await, 1);
+
+    // The conversation's next handoff is queued, not refused.
+    enqueue(&store, &handoff("h3", "c1"), at + secs(2)).await;
+    assert_eq!(
+        store.ticket(&t, "h3").await.unwrap().state,
+        TicketState::Queued
+    );
+    assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
 async fn presence_loss_returns_offers_to_the_queue(store: Store) {
@@ -2734,6 +2803,7 @@ both_engines!(
     customers_who_leave_or_cancel_free_everything,
     a_new_handoff_replaces_the_waiting_one_of_its_conversation,
     a_withdrawn_warm_transfer_offer_is_reported,
+    a_resolution_in_dialog_completes_the_assignment_once,
     deleting_a_queue_never_strands_a_ticket,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,

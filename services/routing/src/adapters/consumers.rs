@@ -4,10 +4,16 @@
 //!   an agent holds keeps the conversation and the new handoff is refused (both logged and
 //!   counted in [`HANDOFF_CONFLICTS_TOTAL`]);
 //! - `ConversationClosed` abandons a waiting ticket or ends the assignment, freeing the agent;
-//! - `HandoffCancelled` hands a waiting ticket back to the bot.
+//! - `HandoffCancelled` hands a waiting ticket back to the bot;
+//! - `ConversationResolved` completes the assignment of the handoff it names (disposition
+//!   RESOLVED, the agent freed), as `CompleteAssignment` would, when an agent still holds it:
+//!   dialog lets the agent resolve the conversation itself (`ResolveConversation`), and the
+//!   conversation's next handoff would otherwise be refused. A resolution without a handoff, or
+//!   of a ticket no longer assigned, changes nothing.
 //!
-//! Each effect and its inbox claim commit in one transaction, so a redelivered event changes
-//! nothing.
+//! The events of one conversation share its ordering key, so a resolution is applied before the
+//! conversation's next `HandoffRequested`. Each effect and its inbox claim commit in one
+//! transaction, so a redelivered event changes nothing.
 
 use std::sync::Arc;
 
@@ -18,7 +24,7 @@ use tandem_platform::bus::runner::{Handler, HandlerError};
 use tandem_proto::events::Event as _;
 use tandem_proto::pb::common::v1::CustomerTier;
 use tandem_proto::pb::dialog::v1::{
-    ConversationClosed, HandoffCancelled, HandoffPackage, HandoffRequested,
+    ConversationClosed, ConversationResolved, HandoffCancelled, HandoffPackage, HandoffRequested,
 };
 
 use super::convert;
@@ -216,6 +222,42 @@ impl Handler for DialogEvents {
                 .await
                 .map_err(classify)?;
             self.after_release(&envelope.tenant, &released);
+        } else if event.type_name == ConversationResolved::TYPE_NAME {
+            let envelope = event.decode::<ConversationResolved>()?;
+            let resolved = &envelope.event;
+            if resolved.handoff_id.is_empty() {
+                // Resolved by the bot without ever reaching an agent: no ticket to end.
+                return Ok(());
+            }
+            check_id("handoff_id", &resolved.handoff_id).map_err(classify)?;
+            check_id("conversation_id", &resolved.conversation_id).map_err(classify)?;
+            let done = engine
+                .store
+                .resolve_handoff(
+                    &envelope.tenant,
+                    &resolved.handoff_id,
+                    &resolved.conversation_id,
+                    dedup,
+                    now,
+                )
+                .await
+                .map_err(classify)?;
+            if let Some((completed, revoked)) = done {
+                tracing::info!(
+                    handoff = %resolved.handoff_id,
+                    conversation = %resolved.conversation_id,
+                    agent = %completed.agent_id,
+                    "conversation resolved in dialog: assignment completed"
+                );
+                self.after_release(
+                    &envelope.tenant,
+                    &Unassigned {
+                        freed_agents: vec![completed.agent_id.clone()],
+                        ticket: Some(completed.ticket),
+                        revoked,
+                    },
+                );
+            }
         }
         Ok(())
     }

@@ -575,6 +575,61 @@ async fn must_ticket(tx: &mut Tx, tenant: &TenantId, id: &str) -> RoutingResult<
         .ok_or_else(|| RoutingError::Corrupt(format!("ticket {id} vanished")))
 }
 
+/// Ends the assignment of `ticket`, loaded locked and assigned, with its agent rows locked
+/// first: a pending warm-transfer offer of it is withdrawn (`HandoffTimedOut`), the assignment
+/// ended with `disposition` and the agent's unit freed, the ticket completed
+/// (`AssignmentCompleted`); the events are queued in the outbox. Returns the completed ticket
+/// with the freed agent, and the withdrawn offer.
+async fn end_assigned(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    ticket: &TicketRecord,
+    disposition: Disposition,
+    now: DateTime<Utc>,
+) -> RoutingResult<(Completed, Vec<OfferRecord>)> {
+    let ticket_id = ticket.id.as_str();
+    let mut out = Vec::new();
+    let mut revoked = Vec::new();
+    if let Some(offer) = pending_offer_of_ticket(tx, tenant, ticket_id).await?
+        && release_offer(tx, tenant, &offer, "revoked", Some("cancelled"), now).await?
+    {
+        out.push(events::timed_out(
+            tenant,
+            ticket,
+            &offer,
+            pb::OfferLapse::Withdrawn,
+            now,
+        ));
+        revoked.push(offer);
+    }
+    let (agent_id, team, assigned_at) = end_assignment(tx, tenant, ticket_id, disposition, now)
+        .await?
+        .ok_or_else(|| RoutingError::Corrupt(format!("ticket {ticket_id} has no assignment")))?;
+    tx.execute(
+        "UPDATE routing_tickets SET state = 'completed', ended_at = $3, disposition = $4, \
+         offered_agent_id = NULL, updated_at = $3 WHERE tenant = $1 AND id = $2",
+        args![
+            tenant.as_str(),
+            ticket_id,
+            micros(now),
+            disposition.as_str()
+        ],
+    )
+    .await?;
+    let ticket = must_ticket(tx, tenant, ticket_id).await?;
+    out.push(events::completed(
+        tenant,
+        &ticket,
+        &agent_id,
+        &team,
+        disposition,
+        assigned_at,
+        now,
+    ));
+    tx.enqueue(&out).await?;
+    Ok((Completed { ticket, agent_id }, revoked))
+}
+
 async fn load_offer(
     tx: &mut Tx,
     tenant: &TenantId,
@@ -2366,51 +2421,51 @@ impl Store {
                 "ticket {ticket_id} is assigned to another agent"
             )));
         }
-        let mut out = Vec::new();
-        let mut revoked = Vec::new();
-        if let Some(offer) = pending_offer_of_ticket(&mut tx, tenant, ticket_id).await?
-            && release_offer(&mut tx, tenant, &offer, "revoked", Some("cancelled"), now).await?
-        {
-            out.push(events::timed_out(
-                tenant,
-                &ticket,
-                &offer,
-                pb::OfferLapse::Withdrawn,
-                now,
-            ));
-            revoked.push(offer);
-        }
-        let (agent_id, team, assigned_at) =
-            end_assignment(&mut tx, tenant, ticket_id, disposition, now)
-                .await?
-                .ok_or_else(|| {
-                    RoutingError::Corrupt(format!("ticket {ticket_id} has no assignment"))
-                })?;
-        tx.execute(
-            "UPDATE routing_tickets SET state = 'completed', ended_at = $3, disposition = $4, \
-             offered_agent_id = NULL, updated_at = $3 WHERE tenant = $1 AND id = $2",
-            args![
-                tenant.as_str(),
-                ticket_id,
-                micros(now),
-                disposition.as_str()
-            ],
-        )
-        .await?;
-        let ticket = must_ticket(&mut tx, tenant, ticket_id).await?;
-        out.push(events::completed(
-            tenant,
-            &ticket,
-            &agent_id,
-            &team,
-            disposition,
-            assigned_at,
-            now,
-        ));
-        tx.enqueue(&out).await?;
+        let done = end_assigned(&mut tx, tenant, &ticket, disposition, now).await?;
         tx.commit().await?;
         self.wake_outbox();
-        Ok((Completed { ticket, agent_id }, revoked))
+        Ok(done)
+    }
+
+    /// Dialog resolved a conversation (`ConversationResolved`): the ticket of the handoff it
+    /// names, when it belongs to that conversation and an agent still holds it, is completed
+    /// exactly as [`Store::complete`] does with disposition RESOLVED (the agent's unit freed,
+    /// `AssignmentCompleted`, a pending warm-transfer offer withdrawn). Whoever resolved it,
+    /// the conversation no longer needs the agent. With `dedup` (consumer, event id) the inbox
+    /// claim is part of the transaction. Returns `None` when nothing changed: the event was
+    /// handled before, the ticket is unknown, of another conversation, or not assigned (waiting,
+    /// or already completed or ended).
+    pub async fn resolve_handoff(
+        &self,
+        tenant: &TenantId,
+        handoff_id: &str,
+        conversation_id: &str,
+        dedup: Option<(&str, &str)>,
+        now: DateTime<Utc>,
+    ) -> RoutingResult<Option<(Completed, Vec<OfferRecord>)>> {
+        let mut tx = Tx::write(self.db()).await?;
+        if let Some((consumer, event_id)) = dedup
+            && !tx.claim(consumer, event_id).await?
+        {
+            return Ok(None);
+        }
+        lock_agents_first(
+            &mut tx,
+            AGENTS_OF_TICKET,
+            args![tenant.as_str(), handoff_id],
+        )
+        .await?;
+        let ticket = load_ticket(&mut tx, tenant, handoff_id, true).await?;
+        let Some(ticket) = ticket
+            .filter(|t| t.state == TicketState::Assigned && t.conversation_id == conversation_id)
+        else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let done = end_assigned(&mut tx, tenant, &ticket, Disposition::Resolved, now).await?;
+        tx.commit().await?;
+        self.wake_outbox();
+        Ok(Some(done))
     }
 
     /// Transfers an assigned conversation. Cold: the assignment ends (TRANSFERRED) and the
