@@ -1326,36 +1326,13 @@ async fn a_withdrawn_warm_transfer_offer_is_reported(store: Store) {
         assert_eq!(violations(&store).await, Vec::<String>::new());
     }
     // The event names the handoff, the withdrawn offer and its agent.
-    let payloads: Vec<Vec<u8>> = {
-        let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
-        match store.db() {
-            Db::Postgres(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(timed_out)
-                    .fetch_all(pool)
-                    .await
-            }
-            Db::Sqlite(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(timed_out)
-                    .fetch_all(pool)
-                    .await
-            }
-        }
-        .unwrap()
-    };
-    use prost::Message as _;
-    let first =
-        tandem_proto::pb::routing::v1::HandoffTimedOut::decode(payloads[0].as_slice()).unwrap();
+    let withdrawals = outbox::<rpb::HandoffTimedOut>(&store).await;
+    let first = &withdrawals[0];
     assert_eq!(first.handoff_id, "h0");
     assert_eq!(first.conversation_id, "c0");
     assert!(!first.offer_id.is_empty() && !first.agent_id.is_empty());
     // Withdrawn, not missed by the target.
-    let lapses: Vec<i32> = outbox::<rpb::HandoffTimedOut>(&store)
-        .await
-        .iter()
-        .map(|e| e.lapse)
-        .collect();
+    let lapses: Vec<i32> = withdrawals.iter().map(|e| e.lapse).collect();
     assert_eq!(lapses, vec![rpb::OfferLapse::Withdrawn as i32; 4]);
 }
 
@@ -1846,19 +1823,10 @@ async fn batched_offers_spread_respect_capacity_and_assign_once(store: Store) {
 
 /// The HandoffPositionUpdated payloads in the outbox, in order: (handoff, position, eta).
 async fn position_updates(store: &Store) -> Vec<(String, i32, i32)> {
-    use prost::Message as _;
-    let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
-    let name = "tandem.routing.v1.HandoffPositionUpdated";
-    let payloads: Vec<Vec<u8>> = match store.db() {
-        Db::Postgres(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
-        Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
-    }
-    .unwrap();
-    payloads
-        .iter()
-        .map(|p| {
-            let e = tandem_proto::pb::routing::v1::HandoffPositionUpdated::decode(p.as_slice())
-                .unwrap();
+    outbox::<rpb::HandoffPositionUpdated>(store)
+        .await
+        .into_iter()
+        .map(|e| {
             assert_eq!(e.queue_id, "default");
             assert!(e.conversation_id.starts_with('c'));
             (e.handoff_id, e.position, e.eta_seconds)
@@ -1964,22 +1932,6 @@ async fn position_changes_are_published_once_per_interval(store: Store) {
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
-/// The queue statistics reported so far, in order.
-async fn stats_reports(store: &Store) -> Vec<tandem_proto::pb::routing::v1::QueueStatsReported> {
-    use prost::Message as _;
-    let sql = "SELECT payload FROM tandem_outbox WHERE type_name = $1 ORDER BY seq";
-    let name = "tandem.routing.v1.QueueStatsReported";
-    let payloads: Vec<Vec<u8>> = match store.db() {
-        Db::Postgres(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
-        Db::Sqlite(pool) => sqlx::query_scalar(sql).bind(name).fetch_all(pool).await,
-    }
-    .unwrap();
-    payloads
-        .iter()
-        .map(|p| tandem_proto::pb::routing::v1::QueueStatsReported::decode(p.as_slice()).unwrap())
-        .collect()
-}
-
 /// A queue's statistics are reported when they change, at most once per interval, and again
 /// every five minutes while they do not, so a consumer can tell fresh figures from stale ones.
 /// Each report says whether the queue is within its business hours and whether it is the
@@ -2018,18 +1970,19 @@ async fn queue_stats_are_reported_on_change_and_refreshed_while_unchanged(store:
     assert_eq!(report(t0() + secs(301)).await, 1);
     assert_eq!(report(t0() + secs(400)).await, 0);
     assert_eq!(report(t0() + secs(482)).await, 1);
-    let seen: Vec<(String, Option<bool>, bool, Vec<String>)> = stats_reports(&store)
-        .await
-        .into_iter()
-        .map(|e| {
-            (
-                e.queue_id,
-                e.within_business_hours,
-                e.default_queue,
-                e.scenario_ids,
-            )
-        })
-        .collect();
+    let seen: Vec<(String, Option<bool>, bool, Vec<String>)> =
+        outbox::<rpb::QueueStatsReported>(&store)
+            .await
+            .into_iter()
+            .map(|e| {
+                (
+                    e.queue_id,
+                    e.within_business_hours,
+                    e.default_queue,
+                    e.scenario_ids,
+                )
+            })
+            .collect();
     let billing = |open: bool| {
         (
             "billing".to_owned(),
