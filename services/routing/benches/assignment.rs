@@ -268,6 +268,7 @@ fn ticket(i: usize, round: &str) -> NewTicket {
         language: 1,
         trigger_received_at: None,
         requested_at: Utc::now(),
+        transcript_sequence: 3,
         // A real package of about 2 KB: desks receive it decoded with every offer.
         package: prost::Message::encode_to_vec(&tandem_proto::pb::dialog::v1::HandoffPackage {
             handoff_id: format!("{round}-h{i}"),

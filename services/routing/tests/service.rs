@@ -643,6 +643,44 @@ async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
     assert_eq!(second.state, i32::from(pb::TicketState::Assigned));
     assert_eq!(second.assigned_agent_id, "ann");
     assert_eq!(agent_of(&mut admin, "ann").await.active_assignments, 1);
+
+    // Ann resolves again and the customer asks for a human again, but the next handoff is
+    // handled before the resolution (another replica holds it, or it waits for a retry): the
+    // assignment is completed as resolved all the same, and the new handoff reaches ann.
+    rig.publish(handoff_event("v-3", "vconv-1")).await;
+    let Some(Event::Offer(third)) = desk.next().await.event else {
+        panic!("expected an offer of the third handoff");
+    };
+    assert_eq!(third.handoff_id, "v-3");
+    let done = ticket(&mut admin, "v-2").await;
+    assert_eq!(done.state, i32::from(pb::TicketState::Completed));
+    assert_eq!(done.disposition, i32::from(pb::Disposition::Resolved));
+    let completed = next_event(&mut events).await;
+    assert_eq!(completed.type_name, "tandem.routing.v1.AssignmentCompleted");
+    let completed = pb::AssignmentCompleted::decode(&completed.payload[..]).unwrap();
+    assert_eq!(completed.handoff_id, "v-2");
+    // The late resolution changes nothing; the older handoff v-1 again changes nothing either.
+    let late = ConversationResolved {
+        handoff_id: "v-2".into(),
+        ..resolution
+    };
+    rig.publish(RawEvent::new(&tenant(), &late, Some("vconv-1".into())))
+        .await;
+    rig.publish(handoff_event("v-1", "vconv-1")).await;
+    desk.send("c", accept(&third.id)).await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
+    }
+    assert_eq!(
+        ticket(&mut admin, "v-3").await.state,
+        i32::from(pb::TicketState::Assigned)
+    );
+    assert_eq!(agent_of(&mut admin, "ann").await.active_assignments, 1);
 }
 
 async fn bad_input_gets_precise_codes(rig: &Rig) {
@@ -1101,6 +1139,7 @@ async fn an_offer_made_elsewhere_reaches_the_desk_at_once(rig: &Rig) {
         language: 1,
         trigger_received_at: None,
         requested_at: now,
+        transcript_sequence: 1,
         package: package.encode_to_vec(),
     };
     let eta = tandem_routing::Settings::default().eta();

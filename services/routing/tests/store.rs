@@ -131,6 +131,8 @@ async fn online(store: &Store, id: &str, skills: &[(&str, i32)], capacity: i32) 
         .unwrap();
 }
 
+/// A handoff; the number in its id is its transcript sequence, which orders the handoffs of one
+/// conversation (all are requested at `t0`).
 fn handoff(id: &str, conversation: &str) -> NewTicket {
     NewTicket {
         handoff_id: id.into(),
@@ -144,6 +146,10 @@ fn handoff(id: &str, conversation: &str) -> NewTicket {
         language: 1,
         trigger_received_at: Some(t0() - secs(1)),
         requested_at: t0(),
+        transcript_sequence: id
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .unwrap_or(0),
         package: vec![1, 2, 3],
     }
 }
@@ -218,7 +224,7 @@ async fn scalar(store: &Store, sql: &'static str) -> i64 {
 
 /// Every exactly-once invariant, checked over the tables; returns the violations found.
 async fn violations(store: &Store) -> Vec<String> {
-    let checks: [(&str, &'static str); 5] = [
+    let checks: [(&str, &'static str); 7] = [
         (
             "agents over capacity",
             "SELECT COUNT(*) FROM routing_agents WHERE active_load > capacity OR active_load < 0",
@@ -248,6 +254,17 @@ async fn violations(store: &Store) -> Vec<String> {
             "SELECT COUNT(*) FROM routing_tickets t WHERE t.state = 'assigned' AND 1 <> \
              (SELECT COUNT(*) FROM routing_assignments s WHERE s.tenant = t.tenant \
               AND s.ticket_id = t.id AND s.ended_at IS NULL)",
+        ),
+        (
+            "live tickets in a queue that does not exist",
+            "SELECT COUNT(*) FROM routing_tickets t WHERE t.state IN ('queued', 'offered', \
+             'assigned') AND NOT EXISTS (SELECT 1 FROM routing_queues q \
+              WHERE q.tenant = t.tenant AND q.id = t.queue_id)",
+        ),
+        (
+            "pending offers to a queue that does not exist",
+            "SELECT COUNT(*) FROM routing_offers o WHERE o.state = 'pending' AND NOT EXISTS \
+             (SELECT 1 FROM routing_queues q WHERE q.tenant = o.tenant AND q.id = o.queue_id)",
         ),
     ];
     let mut found = Vec::new();
@@ -479,8 +496,9 @@ async fn live_tickets_of_c1(store: &Store) -> Vec<(String, String)> {
 
 /// A new handoff of a conversation whose earlier handoff still waits (queued or offered)
 /// replaces it: the earlier ticket is returned (its offer revoked, the agent freed) and the new
-/// one queued, so the conversation keeps one live ticket, the one dialog now follows. While an
-/// agent holds the conversation a new handoff is refused. Redeliveries change nothing.
+/// one queued, so the conversation keeps one live ticket, the one dialog now follows. An
+/// assignment is completed as resolved. A handoff older than the live ticket is refused.
+/// Redeliveries change nothing.
 async fn a_new_handoff_replaces_the_waiting_one_of_its_conversation(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 2).await;
@@ -553,28 +571,83 @@ async fn a_new_handoff_replaces_the_waiting_one_of_its_conversation(store: Store
     );
     assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 2);
 
-    // Assigned: the agent keeps the conversation and the new handoff is refused.
+    // Assigned: dialog asks again only after the conversation left the agent, so the
+    // assignment is completed as resolved (the resolution itself may still be on its way) and
+    // the new handoff queued.
     let (offer_id, agent) = offer(&store, "h3", t0() + secs(5)).await;
     store
         .accept(&t, &agent, &offer_id, t0() + secs(5))
         .await
         .unwrap();
-    assert!(matches!(
-        store
-            .enqueue(&t, &handoff("h4", "c1"), None, ETA, t0() + secs(6))
-            .await,
-        Err(RoutingError::AlreadyExists(_))
-    ));
-    assert!(matches!(
-        store.ticket(&t, "h4").await,
-        Err(RoutingError::NotFound(_))
-    ));
+    assert_eq!(store.agent(&t, &agent).await.unwrap().load, 1);
+    let fourth = store
+        .enqueue(&t, &handoff("h4", "c1"), None, ETA, t0() + secs(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(fourth.created);
+    let completed = fourth.superseded.unwrap();
+    let h3 = completed.ticket.unwrap();
+    assert_eq!((h3.id.as_str(), h3.state), ("h3", TicketState::Completed));
+    assert_eq!(h3.disposition, Some(Disposition::Resolved));
+    assert_eq!(completed.freed_agents, std::slice::from_ref(&agent));
+    assert_eq!(store.agent(&t, &agent).await.unwrap().load, 0);
     assert_eq!(
         live_tickets_of_c1(&store).await,
-        [("h3".to_owned(), "assigned".to_owned())]
+        [("h4".to_owned(), "queued".to_owned())]
     );
+    let done = outbox::<rpb::AssignmentCompleted>(&store).await;
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].handoff_id, "h3");
+    assert_eq!(done[0].disposition, rpb::Disposition::Resolved as i32);
+    // The late resolution of h3 finds it completed and changes nothing.
+    assert!(
+        store
+            .resolve_handoff(&t, "h3", "c1", None, t0() + secs(7))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A handoff older than the live ticket reached routing late: refused, nothing written,
+    // whether the live ticket waits or is assigned.
+    let stale = |id: &str| {
+        let mut new = handoff(id, "c1");
+        new.requested_at = t0() - secs(60);
+        new
+    };
+    assert!(matches!(
+        store
+            .enqueue(&t, &stale("h0"), None, ETA, t0() + secs(8))
+            .await,
+        Err(RoutingError::AlreadyExists(m)) if m.contains("older than ticket h4")
+    ));
+    let (offer_id, agent) = offer(&store, "h4", t0() + secs(9)).await;
+    store
+        .accept(&t, &agent, &offer_id, t0() + secs(9))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.enqueue(&t, &stale("h2b"), None, ETA, t0() + secs(10)).await,
+        Err(RoutingError::AlreadyExists(_))
+    ));
+    for id in ["h0", "h2b"] {
+        assert!(matches!(
+            store.ticket(&t, id).await,
+            Err(RoutingError::NotFound(_))
+        ));
+    }
+    assert_eq!(
+        live_tickets_of_c1(&store).await,
+        [("h4".to_owned(), "assigned".to_owned())]
+    );
+    assert_eq!(store.agent(&t, &agent).await.unwrap().load, 1);
     assert_eq!(events(&store, "tandem.routing.v1.HandoffReturned").await, 2);
-    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 3);
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 4);
+    assert_eq!(
+        events(&store, "tandem.routing.v1.AssignmentCompleted").await,
+        1
+    );
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
@@ -1192,6 +1265,62 @@ async fn transfers_take_the_target_queues_skills(store: Store) {
     assert_eq!(skill_names(&ticket.skills), ["vip"]);
     let (_, agent) = offer(&store, "h1", t0() + secs(3)).await;
     assert_eq!(agent, "nina");
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// A queue that is the target of a pending warm-transfer offer is not deleted: the ticket stays
+/// in its own queue until the offer is accepted, and would then enter the deleted queue.
+async fn a_queue_with_a_pending_transfer_to_it_is_not_deleted(store: Store) {
+    let t = tenant();
+    store
+        .upsert_queue(&t, &QueueSpec::open("default"), t0())
+        .await
+        .unwrap();
+    store
+        .upsert_queue(&t, &QueueSpec::open("tech"), t0())
+        .await
+        .unwrap();
+    online(&store, "bill", &[], 2).await;
+    online(&store, "tess", &[], 2).await;
+    enqueue(&store, &handoff("h1", "c1"), t0()).await;
+    let (offer_id, holder) = offer(&store, "h1", t0()).await;
+    store.accept(&t, &holder, &offer_id, t0()).await.unwrap();
+
+    for round in 0..2 {
+        let at = t0() + secs(1 + round);
+        let (_, warm, _) = transfer(
+            &store,
+            "h1",
+            &holder,
+            TransferKind::Warm,
+            TransferTarget::Queue("tech".into()),
+            at,
+        )
+        .await;
+        let warm = warm.unwrap();
+        assert_eq!(warm.queue_id, "tech");
+        assert!(matches!(
+            store.delete_queue(&t, "tech").await,
+            Err(RoutingError::FailedPrecondition(m)) if m.contains("pending transfer")
+        ));
+        assert!(store.queue(&t, "tech").await.is_ok());
+        if round == 0 {
+            // Declined: the queue is no longer anyone's target, but the first round goes on.
+            store
+                .decline(&t, &warm.agent_id, &warm.id, "busy", at)
+                .await
+                .unwrap();
+        } else {
+            let accepted = store.accept(&t, &warm.agent_id, &warm.id, at).await.unwrap();
+            assert_eq!(accepted.ticket.queue_id, "tech");
+        }
+        assert_eq!(violations(&store).await, Vec::<String>::new());
+    }
+    // The ticket is assigned in "tech" now: still refused, for the live ticket.
+    assert!(matches!(
+        store.delete_queue(&t, "tech").await,
+        Err(RoutingError::FailedPrecondition(m)) if m.contains("live tickets")
+    ));
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
@@ -2758,6 +2887,7 @@ both_engines!(
     a_withdrawn_warm_transfer_offer_is_reported,
     a_resolution_in_dialog_completes_the_assignment_once,
     deleting_a_queue_never_strands_a_ticket,
+    a_queue_with_a_pending_transfer_to_it_is_not_deleted,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,

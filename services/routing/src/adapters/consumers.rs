@@ -1,8 +1,11 @@
 //! Consumers of dialog's events (durable `routing-dialog`, shared by the replicas):
-//! - `HandoffRequested` enqueues a ticket, idempotently by handoff id, and drains its queue; a
-//!   waiting ticket of the conversation under another handoff id is returned and replaced, one
-//!   an agent holds keeps the conversation and the new handoff is refused (both logged and
-//!   counted in [`HANDOFF_CONFLICTS_TOTAL`]);
+//! - `HandoffRequested` enqueues a ticket, idempotently by handoff id, and drains its queue. A
+//!   live ticket of the conversation under an earlier handoff (ordered by the package's
+//!   transcript sequence, then the request time) is over in dialog, which requests a handoff only
+//!   while the bot holds the conversation: a waiting one is returned and replaced, an assignment
+//!   completed as resolved (its `ConversationResolved` may still be on its way, or with another
+//!   replica). A handoff older than the live ticket arrived late and is refused. All three are
+//!   logged and counted in [`HANDOFF_CONFLICTS_TOTAL`];
 //! - `ConversationClosed` abandons a waiting ticket or ends the assignment, freeing the agent;
 //! - `HandoffCancelled` hands a waiting ticket back to the bot;
 //! - `ConversationResolved` completes the assignment of the handoff it names (disposition
@@ -40,7 +43,9 @@ pub const DURABLE: &str = "routing-dialog";
 
 /// Counter of `HandoffRequested` events that met a live ticket of the same conversation under
 /// another handoff id, by `outcome`: `superseded` (the waiting ticket was returned and the new
-/// one queued) or `refused` (an agent holds the conversation; the new handoff was dropped).
+/// one queued), `completed` (the assignment of the earlier handoff was completed as resolved and
+/// the new one queued) or `stale` (the new handoff is older than the live ticket and was
+/// dropped).
 pub const HANDOFF_CONFLICTS_TOTAL: &str = "tandem_routing_handoff_conflicts_total";
 
 /// Handles dialog's events.
@@ -126,6 +131,10 @@ pub fn new_ticket(
         requested_at: time(package.requested_at)
             .or(time(event.occurred_at))
             .unwrap_or(occurred_at),
+        transcript_sequence: package
+            .transcript
+            .as_ref()
+            .map_or(0, |t| t.last_sequence.max(0)),
         package: HandoffPackage::encode_to_vec(&package),
     })
 }
@@ -162,13 +171,21 @@ impl Handler for DialogEvents {
                 && let Some(superseded) = &done.superseded
             {
                 let previous = superseded.ticket.as_ref().map_or("", |t| t.id.as_str());
+                let outcome = if superseded.ticket.as_ref().is_some_and(|t| {
+                    t.state == crate::domain::ticket::TicketState::Completed
+                }) {
+                    "completed"
+                } else {
+                    "superseded"
+                };
                 tracing::warn!(
                     handoff = %new.handoff_id,
                     superseded = %previous,
                     conversation = %new.conversation_id,
-                    "handoff replaced the waiting ticket of another handoff of the conversation"
+                    %outcome,
+                    "handoff ended the live ticket of an earlier handoff of the conversation"
                 );
-                metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => "superseded").increment(1);
+                metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => outcome).increment(1);
                 self.after_release(&envelope.tenant, superseded);
             }
             match outcome {
@@ -188,14 +205,14 @@ impl Handler for DialogEvents {
                 }
                 Ok(_) => {}
                 Err(RoutingError::AlreadyExists(reason)) => {
-                    // The reason names the live ticket that keeps the conversation.
+                    // The reason names the newer live ticket of the conversation.
                     tracing::warn!(
                         %reason,
                         handoff = %new.handoff_id,
                         conversation = %new.conversation_id,
-                        "handoff refused: an agent holds the conversation under another handoff"
+                        "stale handoff refused: the conversation has a newer one"
                     );
-                    metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => "refused").increment(1);
+                    metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => "stale").increment(1);
                 }
                 Err(error) => return Err(classify(error)),
             }

@@ -338,7 +338,8 @@ impl Store {
         Ok((queues, more))
     }
 
-    /// Deletes a queue without waiting or assigned tickets. The queue row is locked first (on
+    /// Deletes a queue without waiting or assigned tickets and without a pending warm-transfer
+    /// offer to it. The queue row is locked first (on
     /// PostgreSQL `FOR UPDATE`), so a ticket entering the queue at the same time (which holds
     /// the row, see [`hold_queue`]) either commits first and is counted here, refusing the
     /// delete with FAILED_PRECONDITION, or waits and then finds the queue gone.
@@ -363,6 +364,20 @@ impl Store {
         if live > 0 {
             return Err(RoutingError::FailedPrecondition(format!(
                 "queue {id} still has {live} live tickets"
+            )));
+        }
+        // A warm transfer's offer names its target queue while the ticket stays in its own
+        // until the offer is accepted; the transfer held the queue row when it made the offer.
+        let transfers = tx
+            .fetch_i64(
+                "SELECT COUNT(*) FROM routing_offers WHERE tenant = $1 AND queue_id = $2 \
+                 AND state = 'pending'",
+                args![tenant.as_str(), id],
+            )
+            .await?;
+        if transfers > 0 {
+            return Err(RoutingError::FailedPrecondition(format!(
+                "queue {id} is the target of {transfers} pending transfer offers"
             )));
         }
         tx.execute(

@@ -72,6 +72,10 @@ pub struct NewTicket {
     pub trigger_received_at: Option<DateTime<Utc>>,
     /// When dialog requested the handoff.
     pub requested_at: DateTime<Utc>,
+    /// Sequence of the conversation's last message when the handoff was requested (the
+    /// package's transcript reference): with `requested_at` it orders the handoffs of one
+    /// conversation, since each new one follows at least one more customer message.
+    pub transcript_sequence: i64,
     /// The encoded handoff package.
     pub package: Vec<u8>,
 }
@@ -1303,6 +1307,27 @@ async fn record_reported(
     Ok(())
 }
 
+/// Whether handoff `new` follows ticket `other` of the same conversation: a later last message
+/// (transcript sequence), or the same one requested later. Tickets stored before the sequence
+/// was kept count as sequence 0.
+async fn is_newer(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    new: &NewTicket,
+    other: &str,
+) -> RoutingResult<bool> {
+    let rows: Vec<(i64, i64)> = tx
+        .fetch_all(
+            "SELECT transcript_sequence, requested_at FROM routing_tickets \
+             WHERE tenant = $1 AND id = $2",
+            args![tenant.as_str(), other],
+        )
+        .await?;
+    Ok(rows.first().is_none_or(|&(sequence, requested_at)| {
+        (new.transcript_sequence, micros(new.requested_at)) > (sequence, requested_at)
+    }))
+}
+
 /// A waiting ticket as the position rounds read it.
 #[derive(sqlx::FromRow)]
 struct WaitingRow {
@@ -1392,12 +1417,24 @@ impl Store {
                 superseded: None,
             }));
         }
-        // Another handoff of the conversation is live. Dialog follows only the conversation's
-        // latest handoff, so a waiting one is replaced by this one; one an agent holds stays
-        // and this handoff is refused.
+        // Another handoff of the conversation is live. Dialog requests a handoff only while
+        // the bot holds the conversation, so a newer one means the live ticket's handoff is
+        // over in dialog: a waiting ticket is replaced, and an assignment, whose resolution in
+        // dialog has not reached routing yet (another replica may still be handling it), is
+        // completed as resolved. A handoff older than the live ticket reaches routing late
+        // and is refused.
         let mut superseded = None;
         if let Some(other) = rows.first() {
             let other_id = other.id.clone();
+            if !is_newer(&mut tx, tenant, new, &other_id).await? {
+                return Err(RoutingError::AlreadyExists(format!(
+                    "handoff {} is older than ticket {} ({}) of conversation {}",
+                    new.handoff_id,
+                    other_id,
+                    other.state,
+                    new.conversation_id
+                )));
+            }
             lock_agents_first(
                 &mut tx,
                 AGENTS_OF_TICKET,
@@ -1421,10 +1458,14 @@ impl Store {
                         superseded = Some(ended);
                     }
                     TicketState::Assigned => {
-                        return Err(RoutingError::AlreadyExists(format!(
-                            "conversation {} already has live ticket {} (assigned)",
-                            new.conversation_id, other_id
-                        )));
+                        let (completed, revoked) =
+                            end_assigned(&mut tx, tenant, &live, Disposition::Resolved, now)
+                                .await?;
+                        superseded = Some(Unassigned {
+                            freed_agents: vec![completed.agent_id],
+                            ticket: Some(completed.ticket),
+                            revoked,
+                        });
                     }
                     // Ended since it was read: nothing to replace.
                     _ => {}
@@ -1540,9 +1581,10 @@ impl Store {
             "INSERT INTO routing_tickets (tenant, id, conversation_id, scenario_id, queue_id, \
              state, priority, static_priority, vip, severity, skills, language, \
              trigger_received_at, requested_at, enqueued_at, queue_entered_at, ended_at, \
-             package, updated_at, reported_position, reported_eta, position_reported_at) \
+             package, updated_at, reported_position, reported_eta, position_reported_at, \
+             transcript_sequence) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, \
-             $16, $17, $15, $18, $19, $20)",
+             $16, $17, $15, $18, $19, $20, $21)",
             args![
                 tenant.as_str(),
                 row.id.as_str(),
@@ -1563,7 +1605,8 @@ impl Store {
                 row.package.clone(),
                 reported.map(|(position, _)| position),
                 reported.map(|(_, eta_s)| i64::from(eta_s)),
-                reported.map(|_| micros(now))
+                reported.map(|_| micros(now)),
+                new.transcript_sequence
             ],
         )
         .await?;
