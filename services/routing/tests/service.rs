@@ -546,12 +546,31 @@ async fn a_handoff_reaches_the_desk_once_and_is_assigned(rig: &Rig) {
     assert_eq!(stats[0].depth, 0);
 }
 
+/// Takes the desk's next offer, of `handoff`: accepts it and expects the confirmation and the
+/// ticket's queued, offered and assigned events, in order.
+async fn accept_next_offer(desk: &mut Desk, events: &mut Consumer, request: &str, handoff: &str) {
+    use pb::agent_session_response::Event;
+    let Some(Event::Offer(offer)) = desk.next().await.event else {
+        panic!("expected an offer of {handoff}");
+    };
+    assert_eq!(offer.handoff_id, handoff);
+    desk.send(request, accept(&offer.id)).await;
+    assert!(matches!(
+        desk.next().await.event,
+        Some(Event::AssignmentConfirmed(_))
+    ));
+    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
+        let event = next_event(events).await;
+        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
+    }
+}
+
 /// Dialog's `ConversationResolved` for a conversation an agent holds (the agent resolved it
 /// through dialog, not through routing): the assignment is completed RESOLVED once, the agent's
-/// unit is freed, and the conversation's next handoff is queued and offered to that agent
-/// instead of being refused. Redeliveries and a resolution without a handoff change nothing.
+/// unit is freed, and the conversation's next handoff is queued and offered to that agent.
+/// A next handoff handled before the resolution completes the assignment all the same.
+/// Redeliveries and a resolution without a handoff change nothing.
 async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
-    use pb::agent_session_response::Event;
     use prost::Message as _;
     let mut events = rig.routing_events("test-resolution-events").await;
     let mut admin = rig.client("admin", &[Role::Admin]).await;
@@ -562,18 +581,7 @@ async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
     desk.send("h", hello("")).await;
     welcome_of(desk.next().await);
     rig.publish(handoff_event("v-1", "vconv-1")).await;
-    let Some(Event::Offer(offer)) = desk.next().await.event else {
-        panic!("expected an offer");
-    };
-    desk.send("a", accept(&offer.id)).await;
-    assert!(matches!(
-        desk.next().await.event,
-        Some(Event::AssignmentConfirmed(_))
-    ));
-    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
-        let event = next_event(&mut events).await;
-        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
-    }
+    accept_next_offer(&mut desk, &mut events, "a", "v-1").await;
     assert_eq!(agent_of(&mut admin, "ann").await.active_assignments, 1);
 
     // Ann resolves the conversation in dialog.
@@ -623,20 +631,8 @@ async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
     // The customer comes back and asks for a human again: a new handoff of the conversation,
     // handled after those events (same ordering key), is queued and reaches ann.
     rig.publish(handoff_event("v-2", "vconv-1")).await;
-    let Some(Event::Offer(again)) = desk.next().await.event else {
-        panic!("expected an offer of the new handoff");
-    };
-    assert_eq!(again.handoff_id, "v-2");
-    desk.send("b", accept(&again.id)).await;
-    assert!(matches!(
-        desk.next().await.event,
-        Some(Event::AssignmentConfirmed(_))
-    ));
     // The first event after the completion is the new handoff's: one AssignmentCompleted.
-    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
-        let event = next_event(&mut events).await;
-        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
-    }
+    accept_next_offer(&mut desk, &mut events, "b", "v-2").await;
     let first = ticket(&mut admin, "v-1").await;
     assert_eq!(first.state, i32::from(pb::TicketState::Completed));
     let second = ticket(&mut admin, "v-2").await;
@@ -648,17 +644,15 @@ async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
     // handled before the resolution (another replica holds it, or it waits for a retry): the
     // assignment is completed as resolved all the same, and the new handoff reaches ann.
     rig.publish(handoff_event("v-3", "vconv-1")).await;
-    let Some(Event::Offer(third)) = desk.next().await.event else {
-        panic!("expected an offer of the third handoff");
-    };
-    assert_eq!(third.handoff_id, "v-3");
-    let done = ticket(&mut admin, "v-2").await;
-    assert_eq!(done.state, i32::from(pb::TicketState::Completed));
-    assert_eq!(done.disposition, i32::from(pb::Disposition::Resolved));
     let completed = next_event(&mut events).await;
     assert_eq!(completed.type_name, "tandem.routing.v1.AssignmentCompleted");
     let completed = pb::AssignmentCompleted::decode(&completed.payload[..]).unwrap();
     assert_eq!(completed.handoff_id, "v-2");
+    assert_eq!(completed.disposition, i32::from(pb::Disposition::Resolved));
+    assert_eq!(
+        ticket(&mut admin, "v-2").await.state,
+        i32::from(pb::TicketState::Completed)
+    );
     // The late resolution changes nothing; the older handoff v-1 again changes nothing either.
     let late = ConversationResolved {
         handoff_id: "v-2".into(),
@@ -667,15 +661,7 @@ async fn a_resolution_in_dialog_frees_the_agent(rig: &Rig) {
     rig.publish(RawEvent::new(&tenant(), &late, Some("vconv-1".into())))
         .await;
     rig.publish(handoff_event("v-1", "vconv-1")).await;
-    desk.send("c", accept(&third.id)).await;
-    assert!(matches!(
-        desk.next().await.event,
-        Some(Event::AssignmentConfirmed(_))
-    ));
-    for kind in ["HandoffQueued", "HandoffOffered", "HandoffAssigned"] {
-        let event = next_event(&mut events).await;
-        assert_eq!(event.type_name, format!("tandem.routing.v1.{kind}"));
-    }
+    accept_next_offer(&mut desk, &mut events, "c", "v-3").await;
     assert_eq!(
         ticket(&mut admin, "v-3").await.state,
         i32::from(pb::TicketState::Assigned)
