@@ -310,10 +310,18 @@ impl SearchIndex {
         Ok(recovery)
     }
 
-    /// Makes the writer suffer `fault` at its next commit, to test recovery.
+    /// Makes the writer suffer `fault` at its next commit, to test recovery. Faults injected
+    /// before and not suffered yet come first: each commit suffers one, so injecting twice makes
+    /// a commit and the one after it (a recovery's rebuild, say) fail.
     #[cfg(any(test, feature = "fault-injection"))]
     pub fn inject_fault(&self, fault: Fault) {
-        self.shared.update(|p| p.fault = Some(fault));
+        self.shared.update(|p| p.faults.push_back(fault));
+    }
+
+    /// Drops the faults injected and not suffered yet, so that the next commits succeed.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn clear_faults(&self) {
+        self.shared.update(|p| p.faults.clear());
     }
 
     /// Returns the configuration the index was opened with.

@@ -8,7 +8,8 @@
 //! each write returns a sequence number that [`SearchIndex::wait_visible`] turns into
 //! "searchable now", so an event is acknowledged only once its article can be found. When that
 //! thread fails, [`SearchIndex::writer_failure`] says so and [`SearchIndex::recover`] replaces
-//! it; the feature `fault-injection` adds `SearchIndex::inject_fault` for tests of recovery.
+//! it; the feature `fault-injection` adds `SearchIndex::inject_fault` (and `clear_faults`) for
+//! tests of recovery.
 //!
 //! Modules:
 //! - `analyzer`: the mixed Chinese/English tokenizer ([`mixed_analyzer`], [`analyze`]).

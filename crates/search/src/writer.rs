@@ -78,9 +78,9 @@ pub(crate) struct Progress {
     pub restarts: u64,
     /// Sequence numbers queued to writers that failed before committing them, oldest first.
     pub lost: Vec<RangeInclusive<u64>>,
-    /// The failure to inject at the next commit.
+    /// The failures to inject at the next commits, one each, in order.
     #[cfg(any(test, feature = "fault-injection"))]
-    pub fault: Option<Fault>,
+    pub faults: std::collections::VecDeque<Fault>,
 }
 
 impl Progress {
@@ -355,10 +355,10 @@ impl WriterLoop {
         Ok(())
     }
 
-    /// Suffers the fault injected with [`crate::SearchIndex::inject_fault`], once.
+    /// Suffers the oldest fault injected with [`crate::SearchIndex::inject_fault`], once.
     #[cfg(any(test, feature = "fault-injection"))]
     fn injected_fault(&self) -> tantivy::Result<()> {
-        let fault = self.shared.lock().fault.take();
+        let fault = self.shared.lock().faults.pop_front();
         match fault {
             None => Ok(()),
             Some(Fault::CommitError) => Err(tantivy::TantivyError::InternalError(

@@ -296,18 +296,24 @@ impl Indexer {
             match health.as_mut() {
                 Some(h) if h.down == serving && !(serving && h.shutdown.is_cancelled()) => {
                     h.down = !serving;
-                    Some((h.reporter.clone(), h.service))
+                    Some((h.reporter.clone(), h.service, h.shutdown.clone()))
                 }
                 _ => None,
             }
         };
-        if let Some((reporter, service)) = target {
+        if let Some((reporter, service, shutdown)) = target {
             let status = if serving {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
             reporter.set_service_status(service, status).await;
+            // A shutdown that began meanwhile may have reported NOT_SERVING first; it stands.
+            if serving && shutdown.is_cancelled() {
+                reporter
+                    .set_service_status(service, ServingStatus::NotServing)
+                    .await;
+            }
         }
     }
 
@@ -359,7 +365,8 @@ impl Indexer {
                     .write()
                     .unwrap_or_else(PoisonError::into_inner) = visibility;
                 *applied = (position, seq);
-                drop(applied);
+                // `applied` stays locked until the health is set, so that the backoff and the
+                // health of concurrent attempts are updated in the attempts' order.
                 *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
                 self.recoveries.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(INDEX_RECOVERIES_TOTAL).increment(1);
@@ -374,7 +381,6 @@ impl Indexer {
                 Ok(())
             }
             Err(e) => {
-                drop(applied);
                 let retry_in = {
                     let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
                     backoff.failed = attempt;

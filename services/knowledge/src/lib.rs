@@ -167,6 +167,17 @@ impl Service for Knowledge {
     }
 
     async fn start(ctx: StartContext<'_>, settings: &Settings) -> anyhow::Result<()> {
+        Self::start_replica(ctx, settings).await.map(drop)
+    }
+}
+
+impl Knowledge {
+    /// Does what [`Service::start`] does and returns the replica's indexer, so that a test can
+    /// reach the search index of a service served as in a deployment (to inject faults).
+    pub async fn start_replica(
+        ctx: StartContext<'_>,
+        settings: &Settings,
+    ) -> anyhow::Result<Arc<Indexer>> {
         let store = Store::new(ctx.db.clone());
         let index = SearchIndex::in_ram(IndexConfig {
             commit_interval: settings.index_commit_interval,
@@ -231,7 +242,7 @@ impl Service for Knowledge {
         ));
         ctx.tracker
             .spawn(expire_candidates(app, ctx.shutdown.clone()));
-        Ok(())
+        Ok(indexer)
     }
 }
 
