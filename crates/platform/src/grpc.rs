@@ -13,14 +13,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::Stream;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 use tonic::transport::Server;
+use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::config::GrpcConfig;
 use crate::propagation::ServerTraceLayer;
@@ -52,19 +57,26 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     health: HealthReporter,
+    /// Cancelled when the server starts draining (after the not-serving delay).
+    drain: CancellationToken,
 }
 
 impl GrpcServer {
     /// Starts a server description with health reporting; services are added next.
     pub fn new(cfg: &GrpcConfig) -> Self {
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = HealthReporter::new();
+        let drain = CancellationToken::new();
         let mut routes = RoutesBuilder::default();
-        routes.add_service(health_service);
+        routes.add_service(HealthServer::new(DrainingHealth {
+            inner: HealthService::from_health_reporter(health.clone()),
+            drain: drain.clone(),
+        }));
         Self {
             cfg: cfg.clone(),
             routes,
             names: Vec::new(),
             health,
+            drain,
         }
     }
 
@@ -139,7 +151,7 @@ impl GrpcServer {
                 .await;
         }
 
-        let stop = CancellationToken::new();
+        let stop = self.drain.clone();
         let health = self.health.clone();
         let names = self.names.clone();
         let not_serving_delay = self.cfg.not_serving_delay;
@@ -193,6 +205,79 @@ impl GrpcServer {
             }
         }
         Ok(())
+    }
+}
+
+/// The standard health service, except that its `Watch` streams end when the server starts
+/// draining. A watcher (a load balancer, a client's health checking) sees NOT_SERVING at the
+/// shutdown signal, then the stream ends with UNAVAILABLE; without this, an open `Watch` would
+/// hold the drain until its timeout.
+struct DrainingHealth {
+    inner: HealthService,
+    drain: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = UntilDrained;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let statuses = self.inner.watch(request).await?.into_inner();
+        Ok(Response::new(UntilDrained {
+            statuses,
+            drain: Drain::Awaited(Box::pin(self.drain.clone().cancelled_owned())),
+        }))
+    }
+}
+
+/// A health `Watch` stream that yields the statuses until the server drains, then UNAVAILABLE.
+struct UntilDrained {
+    statuses: tonic_health::server::WatchStream,
+    drain: Drain,
+}
+
+enum Drain {
+    /// Serving; the future completes when the drain begins.
+    Awaited(Pin<Box<WaitForCancellationFutureOwned>>),
+    /// Draining; UNAVAILABLE goes out once the statuses already changed have.
+    Begun,
+    /// UNAVAILABLE went out.
+    Reported,
+}
+
+impl Stream for UntilDrained {
+    type Item = Result<HealthCheckResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Drain::Awaited(drain) = &mut self.drain
+            && drain.as_mut().poll(cx).is_ready()
+        {
+            self.drain = Drain::Begun;
+        }
+        if matches!(self.drain, Drain::Reported) {
+            return Poll::Ready(None);
+        }
+        // The NOT_SERVING of the shutdown goes out before the stream ends.
+        match Pin::new(&mut self.statuses).poll_next(cx) {
+            Poll::Ready(item) => Poll::Ready(item),
+            Poll::Pending if matches!(self.drain, Drain::Begun) => {
+                self.drain = Drain::Reported;
+                Poll::Ready(Some(Err(Status::unavailable(
+                    "the server is shutting down",
+                ))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -264,7 +349,7 @@ where
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    return Box::pin(std::future::ready(Ok(tonic::Status::unavailable(
+                    return Box::pin(std::future::ready(Ok(Status::unavailable(
                         "server overloaded, retry later",
                     )
                     .into_http())));
@@ -281,7 +366,7 @@ where
             let _permit = permit;
             match tokio::time::timeout(limit, call).await {
                 Ok(result) => result,
-                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                Err(_) => Ok(Status::deadline_exceeded(format!(
                     "the call did not finish within its deadline ({} ms)",
                     limit.as_millis()
                 ))

@@ -336,6 +336,62 @@ async fn health_turns_not_serving_before_the_server_stops() {
     assert!(cancelled_at.elapsed() >= not_serving_delay);
 }
 
+/// A health `Watch` (a load balancer's, a client's health checking) sees NOT_SERVING at the
+/// shutdown signal and then ends with UNAVAILABLE when the drain begins, so it does not hold the
+/// drain until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_sees_not_serving_and_ends_when_the_server_drains() {
+    let not_serving_delay = Duration::from_millis(300);
+    let server = start(
+        GrpcConfig {
+            not_serving_delay,
+            drain_timeout: Duration::from_secs(30),
+            ..GrpcConfig::default()
+        },
+        &dev_auth(),
+    )
+    .await;
+    let mut watches = Vec::new();
+    for service in ["", POLICY] {
+        let mut watch = HealthClient::new(server.channel.clone())
+            .watch(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving, "{service:?}");
+        watches.push(watch);
+    }
+
+    let cancelled_at = Instant::now();
+    server.shutdown.cancel();
+    for watch in &mut watches {
+        let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("no health change after the shutdown signal")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.status(), ServingStatus::NotServing);
+        assert!(cancelled_at.elapsed() < not_serving_delay);
+    }
+    for watch in &mut watches {
+        let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("the watch did not end when the server drained");
+        assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+        assert!(cancelled_at.elapsed() >= not_serving_delay);
+    }
+    // The open streams do not hold the drain: serve() returns long before the drain timeout.
+    tokio::time::timeout(Duration::from_secs(5), server.served)
+        .await
+        .expect("serve() waited for the health watches")
+        .unwrap()
+        .unwrap();
+    drop(watches);
+}
+
 #[tokio::test]
 async fn reflection_lists_the_added_services_and_health_only() {
     let server = start(GrpcConfig::default(), &dev_auth()).await;
