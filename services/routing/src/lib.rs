@@ -19,6 +19,7 @@ pub mod error;
 pub mod store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use config::Settings;
 
@@ -32,6 +33,7 @@ use tandem_proto::pb::dialog::v1::{
     ConversationClosed, ConversationResolved, HandoffCancelled, HandoffRequested,
 };
 use tandem_proto::pb::routing::v1::routing_service_server::RoutingServiceServer;
+use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::adapters::consumers::{DURABLE, DialogEvents};
@@ -89,7 +91,39 @@ impl Service for Routing {
             ctx.bus.clone(),
             ctx.shutdown.clone(),
         ));
+        // Remembered as long as the inbox remembers the events it handled.
+        ctx.tracker.spawn(prune_ended(
+            Arc::clone(&engine),
+            ctx.bus_config.max_age + Duration::from_secs(24 * 3600),
+            ctx.shutdown.clone(),
+        ));
         ctx.tracker.spawn(engine.run(ctx.shutdown.clone()));
         Ok(())
+    }
+}
+
+/// Every hour, forgets the cancelled handoffs and closed conversations older than `keep`
+/// ([`Store::prune_ended`]); every replica does it, and the deletes do not conflict.
+async fn prune_ended(engine: Arc<Engine>, keep: Duration, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let Some(before) = chrono::TimeDelta::from_std(keep)
+            .ok()
+            .and_then(|keep| engine.now().checked_sub_signed(keep))
+        else {
+            return;
+        };
+        match engine.store.prune_ended(before).await {
+            Ok(removed) => tracing::debug!(removed, "old cancellations and closings forgotten"),
+            Err(error) => tracing::warn!(
+                error = %tandem_platform::error::DisplayChain(&error),
+                "cannot forget old cancellations and closings"
+            ),
+        }
     }
 }

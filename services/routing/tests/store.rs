@@ -24,7 +24,7 @@ use tandem_routing::domain::ticket::{Disposition, TicketState};
 use tandem_routing::error::RoutingError;
 use tandem_routing::store::{
     AcceptRequest, AgentFilter, EtaSettings, NewTicket, OfferOutcome, OfferRecord, PositionUpdates,
-    PresenceReason, Store, TicketRecord, TransferKind, TransferTarget,
+    PresenceReason, Store, TicketRecord, TransferKind, TransferTarget, Unassigned,
 };
 
 #[allow(
@@ -628,7 +628,9 @@ async fn a_new_handoff_replaces_the_waiting_one_of_its_conversation(store: Store
         .await
         .unwrap();
     assert!(matches!(
-        store.enqueue(&t, &stale("h2b"), None, ETA, t0() + secs(10)).await,
+        store
+            .enqueue(&t, &stale("h2b"), None, ETA, t0() + secs(10))
+            .await,
         Err(RoutingError::AlreadyExists(_))
     ));
     for id in ["h0", "h2b"] {
@@ -1311,7 +1313,10 @@ async fn a_queue_with_a_pending_transfer_to_it_is_not_deleted(store: Store) {
                 .await
                 .unwrap();
         } else {
-            let accepted = store.accept(&t, &warm.agent_id, &warm.id, at).await.unwrap();
+            let accepted = store
+                .accept(&t, &warm.agent_id, &warm.id, at)
+                .await
+                .unwrap();
             assert_eq!(accepted.ticket.queue_id, "tech");
         }
         assert_eq!(violations(&store).await, Vec::<String>::new());
@@ -1321,6 +1326,53 @@ async fn a_queue_with_a_pending_transfer_to_it_is_not_deleted(store: Store) {
         store.delete_queue(&t, "tech").await,
         Err(RoutingError::FailedPrecondition(m)) if m.contains("live tickets")
     ));
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
+/// Replicas share dialog's durable consumer, so a handoff can be handled after its own
+/// cancellation or its conversation's closing. It is then refused: the customer has left.
+/// Memory of the cancellations and closings is kept until pruned.
+async fn a_handoff_handled_after_its_cancellation_or_closing_is_refused(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 2).await;
+    let cancelled = store.cancel_handoff(&t, "h1", None, t0()).await.unwrap();
+    assert_eq!(cancelled, Unassigned::default());
+    let closed = store
+        .close_conversation(&t, "c2", None, t0())
+        .await
+        .unwrap();
+    assert_eq!(closed, Unassigned::default());
+    // Redelivered cancellations and closings remember nothing twice.
+    store
+        .cancel_handoff(&t, "h1", None, t0() + secs(1))
+        .await
+        .unwrap();
+
+    for (new, why) in [
+        (handoff("h1", "c1"), "handoff h1 was cancelled"),
+        (handoff("h2", "c2"), "conversation c2 was closed"),
+    ] {
+        let refused = store
+            .enqueue_and_offer(&t, &new, None, ETA, t0() + secs(2))
+            .await;
+        assert!(
+            matches!(&refused, Err(RoutingError::AlreadyExists(m)) if m.contains(why)),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            store.ticket(&t, &new.handoff_id).await,
+            Err(RoutingError::NotFound(_))
+        ));
+    }
+    // Another handoff of the conversation whose earlier handoff was cancelled is queued.
+    enqueue(&store, &handoff("h3", "c1"), t0() + secs(3)).await;
+    assert_eq!(events(&store, "tandem.routing.v1.HandoffQueued").await, 1);
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+
+    // Forgotten once pruned.
+    assert_eq!(store.prune_ended(t0()).await.unwrap(), 0);
+    assert_eq!(store.prune_ended(t0() + secs(60)).await.unwrap(), 2);
+    enqueue(&store, &handoff("h2", "c2"), t0() + secs(61)).await;
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
@@ -1360,8 +1412,15 @@ async fn customers_who_leave_or_cancel_free_everything(store: Store) {
         events(&store, "tandem.routing.v1.HandoffAbandoned").await,
         1
     );
-    // The conversation can hand off again later.
-    enqueue(&store, &handoff("h4", "c1"), t0() + secs(8)).await;
+    // The conversation whose handoff was cancelled can hand off again later; a closed one
+    // cannot (closing is final in dialog).
+    enqueue(&store, &handoff("h4", "c3"), t0() + secs(8)).await;
+    assert!(matches!(
+        store
+            .enqueue(&t, &handoff("h5", "c1"), None, ETA, t0() + secs(8))
+            .await,
+        Err(RoutingError::AlreadyExists(_))
+    ));
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
@@ -2888,6 +2947,7 @@ both_engines!(
     a_resolution_in_dialog_completes_the_assignment_once,
     deleting_a_queue_never_strands_a_ticket,
     a_queue_with_a_pending_transfer_to_it_is_not_deleted,
+    a_handoff_handled_after_its_cancellation_or_closing_is_refused,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,

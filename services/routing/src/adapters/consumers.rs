@@ -4,8 +4,9 @@
 //!   transcript sequence, then the request time) is over in dialog, which requests a handoff only
 //!   while the bot holds the conversation: a waiting one is returned and replaced, an assignment
 //!   completed as resolved (its `ConversationResolved` may still be on its way, or with another
-//!   replica). A handoff older than the live ticket arrived late and is refused. All three are
-//!   logged and counted in [`HANDOFF_CONFLICTS_TOTAL`];
+//!   replica). A handoff older than the live ticket arrived late and is refused, as is one
+//!   cancelled or whose conversation was closed before it was handled. All are logged and
+//!   counted in [`HANDOFF_CONFLICTS_TOTAL`];
 //! - `ConversationClosed` abandons a waiting ticket or ends the assignment, freeing the agent;
 //! - `HandoffCancelled` hands a waiting ticket back to the bot;
 //! - `ConversationResolved` completes the assignment of the handoff it names (disposition
@@ -44,8 +45,8 @@ pub const DURABLE: &str = "routing-dialog";
 /// Counter of `HandoffRequested` events that met a live ticket of the same conversation under
 /// another handoff id, by `outcome`: `superseded` (the waiting ticket was returned and the new
 /// one queued), `completed` (the assignment of the earlier handoff was completed as resolved and
-/// the new one queued) or `stale` (the new handoff is older than the live ticket and was
-/// dropped).
+/// the new one queued) or `stale` (the new handoff is older than the live ticket, or was
+/// cancelled or its conversation closed before it was handled, and was dropped).
 pub const HANDOFF_CONFLICTS_TOTAL: &str = "tandem_routing_handoff_conflicts_total";
 
 /// Handles dialog's events.
@@ -171,9 +172,11 @@ impl Handler for DialogEvents {
                 && let Some(superseded) = &done.superseded
             {
                 let previous = superseded.ticket.as_ref().map_or("", |t| t.id.as_str());
-                let outcome = if superseded.ticket.as_ref().is_some_and(|t| {
-                    t.state == crate::domain::ticket::TicketState::Completed
-                }) {
+                let outcome = if superseded
+                    .ticket
+                    .as_ref()
+                    .is_some_and(|t| t.state == crate::domain::ticket::TicketState::Completed)
+                {
                     "completed"
                 } else {
                     "superseded"
@@ -205,12 +208,13 @@ impl Handler for DialogEvents {
                 }
                 Ok(_) => {}
                 Err(RoutingError::AlreadyExists(reason)) => {
-                    // The reason names the newer live ticket of the conversation.
+                    // The reason names the newer live ticket of the conversation, or says the
+                    // handoff was cancelled or its conversation closed before it got here.
                     tracing::warn!(
                         %reason,
                         handoff = %new.handoff_id,
                         conversation = %new.conversation_id,
-                        "stale handoff refused: the conversation has a newer one"
+                        "stale handoff refused: the conversation moved on"
                     );
                     metrics::counter!(HANDOFF_CONFLICTS_TOTAL, "outcome" => "stale").increment(1);
                 }

@@ -1417,6 +1417,31 @@ impl Store {
                 superseded: None,
             }));
         }
+        // Cancelled, or its conversation closed, before it got here: the customer has left.
+        let ended: Vec<(String,)> = tx
+            .fetch_all(
+                "SELECT kind FROM routing_ended WHERE tenant = $1 AND ((kind = 'handoff' \
+                 AND id = $2) OR (kind = 'conversation' AND id = $3))",
+                args![
+                    tenant.as_str(),
+                    new.handoff_id.as_str(),
+                    new.conversation_id.as_str()
+                ],
+            )
+            .await?;
+        if let Some((kind,)) = ended.first() {
+            return Err(RoutingError::AlreadyExists(if kind == "handoff" {
+                format!(
+                    "handoff {} was cancelled before it was queued",
+                    new.handoff_id
+                )
+            } else {
+                format!(
+                    "conversation {} was closed before handoff {} was queued",
+                    new.conversation_id, new.handoff_id
+                )
+            }));
+        }
         // Another handoff of the conversation is live. Dialog requests a handoff only while
         // the bot holds the conversation, so a newer one means the live ticket's handoff is
         // over in dialog: a waiting ticket is replaced, and an assignment, whose resolution in
@@ -1429,10 +1454,7 @@ impl Store {
             if !is_newer(&mut tx, tenant, new, &other_id).await? {
                 return Err(RoutingError::AlreadyExists(format!(
                     "handoff {} is older than ticket {} ({}) of conversation {}",
-                    new.handoff_id,
-                    other_id,
-                    other.state,
-                    new.conversation_id
+                    new.handoff_id, other_id, other.state, new.conversation_id
                 )));
             }
             lock_agents_first(
@@ -2734,6 +2756,20 @@ impl Store {
             .await
     }
 
+    /// Forgets the cancelled handoffs and closed conversations remembered before `before`
+    /// (once no event about them can still be delivered). Returns how many.
+    pub async fn prune_ended(&self, before: DateTime<Utc>) -> RoutingResult<u64> {
+        let mut tx = Tx::write(self.db()).await?;
+        let removed = tx
+            .execute(
+                "DELETE FROM routing_ended WHERE ended_at < $1",
+                args![micros(before)],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(removed)
+    }
+
     async fn end_waiting(
         &self,
         tenant: &TenantId,
@@ -2749,6 +2785,18 @@ impl Store {
         {
             return Ok(Unassigned::default());
         }
+        // Remembered, so that the handoff, or one of the conversation, handled after this on
+        // another replica or at a retry is refused (see `enqueue_with`).
+        let (kind, ended) = match handoff_id {
+            Some(id) => ("handoff", id),
+            None => ("conversation", conversation_id),
+        };
+        tx.execute(
+            "INSERT INTO routing_ended (tenant, kind, id, ended_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            args![tenant.as_str(), kind, ended, micros(now)],
+        )
+        .await?;
         match handoff_id {
             Some(id) => {
                 lock_agents_first(&mut tx, AGENTS_OF_TICKET, args![tenant.as_str(), id]).await?;
