@@ -1958,7 +1958,7 @@ impl App {
         // A resolution by the agent is reported like one through `ResolveConversation`, so
         // knowledge can mine it and analytics can count it.
         let facts = match effect {
-            RoutingEffect::Resolved { ref team } => {
+            RoutingEffect::Resolved { ref team, .. } => {
                 match self.resolution_facts(tenant, conversation_id).await {
                     Ok(facts) => Some(ResolutionFacts {
                         team: team.clone(),
@@ -2008,7 +2008,13 @@ impl App {
                         })
                     }
                     // A cold transfer: the agent let go, the conversation waits for the next one.
-                    RoutingEffect::Requeued if state == pb::ConversationState::Agent => {
+                    // Routing's events can reach dialog's replicas out of order: a transfer by
+                    // an agent who no longer holds the conversation (the next agent's
+                    // assignment came first) is stale.
+                    RoutingEffect::Requeued { from_agent }
+                        if state == pb::ConversationState::Agent
+                            && (from_agent.is_empty() || *from_agent == c.assigned_agent_id) =>
+                    {
                         Some(Transition {
                             agent: Some(String::new()),
                             system_text: Some(Texts::transferring(zh).into()),
@@ -2036,10 +2042,23 @@ impl App {
                             ..Transition::new(pb::ConversationState::Bot)
                         })
                     }
-                    RoutingEffect::Resolved { .. } if state == pb::ConversationState::Agent => {
+                    // Final for the handoff. While QUEUED, the assignment it ends has not been
+                    // applied yet (handled by another replica, or retried): it is not needed
+                    // any more, and when it comes the conversation is no longer waiting for it.
+                    RoutingEffect::Resolved { agent, .. }
+                        if matches!(
+                            state,
+                            pb::ConversationState::Agent | pb::ConversationState::Queued
+                        ) =>
+                    {
                         let facts = facts.clone().unwrap_or_default();
-                        let agent_id = c.assigned_agent_id.clone();
+                        let agent_id = if state == pb::ConversationState::Agent {
+                            c.assigned_agent_id.clone()
+                        } else {
+                            agent.clone()
+                        };
                         Some(Transition {
+                            agent: Some(agent_id.clone()),
                             reason: "resolved by the agent".into(),
                             events: Box::new(move |c, _, at| {
                                 vec![ev(facts.event(
@@ -2231,7 +2250,10 @@ pub enum RoutingEffect {
     Assigned(String),
     /// A cold transfer: the assigned agent let go and the conversation waits in the queue for
     /// another agent.
-    Requeued,
+    Requeued {
+        /// The agent who let go (empty when routing did not say).
+        from_agent: String,
+    },
     /// Back to the bot (returned, abandoned by routing, assignment returned); with
     /// `leave_message` (a queue closed with that behaviour) the customer is offered to leave a
     /// message.
@@ -2243,6 +2265,8 @@ pub enum RoutingEffect {
     Resolved {
         /// The agent's team, as routing reports it.
         team: String,
+        /// The agent, as routing reports it.
+        agent: String,
     },
 }
 

@@ -470,14 +470,20 @@ impl Handler for Consumers {
                 if e.kind != routing::TransferKind::Cold as i32 {
                     return Ok(());
                 }
-                (e.conversation_id, e.handoff_id, RoutingEffect::Requeued)
+                let effect = RoutingEffect::Requeued {
+                    from_agent: e.from_agent_id,
+                };
+                (e.conversation_id, e.handoff_id, effect)
             }
             routing::AssignmentCompleted::TYPE_NAME => {
                 // A TRANSFERRED outcome is left to the event that follows it: the new
                 // `HandoffAssigned` of a warm transfer, or the `HandoffTransferred` of a cold one.
                 let e = event.decode::<routing::AssignmentCompleted>()?.event;
                 let effect = if e.disposition == routing::Disposition::Resolved as i32 {
-                    RoutingEffect::Resolved { team: e.team }
+                    RoutingEffect::Resolved {
+                        team: e.team,
+                        agent: e.agent_id,
+                    }
                 } else if e.disposition == routing::Disposition::ReturnToBot as i32 {
                     RoutingEffect::BackToBot {
                         leave_message: false,

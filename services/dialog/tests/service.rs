@@ -152,6 +152,7 @@ both!(
     only_the_assigned_agent_closes_or_types_as_the_agent,
     a_fallback_turn_leaves_the_scenario_unset,
     resolutions_report_the_team_and_confusion_is_an_emotion,
+    routing_events_out_of_order_leave_the_latest_state,
     queue_reports_let_the_policy_offer_to_leave_a_message,
     a_resolved_agent_lets_go_of_the_conversation,
     starts_check_the_customer,
@@ -2162,5 +2163,59 @@ async fn resolutions_report_the_team_and_confusion_is_an_emotion(rig: impl Futur
     assert_eq!((e.agent_id.as_str(), e.team.as_str()), ("a-1", "billing"));
     // No bot answer cited an article.
     assert!(e.articles_used.is_empty(), "{e:?}");
+    rig.stop().await;
+}
+
+/// Checks for a second that the conversation stays as `ok` says: an event that must change
+/// nothing has had time to be handled.
+async fn stays(c: &mut Client, id: &str, ok: impl Fn(&pb::Conversation) -> bool) {
+    for _ in 0..10 {
+        let conv = conversation(c, id).await;
+        assert!(ok(&conv), "{conv:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Routing's events of one handoff can reach dialog out of order (replicas share the durable
+/// consumer, and a retried event comes back later). A resolution that arrives before its
+/// assignment resolves the waiting conversation, and the late assignment changes nothing; a
+/// cold transfer that arrives after the next agent's assignment changes nothing either.
+async fn routing_events_out_of_order_leave_the_latest_state(rig: impl Future<Output = Rig>) {
+    let rig = rig.await;
+    let mut c = rig.client("acme", "ch-1", &[Role::Channel]).await;
+
+    let conv = start(&mut c, "k-late-assignment", common::Language::Zh).await;
+    let r = say(&mut c, &conv.id, "h1", "转人工").await;
+    assert_eq!(action(&r), pb::BotAction::Handoff, "{r:?}");
+    let handoff_id = r.bot_turn.unwrap().handoff.unwrap().handoff_id;
+    let resolution = completed(&handoff_id, &conv.id, "a-1", routing::Disposition::Resolved);
+    rig.publish("acme", &resolution).await;
+    let resolved = wait_state(&mut c, &conv.id, pb::ConversationState::Resolved).await;
+    assert_eq!(resolved.assigned_agent_id, "a-1");
+    rig.assign(&handoff_id, &conv.id, "a-1").await;
+    stays(&mut c, &conv.id, |conv| {
+        conv.state == pb::ConversationState::Resolved as i32
+    })
+    .await;
+
+    let (conv, handoff_id) = assigned_to(&rig, &mut c, "k-late-transfer", "a-1").await;
+    let cold = |from: &str| routing::HandoffTransferred {
+        handoff_id: handoff_id.clone(),
+        conversation_id: conv.id.clone(),
+        kind: routing::TransferKind::Cold as i32,
+        from_agent_id: from.into(),
+        ..Default::default()
+    };
+    // a-1 let go and a-2 took the conversation; a-2's assignment arrives first.
+    rig.assign(&handoff_id, &conv.id, "a-2").await;
+    wait_owner(&mut c, &conv.id, pb::ConversationState::Agent, "a-2").await;
+    rig.publish("acme", &cold("a-1")).await;
+    stays(&mut c, &conv.id, |conv| {
+        conv.state == pb::ConversationState::Agent as i32 && conv.assigned_agent_id == "a-2"
+    })
+    .await;
+    // A cold transfer by the agent who holds the conversation puts it back in the queue.
+    rig.publish("acme", &cold("a-2")).await;
+    wait_owner(&mut c, &conv.id, pb::ConversationState::Queued, "").await;
     rig.stop().await;
 }
