@@ -15,6 +15,8 @@
 //! - a rule fed by analytics alerts also **recovers when the alert resolves** ([`resolve`]): the
 //!   resolution is the last report that signal sends, so waiting for a further reading would keep
 //!   the change until the next alert;
+//! - a rule with a `silence_timeout` also **recovers when its signal goes silent** ([`silence`]):
+//!   no report of the signal for the scenario for that long ends the episode;
 //! - on recovery, a rule with `revert_when_recovered` restores the value (or strategy) the
 //!   scenario had before the firing of the episode.
 
@@ -53,7 +55,10 @@ pub fn evaluate(
         recovered_since: None,
         baseline: None,
         applied: None,
+        silence_blocked_at: None,
     });
+    // The signal reports: a revert blocked while it was silent is no longer due for silence.
+    state.silence_blocked_at = None;
     let above = rule.comparison == pb::Comparison::Above as i32;
     let enough = agg.samples >= rule.min_samples.max(1);
     let breach = enough
@@ -102,6 +107,7 @@ pub fn evaluate(
 fn end_episode(rule: &pb::AdjustmentRule, mut state: RuleState) -> Step {
     state.firing = false;
     state.recovered_since = None;
+    state.silence_blocked_at = None;
     let applied = state.applied.take();
     match state.baseline.take() {
         Some(baseline) if rule.revert_when_recovered => Step::Revert(state, baseline, applied),
@@ -136,6 +142,29 @@ pub fn resolve(
         return None;
     }
     Some(end_episode(rule, state))
+}
+
+/// Evaluates a rule whose signal may have gone silent, at `now` (µs): `last_report` is the time of
+/// the newest report of the signal for the scenario still on record, if any.
+///
+/// A rule in an episode with a `silence_timeout` ends its episode as on recovery (a revert for a
+/// rule that reverts) once neither that report nor the firing is more recent than the timeout.
+/// Returns the step and how long the signal has been silent (µs); `None` leaves the rule as it is
+/// (not in an episode, no timeout, or reported recently enough).
+pub fn silence(
+    rule: &pb::AdjustmentRule,
+    state: Option<RuleState>,
+    last_report: Option<i64>,
+    now: i64,
+) -> Option<(Step, i64)> {
+    let timeout = micros(rule.silence_timeout.as_ref());
+    let state = state.filter(|s| s.firing && timeout > 0)?;
+    let heard = last_report.max(state.last_fired_at)?;
+    let silent_for = now.saturating_sub(heard);
+    if silent_for < timeout {
+        return None;
+    }
+    Some((end_episode(rule, state), silent_for))
 }
 
 /// The value a rule compares for a signal. Queue ETA is an instantaneous reading, so its mean over
@@ -652,6 +681,56 @@ mod tests {
             panic!()
         };
         assert!(!s.firing);
+    }
+
+    #[test]
+    fn a_silent_signal_ends_the_episode_after_the_timeout() {
+        let mut r = rule();
+        let firing = RuleState {
+            firing: true,
+            last_fired_at: Some(0),
+            baseline: Some("20".into()),
+            applied: Some("25".into()),
+            silence_blocked_at: Some(MIN),
+            ..evaluate_fresh(&r)
+        };
+        // No timeout: never.
+        assert_eq!(
+            silence(&r, Some(firing.clone()), None, 365 * 24 * 60 * MIN),
+            None
+        );
+        r.silence_timeout = Some(prost_types::Duration {
+            seconds: 1_200,
+            nanos: 0,
+        });
+        // Not in an episode: nothing to end.
+        assert_eq!(silence(&r, Some(evaluate_fresh(&r)), None, 100 * MIN), None);
+        assert_eq!(silence(&r, None, None, 100 * MIN), None);
+        // Measured from the newest report, or from the firing when no report is newer.
+        assert_eq!(
+            silence(&r, Some(firing.clone()), Some(5 * MIN), 24 * MIN),
+            None
+        );
+        assert_eq!(silence(&r, Some(firing.clone()), None, 19 * MIN), None);
+        let Some((Step::Revert(s, baseline, applied), silent_for)) =
+            silence(&r, Some(firing.clone()), Some(5 * MIN), 25 * MIN)
+        else {
+            panic!("did not revert after the timeout")
+        };
+        assert_eq!(silent_for, 20 * MIN);
+        assert!(!s.firing && s.baseline.is_none() && s.silence_blocked_at.is_none());
+        assert_eq!((baseline.as_str(), applied.as_deref()), ("20", Some("25")));
+        // A rule that does not revert only ends its episode.
+        r.revert_when_recovered = false;
+        let Some((Step::Hold(s), _)) = silence(&r, Some(firing.clone()), None, 20 * MIN) else {
+            panic!()
+        };
+        assert!(!s.firing);
+        // A reading clears a block recorded while the signal was silent.
+        let Step::Hold(s) = evaluate(&r, Some(firing), "s", agg(900.0, 3), 30 * MIN, 0.1) else {
+            panic!()
+        };
+        assert!(s.firing && s.silence_blocked_at.is_none());
     }
 
     #[test]

@@ -838,34 +838,14 @@ impl App {
                     change.record.id = uuid::Uuid::now_v7().to_string();
                     change.record.from_version = wire.version;
                     change.record.created_at = Some(micros_timestamp(now));
-                    let mut apply = change.next.take();
-                    let mut blocked = false;
-                    if apply.is_some() && rule.mode == pb::Mode::Shadow as i32 {
-                        change.record.status = pb::AdjustmentStatus::Shadow as i32;
-                        apply = None;
-                    } else if apply.is_some() && wire.pinned {
-                        change.record.status = pb::AdjustmentStatus::BlockedByPin as i32;
-                        apply = None;
-                        blocked = true;
-                    }
-                    // Each value stays inside its own guardrails, but the scenario as a whole
-                    // (e.g. the clarify band not above the answer threshold) and the catalogue
-                    // must still validate: an invalid scenario would silently drop out of the
-                    // decisions.
-                    if let Some(next) = &apply {
-                        let before = current_catalogue(&snapshot.scenarios, &working);
-                        let problems = new_problems(&before, &replace(&before, next));
-                        if !problems.is_empty() {
-                            change.record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
-                            change.record.explanation = format!(
-                                "{}: not applied, the scenario would not validate: {}",
-                                change.record.explanation,
-                                render(&problems)
-                            );
-                            apply = None;
-                            blocked = true;
-                        }
-                    }
+                    let (apply, blocked) = gate(
+                        &rule,
+                        &wire,
+                        &snapshot.scenarios,
+                        &working,
+                        &mut change.record,
+                        change.next.take(),
+                    );
                     if blocked && let Some((baseline, applied)) = reverting {
                         // The revert is still due: keep the episode and retry it on the next
                         // recovered observation.
@@ -874,40 +854,19 @@ impl App {
                         state.baseline = Some(baseline);
                         state.applied = applied;
                     }
-                    if let Some(mut next) = apply {
+                    if let Some(next) = apply {
                         if state.baseline.is_none() {
                             state.baseline = change.baseline.clone();
                         }
                         state.applied = change.applied.clone();
-                        next.version = wire.version + 1;
-                        next.updated_at = Some(micros_timestamp(now));
-                        change.record.to_version = next.version;
-                        let reason = format!(
-                            "rule {:?} ({}): {}",
-                            if rule.name.is_empty() {
-                                &rule.id
-                            } else {
-                                &rule.name
-                            },
-                            signal_name,
-                            change.record.explanation
+                        apply_adjustment(
+                            &mut batch,
+                            &mut working,
+                            &rule,
+                            &mut change.record,
+                            next,
+                            now,
                         );
-                        let actor = Actor {
-                            id: SYSTEM_ACTOR.into(),
-                            reason,
-                        };
-                        let mut write = scenario_write(
-                            next.clone(),
-                            pb::ChangeCause::Adjustment,
-                            &actor,
-                            false,
-                        );
-                        write.record.metrics = change.record.metrics.clone();
-                        write.record.rule_id.clone_from(&rule.id);
-                        // A second change of the same scenario in this batch replaces the first.
-                        batch.scenarios.retain(|w| w.scenario.id != next.id);
-                        batch.scenarios.push(write);
-                        working.insert(next.id.clone(), next);
                     }
                     batch.adjustments.push(change.record);
                     batch.rule_states.push(state);
@@ -940,6 +899,172 @@ impl App {
         ))
     }
 
+    /// Ends the episodes of rules whose signal has sent no report for their `silence_timeout`, in
+    /// every tenant, reverting as a recovery does. Returns the number of adjustments recorded.
+    /// A tenant that fails is logged and skipped until the next sweep.
+    pub async fn sweep_silent(&self) -> Result<usize, PolicyError> {
+        self.sweep_silent_at(now_micros()).await
+    }
+
+    /// [`App::sweep_silent`] with the current time given (µs since the epoch).
+    pub async fn sweep_silent_at(&self, now: i64) -> Result<usize, PolicyError> {
+        let mut recorded = 0;
+        for tenant in self.store.tenants_in_episodes().await? {
+            let Ok(tenant) = TenantId::new(tenant) else {
+                continue;
+            };
+            match self.sweep_tenant_at(&tenant, now).await {
+                Ok(n) => recorded += n,
+                Err(e) => tracing::warn!(tenant = %tenant,
+                    error = %tandem_platform::error::DisplayChain(&e),
+                    "ending silent adjustment episodes failed"),
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// Ends the silent episodes of one tenant at `now` (µs since the epoch), in one transaction
+    /// guarded by the catalogue version: replicas sweeping at the same time cannot both act on
+    /// an episode, the loser re-reads the ended episode and does nothing. Each applied revert is
+    /// a new scenario version and a `PolicyUpdated` event, as on recovery. A revert blocked by a
+    /// pin (or by a catalogue that would not validate) keeps the episode, is recorded once, and
+    /// is retried by every sweep. Returns the number of adjustments recorded.
+    pub async fn sweep_tenant_at(&self, tenant: &TenantId, now: i64) -> Result<usize, PolicyError> {
+        for _ in 0..ATTEMPTS {
+            // The catalogue version is read before the rule states: states another sweep (or an
+            // adjustment that changed a scenario) committed since come with a newer version, and
+            // the commit below conflicts.
+            let snapshot = self.store.snapshot(tenant).await?;
+            let (cat, _) = Catalogue::build(snapshot.scenarios.clone());
+            let mut batch = Batch {
+                guard: true,
+                ..Batch::default()
+            };
+            let mut working: HashMap<String, pb::Scenario> = HashMap::new();
+            for state in self.store.firing_states(tenant).await? {
+                let Some(rule) = self.store.rule(tenant, &state.rule_id).await? else {
+                    continue;
+                };
+                let scoped = rule.scenario_id.is_empty() || rule.scenario_id == state.scenario_id;
+                if !rule.enabled || !scoped {
+                    continue;
+                }
+                let Some(entry) = cat.get(&state.scenario_id) else {
+                    continue;
+                };
+                let last_report = self
+                    .store
+                    .last_observed(tenant, &state.scenario_id, rule.signal)
+                    .await?;
+                let (recovering_since, blocked_before) =
+                    (state.recovered_since, state.silence_blocked_at);
+                let Some((step, silent_for)) =
+                    adjust::silence(&rule, Some(state), last_report, now)
+                else {
+                    continue;
+                };
+                let (mut state, baseline, applied) = match step {
+                    Step::Revert(state, baseline, applied) => (state, baseline, applied),
+                    // The rule does not revert (or has nothing to revert to): the episode ends.
+                    Step::Hold(state) | Step::Fire(state) => {
+                        batch.rule_states.push(state);
+                        continue;
+                    }
+                };
+                let wire = working
+                    .get(&state.scenario_id)
+                    .cloned()
+                    .unwrap_or_else(|| entry.wire.clone());
+                let compiled = scenario_to_engine(&wire, cat.defaults())
+                    .unwrap_or_else(|_| entry.engine.clone());
+                if applied
+                    .as_deref()
+                    .is_some_and(|a| !adjust::still_applied(&rule, a, &wire, &compiled))
+                {
+                    // Changed since the rule wrote it: the episode ends, the change stays.
+                    batch.rule_states.push(state);
+                    continue;
+                }
+                let silent_seconds = silent_for / 1_000_000;
+                let why = format!("signal silent for {silent_seconds}s");
+                let mut change = adjust::revert(&rule, &baseline, &wire, &compiled, &why);
+                if change.unchanged {
+                    batch.rule_states.push(state);
+                    continue;
+                }
+                #[allow(clippy::cast_precision_loss)]
+                let silent = silent_seconds as f64;
+                change.record.metrics = HashMap::from([
+                    ("silent_seconds".to_owned(), silent),
+                    ("threshold".to_owned(), rule.threshold),
+                ]);
+                change.record.id = uuid::Uuid::now_v7().to_string();
+                change.record.from_version = wire.version;
+                change.record.created_at = Some(micros_timestamp(now));
+                let (apply, blocked) = gate(
+                    &rule,
+                    &wire,
+                    &snapshot.scenarios,
+                    &working,
+                    &mut change.record,
+                    change.next.take(),
+                );
+                if blocked {
+                    // The revert is still due: keep the episode and retry it on the next sweep
+                    // (or on the signal's next recovered reading or resolution).
+                    state.firing = true;
+                    state.recovered_since = recovering_since;
+                    state.baseline = Some(baseline);
+                    state.applied = applied;
+                    state.silence_blocked_at = Some(blocked_before.unwrap_or(now));
+                    if blocked_before.is_none() {
+                        batch.adjustments.push(change.record);
+                        batch.rule_states.push(state);
+                    }
+                    continue;
+                }
+                if let Some(next) = apply {
+                    apply_adjustment(
+                        &mut batch,
+                        &mut working,
+                        &rule,
+                        &mut change.record,
+                        next,
+                        now,
+                    );
+                }
+                batch.adjustments.push(change.record);
+                batch.rule_states.push(state);
+            }
+            if batch.rule_states.is_empty() {
+                return Ok(0);
+            }
+            batch.events = batch
+                .scenarios
+                .iter()
+                .map(|w| updated_event(tenant, w))
+                .collect();
+            match self
+                .store
+                .commit(tenant, snapshot.catalogue_version, &batch)
+                .await
+            {
+                Ok(_) => {
+                    if !batch.scenarios.is_empty() {
+                        self.invalidate(tenant);
+                        self.outbox.wake();
+                    }
+                    return Ok(batch.adjustments.len());
+                }
+                Err(StoreError::Conflict) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(PolicyError::Aborted(
+            "the catalogue kept changing concurrently".into(),
+        ))
+    }
+
     /// Lists adjustments.
     pub async fn adjustments(
         &self,
@@ -948,6 +1073,98 @@ impl App {
     ) -> Result<Vec<pb::Adjustment>, PolicyError> {
         Ok(self.store.adjustments(tenant, filter).await?)
     }
+}
+
+/// Decides whether a proposed change (`proposed`) applies: not for a rule in shadow mode (recorded
+/// as `SHADOW`), not to a pinned scenario (`BLOCKED_BY_PIN`), and not when the catalogue would no
+/// longer validate (`BLOCKED_BY_GUARDRAIL`). Returns the scenario to write, if any, and whether
+/// the change was blocked (so a revert stays due).
+fn gate(
+    rule: &pb::AdjustmentRule,
+    wire: &pb::Scenario,
+    stored: &[pb::Scenario],
+    working: &HashMap<String, pb::Scenario>,
+    record: &mut pb::Adjustment,
+    proposed: Option<pb::Scenario>,
+) -> (Option<pb::Scenario>, bool) {
+    let Some(next) = proposed else {
+        return (None, false);
+    };
+    if rule.mode == pb::Mode::Shadow as i32 {
+        record.status = pb::AdjustmentStatus::Shadow as i32;
+        return (None, false);
+    }
+    if wire.pinned {
+        record.status = pb::AdjustmentStatus::BlockedByPin as i32;
+        return (None, true);
+    }
+    if !still_validates(stored, working, &next, record) {
+        return (None, true);
+    }
+    (Some(next), false)
+}
+
+/// Returns whether the catalogue as changed so far in an adjustment batch (`working` over
+/// `stored`) still validates with `next`. Each value stays inside its own guardrails, but the
+/// scenario as a whole (e.g. the clarify band not above the answer threshold) and the catalogue
+/// must validate too: an invalid scenario would silently drop out of the decisions. When it does
+/// not, `record` says why, as `BLOCKED_BY_GUARDRAIL`.
+fn still_validates(
+    stored: &[pb::Scenario],
+    working: &HashMap<String, pb::Scenario>,
+    next: &pb::Scenario,
+    record: &mut pb::Adjustment,
+) -> bool {
+    let before = current_catalogue(stored, working);
+    let problems = new_problems(&before, &replace(&before, next));
+    if problems.is_empty() {
+        return true;
+    }
+    record.status = pb::AdjustmentStatus::BlockedByGuardrail as i32;
+    record.explanation = format!(
+        "{}: not applied, the scenario would not validate: {}",
+        record.explanation,
+        render(&problems)
+    );
+    false
+}
+
+/// Adds an adjustment's new scenario version to `batch` (replacing an earlier change of the
+/// same scenario in the batch) and to `working`, and sets the record's `to_version`. The version
+/// record names the rule, its signal and the explanation, with the adjustment's metrics.
+fn apply_adjustment(
+    batch: &mut Batch,
+    working: &mut HashMap<String, pb::Scenario>,
+    rule: &pb::AdjustmentRule,
+    record: &mut pb::Adjustment,
+    mut next: pb::Scenario,
+    now: i64,
+) {
+    let signal_name =
+        pb::AdjustmentSignal::try_from(rule.signal).map_or("unknown", |s| s.as_str_name());
+    next.version = record.from_version + 1;
+    next.updated_at = Some(micros_timestamp(now));
+    record.to_version = next.version;
+    let reason = format!(
+        "rule {:?} ({}): {}",
+        if rule.name.is_empty() {
+            &rule.id
+        } else {
+            &rule.name
+        },
+        signal_name,
+        record.explanation
+    );
+    let actor = Actor {
+        id: SYSTEM_ACTOR.into(),
+        reason,
+    };
+    let mut write = scenario_write(next.clone(), pb::ChangeCause::Adjustment, &actor, false);
+    write.record.metrics = record.metrics.clone();
+    write.record.rule_id.clone_from(&rule.id);
+    batch.scenarios.retain(|w| w.scenario.id != next.id);
+    batch.scenarios.push(write);
+    working.insert(next.id.clone(), next);
 }
 
 /// The catalogue as changed so far within an adjustment batch.
@@ -1125,6 +1342,20 @@ pub fn validate_rule(rule: &pb::AdjustmentRule) -> Result<(), Vec<ValidationErro
     let cooldown = adjust::micros(rule.cooldown.as_ref());
     if !(0..=7 * 86_400_000_000).contains(&cooldown) {
         e.push(violation("rule.cooldown", "must be between 0 and 7 days"));
+    }
+    let silence = adjust::micros(rule.silence_timeout.as_ref());
+    if silence != 0 {
+        if !(60_000_000..=7 * 86_400_000_000).contains(&silence) {
+            e.push(violation(
+                "rule.silence_timeout",
+                "must be unset or 0 (never), or between 1 minute and 7 days",
+            ));
+        } else if silence < window {
+            e.push(violation(
+                "rule.silence_timeout",
+                "must be at least the rule's window",
+            ));
+        }
     }
     if rule.min_samples < 0 {
         e.push(violation("rule.min_samples", "must not be negative"));

@@ -7,8 +7,9 @@
 //! - `document`: the YAML / JSON scenario documents of import and export;
 //! - `store`: PostgreSQL and SQLite persistence;
 //! - `grpc`: the `PolicyService` adapter;
-//! - this module: settings, wiring, and the consumers of live signals (analytics alerts and
-//!   queue statistics) that drive adjustments.
+//! - this module: settings, wiring, the consumers of live signals (analytics alerts and queue
+//!   statistics) that drive adjustments, and the periodic work (ending the episodes of rules
+//!   whose signal went silent, pruning old records).
 //!
 //! The decision function itself lives in `tandem-policy-engine`, and the wire conversions and
 //! catalogue in `tandem-policy-client`, so dialog evaluates exactly the same rules locally.
@@ -52,6 +53,12 @@ pub const ADJUSTMENT_RETENTION: Duration = Duration::from_secs(180 * 86_400);
 const ADJUSTMENT_RETENTION_BOUNDS: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(7 * 86_400)..=Duration::from_secs(3_660 * 86_400);
 
+/// Default of [`Settings::silence_sweep_interval`]: 30 seconds.
+pub const SILENCE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// Bounds of [`Settings::silence_sweep_interval`].
+const SILENCE_SWEEP_INTERVAL_BOUNDS: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3_600);
+
 /// Settings of the policy service, under `[service]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -71,6 +78,10 @@ pub struct Settings {
     /// are deleted hourly; the scenario versions they caused stay, with their rule and metrics.
     #[serde(with = "humantime_serde")]
     pub adjustment_retention: Duration,
+    /// How often every replica looks for adjustment rules whose signal has been silent for their
+    /// `silence_timeout` (1s..=1h): an episode ends at most this long after its timeout.
+    #[serde(with = "humantime_serde")]
+    pub silence_sweep_interval: Duration,
 }
 
 impl Default for Settings {
@@ -81,6 +92,7 @@ impl Default for Settings {
             observation_retention: Duration::from_secs(8 * 86_400),
             shadow_buffer: 10_000,
             adjustment_retention: ADJUSTMENT_RETENTION,
+            silence_sweep_interval: SILENCE_SWEEP_INTERVAL,
         }
     }
 }
@@ -109,6 +121,12 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.adjustment_retention"),
                 "must be between 7 days and 3660 days",
+            ));
+        }
+        if !SILENCE_SWEEP_INTERVAL_BOUNDS.contains(&self.silence_sweep_interval) {
+            errors.push(ConfigError::new(
+                format!("{path}.silence_sweep_interval"),
+                "must be between 1s and 1h",
             ));
         }
         if self.shadow_buffer == 0 {
@@ -182,6 +200,11 @@ impl Service for Policy {
                 ctx.shutdown.clone(),
             ));
         }
+        ctx.tracker.spawn(sweep_silent(
+            Arc::clone(&app),
+            settings.silence_sweep_interval,
+            ctx.shutdown.clone(),
+        ));
         ctx.tracker.spawn(prune(
             store,
             settings.observation_retention,
@@ -251,6 +274,26 @@ async fn prune(
             Ok(n) => tracing::info!(deleted = n, "old adjustment records deleted"),
             Err(e) => tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
                 "pruning adjustment records failed"),
+        }
+    }
+}
+
+/// Ends the episodes of adjustment rules whose signal has gone silent, every `interval`, until
+/// shutdown. Every replica sweeps; each tenant's sweep commits under its catalogue version, so
+/// an episode is ended (and reverted) once.
+async fn sweep_silent(app: Arc<App>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match app.sweep_silent().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(adjustments = n, "silent adjustment episodes ended"),
+            Err(e) => tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
+                "looking for silent adjustment episodes failed"),
         }
     }
 }
@@ -387,5 +430,47 @@ mod tests {
             assert_eq!(found.len(), 1, "{days} days: {found:?}");
             assert_eq!(found[0], "service.adjustment_retention");
         }
+    }
+
+    #[test]
+    fn silence_sweep_interval_is_bounded_and_reported_with_the_other_problems() {
+        assert_eq!(
+            Settings::default().silence_sweep_interval,
+            Duration::from_secs(30)
+        );
+        for interval in [
+            Duration::ZERO,
+            Duration::from_millis(500),
+            Duration::from_secs(3_601),
+        ] {
+            let settings = Settings {
+                silence_sweep_interval: interval,
+                ..Settings::default()
+            };
+            assert_eq!(
+                problems(&settings),
+                ["service.silence_sweep_interval"],
+                "{interval:?}"
+            );
+        }
+        for interval in [Duration::from_secs(1), Duration::from_secs(3_600)] {
+            let settings = Settings {
+                silence_sweep_interval: interval,
+                ..Settings::default()
+            };
+            assert!(problems(&settings).is_empty(), "{interval:?}");
+        }
+        let settings = Settings {
+            silence_sweep_interval: Duration::ZERO,
+            shadow_buffer: 0,
+            ..Settings::default()
+        };
+        assert_eq!(
+            problems(&settings),
+            ["service.silence_sweep_interval", "service.shadow_buffer"]
+        );
+        let parsed: Settings =
+            serde_json::from_str(r#"{"silence_sweep_interval": "45s"}"#).unwrap();
+        assert_eq!(parsed.silence_sweep_interval, Duration::from_secs(45));
     }
 }

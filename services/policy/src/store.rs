@@ -74,6 +74,11 @@ pub struct RuleState {
     /// since by a person or another rule is not overwritten. `None` for states written before
     /// this was recorded.
     pub applied: Option<String>,
+    /// When the silence sweep found the signal silent for the rule's `silence_timeout` and could
+    /// not apply the revert then due (a pinned scenario, or a revert that would not validate),
+    /// µs since the epoch. The block is recorded once; later sweeps retry the revert without
+    /// recording it again. Cleared when the signal reports again or the episode ends.
+    pub silence_blocked_at: Option<i64>,
 }
 
 /// One observed value of a signal.
@@ -112,12 +117,16 @@ pub struct Batch {
     pub events: Vec<RawEvent>,
     /// `(consumer, event id)` to claim in the inbox; the batch is skipped when already claimed.
     pub claim: Option<(String, String)>,
+    /// Checks and bumps the catalogue version even without scenario writes, so two writers that
+    /// read the same rule states cannot both act on them (the silence sweep, which every replica
+    /// runs and no inbox claim deduplicates).
+    pub guard: bool,
 }
 
 impl Batch {
     /// Returns whether the batch changes the catalogue (and so needs the version check).
     fn touches_catalogue(&self) -> bool {
-        !self.scenarios.is_empty()
+        self.guard || !self.scenarios.is_empty()
     }
 }
 
@@ -139,6 +148,29 @@ pub struct Aggregate {
     pub samples: i64,
     /// The newest observation and its time (µs), if any.
     pub latest: Option<(f64, i64)>,
+}
+
+/// Reads a rule state from a row of `rule_id, scenario_id, firing, last_fired_at,
+/// recovered_since, baseline, applied, silence_blocked_at`.
+fn rule_state_of<R>(r: &R) -> Result<RuleState, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(RuleState {
+        rule_id: r.try_get(0)?,
+        scenario_id: r.try_get(1)?,
+        firing: r.try_get(2)?,
+        last_fired_at: r.try_get(3)?,
+        recovered_since: r.try_get(4)?,
+        baseline: r.try_get(5)?,
+        applied: r.try_get(6)?,
+        silence_blocked_at: r.try_get(7)?,
+    })
 }
 
 fn decode<M: prost::Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
@@ -296,11 +328,12 @@ impl Store {
                 sqlx::query(
                     "INSERT INTO policy_rule_states \
                      (tenant, rule_id, scenario_id, firing, last_fired_at, recovered_since, \
-                     baseline, applied) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     baseline, applied, silence_blocked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                      ON CONFLICT (tenant, rule_id, scenario_id) DO UPDATE SET \
                      firing = excluded.firing, last_fired_at = excluded.last_fired_at, \
                      recovered_since = excluded.recovered_since, baseline = excluded.baseline, \
-                     applied = excluded.applied",
+                     applied = excluded.applied, silence_blocked_at = excluded.silence_blocked_at",
                 )
                 .bind(t)
                 .bind(&r.rule_id)
@@ -310,6 +343,7 @@ impl Store {
                 .bind(r.recovered_since)
                 .bind(&r.baseline)
                 .bind(&r.applied)
+                .bind(r.silence_blocked_at)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -493,8 +527,8 @@ impl Store {
     ) -> Result<Option<RuleState>, StoreError> {
         let row = on_db!(&self.db, pool => {
             sqlx::query(
-                "SELECT firing, last_fired_at, recovered_since, baseline, applied \
-                 FROM policy_rule_states \
+                "SELECT rule_id, scenario_id, firing, last_fired_at, recovered_since, baseline, \
+                 applied, silence_blocked_at FROM policy_rule_states \
                  WHERE tenant = $1 AND rule_id = $2 AND scenario_id = $3",
             )
             .bind(tenant.as_str())
@@ -502,20 +536,60 @@ impl Store {
             .bind(scenario_id)
             .fetch_optional(pool)
             .await?
-            .map(|r| -> Result<RuleState, sqlx::Error> {
-                Ok(RuleState {
-                    rule_id: rule_id.to_owned(),
-                    scenario_id: scenario_id.to_owned(),
-                    firing: r.try_get(0)?,
-                    last_fired_at: r.try_get(1)?,
-                    recovered_since: r.try_get(2)?,
-                    baseline: r.try_get(3)?,
-                    applied: r.try_get(4)?,
-                })
-            })
+            .map(|r| rule_state_of(&r))
             .transpose()?
         });
         Ok(row)
+    }
+
+    /// Returns the rule states of a tenant that are in an episode, ordered by rule and scenario.
+    pub async fn firing_states(&self, tenant: &TenantId) -> Result<Vec<RuleState>, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query(
+                "SELECT rule_id, scenario_id, firing, last_fired_at, recovered_since, baseline, \
+                 applied, silence_blocked_at FROM policy_rule_states \
+                 WHERE tenant = $1 AND firing = $2 ORDER BY rule_id, scenario_id",
+            )
+            .bind(tenant.as_str())
+            .bind(true)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(rule_state_of)
+            .collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+
+    /// Returns the tenants with a rule in an episode, ordered.
+    pub async fn tenants_in_episodes(&self) -> Result<Vec<String>, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT DISTINCT tenant FROM policy_rule_states WHERE firing = $1 ORDER BY tenant",
+            )
+            .bind(true)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Returns the time (µs) of the newest stored observation of a signal for a scenario.
+    pub async fn last_observed(
+        &self,
+        tenant: &TenantId,
+        scenario_id: &str,
+        signal: i32,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT MAX(observed_at) FROM policy_observations \
+                 WHERE tenant = $1 AND scenario_id = $2 AND signal = $3",
+            )
+            .bind(tenant.as_str())
+            .bind(scenario_id)
+            .bind(signal)
+            .fetch_one(pool)
+            .await?
+        }))
     }
 
     /// Aggregates a signal's observations since `since` (µs), plus `extra` not yet stored.

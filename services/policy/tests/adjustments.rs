@@ -1,7 +1,9 @@
 //! Automatic adjustments through the application layer, with the clock under the test's control
 //! (`App::observe_at`), on PostgreSQL (a throwaway server) and SQLite (a temp dir): whole-scenario
 //! validation of a change, reverts that respect later changes and pins, reverts on resolved
-//! alerts, one application per episode, adjustment paging and the pruning of old adjustments.
+//! alerts, one application per episode, adjustment paging, the pruning of old adjustments, and
+//! the end of episodes whose signal went silent (`App::sweep_silent_at`, also under a clock the
+//! test controls).
 
 #![allow(clippy::unwrap_used)]
 
@@ -84,6 +86,12 @@ both!(
     a_resolved_alert_reverts_its_rule,
     a_persisting_breach_applies_once_per_episode,
     old_adjustments_are_pruned_and_running_episodes_still_revert,
+    a_silent_signal_reverts_its_rule_after_the_timeout_once,
+    a_rule_without_a_silence_timeout_keeps_its_change,
+    a_silent_revert_blocked_by_a_pin_happens_after_unpinning,
+    a_silent_revert_leaves_later_changes_alone,
+    a_silent_revert_in_shadow_mode_is_only_recorded,
+    silence_timeouts_out_of_range_are_refused,
 );
 
 const DAY: i64 = 86_400 * SECOND;
@@ -622,4 +630,322 @@ async fn old_adjustments_are_pruned_and_running_episodes_still_revert(
     let s = refund(&app).await;
     assert_eq!(thresholds(&s).max_bot_turns, Some(20), "{s:?}");
     assert_eq!(thresholds(&s).max_fallbacks, Some(3));
+}
+
+/// A live rule on the queue ETA of `refund` (above 300 s over a minute, one sample, no cooldown)
+/// raising `max_bot_turns` by 5 and reverting on recovery, whose episode ends after
+/// `silence_seconds` without a report (0: never).
+async fn queue_rule(app: &App, silence_seconds: i64) -> pb::AdjustmentRule {
+    let step = pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+        field: pb::ThresholdField::MaxBotTurns as i32,
+        delta: 5.0,
+    });
+    app.upsert_rule(
+        &tenant(),
+        pb::AdjustmentRule {
+            comparison: pb::Comparison::Above as i32,
+            threshold: 300.0,
+            silence_timeout: (silence_seconds > 0).then_some(prost_types::Duration {
+                seconds: silence_seconds,
+                nanos: 0,
+            }),
+            ..live_rule_below_0_7("refund", pb::AdjustmentSignal::QueueEta, 60, step)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Routing reports a queue ETA of `eta` seconds for `refund` at `at` (µs).
+async fn queue_eta(app: &App, eta: f64, at: i64) {
+    observe_signal(app, pb::AdjustmentSignal::QueueEta, eta, at).await;
+}
+
+/// Reports above the trigger at `t0`, `t0 + 5 s` and `t0 + 10 s`: the queue rule fires once
+/// (`max_bot_turns` 20 -> 25) and the last report is at `t0 + 10 s`.
+async fn fire_queue_rule(app: &App, t0: i64) {
+    for i in 0..3 {
+        queue_eta(app, 600.0, t0 + i * 5 * SECOND).await;
+    }
+    assert_eq!(thresholds(&refund(app).await).max_bot_turns, Some(25));
+}
+
+async fn sweep(app: &App, now: i64) -> usize {
+    app.sweep_silent_at(now).await.unwrap()
+}
+
+async fn a_silent_signal_reverts_its_rule_after_the_timeout_once(
+    db: impl Future<Output = (Db, Keep)>,
+) {
+    let (app, _keep) = app(db).await;
+    let rule = queue_rule(&app, 600).await;
+    let t0 = start();
+    fire_queue_rule(&app, t0).await;
+    let last = t0 + 10 * SECOND;
+    assert_eq!(refund(&app).await.version, 2);
+    let events = outbox_events(&app).await;
+
+    // Not yet silent for ten minutes: nothing changes.
+    assert_eq!(sweep(&app, last + 599 * SECOND).await, 0);
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    assert!(rule_state(&app, &rule.id).await.unwrap().firing);
+
+    // Silent for ten minutes: two replicas sweep at once, the value is reverted once, as a new
+    // version with its event.
+    let other = App::new(
+        app.store().clone(),
+        OutboxWaker::default(),
+        AppOptions::default(),
+        None,
+    );
+    let now = last + 600 * SECOND;
+    let (a, b) = tokio::join!(app.sweep_silent_at(now), other.sweep_silent_at(now));
+    assert_eq!(a.unwrap() + b.unwrap(), 1);
+    let s = refund(&app).await;
+    assert_eq!(
+        thresholds(&s).max_bot_turns,
+        Some(20),
+        "not reverted: {s:?}"
+    );
+    assert_eq!(s.version, 3);
+    assert_eq!(outbox_events(&app).await - events, 1);
+    let version = versions(&app).await.remove(0);
+    assert_eq!(version.cause, pb::ChangeCause::Adjustment as i32);
+    assert_eq!(version.rule_id, rule.id);
+    assert_eq!(version.actor, "system");
+    let listed = adjustments(&app).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0].status, pb::AdjustmentStatus::Reverted as i32);
+    assert_eq!((listed[0].from_version, listed[0].to_version), (2, 3));
+    assert!(
+        listed[0].explanation.starts_with("signal silent for 600s"),
+        "{}",
+        listed[0].explanation
+    );
+    assert_eq!(listed[0].metrics.get("silent_seconds"), Some(&600.0));
+    let state = rule_state(&app, &rule.id).await.unwrap();
+    assert!(!state.firing && state.baseline.is_none(), "{state:?}");
+
+    // Sweeping again changes nothing.
+    assert_eq!(sweep(&app, now + 3_600 * SECOND).await, 0);
+    assert_eq!(refund(&app).await.version, 3);
+    assert_eq!(adjustments(&app).await.len(), 2);
+
+    // The next breach starts a new episode, and a report during it postpones the timeout.
+    let t1 = now + 60 * SECOND;
+    queue_eta(&app, 600.0, t1).await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    queue_eta(&app, 650.0, t1 + 300 * SECOND).await;
+    assert_eq!(sweep(&app, t1 + 700 * SECOND).await, 0);
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+    assert_eq!(sweep(&app, t1 + 900 * SECOND).await, 1);
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(20));
+}
+
+async fn a_rule_without_a_silence_timeout_keeps_its_change(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    let rule = queue_rule(&app, 0).await;
+    let t0 = start();
+    fire_queue_rule(&app, t0).await;
+    let events = outbox_events(&app).await;
+    assert_eq!(sweep(&app, t0 + 7 * DAY).await, 0);
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
+    assert_eq!(s.version, 2);
+    assert_eq!(outbox_events(&app).await, events);
+    assert_eq!(adjustments(&app).await.len(), 1);
+    assert!(rule_state(&app, &rule.id).await.unwrap().firing);
+}
+
+async fn a_silent_revert_blocked_by_a_pin_happens_after_unpinning(
+    db: impl Future<Output = (Db, Keep)>,
+) {
+    let (app, _keep) = app(db).await;
+    let rule = queue_rule(&app, 600).await;
+    let t0 = start();
+    fire_queue_rule(&app, t0).await;
+    app.set_pin(&tenant(), "refund", true, &person())
+        .await
+        .unwrap();
+    let version = refund(&app).await.version;
+
+    // The revert is due but blocked: recorded once, the episode kept.
+    let due = t0 + 10 * SECOND + 600 * SECOND;
+    assert_eq!(sweep(&app, due).await, 1);
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
+    assert_eq!(s.version, version);
+    let listed = adjustments(&app).await;
+    assert_eq!(listed[0].status, pb::AdjustmentStatus::BlockedByPin as i32);
+    assert!(
+        listed[0].explanation.starts_with("signal silent"),
+        "{}",
+        listed[0].explanation
+    );
+    let state = rule_state(&app, &rule.id).await.unwrap();
+    assert!(
+        state.firing && state.silence_blocked_at.is_some(),
+        "{state:?}"
+    );
+    // Later sweeps retry without recording the block again.
+    assert_eq!(sweep(&app, due + 60 * SECOND).await, 0);
+    assert_eq!(sweep(&app, due + 120 * SECOND).await, 0);
+    assert_eq!(adjustments(&app).await.len(), 2);
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
+
+    // Unpinned, the next sweep reverts.
+    app.set_pin(&tenant(), "refund", false, &person())
+        .await
+        .unwrap();
+    assert_eq!(sweep(&app, due + 180 * SECOND).await, 1);
+    let s = refund(&app).await;
+    assert_eq!(
+        thresholds(&s).max_bot_turns,
+        Some(20),
+        "the revert was lost: {s:?}"
+    );
+    assert_eq!(s.version, version + 2);
+    assert_eq!(
+        adjustments(&app).await[0].status,
+        pb::AdjustmentStatus::Reverted as i32
+    );
+    let state = rule_state(&app, &rule.id).await.unwrap();
+    assert!(
+        !state.firing && state.silence_blocked_at.is_none(),
+        "{state:?}"
+    );
+}
+
+async fn a_silent_revert_leaves_later_changes_alone(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    let rule = queue_rule(&app, 600).await;
+    let t0 = start();
+
+    // A person edits the scenario during the episode: the silence does not put back the value
+    // from before the episode.
+    fire_queue_rule(&app, t0).await;
+    let mut edited = refund(&app).await;
+    edited.thresholds.as_mut().unwrap().max_bot_turns = Some(30);
+    app.upsert(&tenant(), edited, 0, &person(), false)
+        .await
+        .unwrap();
+    let version = refund(&app).await.version;
+    let listed = adjustments(&app).await.len();
+    assert_eq!(sweep(&app, t0 + DAY).await, 0);
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(30), "{s:?}");
+    assert_eq!(s.version, version);
+    assert_eq!(adjustments(&app).await.len(), listed);
+
+    // Another rule moves the same field after this one: the episode ends, the value stays.
+    let t1 = t0 + 2 * DAY;
+    fire_queue_rule_from(&app, t1, 35).await;
+    rule_on(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        pb::ThresholdField::MaxBotTurns,
+        -2.0,
+    )
+    .await;
+    observe_signal(
+        &app,
+        pb::AdjustmentSignal::ContainmentRate,
+        0.5,
+        t1 + 20 * SECOND,
+    )
+    .await;
+    assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(33));
+    let version = refund(&app).await.version;
+    let listed = adjustments(&app).await.len();
+    assert_eq!(sweep(&app, t1 + DAY).await, 0);
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(33), "{s:?}");
+    assert_eq!(s.version, version);
+    assert_eq!(adjustments(&app).await.len(), listed);
+    let state = rule_state(&app, &rule.id).await.unwrap();
+    assert!(!state.firing && state.baseline.is_none(), "{state:?}");
+}
+
+/// [`fire_queue_rule`] from a `max_bot_turns` of `expected - 5`.
+async fn fire_queue_rule_from(app: &App, t0: i64, expected: i32) {
+    for i in 0..3 {
+        queue_eta(app, 600.0, t0 + i * 5 * SECOND).await;
+    }
+    assert_eq!(thresholds(&refund(app).await).max_bot_turns, Some(expected));
+}
+
+async fn a_silent_revert_in_shadow_mode_is_only_recorded(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    let rule = queue_rule(&app, 600).await;
+    let t0 = start();
+    fire_queue_rule(&app, t0).await;
+    // The rule is put in shadow mode during its episode.
+    app.upsert_rule(
+        &tenant(),
+        pb::AdjustmentRule {
+            mode: pb::Mode::Shadow as i32,
+            ..rule.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let events = outbox_events(&app).await;
+    assert_eq!(sweep(&app, t0 + 3_600 * SECOND).await, 1);
+    let s = refund(&app).await;
+    assert_eq!(thresholds(&s).max_bot_turns, Some(25), "{s:?}");
+    assert_eq!(s.version, 2);
+    assert_eq!(outbox_events(&app).await, events);
+    let latest = adjustments(&app).await.remove(0);
+    assert_eq!(latest.status, pb::AdjustmentStatus::Shadow as i32);
+    assert_eq!((latest.old_value, latest.new_value), (25.0, 20.0));
+    assert!(!rule_state(&app, &rule.id).await.unwrap().firing);
+}
+
+async fn silence_timeouts_out_of_range_are_refused(db: impl Future<Output = (Db, Keep)>) {
+    let (app, _keep) = app(db).await;
+    let with = |window: i64, silence: Option<(i64, i32)>| {
+        let step = pb::adjustment_rule::Effect::Step(pb::ThresholdStep {
+            field: pb::ThresholdField::MaxBotTurns as i32,
+            delta: 5.0,
+        });
+        pb::AdjustmentRule {
+            silence_timeout: silence
+                .map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            ..live_rule_below_0_7("refund", pb::AdjustmentSignal::QueueEta, window, step)
+        }
+    };
+    for (window, silence) in [
+        (60, Some((59, 0))),
+        (60, Some((7 * 86_400, 1_000))),
+        (60, Some((30 * 86_400, 0))),
+        (60, Some((-600, 0))),
+        (3_600, Some((1_800, 0))),
+    ] {
+        let err = app
+            .upsert_rule(&tenant(), with(window, silence))
+            .await
+            .unwrap_err();
+        let tandem_policy::app::PolicyError::Invalid(problems) = &err else {
+            panic!("{silence:?}: {err:?}")
+        };
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["rule.silence_timeout"], "{window} {silence:?}");
+    }
+    for (window, silence) in [
+        (60, None),
+        (60, Some((0, 0))),
+        (60, Some((60, 0))),
+        (3_600, Some((3_600, 0))),
+        (60, Some((7 * 86_400, 0))),
+    ] {
+        let stored = app
+            .upsert_rule(&tenant(), with(window, silence))
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.silence_timeout,
+            silence.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            "{window} {silence:?}"
+        );
+    }
 }

@@ -406,6 +406,10 @@ scenarios:
             rule: Some(pb::AdjustmentRule {
                 signal: pb::AdjustmentSignal::BotCsat as i32,
                 threshold: 7.0,
+                silence_timeout: Some(prost_types::Duration {
+                    seconds: 10,
+                    nanos: 0,
+                }),
                 ..pb::AdjustmentRule::default()
             }),
         })
@@ -417,6 +421,7 @@ scenarios:
         "rule.comparison",
         "rule.threshold",
         "rule.window",
+        "rule.silence_timeout",
         "rule.effect",
     ] {
         assert!(
