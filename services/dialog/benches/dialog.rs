@@ -14,9 +14,10 @@
 //! every measured turn is a full bot turn. The share of turns whose reply cites a knowledge
 //! article is printed, so a run whose look-ups failed or timed out shows it.
 //!
-//! `cargo bench -p tandem-dialog --bench dialog` runs 2,000 paced turns and 2,400 throughput
-//! turns per deployment; without `--bench` (as `cargo test --bench dialog` runs it) a tenth of
-//! that, as a smoke test.
+//! `cargo bench -p tandem-dialog --bench dialog` runs 2,000 paced turns and 8,000 throughput
+//! turns per deployment (`BENCH_THROUGHPUT_TURNS` changes the latter; about 7 s of sustained
+//! load); without `--bench` (as `cargo test --bench dialog` runs it) a tenth of that, as a smoke
+//! test.
 
 #![allow(
     clippy::unwrap_used,
@@ -676,7 +677,11 @@ async fn run(d: Deployment, scale: usize) {
 
     // 3. Throughput: 16 clients, each on its own conversations.
     let workers = 16;
-    let per_worker = 150 / scale;
+    let total: usize = std::env::var("BENCH_THROUGHPUT_TURNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8_000);
+    let per_worker = (total / workers / scale).max(1);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..workers {
