@@ -1335,7 +1335,10 @@ async fn a_queue_with_a_pending_transfer_to_it_is_not_deleted(store: Store) {
 async fn a_handoff_handled_after_its_cancellation_or_closing_is_refused(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 2).await;
-    let cancelled = store.cancel_handoff(&t, "h1", None, t0()).await.unwrap();
+    let cancelled = store
+        .cancel_handoff(&t, "c1", "h1", None, t0())
+        .await
+        .unwrap();
     assert_eq!(cancelled, Unassigned::default());
     let closed = store
         .close_conversation(&t, "c2", None, t0())
@@ -1344,7 +1347,7 @@ async fn a_handoff_handled_after_its_cancellation_or_closing_is_refused(store: S
     assert_eq!(closed, Unassigned::default());
     // Redelivered cancellations and closings remember nothing twice.
     store
-        .cancel_handoff(&t, "h1", None, t0() + secs(1))
+        .cancel_handoff(&t, "c1", "h1", None, t0() + secs(1))
         .await
         .unwrap();
 
@@ -1376,6 +1379,70 @@ async fn a_handoff_handled_after_its_cancellation_or_closing_is_refused(store: S
     assert_eq!(violations(&store).await, Vec::<String>::new());
 }
 
+/// A handoff and its cancellation, or its conversation's closing, handled at the same moment
+/// (two replicas): whichever commits first, the other sees it, so no live ticket is left for a
+/// customer who has left.
+async fn a_handoff_racing_its_cancellation_leaves_no_live_ticket(store: Store) {
+    let t = tenant();
+    online(&store, "ann", &[], 50).await;
+    let rounds = if matches!(store.db(), Db::Postgres(_)) {
+        60
+    } else {
+        15
+    };
+    let (mut refused, mut ended) = (0, 0);
+    for round in 0..rounds {
+        let (id, conversation) = (format!("h{round}"), format!("c{round}"));
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let enqueuing = {
+            let (store, start, t) = (store.clone(), start.clone(), t.clone());
+            let new = handoff(&id, &conversation);
+            tokio::spawn(async move {
+                start.wait().await;
+                store
+                    .enqueue_and_offer(&t, &new, None, ETA, t0())
+                    .await
+                    .map(|_| ())
+            })
+        };
+        let ending = {
+            let (store, start, t) = (store.clone(), start.clone(), t.clone());
+            let (id, conversation) = (id.clone(), conversation.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                if round % 2 == 0 {
+                    store
+                        .cancel_handoff(&t, &conversation, &id, None, t0())
+                        .await
+                } else {
+                    store
+                        .close_conversation(&t, &conversation, None, t0())
+                        .await
+                }
+            })
+        };
+        ending.await.unwrap().unwrap();
+        match enqueuing.await.unwrap() {
+            Ok(()) => ended += 1,
+            Err(RoutingError::AlreadyExists(_)) => refused += 1,
+            Err(other) => panic!("round {round}: enqueue failed: {other}"),
+        }
+        let live = scalar(
+            &store,
+            "SELECT COUNT(*) FROM routing_tickets WHERE state IN ('queued', 'offered', \
+             'assigned')",
+        )
+        .await;
+        assert_eq!(
+            live, 0,
+            "round {round}: a live ticket for a customer who left"
+        );
+    }
+    assert_eq!(refused + ended, rounds);
+    assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
+    assert_eq!(violations(&store).await, Vec::<String>::new());
+}
+
 async fn customers_who_leave_or_cancel_free_everything(store: Store) {
     let t = tenant();
     online(&store, "ann", &[], 2).await;
@@ -1404,7 +1471,7 @@ async fn customers_who_leave_or_cancel_free_everything(store: Store) {
     assert_eq!(closed.ticket.unwrap().state, TicketState::Completed);
     assert_eq!(store.agent(&t, "ann").await.unwrap().load, 0);
     let cancelled = store
-        .cancel_handoff(&t, "h3", None, t0() + secs(7))
+        .cancel_handoff(&t, "c3", "h3", None, t0() + secs(7))
         .await
         .unwrap();
     assert_eq!(cancelled.ticket.unwrap().state, TicketState::Returned);
@@ -1464,7 +1531,7 @@ async fn a_withdrawn_warm_transfer_offer_is_reported(store: Store) {
         let revoked = match ending {
             "cancel" => {
                 store
-                    .cancel_handoff(&t, &id, None, at + secs(2))
+                    .cancel_handoff(&t, &conversation, &id, None, at + secs(2))
                     .await
                     .unwrap()
                     .revoked
@@ -2948,6 +3015,7 @@ both_engines!(
     deleting_a_queue_never_strands_a_ticket,
     a_queue_with_a_pending_transfer_to_it_is_not_deleted,
     a_handoff_handled_after_its_cancellation_or_closing_is_refused,
+    a_handoff_racing_its_cancellation_leaves_no_live_ticket,
     presence_loss_returns_offers_to_the_queue,
     concurrent_routing_never_double_assigns_or_overfills,
     batched_offers_spread_respect_capacity_and_assign_once,

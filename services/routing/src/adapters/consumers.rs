@@ -239,7 +239,13 @@ impl Handler for DialogEvents {
             check_id("handoff_id", &envelope.event.handoff_id).map_err(classify)?;
             let released = engine
                 .store
-                .cancel_handoff(&envelope.tenant, &envelope.event.handoff_id, dedup, now)
+                .cancel_handoff(
+                    &envelope.tenant,
+                    &envelope.event.conversation_id,
+                    &envelope.event.handoff_id,
+                    dedup,
+                    now,
+                )
                 .await
                 .map_err(classify)?;
             self.after_release(&envelope.tenant, &released);

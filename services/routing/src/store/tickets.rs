@@ -1307,6 +1307,26 @@ async fn record_reported(
     Ok(())
 }
 
+/// On PostgreSQL, serialises the transactions that start or end a conversation's handoffs in
+/// routing (an enqueue, a cancellation, a closing), so each sees what the others committed: a
+/// cancellation and its handoff handled at the same moment on two replicas cannot both miss
+/// each other. It is the first lock these transactions take. SQLite's single writer already
+/// serialises them. An empty conversation id (unknown) takes no lock.
+async fn hold_conversation(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    conversation_id: &str,
+) -> RoutingResult<()> {
+    if tx.is_postgres() && !conversation_id.is_empty() {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            args![format!("routing/conversation/{tenant}/{conversation_id}")],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Whether handoff `new` follows ticket `other` of the same conversation: a later last message
 /// (transcript sequence), or the same one requested later. Tickets stored before the sequence
 /// was kept count as sequence 0.
@@ -1388,6 +1408,7 @@ impl Store {
         {
             return Ok(None);
         }
+        hold_conversation(&mut tx, tenant, &new.conversation_id).await?;
         // The ticket of this handoff, if known, and any live ticket of its conversation.
         let rows: Vec<TicketRow> = tx
             .fetch_all(
@@ -2748,11 +2769,12 @@ impl Store {
     pub async fn cancel_handoff(
         &self,
         tenant: &TenantId,
+        conversation_id: &str,
         handoff_id: &str,
         dedup: Option<(&str, &str)>,
         now: DateTime<Utc>,
     ) -> RoutingResult<Unassigned> {
-        self.end_waiting(tenant, "", Some(handoff_id), dedup, now, false)
+        self.end_waiting(tenant, conversation_id, Some(handoff_id), dedup, now, false)
             .await
     }
 
@@ -2785,6 +2807,7 @@ impl Store {
         {
             return Ok(Unassigned::default());
         }
+        hold_conversation(&mut tx, tenant, conversation_id).await?;
         // Remembered, so that the handoff, or one of the conversation, handled after this on
         // another replica or at a retry is refused (see `enqueue_with`).
         let (kind, ended) = match handoff_id {
