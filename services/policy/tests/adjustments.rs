@@ -175,6 +175,18 @@ async fn rule_on(
 }
 
 /// Observes `value` of `signal` for `refund` at `at` (µs), with the clock at `at`.
+/// A second rule, on the containment rate, that takes 2 off `max_bot_turns`; fired at `at`.
+async fn second_rule_moves_max_bot_turns(app: &App, at: i64) {
+    rule_on(
+        app,
+        pb::AdjustmentSignal::ContainmentRate,
+        pb::ThresholdField::MaxBotTurns,
+        -2.0,
+    )
+    .await;
+    observe_signal(app, pb::AdjustmentSignal::ContainmentRate, 0.5, at).await;
+}
+
 async fn observe_signal(app: &App, signal: pb::AdjustmentSignal, value: f64, at: i64) {
     let o = Observation {
         scenario_id: "refund".into(),
@@ -363,20 +375,7 @@ async fn a_revert_leaves_later_changes_alone(db: impl Future<Output = (Db, Keep)
     // Another rule moves the same field after this one: this one's revert leaves it alone.
     observe(&app, 0.5, t0 + 400 * SECOND).await;
     assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(27));
-    rule_on(
-        &app,
-        pb::AdjustmentSignal::ContainmentRate,
-        pb::ThresholdField::MaxBotTurns,
-        -2.0,
-    )
-    .await;
-    observe_signal(
-        &app,
-        pb::AdjustmentSignal::ContainmentRate,
-        0.5,
-        t0 + 401 * SECOND,
-    )
-    .await;
+    second_rule_moves_max_bot_turns(&app, t0 + 401 * SECOND).await;
     assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(25));
     observe(&app, 0.9, t0 + 410 * SECOND).await;
     observe(&app, 0.9, t0 + 480 * SECOND).await;
@@ -840,20 +839,7 @@ async fn a_silent_revert_leaves_later_changes_alone(db: impl Future<Output = (Db
     // Another rule moves the same field after this one: the episode ends, the value stays.
     let t1 = t0 + 2 * DAY;
     fire_queue_rule_from(&app, t1, 35).await;
-    rule_on(
-        &app,
-        pb::AdjustmentSignal::ContainmentRate,
-        pb::ThresholdField::MaxBotTurns,
-        -2.0,
-    )
-    .await;
-    observe_signal(
-        &app,
-        pb::AdjustmentSignal::ContainmentRate,
-        0.5,
-        t1 + 20 * SECOND,
-    )
-    .await;
+    second_rule_moves_max_bot_turns(&app, t1 + 20 * SECOND).await;
     assert_eq!(thresholds(&refund(&app).await).max_bot_turns, Some(33));
     let version = refund(&app).await.version;
     let listed = adjustments(&app).await.len();
