@@ -92,6 +92,11 @@ pub struct Settings {
     /// treated as a new message.
     #[serde(with = "humantime_serde")]
     pub request_retention: Duration,
+    /// How long a closed conversation is kept, with its messages, decision traces, suggestions
+    /// and handoff packages, after it closed (1 day to 3660 days); an hourly task deletes older
+    /// ones. Zero (the default) keeps them.
+    #[serde(with = "humantime_serde")]
+    pub conversation_retention: Duration,
 }
 
 impl Default for Settings {
@@ -106,6 +111,7 @@ impl Default for Settings {
             idle_close_after: Duration::from_secs(30 * 60),
             queue_stats_max_age: Duration::from_secs(15 * 60),
             request_retention: Duration::from_secs(7 * 86_400),
+            conversation_retention: Duration::ZERO,
         }
     }
 }
@@ -177,6 +183,15 @@ impl Validate for Settings {
             errors.push(ConfigError::new(
                 format!("{path}.request_retention"),
                 "must be between 1h and 366days",
+            ));
+        }
+        if !self.conversation_retention.is_zero()
+            && (self.conversation_retention < Duration::from_secs(86_400)
+                || self.conversation_retention > Duration::from_secs(3_660 * 86_400))
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.conversation_retention"),
+                "must be 0s (keep) or between 1day and 3660days",
             ));
         }
     }
@@ -270,6 +285,13 @@ impl Service for Dialog {
             settings.request_retention,
             ctx.shutdown.clone(),
         ));
+        if !settings.conversation_retention.is_zero() {
+            ctx.tracker.spawn(prune_closed(
+                app.store().clone(),
+                settings.conversation_retention,
+                ctx.shutdown.clone(),
+            ));
+        }
         if !settings.idle_close_after.is_zero() {
             ctx.tracker.spawn(sweep_idle(
                 app,
@@ -364,6 +386,48 @@ async fn prune_requests(store: Store, retention: Duration, shutdown: Cancellatio
         }
         if deleted > 0 {
             tracing::info!(deleted, "deleted request records past their retention");
+        }
+    }
+}
+
+/// Conversations deleted per transaction at most; a full batch is followed by the next at once.
+const CONVERSATION_PRUNE_BATCH: i64 = 200;
+
+/// Deletes the conversations closed longer than `retention` ago, with their records, until
+/// `shutdown`: at start, then every hour. Every replica prunes; concurrent deletions of the same
+/// conversations are harmless.
+async fn prune_closed(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(PRUNE_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let before = tandem_platform::db::now_micros()
+            .saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let mut deleted = 0_u64;
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = store.prune_closed(before, CONVERSATION_PRUNE_BATCH) => r,
+            };
+            match batch {
+                Ok(n) => {
+                    deleted += n;
+                    if n < u64::try_from(CONVERSATION_PRUNE_BATCH).unwrap_or(u64::MAX) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
+                        "deleting closed conversations failed");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "deleted conversations closed past their retention");
         }
     }
 }
@@ -556,6 +620,29 @@ mod tests {
                 Vec::new()
             } else {
                 vec!["service.request_retention".into()]
+            };
+            assert_eq!(problems(&settings), want, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn conversation_retention_is_off_or_between_a_day_and_ten_years() {
+        assert_eq!(Settings::default().conversation_retention, Duration::ZERO);
+        for (value, ok) in [
+            (Duration::ZERO, true),
+            (Duration::from_secs(86_400), true),
+            (Duration::from_secs(3_660 * 86_400), true),
+            (Duration::from_secs(86_399), false),
+            (Duration::from_secs(3_660 * 86_400 + 1), false),
+        ] {
+            let settings = Settings {
+                conversation_retention: value,
+                ..Settings::default()
+            };
+            let want: Vec<String> = if ok {
+                Vec::new()
+            } else {
+                vec!["service.conversation_retention".into()]
             };
             assert_eq!(problems(&settings), want, "{value:?}");
         }

@@ -274,6 +274,48 @@ impl Store {
         Ok(deleted)
     }
 
+    /// Deletes up to `limit` conversations closed before `before_micros` (µs since the Unix
+    /// epoch; a closed conversation's last activity is its closing), oldest first, with their
+    /// messages, decision traces, suggestions, handoff packages and request records, in one
+    /// transaction; returns how many conversations. Conversations in any other state stay.
+    pub async fn prune_closed(&self, before_micros: i64, limit: i64) -> Result<u64, StoreError> {
+        /// The batch, the same in every statement of the transaction: a conversation closed
+        /// meanwhile has a later activity than the cut-off, and a closed one never changes.
+        macro_rules! delete_from {
+            ($table:literal, $key:literal) => {
+                concat!(
+                    "DELETE FROM ",
+                    $table,
+                    " WHERE (tenant, ",
+                    $key,
+                    ") IN (SELECT tenant, id FROM dialog_conversations WHERE state = $1 \
+                     AND updated_micros < $2 ORDER BY updated_micros, tenant, id LIMIT $3)"
+                )
+            };
+        }
+        const STATEMENTS: [&str; 6] = [
+            delete_from!("dialog_messages", "conversation_id"),
+            delete_from!("dialog_traces", "conversation_id"),
+            delete_from!("dialog_suggestions", "conversation_id"),
+            delete_from!("dialog_handoffs", "conversation_id"),
+            delete_from!("dialog_requests", "conversation_id"),
+            delete_from!("dialog_conversations", "id"),
+        ];
+        let closed = pb::ConversationState::Closed as i32;
+        let deleted = on_db!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            let mut conversations = 0;
+            for sql in STATEMENTS {
+                conversations = sqlx::query(sql)
+                    .bind(closed).bind(before_micros).bind(limit)
+                    .execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            conversations
+        });
+        Ok(deleted)
+    }
+
     /// Returns up to `limit` messages after `after_sequence`, in order.
     pub async fn messages(
         &self,

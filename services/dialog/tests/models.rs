@@ -104,6 +104,7 @@ both!(
     concurrent_training_numbers_versions_one_after_another,
     activation_reports_the_previous_version,
     prune_deletes_request_records_older_than_the_cut_off,
+    prune_deletes_conversations_closed_before_the_cut_off,
 );
 
 fn tenant() -> TenantId {
@@ -362,6 +363,133 @@ async fn prune_deletes_request_records_older_than_the_cut_off(db: Db) {
     // A pruned request is new again: its record can be written once more.
     record(&store, "old-1").await;
     assert!(recorded(&store, "old-1").await);
+}
+
+/// Stores conversation `id` in `state`, last active at `at` (µs), with a message, a decision
+/// trace, a suggestion, a handoff package and a request record.
+async fn conversation_with_records(store: &Store, id: &str, state: pb::ConversationState, at: i64) {
+    let time = prost_types::Timestamp {
+        seconds: at / 1_000_000,
+        nanos: i32::try_from(at % 1_000_000 * 1_000).unwrap(),
+    };
+    let conversation = pb::Conversation {
+        id: id.to_owned(),
+        client_conversation_id: format!("client-{id}"),
+        state: state as i32,
+        created_at: Some(time),
+        updated_at: Some(time),
+        ..Default::default()
+    };
+    let change = Change {
+        create: Some(conversation),
+        request: Some((
+            id.to_owned(),
+            "customer",
+            "m1".to_owned(),
+            b"response".to_vec(),
+        )),
+        messages: vec![pb::Message {
+            id: format!("{id}-m1"),
+            conversation_id: id.to_owned(),
+            sequence: 1,
+            text: "hello".into(),
+            ..Default::default()
+        }],
+        traces: vec![pb::DecisionTrace {
+            id: format!("{id}-t1"),
+            conversation_id: id.to_owned(),
+            message_id: format!("{id}-m1"),
+            ..Default::default()
+        }],
+        suggestions: vec![pb::Suggestion {
+            id: format!("{id}-s1"),
+            conversation_id: id.to_owned(),
+            ..Default::default()
+        }],
+        handoffs: vec![pb::HandoffPackage {
+            handoff_id: format!("{id}-h1"),
+            conversation_id: id.to_owned(),
+            ..Default::default()
+        }],
+        ..Change::default()
+    };
+    store.commit(&tenant(), change).await.unwrap();
+}
+
+/// Rows of `table` that belong to conversation `id`.
+async fn rows_of(db: &Db, table: &str, id: &str) -> i64 {
+    let sql = match table {
+        "dialog_messages" => "SELECT COUNT(*) FROM dialog_messages WHERE conversation_id = $1",
+        "dialog_traces" => "SELECT COUNT(*) FROM dialog_traces WHERE conversation_id = $1",
+        "dialog_suggestions" => {
+            "SELECT COUNT(*) FROM dialog_suggestions WHERE conversation_id = $1"
+        }
+        "dialog_handoffs" => "SELECT COUNT(*) FROM dialog_handoffs WHERE conversation_id = $1",
+        "dialog_requests" => "SELECT COUNT(*) FROM dialog_requests WHERE conversation_id = $1",
+        _ => "SELECT COUNT(*) FROM dialog_conversations WHERE id = $1",
+    };
+    on_db!(db, pool => sqlx::query_scalar(sql).bind(id).fetch_one(pool).await.unwrap())
+}
+
+const TABLES: [&str; 6] = [
+    "dialog_conversations",
+    "dialog_messages",
+    "dialog_traces",
+    "dialog_suggestions",
+    "dialog_handoffs",
+    "dialog_requests",
+];
+
+/// Conversations closed before the cut-off go with every record of theirs, in batches, oldest
+/// first; closed later, or in any other state however old, they stay whole.
+async fn prune_deletes_conversations_closed_before_the_cut_off(db: Db) {
+    let store = Store::new(db.clone());
+    let day = 86_400_000_000_i64;
+    let now = tandem_platform::db::now_micros();
+    let cut_off = now - 30 * day;
+    let closed = pb::ConversationState::Closed;
+    for (id, state, at) in [
+        ("old-closed-1", closed, now - 90 * day),
+        ("old-closed-2", closed, now - 60 * day),
+        ("old-closed-3", closed, now - 31 * day),
+        ("recent-closed", closed, now - day),
+        ("old-bot", pb::ConversationState::Bot, now - 90 * day),
+        ("old-queued", pb::ConversationState::Queued, now - 90 * day),
+        (
+            "old-resolved",
+            pb::ConversationState::Resolved,
+            now - 90 * day,
+        ),
+    ] {
+        conversation_with_records(&store, id, state, at).await;
+    }
+    for table in TABLES {
+        assert_eq!(rows_of(&db, table, "old-closed-1").await, 1, "{table}");
+    }
+
+    assert_eq!(store.prune_closed(cut_off, 2).await.unwrap(), 2);
+    // Oldest first: the third old one is still there after the first batch.
+    assert_eq!(
+        rows_of(&db, "dialog_conversations", "old-closed-3").await,
+        1
+    );
+    assert_eq!(rows_of(&db, "dialog_messages", "old-closed-3").await, 1);
+    assert_eq!(store.prune_closed(cut_off, 2).await.unwrap(), 1);
+    assert_eq!(store.prune_closed(cut_off, 2).await.unwrap(), 0);
+    for id in ["old-closed-1", "old-closed-2", "old-closed-3"] {
+        for table in TABLES {
+            assert_eq!(rows_of(&db, table, id).await, 0, "{id} in {table}");
+        }
+        assert!(
+            store.conversation(&tenant(), id).await.unwrap().is_none(),
+            "{id}"
+        );
+    }
+    for id in ["recent-closed", "old-bot", "old-queued", "old-resolved"] {
+        for table in TABLES {
+            assert_eq!(rows_of(&db, table, id).await, 1, "{id} in {table}");
+        }
+    }
 }
 
 /// Stores a model row as written before migration 1005, active or not.
