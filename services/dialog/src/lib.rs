@@ -280,14 +280,16 @@ impl Service for Dialog {
             RunOptions::new("dialog-queues"),
             ctx.shutdown.clone(),
         ));
-        ctx.tracker.spawn(prune_requests(
+        ctx.tracker.spawn(prune(
             app.store().clone(),
+            Pruned::Requests,
             settings.request_retention,
             ctx.shutdown.clone(),
         ));
         if !settings.conversation_retention.is_zero() {
-            ctx.tracker.spawn(prune_closed(
+            ctx.tracker.spawn(prune(
                 app.store().clone(),
+                Pruned::ClosedConversations,
                 settings.conversation_retention,
                 ctx.shutdown.clone(),
             ));
@@ -346,57 +348,32 @@ async fn sweep_idle(app: Arc<App>, idle_after: Duration, shutdown: CancellationT
     }
 }
 
-/// How often request records past their retention are deleted.
+/// How often records past their retention are deleted.
 const PRUNE_PERIOD: Duration = Duration::from_secs(3_600);
 
-/// Request records deleted per statement at most; a full batch is followed by the next at once.
+/// Request records deleted per statement at most.
 const PRUNE_BATCH: i64 = 1_000;
 
-/// Deletes the request records older than `retention` until `shutdown`: at start, then every
-/// hour. Every replica prunes; concurrent deletions of the same records are harmless.
-async fn prune_requests(store: Store, retention: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(PRUNE_PERIOD);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let before = tandem_platform::db::now_micros()
-            .saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
-        let mut deleted = 0_u64;
-        loop {
-            let batch = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = store.prune_requests(before, PRUNE_BATCH) => r,
-            };
-            match batch {
-                Ok(n) => {
-                    deleted += n;
-                    if n < u64::try_from(PRUNE_BATCH).unwrap_or(u64::MAX) {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
-                        "pruning request records failed");
-                    break;
-                }
-            }
-        }
-        if deleted > 0 {
-            tracing::info!(deleted, "deleted request records past their retention");
-        }
-    }
-}
-
-/// Conversations deleted per transaction at most; a full batch is followed by the next at once.
+/// Closed conversations deleted per transaction at most (each with all its records).
 const CONVERSATION_PRUNE_BATCH: i64 = 200;
 
-/// Deletes the conversations closed longer than `retention` ago, with their records, until
-/// `shutdown`: at start, then every hour. Every replica prunes; concurrent deletions of the same
-/// conversations are harmless.
-async fn prune_closed(store: Store, retention: Duration, shutdown: CancellationToken) {
+/// Which records a pruning task deletes.
+#[derive(Clone, Copy)]
+enum Pruned {
+    /// Request records ([`Store::prune_requests`]).
+    Requests,
+    /// Closed conversations with their records ([`Store::prune_closed`]).
+    ClosedConversations,
+}
+
+/// Deletes the records older than `retention` until `shutdown`: at start, then every hour, in
+/// batches (a full batch is followed by the next at once). Every replica prunes; concurrent
+/// deletions of the same records are harmless.
+async fn prune(store: Store, what: Pruned, retention: Duration, shutdown: CancellationToken) {
+    let (batch_size, name) = match what {
+        Pruned::Requests => (PRUNE_BATCH, "request records"),
+        Pruned::ClosedConversations => (CONVERSATION_PRUNE_BATCH, "closed conversations"),
+    };
     let mut ticks = tokio::time::interval(PRUNE_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -408,26 +385,32 @@ async fn prune_closed(store: Store, retention: Duration, shutdown: CancellationT
             .saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
         let mut deleted = 0_u64;
         loop {
+            let pruning = async {
+                match what {
+                    Pruned::Requests => store.prune_requests(before, batch_size).await,
+                    Pruned::ClosedConversations => store.prune_closed(before, batch_size).await,
+                }
+            };
             let batch = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = store.prune_closed(before, CONVERSATION_PRUNE_BATCH) => r,
+                r = pruning => r,
             };
             match batch {
                 Ok(n) => {
                     deleted += n;
-                    if n < u64::try_from(CONVERSATION_PRUNE_BATCH).unwrap_or(u64::MAX) {
+                    if n < u64::try_from(batch_size).unwrap_or(u64::MAX) {
                         break;
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %tandem_platform::error::DisplayChain(&e),
-                        "deleting closed conversations failed");
+                        what = name, "pruning failed");
                     break;
                 }
             }
         }
         if deleted > 0 {
-            tracing::info!(deleted, "deleted conversations closed past their retention");
+            tracing::info!(deleted, what = name, "deleted records past their retention");
         }
     }
 }
