@@ -966,6 +966,8 @@ async fn a_batch_larger_than_the_acknowledgements_in_flight_goes_out() {
         .expect("the batch did not wait forever")
         .unwrap();
     assert_eq!(published, 5000);
+    // Published rows are deleted off the relay's path; wait for those deletions.
+    relay.settled().await;
     assert_eq!(relay.pending().await.unwrap(), 0);
 }
 
@@ -1036,6 +1038,8 @@ async fn a_batch_left_half_stored_goes_out_whole_from_the_next_relay() {
     assert_eq!(relay.publish_pending().await.unwrap(), 4);
     rig.enqueue(&events[4..]).await;
     assert_eq!(relay.publish_pending().await.unwrap(), 2);
+    // Published rows are deleted off the relay's path; wait for those deletions.
+    relay.settled().await;
     assert_eq!(relay.pending().await.unwrap(), 0);
 
     let Broker::Nats { server, .. } = &rig.broker else {
