@@ -10,7 +10,7 @@ use tandem_proto::pb::routing::v1 as pb;
 
 use super::agents::{PresenceReason, change_presence, load_agent, online_agents};
 use super::queues::{QueueRecord, all_queues, hold_queue, load_queue, resolve_queue};
-use super::sql::{Arg, Tx, args, claiming, locking};
+use super::sql::{Arg, Sql, Tx, args, claiming, locking};
 use super::{
     Store, events, from_json, micros, opt_time, parse_disposition, parse_state, skills_json, time,
 };
@@ -1320,11 +1320,49 @@ async fn hold_conversation(
     if tx.is_postgres() && !conversation_id.is_empty() {
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            args![format!("routing/conversation/{tenant}/{conversation_id}")],
+            args![conversation_lock(tenant, conversation_id)],
         )
         .await?;
     }
     Ok(())
+}
+
+/// The key of a conversation's advisory lock ([`hold_conversation`]).
+fn conversation_lock(tenant: &TenantId, conversation_id: &str) -> String {
+    format!("routing/conversation/{tenant}/{conversation_id}")
+}
+
+/// The refusal of a handoff whose ticket was not inserted: it was cancelled, or its
+/// conversation closed, before it was handled.
+async fn ended_before_queued(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    new: &NewTicket,
+) -> RoutingResult<RoutingError> {
+    let ended: Vec<(String,)> = tx
+        .fetch_all(
+            "SELECT kind FROM routing_ended WHERE tenant = $1 AND ((kind = 'handoff' \
+             AND id = $2) OR (kind = 'conversation' AND id = $3)) ORDER BY kind",
+            args![
+                tenant.as_str(),
+                new.handoff_id.as_str(),
+                new.conversation_id.as_str()
+            ],
+        )
+        .await?;
+    Ok(RoutingError::AlreadyExists(
+        if ended.first().is_some_and(|(kind,)| kind == "handoff") {
+            format!(
+                "handoff {} was cancelled before it was queued",
+                new.handoff_id
+            )
+        } else {
+            format!(
+                "conversation {} was closed before handoff {} was queued",
+                new.conversation_id, new.handoff_id
+            )
+        },
+    ))
 }
 
 /// Whether handoff `new` follows ticket `other` of the same conversation: a later last message
@@ -1408,18 +1446,34 @@ impl Store {
         {
             return Ok(None);
         }
-        hold_conversation(&mut tx, tenant, &new.conversation_id).await?;
-        // The ticket of this handoff, if known, and any live ticket of its conversation.
+        // The ticket of this handoff, if known, and any live ticket of its conversation. On
+        // PostgreSQL the same statement first takes the conversation's lock (see
+        // `hold_conversation`), in a one-time filter evaluated before any row is read; the rows
+        // come from the snapshot taken before a wait for it, which is enough: a live ticket is
+        // locked and read again before it is changed, and the insert below, a later statement,
+        // sees a cancellation or closing committed meanwhile.
         let rows: Vec<TicketRow> = tx
             .fetch_all(
-                ticket_select!(
-                    "tenant = $1 AND (id = $2 OR (conversation_id = $3 \
-                     AND state IN ('queued', 'offered', 'assigned')))"
-                ),
+                Sql::Each {
+                    pg: concat!(
+                        "WITH held AS MATERIALIZED \
+                         (SELECT pg_advisory_xact_lock(hashtextextended($4, 0))) ",
+                        ticket_select!(
+                            "(SELECT COUNT(*) FROM held) = 1 AND tenant = $1 AND (id = $2 \
+                             OR (conversation_id = $3 \
+                             AND state IN ('queued', 'offered', 'assigned')))"
+                        )
+                    ),
+                    sqlite: ticket_select!(
+                        "$4 IS NOT NULL AND tenant = $1 AND (id = $2 OR (conversation_id = $3 \
+                         AND state IN ('queued', 'offered', 'assigned')))"
+                    ),
+                },
                 args![
                     tenant.as_str(),
                     new.handoff_id.as_str(),
-                    new.conversation_id.as_str()
+                    new.conversation_id.as_str(),
+                    conversation_lock(tenant, &new.conversation_id)
                 ],
             )
             .await?;
@@ -1436,31 +1490,6 @@ impl Store {
                 created: false,
                 offered: Vec::new(),
                 superseded: None,
-            }));
-        }
-        // Cancelled, or its conversation closed, before it got here: the customer has left.
-        let ended: Vec<(String,)> = tx
-            .fetch_all(
-                "SELECT kind FROM routing_ended WHERE tenant = $1 AND ((kind = 'handoff' \
-                 AND id = $2) OR (kind = 'conversation' AND id = $3))",
-                args![
-                    tenant.as_str(),
-                    new.handoff_id.as_str(),
-                    new.conversation_id.as_str()
-                ],
-            )
-            .await?;
-        if let Some((kind,)) = ended.first() {
-            return Err(RoutingError::AlreadyExists(if kind == "handoff" {
-                format!(
-                    "handoff {} was cancelled before it was queued",
-                    new.handoff_id
-                )
-            } else {
-                format!(
-                    "conversation {} was closed before handoff {} was queued",
-                    new.conversation_id, new.handoff_id
-                )
             }));
         }
         // Another handoff of the conversation is live. Dialog requests a handoff only while
@@ -1620,39 +1649,47 @@ impl Store {
             disposition: None,
             package: new.package.clone(),
         };
-        tx.execute(
-            "INSERT INTO routing_tickets (tenant, id, conversation_id, scenario_id, queue_id, \
+        // Not when the handoff was cancelled, or its conversation closed, before it got here:
+        // the customer has left. Checked by the insert itself, a statement after the lock.
+        let inserted = tx
+            .execute(
+                "INSERT INTO routing_tickets (tenant, id, conversation_id, scenario_id, queue_id, \
              state, priority, static_priority, vip, severity, skills, language, \
              trigger_received_at, requested_at, enqueued_at, queue_entered_at, ended_at, \
              package, updated_at, reported_position, reported_eta, position_reported_at, \
              transcript_sequence) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, \
-             $16, $17, $15, $18, $19, $20, $21)",
-            args![
-                tenant.as_str(),
-                row.id.as_str(),
-                row.conversation_id.as_str(),
-                row.scenario_id.as_str(),
-                row.queue_id.as_str(),
-                row.state.as_str(),
-                row.priority,
-                row.static_priority,
-                new.vip,
-                new.severity,
-                row.skills.as_str(),
-                row.language,
-                row.trigger_received_at,
-                row.requested_at,
-                row.enqueued_at,
-                row.ended_at,
-                row.package.clone(),
-                reported.map(|(position, _)| position),
-                reported.map(|(_, eta_s)| i64::from(eta_s)),
-                reported.map(|_| micros(now)),
-                new.transcript_sequence
-            ],
-        )
-        .await?;
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, \
+             $16, $17, $15, $18, $19, $20, $21 WHERE NOT EXISTS (SELECT 1 FROM routing_ended \
+             WHERE tenant = $1 AND ((kind = 'handoff' AND id = $2) \
+             OR (kind = 'conversation' AND id = $3)))",
+                args![
+                    tenant.as_str(),
+                    row.id.as_str(),
+                    row.conversation_id.as_str(),
+                    row.scenario_id.as_str(),
+                    row.queue_id.as_str(),
+                    row.state.as_str(),
+                    row.priority,
+                    row.static_priority,
+                    new.vip,
+                    new.severity,
+                    row.skills.as_str(),
+                    row.language,
+                    row.trigger_received_at,
+                    row.requested_at,
+                    row.enqueued_at,
+                    row.ended_at,
+                    row.package.clone(),
+                    reported.map(|(position, _)| position),
+                    reported.map(|(_, eta_s)| i64::from(eta_s)),
+                    reported.map(|_| micros(now)),
+                    new.transcript_sequence
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(ended_before_queued(&mut tx, tenant, new).await?);
+        }
         let ticket = row.into_record()?;
         let mut offered = Vec::new();
         match entry {
