@@ -331,6 +331,26 @@ impl Deployment {
         InterceptedService::new(self.channel(addr).await, bearer)
     }
 
+    /// `tandem agent --agent <agent>` of `tenant`, once its desk says it is online (within
+    /// `limit`).
+    pub async fn agent_online(
+        &self,
+        name: &str,
+        tenant: &str,
+        agent: &str,
+        limit: Duration,
+    ) -> Console {
+        let mut console = self.console(
+            name,
+            &["agent", "--agent", agent],
+            tenant,
+            agent,
+            Role::Agent,
+        );
+        console.expect(&format!("online as {agent}"), limit).await;
+        console
+    }
+
     /// `tandem chat` or `tandem agent` against this deployment, with a token for `subject` of
     /// `tenant` with `role`.
     pub fn console(

@@ -39,14 +39,7 @@ const STEP: Duration = Duration::from_secs(30);
 async fn emotion_swing(d: &Deployment) {
     let tenant = "e2e-swing";
     seed_tenant(d, tenant).await;
-    let mut agent = d.console(
-        "agent-ling",
-        &["agent", "--agent", "ling"],
-        tenant,
-        "ling",
-        Role::Agent,
-    );
-    agent.expect("online as ling", STEP).await;
+    let mut agent = d.agent_online("agent-ling", tenant, "ling", STEP).await;
     let mut chat = d.console(
         "chat",
         &["chat", "--name", "Ada Lovelace", "--customer", "ada"],
@@ -119,14 +112,7 @@ async fn resolution_becomes_knowledge(d: &Deployment) {
     let question = "Can I change the delivery address after paying?";
     let answer = "Yes. Open My orders, pick the order and choose Change address; it works until \
                   the parcel is handed to the courier.";
-    let mut agent = d.console(
-        "agent-mining",
-        &["agent", "--agent", "ling"],
-        tenant,
-        "ling",
-        Role::Agent,
-    );
-    agent.expect("online as ling", STEP).await;
+    let mut agent = d.agent_online("agent-mining", tenant, "ling", STEP).await;
     let mut chat = d.console(
         "chat-mining",
         &["chat", "--language", "en"],
@@ -349,14 +335,7 @@ fn word_after<'a>(line: &'a str, label: &str) -> &'a str {
 async fn resolved_in_dialog_then_human_again(d: &Deployment) {
     let tenant = "e2e-reopen";
     seed_tenant(d, tenant).await;
-    let mut agent = d.console(
-        "agent-reopen",
-        &["agent", "--agent", "ling"],
-        tenant,
-        "ling",
-        Role::Agent,
-    );
-    agent.expect("online as ling", STEP).await;
+    let mut agent = d.agent_online("agent-reopen", tenant, "ling", STEP).await;
     let mut chat = d.console(
         "chat-reopen",
         &["chat", "--language", "en"],

@@ -104,14 +104,7 @@ async fn trust(d: &Deployment) {
         d.kind
     );
 
-    let mut agent = d.console(
-        "ops-trust-ling",
-        &["agent", "--agent", "ling"],
-        tenant,
-        "ling",
-        Role::Agent,
-    );
-    agent.expect("online as ling", STEP).await;
+    let mut agent = d.agent_online("ops-trust-ling", tenant, "ling", STEP).await;
     let mut chat = d.console(
         "ops-trust-chat",
         &["chat", "--language", "en", "--customer", "grace"],
